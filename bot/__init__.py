@@ -1,0 +1,3 @@
+"""bot package."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""consent package."""
+
+from __future__ import annotations

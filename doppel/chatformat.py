@@ -1,0 +1,139 @@
+"""The one chat format: training examples and inference prompts are both rendered here, so they never disagree."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One turn of channel context: who said it and what (already cleaned)."""
+
+    author_id: str
+    name: str
+    text: str
+
+
+def system_prompt(persona_name: str, channel_name: str | None = None, *, multi: bool = False) -> str:
+    """The persona's system prompt; `multi` is the multi-persona adapter's 'respond as' instruction."""
+    where = f" in #{channel_name}" if channel_name else ""
+    if multi:
+        return (
+            f"Respond as {persona_name}, a member of this Discord community chatting{where}. "
+            f"Write only {persona_name}'s next message, in their own style."
+        )
+    return (
+        f"You are {persona_name}, a member of this Discord community, chatting{where}. "
+        f"Write {persona_name}'s next message in their own voice: same tone, length, spelling and emoji."
+    )
+
+
+def build_messages(
+    persona_id: str,
+    persona_name: str,
+    channel_name: str | None,
+    context: Sequence[Utterance],
+    *,
+    multi: bool = False,
+) -> list[dict[str, str]]:
+    """Chat messages for a persona's next turn: others become user turns ("Name: text"), the persona's own assistant turns."""
+    messages = [{"role": "system", "content": system_prompt(persona_name, channel_name, multi=multi)}]
+    pending: list[str] = []
+    for u in context:
+        if u.author_id == persona_id:
+            if pending:
+                messages.append({"role": "user", "content": "\n".join(pending)})
+                pending = []
+            messages.append({"role": "assistant", "content": u.text})
+        else:
+            # Consecutive speakers share one user turn: templates that insist on alternating roles still render.
+            pending.append(f"{u.name}: {u.text}")
+    if pending:
+        messages.append({"role": "user", "content": "\n".join(pending)})
+    if messages[-1]["role"] != "user":
+        # The persona speaks again right after itself: an empty-ish nudge keeps the template's role order valid.
+        messages.append({"role": "user", "content": "(continue)"})
+    return messages
+
+
+def _raise(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A model's chat template plus its end-of-turn token; renders prompts and training completions."""
+
+    template: str
+    eos_token: str
+    bos_token: str = ""
+
+    def render(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool) -> str:
+        """Render `messages` with the model's own Jinja template, the way transformers does."""
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        return env.from_string(self.template).render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )
+
+    def prompt(self, messages: Sequence[dict[str, str]]) -> str:
+        """The text a model continues to write the next assistant turn."""
+        return self.render(messages, add_generation_prompt=True)
+
+    def completion(self, messages: Sequence[dict[str, str]], reply: str) -> str:
+        """What follows `prompt(messages)` when the assistant says `reply`, ending with the end-of-turn token."""
+        head = self.prompt(messages)
+        full = self.render([*messages, {"role": "assistant", "content": reply}], add_generation_prompt=False)
+        if not full.startswith(head):
+            raise ValueError("chat template does not extend the generation prompt with the assistant turn")
+        tail = full[len(head):]
+        end = tail.rfind(self.eos_token)
+        if end < 0:
+            # Templates that leave the turn open would train a model that never stops.
+            return tail + self.eos_token
+        return tail[: end + len(self.eos_token)]
+
+    @property
+    def stop(self) -> list[str]:
+        """Stop strings for generation: the end-of-turn token and the start of a new turn."""
+        stops = [self.eos_token]
+        if "<|im_start|>" in self.template:
+            stops.append("<|im_start|>")
+        return stops
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> ChatFormat:
+        """From a transformers tokenizer that carries a chat template."""
+        template = tokenizer.chat_template
+        if not template:
+            raise ValueError("tokenizer has no chat template")
+        return cls(template=template, eos_token=tokenizer.eos_token, bos_token=tokenizer.bos_token or "")
+
+    @classmethod
+    def from_gguf(cls, path: Path) -> ChatFormat:
+        """From the metadata of a GGUF model file (the same template transformers reads from it)."""
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+
+        def field(name: str) -> Any:
+            f = reader.fields.get(name)
+            return None if f is None else f.contents()
+
+        template = field("tokenizer.chat_template")
+        tokens = field("tokenizer.ggml.tokens")
+        eos_id = field("tokenizer.ggml.eos_token_id")
+        bos_id = field("tokenizer.ggml.bos_token_id")
+        if not template or tokens is None or eos_id is None:
+            raise ValueError(f"{path}: GGUF has no chat template or end-of-sequence token")
+        bos = tokens[bos_id] if bos_id is not None else ""
+        return cls(template=str(template), eos_token=str(tokens[eos_id]), bos_token=str(bos))

