@@ -1,17 +1,46 @@
-"""`doppel bench` (not built yet)."""
+"""`doppel bench NAME`: benchmarks with JSON results, each living next to the code it measures."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 from typing import Any
 
 from doppel.errors import UserFacingError
 from doppel.settings import Settings
 
+# name -> "module:function"; each function takes (settings, args) and returns a JSON-able dict.
+BENCHES = {
+    "ingest": "data.bench:ingest",
+    "dataset": "trainer.bench:dataset",
+    "train": "trainer.bench:train",
+    "inference": "inference.bench:inference",
+}
+
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    return sub.add_parser("bench", help="(not available yet)")
+    p = sub.add_parser("bench", help="run a benchmark (ingest, dataset, train, inference, all)")
+    p.add_argument("name", choices=[*BENCHES, "all"])
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    p.add_argument("-o", "--output", help="also write the JSON result to this file")
+    return p
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Any:
-    raise UserFacingError("`doppel bench` is not available yet")
+    names = list(BENCHES) if args.name == "all" else [args.name]
+    results: dict[str, Any] = {}
+    for name in names:
+        module_name, func = BENCHES[name].split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise UserFacingError(f"benchmark {name} is unavailable: {exc}") from None
+        results[name] = getattr(module, func)(settings, args)
+        if not args.json:
+            print(f"{name}: {json.dumps(results[name], default=str)}")
+    result = results[names[0]] if len(names) == 1 else results
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2, default=str)
+    return result
