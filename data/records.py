@@ -33,3 +33,15 @@ class Message:
     reactions: dict[str, int] = field(default_factory=dict)
     attachments: int = 0
     source: str = "import"
+
+
+@dataclass(frozen=True)
+class GuildSettings:
+    """Per-guild switches: recording is off until an admin turns it on and acknowledges Discord's terms."""
+
+    guild_id: str
+    recording_enabled: bool = False
+    acknowledged_by: str | None = None
+    acknowledged_at: float | None = None
+    channel_allowlist: tuple[str, ...] = ()
+    persona_channels: tuple[str, ...] = ()

@@ -1,0 +1,83 @@
+"""Member data export: everything stored about one member, decrypted, as a JSON-able dict; written atomically."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from data.errors import ExportError
+from data.members import check_member_id
+
+if TYPE_CHECKING:
+    from data.store import Store
+
+FORMAT = "doppel-member-export/1"
+
+
+async def member_export(store: Store, member_id: str) -> dict[str, Any]:
+    """Profile, consent + audit, messages (decrypted), embeddings, feedback, jobs, adapters and guild mentions."""
+    member_id = check_member_id(member_id)
+    member = await store.members.get(member_id)
+    scopes = await store.fetchall(
+        "SELECT scope, granted_at, actor, channel FROM consent WHERE member_id = ? ORDER BY scope", (member_id,)
+    )
+    audit = await store.fetchall(
+        "SELECT action, scope, actor, channel, at FROM consent_audit WHERE member_id = ? ORDER BY seq", (member_id,)
+    )
+    models = [r[0] for r in await store.fetchall(
+        "SELECT DISTINCT model FROM embeddings WHERE member_id = ? ORDER BY model", (member_id,)
+    )]
+    embeddings = {
+        model: [{"message_id": mid, "vector_b64": base64.b64encode(vec).decode()}
+                for mid, vec in await store.embeddings.get(member_id, model)]
+        for model in models
+    }
+    adapters = []
+    for row in await store.adapters.touching(member_id):
+        adapters.append(row | {"lineage": await store.adapters.lineage(row["id"])})
+    guilds = await store.fetchall(
+        "SELECT guild_id, acknowledged_at FROM guild_settings WHERE acknowledged_by = ?", (member_id,)
+    )
+    return {
+        "format": FORMAT,
+        "exported_at": time.time(),
+        "member_id": member_id,
+        "profile": asdict(member) if member else None,
+        "consent": [dict(zip(("scope", "granted_at", "actor", "channel"), r, strict=True)) for r in scopes],
+        "consent_audit": [dict(zip(("action", "scope", "actor", "channel", "at"), r, strict=True)) for r in audit],
+        "messages": [asdict(m) for m in await store.messages.for_member(member_id)],
+        "embeddings": embeddings,
+        "feedback_on_persona": await store.feedback.for_persona(member_id),
+        "feedback_given": await store.feedback.given_by(member_id),
+        "jobs": await store.jobs.list(member_id=member_id),
+        "adapters": adapters,
+        "guild_acknowledgements": [{"guild_id": r[0], "acknowledged_at": r[1]} for r in guilds],
+    }
+
+
+def write_atomic(path: Path, data: dict[str, Any]) -> Path:
+    """Write JSON to `path` via a 0600 temp file in the same folder and a rename: never a half-written export."""
+    path = path.expanduser()
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ExportError(f"{folder}: no such folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot write: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, ensure_ascii=False, indent=2, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,157 @@
+"""Messages: content encrypted with the author's data key; only members with `train` consent are stored."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from cryptography.exceptions import InvalidTag
+
+from data.crypto import message_ad, seal, unseal
+from data.records import Message
+
+if TYPE_CHECKING:
+    from data.store import Store
+
+COLUMNS = (
+    "id, guild_id, channel_id, channel_name, author_id, author_name, created_at, edited_at, reply_to, "
+    "reactions_json, attachments, source, content"
+)
+INSERT_SQL = f"INSERT OR IGNORE INTO messages({COLUMNS}, stored_at) VALUES ({', '.join('?' * 14)})"
+
+
+def message_row(msg: Message, blob: bytes, now: float) -> tuple[Any, ...]:
+    """Parameters for INSERT_SQL (content already sealed)."""
+    return (
+        msg.id, msg.guild_id, msg.channel_id, msg.channel_name, msg.author_id, msg.author_name, msg.created_at,
+        msg.edited_at, msg.reply_to, json.dumps(msg.reactions, ensure_ascii=False) if msg.reactions else "{}",
+        msg.attachments, msg.source, blob, now,
+    )
+
+
+class MessageRepo:
+    """Stored messages of consenting members."""
+
+    def __init__(self, store: Store) -> None:
+        self._s = store
+
+    async def add_many(self, messages: Sequence[Message]) -> int:
+        """Store new messages of members holding `train` consent (others are dropped); returns how many were stored."""
+        if not messages:
+            return 0
+        allowed = await self._s.with_scope("train", {m.author_id for m in messages})
+        now = time.time()
+        stored = 0
+        async with self._s.write() as db:
+            rows = []
+            for msg in messages:
+                if msg.author_id not in allowed:
+                    continue
+                aead = await self._s.keys.cipher(msg.author_id, create=True)
+                assert aead is not None
+                blob = seal(aead, msg.content.encode(), message_ad(msg.author_id, msg.id))
+                rows.append(message_row(msg, blob, now))
+            before = db.total_changes
+            await db.executemany(INSERT_SQL, rows)
+            stored = db.total_changes - before
+        return stored
+
+    async def get(self, message_id: str) -> Message | None:
+        """One message, decrypted."""
+        row = await self._s.fetchone(f"SELECT {COLUMNS} FROM messages WHERE id = ?", (message_id,))
+        if row is None:
+            return None
+        return await self._decode(row)
+
+    async def edit(self, message_id: str, content: str, edited_at: float) -> bool:
+        """Replace a stored message's content; its embeddings are dropped (they encode the old text)."""
+        async with self._s.write() as db:
+            row = await self._s.fetchone("SELECT author_id FROM messages WHERE id = ?", (message_id,))
+            if row is None:
+                return False
+            aead = await self._s.keys.cipher(row[0], create=False)
+            if aead is None:
+                return False
+            blob = seal(aead, content.encode(), message_ad(row[0], message_id))
+            await db.execute("UPDATE messages SET content = ?, edited_at = ? WHERE id = ?", (blob, edited_at, message_id))
+            await db.execute("DELETE FROM embeddings WHERE message_id = ?", (message_id,))
+        return True
+
+    async def delete(self, message_id: str) -> bool:
+        """Delete a message and its embeddings."""
+        async with self._s.write() as db:
+            cur = await db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+            await db.execute("DELETE FROM embeddings WHERE message_id = ?", (message_id,))
+            return cur.rowcount > 0
+
+    async def delete_member(self, member_id: str) -> int:
+        """Delete every message a member wrote."""
+        async with self._s.write() as db:
+            cur = await db.execute("DELETE FROM messages WHERE author_id = ?", (member_id,))
+            return cur.rowcount
+
+    async def count(self, author_id: str | None = None) -> int:
+        """How many messages are stored (of one author)."""
+        if author_id is None:
+            row = await self._s.fetchone("SELECT COUNT(*) FROM messages")
+        else:
+            row = await self._s.fetchone("SELECT COUNT(*) FROM messages WHERE author_id = ?", (author_id,))
+        return int(row[0])
+
+    async def authors(self) -> set[str]:
+        """Ids of every member with stored messages."""
+        return {r[0] for r in await self._s.fetchall("SELECT DISTINCT author_id FROM messages")}
+
+    async def channels_of(self, member_id: str) -> list[str]:
+        """Channel ids where the member has stored messages."""
+        rows = await self._s.fetchall(
+            "SELECT DISTINCT channel_id FROM messages WHERE author_id = ? ORDER BY channel_id", (member_id,)
+        )
+        return [r[0] for r in rows]
+
+    async def iter_channels(self, channel_ids: Sequence[str]) -> AsyncIterator[Message]:
+        """Every stored message of these channels, decrypted, ordered by channel then time."""
+        for channel_id in sorted(set(channel_ids)):
+            last_ts, last_id = float("-inf"), ""
+            while True:
+                # Keyset pages: no cursor held open across yields, so writers are never blocked by a slow reader.
+                rows = await self._s.fetchall(
+                    f"SELECT {COLUMNS} FROM messages WHERE channel_id = ? AND (created_at, id) > (?, ?) "
+                    "ORDER BY created_at, id LIMIT 1000",
+                    (channel_id, last_ts, last_id),
+                )
+                if not rows:
+                    break
+                for row in rows:
+                    msg = await self._decode(row)
+                    if msg is not None:
+                        yield msg
+                last_ts, last_id = rows[-1][6], rows[-1][0]
+
+    async def for_member(self, member_id: str) -> list[Message]:
+        """Every stored message of one member, decrypted, by time."""
+        rows = await self._s.fetchall(
+            f"SELECT {COLUMNS} FROM messages WHERE author_id = ? ORDER BY created_at, id", (member_id,)
+        )
+        out = []
+        for row in rows:
+            msg = await self._decode(row)
+            if msg is not None:
+                out.append(msg)
+        return out
+
+    async def _decode(self, row: Any) -> Message | None:
+        aead = await self._s.keys.cipher(row[4])
+        if aead is None:
+            return None  # key shredded: the content is gone for good
+        try:
+            content = unseal(aead, row[12], message_ad(row[4], row[0])).decode()
+        except InvalidTag:
+            return None
+        return Message(
+            id=row[0], guild_id=row[1], channel_id=row[2], channel_name=row[3], author_id=row[4], author_name=row[5],
+            created_at=row[6], edited_at=row[7], reply_to=row[8], reactions=json.loads(row[9] or "{}"),
+            attachments=row[10], source=row[11], content=content,
+        )

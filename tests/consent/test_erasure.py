@@ -1,0 +1,193 @@
+"""The erasure cascade: coverage of every table and folder, jobs cancelled, adapters (also others') erased."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from consent.erasure import (
+    ErasureContext,
+    covered_paths,
+    covered_tables,
+    erasure_part,
+    forget,
+    registered_parts,
+)
+from consent.errors import ErasureError
+from consent.service import ConsentService
+from data.records import Message
+from data.store import Store
+from doppel.settings import Settings
+
+M, OTHER, THIRD = "300000000000000001", "300000000000000002", "300000000000000003"
+# Tables that hold no member data (framework bookkeeping).
+NO_MEMBER_DATA = {"_migrations", "sqlite_sequence"}
+# Top-level entries of DOPPEL_HOME that hold no member data: the key file and the settings file. The database
+# files are covered by the table check.
+NO_MEMBER_FILES = {"master.key", "doppel.toml"}
+
+
+def test_every_table_has_an_erasure_part(settings: Settings) -> None:
+    async def go() -> set[str]:
+        async with Store.open(settings) as store:
+            return set(await store.tables())
+
+    tables = asyncio.run(go())
+    assert tables - NO_MEMBER_DATA - covered_tables() == set(), "tables with member data need an erasure part"
+
+
+def _uncovered_home_entries(settings: Settings) -> set[str]:
+    """Top-level folders (named by Settings or present) and files of DOPPEL_HOME that no erasure part covers."""
+    named = {getattr(settings, n).name for n in dir(type(settings)) if n.endswith("_dir")}
+    present = {p.name for p in settings.home.iterdir() if p.is_dir()}
+    db = settings.db_path.name
+    files = {p.name for p in settings.home.iterdir() if p.is_file()} - {db, db + "-wal", db + "-shm"}
+    return ((named | present) - covered_paths()) | (files - NO_MEMBER_FILES)
+
+
+def test_every_home_folder_has_an_erasure_part(settings: Settings) -> None:
+    asyncio.run(_use_store(settings))
+    assert _uncovered_home_entries(settings) == set()
+
+
+async def _use_store(settings: Settings) -> None:
+    async with Store.open(settings) as store:
+        await ConsentService(store).grant([M], "train", "t", "cli")
+
+
+def test_a_new_uncovered_folder_is_detected(settings: Settings) -> None:
+    asyncio.run(_use_store(settings))
+    (settings.home / "brand_new_component").mkdir()
+    (settings.home / "stray.bin").write_bytes(b"x")
+    assert _uncovered_home_entries(settings) == {"brand_new_component", "stray.bin"}
+    parts = [p.name for p in registered_parts()]
+    assert parts.index("member_key") < parts.index("messages") < parts.index("member")
+
+
+def _spawn_job_process() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+
+
+def test_forget_cascades_through_jobs_adapters_files(settings: Settings) -> None:
+    proc = _spawn_job_process()
+    try:
+        report = asyncio.run(_cascade(settings, proc.pid))
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    json.dumps(report)  # JSON-able
+    assert report["parts"]["messages"] == 2
+    assert report["parts"]["embeddings"] == 1 and report["parts"]["feedback"] == 2
+    retired = {a["id"]: a for a in report["adapters_retired"]}
+    assert len(retired) == 2
+    assert sorted(a["own"] for a in retired.values()) == [False, True]
+    assert len(report["jobs_cancelled"]) == 2
+    assert report["files_deleted"] >= 6
+
+
+async def _cascade(settings: Settings, pid: int) -> dict[str, object]:
+    home = settings.home
+    async with Store.open(settings) as store:
+        await ConsentService(store).grant([M, OTHER, THIRD], "train,chat", "t", "cli")
+        await store.messages.add_many([
+            Message("1", None, "c", "c", M, "m", 1.0, "a"), Message("2", None, "c", "c", M, "m", 2.0, "b"),
+            Message("3", None, "c", "c", OTHER, "o", 3.0, "c"),
+        ])
+        await store.embeddings.put(M, "mini", [("1", b"v")])
+        await store.feedback.add(M, OTHER, 1, reply="r")
+        await store.feedback.add(OTHER, M, -1)
+        await store.feedback.add(OTHER, THIRD, 1)
+        # A running job of the member (a live process), a queued job of another member whose dataset contains M,
+        # and an unrelated finished job that must survive.
+        jobs = {}
+        for name, owner, status, contains in (("own", M, "running", [M]), ("other", OTHER, "queued", [OTHER, M]),
+                                              ("unrelated", THIRD, "succeeded", [THIRD])):
+            job_dir = home / "jobs" / name
+            (job_dir / "dataset").mkdir(parents=True)
+            (job_dir / "dataset" / "train.jsonl").write_text('{"prompt": "x"}\n')
+            (job_dir / "dataset" / "meta.json").write_text(json.dumps({"member": owner, "lineage": contains}))
+            jobs[name] = await store.jobs.insert(member_id=owner, status=status, job_dir=str(job_dir),
+                                                 pid=pid if name == "own" else None)
+        orphan = home / "jobs" / "orphan"
+        (orphan / "dataset").mkdir(parents=True)
+        (orphan / "dataset" / "meta.json").write_text(json.dumps({"member": THIRD, "contains": [THIRD, M]}))
+        adapters = {}
+        for name, owner, lineage in (("own", M, []), ("other", OTHER, [M]), ("unrelated", THIRD, [])):
+            path = home / "adapters" / owner / name
+            path.mkdir(parents=True)
+            (path / "adapter.gguf").write_bytes(b"GGUF")
+            adapters[name] = await store.adapters.insert(member_id=owner, base_model="smol", lineage=lineage,
+                                                         path=str(path), status="active")
+        (home / "cache").mkdir()
+        (home / "cache" / f"kv-{M}.bin").write_bytes(b"state")
+        (home / "cache" / f"kv-{OTHER}.bin").write_bytes(b"state")
+        (home / "logs").mkdir(exist_ok=True)
+        (home / "logs" / "doppel.log").write_text(f"line one\ntraining {M} started\nline three\n")
+        await store.guilds.set("g", acknowledged_by=M, acknowledged_at=5.0)
+
+        report = (await forget(store, settings, M, "operator", "cli")).to_dict()
+
+        assert await store.messages.count(M) == 0 and await store.messages.count(OTHER) == 1
+        assert not await store.keys.exists(M) and await store.members.get(M) is None
+        assert await ConsentService(store).scopes(M) == set()
+        assert (await ConsentService(store).audit(M))[-1]["action"] == "forgotten"
+        assert await store.jobs.get(jobs["own"]["id"]) is None
+        other_job = await store.jobs.get(jobs["other"]["id"])
+        assert other_job is not None and other_job["status"] == "cancelled"
+        assert (await store.jobs.get(jobs["unrelated"]["id"]))["status"] == "succeeded"
+        assert not (home / "jobs" / "own").exists() and not (home / "jobs" / "other").exists()
+        assert not orphan.exists() and (home / "jobs" / "unrelated" / "dataset" / "train.jsonl").exists()
+        assert await store.adapters.get(adapters["own"]["id"]) is None
+        assert (await store.adapters.get(adapters["other"]["id"]))["status"] == "erased"
+        assert not Path(adapters["other"]["path"]).exists() and not (home / "adapters" / M).exists()
+        assert (await store.adapters.get(adapters["unrelated"]["id"]))["status"] == "active"
+        assert Path(adapters["unrelated"]["path"]).exists()
+        assert await store.fetchall("SELECT * FROM adapter_lineage WHERE member_id = ?", (M,)) == []
+        assert not (home / "cache" / f"kv-{M}.bin").exists() and (home / "cache" / f"kv-{OTHER}.bin").exists()
+        assert (home / "logs" / "doppel.log").read_text() == "line one\nline three\n"
+        assert (await store.guilds.get("g")).acknowledged_by is None
+        assert [f["rater_id"] for f in await store.feedback.for_persona(OTHER)] == [THIRD]
+    return report
+
+
+def test_a_failing_part_does_not_stop_the_others(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from consent import erasure
+
+    @erasure_part("exploding_test_part", order=1)
+    async def explode(ctx: ErasureContext) -> int:
+        raise OSError("disk on fire")
+
+    try:
+        async def go() -> None:
+            async with Store.open(settings) as store:
+                await ConsentService(store).grant([M], "train", "t", "cli")
+                await store.messages.add_many([Message("1", None, "c", "c", M, "m", 1.0, "a")])
+                with pytest.raises(ErasureError, match="exploding_test_part"):
+                    await forget(store, settings, M, "t", "cli")
+                assert await store.messages.count(M) == 0
+
+        asyncio.run(go())
+    finally:
+        erasure.REGISTRY.parts.pop("exploding_test_part", None)
+
+
+def test_stop_never_signals_our_own_process_group() -> None:
+    from consent.parts import _stop
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # same process group as us
+    try:
+        assert _stop(proc.pid) is True
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+        assert _stop(proc.pid) is False  # gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
