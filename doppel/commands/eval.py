@@ -1,17 +1,82 @@
-"""`doppel eval` (not built yet)."""
+"""`doppel eval USER_ID`: the fidelity report of a member's active adapter (base vs adapter vs retrieval-only)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 from doppel.errors import UserFacingError
 from doppel.settings import Settings
 
 
+class NoAdapterError(UserFacingError):
+    """The member has no (matching) trained adapter to report on."""
+
+
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    return sub.add_parser("eval", help="(not available yet)")
+    p = sub.add_parser("eval", help="fidelity report of a member's active adapter against the base model")
+    p.add_argument("user_id", help="Discord user id of the persona's member")
+    p.add_argument("--version", type=int, help="report on this adapter version instead of the active one")
+    return p
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Any:
-    raise UserFacingError("`doppel eval` is not available yet")
+    if not str(args.user_id).strip():
+        raise UserFacingError("eval: USER_ID must not be empty")
+    version = asyncio.run(_find(settings, str(args.user_id).strip(), args.version))
+    metrics = dict(version.metrics or {})
+    if not metrics:
+        # Older rows kept the metrics only in meta.json; read them from the row's copy, then the folder's.
+        metrics = dict((version.meta or {}).get("metrics") or _folder_metrics(Path(version.path)))
+    from trainer.evaluation import format_report, gate
+
+    active, reason = gate(metrics)
+    report = format_report(metrics)
+    header = (
+        f"persona {version.member_id} v{version.version} ({version.status}), base {version.base_model}, "
+        f"{metrics.get('heldout_examples', '?')} held-out replies"
+    )
+    if not getattr(args, "json", False):
+        print(header)
+        print(report)
+    return {
+        "adapter_id": version.id,
+        "member_id": version.member_id,
+        "version": version.version,
+        "status": version.status,
+        "base_model": version.base_model,
+        "gate": {"passes": active, "reason": reason},
+        "metrics": metrics,
+        "report": report,
+    }
+
+
+async def _find(settings: Settings, member_id: str, wanted: int | None) -> Any:
+    from data.store import Store
+    from models.registry import Registry
+
+    async with Store.open(settings) as store:
+        registry = Registry(store, settings)
+        versions = await registry.list(member_id)
+        if wanted is not None:
+            for v in versions:
+                if v.version == wanted:
+                    return v
+            raise NoAdapterError(f"member {member_id} has no adapter version {wanted}")
+        active = await registry.active(member_id)
+        if active is not None:
+            return active
+        if versions:
+            return versions[-1]  # no active one: the newest candidate, whose report says why it was not promoted
+        raise NoAdapterError(f"member {member_id} has no trained adapter; train one with `doppel train {member_id}`")
+
+
+def _folder_metrics(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return dict(meta.get("metrics") or {})
