@@ -1,17 +1,134 @@
-"""`doppel chat` (not built yet)."""
+"""`doppel chat USER_ID`: one persona reply, or a REPL without --message."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
 from typing import Any
 
 from doppel.errors import UserFacingError
 from doppel.settings import Settings
 
+MODES = ("auto", "base", "adapter", "adapter+retrieval", "retrieval")
+
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    return sub.add_parser("chat", help="(not available yet)")
+    p = sub.add_parser("chat", help="talk to a member's persona (one reply, or a REPL without --message)")
+    p.add_argument("user_id", help="Discord id of the member whose persona answers")
+    p.add_argument("--message", "-m", help="one message to answer (no REPL)")
+    p.add_argument("--temperature", "-t", type=float, default=None, help="sampling temperature (0 = greedy)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible replies")
+    p.add_argument("--max-tokens", type=int, default=None, help="reply length limit in tokens")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="auto",
+        help="auto: the active adapter (+ retrieval) if any, else retrieval if messages are stored, else base",
+    )
+    return p
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Any:
-    raise UserFacingError("`doppel chat` is not available yet")
+    if args.message is not None and not args.message.strip():
+        raise UserFacingError("--message is empty")
+    return asyncio.run(_chat(args, settings))
+
+
+async def _resolve(store: Any, settings: Settings, user_id: str, mode: str) -> tuple[str, str, str | None]:
+    """(display name, mode, adapter path) for the member, refusing without `chat` consent."""
+    from consent.service import ConsentService
+    from inference.errors import ChatNotAllowedError
+    from inference.retrieval import MODEL_NAME  # noqa: F401 - fails early if the inference extra is missing
+
+    if "chat" not in await ConsentService(store).scopes(user_id):
+        raise ChatNotAllowedError(f"member {user_id} has not consented to chat: their persona cannot answer")
+    member = await store.members.get(user_id)
+    name = (member.display_name or member.name) if member else user_id
+    adapter = None
+    try:
+        from models.registry import Registry
+
+        active = await Registry(store, settings).active(user_id)
+        if active is not None and active.gguf_path.is_file():
+            adapter = str(active.gguf_path)
+    except ImportError:
+        adapter = None
+    has_messages = await store.messages.count(user_id) > 0
+    if mode == "auto":
+        mode = "adapter" if adapter else ("retrieval" if has_messages else "base")
+    if mode.startswith("adapter") and adapter is None:
+        raise UserFacingError(
+            f"member {user_id} has no active adapter yet: train one or use --mode retrieval/base"
+        )
+    if "retrieval" in mode and not has_messages:
+        raise UserFacingError(f"member {user_id} has no stored messages: the retrieval persona needs some")
+    return name, mode, adapter
+
+
+async def _chat(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from data.store import Store
+    from doppel.chatformat import Utterance
+    from inference.engine import Engine
+    from inference.requests import GenParams, PersonaRequest
+    from inference.retrieval import Retriever
+
+    async with Store.open(settings) as store:
+        name, mode, adapter = await _resolve(store, settings, args.user_id, args.mode)
+        persona = PersonaRequest(
+            member_id=args.user_id,
+            name=name,
+            channel_name="doppel-cli",
+            mode=mode,  # type: ignore[arg-type]
+            adapters=((adapter, 1.0),) if adapter and mode.startswith("adapter") else (),
+            guild_id="cli",
+        )
+        cfg = settings.inference
+        params = GenParams(
+            max_tokens=args.max_tokens or cfg.max_tokens,
+            temperature=cfg.temperature if args.temperature is None else args.temperature,
+            seed=args.seed,
+        )
+        params.validate()
+        history: list[Utterance] = []
+        replies: list[str] = []
+        stream_out = not getattr(args, "json", False)
+        async with Engine(settings, retriever=Retriever(store, settings)) as engine:
+            messages = [args.message] if args.message is not None else None
+            if messages is None and stream_out:
+                print(f"chatting with {name} ({mode}); an empty line or Ctrl-D ends", file=sys.stderr)
+            while True:
+                text = messages.pop(0) if messages else (None if messages is not None else _read_line())
+                if not text:
+                    break
+                history.append(Utterance("cli", "You", text))
+                chunks = []
+                if stream_out and args.message is None:
+                    print(f"{name}: ", end="", flush=True)
+                async for chunk in engine.reply(persona, history, params):
+                    chunks.append(chunk)
+                    if stream_out:
+                        print(chunk, end="", flush=True)
+                if stream_out:
+                    print(flush=True)
+                reply = "".join(chunks)
+                replies.append(reply)
+                history.append(Utterance(args.user_id, name, reply))
+                if args.message is not None:
+                    break
+    return {
+        "member": args.user_id,
+        "name": name,
+        "mode": mode,
+        "adapter": adapter,
+        "reply": replies[-1] if replies else "",
+        "replies": replies,
+    }
+
+
+def _read_line() -> str | None:
+    try:
+        line = input("you: ")
+    except EOFError:
+        return None
+    return line.strip() or None

@@ -1,0 +1,250 @@
+"""The persona engine: async API over llama.cpp worker threads (one base model, adapters swapped per request)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from doppel.chatformat import Utterance
+from doppel.errors import UserFacingError
+from doppel.settings import Settings
+from inference.adapters import AdapterCache
+from inference.cleaning import StreamCleaner
+from inference.errors import EngineClosedError, InferenceError, RetrievalError
+from inference.prompting import build_prompt
+from inference.requests import GenParams, PersonaRequest
+from inference.runtime import BaseModel, GenStats, KVStates, Session, default_threads
+from inference.scheduler import Job, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class ExampleSource(Protocol):
+    """What the engine needs from the retrieval persona: the member's own messages most like the context."""
+
+    async def examples(self, member_id: str, context: Sequence[Utterance], k: int) -> list[str]: ...
+
+    def forget(self, member_id: str) -> None: ...
+
+
+class ReplyStream:
+    """Async iterator of a reply's text chunks; submits on first iteration, cancels the work when abandoned."""
+
+    def __init__(
+        self, engine: Engine, persona: PersonaRequest, context: Sequence[Utterance], params: GenParams
+    ):
+        self._engine = engine
+        self._persona = persona
+        self._context = tuple(context)
+        self._params = params
+        self._job: Job | None = None
+        self._done = False
+        self.stats: GenStats | None = None
+
+    def __aiter__(self) -> ReplyStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            if self._job is None:
+                self._job = await self._engine._submit(self._persona, self._context, self._params)
+            while True:
+                kind, value = await self._job.out.get()
+                if kind == "chunk":
+                    return str(value)
+                self._done = True
+                if kind == "done":
+                    self.stats = value
+                    raise StopAsyncIteration
+                raise value
+        except BaseException:
+            # Cancelled, errored or finished: either way the worker must not keep generating for nobody.
+            self._cancel()
+            raise
+
+    async def aclose(self) -> None:
+        """Stop the reply early (the worker stops at its next token)."""
+        self._cancel()
+
+    async def text(self) -> str:
+        """The whole reply as one string."""
+        return "".join([chunk async for chunk in self])
+
+    def _cancel(self) -> None:
+        self._done = True
+        job = self._job
+        if job is not None and not job.cancelled():
+            job.cancel_event.set()
+            self._engine._discard(job)
+
+    def __del__(self) -> None:
+        job = self._job
+        if job is not None:
+            job.cancel_event.set()
+
+
+class Engine:
+    """Serves persona replies: `await start()`, then `reply(...)` from any coroutine, `await close()` at the end."""
+
+    def __init__(
+        self, settings: Settings, base_gguf: Path | None = None, *, retriever: ExampleSource | None = None
+    ):
+        self.settings = settings
+        self.cfg = settings.inference
+        self.base_path = Path(base_gguf) if base_gguf else None
+        self.retriever = retriever
+        self.base: BaseModel | None = None
+        self.adapters: AdapterCache | None = None
+        self.states = KVStates(self.cfg.kv_states_kept)
+        self.sessions: list[Session] = []
+        self._scheduler = Scheduler(self.cfg.queue_size)
+        self._threads: list[threading.Thread] = []
+        self._started = False
+        self._running: set[Job] = set()
+        # The last generations' costs, for the benchmark and for operators (bounded: never grows with traffic).
+        self.recent: deque[GenStats] = deque(maxlen=256)
+
+    async def start(self) -> None:
+        """Load the base model and start the worker threads (model loading runs off the event loop)."""
+        if self._started:
+            return
+        path = self.base_path or self.settings.base_gguf_path()
+        await asyncio.to_thread(self._load, path)
+        for i, session in enumerate(self.sessions):
+            t = threading.Thread(target=self._work, args=(session,), name=f"doppel-infer-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._started = True
+
+    def _load(self, path: Path) -> None:
+        self.base = BaseModel(path)
+        self.adapters = AdapterCache(
+            self.base.model.model, self.cfg.max_adapters, self.cfg.adapter_budget_mb * 2**20
+        )
+        threads = default_threads(self.cfg.n_threads)
+        self.sessions = [
+            Session(self.base, self.adapters, self.states, self.cfg.n_ctx, threads)
+            for _ in range(max(1, self.cfg.workers))
+        ]
+
+    async def close(self) -> None:
+        """Fail what is still queued, stop the workers, free contexts, adapters and the model."""
+        closing = EngineClosedError("the persona engine is shutting down")
+        for job in self._scheduler.close():
+            job.send("error", closing)
+        for job in list(self._running):
+            # A reply cut short by shutdown ends with an error, never as if it were complete.
+            job.send("error", closing)
+            job.cancel_event.set()
+        for t in self._threads:
+            await asyncio.to_thread(t.join)
+        self._threads = []
+        for s in self.sessions:
+            s.close()
+        self.sessions = []
+        if self.adapters is not None:
+            self.adapters.close()
+        self.states.clear()
+        if self.base is not None:
+            self.base.close()
+            self.base = None
+        self._started = False
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    def reply(
+        self, persona: PersonaRequest, context: Sequence[Utterance], params: GenParams | None = None
+    ) -> ReplyStream:
+        """Stream the persona's next message as text chunks (raises BusyError on iteration when the queue is full)."""
+        if params is None:
+            params = GenParams(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature)
+        return ReplyStream(self, persona, context, params)
+
+    def pending(self) -> int:
+        """Requests waiting for a worker."""
+        return self._scheduler.pending()
+
+    def forget(self, member_id: str) -> None:
+        """Drop everything held in memory that may carry the member's words: retrieval cache, saved KV states."""
+        if self.retriever is not None:
+            self.retriever.forget(member_id)
+        # KV states encode whole channel contexts, which may quote the member: simplest correct thing is all of them.
+        self.states.clear()
+        for s in self.sessions:
+            s.flush_requested = True
+
+    async def _submit(self, persona: PersonaRequest, context: Sequence[Utterance], params: GenParams) -> Job:
+        if not self._started or self.base is None:
+            raise EngineClosedError("the persona engine is not running")
+        persona.validate()
+        params.validate()
+        examples: list[str] = []
+        if persona.uses_retrieval:
+            if self.retriever is None:
+                raise RetrievalError("the retrieval persona is not available (no embedding index configured)")
+            examples = await self.retriever.examples(persona.member_id, context, self.cfg.retrieval_k)
+        job = Job(persona, context, params, examples, persona.adapter_key(), asyncio.get_running_loop())
+        self._scheduler.submit(job)
+        return job
+
+    def _discard(self, job: Job) -> None:
+        self._scheduler.discard(job)
+
+    def _work(self, session: Session) -> None:
+        while True:
+            job = self._scheduler.take(session.key)
+            if job is None:
+                return
+            if job.cancelled():
+                continue
+            self._running.add(job)
+            try:
+                job.send("done", self._serve(session, job))
+            except UserFacingError as exc:
+                job.send("error", exc)
+            except Exception as exc:  # noqa: BLE001 - a worker must survive one bad request
+                log.exception("inference request %s failed", job.id)
+                job.send("error", InferenceError(f"generation failed: {type(exc).__name__}: {exc}"))
+            finally:
+                self._running.discard(job)
+
+    def _serve(self, session: Session, job: Job) -> GenStats:
+        assert self.base is not None
+        p = job.persona
+        budget = min(self.cfg.prompt_token_budget, session.n_ctx - job.params.max_tokens - 1)
+        prompt = build_prompt(
+            self.base.format,
+            self.base.tokenize,
+            persona_id=p.member_id,
+            persona_name=p.name,
+            channel_name=p.channel_name,
+            context=job.context,
+            budget=budget,
+            examples=job.examples,
+        )
+        cleaner = StreamCleaner(p.name, prompt.speakers)
+
+        def on_text(text: str) -> bool:
+            safe = cleaner.feed(text)
+            if safe:
+                job.send("chunk", safe)
+            return not cleaner.stopped
+
+        stats = session.generate(job.key, prompt.tokens, job.params, on_text, job.cancelled)
+        self.recent.append(stats)
+        rest = cleaner.finish()
+        if rest and not job.cancelled():
+            job.send("chunk", rest)
+        return stats

@@ -1,0 +1,33 @@
+"""Errors of the inference package."""
+
+from __future__ import annotations
+
+from doppel.errors import DoppelError, UserFacingError
+
+
+class InferenceError(DoppelError):
+    """Something went wrong inside the engine (not the caller's fault)."""
+
+
+class BusyError(UserFacingError):
+    """The request queue is full: try again in a moment."""
+
+
+class EngineClosedError(UserFacingError):
+    """The engine is not running (not started yet, or shutting down)."""
+
+
+class AdapterError(UserFacingError):
+    """An adapter file cannot be used with the loaded base model."""
+
+
+class RequestError(UserFacingError):
+    """A reply request is malformed (unknown mode, missing adapter, bad parameters)."""
+
+
+class RetrievalError(UserFacingError):
+    """The retrieval persona cannot be built (no embedding model, no stored messages)."""
+
+
+class ChatNotAllowedError(UserFacingError):
+    """The member has not given `chat` consent: nobody may talk to their persona."""

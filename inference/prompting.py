@@ -1,0 +1,85 @@
+"""Prompt building: the shared chat format, the persona's system prompt, recent context within a token budget."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from doppel.chatformat import ChatFormat, Utterance, build_messages
+from inference.errors import RequestError
+
+# Retrieval examples are short samples of style, not content to quote at length.
+EXAMPLE_CHARS = 240
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered prompt, its tokens, and how much of the context fitted."""
+
+    text: str
+    tokens: list[int]
+    context_used: int
+    speakers: tuple[str, ...]
+
+
+def with_examples(system: str, persona_name: str, examples: Sequence[str]) -> str:
+    """Append the member's own past messages to the system prompt as examples of how they write."""
+    if not examples:
+        return system
+    lines = [f"- {' '.join(e.split())[:EXAMPLE_CHARS]}" for e in examples if e.strip()]
+    return (
+        system + f"\nSome messages {persona_name} wrote before, to show how they write:\n" + "\n".join(lines)
+    )
+
+
+def build_prompt(
+    fmt: ChatFormat,
+    tokenize: Callable[[str], list[int]],
+    *,
+    persona_id: str,
+    persona_name: str,
+    channel_name: str | None,
+    context: Sequence[Utterance],
+    budget: int,
+    examples: Sequence[str] = (),
+) -> Prompt:
+    """Render the prompt for the persona's next turn, dropping the oldest context until it fits `budget` tokens."""
+    context = list(context)
+
+    def render(ctx: Sequence[Utterance], ex: Sequence[str]) -> tuple[str, list[int]]:
+        messages = build_messages(persona_id, persona_name, channel_name, ctx)
+        messages[0] = {**messages[0], "content": with_examples(messages[0]["content"], persona_name, ex)}
+        text = fmt.prompt(messages)
+        return text, tokenize(text)
+
+    text, tokens = render(context, examples)
+    start = 0
+    if len(tokens) > budget and context:
+        # Binary search the first context message to keep: renders O(log n) times, not n.
+        lo, hi = 0, len(context) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(render(context[mid:], examples)[1]) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        start = lo
+        text, tokens = render(context[start:], examples)
+    ex = list(examples)
+    while len(tokens) > budget and ex:
+        # Examples are a hint; the conversation being answered matters more.
+        ex.pop()
+        text, tokens = render(context[start:], ex)
+    if len(tokens) > budget and context:
+        # Even the last message alone is too long: keep its end, the part being answered.
+        last = context[-1]
+        body = last.text
+        while len(tokens) > budget and len(body) > 1:
+            body = body[len(body) // 4 :] if len(body) > 8 else body[1:]
+            text, tokens = render([Utterance(last.author_id, last.name, "…" + body)], ex)
+        start = len(context) - 1
+    if len(tokens) > budget:
+        raise RequestError(f"the system prompt alone needs {len(tokens)} tokens, over the budget of {budget}")
+    used = context[start:]
+    speakers = tuple(dict.fromkeys(u.name for u in used if u.author_id != persona_id))
+    return Prompt(text=text, tokens=tokens, context_used=len(used), speakers=speakers)

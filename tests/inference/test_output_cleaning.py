@@ -1,0 +1,66 @@
+"""Output cleaning: no reply can ping anyone, echoed speaker labels are removed, streaming equals whole-text."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from inference.cleaning import ZWSP, StreamCleaner, neutralise_mentions, strip_speaker_prefix
+
+# What Discord turns into a ping: @everyone, @here, <@id>, <@!id>, <@&role>.
+PING = re.compile(r"@(everyone|here)|<@[!&]?\d+>")
+
+
+def test_every_ping_form_is_neutralised() -> None:
+    text = "hey @everyone and @here, ping <@123> <@!456> <@&789> mail a@b.c"
+    out = neutralise_mentions(text)
+    assert PING.search(out) is None
+    assert out.replace(ZWSP, "") == text
+    assert neutralise_mentions(out) == out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["@", "every", "one", "here", "<", ">", "!", "&", "12", " ", "\n", "Alice:", "x"]),
+        max_size=30,
+    ),
+    st.integers(min_value=1, max_value=7),
+)
+def test_no_chunking_can_smuggle_a_ping(parts: list[str], size: int) -> None:
+    text = "".join(parts)
+    cleaner = StreamCleaner("Alice", ["Bob"])
+    chunks = [text[i : i + size] for i in range(0, len(text), size)]
+    out = "".join(cleaner.feed(c) for c in chunks) + cleaner.finish()
+    assert PING.search(out) is None
+    whole = StreamCleaner("Alice", ["Bob"])
+    assert out == whole.feed(text) + whole.finish()
+
+
+def test_echoed_speaker_prefixes_are_stripped() -> None:
+    assert strip_speaker_prefix("Alice: hi there", "Alice") == "hi there"
+    assert strip_speaker_prefix("Alice (AI): hi there", "Alice") == "hi there"
+    assert strip_speaker_prefix("**alice**: hi", "Alice") == "hi"
+    assert strip_speaker_prefix("hi\nAlice: again", "Alice") == "hi\nagain"
+    assert strip_speaker_prefix("Alicent: not me", "Alice") == "Alicent: not me"
+    assert strip_speaker_prefix("ratio: 3:1", "Alice") == "ratio: 3:1"
+
+
+def test_another_speakers_turn_ends_the_reply() -> None:
+    cleaner = StreamCleaner("Alice", ["Bob"])
+    out = (
+        "".join(cleaner.feed(c) for c in ["sure thing\n", "Bo", "b: wait what", "\nmore"]) + cleaner.finish()
+    )
+    assert out == "sure thing"
+    assert cleaner.stopped
+
+
+def test_streaming_holds_back_only_what_might_change() -> None:
+    cleaner = StreamCleaner("Alice", [])
+    assert cleaner.feed("Ali") == ""  # might still be the "Alice:" label
+    assert cleaner.feed("ce: hello") == "hello"
+    assert cleaner.feed(" wave @") == " wave"
+    assert cleaner.feed("here  ") == " @" + ZWSP + "here"
+    assert cleaner.finish() == ""
