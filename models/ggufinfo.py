@@ -1,0 +1,105 @@
+"""Just enough of a GGUF header to size a model: architecture, shape and parameter count, read in milliseconds."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from models.errors import ModelFileError
+
+GGUF_MAGIC = b"GGUF"
+# GGUF value types -> struct format of the scalar ones (8 = string, 9 = array are handled apart).
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What pre-flight and the registry need to know about a base model."""
+
+    architecture: str
+    params: int
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+    context: int
+    file_bytes: int
+    model_type: str = "model"
+
+
+def read_shape(path: Path) -> ModelShape:
+    """Parse the header and tensor table of a GGUF file (no tensor data is read)."""
+    try:
+        with path.open("rb") as fh:
+            return _parse(fh, path.stat().st_size)
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such file") from None
+    except (struct.error, UnicodeDecodeError, ValueError, OverflowError, MemoryError) as exc:
+        raise ModelFileError(f"{path}: not a readable GGUF file ({exc})") from None
+
+
+def _parse(fh: IO[bytes], size: int) -> ModelShape:
+    if fh.read(4) != GGUF_MAGIC:
+        raise ValueError("bad magic")
+    (version,) = struct.unpack("<I", fh.read(4))
+    if version < 2:
+        raise ValueError(f"GGUF version {version} is too old")
+    n_tensors, n_kv = struct.unpack("<QQ", fh.read(16))
+    kv: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = _string(fh)
+        (kind,) = struct.unpack("<I", fh.read(4))
+        kv[key] = _value(fh, kind)
+    params = 0
+    for _ in range(n_tensors):
+        _string(fh)
+        (n_dims,) = struct.unpack("<I", fh.read(4))
+        count = 1
+        for dim in struct.unpack(f"<{n_dims}Q", fh.read(8 * n_dims)):
+            count *= dim
+        fh.read(12)  # ggml type (u32) + data offset (u64)
+        params += count
+    arch = str(kv.get("general.architecture", "unknown"))
+    vocab = kv.get(f"{arch}.vocab_size") or kv.get("tokenizer.ggml.tokens") or 0
+    return ModelShape(
+        architecture=arch,
+        params=params,
+        layers=int(kv.get(f"{arch}.block_count", 0)),
+        hidden=int(kv.get(f"{arch}.embedding_length", 0)),
+        heads=int(kv.get(f"{arch}.attention.head_count", 0)),
+        vocab=int(vocab),
+        context=int(kv.get(f"{arch}.context_length", 0)),
+        file_bytes=size,
+        model_type=str(kv.get("general.type", "model")),
+    )
+
+
+def _string(fh: IO[bytes]) -> str:
+    (length,) = struct.unpack("<Q", fh.read(8))
+    if length > 1 << 24:
+        raise ValueError("implausible string length")
+    return fh.read(length).decode("utf-8")
+
+
+def _value(fh: IO[bytes], kind: int) -> Any:
+    if kind in _SCALARS:
+        fmt = "<" + _SCALARS[kind]
+        return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
+    if kind == 8:
+        return _string(fh)
+    if kind == 9:
+        (item_kind,) = struct.unpack("<I", fh.read(4))
+        (count,) = struct.unpack("<Q", fh.read(8))
+        if item_kind in _SCALARS:
+            fh.seek(struct.calcsize("<" + _SCALARS[item_kind]) * count, 1)
+        elif item_kind == 8:
+            for _ in range(count):
+                (length,) = struct.unpack("<Q", fh.read(8))
+                fh.seek(length, 1)
+        else:
+            for _ in range(count):
+                _value(fh, item_kind)
+        return count  # arrays are only ever needed for their length (the tokenizer's vocabulary)
+    raise ValueError(f"unknown GGUF value type {kind}")

@@ -1,0 +1,321 @@
+"""Model registry: base models (the bundled default and user-added GGUFs) and versioned persona adapters.
+
+Adapters live in DOPPEL_HOME/adapters/<member>/<version>/ (multi-persona adapters under `_multi`). A trained
+artifact is copied into a temporary folder beside its final place and renamed into it, and the row, its lineage
+and the status changes are one transaction, so a half-published version is never visible. The evaluation gate
+(`gate`) decides whether a new version becomes active or stays a candidate; the active version it replaces is
+retired but kept on disk, so `activate` can roll back to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from doppel.settings import Settings
+from models.errors import (
+    AdapterNotFoundError,
+    ArtifactError,
+    ModelFileError,
+    RegistryError,
+    UnknownBaseModelError,
+)
+
+BASES_FILE = "base_models.json"
+MULTI_DIR = "_multi"
+REQUIRED_FILES = ("adapter.gguf", "meta.json")
+# Below this share of generated samples that end with the end-of-turn token, the persona would "never stop".
+MIN_EOS_RATE = 0.5
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A GGUF base model that adapters are trained on and served over."""
+
+    name: str
+    path: str
+    source: str  # bundled | config | user
+    sha256: str | None = None
+    added_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AdapterVersion:
+    """One published adapter version (a row of `adapters` plus its lineage)."""
+
+    id: str
+    member_id: str | None
+    base_model: str
+    base_sha256: str | None
+    version: int
+    status: str
+    path: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    job_id: str | None = None
+    lineage: list[str] = field(default_factory=list)
+
+    @property
+    def gguf_path(self) -> Path:
+        """The llama.cpp LoRA file the inference engine loads."""
+        return Path(self.path) / "adapter.gguf"
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able view for `doppel personas --json` and the bot."""
+        return {
+            "id": self.id, "member_id": self.member_id, "base_model": self.base_model, "version": self.version,
+            "status": self.status, "metrics": self.metrics, "created_at": self.created_at, "job_id": self.job_id,
+            "path": self.path, "lineage": self.lineage,
+        }  # fmt: skip
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], lineage: list[str] | None = None) -> AdapterVersion:
+        return cls(
+            id=row["id"], member_id=row.get("member_id"), base_model=row.get("base_model") or "",
+            base_sha256=row.get("base_sha256"), version=int(row["version"]), status=row["status"],
+            path=row.get("path") or "", metrics=json.loads(row.get("metrics_json") or "{}"),
+            meta=json.loads(row.get("meta_json") or "{}"), created_at=row.get("created_at") or 0.0,
+            job_id=row.get("job_id"), lineage=lineage or [],
+        )  # fmt: skip
+
+
+def gate(metrics: dict[str, Any]) -> tuple[bool, str]:
+    """The evaluation gate: (becomes active?, why). A version must beat the base model on held-out perplexity.
+
+    The trainer already decides this in meta.json (`metrics.active` + `gate_reason`); the registry honours that
+    decision, recomputes it when absent, and adds the end-of-turn check. A newer version that passes replaces the
+    active one: versions are evaluated on different held-out windows, so their perplexities are not comparable.
+    """
+    eos = metrics.get("eos_rate")
+    if isinstance(eos, (int, float)) and eos < MIN_EOS_RATE:
+        return False, f"only {eos:.0%} of samples end their turn (needs {MIN_EOS_RATE:.0%})"
+    if "active" in metrics:
+        return bool(metrics["active"]), str(metrics.get("gate_reason") or "decided by the trainer's evaluation")
+    base, adapter = metrics.get("ppl_base"), metrics.get("ppl_adapter")
+    if not isinstance(base, (int, float)) or not isinstance(adapter, (int, float)):
+        return False, "no held-out perplexity for both the base model and the adapter"
+    if not (math.isfinite(base) and math.isfinite(adapter)):
+        return False, "held-out perplexity is not finite"
+    if adapter < base:
+        return True, f"held-out perplexity {adapter:.2f} beats the base model's {base:.2f}"
+    return False, f"held-out perplexity {adapter:.2f} does not beat the base model's {base:.2f}"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Registry:
+    """Base models and adapter versions; one per process, built from the store and the settings."""
+
+    def __init__(self, store: Any, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+
+    # -- base models ------------------------------------------------------------------------------------------
+    def _bases_path(self) -> Path:
+        return self.settings.home / BASES_FILE
+
+    def _user_bases(self) -> dict[str, dict[str, Any]]:
+        path = self._bases_path()
+        if not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RegistryError(f"{path}: unreadable ({exc}); fix or delete it") from None
+        return dict(data) if isinstance(data, dict) else {}
+
+    def bases(self) -> list[BaseModel]:
+        """The default base (configured or bundled) first, then user-added ones by name."""
+        found: list[BaseModel] = []
+        try:
+            default = self.settings.base_gguf_path()
+            source = "config" if self.settings.model.base_gguf else "bundled"
+            found.append(BaseModel(self.settings.model.base_name, str(default), source))
+        except RegistryError:
+            raise
+        except Exception:  # noqa: BLE001 - no default base is a state to show, not an error here
+            pass
+        for name, row in sorted(self._user_bases().items()):
+            if name != self.settings.model.base_name:
+                found.append(BaseModel(name=name, path=row["path"], source="user", sha256=row.get("sha256"),
+                                       added_at=row.get("added_at")))  # fmt: skip
+        return found
+
+    def base(self, name: str | None = None) -> BaseModel:
+        """A base model by name (None: the default)."""
+        wanted = name or self.settings.model.base_name
+        for model in self.bases():
+            if model.name == wanted:
+                return model
+        known = ", ".join(m.name for m in self.bases()) or "none"
+        raise UnknownBaseModelError(f"no base model named {wanted!r} (known: {known})")
+
+    def add_base(self, name: str, path: Path) -> BaseModel:
+        """Register a GGUF base model under `name` (validated: a model, not an adapter; hashed once)."""
+        from models.ggufinfo import read_shape
+
+        if not name or "/" in name or name.startswith("."):
+            raise RegistryError(f"invalid base model name {name!r}")
+        if name == self.settings.model.base_name:
+            raise RegistryError(f"{name!r} is the default base model's name; pick another")
+        path = path.expanduser().resolve()
+        shape = read_shape(path)
+        if shape.model_type == "adapter":
+            raise ModelFileError(f"{path} is a LoRA adapter, not a base model")
+        model = BaseModel(name, str(path), "user", file_sha256(path), time.time())
+        data = self._user_bases()
+        data[name] = {"path": model.path, "sha256": model.sha256, "added_at": model.added_at}
+        _write_json_atomic(self._bases_path(), data)
+        return model
+
+    # -- adapters ---------------------------------------------------------------------------------------------
+    async def _rows(self, where: str, params: tuple[Any, ...]) -> list[AdapterVersion]:
+        cols = await self.store.adapters.columns()
+        rows = await self.store.fetchall(
+            f"SELECT {', '.join(cols)} FROM adapters WHERE {where} ORDER BY member_id, version", params
+        )
+        out = []
+        for row in rows:
+            data = dict(zip(cols, row, strict=True))
+            out.append(AdapterVersion.from_row(data, await self.store.adapters.lineage(data["id"])))
+        return out
+
+    async def list(self, member_id: str | None = None, include_erased: bool = False) -> list[AdapterVersion]:
+        """Adapter versions, by member then version."""
+        where, params = ["1=1"], []
+        if member_id is not None:
+            where.append("member_id = ?")
+            params.append(member_id)
+        if not include_erased:
+            where.append("status != 'erased'")
+        return await self._rows(" AND ".join(where), tuple(params))
+
+    async def get(self, adapter_id: str) -> AdapterVersion:
+        """One version by adapter id."""
+        found = await self._rows("id = ?", (adapter_id,))
+        if not found:
+            raise AdapterNotFoundError(f"no adapter {adapter_id}")
+        return found[0]
+
+    async def active(self, member_id: str | None) -> AdapterVersion | None:
+        """The member's active adapter (None for `member_id=None` means the multi-persona one)."""
+        found = await self._rows("member_id IS ? AND status = 'active'", (member_id,))
+        return found[-1] if found else None
+
+    async def publish(self, artifact_dir: Path, *, job_id: str | None = None, member_id: str | None = None) -> AdapterVersion:
+        """Copy a trained adapter folder in as the member's next version; the gate decides active or candidate."""
+        meta = _read_meta(artifact_dir)
+        member = member_id if member_id is not None else (meta.get("member") or meta.get("member_id") or None)
+        metrics = dict(meta.get("metrics") or {})
+        lineage = sorted({str(m) for m in meta.get("lineage") or []} | ({member} if member else set()))
+        base_name = str(meta.get("base_name") or _base_field(meta, "name") or self.settings.model.base_name)
+        base_sha = meta.get("base_sha256") or _base_field(meta, "sha256")
+        folder = self.settings.adapters_dir / (member or MULTI_DIR)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".tmp-{uuid.uuid4().hex}"
+        try:
+            shutil.copytree(artifact_dir, tmp)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ArtifactError(f"could not copy the adapter from {artifact_dir}: {exc}") from None
+        adapter_id = uuid.uuid4().hex[:16]
+        final: Path | None = None
+        try:
+            async with self.store.write() as db:
+                row = await (await db.execute(
+                    "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters WHERE member_id IS ?", (member,))).fetchone()  # fmt: skip
+                version = int(row[0])
+                promote, reason = gate(metrics)
+                final = folder / str(version)
+                if final.exists():  # left by a crash between rename and commit: not in the table, so not visible
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                if promote:
+                    await db.execute(
+                        "UPDATE adapters SET status = 'retired' WHERE member_id IS ? AND status = 'active'", (member,)
+                    )
+                meta_out = {**meta, "gate": {"promoted": promote, "reason": reason}}
+                await db.execute(
+                    """INSERT INTO adapters (id, member_id, base_model, base_sha256, version, status, path,
+                           metrics_json, meta_json, created_at, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (adapter_id, member, base_name, base_sha, version, "active" if promote else "candidate",
+                     str(final), json.dumps(metrics), json.dumps(meta_out, default=str), time.time(), job_id),
+                )  # fmt: skip
+                await db.executemany(
+                    "INSERT OR IGNORE INTO adapter_lineage (adapter_id, member_id) VALUES (?, ?)",
+                    [(adapter_id, m) for m in lineage],
+                )
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if final is not None and final.exists() and not await self._known_path(final):
+                shutil.rmtree(final, ignore_errors=True)
+            raise
+        return await self.get(adapter_id)
+
+    async def _known_path(self, path: Path) -> bool:
+        return await self.store.fetchone("SELECT 1 FROM adapters WHERE path = ?", (str(path),)) is not None
+
+    async def activate(self, member_id: str | None, version: int) -> AdapterVersion:
+        """Make an older (or candidate) version active again; the current active one is retired, not deleted."""
+        found = await self._rows("member_id IS ? AND version = ?", (member_id, version))
+        if not found:
+            raise AdapterNotFoundError(f"member {member_id or '(multi)'} has no adapter version {version}")
+        target = found[0]
+        if target.status == "erased":
+            raise RegistryError(f"version {version} was erased and cannot be activated")
+        missing = [f for f in REQUIRED_FILES if not (Path(target.path) / f).exists()]
+        if missing:
+            raise ArtifactError(f"version {version} is missing {', '.join(missing)} on disk")
+        async with self.store.write() as db:
+            await db.execute(
+                "UPDATE adapters SET status = 'retired' WHERE member_id IS ? AND status = 'active' AND id != ?",
+                (member_id, target.id),
+            )
+            await db.execute("UPDATE adapters SET status = 'active' WHERE id = ? AND status != 'erased'", (target.id,))
+        return await self.get(target.id)
+
+
+def _read_meta(artifact_dir: Path) -> dict[str, Any]:
+    if not artifact_dir.is_dir():
+        raise ArtifactError(f"no adapter folder at {artifact_dir}")
+    missing = [f for f in REQUIRED_FILES if not (artifact_dir / f).is_file()]
+    if missing:
+        raise ArtifactError(f"{artifact_dir} is missing {', '.join(missing)}")
+    try:
+        meta = json.loads((artifact_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{artifact_dir / 'meta.json'}: unreadable ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{artifact_dir / 'meta.json'}: expected a JSON object")
+    return meta
+
+
+def _base_field(meta: dict[str, Any], key: str) -> Any:
+    base = meta.get("base_model") or meta.get("base")
+    return base.get(key) if isinstance(base, dict) else (base if key == "name" and isinstance(base, str) else None)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,142 @@
+"""Model registry: base models, atomic publishing, the evaluation gate, retire-but-keep, rollback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def _artifact(root: Path, name: str, *, member: str = "1001", active: bool = True, lineage: tuple[str, ...] = ()) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "adapter.gguf").write_bytes(b"GGUF" + name.encode())
+    (folder / "adapter_config.json").write_text("{}", encoding="utf-8")
+    metrics = {"ppl_adapter": 10.0 if active else 30.0, "ppl_base": 20.0, "active": active,
+               "gate_reason": "beats base" if active else "does not beat base"}  # fmt: skip
+    meta = {"member": member, "lineage": [member, *lineage], "metrics": metrics,
+            "base_model": {"name": "smollm2-135m", "sha256": "ab" * 32}}  # fmt: skip
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return folder
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_gate_follows_the_trainer_and_checks_end_of_turn() -> None:
+    from models.registry import gate
+
+    assert gate({"active": True, "gate_reason": "beats base"}) == (True, "beats base")
+    assert gate({"ppl_adapter": 5.0, "ppl_base": 9.0})[0] is True
+    assert gate({"ppl_adapter": 9.0, "ppl_base": 5.0})[0] is False
+    assert gate({})[0] is False
+    assert gate({"ppl_adapter": float("nan"), "ppl_base": 5.0}) == (False, "held-out perplexity is not finite")
+    assert gate({"active": True, "eos_rate": 0.1})[0] is False
+
+
+def test_publish_versions_gate_retire_and_rollback(settings: Any, tmp_path: Path) -> None:
+    from data.store import Store
+    from models.errors import AdapterNotFoundError
+    from models.registry import Registry
+
+    async def go() -> None:
+        async with Store.open(settings) as store:
+            reg = Registry(store, settings)
+            v1 = await reg.publish(_artifact(tmp_path, "a1", lineage=("2002",)), job_id="j1")
+            assert (v1.version, v1.status) == (1, "active")
+            assert v1.lineage == ["1001", "2002"]
+            assert Path(v1.path) == settings.adapters_dir / "1001" / "1"
+            assert v1.gguf_path.read_bytes() == b"GGUFa1"
+            v2 = await reg.publish(_artifact(tmp_path, "a2", active=False))
+            assert (v2.version, v2.status) == (2, "candidate"), "a version that fails the gate stays a candidate"
+            assert (await reg.active("1001")).id == v1.id
+            v3 = await reg.publish(_artifact(tmp_path, "a3"))
+            assert v3.status == "active" and v3.meta["gate"]["promoted"] is True
+            states = {v.version: v.status for v in await reg.list("1001")}
+            assert states == {1: "retired", 2: "candidate", 3: "active"}
+            assert Path(v1.path).is_dir(), "the retired version is kept on disk"
+            back = await reg.activate("1001", 1)
+            assert back.status == "active"
+            assert {v.version: v.status for v in await reg.list("1001")} == {1: "active", 2: "candidate", 3: "retired"}
+            assert (await reg.active("1001")).version == 1
+            with pytest.raises(AdapterNotFoundError):
+                await reg.activate("1001", 9)
+            assert await reg.active("4242") is None
+
+    run(go())
+    conn = sqlite3.connect(settings.db_path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
+def test_publish_is_all_or_nothing(settings: Any, tmp_path: Path) -> None:
+    from data.store import Store
+    from models.errors import ArtifactError
+    from models.registry import Registry
+
+    async def go() -> None:
+        async with Store.open(settings) as store:
+            reg = Registry(store, settings)
+            broken = _artifact(tmp_path, "broken")
+            (broken / "adapter.gguf").unlink()
+            with pytest.raises(ArtifactError, match="missing adapter.gguf"):
+                await reg.publish(broken)
+            # A database failure after the copy: no row, and no folder left behind under adapters/.
+            await store.db.execute(
+                "CREATE TRIGGER fail_insert BEFORE INSERT ON adapters BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+            )
+            with pytest.raises(sqlite3.DatabaseError, match="disk full"):
+                await reg.publish(_artifact(tmp_path, "ok"))
+            assert await reg.list() == []
+            leftovers = [p for p in (settings.adapters_dir / "1001").iterdir()]
+            assert leftovers == []
+
+    run(go())
+
+
+def test_base_models_bundled_and_user_added(settings: Any, tmp_path: Path) -> None:
+    from data.store import Store
+    from doppel.settings import bundled_base_gguf
+    from models.errors import ModelFileError, UnknownBaseModelError
+    from models.registry import Registry
+
+    if bundled_base_gguf() is None:
+        pytest.skip("bundled base model not installed")
+
+    async def go() -> None:
+        async with Store.open(settings) as store:
+            reg = Registry(store, settings)
+            default = reg.base()
+            assert default.name == settings.model.base_name and default.source == "bundled"
+            added = reg.add_base("second", bundled_base_gguf())
+            assert added.sha256 and len(added.sha256) == 64
+            assert [b.name for b in reg.bases()] == [settings.model.base_name, "second"]
+            assert reg.base("second").path == str(bundled_base_gguf().resolve())
+            with pytest.raises(UnknownBaseModelError, match="known: smollm2-135m, second"):
+                reg.base("nope")
+            junk = tmp_path / "junk.gguf"
+            junk.write_bytes(b"not a gguf at all")
+            with pytest.raises(ModelFileError, match="not a readable GGUF"):
+                reg.add_base("junk", junk)
+
+    run(go())
+
+
+def test_gguf_header_reader_matches_the_gguf_package() -> None:
+    from doppel.settings import bundled_base_gguf
+    from models.ggufinfo import read_shape
+
+    path = bundled_base_gguf()
+    if path is None:
+        pytest.skip("bundled base model not installed")
+    shape = read_shape(path)
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    assert shape.params == sum(int(t.n_elements) for t in reader.tensors)
+    assert (shape.architecture, shape.layers, shape.hidden, shape.vocab) == ("llama", 30, 576, 49152)
