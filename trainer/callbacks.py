@@ -1,0 +1,127 @@
+"""The transformers callback every recipe uses: progress events, cancellation at step boundaries, the OOM test hook."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from trainer.events import Emitter
+
+
+def peak_mem_mb() -> float:
+    """Peak accelerator memory on CUDA, else the process's peak resident set, in MiB."""
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is KiB on Linux but bytes on macOS.
+    return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+class JobCallback(TrainerCallback):
+    """Reports progress as job events, stops at the next step when cancelled, and can simulate a CUDA OOM once."""
+
+    def __init__(self, emitter: Emitter, cancel: threading.Event, *, stage: str = "sft",
+                 oom_at_step: int = 0, oom_marker: Path | None = None) -> None:
+        self.emitter = emitter
+        self.cancel = cancel
+        self.stage = stage
+        self.oom_at_step = oom_at_step
+        self.oom_marker = oom_marker
+        self.cancelled = False
+        self._t0 = 0.0
+        self._step0 = 0
+        self._tokens0 = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._t0 = time.monotonic()
+        self._step0 = state.global_step
+        self._tokens0 = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.oom_at_step and state.global_step == self.oom_at_step and not self._oom_fired():
+            if self.oom_marker is not None:
+                self.oom_marker.write_text(str(state.global_step), encoding="utf-8")
+            import torch
+
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated by simulate_oom_at_step)")
+        if self.cancel.is_set():
+            # Save so `--resume` continues from exactly here, then leave the loop at this step boundary.
+            self.cancelled = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    def _oom_fired(self) -> bool:
+        return self.oom_marker is not None and self.oom_marker.exists()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+        logs = logs or {}
+        if "loss" not in logs:
+            return
+        elapsed = max(time.monotonic() - self._t0, 1e-6)
+        done = max(state.global_step - self._step0, 1)
+        tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0) - self._tokens0
+        remaining = max(state.max_steps - state.global_step, 0)
+        extra = {k: v for k, v in logs.items() if k.startswith(("rewards/", "kl", "logps/")) and isinstance(v, float)}
+        self.emitter.emit(
+            "progress",
+            stage=self.stage,
+            step=state.global_step,
+            total=state.max_steps,
+            loss=round(float(logs["loss"]), 5),
+            lr=logs.get("learning_rate"),
+            tokens_per_s=round(tokens / elapsed, 1) if tokens else None,
+            eta_s=round(elapsed / done * remaining, 1),
+            peak_mem_mb=peak_mem_mb(),
+            **extra,
+        )
+
+
+def loss_points(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(step, loss) pairs from a trainer's log history (it includes the steps before a resume)."""
+    seen: dict[int, float] = {}
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            seen[int(entry["step"])] = float(entry["loss"])
+    return sorted(seen.items())
+
+
+def last_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest `checkpoint-N` folder that has its trainer state, or None."""
+    if not checkpoints.is_dir():
+        return None
+    found = [
+        p for p in checkpoints.iterdir()
+        if p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit()
+        and (p / "trainer_state.json").exists()
+    ]
+    return max(found, key=lambda p: int(p.name[11:]), default=None)
+
+
+class CountingCollator:
+    """Wraps a data collator to count real vs padded tokens: the padding fraction the batching achieves."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.real = 0
+        self.padded = 0
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        batch = self.inner(features)
+        mask = batch.get("attention_mask")
+        ids = batch["input_ids"]
+        self.padded += int(ids.numel())
+        self.real += int(mask.sum()) if mask is not None else int(ids.numel())
+        return batch
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the tokens in the batches that were padding."""
+        return round(1.0 - self.real / self.padded, 4) if self.padded else 0.0

@@ -1,0 +1,82 @@
+"""The training child: `python -m trainer run JOB_DIR [--resume]`, events on stdout, logs on stderr, exit codes.
+
+Exit codes: 0 succeeded; 1 failed (a `finished` event with status "failed" and a one-line error); 143 cancelled by
+SIGTERM (128 + 15, what a shell reports for a TERM-killed process), after a `finished` event with status "cancelled";
+2 bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+from doppel.errors import UserFacingError
+from trainer.config import TrainConfig
+from trainer.errors import JobCancelled
+from trainer.events import Emitter, stdout_emitter
+
+EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 143
+RECIPES = {"sft": "trainer.recipes.sft", "sft+kto": "trainer.recipes.kto", "sft+dpo": "trainer.recipes.dpo"}
+
+
+def run_job(job_dir: Path, emitter: Emitter, cancel: threading.Event, *, resume: bool = False) -> int:
+    """Run one job folder to completion; always ends with a `finished` event; returns the exit code."""
+    try:
+        cfg = TrainConfig.from_json(job_dir / "config.json")
+        recipe = importlib.import_module(RECIPES[cfg.mode])
+        result = recipe.run(cfg, job_dir, emitter, cancel, resume=resume)
+    except JobCancelled as exc:
+        emitter.emit("finished", status="cancelled", error=str(exc))
+        return EXIT_CANCELLED
+    except UserFacingError as exc:
+        emitter.emit("finished", status="failed", error=str(exc))
+        return EXIT_FAILED
+    except Exception as exc:
+        # Unexpected: the full traceback goes to stderr (the job log), the event carries one line.
+        traceback.print_exc(file=sys.stderr)
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        emitter.emit("finished", status="failed", error=f"{type(exc).__name__}: {line}"[:500])
+        return EXIT_FAILED
+    emitter.emit("finished", status="succeeded", adapter=result.get("adapter"), error=None)
+    return EXIT_OK
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m trainer`."""
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Doppel training child")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="train one job folder")
+    p.add_argument("job_dir", type=Path)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in JOB_DIR/checkpoints")
+    args = parser.parse_args(argv)
+    emitter = stdout_emitter()
+    # Libraries print to stdout (progress bars, warnings); stdout belongs to the events, so route them to stderr.
+    sys.stdout = sys.stderr
+    _quiet_libraries()
+    cancel = threading.Event()
+
+    def on_term(signum: int, frame: Any) -> None:
+        cancel.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    if not args.job_dir.is_dir():
+        emitter.emit("finished", status="failed", error=f"job folder not found: {args.job_dir}")
+        return EXIT_FAILED
+    return run_job(args.job_dir.resolve(), emitter, cancel, resume=args.resume)

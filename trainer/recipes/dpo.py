@@ -1,0 +1,94 @@
+"""SFT then DPO recipe: the SFT adapter is refined on pairs (a reacted vs an unreacted reply to one context)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from trainer.config import TrainConfig
+from trainer.errors import JobCancelled, TrainingError
+from trainer.events import Emitter
+from trainer.recipes.sft import finish_job, setup_torch, train_sft
+
+
+def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Event, *,
+        resume: bool = False) -> dict[str, Any]:
+    """SFT (resumable), then DPO from the SFT adapter, then evaluate and publish."""
+    from trainer.basemodel import load_base
+    from trainer.jobdata import fit_rows, load_job_data
+
+    # --- setup
+    setup_torch(cfg)
+    data = load_job_data(job_dir)
+    emitter.emit("phase", phase="loading base model")
+    base = load_base(Path(cfg.base_model), quantize_4bit=cfg.quantize_4bit,
+                     gradient_checkpointing=cfg.gradient_checkpointing,
+                     cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None)
+    rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length)
+    if not rows:
+        raise TrainingError(f"no training example fits max_length={cfg.max_length} tokens")
+    pairs = [
+        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+        for r in data.preference
+        if r.get("kind", "dpo") == "dpo" and isinstance(r.get("chosen"), str) and isinstance(r.get("rejected"), str)
+    ]
+    # --- train: SFT
+    model, sft_stats = train_sft(cfg, job_dir, base.model, base.tokenizer, rows, emitter, cancel,
+                                 resume=resume, device=base.device)
+    sft_stats.update(examples=len(rows), dropped_too_long=dropped, device=base.device, quantized=base.quantized)
+    # --- train: DPO
+    if not pairs:
+        emitter.emit("phase", phase="dpo skipped: no preference pairs")
+        dpo_stats: dict[str, Any] = {"skipped": "no preference pairs", "losses": []}
+    else:
+        model, dpo_stats = _train_dpo(cfg, job_dir, model, base.tokenizer, pairs, emitter, cancel, base.device)
+    # --- save
+    return finish_job(cfg, job_dir, model, base.tokenizer, data, emitter, stats=sft_stats,
+                      stages={"sft": sft_stats, "dpo": dpo_stats})
+
+
+def _train_dpo(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, pairs: list[dict[str, Any]],
+               emitter: Emitter, cancel: threading.Event, device: str) -> tuple[Any, dict[str, Any]]:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from trainer.callbacks import JobCallback, loss_points
+
+    args = DPOConfig(
+        output_dir=str(job_dir / "checkpoints-dpo"),
+        max_steps=cfg.pref_steps,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.pref_learning_rate,
+        beta=cfg.pref_beta,
+        max_length=cfg.max_length,
+        logging_steps=cfg.logging_steps,
+        save_strategy="no",
+        seed=cfg.seed,
+        report_to="none",
+        disable_tqdm=True,
+        bf16=device == "cuda",
+        use_cpu=device == "cpu",
+        gradient_checkpointing=device == "cuda" and cfg.gradient_checkpointing,
+    )
+    emitter.emit("started", stage="dpo", total=cfg.pref_steps, step=0, examples=len(pairs))
+    callback = JobCallback(emitter, cancel, stage="dpo")
+    # The SFT adapter is the policy; TRL copies it into a frozen "ref" adapter, so DPO's reference is the SFT model.
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+                         processing_class=tokenizer, callbacks=[callback])
+    t0 = time.monotonic()
+    trainer.train()
+    if callback.cancelled:
+        raise JobCancelled(f"cancelled during DPO at step {trainer.state.global_step}")
+    model = trainer.model
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+    model.set_adapter("default")
+    return model, {
+        "steps": trainer.state.global_step,
+        "pairs": len(pairs),
+        "train_seconds": round(time.monotonic() - t0, 2),
+        "losses": loss_points(trainer.state.log_history),
+    }

@@ -1,0 +1,225 @@
+"""SFT recipe: LoRA (QLoRA on CUDA) with TRL's SFTTrainer on prompt/completion rows; setup -> train -> save."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from trainer.config import TrainConfig
+from trainer.errors import JobCancelled, TrainingError
+from trainer.events import Emitter
+
+
+def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Event, *,
+        resume: bool = False) -> dict[str, Any]:
+    """Train the persona adapter, evaluate it, and publish the adapter folder; returns the artifact summary."""
+    from trainer.basemodel import load_base
+    from trainer.jobdata import fit_rows, load_job_data
+
+    # --- setup
+    setup_torch(cfg)
+    data = load_job_data(job_dir)
+    emitter.emit("phase", phase="loading base model")
+    base = load_base(Path(cfg.base_model), quantize_4bit=cfg.quantize_4bit,
+                     gradient_checkpointing=cfg.gradient_checkpointing,
+                     cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None)
+    rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length)
+    if not rows:
+        raise TrainingError(f"no training example fits max_length={cfg.max_length} tokens")
+    if cancel.is_set():
+        raise JobCancelled("cancelled before training started")
+    # --- train
+    model, stats = train_sft(cfg, job_dir, base.model, base.tokenizer, rows, emitter, cancel,
+                             resume=resume, device=base.device)
+    stats.update(examples=len(rows), dropped_too_long=dropped, device=base.device, quantized=base.quantized)
+    # --- save
+    return finish_job(cfg, job_dir, model, base.tokenizer, data, emitter, stats=stats, stages={"sft": stats})
+
+
+def setup_torch(cfg: TrainConfig) -> None:
+    """Threads and seeds, before any model is built."""
+    import torch
+    from transformers import set_seed
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+
+
+def lora_config(cfg: TrainConfig) -> Any:
+    """The PEFT LoraConfig of this job."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def sft_args(cfg: TrainConfig, job_dir: Path, *, micro: int, accum: int, device: str) -> Any:
+    """SFTConfig: completion-only loss, padding-free or length-grouped batches, checkpoints in JOB_DIR/checkpoints."""
+    from trl import SFTConfig
+
+    if cfg.tensorboard:
+        # transformers 5 dropped `logging_dir`; its TensorBoard callback reads this variable instead.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(job_dir / "tensorboard")
+    return SFTConfig(
+        output_dir=str(job_dir / "checkpoints"),
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        # Rows are already fitted to max_length by dropping old context (jobdata.fit_rows); TRL's own truncation
+        # would cut the end-of-turn token, and padding-free mode refuses it anyway.
+        max_length=None if cfg.batching == "padding_free" else cfg.max_length,
+        completion_only_loss=True,
+        # Padding-free: transformers 5 builds a block-diagonal causal mask from the restarting position ids (sdpa
+        # and eager alike, flash-attention via varlen), so concatenated examples never attend to each other.
+        padding_free=cfg.batching == "padding_free",
+        train_sampling_strategy="group_by_length" if cfg.batching == "length_grouped" else "random",
+        include_num_input_tokens_seen="non_padding",
+        bf16=device == "cuda",
+        gradient_checkpointing=device == "cuda" and cfg.gradient_checkpointing,
+        report_to=["tensorboard"] if cfg.tensorboard else "none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=device == "cpu",
+    )
+
+
+def train_sft(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, rows: list[dict[str, Any]],
+              emitter: Emitter, cancel: threading.Event, *, resume: bool, device: str) -> tuple[Any, dict[str, Any]]:
+    """Run SFT with checkpoints, resume and the CUDA OOM fallback; returns the PEFT model and stats."""
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from trl import SFTTrainer
+
+    from trainer.callbacks import CountingCollator, JobCallback, last_checkpoint, loss_points
+
+    peft_model = get_peft_model(model, lora_config(cfg))
+    initial = {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    micro, accum = cfg.micro_batch_size, cfg.grad_accum
+    checkpoint = last_checkpoint(job_dir / "checkpoints") if resume else None
+    resumed_from = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+    emitter.emit("started", stage="sft", total=cfg.max_steps, step=resumed_from, resumed_from_step=resumed_from,
+                 examples=len(rows), device=device, micro_batch_size=micro, grad_accum=accum)
+    t0 = time.monotonic()
+    # Inside trainer.train() only (dataset preparation is not training throughput); CPU time as well as wall time,
+    # since on a shared CPU machine wall time mostly measures the neighbours.
+    train_s = cpu_s = 0.0
+    real_tokens = 0
+    while True:
+        callback = JobCallback(emitter, cancel, stage="sft", oom_at_step=cfg.simulate_oom_at_step,
+                               oom_marker=job_dir / "checkpoints" / ".oom-simulated")
+        trainer = SFTTrainer(model=peft_model, args=sft_args(cfg, job_dir, micro=micro, accum=accum, device=device),
+                             train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
+        counter = CountingCollator(trainer.data_collator)
+        trainer.data_collator = counter
+        t_train, c_train = time.monotonic(), time.process_time()
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            break
+        except torch.cuda.OutOfMemoryError:
+            if micro == 1:
+                raise TrainingError("CUDA out of memory even with micro-batch 1: lower max_length or lora_r") from None
+            del trainer
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            # Same effective batch, half the activations: the optimizer sees the same schedule after the retry.
+            micro, accum = micro // 2, accum * 2
+            train_s += time.monotonic() - t_train
+            cpu_s += time.process_time() - c_train
+            real_tokens += counter.real
+            checkpoint = last_checkpoint(job_dir / "checkpoints")
+            if checkpoint is None:
+                peft_model.load_state_dict(initial, strict=False)
+            emitter.emit("oom_retry", micro_batch_size=micro, grad_accum=accum,
+                         resume_from_step=int(checkpoint.name.split("-")[1]) if checkpoint else 0)
+    train_s += time.monotonic() - t_train
+    cpu_s += time.process_time() - c_train
+    real_tokens += counter.real
+    if callback.cancelled:
+        raise JobCancelled(f"cancelled at step {trainer.state.global_step}; checkpoint saved")
+    elapsed = time.monotonic() - t0
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    stats = {
+        "steps": trainer.state.global_step,
+        "resumed_from_step": resumed_from,
+        "micro_batch_size": micro,
+        "grad_accum": accum,
+        "seconds": round(elapsed, 2),
+        "train_seconds": round(train_s, 2),
+        "cpu_seconds": round(cpu_s, 2),
+        "trained_tokens": tokens,
+        "tokens_per_s": round(real_tokens / train_s, 1) if train_s > 0 else None,
+        "padding_fraction": counter.padding_fraction,
+        "losses": loss_points(trainer.state.log_history),
+    }
+    return trainer.model, stats
+
+
+def base_gguf_for(cfg: TrainConfig) -> Path | None:
+    """The GGUF llama.cpp serves this adapter on (to validate the export), if one is known."""
+    if cfg.base_gguf:
+        return Path(cfg.base_gguf)
+    if cfg.base_model.endswith(".gguf"):
+        return Path(cfg.base_model)
+    return None
+
+
+def finish_job(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, data: Any, emitter: Emitter, *,
+               stats: dict[str, Any], stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Stage the adapter folder, evaluate (llama.cpp generates from the staged GGUF), write meta + plot, publish."""
+    from trainer import report
+    from trainer.adapter_folder import StagedAdapter
+    from trainer.basemodel import file_sha256
+    from trainer.export_gguf import BaseInfo
+    from trainer.plot import loss_png
+
+    emitter.emit("phase", phase="exporting")
+    staged = StagedAdapter(job_dir / "output" / "adapter")
+    try:
+        export = staged.save_peft(model, BaseInfo.from_hf_config(model.config), gguf_dtype=cfg.gguf_dtype)
+        emitter.emit("phase", phase="evaluating")
+        metrics = report.evaluate(model, tokenizer, cfg, data, adapter_gguf=staged.path / "adapter.gguf", base_gguf=base_gguf_for(cfg))
+        loss_series = [(name, s.get("losses", [])) for name, s in stages.items() if name != "sft"]
+        loss_png(staged.path / "loss.png", stats.get("losses", []), title=f"{cfg.persona_name or cfg.member_id} ({cfg.mode})",
+                 stages=loss_series)
+        meta = {
+            "member": cfg.member_id or None,
+            "persona_name": cfg.persona_name,
+            "mode": cfg.mode,
+            "base_model": {"name": cfg.base_name, "path": cfg.base_model, "sha256": file_sha256(Path(cfg.base_model)),
+                           "gguf": str(base_gguf_for(cfg) or "")},
+            "training_config": cfg.to_dict(),
+            "data": {k: data.meta.get(k) for k in ("window", "counts", "lineage", "member")},
+            "lineage": list(data.meta.get("lineage") or []),
+            "training": {name: {k: v for k, v in s.items() if k != "losses"} for name, s in stages.items()},
+            "losses": {name: s.get("losses", []) for name, s in stages.items()},
+            "metrics": metrics,
+            "export": export,
+        }
+        staged.write_meta(meta)
+        path = staged.publish()
+    except BaseException:
+        staged.discard()
+        raise
+    emitter.emit("metrics", **{k: v for k, v in metrics.items()})
+    emitter.emit("artifact", kind="adapter", path=str(path), gguf=str(path / "adapter.gguf"),
+                 active=metrics.get("active"), gate_reason=metrics.get("gate_reason"))
+    return {"adapter": str(path), "metrics": metrics, "training": meta["training"]}
