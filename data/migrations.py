@@ -161,7 +161,47 @@ async def m002_job_supervision(db: aiosqlite.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [m001_initial, m002_job_supervision]
+async def m003_blind_tests(db: aiosqlite.Connection) -> None:
+    """Blind tests (real message by id, no text) with one vote per member, and persona replies kept for feedback."""
+    await run_script(
+        db,
+        """
+        CREATE TABLE blind_tests (
+            id TEXT PRIMARY KEY,
+            member_id TEXT NOT NULL,
+            adapter_id TEXT,
+            guild_id TEXT,
+            channel_id TEXT,
+            real_message_id TEXT NOT NULL,
+            real_label TEXT NOT NULL CHECK (real_label IN ('A', 'B')),
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX blind_tests_member ON blind_tests(member_id, adapter_id);
+        CREATE TABLE blind_votes (
+            test_id TEXT NOT NULL REFERENCES blind_tests(id) ON DELETE CASCADE,
+            voter_id TEXT NOT NULL,
+            picked_real INTEGER NOT NULL CHECK (picked_real IN (0, 1)),
+            created_at REAL NOT NULL,
+            PRIMARY KEY (test_id, voter_id)
+        );
+        CREATE INDEX blind_votes_voter ON blind_votes(voter_id);
+        CREATE TABLE persona_replies (
+            message_id TEXT PRIMARY KEY,
+            persona_member_id TEXT NOT NULL,
+            adapter_id TEXT,
+            guild_id TEXT,
+            channel_id TEXT,
+            context_members_json TEXT NOT NULL DEFAULT '[]',
+            payload BLOB,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX persona_replies_persona ON persona_replies(persona_member_id);
+        CREATE INDEX persona_replies_created ON persona_replies(created_at);
+        """
+    )
+
+
+MIGRATIONS: list[Migration] = [m001_initial, m002_job_supervision, m003_blind_tests]
 
 
 async def run_script(db: aiosqlite.Connection, script: str) -> None:

@@ -231,7 +231,8 @@ class Registry:
         base_sha = meta.get("base_sha256") or _base_field(meta, "sha256")
         folder = self.settings.adapters_dir / (member or MULTI_DIR)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".tmp-{uuid.uuid4().hex}"
+        # The pid in the name lets a later start tell a dead publisher's leftovers from a live one's copy.
+        tmp = folder / f".tmp-{os.getpid()}-{uuid.uuid4().hex}"
         try:
             shutil.copytree(artifact_dir, tmp)
         except OSError as exc:
@@ -270,6 +271,19 @@ class Registry:
                 shutil.rmtree(final, ignore_errors=True)
             raise
         return await self.get(adapter_id)
+
+    def sweep(self) -> tuple[Path, ...]:
+        """Delete temp folders left by a publisher that died mid-copy (never visible as adapters, but on disk)."""
+        import psutil
+
+        removed = []
+        for tmp in self.settings.adapters_dir.glob("*/.tmp-*"):
+            pid = tmp.name.split("-")[1] if tmp.name.count("-") >= 2 else ""
+            if pid.isdigit() and psutil.pid_exists(int(pid)) and int(pid) != os.getpid():
+                continue
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        return tuple(removed)
 
     async def _known_path(self, path: Path) -> bool:
         return await self.store.fetchone("SELECT 1 FROM adapters WHERE path = ?", (str(path),)) is not None

@@ -1,8 +1,10 @@
-"""`doppel personas` (not built yet)."""
+"""`doppel personas`: adapter versions (member, base, version, status, metrics), rollback, base models."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+from pathlib import Path
 from typing import Any
 
 from doppel.errors import UserFacingError
@@ -10,8 +12,57 @@ from doppel.settings import Settings
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    return sub.add_parser("personas", help="(not available yet)")
+    p = sub.add_parser("personas", help="list persona adapters; roll back; list or add base models")
+    p.add_argument("--member", help="only this member's versions")
+    p.add_argument("--all", action="store_true", help="include erased versions")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
+    r = actions.add_parser("rollback", help="make an older version of a member's adapter active again")
+    r.add_argument("member_id")
+    r.add_argument("version", type=int)
+    b = actions.add_parser("bases", help="list base models")
+    a = actions.add_parser("add-base", help="register a GGUF base model under a name")
+    a.add_argument("name")
+    a.add_argument("path", type=Path)
+    for action in (r, b, a):  # `--json` also after the action, as every other command accepts it
+        action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return p
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Any:
-    raise UserFacingError("`doppel personas` is not available yet")
+    return asyncio.run(_run(args, settings))
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> Any:
+    from data.store import Store
+    from models.registry import Registry
+
+    async with Store.open(settings) as store:
+        registry = Registry(store, settings)
+        if args.action == "bases":
+            bases = [b.to_dict() for b in registry.bases()]
+            if not args.json:
+                for b in bases:
+                    print(f"{b['name']:<20} {b['source']:<8} {b['path']}")
+            return {"bases": bases}
+        if args.action == "add-base":
+            base = registry.add_base(args.name, args.path)
+            if not args.json:
+                print(f"base model {base.name}: {base.path} (sha256 {base.sha256})")
+            return base.to_dict()
+        if args.action == "rollback":
+            if args.version < 1:
+                raise UserFacingError("version must be 1 or more")
+            version = await registry.activate(args.member_id, args.version)
+            if not args.json:
+                print(f"member {version.member_id}: version {version.version} is active ({version.id})")
+            return version.summary()
+        versions = await registry.list(member_id=args.member, include_erased=args.all)
+        if not args.json:
+            if not versions:
+                print("no persona adapters yet (train one with `doppel train USER_ID`)")
+            for v in versions:
+                ppl = v.metrics.get("ppl_adapter")
+                base_ppl = v.metrics.get("ppl_base")
+                metric = f"ppl {ppl} (base {base_ppl})" if ppl is not None else "no metrics"
+                print(f"{v.member_id or '(multi)':<20} {v.base_model:<16} v{v.version:<3} {v.status:<9} {metric}  {v.id}")
+        return {"adapters": [v.summary() for v in versions]}

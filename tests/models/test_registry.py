@@ -140,3 +140,21 @@ def test_gguf_header_reader_matches_the_gguf_package() -> None:
     reader = gguf.GGUFReader(str(path))
     assert shape.params == sum(int(t.n_elements) for t in reader.tensors)
     assert (shape.architecture, shape.layers, shape.hidden, shape.vocab) == ("llama", 30, 576, 49152)
+
+
+def test_sweep_removes_leftovers_of_dead_publishers_only(settings: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from models.registry import Registry
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    folder = settings.adapters_dir / "123"
+    stale = folder / f".tmp-{dead_pid}-abc"
+    live = folder / f".tmp-{os.getppid()}-def"  # a live process (our parent) may still be copying
+    for d in (stale, live):
+        d.mkdir(parents=True)
+    removed = Registry(None, settings).sweep()
+    assert removed == (stale,) and not stale.exists() and live.exists()

@@ -1,0 +1,90 @@
+"""Shared by the control-plane tests (loaded by path: test folders are not packages)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+PERSONA_ID = "1001"
+OTHERS = (("2002", "bo"), ("3003", "cy"))
+QUESTIONS = [
+    "anyone around for a game tonight?", "did you see the new build?", "the server is down again",
+    "what are you all up to this weekend", "I think we should meet at 7pm", "check the logs first",
+]  # fmt: skip
+TOPICS = ["game", "build", "server", "logs", "weekend", "tomorrow", "box", "fox"]
+FEELINGS = ["sooo good", "the best", "so cursed", "amazing", "wild", "soooo fun", "broken lol", "perfect"]
+
+
+async def seed_member(settings: Any, member_id: str = PERSONA_ID, exchanges: int = 48) -> None:
+    """A consenting member who answers the others in #general, one exchange an hour (so each is its own example)."""
+    from consent.service import ConsentService
+    from data.records import Member, Message
+    from data.store import Store
+
+    async with Store.open(settings) as store:
+        await ConsentService(store).grant([member_id, *(o[0] for o in OTHERS)], "train,chat", "admin", "cli")
+        await store.members.upsert(Member(member_id, "ada", "Ada"))
+        for oid, name in OTHERS:
+            await store.members.upsert(Member(oid, name, name.title()))
+        messages = []
+        t0 = 1_700_000_000.0
+        for i in range(exchanges):
+            oid, oname = OTHERS[i % 2]
+            at = t0 + i * 3600
+            messages.append(Message(f"{member_id}{i:04d}q", "g1", "c1", "general", oid, oname, at,
+                                    QUESTIONS[i % len(QUESTIONS)]))  # fmt: skip
+            messages.append(Message(f"{member_id}{i:04d}a", "g1", "c1", "general", member_id, "ada", at + 30,
+                                    f"omg yes!!! the {TOPICS[i % 8]} is {FEELINGS[(i // 8) % 8]} haha :)"))  # fmt: skip
+        await store.messages.add_many(messages)
+
+
+def tiny_overrides(tiny_model: Any, **extra: Any) -> dict[str, Any]:
+    """TrainConfig fields that train the tiny model in seconds on one thread."""
+    cfg = {
+        "base_model": str(tiny_model.hf_dir), "base_gguf": str(tiny_model.gguf_path), "base_name": "tiny",
+        "max_steps": 6, "micro_batch_size": 4, "learning_rate": 5e-3, "lora_r": 8, "lora_alpha": 16,
+        "lora_dropout": 0.0, "save_steps": 3, "threads": 1, "max_length": 256, "eval_samples": 1,
+        "eval_max_new_tokens": 8, "eval_max_examples": 8,
+    }  # fmt: skip
+    cfg.update(extra)
+    return cfg
+
+
+def integrity(settings: Any) -> str:
+    """`PRAGMA integrity_check` of the store's database."""
+    conn = sqlite3.connect(settings.db_path)
+    try:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def wait_for(predicate: Any, timeout: float = 120.0, interval: float = 0.1) -> Any:
+    """Poll an async predicate until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(interval)
+    raise AssertionError("condition not reached in time")
+
+
+def adapter_versions(settings: Any) -> list[Path]:
+    """Published version folders on disk."""
+    root = settings.adapters_dir
+    return sorted(p for p in root.glob("*/*") if p.is_dir() and not p.name.startswith(".")) if root.exists() else []
+
+
+def run_async(fn: Any) -> Any:
+    """Run an async test body in a fresh event loop (the project does not use a pytest asyncio plugin)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return asyncio.run(fn(*args, **kwargs))
+
+    return wrapper

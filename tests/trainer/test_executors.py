@@ -1,0 +1,110 @@
+"""Executors: the local subprocess details, and the Ray path against a real local Ray head on loopback."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("supervision_fixtures", Path(__file__).with_name("supervision_fixtures.py"))
+fx = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+_spec.loader.exec_module(fx)  # type: ignore[union-attr]
+
+
+def test_parse_event_keeps_only_event_objects() -> None:
+    from trainer.executors.base import parse_event
+
+    assert parse_event('{"event": "progress", "step": 3}\n') == {"event": "progress", "step": 3}
+    assert parse_event("Some library printed this") is None
+    assert parse_event('{"no_event": 1}') is None
+    assert parse_event("{broken json") is None
+
+
+def test_device_env_pins_one_gpu_or_none() -> None:
+    from trainer.executors.local import device_env
+
+    assert device_env("cuda:1", {})["CUDA_VISIBLE_DEVICES"] == "1"
+    assert device_env("cpu", {"CUDA_VISIBLE_DEVICES": "0"})["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_classify_covers_every_ending() -> None:
+    from trainer.executors.base import Outcome
+    from trainer.supervisor import classify
+
+    ok = {"event": "finished", "status": "succeeded"}
+    assert classify(Outcome(0), ok)[0].value == "succeeded"
+    assert classify(Outcome(-9, signal=9), None) == (classify(Outcome(-9, signal=9), None)[0], "killed by signal 9")
+    failed = classify(Outcome(1), {"event": "finished", "status": "failed", "error": "not enough examples"})
+    assert failed[0].value == "failed" and failed[1] == "not enough examples"
+    crashed = classify(Outcome(1, stderr_tail=["Traceback", "ValueError: boom"]), None)
+    assert crashed[1] == "trainer ended with exit code 1: ValueError: boom"
+    # Exit 0 without a `finished` event is not a success: the adapter was never announced.
+    assert classify(Outcome(0), None)[0].value == "failed"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def ray_head() -> Iterator[str]:
+    """A real Ray head on loopback with one CPU, in a short temp dir; stopped afterwards."""
+    ray = Path(sys.executable).with_name("ray")
+    if not ray.exists():
+        pytest.skip("ray is not installed in this environment")
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    port, dash = _free_port(), _free_port()
+    cmd = [str(ray), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           "--include-dashboard=true", "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+    started = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    try:
+        if started.returncode != 0:
+            pytest.skip(f"ray cannot start here: {(started.stderr or started.stdout).strip().splitlines()[-1:]}")
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@fx.run_async
+async def test_ray_executor_runs_the_trainer_and_brings_the_adapter_back(
+    doppel_home: Path, tiny_model: Any, ray_head: str
+) -> None:
+    from data.store import Store
+    from doppel.settings import Settings
+    from trainer.supervisor import Supervisor
+
+    settings = Settings.load(env={
+        "DOPPEL_HOME": str(doppel_home), "DOPPEL_TRAINING__EXECUTOR": "ray",
+        "DOPPEL_TRAINING__RAY_ADDRESS": ray_head, "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
+        "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
+    })  # fmt: skip
+    await fx.seed_member(settings)
+    async with Store.open(settings) as store:
+        sup = Supervisor(store, settings)
+        await sup.start()
+        try:
+            job = await sup.submit(fx.PERSONA_ID, requested_by="admin", **fx.tiny_overrides(tiny_model))
+            done = await sup.wait(job.id)
+            assert done.status.value == "succeeded", (done.error, done.exit_detail)
+            assert done.executor == "ray" and done.executor_ref.startswith(f"doppel-{job.id}-")
+            assert done.pid is None
+            assert done.progress.step == 6 and done.progress.losses, "events were streamed back from Ray's logs"
+            version = await sup.registry.get(done.adapter_id)
+            assert version.gguf_path.is_file() and version.job_id == job.id
+            assert not Path(job.job_dir).exists()
+        finally:
+            await sup.close()
+    assert fx.integrity(settings) == "ok"

@@ -1,0 +1,78 @@
+"""Pre-flight: refuses jobs that cannot fit, with the reason and what to change; doctor shows the host checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+
+def _config(settings: Any, **overrides: Any) -> Any:
+    from trainer.config import TrainConfig
+
+    if settings.base_gguf_path() is None:
+        pytest.skip("no base model")
+    return TrainConfig.from_settings(settings, member_id="1", **overrides)
+
+
+def test_memory_estimate_grows_with_batch_and_length(settings: Any) -> None:
+    from models.ggufinfo import read_shape
+    from trainer.preflight import estimate_memory
+
+    cfg = _config(settings)
+    shape = read_shape(settings.base_gguf_path())
+    small = estimate_memory(shape, _config(settings, micro_batch_size=1, max_length=128), "cpu")
+    big = estimate_memory(shape, _config(settings, micro_batch_size=8, max_length=1024), "cpu")
+    assert shape.params * 4 < small < big
+    assert estimate_memory(shape, cfg, "cuda:0") < estimate_memory(shape, cfg, "cpu"), "4-bit + checkpointing"
+
+
+def test_job_that_cannot_fit_is_refused_with_the_fix(settings: Any) -> None:
+    from trainer.errors import PreflightError
+    from trainer.preflight import job_checks, require
+
+    ok = job_checks(settings, _config(settings, micro_batch_size=1, max_length=128), "cpu")
+    require(ok)
+    assert {c.name for c in ok} >= {"device", "base model", "memory", "disk"}
+    huge = _config(settings, micro_batch_size=4096, max_length=8192)
+    with pytest.raises(PreflightError, match=r"memory: needs about .* GiB.*fix: lower micro_batch_size \(now 4096\)"):
+        require(job_checks(settings, huge, "cpu"))
+    with pytest.raises(PreflightError, match="device cuda:7 is not available"):
+        require(job_checks(settings, _config(settings), "cuda:7"))
+
+
+def test_disk_check_refuses_when_the_floor_is_not_met(settings: Any) -> None:
+    from trainer.preflight import disk_check
+
+    greedy = dataclasses.replace(settings, training=dataclasses.replace(settings.training, min_free_disk_mb=10**12))
+    check = disk_check(greedy)
+    assert check.status == "fail" and "min_free_disk_mb" in check.fix
+    assert disk_check(settings).status == "ok"
+
+
+def test_configured_devices_are_the_queues(settings: Any) -> None:
+    from trainer.preflight import devices
+
+    assert [d.name for d in devices(settings)][-1:] in (["cpu"], [d.name for d in devices(settings)][-1:])
+    pinned = dataclasses.replace(settings, training=dataclasses.replace(settings.training, devices=("cpu", "cuda:5")))
+    found = {d.name: d for d in devices(pinned)}
+    assert found["cpu"].total_bytes > 0 and found["cuda:5"].total_bytes == 0
+
+
+def test_progress_state_bar_and_throttle() -> None:
+    from trainer.progress import ProgressState, Throttle, render_bar
+
+    state = ProgressState()
+    state.apply({"event": "started", "total": 10, "step": 4, "resumed_from_step": 4})
+    assert (state.step, state.resumed_from, state.status) == (4, 4, "running")
+    state.apply({"event": "progress", "step": 5, "total": 10, "loss": 1.25, "tokens_per_s": 300.0, "eta_s": 65})
+    line = render_bar(state, width=10, fill="#", empty="-")
+    assert line.startswith("#####----- ") and "50%" in line and "step 5/10" in line
+    assert "loss 1.250" in line and "300 tok/s" in line and "ETA 1:05" in line
+    assert ProgressState.from_dict(state.to_dict()) == state
+    throttle = Throttle(5.0)
+    assert throttle.ready(state, now=0.0) and not throttle.ready(state, now=1.0) and throttle.ready(state, now=6.0)
+    state.apply({"event": "finished", "status": "succeeded"})
+    assert throttle.ready(state, now=6.5), "a status change always redraws"
+    assert state.fraction == 1.0 and "succeeded" in render_bar(state)

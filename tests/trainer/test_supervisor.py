@@ -1,0 +1,211 @@
+"""The supervisor against the real trainer child on the tiny model: success, SIGKILL, cancel, queue, restart."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+_spec = importlib.util.spec_from_file_location("supervision_fixtures", Path(__file__).with_name("supervision_fixtures.py"))
+fx = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+_spec.loader.exec_module(fx)  # type: ignore[union-attr]
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _settings(doppel_home: Path, **training: Any) -> Any:
+    from doppel.settings import Settings
+
+    env = {"DOPPEL_HOME": str(doppel_home), "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
+           "DOPPEL_TRAINING__CANCEL_GRACE_S": "20", "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1"}  # fmt: skip
+    env.update({f"DOPPEL_TRAINING__{k.upper()}": str(v) for k, v in training.items()})
+    return Settings.load(env=env)
+
+
+async def _open(settings: Any) -> tuple[Any, Any]:
+    from data.store import Store
+    from trainer.supervisor import Supervisor
+
+    store = await Store.open(settings)
+    sup = Supervisor(store, settings)
+    await sup.start()
+    return store, sup
+
+
+@fx.run_async
+async def test_job_succeeds_and_publishes_a_version(doppel_home: Path, tiny_model: Any) -> None:
+    settings = _settings(doppel_home)
+    await fx.seed_member(settings)
+    store, sup = await _open(settings)
+    try:
+        job = await sup.submit(fx.PERSONA_ID, requested_by="admin", source="cli", **fx.tiny_overrides(tiny_model))
+        assert job.status.value == "queued" and job.requested_by == "admin" and job.created_at > 0
+        seen: list[str] = []
+        done = await sup.wait(job.id, on_update=lambda j: seen.append(j.status.value))
+        assert done.status.value == "succeeded", (done.error, done.exit_detail)
+        assert "running" in seen
+        assert done.progress.step == done.progress.total == 6 and done.progress.losses
+        assert done.adapter_id and done.exit_detail.startswith("exit code 0")
+        version = await sup.registry.get(done.adapter_id)
+        assert version.version == 1 and version.member_id == fx.PERSONA_ID and version.job_id == job.id
+        assert version.gguf_path.is_file() and (Path(version.path) / "meta.json").is_file()
+        assert version.status in ("active", "candidate")
+        assert fx.PERSONA_ID in version.lineage
+        assert not Path(job.job_dir).exists(), "dataset and checkpoints are deleted when the job ends"
+    finally:
+        await sup.close()
+        await store.close()
+    assert fx.integrity(settings) == "ok"
+
+
+@fx.run_async
+async def test_sigkill_of_the_trainer_fails_the_job_and_cleans_up(doppel_home: Path, tiny_model: Any) -> None:
+    settings = _settings(doppel_home)
+    await fx.seed_member(settings)
+    store, sup = await _open(settings)
+    try:
+        job = await sup.submit(fx.PERSONA_ID, requested_by="admin", **fx.tiny_overrides(tiny_model, max_steps=400))
+
+        async def running_pid() -> int | None:
+            j = await sup.get(job.id)
+            return j.pid if j.pid and j.progress.step >= 1 else None
+
+        pid = await fx.wait_for(running_pid)
+        os.killpg(pid, signal.SIGKILL)
+        done = await sup.wait(job.id)
+        assert done.status.value == "failed"
+        assert done.error == "killed by signal 9"
+        assert done.exit_detail.startswith("killed by signal 9")
+        assert done.adapter_id is None and await sup.registry.list() == []
+        assert fx.adapter_versions(settings) == []
+        assert not Path(job.job_dir).exists()
+    finally:
+        await sup.close()
+        await store.close()
+    assert fx.integrity(settings) == "ok"
+
+
+@fx.run_async
+async def test_cancel_queue_and_one_job_per_member(doppel_home: Path, tiny_model: Any) -> None:
+    from trainer.errors import JobConflictError
+
+    settings = _settings(doppel_home, devices="cpu", jobs_per_device=1)
+    await fx.seed_member(settings)
+    await fx.seed_member(settings, member_id="4004", exchanges=30)
+    store, sup = await _open(settings)
+    try:
+        first = await sup.submit(fx.PERSONA_ID, requested_by="a", **fx.tiny_overrides(tiny_model, max_steps=400))
+        with pytest.raises(JobConflictError, match="already has a"):
+            await sup.submit(fx.PERSONA_ID, requested_by="b", **fx.tiny_overrides(tiny_model))
+        second = await sup.submit("4004", requested_by="b", source="discord", **fx.tiny_overrides(tiny_model))
+
+        async def first_training() -> bool:
+            return (await sup.get(first.id)).progress.step >= 1
+
+        await fx.wait_for(first_training)
+        waiting = await sup.get(second.id)
+        assert waiting.status.value == "queued", "the second job waits while the first holds the cpu slot"
+        assert waiting.started_at is None
+
+        cancelled = await sup.cancel(first.id, actor="admin")
+        assert cancelled.status.value == "cancelled" and cancelled.error == "cancelled by admin"
+        assert not Path(first.job_dir).exists()
+        assert await sup.registry.list() == []
+
+        done = await sup.wait(second.id)
+        assert done.status.value == "succeeded", (done.error, done.exit_detail)
+        assert done.started_at >= cancelled.finished_at - 0.01, "it only started once the slot was free"
+        # The member whose job was cancelled can train again.
+        again = await sup.submit(fx.PERSONA_ID, requested_by="a", **fx.tiny_overrides(tiny_model))
+        assert (await sup.cancel(again.id, actor="a")).status.value == "cancelled"
+    finally:
+        await sup.close()
+        await store.close()
+    assert fx.integrity(settings) == "ok"
+
+
+SUPERVISOR_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from doppel.settings import Settings
+    from data.store import Store
+    from trainer.supervisor import Supervisor
+
+    async def main():
+        settings = Settings.load(env=json.loads(sys.argv[1]))
+        async with Store.open(settings) as store:
+            sup = Supervisor(store, settings)
+            await sup.start()
+            job = await sup.submit("1001", requested_by="admin", **json.loads(sys.argv[2]))
+            print(job.id, flush=True)
+            await sup.wait(job.id)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.slow
+@fx.run_async
+async def test_supervisor_killed_mid_run_then_resume_continues_from_checkpoint(
+    doppel_home: Path, tiny_model: Any
+) -> None:
+    settings = _settings(doppel_home)
+    await fx.seed_member(settings)
+    env = {"DOPPEL_HOME": str(doppel_home), "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
+           "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1", "DOPPEL_TRAINING__CANCEL_GRACE_S": "20"}  # fmt: skip
+    overrides = fx.tiny_overrides(tiny_model, max_steps=30, save_steps=2)
+    proc = subprocess.Popen([sys.executable, "-c", SUPERVISOR_SCRIPT, json.dumps(env), json.dumps(overrides)],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        job_id = proc.stdout.readline().strip()  # type: ignore[union-attr]
+        from data.store import Store
+        from trainer.jobs import JobTable
+
+        async with Store.open(settings) as store:
+            jobs = JobTable(store)
+
+            async def checkpointed() -> Any:
+                j = await jobs.get(job_id)
+                ckpt = Path(j.job_dir) / "checkpoints"
+                return j if j.progress.step >= 3 and ckpt.is_dir() and any(ckpt.glob("checkpoint-*")) else None
+
+            before = await fx.wait_for(checkpointed)
+            proc.kill()
+            proc.wait()
+            trainer_pid = before.pid
+            assert trainer_pid and before.status.value == "running"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert fx.integrity(settings) == "ok"
+
+    store, sup = await _open(settings)  # a new supervisor: start() recovers the orphaned job
+    try:
+        job = await sup.get(job_id)
+        assert job.status.value == "interrupted" and job.exit_detail == "lost at restart"
+        assert "resume" in job.error
+        # The orphaned trainer was stopped (it checkpoints on SIGTERM); a zombie awaiting its reaper counts as gone.
+        assert not psutil.pid_exists(trainer_pid) or psutil.Process(trainer_pid).status() == psutil.STATUS_ZOMBIE
+        assert any((Path(job.job_dir) / "checkpoints").glob("checkpoint-*")), "kept for resume"
+        await sup.resume(job_id)
+        done = await sup.wait(job_id)
+        assert done.status.value == "succeeded", (done.error, done.exit_detail)
+        assert done.progress.resumed_from >= 2, "the trainer continued from the last checkpoint"
+        version = await sup.registry.get(done.adapter_id)
+        assert version.meta["training"]["sft"]["resumed_from_step"] == done.progress.resumed_from
+        assert not Path(job.job_dir).exists()
+    finally:
+        await sup.close()
+        await store.close()
+    assert fx.integrity(settings) == "ok"

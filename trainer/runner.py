@@ -1,0 +1,170 @@
+"""Following one claimed job: prepare its folder, launch the trainer, record events, classify, publish, clean."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from doppel.errors import UserFacingError
+from trainer.jobs import Job, JobStatus
+from trainer.progress import ProgressState
+
+if TYPE_CHECKING:
+    from trainer.executors.base import Outcome, Run
+    from trainer.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+RUNNING = (JobStatus.RUNNING,)
+
+
+class JobRunner:
+    """The supervisor's side of one running trainer."""
+
+    def __init__(self, supervisor: Supervisor, job_id: str) -> None:
+        self.sup = supervisor
+        self.job_id = job_id
+        self.state = ProgressState(status="running")
+        self.finished: dict[str, Any] | None = None
+        self.artifact: Path | None = None
+        self.metrics: dict[str, Any] = {}
+        self._last_write = 0.0
+
+    async def run(self) -> None:
+        sup = self.sup
+        job = await sup.get(self.job_id)
+        self.state = job.progress
+        self.state.status = "running"
+        job_dir = Path(job.job_dir)
+        try:
+            resume = await self._prepare(job, job_dir)
+            if self.job_id in sup._cancelled or sup._closing:
+                await self._end_without_run(job)
+                return
+            run = await sup.executor.launch(job.id, job_dir, job.device, resume)
+            sup._runs[job.id] = run
+            await sup.jobs.update(job.id, pid=run.pid, executor=sup.executor.name, executor_ref=run.ref,
+                                  heartbeat_at=time.time())  # fmt: skip
+            outcome = await self._follow(run)
+        except UserFacingError as exc:
+            await self._finish(job, JobStatus.FAILED, str(exc), "not started")
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded on the job; the supervisor keeps serving others
+            log.exception("job %s failed in the supervisor", job.id)
+            await self._finish(job, JobStatus.FAILED, f"supervisor error: {type(exc).__name__}: {exc}", "not started")
+            return
+        await self._conclude(job, outcome)
+
+    async def _prepare(self, job: Job, job_dir: Path) -> bool:
+        """Write config.json and the dataset (parent side); True when the trainer should resume a checkpoint."""
+        from trainer.config import TrainConfig
+
+        config = {k: v for k, v in job.config.items() if not k.startswith("_")}
+        checkpoints = job_dir / "checkpoints"
+        has_checkpoint = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
+        if job.resume and has_checkpoint and (job_dir / "dataset" / "train.jsonl").exists():
+            return True
+        job_dir.mkdir(parents=True, exist_ok=True)
+        TrainConfig.from_dict(config).to_json(job_dir / "config.json")
+        self.state.phase = "building the dataset"
+        await self._write_progress(force=True)
+        await self.sup.materialize(job, job_dir, config)
+        self.state.phase = ""
+        return False
+
+    async def _follow(self, run: Run) -> Outcome:
+        beat = asyncio.create_task(self._heartbeat())
+        try:
+            async for event in run.events():
+                kind = event.get("event")
+                self.state.apply(event)
+                if kind == "artifact" and event.get("kind", "adapter") == "adapter" and event.get("path"):
+                    self.artifact = Path(str(event["path"]))
+                elif kind == "metrics":
+                    self.metrics = {k: v for k, v in event.items() if k not in ("event", "ts")}
+                elif kind == "finished":
+                    self.finished = event
+                await self._write_progress(force=kind in ("started", "finished", "artifact", "phase"))
+            return await run.wait()
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+
+    async def _heartbeat(self) -> None:
+        # Long steps send no events for a while: the heartbeat still tells other processes this job is followed.
+        while True:
+            await asyncio.sleep(self.sup.settings.training.heartbeat_s)
+            await self.sup.jobs.update(self.job_id, heartbeat_at=time.time())
+
+    async def _write_progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_write >= min(self.sup.settings.training.heartbeat_s, 2.0):
+            self._last_write = now
+            await self.sup.jobs.update(self.job_id, progress_json=self.state, heartbeat_at=time.time())
+            self.sup._poke()
+
+    async def _end_without_run(self, job: Job) -> None:
+        if self.job_id in self.sup._cancelled:
+            actor = self.sup._cancelled[self.job_id]
+            await self._finish(job, JobStatus.CANCELLED, f"cancelled by {actor}", "cancelled before start")
+        else:
+            await self._finish(job, JobStatus.INTERRUPTED, "the supervisor stopped before the trainer started",
+                               "not started")  # fmt: skip
+
+    async def _conclude(self, job: Job, outcome: Outcome) -> None:
+        from trainer.supervisor import classify
+
+        row = await self.sup.get(job.id)
+        detail = outcome.describe
+        if outcome.stderr_tail:
+            detail += "\n" + "\n".join(outcome.stderr_tail[-15:])
+        if row.status != JobStatus.RUNNING:
+            # Someone else ended it (the erasure cascade cancels jobs that involve an erased member).
+            _remove_dir(job.job_dir)
+            return
+        actor = self.sup._cancelled.get(job.id) or row.cancel_requested_by
+        if actor:
+            await self._finish(job, JobStatus.CANCELLED, f"cancelled by {actor}", detail)
+            return
+        if self.sup._closing and outcome.returncode != 0:
+            await self._finish(job, JobStatus.INTERRUPTED,
+                               f"the supervisor stopped at step {self.state.step}; resume to continue", detail)  # fmt: skip
+            return
+        status, error = classify(outcome, self.finished)
+        if status == JobStatus.SUCCEEDED:
+            if self.artifact is None:
+                status, error = JobStatus.FAILED, "the trainer finished without announcing an adapter"
+            else:
+                try:
+                    adapter = await self.sup.registry.publish(self.artifact, job_id=job.id, member_id=job.member_id)
+                except UserFacingError as exc:
+                    status, error = JobStatus.FAILED, f"publishing the adapter failed: {exc}"
+                else:
+                    await self._finish(job, JobStatus.SUCCEEDED, None, detail, adapter_id=adapter.id)
+                    return
+        await self._finish(job, status, error, detail)
+
+    async def _finish(self, job: Job, status: JobStatus, error: str | None, detail: str, **values: Any) -> None:
+        self.state.status = status.value
+        if status != JobStatus.SUCCEEDED:
+            self.state.eta_s = None
+        await self.sup.jobs.transition(job.id, RUNNING, status, error=error, exit_detail=detail,
+                                       finished_at=None if status == JobStatus.INTERRUPTED else time.time(),
+                                       progress_json=self.state, heartbeat_at=time.time(), **values)  # fmt: skip
+        if status != JobStatus.INTERRUPTED:
+            # Dataset (member plaintext) and checkpoints go with the folder; only a resumable job keeps them.
+            _remove_dir(job.job_dir)
+        self.sup._poke()
+
+
+def _remove_dir(job_dir: str) -> None:
+    import shutil
+
+    if job_dir:
+        shutil.rmtree(job_dir, ignore_errors=True)
