@@ -133,7 +133,8 @@ async def erase_adapters(ctx: ErasureContext) -> dict[str, int]:
         if own:
             await store.adapters.delete(adapter["id"])
         else:
-            await store.adapters.update(adapter["id"], status="erased", path=None)
+            # meta_json copies the deleted meta.json, lineage (this member's id) included: it goes with the files.
+            await store.adapters.update(adapter["id"], status="erased", path=None, meta_json=None)
     async with store.write() as db:
         await db.execute("DELETE FROM adapter_lineage WHERE member_id = ?", (m,))
     root = ctx.settings.adapters_dir
@@ -164,6 +165,18 @@ async def erase_embeddings(ctx: ErasureContext) -> int:
 async def erase_feedback(ctx: ErasureContext) -> int:
     """Delete ratings of the member's persona and ratings the member gave."""
     return await ctx.store.feedback.delete_member(ctx.member_id)
+
+
+@erasure_part("blind_tests", order=33, tables=("blind_tests", "blind_votes"))
+async def erase_blind_tests(ctx: ErasureContext) -> dict[str, int]:
+    """Delete blind tests of the member's persona (with their votes) and the votes the member cast."""
+    return await ctx.store.blind_tests.delete_member(ctx.member_id)
+
+
+@erasure_part("persona_replies", order=34, tables=("persona_replies",))
+async def erase_persona_replies(ctx: ErasureContext) -> int:
+    """Delete the member's remembered persona replies and those whose context quotes the member."""
+    return await ctx.store.persona_replies.delete_member(ctx.member_id)
 
 
 @erasure_part("messages", order=40, tables=("messages",))

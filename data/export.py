@@ -21,7 +21,7 @@ FORMAT = "doppel-member-export/1"
 
 
 async def member_export(store: Store, member_id: str) -> dict[str, Any]:
-    """Profile, consent + audit, messages (decrypted), embeddings, feedback, jobs, adapters and guild mentions."""
+    """Profile, consent + audit, messages (decrypted), embeddings, feedback, persona replies, blind tests, jobs, adapters."""
     member_id = check_member_id(member_id)
     member = await store.members.get(member_id)
     scopes = await store.fetchall(
@@ -57,6 +57,9 @@ async def member_export(store: Store, member_id: str) -> dict[str, Any]:
         "feedback_given": await store.feedback.given_by(member_id),
         "jobs": await store.jobs.list(member_id=member_id),
         "adapters": adapters,
+        "persona_replies": await store.persona_replies.for_persona(member_id),
+        "blind_tests_of_persona": await store.blind_tests.results(member_id),
+        "blind_votes_given": await store.blind_tests.given_by(member_id),
         "guild_acknowledgements": [{"guild_id": r[0], "acknowledged_at": r[1]} for r in guilds],
     }
 

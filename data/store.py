@@ -76,11 +76,13 @@ class Store:
     """Async access to the database; repositories: members, messages, embeddings, feedback, guilds, jobs, adapters."""
 
     def __init__(self, settings: Settings, db: aiosqlite.Connection, keyring: Keyring) -> None:
+        from data.blindtests import BlindTestRepo
         from data.control import AdapterRepo, JobRepo
         from data.embeddings import EmbeddingRepo, FeedbackRepo
         from data.guilds import GuildRepo
         from data.members import KeyRepo, MemberRepo
         from data.messages import MessageRepo
+        from data.personareplies import PersonaReplyRepo
 
         self.settings = settings
         self.db = db
@@ -96,6 +98,8 @@ class Store:
         self.guilds = GuildRepo(self)
         self.jobs = JobRepo(self)
         self.adapters = AdapterRepo(self)
+        self.blind_tests = BlindTestRepo(self)
+        self.persona_replies = PersonaReplyRepo(self)
 
     @classmethod
     def open(cls, settings: Settings) -> _Opening:

@@ -124,6 +124,11 @@ class BotSettings:
     persona_rate_per_channel_s: float = 5.0
     stream_edit_interval_s: float = 1.2
     progress_edit_interval_s: float = 5.0
+    persona_mode: str = "adapter"
+    backfill_pause_s: float = 1.0
+    upload_max_mb: int = 25
+    sync_commands: bool = True
+    guess_context_messages: int = 4
 
 
 @dataclass(frozen=True)

@@ -207,8 +207,17 @@ _ROWS = (
 )
 
 
-def format_report(metrics: Mapping[str, Any]) -> str:
-    """A plain-text table: base vs adapter (vs retrieval-only when present), then the gate decision."""
+def blind_test_line(results: Mapping[str, Any]) -> str:
+    """The blind-test summary: how often members picked the real message over the persona's (chance is 50%)."""
+    votes = int(results.get("votes") or 0)
+    if not votes:
+        return "blind test: no votes yet (`/persona guess`)"
+    share = int(results.get("identified_real") or 0) / votes
+    return f"blind test: {votes} vote{'s' if votes != 1 else ''}, {share:.0%} identified the real message (chance 50%)"
+
+
+def format_report(metrics: Mapping[str, Any], blind: Mapping[str, Any] | None = None) -> str:
+    """A plain-text table: base vs adapter (vs retrieval-only when present), blind-test votes, then the gate decision."""
     fidelity = metrics.get("fidelity") or {}
     style = fidelity.get("style") or {}
     attribution = fidelity.get("attribution") or {}
@@ -234,6 +243,8 @@ def format_report(metrics: Mapping[str, Any]) -> str:
         )
     elif attribution.get("reason"):
         lines.append(f"authorship: {attribution['reason']}")
+    if blind is not None:
+        lines.append(blind_test_line(blind))
     active = metrics.get("active")
     reason = metrics.get("gate_reason")
     if active is None or not reason:

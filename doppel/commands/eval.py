@@ -26,7 +26,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, settings: Settings) -> Any:
     if not str(args.user_id).strip():
         raise UserFacingError("eval: USER_ID must not be empty")
-    version = asyncio.run(_find(settings, str(args.user_id).strip(), args.version))
+    version, blind = asyncio.run(_find(settings, str(args.user_id).strip(), args.version))
     metrics = dict(version.metrics or {})
     if not metrics:
         # Older rows kept the metrics only in meta.json; read them from the row's copy, then the folder's.
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
     from trainer.evaluation import format_report, gate
 
     active, reason = gate(metrics)
-    report = format_report(metrics)
+    report = format_report(metrics, blind=blind)
     header = (
         f"persona {version.member_id} v{version.version} ({version.status}), base {version.base_model}, "
         f"{metrics.get('heldout_examples', '?')} held-out replies"
@@ -50,28 +50,37 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
         "base_model": version.base_model,
         "gate": {"passes": active, "reason": reason},
         "metrics": metrics,
+        "blind_test": blind,
         "report": report,
     }
 
 
-async def _find(settings: Settings, member_id: str, wanted: int | None) -> Any:
+async def _find(settings: Settings, member_id: str, wanted: int | None) -> tuple[Any, dict[str, Any]]:
     from data.store import Store
-    from models.registry import Registry
 
     async with Store.open(settings) as store:
-        registry = Registry(store, settings)
-        versions = await registry.list(member_id)
-        if wanted is not None:
-            for v in versions:
-                if v.version == wanted:
-                    return v
-            raise NoAdapterError(f"member {member_id} has no adapter version {wanted}")
-        active = await registry.active(member_id)
-        if active is not None:
-            return active
-        if versions:
-            return versions[-1]  # no active one: the newest candidate, whose report says why it was not promoted
-        raise NoAdapterError(f"member {member_id} has no trained adapter; train one with `doppel train {member_id}`")
+        version = await _version(store, settings, member_id, wanted)
+        # Votes count for the adapter version that generated the tested reply.
+        blind = await store.blind_tests.results(member_id, adapter_id=version.id)
+        return version, blind
+
+
+async def _version(store: Any, settings: Settings, member_id: str, wanted: int | None) -> Any:
+    from models.registry import Registry
+
+    registry = Registry(store, settings)
+    versions = await registry.list(member_id)
+    if wanted is not None:
+        for v in versions:
+            if v.version == wanted:
+                return v
+        raise NoAdapterError(f"member {member_id} has no adapter version {wanted}")
+    active = await registry.active(member_id)
+    if active is not None:
+        return active
+    if versions:
+        return versions[-1]  # no active one: the newest candidate, whose report says why it was not promoted
+    raise NoAdapterError(f"member {member_id} has no trained adapter; train one with `doppel train {member_id}`")
 
 
 def _folder_metrics(path: Path) -> dict[str, Any]:

@@ -1,0 +1,84 @@
+"""The Discord client: intents, the command tree, persistent views and the gateway events, each a one-line hand-off."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import discord
+
+from bot.consent_views import ConsentPanel
+from bot.doppel_commands import DoppelCommands
+from bot.errorhook import ErrorTree
+from bot.recording import Recorder
+from bot.services import Services
+
+log = logging.getLogger("doppel.bot")
+
+
+def intents() -> discord.Intents:
+    """Guilds, guild messages, reactions and the privileged message content intent; no members or presences."""
+    wanted = discord.Intents.none()
+    wanted.guilds = True
+    wanted.guild_messages = True
+    wanted.guild_reactions = True
+    wanted.dm_messages = True
+    wanted.message_content = True  # privileged: enable it in the Developer Portal (docs/discord-setup.md)
+    return wanted
+
+
+class DoppelBot(discord.Client):
+    """Doppel on Discord: a thin adapter over `Services`."""
+
+    def __init__(self, services: Services, **options: Any) -> None:
+        super().__init__(intents=options.pop("intents", None) or intents(), **options)
+        self.services = services
+        self.recorder = Recorder(services)
+        self.tree = ErrorTree(self)
+        self.tree.add_command(DoppelCommands(services, self.recorder))
+        self._extra_setup()
+
+    def _extra_setup(self) -> None:
+        from bot.chat import PersonaChat
+        from bot.persona_commands import PersonaCommands
+
+        self.chat = PersonaChat(self.services, self)
+        self.tree.add_command(PersonaCommands(self.services, self.chat))
+
+    async def setup_hook(self) -> None:
+        """Register persistent views and dynamic buttons so old messages' buttons keep working; sync commands."""
+        from bot.persona_views import dynamic_items
+
+        self.add_view(ConsentPanel(self.services))
+        self.add_dynamic_items(*dynamic_items())
+        if self.services.settings.bot.sync_commands:
+            await self.tree.sync()
+
+    async def on_ready(self) -> None:
+        log.info("connected as %s to %d server(s)", self.user, len(self.guilds))
+
+    async def on_message(self, message: discord.Message) -> None:
+        await self.recorder.on_message(message)
+        await self.chat.on_message(message)
+
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        await self.recorder.on_raw_edit(payload)
+
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        await self.recorder.on_raw_delete([payload.message_id])
+
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        await self.recorder.on_raw_delete(payload.message_ids)
+
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        await self.chat.on_reaction(payload)
+
+    async def on_error(self, event_method: str, /, *args: Any, **kwargs: Any) -> None:
+        log.exception("error in event handler %s", event_method)
+
+
+async def run_bot(services: Services, token: str) -> None:
+    """Connect and serve until stopped; the token is passed straight to discord.py and never logged."""
+    bot = DoppelBot(services)
+    async with bot:
+        await bot.start(token)

@@ -1,0 +1,305 @@
+"""The services the bot adapts to Discord, held in one dataclass; every call into another package goes through here."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bot.errors import BadUpload
+from data.records import Member, Message
+from doppel.chatformat import Utterance
+from doppel.settings import Settings
+
+
+@dataclass(frozen=True)
+class GuildConfig:
+    """A server's recording switch, the admin's policy acknowledgement and its channel lists."""
+
+    guild_id: str
+    recording: bool = False
+    acknowledged_by: str | None = None
+    acknowledged_at: float | None = None
+    allowed_channels: frozenset[str] = frozenset()
+    persona_channels: frozenset[str] = frozenset()
+
+    def records(self, channel_id: str) -> bool:
+        """True when messages in `channel_id` may be recorded (recording on, acknowledged, channel allowed)."""
+        return bool(self.recording and self.acknowledged_by and channel_id in self.allowed_channels)
+
+
+@dataclass
+class Services:
+    """Store, consent, supervisor, engine and registry, built once and shared by every handler."""
+
+    settings: Settings
+    store: Any
+    consent: Any
+    supervisor: Any = None
+    engine: Any = None
+    registry: Any = None
+    _owned: list[Any] = field(default_factory=list, repr=False)
+
+    @classmethod
+    async def open(cls, settings: Settings, *, with_engine: bool = True, with_supervisor: bool = True) -> Services:
+        """Open the real services for `doppel run` (imports stay lazy so tests can build lighter sets)."""
+        from consent.service import ConsentService
+        from data.store import Store
+
+        store = await Store.open(settings)
+        services = cls(settings=settings, store=store, consent=ConsentService(store))
+        services._owned.append(store)
+        if with_supervisor:
+            from trainer.supervisor import Supervisor
+
+            services.supervisor = Supervisor(store, settings)
+            await services.supervisor.start()
+            services._owned.append(services.supervisor)
+        if with_engine:
+            from inference.engine import Engine
+            from inference.retrieval import Retriever
+
+            # The retriever serves the 'retrieval' and 'adapter+retrieval' persona modes from the member's messages.
+            services.engine = Engine(settings, retriever=Retriever(store, settings))
+            await services.engine.start()
+            services._owned.append(services.engine)
+        return services
+
+    async def close(self) -> None:
+        """Close what `open` started, newest first."""
+        while self._owned:
+            await self._owned.pop().close()
+
+    # -- guild settings ---------------------------------------------------------------------------------------
+    async def guild_config(self, guild_id: str) -> GuildConfig:
+        """The server's settings (defaults: recording off, nothing allowed)."""
+        raw = await self.store.guilds.get(guild_id)
+        return GuildConfig(
+            guild_id=guild_id,
+            recording=bool(raw.recording_enabled),
+            acknowledged_by=raw.acknowledged_by,
+            acknowledged_at=raw.acknowledged_at,
+            allowed_channels=frozenset(str(c) for c in raw.channel_allowlist),
+            persona_channels=frozenset(str(c) for c in raw.persona_channels),
+        )
+
+    async def update_guild(self, guild_id: str, **changes: Any) -> GuildConfig:
+        """Apply `changes` (GuildConfig field names) to the server's settings and return the result."""
+        names = {"recording": "recording_enabled", "allowed_channels": "channel_allowlist"}
+        await self.store.guilds.set(guild_id, **{names.get(k, k): v for k, v in changes.items()})
+        return await self.guild_config(guild_id)
+
+    # -- consent and member data ------------------------------------------------------------------------------
+    async def scopes(self, member_id: str) -> set[str]:
+        """The member's current consent scopes."""
+        return set(await self.consent.scopes(member_id))
+
+    async def grant(self, member_id: str, scopes: Sequence[str], actor: str, channel: str) -> None:
+        """Grant `scopes` (audited with `channel`)."""
+        await self.consent.grant([member_id], list(scopes), actor=actor, channel=channel)
+
+    async def revoke(self, member_id: str, scopes: Sequence[str], actor: str, channel: str) -> None:
+        """Revoke `scopes` (audited with `channel`); losing `train` erases content, so in-memory copies go too."""
+        try:
+            await self.consent.revoke([member_id], list(scopes), actor=actor, channel=channel)
+        finally:
+            if "train" in scopes:
+                self.drop_cached(member_id)
+
+    def drop_cached(self, member_id: str) -> None:
+        """Make the engine drop what it holds in memory about a member (retrieval vectors, saved KV states)."""
+        forget = getattr(self.engine, "forget", None)
+        if callable(forget):
+            forget(member_id)
+
+    async def upsert_member(self, member: Member) -> None:
+        """Remember a member's names and avatar."""
+        await self.store.members.upsert(member)
+
+    async def add_messages(self, messages: Sequence[Message]) -> int:
+        """Store messages (duplicates ignored); returns how many were new."""
+        result = await self.store.messages.add_many(list(messages))
+        return int(result) if isinstance(result, int) else len(messages)
+
+    async def edit_message(self, message_id: str, content: str, edited_at: float) -> None:
+        """Mirror an edit of a stored message (no-op if it is not stored)."""
+        await self.store.messages.edit(message_id, content, edited_at)
+
+    async def delete_messages(self, message_ids: Sequence[str]) -> None:
+        """Mirror deletions (ids that are not stored are ignored)."""
+        for message_id in message_ids:
+            await self.store.messages.delete(message_id)
+
+    async def import_export(self, path: Path, member_id: str) -> dict[str, Any]:
+        """Import a member's own DiscordChatExporter export: messages by anyone else are dropped before import."""
+        from data.dce_import import import_exports
+
+        own = path.with_name("own-messages.json")
+        read, kept = await asyncio.to_thread(_only_author, path, own, member_id)
+        report = await import_exports(self.store, [own], source="upload")
+        total = report.get("total", {})
+        if total.get("failed"):
+            errors = [f.get("error") for f in report.get("files", []) if f.get("error")]
+            raise BadUpload(f"that file could not be imported: {errors[0] if errors else 'unreadable'}")
+        return {"read": read, "own": kept, "others_ignored": read - kept, "stored": total.get("stored", 0),
+                "duplicates": total.get("already_stored", 0) + total.get("duplicates", 0)}  # fmt: skip
+
+    async def export_member(self, member_id: str) -> dict[str, Any]:
+        """Everything stored about a member (the same export as `doppel export-data`)."""
+        from data.export import member_export
+
+        return dict(await member_export(self.store, member_id))
+
+    async def forget(self, member_id: str, actor: str) -> dict[str, Any]:
+        """Run the erasure cascade and return what was removed."""
+        from consent.erasure import forget
+
+        try:
+            report = await forget(self.store, self.settings, member_id, actor=actor, channel="command")
+        finally:
+            # Even a partly failed cascade must not leave the member's words in the engine's caches.
+            self.drop_cached(member_id)
+        return _as_dict(report)
+
+    async def count_messages(self, member_id: str) -> int:
+        """How many consented messages are stored for a member."""
+        return int(await self.store.messages.count(author_id=member_id))
+
+    async def add_feedback(self, persona_member_id: str, rater_id: str, value: int, **fields: Any) -> None:
+        """Record a 👍/👎 on a persona reply (prompt and reply are sealed with the persona member's key)."""
+        await self.store.feedback.add(persona_member_id, rater_id, value, **fields)
+
+    async def rated(self, message_id: str, rater_id: str) -> bool:
+        """Whether `rater_id` already rated the persona reply `message_id` (survives restarts)."""
+        row = await self.store.fetchone(
+            "SELECT 1 FROM feedback WHERE message_id = ? AND rater_id = ? LIMIT 1", (message_id, rater_id)
+        )
+        return row is not None
+
+    async def remember_reply(self, message_id: str, persona_member_id: str, **fields: Any) -> None:
+        """Keep a posted persona reply (context and text sealed) so feedback on it counts after a restart."""
+        await self.store.persona_replies.add(message_id, persona_member_id, **fields)
+
+    async def persona_reply(self, message_id: str) -> dict[str, Any] | None:
+        """A persona reply posted earlier (also before a restart), or None."""
+        return await self.store.persona_replies.get(message_id)  # type: ignore[no-any-return]
+
+    # -- blind tests ------------------------------------------------------------------------------------------
+    async def create_blind_test(self, member_id: str, real_message_id: str, real_label: str, **fields: Any) -> str:
+        """Record a blind test (the real message by id, no text); returns its id."""
+        return await self.store.blind_tests.create(member_id, real_message_id, real_label, **fields)  # type: ignore[no-any-return]
+
+    async def blind_test(self, test_id: str) -> dict[str, Any] | None:
+        """A blind test row, or None once erased."""
+        return await self.store.blind_tests.get(test_id)  # type: ignore[no-any-return]
+
+    async def blind_vote(self, test_id: str, voter_id: str, picked: str) -> bool | None:
+        """Record a vote; None when the voter already voted, else whether they found the real message."""
+        return await self.store.blind_tests.vote(test_id, voter_id, picked)  # type: ignore[no-any-return]
+
+    async def blind_results(self, member_id: str, adapter_id: str | None = None) -> dict[str, Any]:
+        """Votes on a persona's blind tests (of one adapter version when given)."""
+        return dict(await self.store.blind_tests.results(member_id, adapter_id=adapter_id))
+
+    # -- personas and training --------------------------------------------------------------------------------
+    async def persona_adapter(self, member_id: str) -> tuple[str, Path] | None:
+        """The member's active adapter: its id and llama.cpp GGUF file, or None when none is servable."""
+        row = await self.store.fetchone(
+            "SELECT id, path FROM adapters WHERE member_id = ? AND status = 'active' ORDER BY version DESC LIMIT 1",
+            (member_id,),
+        )
+        if row is None or not row[1]:
+            return None
+        gguf = Path(row[1]) / "adapter.gguf"
+        return (str(row[0]), gguf) if gguf.exists() else None
+
+    async def personas(self) -> list[dict[str, Any]]:
+        """Active adapters, newest version per member, with their metrics."""
+        rows = await self.store.fetchall(
+            "SELECT id, member_id, version, base_model, metrics_json, created_at FROM adapters "
+            "WHERE status = 'active' AND member_id IS NOT NULL ORDER BY member_id, version DESC"
+        )
+        seen: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            if r[1] not in seen:
+                seen[r[1]] = {
+                    "id": r[0], "member_id": r[1], "version": r[2], "base_model": r[3],
+                    "metrics": json.loads(r[4] or "{}"), "created_at": r[5],
+                }  # fmt: skip
+        return list(seen.values())
+
+    async def trainable_members(self) -> dict[str, int]:
+        """Members with `train` consent and at least `training.min_examples` stored messages, with their counts."""
+        rows = await self.store.fetchall(
+            "SELECT m.author_id, COUNT(*) FROM messages m JOIN consent c ON c.member_id = m.author_id "
+            "AND c.scope = 'train' GROUP BY m.author_id HAVING COUNT(*) >= ? ORDER BY COUNT(*) DESC",
+            (self.settings.training.min_examples,),
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def member_names(self, member_ids: Sequence[str]) -> dict[str, str]:
+        """Display names the store remembers for `member_ids`."""
+        names: dict[str, str] = {}
+        for member_id in member_ids:
+            member = await self.store.members.get(member_id)
+            if member is not None:
+                names[member_id] = member.display_name
+        return names
+
+    def reply(self, persona: Any, context: Sequence[Utterance], params: Any) -> AsyncIterator[str]:
+        """Stream a persona's reply from the engine."""
+        return self.engine.reply(persona, context, params)
+
+
+def _as_dict(report: Any) -> dict[str, Any]:
+    if isinstance(report, dict):
+        return report
+    if dataclasses.is_dataclass(report) and not isinstance(report, type):
+        return dataclasses.asdict(report)
+    return json.loads(json.dumps(report, default=str))
+
+
+async def submit_training(services: Services, member_id: str, requested_by: str, mode: str) -> str:
+    """Queue a training job through the supervisor (the same one the CLI uses); returns the job id."""
+    job = await services.supervisor.submit(member_id, requested_by=requested_by, source="discord", mode=mode)
+    return str(getattr(job, "id", job))
+
+
+async def cancel_training(services: Services, job_id: str, by: str) -> None:
+    """Ask the supervisor to cancel a job."""
+    await services.supervisor.cancel(job_id, actor=by)
+
+
+async def job_state(services: Services, job_id: str) -> Any | None:
+    """The job as `trainer.jobs.Job`, read from the jobs table, or None."""
+    from trainer.jobs import Job
+
+    row = await services.store.jobs.get(job_id)
+    return None if row is None else Job.from_row(row)
+
+
+async def active_jobs(services: Services, member_id: str | None = None) -> list[Any]:
+    """Queued, running and interrupted jobs (of one member), oldest first."""
+    from trainer.jobs import ACTIVE, Job
+
+    return [Job.from_row(r) for r in await services.store.jobs.list(member_id=member_id, status=ACTIVE)]
+
+
+def _only_author(src: Path, dst: Path, member_id: str) -> tuple[int, int]:
+    """Copy a DCE export keeping only `member_id`'s messages (uploads are size-capped, so one json.load is fine)."""
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadUpload(f"that file is not valid JSON ({exc.__class__.__name__}); export with format JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list) or "channel" not in data:
+        raise BadUpload("that JSON is not a DiscordChatExporter export (no channel and messages)")
+    messages = data["messages"]
+    own = [m for m in messages if isinstance(m, dict) and str((m.get("author") or {}).get("id")) == member_id]
+    data["messages"] = own
+    data["messageCount"] = len(own)
+    dst.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return len(messages), len(own)

@@ -1,0 +1,78 @@
+"""The live training message: a bar with ETA and loss, edited at a throttled rate, and the results at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import discord
+
+from bot.persona_views import CancelJobButton
+from bot.services import Services, job_state
+from bot.text import clip
+
+log = logging.getLogger("doppel.bot.training")
+NONE = discord.AllowedMentions.none()
+
+
+def progress_text(name: str, job: Any) -> str:
+    """The progress message body for a job (trainer.jobs.Job)."""
+    from trainer.progress import render_bar
+
+    job.progress.status = job.status.value  # the row's status is authoritative; progress_json may lag behind it
+    return f"**Training {name}'s persona** (job `{job.id}`, {job.mode})\n`{render_bar(job.progress)}`"
+
+
+def results_text(name: str, job: Any, metrics: dict[str, Any]) -> str:
+    """The final message: outcome, and the evaluation summary when the job succeeded."""
+    if job.status.value != "succeeded":
+        reason = job.error or job.exit_detail or job.status.value
+        return clip(f"**Training {name}'s persona: {job.status.value}** (job `{job.id}`)\n{reason}")
+    lines = [f"✅ **{name}'s persona is trained** (job `{job.id}`, adapter `{job.adapter_id}`)."]
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    for key, value in list(shown.items())[:10]:
+        lines.append(f"• {key.replace('_', ' ')}: {value:.4g}" if isinstance(value, float) else f"• {key}: {value}")
+    lines.append("Talk to it with `/persona chat` once they allowed chat.")
+    return clip("\n".join(lines))
+
+
+async def adapter_files(services: Services, adapter_id: str | None) -> tuple[dict[str, Any], Path | None]:
+    """An adapter's metrics and its loss plot, if present."""
+    if not adapter_id:
+        return {}, None
+    row = await services.store.adapters.get(adapter_id)
+    if row is None:
+        return {}, None
+    metrics = json.loads(row.get("metrics_json") or "{}")
+    plot = Path(row["path"]) / "loss.png" if row.get("path") else None
+    return metrics, plot if plot is not None and plot.exists() else None
+
+
+async def watch(services: Services, message: discord.Message, job_id: str, name: str, poll_s: float = 1.0) -> None:
+    """Keep `message` up to date until the job ends, then replace it with the results (and the loss plot)."""
+    from trainer.progress import Throttle
+
+    throttle = Throttle(services.settings.bot.progress_edit_interval_s)
+    view = discord.ui.View(timeout=None)
+    view.add_item(CancelJobButton(job_id))
+    while True:
+        job = await job_state(services, job_id)
+        if job is None:
+            await message.edit(content=f"Training job `{job_id}` was removed.", view=None)
+            return
+        if job.status.final:
+            break
+        if throttle.ready(job.progress):
+            try:
+                await message.edit(content=progress_text(name, job), view=view, allowed_mentions=NONE)
+            except discord.HTTPException as exc:  # a failed edit must not stop the watch; the next one may work
+                log.warning("progress edit failed: %s", exc)
+        await asyncio.sleep(poll_s)
+    metrics, plot = await adapter_files(services, job.adapter_id)
+    attachments = [discord.File(plot, filename="loss.png")] if plot else []
+    await message.edit(
+        content=results_text(name, job, metrics), attachments=attachments, view=None, allowed_mentions=NONE
+    )

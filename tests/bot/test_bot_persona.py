@@ -1,0 +1,137 @@
+"""Persona chat through the webhook (no pings, throttled stream, rate limits, feedback) and /persona train rules."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+ALICE, BOB, ADMIN = 111, 222, 333
+
+
+def _resolved(h: Any, uid: int) -> dict[str, Any]:
+    m = h.member(uid, f"user{uid}")
+    return {"users": {str(uid): m["user"]}, "members": {str(uid): {k: v for k, v in m.items() if k != "user"}}}
+
+
+async def _persona(services: Any, tmp: Path, uid: int) -> str:
+    folder = tmp / f"adapter-{uid}"
+    folder.mkdir()
+    (folder / "adapter.gguf").write_bytes(b"GGUF")  # the engine is scripted: the file only has to exist
+    await services.store.adapters.insert(id=f"a{uid}", member_id=str(uid), base_model="smollm2-135m", version=1,
+                                         status="active", path=str(folder), created_at=1.0)  # fmt: skip
+    return str(folder / "adapter.gguf")
+
+
+def test_persona_speaks_through_webhook_without_mentions(bot_world: Any, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            await h.click("doppel:consent:train", ALICE)
+            await h.click("doppel:consent:chat", ALICE)
+            gguf = await _persona(services, tmp_path, ALICE)
+            services.engine.enqueue(["Hey @everyone", " and <@222>,", " see @here!"])
+            h.fake.calls.clear()
+            await h.command("persona chat", BOB, member=(6, str(ALICE)), message="hi there", resolved=_resolved(h, ALICE))
+            assert h.first_response_type() == 5  # deferred before generating
+            hooks = [c for c in h.fake.calls if c.path.startswith("/webhooks/7777/")]
+            assert hooks, "the reply goes out through the channel webhook"
+            assert hooks[0].payload["username"] == "User111 (AI)"
+            for call in hooks:
+                assert call.payload["allowed_mentions"] == {"parse": []}
+            final = hooks[-1].payload["content"]
+            assert "@everyone" not in final and "@here" not in final and "<@222>" not in final
+            assert final.replace("\u200b", "") == "Hey @everyone and <@222>, see @here!"
+            persona, context, _ = services.engine.requests[0]
+            assert persona.mode == "adapter" and persona.adapters == ((gguf, 1.0),)
+            assert (context[-1].author_id, context[-1].text) == (str(BOB), "hi there")
+            # 👍 on the persona reply is recorded as feedback for that persona, once per rater.
+            reply_id = int(hooks[0].response["id"])
+            reaction = {"user_id": str(BOB), "channel_id": str(h.TEXT), "message_id": str(reply_id),
+                        "guild_id": str(h.GUILD), "emoji": {"id": None, "name": "👍"}, "type": 0, "burst": False}  # fmt: skip
+            h.state.parse_message_reaction_add(reaction)
+            h.state.parse_message_reaction_add(dict(reaction))
+            await h.settle()
+            rows = await services.store.feedback.for_persona(str(ALICE))
+            assert [(r["rater_id"], r["value"]) for r in rows] == [(str(BOB), 1)]
+
+    asyncio.run(scenario())
+
+
+def test_persona_chat_requires_chat_consent_and_rate_limits(bot_world: Any, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            await h.click("doppel:consent:train", ALICE)
+            await _persona(services, tmp_path, ALICE)
+            h.fake.calls.clear()
+            await h.command("persona chat", BOB, member=(6, str(ALICE)), message="hi", resolved=_resolved(h, ALICE))
+            assert "has not allowed chat" in h.sent_texts()[-1]
+            assert not [c for c in h.fake.calls if "/webhooks/7777" in c.path or c.path.endswith("/webhooks")]
+            assert services.engine.requests == []
+            await h.click("doppel:consent:chat", ALICE)
+            await h.command("persona chat", ADMIN, member=(6, str(ALICE)), message="hi", resolved=_resolved(h, ALICE))
+            await h.command("persona chat", ADMIN, member=(6, str(ALICE)), message="again", resolved=_resolved(h, ALICE))
+            assert "slow down" in h.sent_texts()[-1]
+            assert len(services.engine.requests) == 1
+
+    asyncio.run(scenario())
+
+
+def test_reply_to_persona_in_persona_channel_gets_an_answer(bot_world: Any, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            await h.click("doppel:consent:train", ALICE)
+            await h.click("doppel:consent:chat", ALICE)
+            await _persona(services, tmp_path, ALICE)
+            await services.update_guild(str(h.GUILD), persona_channels=[str(h.PERSONA)])
+            await h.say(BOB, "@doppel what does alice think?", cid=h.PERSONA,
+                        mentions=[h.user(h.APP, "doppel", True), h.user(ALICE, "user111")])  # fmt: skip
+            assert len(services.engine.requests) == 1
+            await h.say(BOB, "@doppel same question elsewhere", cid=h.OTHER,
+                        mentions=[h.user(h.APP, "doppel", True), h.user(ALICE, "user111")])  # fmt: skip
+            assert len(services.engine.requests) == 1  # not a persona channel
+
+    asyncio.run(scenario())
+
+
+def test_persona_train_permissions_consent_and_defer_order(bot_world: Any) -> None:
+    from bot.persona_commands import PersonaCommands
+    from trainer.supervisor import Supervisor
+
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+
+            class Recorded(Supervisor):
+                async def submit(self, member_id: Any, **kw: Any) -> Any:
+                    h.fake.events.append("submit")
+                    return await super().submit(member_id, **kw)
+
+            services.supervisor = Recorded(services.store, services.settings)
+            # Another member may not train Alice's persona; refused at once, before any deferral.
+            await h.command("persona train", BOB, member=(6, str(ALICE)), resolved=_resolved(h, ALICE))
+            assert h.first_response_type() == 4 and "only the member themself or an admin" in h.sent_texts()[-1]
+            # Alice herself, without train consent: deferred, then refused.
+            h.fake.calls.clear()
+            await h.command("persona train", ALICE, member=(6, str(ALICE)), resolved=_resolved(h, ALICE))
+            assert h.first_response_type() == 5 and "has not opted in" in h.sent_texts()[-1]
+            assert "submit" not in h.fake.events
+            # With consent: deferred first, then submitted; a progress message with a cancel button follows.
+            await h.click("doppel:consent:train", ALICE)
+            h.fake.events.clear()
+            await h.command("persona train", ADMIN, perms=h.ADMIN, member=(6, str(ALICE)), resolved=_resolved(h, ALICE))
+            first_callback = next(i for i, e in enumerate(h.fake.events) if "/callback" in e)
+            assert first_callback < h.fake.events.index("submit")
+            (job,) = await services.store.jobs.list(member_id=str(ALICE))
+            assert job["requested_by"] == str(ADMIN) and job["source"] == "discord"
+            progress = [c for c in h.responses() if c.payload and "Training User111" in str(c.payload.get("content"))]
+            assert progress and f"doppel:job:cancel:{job['id']}" in str(progress[-1].payload["components"])
+            # The cancel button (a dynamic item: works after restarts too) refuses bystanders, accepts the member.
+            await h.click(f"doppel:job:cancel:{job['id']}", BOB)
+            assert "only the member" in h.sent_texts()[-1]
+            await h.click(f"doppel:job:cancel:{job['id']}", ALICE)
+            assert (await services.store.jobs.get(job["id"]))["status"] == "cancelled"
+            group = h.bot.tree.get_command("persona")
+            assert isinstance(group, PersonaCommands)
+            await asyncio.wait_for(asyncio.gather(*group._watchers), timeout=10)
+            assert "cancelled" in h.sent_texts()[-1]
+
+    asyncio.run(scenario())
