@@ -134,9 +134,21 @@ def _reactions(items: Any) -> dict[str, int]:
         if not isinstance(emoji, dict):
             continue
         name = emoji.get("name") or emoji.get("code") or emoji.get("id")
+        count = r.get("count")
+        # A count of another JSON type (or NaN, negative) is noise in a broken export, not a reason to crash.
+        n = int(count) if isinstance(count, (int, float)) and not isinstance(count, bool) and 0 <= count < 2**53 else 0
         if name:
-            out[str(name)] = out.get(str(name), 0) + int(r.get("count") or 0)
+            out[str(name)] = out.get(str(name), 0) + n
     return out
+
+
+def _snowflake(value: Any) -> str | None:
+    """A Discord id as DCE writes it (digits; a number from another exporter is accepted), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
+        return value
+    return None
 
 
 class _FileImport:
@@ -227,7 +239,13 @@ class _FileImport:
         author = m.get("author")
         if not isinstance(author, dict) or not author.get("id") or not m.get("id"):
             raise _ShapeError("message without id or author.id")
-        if m.get("type", "Default") not in STORED_TYPES:
+        message_id, author_id = _snowflake(m["id"]), _snowflake(author["id"])
+        if message_id is None or author_id is None:
+            raise _ShapeError(f"id is not a Discord snowflake: {m['id'] if message_id is None else author['id']!r:.40}")
+        kind = m.get("type", "Default")
+        if not isinstance(kind, str):
+            raise _ShapeError(f"message type is not a string: {kind!r:.40}")
+        if kind not in STORED_TYPES:
             return "system"
         if author.get("isBot"):
             return "bot"
@@ -236,12 +254,10 @@ class _FileImport:
             if m.get("attachments"):
                 return "attachment_only"
             return "sticker_only" if m.get("stickers") else "empty"
-        author_id = str(author["id"])
         if self.only_authors is not None and author_id not in self.only_authors:
             return "other_author"
         if author_id not in train:
             return "no_consent"
-        message_id = str(m["id"])
         aead: AESGCM | None = ciphers.get(author_id)
         if aead is None:
             had = self.keyring.cached(author_id) is not None
