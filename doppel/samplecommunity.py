@@ -93,7 +93,8 @@ def generate_export(channel_name: str, channel_id: str, n_messages: int, seed: i
     rng = random.Random(seed)
     t = datetime(2026, 3, 1, 18, 0, tzinfo=UTC)
     messages: list[dict[str, Any]] = []
-    next_id = int(channel_id) * 10 + 1
+    # Snowflake-sized ids, disjoint per channel (a seeded channel index in the high digits).
+    next_id = 1_100_000_000_000_000_000 + (int(channel_id) % 100) * 10_000_000
     last_id: str | None = None
     while len(messages) < n_messages:
         topic = rng.choice(TOPICS)

@@ -20,6 +20,7 @@ from doppel.chatformat import ChatFormat, Utterance, build_messages
 from doppel.settings import DatasetSettings, Settings
 from trainer.cleaning import Cleaner, normalize
 from trainer.errors import DatasetError, NotEnoughExamplesError
+from trainer.preference import feedback_rows, preference_rows
 
 MODES = ("sft", "sft+kto", "sft+dpo")
 # Long identical replies are copy-pastes or spam; short ones ("lol") are the member's style and stay.
@@ -329,56 +330,6 @@ def weight_by_reactions(examples: Sequence[Example], low: float = 1.0, high: flo
     return out
 
 
-def preference_rows(examples: Sequence[Example], feedback: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
-    """KTO rows (reacted real replies, 👍/👎 feedback) and DPO pairs (reacted vs unreacted reply to one message)."""
-    rows: list[dict[str, Any]] = []
-    groups: dict[tuple[str, str], list[Example]] = defaultdict(list)
-    for ex in examples:
-        if ex.reactions > 0:
-            rows.append(_kto(ex.prompt, ex.completion, True, ex.members, "reactions", ex.reactions))
-        if ex.context_key:
-            groups[(ex.member_id, ex.context_key)].append(ex)
-    for (_, key), group in sorted(groups.items()):
-        reacted = sorted((ex for ex in group if ex.reactions > 0), key=lambda ex: -ex.reactions)
-        plain = [ex for ex in group if ex.reactions == 0]
-        if not reacted or not plain:
-            continue
-        chosen = reacted[0]
-        # The pair shares the earliest prompt: both replies answer the same message.
-        prompt_ex = min(group, key=lambda ex: ex.ts)
-        for rejected in plain:
-            members = tuple(sorted({*chosen.members, *rejected.members, *prompt_ex.members}))
-            rows.append(
-                {
-                    "kind": "dpo",
-                    "prompt": prompt_ex.prompt,
-                    "chosen": chosen.completion,
-                    "rejected": rejected.completion,
-                    "members": list(members),
-                    "context_key": key,
-                }
-            )
-            rows.append(_kto(rejected.prompt, rejected.completion, False, rejected.members, "unreacted", 0))
-    for fb in feedback:
-        value = int(fb.get("value", 0))
-        if value == 0 or not fb.get("prompt") or not fb.get("completion"):
-            continue
-        rows.append(_kto(fb["prompt"], fb["completion"], value > 0, tuple(fb.get("members", ())), "feedback", value))
-    return rows
-
-
-def _kto(prompt: str, completion: str, label: bool, members: Sequence[str], source: str, signal: int) -> dict[str, Any]:
-    return {
-        "kind": "kto",
-        "prompt": prompt,
-        "completion": completion,
-        "label": label,
-        "members": list(members),
-        "source": source,
-        "signal": signal,
-    }
-
-
 def attribution_rows(
     turns: Mapping[str, Sequence[Turn]],
     cleaner: Cleaner,
@@ -534,19 +485,3 @@ async def materialize(
         reaction_weighting=reaction_weighting,
     )
     return await asyncio.to_thread(write_dataset, dataset, Path(job_dir), settings.dataset)
-
-
-def feedback_rows(
-    items: Iterable[Mapping[str, Any]], member_id: str, name: str, chat_format: ChatFormat, *, multi: bool = False
-) -> list[dict[str, Any]]:
-    """👍/👎 on persona replies as KTO inputs: the reply under a context-free prompt, closed by end-of-turn."""
-    # The conversation a rated reply answered may quote people who never consented to training: it is not used.
-    prompt = chat_format.prompt(build_messages(member_id, name, None, [], multi=multi))
-    rows = []
-    for item in items:
-        reply, value = item.get("reply"), int(item.get("value") or 0)
-        if not reply or value == 0:
-            continue
-        completion = reply if reply.endswith(chat_format.eos_token) else reply + chat_format.eos_token
-        rows.append({"prompt": prompt, "completion": completion, "value": value, "members": [member_id]})
-    return rows

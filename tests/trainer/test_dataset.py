@@ -20,12 +20,12 @@ from trainer.dataset import (
     build_turns,
     cap_share,
     materialize,
-    preference_rows,
     split_by_time,
     weight_by_reactions,
     write_dataset,
 )
 from trainer.errors import DatasetError, NotEnoughExamplesError
+from trainer.preference import preference_rows
 
 # SmolLM2-135M-Instruct's template, copied once from the bundled GGUF (reading the GGUF takes seconds).
 SMOL_TEMPLATE = (
