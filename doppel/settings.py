@@ -68,6 +68,7 @@ class DatasetSettings:
     heldout_fraction: float = 0.1
     validation_fraction: float = 0.05
     multi_persona_cap: float = 0.12
+    reaction_weighting: bool = False
     seed: int = 1234
 
 

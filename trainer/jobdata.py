@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,3 +106,14 @@ def _drop_oldest(messages: list[dict[str, str]]) -> bool:
         messages[1] = {**messages[1], "content": messages[1]["content"].split("\n", 1)[1]}
         return True
     return False
+
+
+def weighted_rows(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Apply each row's `weight` (reaction weighting, 1.0-1.5x) by seeded oversampling: expected copies = weight."""
+    rng = random.Random(f"{seed}:weights")
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        weight = float(row.get("weight", 1.0) or 0.0)
+        copies = int(weight) + (1 if rng.random() < weight - int(weight) else 0)
+        out.extend([row] * copies)
+    return out

@@ -282,7 +282,8 @@ class Supervisor:
 
         chat = await asyncio.to_thread(chat_format_for, config)
         multi = bool(job.config.get("_multi"))
-        return await materialize(self.store, self.settings, job.member_id or "", job_dir, chat, job.mode, multi)
+        return await materialize(self.store, self.settings, job.member_id or "", job_dir, chat, job.mode, multi,
+                                 reaction_weighting=self.settings.dataset.reaction_weighting)
 
     # -- queue ------------------------------------------------------------------------------------------------
     def _poke(self) -> None:

@@ -18,7 +18,7 @@ def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Eve
         resume: bool = False) -> dict[str, Any]:
     """Train the persona adapter, evaluate it, and publish the adapter folder; returns the artifact summary."""
     from trainer.basemodel import load_base
-    from trainer.jobdata import fit_rows, load_job_data
+    from trainer.jobdata import fit_rows, load_job_data, weighted_rows
 
     # --- setup
     setup_torch(cfg)
@@ -28,6 +28,8 @@ def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Eve
                      gradient_checkpointing=cfg.gradient_checkpointing,
                      cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None)
     rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length)
+    # Reaction weighting works by sampling, so the loss stays TRL's own (completion-only, EOS included).
+    rows = weighted_rows(rows, cfg.seed)
     if not rows:
         raise TrainingError(f"no training example fits max_length={cfg.max_length} tokens")
     if cancel.is_set():
