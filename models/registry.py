@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -103,14 +102,9 @@ def gate(metrics: dict[str, Any]) -> tuple[bool, str]:
         return False, f"only {eos:.0%} of samples end their turn (needs {MIN_EOS_RATE:.0%})"
     if "active" in metrics:
         return bool(metrics["active"]), str(metrics.get("gate_reason") or "decided by the trainer's evaluation")
-    base, adapter = metrics.get("ppl_base"), metrics.get("ppl_adapter")
-    if not isinstance(base, (int, float)) or not isinstance(adapter, (int, float)):
-        return False, "no held-out perplexity for both the base model and the adapter"
-    if not (math.isfinite(base) and math.isfinite(adapter)):
-        return False, "held-out perplexity is not finite"
-    if adapter < base:
-        return True, f"held-out perplexity {adapter:.2f} beats the base model's {base:.2f}"
-    return False, f"held-out perplexity {adapter:.2f} does not beat the base model's {base:.2f}"
+    from trainer.evaluation import gate as perplexity_gate  # the one perplexity rule, shared with the trainer
+
+    return perplexity_gate(metrics)
 
 
 def file_sha256(path: Path) -> str:

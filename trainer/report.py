@@ -2,63 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-import math
 from pathlib import Path
 from typing import Any
 
 from trainer.config import TrainConfig
-
-
-def completion_nll(model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int = 4) -> tuple[float, int]:
-    """Summed negative log-likelihood of each row's completion given its prompt, and the number of tokens scored."""
-    import torch
-
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    model.eval()
-    for i in range(0, len(rows), max(batch_size, 1)):
-        batch = rows[i : i + batch_size]
-        seqs, starts = [], []
-        for row in batch:
-            p = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-            c = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-            seqs.append(p + c)
-            starts.append(len(p))
-        width = max(len(s) for s in seqs)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-        for j, (s, start) in enumerate(zip(seqs, starts, strict=True)):
-            ids[j, : len(s)] = torch.tensor(s)
-            mask[j, : len(s)] = 1
-            labels[j, start : len(s)] = torch.tensor(s[start:])
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1).to(device)
-        nll = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-        total += float(nll)
-        count += int((shift_labels != -100).sum())
-    return total, count
-
-
-def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int = 4) -> float:
-    """Per-token perplexity of the completions (the member's real replies, end-of-turn token included)."""
-    evaluation = _evaluation_module()
-    if evaluation is not None and hasattr(evaluation, "perplexity"):
-        return float(evaluation.perplexity(model, tokenizer, rows, batch_size))
-    total, count = completion_nll(model, tokenizer, rows, batch_size)
-    return math.exp(total / count) if count else float("nan")
-
-
-def _evaluation_module() -> Any:
-    # trainer.evaluation (the fidelity metrics) is optional here: the recipes still report perplexity without it.
-    try:
-        return importlib.import_module("trainer.evaluation")
-    except ImportError:
-        return None
+from trainer.evaluation import fidelity_report, gate, perplexity
 
 
 def generate_llama_cpp(base_gguf: Path, adapter_gguf: Path | None, prompts: list[str], *, max_new_tokens: int,
@@ -110,31 +58,13 @@ def evaluate(model: Any, tokenizer: Any, cfg: TrainConfig, data: Any, *, adapter
     # Only generations leave this function: the real held-out replies are member content, which must not be
     # copied into meta.json or job events (the adapter folder lives outside the job folder's dataset).
     metrics["samples"] = [{"generated": x["generated"], "base": x["base"]} for x in samples]
-    evaluation = _evaluation_module()
-    if cfg.eval_fidelity and evaluation is not None and hasattr(evaluation, "fidelity_report") and samples:
-        try:
-            metrics["fidelity"] = evaluation.fidelity_report(
-                [s["generated"] for s in samples], [s["target"] for s in samples], base=base_replies,
-                attribution_rows=data.attribution or None, member_id=cfg.member_id or None, seed=cfg.seed,
-            )
-        except TypeError:
-            metrics["fidelity"] = None  # a signature this recipe was not written against; perplexity still stands
-    if evaluation is not None and hasattr(evaluation, "gate"):
-        active, reason = evaluation.gate(metrics)
-    else:
-        active, reason = gate(metrics)
+    if cfg.eval_fidelity and samples:
+        metrics["fidelity"] = fidelity_report(
+            [s["generated"] for s in samples], [s["target"] for s in samples], base=base_replies,
+            attribution_rows=data.attribution or None, member_id=cfg.member_id or None, seed=cfg.seed,
+        )
+    active, reason = gate(metrics)
     metrics["active"] = bool(active)
     metrics["gate_reason"] = str(reason)
     return metrics
 
-
-def gate(metrics: dict[str, Any]) -> tuple[bool, str]:
-    """Fallback activation rule: the adapter must beat the base model's held-out perplexity."""
-    base, adapter = metrics.get("ppl_base"), metrics.get("ppl_adapter")
-    if base is None or adapter is None:
-        return False, "no held-out examples to compare against the base model"
-    if not (math.isfinite(base) and math.isfinite(adapter)):
-        return False, "held-out perplexity is not finite"
-    if adapter < base:
-        return True, f"held-out perplexity {adapter:.2f} beats the base model's {base:.2f}"
-    return False, f"held-out perplexity {adapter:.2f} does not beat the base model's {base:.2f}"
