@@ -7,6 +7,7 @@ import itertools
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import discord
@@ -162,6 +163,21 @@ class Harness:
         self.bot = bot
         self.fake = fake
         self.state = bot._connection
+
+    def resolved(self, uid: int) -> dict[str, Any]:
+        """The `resolved` block of an interaction payload whose option names member `uid`."""
+        m = member(uid, f"user{uid}")
+        return {"users": {str(uid): m["user"]}, "members": {str(uid): {k: v for k, v in m.items() if k != "user"}}}
+
+    @staticmethod
+    async def active_adapter(services: Any, uid: int) -> Path:
+        """Register an active adapter `a<uid>` for member `uid`; returns its adapter.gguf path."""
+        folder = services.settings.adapters_dir / str(uid) / "1"  # inside DOPPEL_HOME, where erasure may delete it
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "adapter.gguf").write_bytes(b"GGUF")  # the engine is scripted: the file only has to exist
+        await services.store.adapters.insert(id=f"a{uid}", member_id=str(uid), base_model="smollm2-135m", version=1,
+                                             status="active", path=str(folder), created_at=1.0)  # fmt: skip
+        return folder / "adapter.gguf"
 
     async def settle(self) -> None:
         """Let every task the dispatch started run to completion (watchers excepted)."""

@@ -11,19 +11,6 @@ import pytest
 ALICE, BOB, CAROL = 111, 222, 444
 
 
-def _resolved(h: Any, uid: int) -> dict[str, Any]:
-    m = h.member(uid, f"user{uid}")
-    return {"users": {str(uid): m["user"]}, "members": {str(uid): {k: v for k, v in m.items() if k != "user"}}}
-
-
-async def _persona(services: Any, uid: int) -> None:
-    folder = services.settings.adapters_dir / str(uid) / "1"  # inside DOPPEL_HOME, where erasure may delete it
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter.gguf").write_bytes(b"GGUF")  # the engine is scripted: the file only has to exist
-    await services.store.adapters.insert(id=f"a{uid}", member_id=str(uid), base_model="smollm2-135m", version=1,
-                                         status="active", path=str(folder), created_at=1.0)  # fmt: skip
-
-
 def _react(h: Any, uid: int, message_id: str, emoji: str) -> None:
     h.state.parse_message_reaction_add({
         "user_id": str(uid), "channel_id": str(h.TEXT), "message_id": message_id, "guild_id": str(h.GUILD),
@@ -35,9 +22,9 @@ async def _chat(h: Any, services: Any, text: str) -> str:
     """Alice (train + chat, trained persona) is asked something by Bob; returns the persona reply's message id."""
     await h.click("doppel:consent:train", ALICE)
     await h.click("doppel:consent:chat", ALICE)
-    await _persona(services, ALICE)
+    await h.active_adapter(services, ALICE)
     services.engine.enqueue(["sure, ", "see you there"])
-    await h.command("persona chat", BOB, member=(6, str(ALICE)), message=text, resolved=_resolved(h, ALICE))
+    await h.command("persona chat", BOB, member=(6, str(ALICE)), message=text, resolved=h.resolved(ALICE))
     hooks = [c for c in h.fake.calls if c.path.startswith("/webhooks/7777/") and c.response]
     return str(hooks[0].response["id"])
 
@@ -116,7 +103,7 @@ def test_erasure_reaches_kept_replies_of_the_persona_and_of_those_quoted(bot_wor
             h.bot.chat.replies.clear()
             services.engine.enqueue(["ok"])
             await h.command("persona chat", CAROL, member=(6, str(ALICE)), message="hi", cid=h.OTHER,
-                            resolved=_resolved(h, ALICE))  # another channel: the first one is cooling down
+                            resolved=h.resolved(ALICE))  # another channel: the first one is cooling down
             assert await services.store.persona_replies.count(str(ALICE)) == 1
             await services.forget(str(ALICE), actor=str(ALICE))
             assert await services.store.persona_replies.count() == 0

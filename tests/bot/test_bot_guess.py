@@ -12,20 +12,6 @@ ALICE, BOB, CAROL, DAVE = 111, 222, 444, 555
 ROUNDS = 10
 
 
-def _resolved(h: Any, uid: int) -> dict[str, Any]:
-    m = h.member(uid, f"user{uid}")
-    return {"users": {str(uid): m["user"]}, "members": {str(uid): {k: v for k, v in m.items() if k != "user"}}}
-
-
-async def _persona(services: Any, uid: int) -> str:
-    folder = services.settings.adapters_dir / str(uid) / "1"  # inside DOPPEL_HOME, where erasure may delete it
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter.gguf").write_bytes(b"GGUF")  # the engine is scripted: the file only has to exist
-    await services.store.adapters.insert(id=f"a{uid}", member_id=str(uid), base_model="smollm2-135m", version=1,
-                                         status="active", path=str(folder), created_at=1.0)  # fmt: skip
-    return f"a{uid}"
-
-
 async def _conversation(services: Any, h: Any, cid: int | None = None) -> list[str]:
     """Bob asks, Alice answers, ROUNDS times an hour apart; returns Alice's message ids, oldest first."""
     from data.records import Message
@@ -46,7 +32,7 @@ async def _setup(h: Any, services: Any) -> list[str]:
     await h.click("doppel:consent:train", ALICE)
     await h.click("doppel:consent:chat", ALICE)
     await h.click("doppel:consent:train", BOB)
-    await _persona(services, ALICE)
+    await h.active_adapter(services, ALICE)
     return await _conversation(services, h)
 
 
@@ -64,7 +50,7 @@ def test_guess_posts_a_blind_test_and_counts_one_vote_per_member(
             alice_ids = await _setup(h, services)
             services.engine.enqueue(["the persona ", "says @everyone hi"])
             h.fake.calls.clear()
-            await h.command("persona guess", CAROL, member=(6, str(ALICE)), resolved=_resolved(h, ALICE))
+            await h.command("persona guess", CAROL, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
             assert h.first_response_type() == 5  # deferred before reading messages and generating
             post = _guess_message(h)
             assert post["allowed_mentions"] == {"parse": []}
@@ -97,7 +83,7 @@ def test_guess_posts_a_blind_test_and_counts_one_vote_per_member(
             assert sorted((v["voter_id"], v["picked_real"]) for v in votes) == [(str(CAROL), True), (str(DAVE), False)]
             line = "blind test: 2 votes, 50% identified the real message (chance 50%)"
             assert line in h.sent_texts()[-2]
-            await h.command("persona report", BOB, member=(6, str(ALICE)), resolved=_resolved(h, ALICE))
+            await h.command("persona report", BOB, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
             assert line in h.sent_texts()[-1]
 
     asyncio.run(scenario())
@@ -114,15 +100,15 @@ def test_guess_needs_chat_consent_stored_messages_and_a_public_channel(bot_world
         async with bot_world() as (h, services):
             await h.click("doppel:consent:train", ALICE)
             await h.click("doppel:consent:train", BOB)
-            await _persona(services, ALICE)
-            await h.command("persona guess", CAROL, member=(6, str(ALICE)), resolved=_resolved(h, ALICE))
+            await h.active_adapter(services, ALICE)
+            await h.command("persona guess", CAROL, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
             assert "has not allowed chat" in h.sent_texts()[-1]
             await h.click("doppel:consent:chat", ALICE)
-            await h.command("persona guess", DAVE, member=(6, str(ALICE)), resolved=_resolved(h, ALICE))
+            await h.command("persona guess", DAVE, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
             assert "no stored messages" in h.sent_texts()[-1]
             # Messages only in a channel this server does not show to everyone: never quoted in a blind test.
             await _conversation(services, h, cid=2999)
-            await h.command("persona guess", BOB, member=(6, str(ALICE)), resolved=_resolved(h, ALICE))
+            await h.command("persona guess", BOB, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
             assert "channels everyone here can read" in h.sent_texts()[-1]
             assert services.engine.requests == []
             assert await services.store.fetchone("SELECT COUNT(*) FROM blind_tests") == (0,)
@@ -134,7 +120,7 @@ def test_erasure_removes_blind_tests_and_votes(bot_world: Any) -> None:
     async def scenario() -> None:
         async with bot_world() as (h, services):
             await _setup(h, services)
-            await h.command("persona guess", CAROL, member=(6, str(ALICE)), resolved=_resolved(h, ALICE))
+            await h.command("persona guess", CAROL, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
             test_id = _guess_message(h)["components"][0]["components"][0]["custom_id"].split(":")[2]
             await h.click(f"doppel:guess:{test_id}:A", CAROL)
             await h.click(f"doppel:guess:{test_id}:B", DAVE)

@@ -3,35 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 ALICE, BOB, ADMIN = 111, 222, 333
 
 
-def _resolved(h: Any, uid: int) -> dict[str, Any]:
-    m = h.member(uid, f"user{uid}")
-    return {"users": {str(uid): m["user"]}, "members": {str(uid): {k: v for k, v in m.items() if k != "user"}}}
-
-
-async def _persona(services: Any, tmp: Path, uid: int) -> str:
-    folder = tmp / f"adapter-{uid}"
-    folder.mkdir()
-    (folder / "adapter.gguf").write_bytes(b"GGUF")  # the engine is scripted: the file only has to exist
-    await services.store.adapters.insert(id=f"a{uid}", member_id=str(uid), base_model="smollm2-135m", version=1,
-                                         status="active", path=str(folder), created_at=1.0)  # fmt: skip
-    return str(folder / "adapter.gguf")
-
-
-def test_persona_speaks_through_webhook_without_mentions(bot_world: Any, tmp_path: Path) -> None:
+def test_persona_speaks_through_webhook_without_mentions(bot_world: Any) -> None:
     async def scenario() -> None:
         async with bot_world() as (h, services):
             await h.click("doppel:consent:train", ALICE)
             await h.click("doppel:consent:chat", ALICE)
-            gguf = await _persona(services, tmp_path, ALICE)
+            gguf = str(await h.active_adapter(services, ALICE))
             services.engine.enqueue(["Hey @everyone", " and <@222>,", " see @here!"])
             h.fake.calls.clear()
-            await h.command("persona chat", BOB, member=(6, str(ALICE)), message="hi there", resolved=_resolved(h, ALICE))
+            await h.command("persona chat", BOB, member=(6, str(ALICE)), message="hi there", resolved=h.resolved(ALICE))
             assert h.first_response_type() == 5  # deferred before generating
             hooks = [c for c in h.fake.calls if c.path.startswith("/webhooks/7777/")]
             assert hooks, "the reply goes out through the channel webhook"
@@ -57,31 +42,31 @@ def test_persona_speaks_through_webhook_without_mentions(bot_world: Any, tmp_pat
     asyncio.run(scenario())
 
 
-def test_persona_chat_requires_chat_consent_and_rate_limits(bot_world: Any, tmp_path: Path) -> None:
+def test_persona_chat_requires_chat_consent_and_rate_limits(bot_world: Any) -> None:
     async def scenario() -> None:
         async with bot_world() as (h, services):
             await h.click("doppel:consent:train", ALICE)
-            await _persona(services, tmp_path, ALICE)
+            await h.active_adapter(services, ALICE)
             h.fake.calls.clear()
-            await h.command("persona chat", BOB, member=(6, str(ALICE)), message="hi", resolved=_resolved(h, ALICE))
+            await h.command("persona chat", BOB, member=(6, str(ALICE)), message="hi", resolved=h.resolved(ALICE))
             assert "has not allowed chat" in h.sent_texts()[-1]
             assert not [c for c in h.fake.calls if "/webhooks/7777" in c.path or c.path.endswith("/webhooks")]
             assert services.engine.requests == []
             await h.click("doppel:consent:chat", ALICE)
-            await h.command("persona chat", ADMIN, member=(6, str(ALICE)), message="hi", resolved=_resolved(h, ALICE))
-            await h.command("persona chat", ADMIN, member=(6, str(ALICE)), message="again", resolved=_resolved(h, ALICE))
+            await h.command("persona chat", ADMIN, member=(6, str(ALICE)), message="hi", resolved=h.resolved(ALICE))
+            await h.command("persona chat", ADMIN, member=(6, str(ALICE)), message="again", resolved=h.resolved(ALICE))
             assert "slow down" in h.sent_texts()[-1]
             assert len(services.engine.requests) == 1
 
     asyncio.run(scenario())
 
 
-def test_reply_to_persona_in_persona_channel_gets_an_answer(bot_world: Any, tmp_path: Path) -> None:
+def test_reply_to_persona_in_persona_channel_gets_an_answer(bot_world: Any) -> None:
     async def scenario() -> None:
         async with bot_world() as (h, services):
             await h.click("doppel:consent:train", ALICE)
             await h.click("doppel:consent:chat", ALICE)
-            await _persona(services, tmp_path, ALICE)
+            await h.active_adapter(services, ALICE)
             await services.update_guild(str(h.GUILD), persona_channels=[str(h.PERSONA)])
             await h.say(BOB, "@doppel what does alice think?", cid=h.PERSONA,
                         mentions=[h.user(h.APP, "doppel", True), h.user(ALICE, "user111")])  # fmt: skip
@@ -107,17 +92,17 @@ def test_persona_train_permissions_consent_and_defer_order(bot_world: Any) -> No
 
             services.supervisor = Recorded(services.store, services.settings)
             # Another member may not train Alice's persona; refused at once, before any deferral.
-            await h.command("persona train", BOB, member=(6, str(ALICE)), resolved=_resolved(h, ALICE))
+            await h.command("persona train", BOB, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
             assert h.first_response_type() == 4 and "only the member themself or an admin" in h.sent_texts()[-1]
             # Alice herself, without train consent: deferred, then refused.
             h.fake.calls.clear()
-            await h.command("persona train", ALICE, member=(6, str(ALICE)), resolved=_resolved(h, ALICE))
+            await h.command("persona train", ALICE, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
             assert h.first_response_type() == 5 and "has not opted in" in h.sent_texts()[-1]
             assert "submit" not in h.fake.events
             # With consent: deferred first, then submitted; a progress message with a cancel button follows.
             await h.click("doppel:consent:train", ALICE)
             h.fake.events.clear()
-            await h.command("persona train", ADMIN, perms=h.ADMIN, member=(6, str(ALICE)), resolved=_resolved(h, ALICE))
+            await h.command("persona train", ADMIN, perms=h.ADMIN, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
             first_callback = next(i for i, e in enumerate(h.fake.events) if "/callback" in e)
             assert first_callback < h.fake.events.index("submit")
             (job,) = await services.store.jobs.list(member_id=str(ALICE))
