@@ -11,7 +11,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -158,26 +157,6 @@ def test_kill9_during_import(tmp_path: Path) -> None:
 
 
 # -- (b) training -----------------------------------------------------------------------------------------------
-SUPERVISOR_SCRIPT = textwrap.dedent(
-    """
-    import asyncio, json, sys
-    from doppel.settings import Settings
-    from data.store import Store
-    from trainer.supervisor import Supervisor
-
-    async def main():
-        settings = Settings.load(env=json.loads(sys.argv[1]))
-        async with Store.open(settings) as store:
-            sup = Supervisor(store, settings)
-            await sup.start()
-            job = await sup.submit(sys.argv[3], requested_by="admin", **json.loads(sys.argv[2]))
-            print(job.id, flush=True)
-            await sup.wait(job.id)
-            await sup.close()
-
-    asyncio.run(main())
-    """
-)
 
 
 def _job_rows(home: Path) -> list[tuple[Any, ...]]:
@@ -214,7 +193,7 @@ def test_kill9_during_training(tmp_path: Path, tiny_model: Any, fx: Any) -> None
         shutil.copytree(template, home)
         env["DOPPEL_HOME"] = str(home)
         proc = subprocess.Popen(
-            [sys.executable, "-c", SUPERVISOR_SCRIPT, json.dumps(env), overrides, fx.PERSONA_ID],
+            [sys.executable, "-c", fx.SUPERVISOR_SCRIPT, json.dumps(env), overrides, fx.PERSONA_ID],
             env=_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
         trainer_pid: int | None = None

@@ -5,11 +5,35 @@ from __future__ import annotations
 import asyncio
 import functools
 import sqlite3
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 PERSONA_ID = "1001"
+
+# A supervisor in its own process (argv: settings env JSON, TrainConfig overrides JSON, member id), so a test can
+# kill it mid-run; it prints the job id once the job is queued.
+SUPERVISOR_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from doppel.settings import Settings
+    from data.store import Store
+    from trainer.supervisor import Supervisor
+
+    async def main():
+        settings = Settings.load(env=json.loads(sys.argv[1]))
+        async with Store.open(settings) as store:
+            sup = Supervisor(store, settings)
+            await sup.start()
+            job = await sup.submit(sys.argv[3], requested_by="admin", **json.loads(sys.argv[2]))
+            print(job.id, flush=True)
+            await sup.wait(job.id)
+            await sup.close()
+
+    asyncio.run(main())
+    """
+)
 OTHERS = (("2002", "bo"), ("3003", "cy"))
 QUESTIONS = [
     "anyone around for a game tonight?", "did you see the new build?", "the server is down again",

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -133,25 +132,6 @@ async def test_cancel_queue_and_one_job_per_member(doppel_home: Path, tiny_model
     assert fx.integrity(settings) == "ok"
 
 
-SUPERVISOR_SCRIPT = textwrap.dedent(
-    """
-    import asyncio, json, sys
-    from doppel.settings import Settings
-    from data.store import Store
-    from trainer.supervisor import Supervisor
-
-    async def main():
-        settings = Settings.load(env=json.loads(sys.argv[1]))
-        async with Store.open(settings) as store:
-            sup = Supervisor(store, settings)
-            await sup.start()
-            job = await sup.submit("1001", requested_by="admin", **json.loads(sys.argv[2]))
-            print(job.id, flush=True)
-            await sup.wait(job.id)
-
-    asyncio.run(main())
-    """
-)
 
 
 @pytest.mark.slow
@@ -164,7 +144,7 @@ async def test_supervisor_killed_mid_run_then_resume_continues_from_checkpoint(
     env = {"DOPPEL_HOME": str(doppel_home), "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
            "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1", "DOPPEL_TRAINING__CANCEL_GRACE_S": "20"}  # fmt: skip
     overrides = fx.tiny_overrides(tiny_model, max_steps=30, save_steps=2)
-    proc = subprocess.Popen([sys.executable, "-c", SUPERVISOR_SCRIPT, json.dumps(env), json.dumps(overrides)],
+    proc = subprocess.Popen([sys.executable, "-c", fx.SUPERVISOR_SCRIPT, json.dumps(env), json.dumps(overrides), fx.PERSONA_ID],
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         job_id = proc.stdout.readline().strip()  # type: ignore[union-attr]
