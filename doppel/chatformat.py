@@ -127,18 +127,14 @@ class ChatFormat:
     @classmethod
     def from_gguf(cls, path: Path) -> ChatFormat:
         """From the metadata of a GGUF model file (the same template transformers reads from it)."""
-        from gguf import GGUFReader
+        # The header reader skips tensor data: milliseconds, where gguf's GGUFReader maps every tensor (seconds).
+        from models.ggufinfo import read_metadata
 
-        reader = GGUFReader(str(path))
-
-        def field(name: str) -> Any:
-            f = reader.fields.get(name)
-            return None if f is None else f.contents()
-
-        template = field("tokenizer.chat_template")
-        tokens = field("tokenizer.ggml.tokens")
-        eos_id = field("tokenizer.ggml.eos_token_id")
-        bos_id = field("tokenizer.ggml.bos_token_id")
+        meta = read_metadata(path, arrays=("tokenizer.ggml.tokens",))
+        template = meta.get("tokenizer.chat_template")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        eos_id = meta.get("tokenizer.ggml.eos_token_id")
+        bos_id = meta.get("tokenizer.ggml.bos_token_id")
         if not template or tokens is None or eos_id is None:
             raise ValueError(f"{path}: GGUF has no chat template or end-of-sequence token")
         bos = tokens[bos_id] if bos_id is not None else ""

@@ -1,4 +1,4 @@
-"""Just enough of a GGUF header to size a model: architecture, shape and parameter count, read in milliseconds."""
+"""Just enough of a GGUF header, read in milliseconds: metadata, and a model's architecture, shape and size."""
 
 from __future__ import annotations
 
@@ -40,7 +40,20 @@ def read_shape(path: Path) -> ModelShape:
         raise ModelFileError(f"{path}: not a readable GGUF file ({exc})") from None
 
 
-def _parse(fh: IO[bytes], size: int) -> ModelShape:
+def read_metadata(path: Path, *, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The key/value metadata of a GGUF file; an array is its length unless its key is in `arrays` (read whole)."""
+    try:
+        with path.open("rb") as fh:
+            _, kv = _header(fh, arrays)
+            return kv
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such file") from None
+    except (struct.error, UnicodeDecodeError, ValueError, OverflowError, MemoryError) as exc:
+        raise ModelFileError(f"{path}: not a readable GGUF file ({exc})") from None
+
+
+def _header(fh: IO[bytes], arrays: tuple[str, ...] = ()) -> tuple[int, dict[str, Any]]:
+    """Tensor count and metadata; leaves `fh` at the tensor table."""
     if fh.read(4) != GGUF_MAGIC:
         raise ValueError("bad magic")
     (version,) = struct.unpack("<I", fh.read(4))
@@ -51,7 +64,12 @@ def _parse(fh: IO[bytes], size: int) -> ModelShape:
     for _ in range(n_kv):
         key = _string(fh)
         (kind,) = struct.unpack("<I", fh.read(4))
-        kv[key] = _value(fh, kind)
+        kv[key] = _value(fh, kind, keep=key in arrays)
+    return n_tensors, kv
+
+
+def _parse(fh: IO[bytes], size: int) -> ModelShape:
+    n_tensors, kv = _header(fh)
     params = 0
     for _ in range(n_tensors):
         _string(fh)
@@ -83,7 +101,7 @@ def _string(fh: IO[bytes]) -> str:
     return fh.read(length).decode("utf-8")
 
 
-def _value(fh: IO[bytes], kind: int) -> Any:
+def _value(fh: IO[bytes], kind: int, keep: bool = False) -> Any:
     if kind in _SCALARS:
         fmt = "<" + _SCALARS[kind]
         return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
@@ -92,6 +110,8 @@ def _value(fh: IO[bytes], kind: int) -> Any:
     if kind == 9:
         (item_kind,) = struct.unpack("<I", fh.read(4))
         (count,) = struct.unpack("<Q", fh.read(8))
+        if keep:
+            return [_value(fh, item_kind, keep=True) for _ in range(count)]
         if item_kind in _SCALARS:
             fh.seek(struct.calcsize("<" + _SCALARS[item_kind]) * count, 1)
         elif item_kind == 8:
@@ -101,5 +121,5 @@ def _value(fh: IO[bytes], kind: int) -> Any:
         else:
             for _ in range(count):
                 _value(fh, item_kind)
-        return count  # arrays are only ever needed for their length (the tokenizer's vocabulary)
+        return count  # skipped arrays are only needed for their length (the tokenizer's vocabulary)
     raise ValueError(f"unknown GGUF value type {kind}")

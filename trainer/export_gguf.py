@@ -40,13 +40,9 @@ class BaseInfo:
     @classmethod
     def from_gguf(cls, path: Path) -> BaseInfo:
         """From a base model GGUF's metadata."""
-        from gguf import GGUFReader
+        from models.ggufinfo import read_metadata
 
-        reader = GGUFReader(str(path))
-
-        def get(key: str) -> Any:
-            f = reader.fields.get(key)
-            return None if f is None else f.contents()
+        get = read_metadata(path).get
 
         arch = str(get("general.architecture"))
         n_head = get(f"{arch}.attention.head_count")

@@ -140,6 +140,12 @@ def test_gguf_header_reader_matches_the_gguf_package() -> None:
     reader = gguf.GGUFReader(str(path))
     assert shape.params == sum(int(t.n_elements) for t in reader.tensors)
     assert (shape.architecture, shape.layers, shape.hidden, shape.vocab) == ("llama", 30, 576, 49152)
+    from models.ggufinfo import read_metadata
+
+    meta = read_metadata(path, arrays=("tokenizer.ggml.tokens",))
+    assert meta["tokenizer.ggml.tokens"] == reader.fields["tokenizer.ggml.tokens"].contents()
+    assert meta["tokenizer.chat_template"] == reader.fields["tokenizer.chat_template"].contents()
+    assert read_metadata(path)["tokenizer.ggml.tokens"] == 49152  # not asked for: only its length
 
 
 def test_sweep_removes_leftovers_of_dead_publishers_only(settings: Any) -> None:
