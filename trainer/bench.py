@@ -220,7 +220,7 @@ def train(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         else:
             gguf = settings.base_gguf_path()
             model_dir, model_name = dequantized_folder(gguf, settings.cache_dir / "base-models"), gguf.name
-            n, micro, lr = 48, 4, 2e-4
+            n, micro, lr = 96, 4, 2e-4
         tokenizer = load_tokenizer(model_dir)
         # Long-tailed context sizes, as in real channels: most replies answer one line, a few a long exchange.
         rows = synthetic_rows(n, seed=5, chat_format=ChatFormat.from_tokenizer(tokenizer), long_tail=True)
@@ -231,6 +231,9 @@ def train(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
                           logging_steps=max(steps, 1)).validate()
         job = Path(tmp) / "job"
         job.mkdir()
+        with contextlib.redirect_stdout(sys.stderr):
+            # Unmeasured: the first training in a process pays for thread pools, kernel selection and the allocator.
+            _baseline_run(replace(cfg, max_steps=2), model_dir, tokenizer, rows, job / "warmup")
         # Trainers print their logs to stdout; the bench's stdout carries only its JSON result.
         # A-B-B-A order: the machine's load drifts (other processes), and each side sees the same drift.
         runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ours": [], "ours_length_grouped": []}
@@ -276,7 +279,7 @@ def _our_run(cfg: Any, model_dir: Path, rows: list[dict[str, Any]], job: Path, e
         "pipeline": f"TRL SFTTrainer + PEFT, completion-only loss, batching={cfg.batching}",
         "seconds": stats["train_seconds"],
         "cpu_seconds": stats["cpu_seconds"],
-        "trained_tokens": stats["trained_tokens"],
+        "trained_tokens": stats["real_tokens"],
         "padding_fraction": stats["padding_fraction"],
     }
 

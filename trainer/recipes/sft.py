@@ -87,8 +87,8 @@ def sft_args(cfg: TrainConfig, job_dir: Path, *, micro: int, accum: int, device:
         # would cut the end-of-turn token, and padding-free mode refuses it anyway.
         max_length=None if cfg.batching == "padding_free" else cfg.max_length,
         completion_only_loss=True,
-        # Padding-free: transformers 5 builds a block-diagonal causal mask from the restarting position ids (sdpa
-        # and eager alike, flash-attention via varlen), so concatenated examples never attend to each other.
+        # Padding-free: concatenated examples never attend to each other; train_sft runs attention per example
+        # (trainer.attention) where transformers would otherwise mask the whole row block-diagonally.
         padding_free=cfg.batching == "padding_free",
         train_sampling_strategy="group_by_length" if cfg.batching == "length_grouped" else "random",
         include_num_input_tokens_seen="non_padding",
@@ -107,9 +107,10 @@ def train_sft(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, rows:
     import torch
     from datasets import Dataset
     from peft import get_peft_model
-    from trl import SFTTrainer
 
+    from trainer.attention import segments_for
     from trainer.callbacks import CountingCollator, JobCallback, last_checkpoint, loss_points
+    from trainer.lmhead import PersonaSFTTrainer
 
     peft_model = get_peft_model(model, lora_config(cfg))
     initial = {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
@@ -127,13 +128,15 @@ def train_sft(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, rows:
     while True:
         callback = JobCallback(emitter, cancel, stage="sft", oom_at_step=cfg.simulate_oom_at_step,
                                oom_marker=job_dir / "checkpoints" / ".oom-simulated")
-        trainer = SFTTrainer(model=peft_model, args=sft_args(cfg, job_dir, micro=micro, accum=accum, device=device),
-                             train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
+        trainer = PersonaSFTTrainer(model=peft_model,
+                                    args=sft_args(cfg, job_dir, micro=micro, accum=accum, device=device),
+                                    train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
         t_train, c_train = time.monotonic(), time.process_time()
         try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            with segments_for(peft_model.get_base_model(), cfg.batching == "padding_free"):
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             break
         except torch.cuda.OutOfMemoryError:
             if micro == 1:
@@ -168,6 +171,9 @@ def train_sft(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, rows:
         "train_seconds": round(train_s, 2),
         "cpu_seconds": round(cpu_s, 2),
         "trained_tokens": tokens,
+        # Counted at the collator, this run only: num_input_tokens_seen skips tokens equal to the pad token, which
+        # for many chat models is the end-of-turn token every example trains on.
+        "real_tokens": real_tokens,
         "tokens_per_s": round(real_tokens / train_s, 1) if train_s > 0 else None,
         "padding_fraction": counter.padding_fraction,
         "losses": loss_points(trainer.state.log_history),
