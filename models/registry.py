@@ -236,6 +236,13 @@ class Registry:
         final: Path | None = None
         try:
             async with self.store.write() as db:
+                if job_id is not None:
+                    # In the same write transaction as the insert: an erasure that cancelled (or deleted) the job
+                    # while it finished can never be followed by an adapter trained on the erased member.
+                    job = await (await db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,))).fetchone()
+                    if job is None or job[0] != "running":
+                        state = "gone" if job is None else job[0]
+                        raise ArtifactError(f"job {job_id} is {state}: its adapter is not published")
                 row = await (await db.execute(
                     "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters WHERE member_id IS ?", (member,))).fetchone()  # fmt: skip
                 version = int(row[0])

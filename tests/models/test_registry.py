@@ -47,6 +47,7 @@ def test_publish_versions_gate_retire_and_rollback(settings: Any, tmp_path: Path
     async def go() -> None:
         async with Store.open(settings) as store:
             reg = Registry(store, settings)
+            await store.jobs.insert(id="j1", member_id="1001", status="running")
             v1 = await reg.publish(_artifact(tmp_path, "a1", lineage=("2002",)), job_id="j1")
             assert (v1.version, v1.status) == (1, "active")
             assert v1.lineage == ["1001", "2002"]
@@ -164,3 +165,30 @@ def test_sweep_removes_leftovers_of_dead_publishers_only(settings: Any) -> None:
         d.mkdir(parents=True)
     removed = Registry(None, settings).sweep()
     assert removed == (stale,) and not stale.exists() and live.exists()
+
+
+def test_an_erased_or_cancelled_job_publishes_nothing(settings: Any, tmp_path: Path) -> None:
+    """The erasure cascade can cancel a job while its trainer finishes: the publish re-checks the job atomically."""
+    import consent.parts  # noqa: F401 - registers the erasure parts
+    from consent.erasure import forget
+    from data.records import Member
+    from data.store import Store
+    from models.errors import ArtifactError
+    from models.registry import Registry
+
+    async def go() -> None:
+        async with Store.open(settings) as store:
+            reg = Registry(store, settings)
+            await store.members.upsert(Member("2002", "friend", "Friend"))
+            await store.jobs.insert(id="own", member_id="1001", status="running")
+            await store.jobs.insert(id="theirs", member_id="3003", status="cancelled")
+            with pytest.raises(ArtifactError, match="job theirs is cancelled"):
+                await reg.publish(_artifact(tmp_path, "c", member="3003"), job_id="theirs")
+            # The owner is forgotten while the job runs: the cascade deletes the job row, then the trainer finishes.
+            await forget(store, settings, "1001", actor="1001", channel="cli")
+            with pytest.raises(ArtifactError, match="job own is gone"):
+                await reg.publish(_artifact(tmp_path, "late", lineage=("2002",)), job_id="own")
+            assert await reg.list() == []
+            assert not any(p.name.startswith(".tmp-") for p in settings.adapters_dir.rglob("*"))
+
+    run(go())
