@@ -96,6 +96,19 @@ def fit_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> tup
     return out, dropped
 
 
+def fit_pairs(pairs: list[dict[str, Any]], tokenizer: Any, max_length: int) -> tuple[list[dict[str, Any]], int]:
+    """DPO pairs fitted like `fit_rows`, by the longer of the two replies: both must fit under one prompt."""
+    fitted: list[dict[str, Any]] = []
+    dropped = 0
+    for pair in pairs:
+        longer = max((pair["chosen"], pair["rejected"]),
+                     key=lambda c: len(tokenizer(c, add_special_tokens=False)["input_ids"]))
+        rows, lost = fit_rows([{**pair, "completion": longer}], tokenizer, max_length)
+        dropped += lost
+        fitted.extend({k: v for k, v in row.items() if k != "completion"} for row in rows)
+    return fitted, dropped
+
+
 def _drop_oldest(messages: list[dict[str, str]]) -> bool:
     """Remove the oldest context: a whole turn, or the first line of a merged multi-speaker user turn."""
     # messages[0] is the system prompt and the last turn is what the reply answers: both stay.

@@ -18,7 +18,7 @@ def preference_rows(examples: Sequence[Example], feedback: Iterable[Mapping[str,
     groups: dict[tuple[str, str], list[Example]] = defaultdict(list)
     for ex in examples:
         if ex.reactions > 0:
-            rows.append(_kto(ex.prompt, ex.completion, True, ex.members, "reactions", ex.reactions))
+            rows.append(_kto(ex.prompt, ex.completion, True, ex.members, "reactions", ex.reactions, ex.messages))
         if ex.context_key:
             groups[(ex.member_id, ex.context_key)].append(ex)
     for (_, key), group in sorted(groups.items()):
@@ -39,9 +39,12 @@ def preference_rows(examples: Sequence[Example], feedback: Iterable[Mapping[str,
                     "rejected": rejected.completion,
                     "members": list(members),
                     "context_key": key,
+                    # The rendered turns, so the recipe can drop the oldest context to fit max_length.
+                    "messages": list(prompt_ex.messages),
                 }
             )
-            rows.append(_kto(rejected.prompt, rejected.completion, False, rejected.members, "unreacted", 0))
+            rows.append(_kto(rejected.prompt, rejected.completion, False, rejected.members, "unreacted", 0,
+                             rejected.messages))
     for fb in feedback:
         value = int(fb.get("value", 0))
         if value == 0 or not fb.get("prompt") or not fb.get("completion"):
@@ -50,8 +53,9 @@ def preference_rows(examples: Sequence[Example], feedback: Iterable[Mapping[str,
     return rows
 
 
-def _kto(prompt: str, completion: str, label: bool, members: Sequence[str], source: str, signal: int) -> dict[str, Any]:
-    return {
+def _kto(prompt: str, completion: str, label: bool, members: Sequence[str], source: str, signal: int,
+         messages: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+    row: dict[str, Any] = {
         "kind": "kto",
         "prompt": prompt,
         "completion": completion,
@@ -60,6 +64,9 @@ def _kto(prompt: str, completion: str, label: bool, members: Sequence[str], sour
         "source": source,
         "signal": signal,
     }
+    if messages:
+        row["messages"] = [dict(m) for m in messages]
+    return row
 
 
 def feedback_rows(

@@ -17,7 +17,7 @@ def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Eve
         resume: bool = False) -> dict[str, Any]:
     """SFT (resumable), then DPO from the SFT adapter, then evaluate and publish."""
     from trainer.basemodel import load_base
-    from trainer.jobdata import fit_rows, load_job_data
+    from trainer.jobdata import fit_pairs, fit_rows, load_job_data
 
     # --- setup
     setup_torch(cfg)
@@ -30,10 +30,13 @@ def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Eve
     if not rows:
         raise TrainingError(f"no training example fits max_length={cfg.max_length} tokens")
     pairs = [
-        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], "messages": r.get("messages") or []}
         for r in data.preference
         if r.get("kind", "dpo") == "dpo" and isinstance(r.get("chosen"), str) and isinstance(r.get("rejected"), str)
     ]
+    # Fitted like the SFT rows (oldest context dropped): TRL's truncation would cut the system prompt or a reply.
+    pairs, dropped_pairs = fit_pairs(pairs, base.tokenizer, cfg.max_length)
+    pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]
     # --- train: SFT
     model, sft_stats = train_sft(cfg, job_dir, base.model, base.tokenizer, rows, emitter, cancel,
                                  resume=resume, device=base.device)
@@ -44,6 +47,7 @@ def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Eve
         dpo_stats: dict[str, Any] = {"skipped": "no preference pairs", "losses": []}
     else:
         model, dpo_stats = _train_dpo(cfg, job_dir, model, base.tokenizer, pairs, emitter, cancel, base.device)
+        dpo_stats["dropped_too_long"] = dropped_pairs
     # --- save
     return finish_job(cfg, job_dir, model, base.tokenizer, data, emitter, stats=sft_stats,
                       stages={"sft": sft_stats, "dpo": dpo_stats})

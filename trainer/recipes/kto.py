@@ -30,10 +30,14 @@ def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Eve
     if not rows:
         raise TrainingError(f"no training example fits max_length={cfg.max_length} tokens")
     signals = [
-        {"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"])}
+        {"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"]),
+         "messages": r.get("messages") or []}
         for r in data.preference
         if r.get("kind", "kto") == "kto" and isinstance(r.get("completion"), str) and "label" in r
     ]
+    # Fitted like the SFT rows (oldest context dropped): TRL's truncation would cut the system prompt or the reply.
+    signals, dropped_signals = fit_rows(signals, base.tokenizer, cfg.max_length)
+    signals = [{k: s[k] for k in ("prompt", "completion", "label")} for s in signals]
     # --- train: SFT
     model, sft_stats = train_sft(cfg, job_dir, base.model, base.tokenizer, rows, emitter, cancel,
                                  resume=resume, device=base.device)
@@ -46,6 +50,7 @@ def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Eve
         kto_stats: dict[str, Any] = {"skipped": reason, "losses": []}
     else:
         model, kto_stats = _train_kto(cfg, job_dir, model, base.tokenizer, signals, emitter, cancel, base.device)
+        kto_stats["dropped_too_long"] = dropped_signals
     # --- save
     return finish_job(cfg, job_dir, model, base.tokenizer, data, emitter, stats=sft_stats,
                       stages={"sft": sft_stats, "kto": kto_stats})
