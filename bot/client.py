@@ -43,7 +43,8 @@ class DoppelBot(discord.Client):
         from bot.persona_commands import PersonaCommands
 
         self.chat = PersonaChat(self.services, self)
-        self.tree.add_command(PersonaCommands(self.services, self.chat))
+        self.persona = PersonaCommands(self.services, self.chat)
+        self.tree.add_command(self.persona)
 
     async def setup_hook(self) -> None:
         """Register persistent views and dynamic buttons so old messages' buttons keep working; sync commands."""
@@ -56,6 +57,9 @@ class DoppelBot(discord.Client):
 
     async def on_ready(self) -> None:
         log.info("connected as %s to %d server(s)", self.user, len(self.guilds))
+        resumed = await self.persona.resume_watchers(self)
+        if resumed:
+            log.info("following %d training job(s) started before this restart", resumed)
 
     async def on_message(self, message: discord.Message) -> None:
         await self.recorder.on_message(message)

@@ -14,7 +14,7 @@ from bot.chat import NONE, PersonaChat
 from bot.doppel_commands import require_guild
 from bot.errors import ConsentMissing, NotAllowed
 from bot.guess import fidelity_text, post_guess
-from bot.services import Services, active_jobs, submit_training
+from bot.services import Services, active_jobs, remember_progress_message, submit_training, watched_jobs
 from bot.text import clip, neutralise
 from bot.training import progress_text, watch
 from doppel.chatformat import Utterance
@@ -37,6 +37,7 @@ class PersonaCommands(app_commands.Group):
         self.services = services
         self.chat = chat
         self._watchers: set[asyncio.Task[None]] = set()
+        self._watching: set[str] = set()  # job ids whose progress message a task is editing
 
     @app_commands.command(name="train", description="Train a member's persona (the member themself or an admin)")
     @app_commands.describe(member="whose persona", mode="sft, or sft plus preference tuning from 👍/👎 feedback")
@@ -56,12 +57,30 @@ class PersonaCommands(app_commands.Group):
         message = await interaction.followup.send(body, view=view, wait=True, allowed_mentions=NONE)
         # Interaction tokens expire after 15 minutes; a long job's message is edited through the channel instead.
         channel_message = await _as_channel_message(interaction, message)
-        task = asyncio.create_task(watch(self.services, channel_message, job_id, member.display_name))
-        self._watchers.add(task)
-        task.add_done_callback(self._watch_done)
+        await remember_progress_message(self.services, job_id, channel_message.channel.id, channel_message.id)
+        self._start_watch(channel_message, job_id, member.display_name)
 
-    def _watch_done(self, task: asyncio.Task[None]) -> None:
+    async def resume_watchers(self, client: discord.Client) -> int:
+        """After a restart: go on editing the progress messages of jobs that are still active; returns how many."""
+        started = 0
+        for job, channel_id, message_id in await watched_jobs(self.services):
+            if job.id in self._watching:
+                continue  # on_ready fires again on every reconnect
+            names = await self.services.member_names([job.member_id] if job.member_id else [])
+            message = client.get_partial_messageable(channel_id).get_partial_message(message_id)
+            self._start_watch(message, job.id, names.get(job.member_id or "", job.member_id or "multi-persona"))
+            started += 1
+        return started
+
+    def _start_watch(self, message: Any, job_id: str, name: str) -> None:
+        self._watching.add(job_id)
+        task = asyncio.create_task(watch(self.services, message, job_id, name))
+        self._watchers.add(task)
+        task.add_done_callback(lambda t: self._watch_done(t, job_id))
+
+    def _watch_done(self, task: asyncio.Task[None], job_id: str) -> None:
         self._watchers.discard(task)
+        self._watching.discard(job_id)
         if not task.cancelled() and task.exception() is not None:
             log.error("training watcher failed", exc_info=task.exception())
 

@@ -282,6 +282,22 @@ async def job_state(services: Services, job_id: str) -> Any | None:
     return None if row is None else Job.from_row(row)
 
 
+async def remember_progress_message(services: Services, job_id: str, channel_id: int, message_id: int) -> None:
+    """Record where a job's progress message is (ids only), so a restarted bot can go on editing it."""
+    await services.store.jobs.update(job_id, progress_channel_id=str(channel_id), progress_message_id=str(message_id))
+
+
+async def watched_jobs(services: Services) -> list[tuple[Any, int, int]]:
+    """Active jobs that have a progress message: (job, channel id, message id)."""
+    from trainer.jobs import ACTIVE, Job
+
+    found = []
+    for row in await services.store.jobs.list(status=ACTIVE):
+        if row.get("progress_channel_id") and row.get("progress_message_id"):
+            found.append((Job.from_row(row), int(row["progress_channel_id"]), int(row["progress_message_id"])))
+    return found
+
+
 async def active_jobs(services: Services, member_id: str | None = None) -> list[Any]:
     """Queued, running and interrupted jobs (of one member), oldest first."""
     from trainer.jobs import ACTIVE, Job

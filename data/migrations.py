@@ -201,7 +201,18 @@ async def m003_blind_tests(db: aiosqlite.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [m001_initial, m002_job_supervision, m003_blind_tests]
+async def m004_job_progress_message(db: aiosqlite.Connection) -> None:
+    """Where a job's live progress message is, so a restarted bot keeps editing it."""
+    await run_script(
+        db,
+        """
+        ALTER TABLE jobs ADD COLUMN progress_channel_id TEXT;
+        ALTER TABLE jobs ADD COLUMN progress_message_id TEXT;
+        """
+    )
+
+
+MIGRATIONS: list[Migration] = [m001_initial, m002_job_supervision, m003_blind_tests, m004_job_progress_message]
 
 
 async def run_script(db: aiosqlite.Connection, script: str) -> None:

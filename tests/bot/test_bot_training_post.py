@@ -91,3 +91,36 @@ def test_failed_job_posts_the_reason_without_a_plot(bot_world: Any) -> None:
             assert final.files == 0
 
     asyncio.run(scenario())
+
+
+def test_a_restarted_bot_goes_on_editing_the_progress_message(bot_world: Any) -> None:
+    from data.records import Member
+    from trainer.supervisor import Supervisor
+
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            services.supervisor = Supervisor(services.store, services.settings)
+            await h.click("doppel:consent:train", ALICE)
+            # A member being trained has recorded messages, so the store knows their display name.
+            await services.store.members.upsert(Member(str(ALICE), "user111", "User111"))
+            await h.command("persona train", ALICE, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
+            (job,) = await services.store.jobs.list(member_id=str(ALICE))
+            progress = [c for c in h.fake.calls if c.response and "Training User111" in c.response["content"]]
+            mid = progress[-1].response["id"]
+            assert job["progress_message_id"] == mid and job["progress_channel_id"] == str(h.TEXT)
+        # The bot process stops (its watcher with it) while the job runs on; a new one connects.
+        async with bot_world() as (h, services):
+            await services.store.jobs.update(job["id"], status="running", started_at=time.time())
+            await h.bot.on_ready()
+            await h.bot.on_ready()  # the gateway reconnects: still one watcher for the job
+            assert len(h.bot.persona._watchers) == 1
+            await services.store.jobs.update(job["id"], status="cancelled", finished_at=time.time(),
+                                             error=f"cancelled by {ALICE}")  # fmt: skip
+            await asyncio.wait_for(asyncio.gather(*h.bot.persona._watchers), timeout=15)
+            final = _patches(h, mid)[-1]
+            assert final.path == f"/channels/{h.TEXT}/messages/{mid}"
+            assert "cancelled" in final.payload["content"] and "User111" in final.payload["content"]
+            # A finished job is not followed again by the next start.
+            assert await h.bot.persona.resume_watchers(h.bot) == 0
+
+    asyncio.run(scenario())
