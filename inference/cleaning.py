@@ -104,6 +104,8 @@ class StreamCleaner:
                 # The model started writing someone else's turn: the persona's message ends here.
                 self.stopped = True
                 return True
+            if not final and m.end() == len(self._pending):
+                return False  # the label may still take one space after its colon: wait for the next character
             self._pending = self._pending[m.end() :]
             self._line_start = False
             return True
