@@ -36,8 +36,7 @@ class PersonaCommands(app_commands.Group):
         super().__init__(name="persona", description="Train personas and talk to them")
         self.services = services
         self.chat = chat
-        self._watchers: set[asyncio.Task[None]] = set()
-        self._watching: set[str] = set()  # job ids whose progress message a task is editing
+        self._watchers: dict[str, asyncio.Task[None]] = {}  # job id -> the task editing its progress message
 
     @app_commands.command(name="train", description="Train a member's persona (the member themself or an admin)")
     @app_commands.describe(member="whose persona", mode="sft, or sft plus preference tuning from 👍/👎 feedback")
@@ -64,7 +63,7 @@ class PersonaCommands(app_commands.Group):
         """After a restart: go on editing the progress messages of jobs that are still active; returns how many."""
         started = 0
         for job, channel_id, message_id in await watched_jobs(self.services):
-            if job.id in self._watching:
+            if job.id in self._watchers:
                 continue  # on_ready fires again on every reconnect
             names = await self.services.member_names([job.member_id] if job.member_id else [])
             message = client.get_partial_messageable(channel_id).get_partial_message(message_id)
@@ -73,14 +72,13 @@ class PersonaCommands(app_commands.Group):
         return started
 
     def _start_watch(self, message: Any, job_id: str, name: str) -> None:
-        self._watching.add(job_id)
         task = asyncio.create_task(watch(self.services, message, job_id, name))
-        self._watchers.add(task)
+        self._watchers[job_id] = task
         task.add_done_callback(lambda t: self._watch_done(t, job_id))
 
     def _watch_done(self, task: asyncio.Task[None], job_id: str) -> None:
-        self._watchers.discard(task)
-        self._watching.discard(job_id)
+        if self._watchers.get(job_id) is task:
+            del self._watchers[job_id]
         if not task.cancelled() and task.exception() is not None:
             log.error("training watcher failed", exc_info=task.exception())
 

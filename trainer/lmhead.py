@@ -38,7 +38,7 @@ def _head_loss(lm_head: Any, hidden: torch.Tensor, labels: torch.Tensor, num_ite
     wanted = targets[mask]
     loss_sum = F.cross_entropy(logits, wanted, reduction="sum")
     count = mask.sum()
-    denominator = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    denominator = count if num_items_in_batch is None else num_items_in_batch
     with torch.no_grad():
         log_p = torch.log_softmax(logits, dim=-1)
         entropy = -(log_p.exp() * log_p).sum(-1).sum()

@@ -116,7 +116,7 @@ def test_persona_train_permissions_consent_and_defer_order(bot_world: Any) -> No
             assert (await services.store.jobs.get(job["id"]))["status"] == "cancelled"
             group = h.bot.tree.get_command("persona")
             assert isinstance(group, PersonaCommands)
-            await asyncio.wait_for(asyncio.gather(*group._watchers), timeout=10)
+            await asyncio.wait_for(asyncio.gather(*group._watchers.values()), timeout=10)
             assert "cancelled" in h.sent_texts()[-1]
 
     asyncio.run(scenario())

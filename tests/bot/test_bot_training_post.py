@@ -56,7 +56,7 @@ def test_finished_job_posts_results_and_loss_plot(bot_world: Any, tmp_path: Path
             )
             await services.store.jobs.update(job["id"], status="succeeded", adapter_id=adapter.id,
                                              finished_at=time.time())  # fmt: skip
-            await asyncio.wait_for(asyncio.gather(*group._watchers), timeout=15)
+            await asyncio.wait_for(asyncio.gather(*group._watchers.values()), timeout=15)
 
             final = _patches(h, mid)[-1]
             text = final.payload["content"]
@@ -85,7 +85,7 @@ def test_failed_job_posts_the_reason_without_a_plot(bot_world: Any) -> None:
             mid = progress[-1].response["id"]
             await services.store.jobs.update(job["id"], status="failed", finished_at=time.time(),
                                              error="no training example fits max_length=512 tokens")  # fmt: skip
-            await asyncio.wait_for(asyncio.gather(*group._watchers), timeout=15)
+            await asyncio.wait_for(asyncio.gather(*group._watchers.values()), timeout=15)
             final = _patches(h, mid)[-1]
             assert "failed" in final.payload["content"] and "max_length=512" in final.payload["content"]
             assert final.files == 0
@@ -116,7 +116,7 @@ def test_a_restarted_bot_goes_on_editing_the_progress_message(bot_world: Any) ->
             assert len(h.bot.persona._watchers) == 1
             await services.store.jobs.update(job["id"], status="cancelled", finished_at=time.time(),
                                              error=f"cancelled by {ALICE}")  # fmt: skip
-            await asyncio.wait_for(asyncio.gather(*h.bot.persona._watchers), timeout=15)
+            await asyncio.wait_for(asyncio.gather(*h.bot.persona._watchers.values()), timeout=15)
             final = _patches(h, mid)[-1]
             assert final.path == f"/channels/{h.TEXT}/messages/{mid}"
             assert "cancelled" in final.payload["content"] and "User111" in final.payload["content"]

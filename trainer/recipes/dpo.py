@@ -29,14 +29,11 @@ def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Eve
     rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length)
     if not rows:
         raise TrainingError(f"no training example fits max_length={cfg.max_length} tokens")
-    pairs = [
-        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], "messages": r.get("messages") or []}
-        for r in data.preference
-        if r.get("kind", "dpo") == "dpo" and isinstance(r.get("chosen"), str) and isinstance(r.get("rejected"), str)
-    ]
+    dpo_rows = [r for r in data.preference
+                if r.get("kind", "dpo") == "dpo" and isinstance(r.get("chosen"), str) and isinstance(r.get("rejected"), str)]
     # Fitted like the SFT rows (oldest context dropped): TRL's truncation would cut the system prompt or a reply.
-    pairs, dropped_pairs = fit_pairs(pairs, base.tokenizer, cfg.max_length)
-    pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]
+    dpo_rows, dropped_pairs = fit_pairs(dpo_rows, base.tokenizer, cfg.max_length)
+    pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in dpo_rows]
     # --- train: SFT
     model, sft_stats = train_sft(cfg, job_dir, base.model, base.tokenizer, rows, emitter, cancel,
                                  resume=resume, device=base.device)

@@ -29,15 +29,11 @@ def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Eve
     rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length)
     if not rows:
         raise TrainingError(f"no training example fits max_length={cfg.max_length} tokens")
-    signals = [
-        {"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"]),
-         "messages": r.get("messages") or []}
-        for r in data.preference
-        if r.get("kind", "kto") == "kto" and isinstance(r.get("completion"), str) and "label" in r
-    ]
+    kto_rows = [r for r in data.preference
+                if r.get("kind", "kto") == "kto" and isinstance(r.get("completion"), str) and "label" in r]
     # Fitted like the SFT rows (oldest context dropped): TRL's truncation would cut the system prompt or the reply.
-    signals, dropped_signals = fit_rows(signals, base.tokenizer, cfg.max_length)
-    signals = [{k: s[k] for k in ("prompt", "completion", "label")} for s in signals]
+    kto_rows, dropped_signals = fit_rows(kto_rows, base.tokenizer, cfg.max_length)
+    signals = [{"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"])} for r in kto_rows]
     # --- train: SFT
     model, sft_stats = train_sft(cfg, job_dir, base.model, base.tokenizer, rows, emitter, cancel,
                                  resume=resume, device=base.device)
