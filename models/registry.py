@@ -215,11 +215,19 @@ class Registry:
         found = await self._rows("member_id IS ? AND status = 'active'", (member_id,))
         return found[-1] if found else None
 
-    async def publish(self, artifact_dir: Path, *, job_id: str | None = None, member_id: str | None = None) -> AdapterVersion:
-        """Copy a trained adapter folder in as the member's next version; the gate decides active or candidate."""
+    async def publish(self, artifact_dir: Path, *, job_id: str | None = None, member_id: str | None = None,
+                      evaluation_error: str | None = None) -> AdapterVersion:
+        """Copy a trained adapter folder in as the member's next version; the gate decides active or candidate.
+
+        `evaluation_error`: the trainer saved the adapter but its evaluation failed; it is kept as a candidate
+        whose reason says so, until `record_evaluation` (from `doppel eval`) completes it.
+        """
         meta = _read_meta(artifact_dir)
         member = member_id if member_id is not None else (meta.get("member") or meta.get("member_id") or None)
         metrics = dict(meta.get("metrics") or {})
+        if evaluation_error is not None:
+            metrics = evaluation_failed(metrics, evaluation_error)
+            meta = {**meta, "metrics": metrics}
         lineage = sorted({str(m) for m in meta.get("lineage") or []} | ({member} if member else set()))
         base_name = str(meta.get("base_name") or _base_field(meta, "name") or self.settings.model.base_name)
         base_sha = meta.get("base_sha256") or _base_field(meta, "sha256")
@@ -273,6 +281,32 @@ class Registry:
             raise
         return await self.get(adapter_id)
 
+    async def record_evaluation(self, adapter_id: str, metrics: dict[str, Any]) -> AdapterVersion:
+        """Store a (re-)evaluation's metrics on a version; a candidate that now passes the gate becomes active.
+
+        Only candidates are promoted: a retired version stays retired (the operator chose another), and an active
+        one that now fails stays active until a newer version passes, as at publish time.
+        """
+        version = await self.get(adapter_id)
+        if version.status == "erased":
+            raise RegistryError(f"adapter {adapter_id} was erased")
+        promote, reason = gate(metrics)
+        meta_path = Path(version.path) / "meta.json"
+        folder_meta = _read_meta(Path(version.path))
+        _write_json_atomic(meta_path, {**folder_meta, "metrics": metrics})
+        meta_out = {**version.meta, "metrics": metrics, "gate": {"promoted": promote, "reason": reason}}
+        async with self.store.write() as db:
+            await db.execute("UPDATE adapters SET metrics_json = ?, meta_json = ? WHERE id = ? AND status != 'erased'",
+                             (json.dumps(metrics), json.dumps(meta_out, default=str), adapter_id))  # fmt: skip
+            if promote and version.status == "candidate":
+                await db.execute(
+                    "UPDATE adapters SET status = 'retired' WHERE member_id IS ? AND status = 'active' AND id != ?",
+                    (version.member_id, adapter_id),
+                )
+                await db.execute("UPDATE adapters SET status = 'active' WHERE id = ? AND status = 'candidate'",
+                                 (adapter_id,))  # fmt: skip
+        return await self.get(adapter_id)
+
     def sweep(self) -> tuple[Path, ...]:
         """Delete temp folders left by a publisher that died mid-copy (never visible as adapters, but on disk)."""
         import psutil
@@ -307,6 +341,18 @@ class Registry:
             )
             await db.execute("UPDATE adapters SET status = 'active' WHERE id = ? AND status != 'erased'", (target.id,))
         return await self.get(target.id)
+
+
+def evaluation_failed(metrics: dict[str, Any], why: str) -> dict[str, Any]:
+    """Metrics of a trained adapter whose evaluation did not complete: never active, and the reason says why."""
+    return {**{k: v for k, v in metrics.items() if k not in ("active", "gate_reason")}, "evaluation": "failed",
+            "evaluation_error": why, "active": False,
+            "gate_reason": f"evaluation failed: {why}; run `doppel eval` to evaluate it again"}  # fmt: skip
+
+
+def needs_evaluation(metrics: dict[str, Any]) -> bool:
+    """True for a version saved before an evaluation that failed or never finished."""
+    return metrics.get("evaluation") in ("failed", "pending")
 
 
 def _read_meta(artifact_dir: Path) -> dict[str, Any]:

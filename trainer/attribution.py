@@ -1,7 +1,15 @@
-"""Authorship attribution: a character n-gram classifier over consenting members' real messages."""
+"""Authorship attribution: a character n-gram classifier over a bounded panel of consenting members' real messages.
+
+Memory is bounded whatever the community size: the dataset builder sends a panel (the member plus at most
+`trainer.dataset.PANEL_OTHERS` comparison members, capped messages each), features are hashed into a fixed
+`N_FEATURES` space (no vocabulary that grows with the text), and the linear SVM (liblinear) fits one class against
+the rest at a time, so it holds one weight vector per class and never the several classes x features copies that
+a multinomial lbfgs fit keeps.
+"""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -10,11 +18,43 @@ from typing import Any
 from trainer.errors import EvaluationError
 
 MIN_PER_AUTHOR = 3
+# 2**18 hashed char n-grams: collisions are rare at a panel's size, and the weights stay under 40 MB for 17 classes.
+N_FEATURES = 2**18
+# The panel: the member and this many comparison members (the most active), so chance is 1/17 in any community
+# big enough, and the fit costs the same for 20 members or 20,000.
+PANEL_OTHERS = 16
+PANEL_PER_AUTHOR = 200
+
+
+def choose_panel(counts: Mapping[str, int], member_id: str | None, others: int = PANEL_OTHERS) -> list[str]:
+    """The member (first) plus the `others` most active authors with enough messages; ties go to the lower id."""
+    ranked = sorted((a for a, n in counts.items() if a != member_id and n >= MIN_PER_AUTHOR),
+                    key=lambda a: (-counts[a], a))  # fmt: skip
+    own = [member_id] if member_id and counts.get(member_id, 0) > 0 else []
+    # Without a member (the multi-persona adapter) the panel is the most active authors overall.
+    return own + ranked[: others + (0 if member_id else 1)]
+
+
+def panel_rows(rows: Sequence[Mapping[str, Any]], member_id: str | None, *, others: int = PANEL_OTHERS,
+               per_author: int = PANEL_PER_AUTHOR, seed: int = 0) -> list[dict[str, Any]]:
+    """The rows of the panel only, at most `per_author` each (a seeded sample): what the classifier may see."""
+    by_author: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if str(r.get("text", "")).strip():
+            by_author.setdefault(str(r["author_id"]), []).append(r)
+    keep = choose_panel({a: len(v) for a, v in by_author.items()}, member_id, others)
+    out: list[dict[str, Any]] = []
+    for author in keep:
+        own = by_author[author]
+        if len(own) > per_author:
+            own = random.Random(f"{seed}:attr:{author}").sample(own, per_author)
+        out.extend(dict(r) for r in own)
+    return out
 
 
 @dataclass(frozen=True)
 class AuthorshipModel:
-    """A fitted TF-IDF char 2-4-gram + logistic regression pipeline and its accuracy on held-out real messages."""
+    """A fitted hashed TF-IDF char 2-4-gram + linear SVM pipeline and its accuracy on held-out real messages."""
 
     pipeline: Any
     authors: tuple[str, ...]
@@ -33,10 +73,10 @@ class AuthorshipModel:
 
 def train_authorship(rows: Sequence[Mapping[str, Any]], *, seed: int = 0, test_fraction: float = 0.2) -> AuthorshipModel:
     """Fit on a stratified share of the rows (`author_id`, `text`) and measure accuracy on the rest."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
     from sklearn.model_selection import train_test_split
     from sklearn.pipeline import make_pipeline
+    from sklearn.svm import LinearSVC
 
     counts = Counter(str(r["author_id"]) for r in rows if str(r.get("text", "")).strip())
     usable = [r for r in rows if counts[str(r["author_id"])] >= MIN_PER_AUTHOR and str(r.get("text", "")).strip()]
@@ -53,10 +93,11 @@ def train_authorship(rows: Sequence[Mapping[str, Any]], *, seed: int = 0, test_f
     )
     pipeline = make_pipeline(
         # Case and punctuation are style, so nothing is lower-cased; word-bounded n-grams keep spacing habits.
-        TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), lowercase=False, sublinear_tf=True,
-                        min_df=1, max_features=100_000),
+        HashingVectorizer(analyzer="char_wb", ngram_range=(2, 4), lowercase=False, n_features=N_FEATURES,
+                          alternate_sign=False, norm=None),
+        TfidfTransformer(sublinear_tf=True),
         # Balanced classes: a chatty member must not win every vote, or "share vs chance" means nothing.
-        LogisticRegression(C=5.0, max_iter=2000, class_weight="balanced"),
+        LinearSVC(C=0.5, class_weight="balanced", max_iter=5000, random_state=seed),
     )
     pipeline.fit(train_x, train_y)
     accuracy = float(sum(p == y for p, y in zip(pipeline.predict(test_x), test_y, strict=True)) / len(test_y))
@@ -71,8 +112,10 @@ def attribution_report(
     real_heldout: Sequence[str] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Share of each system's generations attributed to the member, against chance (1 / members)."""
+    """Share of each system's generations attributed to the member, against chance (1 / panel size)."""
     systems = {"adapter": list(generated)} if not isinstance(generated, Mapping) else dict(generated)
+    # Job folders already hold only the panel; choosing it again bounds the fit for any caller's rows.
+    rows = panel_rows(rows, member_id, seed=seed)
     try:
         model = train_authorship(rows, seed=seed)
     except EvaluationError as exc:
@@ -84,6 +127,8 @@ def attribution_report(
     report: dict[str, Any] = {
         "available": True,
         "members": len(model.authors),
+        "panel": len(model.authors),
+        "panel_rule": f"the member and the {len(model.authors) - 1} most active other members",
         "chance": round(chance, 4),
         "accuracy": round(model.accuracy, 4),
         "test_size": model.test_size,

@@ -44,6 +44,7 @@ async def _dataset_bench(settings: Settings, n_messages: int, n_members: int) ->
     from data.records import Member
     from data.store import Store
     from trainer.dataset import materialize
+    from trainer.jobdata import job_key_for
 
     chat_format, tokenize, fmt_source = _format_and_tokenizer(settings)
     messages = _generate(n_messages, n_members, seed=settings.dataset.seed)
@@ -78,7 +79,8 @@ async def _dataset_bench(settings: Settings, n_messages: int, n_members: int) ->
                 "dropped": counts["dropped"],
             }
             if tokenize is not None:
-                runs[name]["tokens"] = _padding_stats(job / "dataset" / "train.jsonl", tokenize, settings.dataset.seed)
+                runs[name]["tokens"] = _padding_stats(job / "dataset" / "train.jsonl", tokenize, settings.dataset.seed,
+                                                      key=job_key_for(settings, job))
     return {
         "messages": n_messages,
         "members": n_members,
@@ -161,14 +163,11 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _padding_stats(train_jsonl: Path, tokenize: Any, seed: int, batch: int = 8) -> dict[str, Any]:
-    import json
+def _padding_stats(train_jsonl: Path, tokenize: Any, seed: int, batch: int = 8,
+                   key: bytes | None = None) -> dict[str, Any]:
+    from trainer.jobdata import read_jsonl
 
-    lengths = []
-    with train_jsonl.open(encoding="utf-8") as fh:
-        for line in fh:
-            row = json.loads(line)
-            lengths.append(tokenize(row["prompt"] + row["completion"]))
+    lengths = [tokenize(row["prompt"] + row["completion"]) for row in read_jsonl(train_jsonl, key=key)]
     if not lengths:
         return {}
 

@@ -27,12 +27,18 @@ EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 143
 RECIPES = {"sft": "trainer.recipes.sft", "sft+kto": "trainer.recipes.kto", "sft+dpo": "trainer.recipes.dpo"}
 
 
-def run_job(job_dir: Path, emitter: Emitter, cancel: threading.Event, *, resume: bool = False) -> int:
-    """Run one job folder to completion; always ends with a `finished` event; returns the exit code."""
+def run_job(job_dir: Path, emitter: Emitter, cancel: threading.Event, *, resume: bool = False,
+            key: bytes | None = None, evaluate: Path | None = None) -> int:
+    """Run one job folder to completion (or only evaluate the adapter `evaluate`); always ends with `finished`."""
     try:
         cfg = TrainConfig.from_json(job_dir / "config.json")
-        recipe = importlib.import_module(RECIPES[cfg.mode])
-        result = recipe.run(cfg, job_dir, emitter, cancel, resume=resume)
+        if evaluate is not None:
+            from trainer.recipes.sft import reevaluate
+
+            result = reevaluate(cfg, job_dir, evaluate, emitter, key=key)
+        else:
+            recipe = importlib.import_module(RECIPES[cfg.mode])
+            result = recipe.run(cfg, job_dir, emitter, cancel, resume=resume, key=key)
     except JobCancelled as exc:
         emitter.emit("finished", status="cancelled", error=str(exc))
         return EXIT_CANCELLED
@@ -65,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="train one job folder")
     p.add_argument("job_dir", type=Path)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in JOB_DIR/checkpoints")
+    e = sub.add_parser("evaluate", help="evaluate a saved adapter on a job folder's held-out data and panel")
+    e.add_argument("job_dir", type=Path)
+    e.add_argument("--adapter", type=Path, required=True, help="the adapter folder to evaluate")
     args = parser.parse_args(argv)
     emitter = stdout_emitter()
     # Libraries print to stdout (progress bars, warnings); stdout belongs to the events, so route them to stderr.
@@ -79,4 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.job_dir.is_dir():
         emitter.emit("finished", status="failed", error=f"job folder not found: {args.job_dir}")
         return EXIT_FAILED
-    return run_job(args.job_dir.resolve(), emitter, cancel, resume=args.resume)
+    from trainer.jobdata import dataset_sealed, read_key
+
+    try:
+        # The parent writes the job key on stdin (a pipe: never on disk, not in /proc/PID/environ).
+        key = read_key(sys.stdin.buffer if sys.stdin is not None else None) if dataset_sealed(args.job_dir) else None
+    except UserFacingError as exc:
+        emitter.emit("finished", status="failed", error=str(exc))
+        return EXIT_FAILED
+    if args.command == "evaluate":
+        return run_job(args.job_dir.resolve(), emitter, cancel, key=key, evaluate=args.adapter.resolve())
+    return run_job(args.job_dir.resolve(), emitter, cancel, resume=args.resume, key=key)

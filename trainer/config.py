@@ -66,6 +66,7 @@ class TrainConfig:
     pref_learning_rate: float = _f(5e-5, "Learning rate of the preference stage.")
     gguf_dtype: str = _f("f32", "Float type of adapter.gguf tensors: 'f32' or 'f16'.")
     simulate_oom_at_step: int = _f(0, "Testing hook: raise a CUDA out-of-memory error once at this step (0: off).")
+    simulate_eval_failure: str = _f("", "Testing hook: 'error' raises, 'kill' SIGKILLs the trainer as evaluation starts.")
 
     def validate(self) -> TrainConfig:
         """Raise `JobConfigError` with a one-line reason when a value cannot work."""

@@ -18,6 +18,7 @@ from typing import Any
 from data.records import Message
 from doppel.chatformat import ChatFormat, Utterance, build_messages
 from doppel.settings import DatasetSettings, Settings
+from trainer.attribution import PANEL_OTHERS, PANEL_PER_AUTHOR, choose_panel
 from trainer.cleaning import Cleaner, normalize
 from trainer.errors import DatasetError, NotEnoughExamplesError
 from trainer.preference import feedback_rows, preference_rows
@@ -25,7 +26,6 @@ from trainer.preference import feedback_rows, preference_rows
 MODES = ("sft", "sft+kto", "sft+dpo")
 # Long identical replies are copy-pastes or spam; short ones ("lol") are the member's style and stay.
 _COPYPASTE_CHARS = 20
-ATTRIBUTION_PER_AUTHOR = 400
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,7 @@ class Dataset:
                 "kto": kinds.get("kto", 0),
                 "dpo": kinds.get("dpo", 0),
                 "attribution": len(self.attribution),
+                "attribution_panel": len({row["author_id"] for row in self.attribution}),
                 "train_per_member": dict(sorted(per_member.items())),
                 "dropped": dict(sorted(self.dropped.items())),
             },
@@ -335,16 +336,23 @@ def attribution_rows(
     cleaner: Cleaner,
     exclude: set[tuple[str, float]],
     seed: int,
-    per_author: int = ATTRIBUTION_PER_AUTHOR,
+    member_id: str | None = None,
+    *,
+    others: int = PANEL_OTHERS,
+    per_author: int = PANEL_PER_AUTHOR,
 ) -> list[dict[str, Any]]:
-    """Real turns of every stored author for the authorship classifier, minus held-out replies, capped per author."""
+    """Real turns of the attribution panel (the member + the most active others), minus held-out replies, capped.
+
+    Only the panel's rows reach the job folder: the rest of the community's words never leave the database.
+    """
     by_author: dict[str, list[Turn]] = defaultdict(list)
     for channel in turns.values():
         for t in channel:
             if cleaner.within_bounds(t.text) and (t.author_id, t.start) not in exclude:
                 by_author[t.author_id].append(t)
+    panel = choose_panel({a: len(v) for a, v in by_author.items()}, member_id, others)
     rows: list[dict[str, Any]] = []
-    for author_id in sorted(by_author):
+    for author_id in panel:
         own = by_author[author_id]
         if len(own) > per_author:
             own = random.Random(f"{seed}:attr:{author_id}").sample(own, per_author)
@@ -394,12 +402,12 @@ def build_dataset(
         )
     preference = preference_rows(train, feedback) if mode != "sft" else []
     exclude = {(ex.member_id, ex.ts) for ex in heldout}
-    attribution = attribution_rows(turns, cleaner, exclude, ds.seed)
+    attribution = attribution_rows(turns, cleaner, exclude, ds.seed, None if multi else member_id)
     return Dataset(member_id, multi, mode, train, val, heldout, preference, attribution, dict(dropped))
 
 
-def write_dataset(dataset: Dataset, job_dir: Path, settings: DatasetSettings) -> dict[str, Any]:
-    """Write JOB_DIR/dataset/ into a temporary folder and rename it into place; returns meta."""
+def write_dataset(dataset: Dataset, job_dir: Path, settings: DatasetSettings, key: bytes | None = None) -> dict[str, Any]:
+    """Write JOB_DIR/dataset/ (files sealed with `key` when given) into a temporary folder and rename it in; returns meta."""
     job_dir.mkdir(parents=True, exist_ok=True)
     final = job_dir / "dataset"
     tmp = Path(tempfile.mkdtemp(prefix=".dataset-", dir=job_dir))
@@ -411,7 +419,7 @@ def write_dataset(dataset: Dataset, job_dir: Path, settings: DatasetSettings) ->
             ("preference", dataset.preference),
             ("attribution", dataset.attribution),
         ):
-            _write_jsonl(tmp / f"{name}.jsonl", rows)
+            _write_jsonl(tmp / f"{name}.jsonl", rows, key)
         meta = dataset.meta(settings)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
         old = None
@@ -427,10 +435,12 @@ def write_dataset(dataset: Dataset, job_dir: Path, settings: DatasetSettings) ->
     return meta
 
 
-def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]], key: bytes | None = None) -> None:
+    from trainer.jobdata import seal_bytes
+
+    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    with path.open("wb") as fh:
+        fh.write(seal_bytes(key, data, path.name) if key is not None else data)
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -445,8 +455,12 @@ async def materialize(
     multi: bool = False,
     *,
     reaction_weighting: bool = False,
+    encrypt: bool = True,
 ) -> dict[str, Any]:
-    """Read the member's channels from the store, build the dataset off the event loop, write it atomically."""
+    """Read the member's channels from the store, build the dataset off the event loop, write it atomically.
+
+    The files are sealed with the job's key (`trainer.jobdata.job_key_for`), which the executor hands the child.
+    """
     # Consent is checked here too: a revoked member's messages may still await erasure and must not train anything.
     allowed = await store.with_scope("train")
     if not multi:
@@ -484,4 +498,7 @@ async def materialize(
         feedback=feedback,
         reaction_weighting=reaction_weighting,
     )
-    return await asyncio.to_thread(write_dataset, dataset, Path(job_dir), settings.dataset)
+    from trainer.jobdata import job_key_for
+
+    key = job_key_for(settings, Path(job_dir)) if encrypt else None
+    return await asyncio.to_thread(write_dataset, dataset, Path(job_dir), settings.dataset, key)

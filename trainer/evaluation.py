@@ -238,7 +238,8 @@ def format_report(metrics: Mapping[str, Any], blind: Mapping[str, Any] | None = 
                      f"{fidelity.get('n_real', '?')} held-out")
     if attribution.get("available"):
         lines.append(
-            f"authorship: chance {attribution['chance']:.2f} among {attribution['members']} members; "
+            f"authorship: chance {attribution['chance']:.2f} among a panel of {attribution['members']} members "
+            f"({attribution.get('panel_rule') or 'the member and comparison members'}); "
             f"classifier accuracy {attribution['accuracy']:.2f} on held-out real messages"
         )
     elif attribution.get("reason"):

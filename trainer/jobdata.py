@@ -1,14 +1,103 @@
-"""Reading a job folder's dataset files and fitting examples into the token budget."""
+"""Reading a job folder's dataset files (sealed with the job's key) and fitting examples into the token budget.
+
+The dataset files are encrypted at rest with a per-job key: HKDF of the master key and the job id, derived by
+the parent (which writes them) and handed to the child on its stdin, so the key never touches the disk and a
+host crash mid-job leaves nothing readable without the master key. Only the process environment would be
+simpler, but another process of the same user can read a child's environment through /proc; a pipe it cannot.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from trainer.errors import JobConfigError
+
+SEALED_MAGIC = b"DOPPEL-SEALED-1\n"
+KEY_BYTES = 32
+NONCE_BYTES = 12
+# For executors without a stdin to write to (Ray): weaker, since an environment is visible to the same user.
+KEY_ENV = "DOPPEL_JOB_KEY"
+
+
+def job_key(master_key: bytes, job_id: str) -> bytes:
+    """The job's dataset key: HKDF-SHA256 of the master key, bound to the job id."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
+                info=b"doppel job dataset\x00" + job_id.encode()).derive(master_key)  # fmt: skip
+
+
+def job_key_for(settings: Any, job_dir: Path) -> bytes:
+    """The key of the job folder `job_dir` (named by its job id), from this installation's master key."""
+    from data.crypto import load_master_key
+
+    return job_key(load_master_key(settings.master_key, settings.key_path), Path(job_dir).name)
+
+
+def seal_bytes(key: bytes, data: bytes, name: str) -> bytes:
+    """AES-GCM of a whole file, its name as associated data (a file cannot be swapped for another)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(NONCE_BYTES)
+    return SEALED_MAGIC + nonce + AESGCM(key).encrypt(nonce, data, name.encode())
+
+
+def is_sealed(path: Path) -> bool:
+    """True when the file is a sealed dataset file."""
+    try:
+        with path.open("rb") as fh:
+            return fh.read(len(SEALED_MAGIC)) == SEALED_MAGIC
+    except OSError:
+        return False
+
+
+def open_bytes(path: Path, key: bytes | None) -> bytes:
+    """A dataset file's plaintext: sealed files need the job key; plain ones (tests, hand-made jobs) are read as is."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    raw = path.read_bytes()
+    if not raw.startswith(SEALED_MAGIC):
+        return raw
+    if key is None:
+        raise JobConfigError(f"{path.name}: the dataset is encrypted and no job key was given on stdin")
+    body = raw[len(SEALED_MAGIC):]
+    try:
+        return AESGCM(key).decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], path.name.encode())
+    except InvalidTag:
+        raise JobConfigError(f"{path.name}: the job key does not open the dataset") from None
+
+
+def dataset_sealed(job_dir: Path) -> bool:
+    """True when any dataset file of the job folder is sealed (the child then needs the key)."""
+    ds = job_dir / "dataset"
+    return ds.is_dir() and any(is_sealed(p) for p in ds.glob("*.jsonl"))
+
+
+def read_key(stream: IO[bytes] | None) -> bytes | None:
+    """The job key: one hex line on `stream` (the parent's pipe), else `DOPPEL_JOB_KEY`; None when neither."""
+    line = b""
+    if stream is not None:
+        try:
+            line = stream.readline(4 * KEY_BYTES).strip()
+        except (OSError, ValueError):
+            line = b""
+    text = line.decode("ascii", "replace") if line else os.environ.pop(KEY_ENV, "")
+    if not text:
+        return None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise JobConfigError("the job key must be hex") from None
+    if len(key) != KEY_BYTES:
+        raise JobConfigError(f"the job key must be {KEY_BYTES} bytes")
+    return key
 
 
 @dataclass
@@ -23,35 +112,37 @@ class JobData:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def read_jsonl(path: Path, required: tuple[str, ...] = ("prompt", "completion")) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; a missing file is empty, a bad line is a one-line error naming it."""
+def read_jsonl(path: Path, required: tuple[str, ...] = ("prompt", "completion"),
+               key: bytes | None = None) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file (sealed or plain); a missing file is empty, a bad line is a one-line error naming it."""
     if not path.exists():
         return []
     rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise JobConfigError(f"{path.name}:{n}: invalid JSON: {exc.msg}") from None
-            if not isinstance(row, dict):
-                raise JobConfigError(f"{path.name}:{n}: expected a JSON object")
-            missing = [k for k in required if not isinstance(row.get(k), str)]
-            if missing:
-                raise JobConfigError(f"{path.name}:{n}: missing string field(s) {', '.join(missing)}")
-            rows.append(row)
+    text = open_bytes(path, key).decode("utf-8")
+    # Only "\n" ends a row: ensure_ascii=False leaves U+2028 and friends inside strings, which splitlines() splits.
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise JobConfigError(f"{path.name}:{n}: invalid JSON: {exc.msg}") from None
+        if not isinstance(row, dict):
+            raise JobConfigError(f"{path.name}:{n}: expected a JSON object")
+        missing = [k for k in required if not isinstance(row.get(k), str)]
+        if missing:
+            raise JobConfigError(f"{path.name}:{n}: missing string field(s) {', '.join(missing)}")
+        rows.append(row)
     return rows
 
 
-def load_job_data(job_dir: Path) -> JobData:
-    """Read JOB_DIR/dataset/{train,val,heldout,preference}.jsonl and meta.json."""
+def load_job_data(job_dir: Path, key: bytes | None = None, *, need_train: bool = True) -> JobData:
+    """Read JOB_DIR/dataset/{train,val,heldout,preference,attribution}.jsonl (opened with `key`) and meta.json."""
     ds = job_dir / "dataset"
-    if not (ds / "train.jsonl").exists():
+    if need_train and not (ds / "train.jsonl").exists():
         raise JobConfigError(f"{ds / 'train.jsonl'}: not found (the supervisor materializes the dataset first)")
-    train = read_jsonl(ds / "train.jsonl")
-    if not train:
+    train = read_jsonl(ds / "train.jsonl", key=key)
+    if need_train and not train:
         raise JobConfigError(f"{ds / 'train.jsonl'}: no training examples")
     meta: dict[str, Any] = {}
     if (ds / "meta.json").exists():
@@ -61,10 +152,10 @@ def load_job_data(job_dir: Path) -> JobData:
             raise JobConfigError(f"{ds / 'meta.json'}: invalid JSON: {exc.msg}") from None
     return JobData(
         train=train,
-        val=read_jsonl(ds / "val.jsonl"),
-        heldout=read_jsonl(ds / "heldout.jsonl"),
-        preference=read_jsonl(ds / "preference.jsonl", required=("prompt",)),
-        attribution=read_jsonl(ds / "attribution.jsonl", required=("author_id", "text")),
+        val=read_jsonl(ds / "val.jsonl", key=key),
+        heldout=read_jsonl(ds / "heldout.jsonl", key=key),
+        preference=read_jsonl(ds / "preference.jsonl", required=("prompt",), key=key),
+        attribution=read_jsonl(ds / "attribution.jsonl", required=("author_id", "text"), key=key),
         meta=meta,
     )
 

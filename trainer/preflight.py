@@ -83,11 +83,22 @@ def devices(settings: Settings) -> list[Device]:
 
 
 def estimate_memory(shape: Any, config: Any, device: str) -> int:
-    """Bytes a LoRA job needs: frozen weights + LoRA state + activations + logits + runtime overhead.
+    """Bytes a LoRA job needs at its peak: the larger of its training and its evaluation (`memory_breakdown`)."""
+    return memory_breakdown(shape, config, device)["peak"]
 
-    CPU: fp32 weights, no checkpointing. CUDA: 4-bit weights when `quantize_4bit`, bf16 activations, and
-    gradient checkpointing keeps roughly one layer's activations alive instead of all of them.
+
+def memory_breakdown(shape: Any, config: Any, device: str) -> dict[str, int]:
+    """Bytes of the job's two phases and its peak; none of it depends on the community's size.
+
+    Training: frozen weights + LoRA state + activations + logits + runtime overhead. CPU: fp32 weights, no
+    checkpointing. CUDA: 4-bit weights when `quantize_4bit`, bf16 activations, and gradient checkpointing keeps
+    roughly one layer's activations alive instead of all of them.
+    Evaluation: the same weights, held-out perplexity batches (their logits dominate), llama.cpp generating from
+    the base GGUF (mapped file + KV cache + logits), the sentence embedder and the attribution classifier, whose
+    size is fixed by its panel (`trainer.attribution`), not by how many members the server has.
     """
+    from trainer.attribution import N_FEATURES, PANEL_OTHERS
+
     cuda = device.startswith("cuda")
     b, s = config.micro_batch_size, config.max_length
     h, layers, vocab = max(shape.hidden, 1), max(shape.layers, 1), max(shape.vocab, 1)
@@ -101,7 +112,31 @@ def estimate_memory(shape: Any, config: Any, device: str) -> int:
     kept_layers = 2 if (cuda and config.gradient_checkpointing) else layers
     activations = per_layer * kept_layers
     logits = 3 * b * s * vocab * 4  # logits, their softmax and gradient, in fp32 for the loss
-    return int(weights + lora + activations + logits + RUNTIME_OVERHEAD)
+    training = int(weights + lora + activations + logits + RUNTIME_OVERHEAD)
+    eb = max(1, int(getattr(config, "eval_batch_size", 4) or 4))
+    # No gradients: one layer's activations at a time, plus the logits and their fp32 copy for the loss.
+    ppl = eb * s * h * 8 * act_bytes + 2 * eb * s * vocab * 4
+    evaluation = weights + lora + ppl + RUNTIME_OVERHEAD
+    if not cuda:  # on a GPU host these run in host memory, beside the device's budget
+        gguf = _gguf_bytes(config)
+        n_ctx = 2048
+        kv = 2 * layers * n_ctx * h * 2  # f16 K and V for every layer (an upper bound with grouped-query heads)
+        llama = gguf + kv + 512 * vocab * 4 + 64 * MIB
+        embedder = 160 * MIB if getattr(config, "eval_fidelity", True) else 0
+        classifier = 3 * (PANEL_OTHERS + 1) * N_FEATURES * 8  # weights, idf and liblinear's working copy
+        evaluation += llama + embedder + classifier
+    evaluation = int(evaluation)
+    return {"training": training, "evaluation": evaluation, "peak": max(training, evaluation)}
+
+
+def _gguf_bytes(config: Any) -> int:
+    for candidate in (getattr(config, "base_gguf", ""), getattr(config, "base_model", "")):
+        if str(candidate).endswith(".gguf"):
+            try:
+                return Path(str(candidate)).stat().st_size
+            except OSError:
+                continue
+    return 0
 
 
 def _gib(n: float) -> str:
@@ -147,15 +182,18 @@ def job_checks(settings: Settings, config: Any, device: str) -> list[Check]:
         checks.append(Check("base model", "fail", str(exc), "check [model] base_gguf or --base"))
         return checks
     checks.append(Check("base model", "ok", f"{base.name}: {shape.architecture}, {shape.params / 1e6:.0f}M parameters"))
-    need = estimate_memory(shape, config, device)
+    phases = memory_breakdown(shape, config, device)
+    need = phases["peak"]
+    split = f"training {_gib(phases['training'])}, evaluation {_gib(phases['evaluation'])}"
     if need > dev.free_bytes:
         fix = (f"lower micro_batch_size (now {config.micro_batch_size}) or max_length (now {config.max_length}), "
                "or train a smaller base with --base")  # fmt: skip
         if device.startswith("cuda") and not config.quantize_4bit:
             fix = "enable quantize_4bit, or " + fix
-        checks.append(Check("memory", "fail", f"needs about {_gib(need)}, {device} has {_gib(dev.free_bytes)} free", fix))
+        checks.append(Check("memory", "fail", f"needs about {_gib(need)} ({split}), {device} has {_gib(dev.free_bytes)} free",
+                            fix))  # fmt: skip
     else:
-        checks.append(Check("memory", "ok", f"needs about {_gib(need)} of {_gib(dev.free_bytes)} free on {device}"))
+        checks.append(Check("memory", "ok", f"needs about {_gib(need)} ({split}) of {_gib(dev.free_bytes)} free on {device}"))
     lora_bytes = shape.layers * len(config.target_modules) * config.lora_r * 5 * shape.hidden * 4
     checks.append(disk_check(settings, need_bytes=lora_bytes * 3 * (config.save_total_limit + 1)))
     return checks

@@ -148,6 +148,18 @@ class JobRunner:
                 else:
                     await self._finish(job, JobStatus.SUCCEEDED, None, detail, adapter_id=adapter.id)
                     return
+        elif self.artifact is not None and self.artifact.is_dir():
+            # The trainer saves and announces the adapter before evaluating it: a failure after that (memory, a
+            # bug, a signal) keeps the trained adapter as a candidate, and `doppel eval` evaluates it later.
+            try:
+                adapter = await self.sup.registry.publish(self.artifact, job_id=job.id, member_id=job.member_id,
+                                                          evaluation_error=error)  # fmt: skip
+            except UserFacingError as exc:
+                error = f"{error}; the trained adapter could not be kept: {exc}"
+            else:
+                await self._finish(job, JobStatus.SUCCEEDED, f"evaluation failed: {error}", detail,
+                                   adapter_id=adapter.id)  # fmt: skip
+                return
         await self._finish(job, status, error, detail)
 
     async def _finish(self, job: Job, status: JobStatus, error: str | None, detail: str, **values: Any) -> None:

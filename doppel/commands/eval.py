@@ -20,13 +20,16 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="fidelity report of a member's active adapter against the base model")
     p.add_argument("user_id", help="Discord user id of the persona's member")
     p.add_argument("--version", type=int, help="report on this adapter version instead of the active one")
+    p.add_argument("--rerun", action="store_true",
+                   help="evaluate the adapter again (done anyway for a version whose evaluation failed)")
     return p
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Any:
     if not str(args.user_id).strip():
         raise UserFacingError("eval: USER_ID must not be empty")
-    version, blind = asyncio.run(_find(settings, str(args.user_id).strip(), args.version))
+    version, blind, reran = asyncio.run(_find(settings, str(args.user_id).strip(), args.version,
+                                              bool(getattr(args, "rerun", False)), not getattr(args, "json", False)))
     metrics = dict(version.metrics or {})
     if not metrics:
         # Older rows kept the metrics only in meta.json; read them from the row's copy, then the folder's.
@@ -52,17 +55,31 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
         "metrics": metrics,
         "blind_test": blind,
         "report": report,
+        "reevaluated": reran,
     }
 
 
-async def _find(settings: Settings, member_id: str, wanted: int | None) -> tuple[Any, dict[str, Any]]:
+async def _find(settings: Settings, member_id: str, wanted: int | None, rerun: bool = False,
+                show: bool = True) -> tuple[Any, dict[str, Any], bool]:
+    import sys
+
     from data.store import Store
+    from models.registry import needs_evaluation
 
     async with Store.open(settings) as store:
         version = await _version(store, settings, member_id, wanted)
+        reran = False
+        if rerun or needs_evaluation(dict(version.metrics or {})):
+            # Saved before an evaluation that failed (or asked for): evaluate it now, in a trainer child.
+            from trainer.reevaluate import reevaluate
+
+            if show:
+                print(f"evaluating persona {member_id} v{version.version} again ...", file=sys.stderr, flush=True)
+            version = await reevaluate(store, settings, version)
+            reran = True
         # Votes count for the adapter version that generated the tested reply.
         blind = await store.blind_tests.results(member_id, adapter_id=version.id)
-        return version, blind
+        return version, blind, reran
 
 
 async def _version(store: Any, settings: Settings, member_id: str, wanted: int | None) -> Any:
@@ -76,6 +93,11 @@ async def _version(store: Any, settings: Settings, member_id: str, wanted: int |
                 return v
         raise NoAdapterError(f"member {member_id} has no adapter version {wanted}")
     active = await registry.active(member_id)
+    from models.registry import needs_evaluation
+
+    pending = [v for v in versions if v.status == "candidate" and needs_evaluation(dict(v.metrics or {}))]
+    if pending and (active is None or pending[-1].version > active.version):
+        return pending[-1]  # trained after the active one, its evaluation failed: that is the one to complete
     if active is not None:
         return active
     if versions:

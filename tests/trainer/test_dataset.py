@@ -25,6 +25,7 @@ from trainer.dataset import (
     write_dataset,
 )
 from trainer.errors import DatasetError, NotEnoughExamplesError
+from trainer.jobdata import is_sealed, job_key_for, open_bytes
 from trainer.preference import preference_rows
 
 # SmolLM2-135M-Instruct's template, copied once from the bundled GGUF (reading the GGUF takes seconds).
@@ -309,9 +310,13 @@ async def _materialize_scenario(s: Settings, tmp_path: Path) -> None:
         meta = await materialize(store, s, ME, tmp_path / "job", FMT, mode="sft+kto")
         assert meta["lineage"] == [ME, BOB] and meta["member"] == ME
         assert meta["counts"]["train"] + meta["counts"]["val"] + meta["counts"]["heldout"] == 31
-        text = "".join(p.read_text() for p in (tmp_path / "job" / "dataset").iterdir())
+        key = job_key_for(s, tmp_path / "job")
+        files = sorted((tmp_path / "job" / "dataset").glob("*.jsonl"))
+        assert files and all(is_sealed(p) for p in files)  # encrypted at rest, opened with the job's key
+        text = "".join(open_bytes(p, key).decode() for p in files)
         assert "never asked" not in text and "Alice" in text  # display names from the members table
-        pref = [json.loads(x) for x in (tmp_path / "job" / "dataset" / "preference.jsonl").read_text().splitlines()]
+        pref_text = open_bytes(tmp_path / "job" / "dataset" / "preference.jsonl", key).decode()
+        pref = [json.loads(x) for x in pref_text.splitlines()]
         assert any(r["source"] == "feedback" and r["completion"] == "great answer<|im_end|>" for r in pref)
         assert "secret context" not in text
 

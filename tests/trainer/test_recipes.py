@@ -83,7 +83,10 @@ def test_sft_run_lowers_loss_exports_and_reports(make_job: Callable[..., Path]) 
     assert list((job / "tensorboard").glob("events.out.tfevents.*"))
     kinds = [e["event"] for e in ev.events]
     assert kinds[0] == "phase" and "started" in kinds and kinds[-1] == "finished"
-    assert kinds.index("metrics") < kinds.index("artifact") < kinds.index("finished")
+    # The adapter is saved and announced before evaluation (so a failure there cannot lose it), then again after.
+    artifacts = [i for i, k in enumerate(kinds) if k == "artifact"]
+    assert len(artifacts) == 2 and artifacts[0] < kinds.index("metrics") < artifacts[1] < kinds.index("finished")
+    assert [ev.of("artifact")[i]["evaluated"] for i in (0, 1)] == [False, True]
     progress = ev.of("progress")
     assert [p["step"] for p in progress] == list(range(1, 9))
     assert all(p["total"] == 8 and p["tokens_per_s"] > 0 and p["peak_mem_mb"] > 0 and p["eta_s"] >= 0 for p in progress)
@@ -106,6 +109,9 @@ def test_sft_run_lowers_loss_exports_and_reports(make_job: Callable[..., Path]) 
     assert metrics["ppl_adapter"] < metrics["ppl_base"] and metrics["active"] is True
     assert len(metrics["samples"]) == 2 and metrics["generated_by"] == "llama.cpp"
     assert ev.of("metrics")[0]["ppl_adapter"] == metrics["ppl_adapter"]
+    resources = metrics["resources"]
+    assert 0 < resources["train_peak_rss_mb"] <= resources["peak_rss_mb"]
+    assert resources["estimate_mb"]["peak"] >= resources["estimate_mb"]["training"] > 0
     # The PEFT files load back with peft, onto the same base.
     state = _lora_state(folder)
     assert any("lora_B" in k and float(v.abs().sum()) > 0 for k, v in state.items())

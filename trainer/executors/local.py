@@ -88,6 +88,17 @@ class LocalRun:
             await self.proc.wait()
 
 
+async def send_job_key(proc: asyncio.subprocess.Process, settings: Settings, job_dir: Path) -> None:
+    """Write the job folder's dataset key on the child's stdin (one hex line) and close it."""
+    from trainer.jobdata import job_key_for
+
+    assert proc.stdin is not None
+    with contextlib.suppress(OSError, ConnectionError):  # a child that died at once: its outcome says why
+        proc.stdin.write(job_key_for(settings, job_dir).hex().encode() + b"\n")
+        await proc.stdin.drain()
+    proc.stdin.close()
+
+
 def kill_group(pgid: int, signum: int) -> bool:
     """Signal a whole process group (the trainer and anything it spawned); False when it is already gone."""
     try:
@@ -109,7 +120,7 @@ class LocalExecutor:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *trainer_command(job_dir, resume),
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.PIPE,  # the job key, written below: never on disk, not in the environment
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=device_env(device),
@@ -119,4 +130,5 @@ class LocalExecutor:
             )
         except OSError as exc:
             raise ExecutorError(f"could not start the trainer: {exc}") from None
+        await send_job_key(proc, self.settings, job_dir)
         return LocalRun(proc)

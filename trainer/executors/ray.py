@@ -21,6 +21,7 @@ from typing import Any
 from doppel.settings import Settings
 from trainer.errors import ExecutorError
 from trainer.executors.base import Outcome, StderrTail, parse_event
+from trainer.jobdata import KEY_ENV, job_key_for
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 POLL_S = 0.5
@@ -128,6 +129,9 @@ class RayExecutor:
         (job_dir / f".ray-attempt-{attempt}").touch()
         submission_id = f"doppel-{job_id}-{attempt}"
         env = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        # A Ray entrypoint has no stdin: the dataset key travels in its environment, readable by whoever can read
+        # the cluster's job metadata (weaker than the local executor's pipe; the child drops it once read).
+        env[KEY_ENV] = job_key_for(self.settings, job_dir).hex()
         gpus = 1 if device.startswith("cuda") else 0
         try:
             await asyncio.to_thread(

@@ -14,14 +14,14 @@ from trainer.recipes.sft import finish_job, setup_torch, train_sft
 
 
 def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Event, *,
-        resume: bool = False) -> dict[str, Any]:
+        resume: bool = False, key: bytes | None = None) -> dict[str, Any]:
     """SFT (resumable), then KTO from the SFT adapter, then evaluate and publish."""
     from trainer.basemodel import load_base
     from trainer.jobdata import fit_rows, load_job_data
 
     # --- setup
     setup_torch(cfg)
-    data = load_job_data(job_dir)
+    data = load_job_data(job_dir, key)
     emitter.emit("phase", phase="loading base model")
     base = load_base(Path(cfg.base_model), quantize_4bit=cfg.quantize_4bit,
                      gradient_checkpointing=cfg.gradient_checkpointing,

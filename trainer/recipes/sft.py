@@ -10,19 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import TrainConfig
-from trainer.errors import JobCancelled, TrainingError
+from trainer.errors import EvaluationError, JobCancelled, TrainingError
 from trainer.events import Emitter
 
 
 def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Event, *,
-        resume: bool = False) -> dict[str, Any]:
+        resume: bool = False, key: bytes | None = None) -> dict[str, Any]:
     """Train the persona adapter, evaluate it, and publish the adapter folder; returns the artifact summary."""
     from trainer.basemodel import load_base
     from trainer.jobdata import fit_rows, load_job_data, weighted_rows
 
     # --- setup
     setup_torch(cfg)
-    data = load_job_data(job_dir)
+    data = load_job_data(job_dir, key)
     emitter.emit("phase", phase="loading base model")
     base = load_base(Path(cfg.base_model), quantize_4bit=cfg.quantize_4bit,
                      gradient_checkpointing=cfg.gradient_checkpointing,
@@ -192,7 +192,12 @@ def base_gguf_for(cfg: TrainConfig) -> Path | None:
 
 def finish_job(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, data: Any, emitter: Emitter, *,
                stats: dict[str, Any], stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Stage the adapter folder, evaluate (llama.cpp generates from the staged GGUF), write meta + plot, publish."""
+    """Save and announce the adapter folder, then evaluate it (llama.cpp generates from its GGUF) and update it.
+
+    The adapter is complete on disk and announced (`artifact` with `evaluated: false`) before evaluation starts:
+    if evaluation then dies (out of memory, a bug, a signal), the supervisor publishes it as a candidate with
+    "evaluation failed: <why>" and `doppel eval` runs the evaluation again later. Training is never lost to it.
+    """
     from trainer import report
     from trainer.adapter_folder import StagedAdapter
     from trainer.basemodel import file_sha256
@@ -200,11 +205,10 @@ def finish_job(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, data
     from trainer.plot import loss_png
 
     emitter.emit("phase", phase="exporting")
+    train_peak = peak_rss_mb()
     staged = StagedAdapter(job_dir / "output" / "adapter")
     try:
         export = staged.save_peft(model, BaseInfo.from_hf_config(model.config), gguf_dtype=cfg.gguf_dtype)
-        emitter.emit("phase", phase="evaluating")
-        metrics = report.evaluate(model, tokenizer, cfg, data, adapter_gguf=staged.path / "adapter.gguf", base_gguf=base_gguf_for(cfg))
         loss_series = [(name, s.get("losses", [])) for name, s in stages.items() if name != "sft"]
         loss_png(staged.path / "loss.png", stats.get("losses", []), title=f"{cfg.persona_name or cfg.member_id} ({cfg.mode})",
                  stages=loss_series)
@@ -219,7 +223,7 @@ def finish_job(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, data
             "lineage": list(data.meta.get("lineage") or []),
             "training": {name: {k: v for k, v in s.items() if k != "losses"} for name, s in stages.items()},
             "losses": {name: s.get("losses", []) for name, s in stages.items()},
-            "metrics": metrics,
+            "metrics": {"evaluation": "pending", "active": False, "gate_reason": "not evaluated yet"},
             "export": export,
         }
         staged.write_meta(meta)
@@ -227,7 +231,94 @@ def finish_job(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, data
     except BaseException:
         staged.discard()
         raise
+    emitter.emit("artifact", kind="adapter", path=str(path), gguf=str(path / "adapter.gguf"), evaluated=False)
+    emitter.emit("phase", phase="evaluating")
+    simulate_eval_failure(cfg.simulate_eval_failure)
+    metrics = report.evaluate(model, tokenizer, cfg, data, adapter_gguf=path / "adapter.gguf", base_gguf=base_gguf_for(cfg))
+    metrics["evaluation"] = "done"
+    # ru_maxrss is the peak of the whole life of the process: read after training, then after evaluation.
+    metrics["resources"] = {"train_peak_rss_mb": train_peak, "peak_rss_mb": peak_rss_mb(),
+                            "estimate_mb": estimate_mb(cfg, str(stats.get("device") or "cpu"))}
+    update_meta(path, metrics=metrics)
     emitter.emit("metrics", **{k: v for k, v in metrics.items()})
-    emitter.emit("artifact", kind="adapter", path=str(path), gguf=str(path / "adapter.gguf"),
+    emitter.emit("artifact", kind="adapter", path=str(path), gguf=str(path / "adapter.gguf"), evaluated=True,
                  active=metrics.get("active"), gate_reason=metrics.get("gate_reason"))
-    return {"adapter": str(path), "metrics": metrics, "training": meta["training"]}
+    return {"adapter": str(path), "metrics": metrics, "training": meta["training"],
+            "peak_rss_mb": metrics["resources"]["peak_rss_mb"]}
+
+
+def simulate_eval_failure(kind: str) -> None:
+    """Testing hook: fail evaluation the way a bug ('error') or the OOM killer ('kill') would."""
+    if kind == "error":
+        raise EvaluationError("simulated evaluation failure")
+    if kind == "kill":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def update_meta(folder: Path, **fields: Any) -> dict[str, Any]:
+    """Rewrite fields of an adapter folder's meta.json atomically (a reader sees the old or the new file)."""
+    import json
+
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    meta.update(fields)
+    tmp = folder / ".meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / "meta.json")
+    return meta
+
+
+def estimate_mb(cfg: TrainConfig, device: str) -> dict[str, float] | None:
+    """The pre-flight's estimate for this job (training, evaluation, peak) in MiB, to compare with the measured peak."""
+    from models.ggufinfo import read_shape
+    from trainer.preflight import memory_breakdown
+
+    gguf = base_gguf_for(cfg)
+    if gguf is None or not gguf.is_file():
+        return None
+    try:
+        phases = memory_breakdown(read_shape(gguf), cfg, device)
+    except Exception:  # noqa: BLE001 - an estimate is informative only; the job must not fail for it
+        return None
+    return {k: round(v / 2**20, 1) for k, v in phases.items()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def reevaluate(cfg: TrainConfig, job_dir: Path, adapter_dir: Path, emitter: Emitter, *,
+               key: bytes | None = None) -> dict[str, Any]:
+    """Evaluate a saved adapter folder again (its first evaluation failed); the metrics go out as an event only.
+
+    The child writes nothing into the adapter folder: the parent records the metrics through the registry.
+    """
+    from peft import PeftModel
+
+    from trainer import report
+    from trainer.basemodel import load_base
+    from trainer.jobdata import load_job_data
+
+    setup_torch(cfg)
+    data = load_job_data(job_dir, key, need_train=False)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise TrainingError(f"{adapter_dir}: not an adapter folder (adapter_config.json missing)")
+    emitter.emit("phase", phase="loading base model")
+    base = load_base(Path(cfg.base_model), quantize_4bit=cfg.quantize_4bit, gradient_checkpointing=False,
+                     cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None)
+    model = PeftModel.from_pretrained(base.model, str(adapter_dir))
+    loaded_peak = peak_rss_mb()
+    emitter.emit("phase", phase="evaluating")
+    simulate_eval_failure(cfg.simulate_eval_failure)
+    metrics = report.evaluate(model, base.tokenizer, cfg, data, adapter_gguf=adapter_dir / "adapter.gguf",
+                              base_gguf=base_gguf_for(cfg))  # fmt: skip
+    metrics["evaluation"] = "done"
+    metrics["resources"] = {"loaded_peak_rss_mb": loaded_peak, "peak_rss_mb": peak_rss_mb()}
+    emitter.emit("metrics", **{k: v for k, v in metrics.items()})
+    return {"adapter": str(adapter_dir), "metrics": metrics}
