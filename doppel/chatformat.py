@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,14 +22,59 @@ class Utterance:
     text: str
 
 
-def system_prompt(persona_name: str, channel_name: str | None = None, *, multi: bool = False) -> str:
+@dataclass(frozen=True)
+class PromptStyle:
+    """How a persona's turn is framed; one style serves training and inference alike (see `use_style`).
+
+    `system`: "persona" names the member and the community; "plain" is a short instruction without a name
+    (a named system prompt on a small instruct model invites its assistant voice: "I am happy to help").
+    `speaker_names`: prefix other people's lines with "Name: " (needed in group chat to tell speakers apart).
+    """
+
+    system: str = "persona"
+    speaker_names: bool = True
+
+    def __post_init__(self) -> None:
+        if self.system not in ("persona", "plain"):
+            raise ValueError(f"unknown system prompt style {self.system!r}")
+
+
+PERSONA_STYLE = PromptStyle("persona", True)
+PLAIN_STYLE = PromptStyle("plain", False)
+STYLES = {"persona": PERSONA_STYLE, "plain": PLAIN_STYLE, "plain+names": PromptStyle("plain", True)}
+_style: PromptStyle = PERSONA_STYLE
+
+
+def current_style() -> PromptStyle:
+    """The prompt style in force (the product's default unless a benchmark switched it with `use_style`)."""
+    return _style
+
+
+@contextmanager
+def use_style(style: PromptStyle | str) -> Iterator[PromptStyle]:
+    """Render with `style` inside the block: datasets built and prompts served there agree on it."""
+    global _style
+    previous = _style
+    _style = STYLES[style] if isinstance(style, str) else style
+    try:
+        yield _style
+    finally:
+        _style = previous
+
+
+def system_prompt(
+    persona_name: str, channel_name: str | None = None, *, multi: bool = False, style: PromptStyle | None = None
+) -> str:
     """The persona's system prompt; `multi` is the multi-persona adapter's 'respond as' instruction."""
+    style = style or _style
     where = f" in #{channel_name}" if channel_name else ""
     if multi:
         return (
             f"Respond as {persona_name}, a member of this Discord community chatting{where}. "
             f"Write only {persona_name}'s next message, in their own style."
         )
+    if style.system == "plain":
+        return "You are chatting with a stranger. Reply in your own style."
     return (
         f"You are {persona_name}, a member of this Discord community, chatting{where}. "
         f"Write {persona_name}'s next message in their own voice: same tone, length, spelling and emoji."
@@ -42,9 +88,13 @@ def build_messages(
     context: Sequence[Utterance],
     *,
     multi: bool = False,
+    style: PromptStyle | None = None,
 ) -> list[dict[str, str]]:
     """Chat messages for a persona's next turn: others become user turns ("Name: text"), the persona's own assistant turns."""
-    messages = [{"role": "system", "content": system_prompt(persona_name, channel_name, multi=multi)}]
+    style = style or _style
+    # The multi-persona adapter must know who says what; a single persona's style may drop the names.
+    names = style.speaker_names or multi
+    messages = [{"role": "system", "content": system_prompt(persona_name, channel_name, multi=multi, style=style)}]
     pending: list[str] = []
     for u in context:
         if u.author_id == persona_id:
@@ -54,7 +104,7 @@ def build_messages(
             messages.append({"role": "assistant", "content": u.text})
         else:
             # Consecutive speakers share one user turn: templates that insist on alternating roles still render.
-            pending.append(f"{u.name}: {u.text}")
+            pending.append(f"{u.name}: {u.text}" if names else u.text)
     if pending:
         messages.append({"role": "user", "content": "\n".join(pending)})
     if messages[-1]["role"] != "user":

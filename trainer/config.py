@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,26 @@ from trainer.errors import JobConfigError
 MODES = ("sft", "sft+kto", "sft+dpo")
 BATCHING = ("padding_free", "length_grouped", "random")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Recipes a user picks by the time they will spend. Steps follow the member's data (`epochs` over the training
+# examples, at least `min_steps`, at most `max_steps_cap`), so a member with 300 replies is not trained as long as
+# one with 30,000, and no preset runs past its stated time. Chosen on `doppel bench fidelity` (BENCHMARKS.md).
+# Times: SmolLM2-135M at ~110 trained tokens per example, CPU ~200 tokens/s on 2 cores (measured, `bench train`);
+# GPU: an estimate for a 0.5-3B QLoRA base (not measured on this project's machines).
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {"epochs": 1.0, "max_steps_cap": 60, "micro_batch_size": 8, "grad_accum": 1,
+              "learning_rate": 3e-4, "lora_r": 16, "lora_alpha": 32},
+    "good": {"epochs": 1.0, "max_steps_cap": 150, "micro_batch_size": 8, "grad_accum": 1,
+             "learning_rate": 3e-4, "lora_r": 16, "lora_alpha": 32},
+    "best": {"epochs": 2.0, "max_steps_cap": 600, "micro_batch_size": 8, "grad_accum": 1,
+             "learning_rate": 2e-4, "lora_r": 32, "lora_alpha": 64},
+}
+PRESET_TIMES = {
+    "quick": "at most 60 steps x 8 examples: ~4-5 min on a 2-core CPU (135M); ~1 min on a GPU (estimate)",
+    "good": "at most 150 steps x 8 examples: ~12 min on a 2-core CPU (135M); ~2-3 min on a GPU (estimate)",
+    "best": "2 epochs, at most 600 steps x 8 examples: ~50 min on a 2-core CPU (135M); ~10 min on a GPU (estimate)",
+}
+DEFAULT_PRESET = "good"
 
 
 def _f(default: Any, help: str) -> Any:
@@ -33,11 +54,14 @@ class TrainConfig:
     base_name: str = _f("", "Registry name of the base model, recorded in meta.json.")
     base_gguf: str = _f("", "GGUF file llama.cpp serves the adapter on; used to validate the export. Empty: base_model if it is a GGUF.")
     base_cache_dir: str = _f("", "Folder caching GGUF bases converted to float HF folders (empty: convert on every run).")
-    max_steps: int = _f(200, "Optimizer steps for SFT (0: derive from epochs).")
-    epochs: float = _f(1.0, "Epochs when max_steps is 0.")
-    micro_batch_size: int = _f(4, "Examples per forward pass; halved automatically on CUDA out-of-memory.")
+    preset: str = _f(DEFAULT_PRESET, "Recipe preset the defaults came from: 'quick', 'good' or 'best' (PRESETS).")
+    max_steps: int = _f(0, "Optimizer steps for SFT (0: derive from the data: epochs, min_steps, max_steps_cap).")
+    epochs: float = _f(1.0, "Epochs over the training examples when max_steps is 0.")
+    max_steps_cap: int = _f(150, "Most steps derived from the data when max_steps is 0 (0: no cap).")
+    min_steps: int = _f(20, "Fewest steps derived from the data when max_steps is 0.")
+    micro_batch_size: int = _f(8, "Examples per forward pass; halved automatically on CUDA out-of-memory.")
     grad_accum: int = _f(1, "Micro-batches per optimizer step; doubled when the micro-batch is halved.")
-    learning_rate: float = _f(2e-4, "Peak learning rate of the LoRA weights.")
+    learning_rate: float = _f(3e-4, "Peak learning rate of the LoRA weights.")
     lr_scheduler: str = _f("cosine", "transformers learning-rate schedule name.")
     warmup_steps: int = _f(0, "Linear warm-up steps.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -70,6 +94,10 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise `JobConfigError` with a one-line reason when a value cannot work."""
+        if self.preset not in PRESETS:
+            raise JobConfigError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.max_steps_cap < 0 or self.min_steps < 0:
+            raise JobConfigError("max_steps_cap and min_steps must not be negative")
         if self.mode not in MODES:
             raise JobConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not self.base_model:
@@ -90,6 +118,16 @@ class TrainConfig:
         if self.gguf_dtype not in ("f32", "f16"):
             raise JobConfigError(f"gguf_dtype must be 'f32' or 'f16', got {self.gguf_dtype!r}")
         return self
+
+    def steps_for(self, n_train: int) -> int:
+        """Optimizer steps for `n_train` training examples: `max_steps`, or derived from the data when it is 0."""
+        if self.max_steps > 0:
+            return self.max_steps
+        per_step = self.micro_batch_size * self.grad_accum
+        steps = math.ceil(self.epochs * max(0, n_train) / per_step)
+        if self.max_steps_cap:
+            steps = min(steps, self.max_steps_cap)
+        return max(1, self.min_steps, steps) if n_train > 0 else max(1, self.min_steps)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -123,22 +161,33 @@ class TrainConfig:
             raise JobConfigError(f"{path}: not found") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise JobConfigError(f"{path}: invalid JSON: {exc}") from None
-        return cls.from_dict(data)
+        cfg = cls.from_dict(data)
+        if cfg.max_steps == 0:
+            # Steps from the data: the job folder's dataset/meta.json (written before the child starts) counts it.
+            n_train = _train_count(path.parent / "dataset" / "meta.json")
+            if n_train is not None:
+                cfg.max_steps = cfg.steps_for(n_train)
+        return cfg
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> TrainConfig:
-        """Defaults from the `[training]` and `[model]` settings, then `overrides` (e.g. member_id, max_steps)."""
+        """The preset's recipe, then `[training]` values an operator changed, then `overrides` (member_id, max_steps...)."""
         t = settings.training
+        preset = str(overrides.pop("preset", None) or getattr(t, "preset", "") or DEFAULT_PRESET)
+        if preset not in PRESETS:
+            raise JobConfigError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
         base: dict[str, Any] = {
-            "max_steps": t.max_steps,
-            "epochs": t.epochs,
-            "lora_r": t.lora_r,
-            "lora_alpha": t.lora_alpha,
-            "lora_dropout": t.lora_dropout,
-            "learning_rate": t.learning_rate,
+            **PRESETS[preset],
+            "preset": preset,
             "base_name": settings.model.base_name,
             "base_cache_dir": str(settings.cache_dir / "base-models"),
         }
+        # A settings value still at its shipped default leaves the preset alone; one the operator set wins.
+        shipped = type(t)()
+        for key in ("max_steps", "epochs", "lora_r", "lora_alpha", "lora_dropout", "learning_rate"):
+            value = getattr(t, key)
+            if value != getattr(shipped, key):
+                base[key] = value
         if "base_model" not in overrides:
             base["base_model"] = str(settings.base_gguf_path())
         base.update(overrides)
@@ -148,6 +197,14 @@ class TrainConfig:
     def help(cls) -> dict[str, str]:
         """Field name -> help text (for docs and `--help`-style listings)."""
         return {f.name: str(f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
+
+
+def _train_count(meta_path: Path) -> int | None:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        return int(meta["counts"]["train"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _coerce(kind: Any, value: Any, name: str) -> Any:

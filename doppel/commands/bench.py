@@ -16,6 +16,7 @@ BENCHES = {
     "dataset": "trainer.bench:dataset",
     "train": "trainer.bench:train",
     "inference": "inference.bench:inference",
+    "fidelity": "doppel.benchfidelity:fidelity",
 }
 
 
@@ -24,11 +25,17 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("name", choices=[*BENCHES, "all"])
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.add_argument("-o", "--output", help="also write the JSON result to this file")
+    # fidelity only: which configurations, how many held-out openings, a factor on every configuration's steps.
+    p.add_argument("--configs", default="", help="fidelity: comma-separated configurations (default: all)")
+    p.add_argument("--openings", type=int, default=0, help="fidelity: held-out openings answered per system")
+    p.add_argument("--steps-scale", type=float, default=0.0, help="fidelity: multiply every configuration's steps")
+    p.add_argument("--member", default=None, help="fidelity: the member (an IRC nick; default the most active)")
     return p
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Any:
-    names = list(BENCHES) if args.name == "all" else [args.name]
+    # fidelity trains several personas (tens of minutes on a CPU): run it by name, not in `all`.
+    names = [n for n in BENCHES if n != "fidelity"] if args.name == "all" else [args.name]
     results: dict[str, Any] = {}
     for name in names:
         module_name, func = BENCHES[name].split(":")

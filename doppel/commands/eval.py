@@ -42,6 +42,14 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
         f"persona {version.member_id} v{version.version} ({version.status}), base {version.base_model}, "
         f"{metrics.get('heldout_examples', '?')} held-out replies"
     )
+    # The panel and chance behind "attributed to member": a 5-member synthetic panel is easy, a real one is not.
+    attribution = ((metrics.get("fidelity") or {}).get("attribution") or {})
+    panel = {"members": attribution.get("members"), "chance": attribution.get("chance"),
+             "rule": attribution.get("panel_rule"), "classifier_accuracy": attribution.get("accuracy")}
+    if attribution.get("available"):
+        header += f"; authorship panel of {panel['members']} members, chance {panel['chance']:.2f}"
+    else:
+        header += "; authorship not measured"
     if not getattr(args, "json", False):
         print(header)
         print(report)
@@ -54,6 +62,7 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
         "gate": {"passes": active, "reason": reason},
         "metrics": metrics,
         "blind_test": blind,
+        "attribution_panel": panel,
         "report": report,
         "reevaluated": reran,
     }

@@ -1,0 +1,392 @@
+"""`doppel bench fidelity`: does the persona write like the member on REAL people's chat? Black box, through the product.
+
+Data: real multi-speaker chat of the Ubuntu IRC channel (`doppel/benchdata/ubuntu_irc.jsonl.gz`, see README.md
+there: the Ubuntu logs are public domain, the selection is CC-BY-4.0). It is converted to DiscordChatExporter JSON,
+imported into a fresh store with every author consenting, and then, per configuration:
+
+- train the member's persona through the supervisor (the same path as `doppel train`),
+- answer held-out openings (messages the member really answered, later than all training data) through the engine,
+- attribute every reply with a fixed character n-gram classifier over a panel of real authors (the member and the
+  next most active ones): the member's share against chance (1 / panel) and against the ceiling (the share of the
+  member's own real held-out replies),
+- report held-out perplexity (base → adapter) and the wall time of training.
+
+The retrieval persona is served with the held-out replies excluded from its examples (otherwise it could quote
+the very answer it is scored on). Configurations differ in recipe (`overrides`, TrainConfig fields) and in prompt
+shape (`style`, `doppel.chatformat.STYLES`), so the recipe and the prompt can be told apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import gzip
+import hashlib
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from doppel.errors import UserFacingError
+from doppel.settings import Settings
+
+DATA = Path(__file__).parent / "benchdata" / "ubuntu_irc.jsonl.gz"
+# Channel bots answer with canned factoids: never a panel member, never a persona.
+BOTS = frozenset({"ubottu", "ubotu", "ubot5", "ubot2", "ubot3", "ubot4", "ubuntulog", "ubuntu-bot"})
+GUILD = "300000000000000000"
+CHANNEL_BASE = 3_000_000_000_000_000_000
+_ADDRESS = re.compile(r"^([^\s:,]{1,32})[:,]\s")
+
+# The plain PEFT reference recipe of issue 14: r16 all-linear, lr 3e-4, 8 examples a step length-grouped, 120 steps,
+# a nameless system prompt, up to 6 previous turns, own turns as assistant.
+PLAIN_PEFT = {
+    "overrides": {"max_steps": 120, "micro_batch_size": 8, "learning_rate": 3e-4, "lora_r": 16, "lora_alpha": 32,
+                  "batching": "length_grouped"},
+    "style": "plain",
+}
+# The product's recipe before issue 14 (150 steps x 4 examples at 2e-4, the named persona prompt).
+PRODUCT_V1 = {
+    "overrides": {"max_steps": 150, "micro_batch_size": 4, "learning_rate": 2e-4, "lora_r": 16, "lora_alpha": 32},
+    "style": "persona",
+}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "product_v1": PRODUCT_V1,
+    "plain_peft": PLAIN_PEFT,
+    # The 2x2 that separates the suspects: each recipe with the other's prompt shape.
+    "v1_recipe_plain_prompt": {"overrides": PRODUCT_V1["overrides"], "style": "plain"},
+    "plain_recipe_persona_prompt": {"overrides": PLAIN_PEFT["overrides"], "style": "persona"},
+    # Whatever TrainConfig and chatformat default to now.
+    "defaults": {"overrides": {}, "style": None},
+}
+# Fast evaluation inside the job: the harness measures fidelity itself, the job only its perplexity.
+JOB_EVAL = {"eval_fidelity": False, "eval_samples": 0, "eval_max_examples": 48}
+
+
+def load_logs(path: Path = DATA) -> list[dict[str, Any]]:
+    """The shipped logs: one record per log file, lines as [minute of day, nick, text]."""
+    if not path.is_file():
+        raise UserFacingError(f"benchmark data missing: {path}")
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def author_id(nick: str) -> str:
+    """A stable snowflake-sized numeric id for an IRC nick."""
+    return str(10**17 + int(hashlib.sha1(nick.encode()).hexdigest()[:14], 16) % (9 * 10**17))
+
+
+def to_exports(logs: Sequence[Mapping[str, Any]], folder: Path) -> list[Path]:
+    """DiscordChatExporter JSON, one channel per log; "nick: ..." addressing becomes a Discord reply."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, log in enumerate(logs):
+        channel_id = str(CHANNEL_BASE + k * 10_000_000)
+        day = datetime.fromisoformat(str(log["date"])).replace(tzinfo=UTC)
+        messages: list[dict[str, Any]] = []
+        last_by_nick: dict[str, str] = {}
+        prev_minute, day_offset, in_minute = -1, 0, 0
+        for n, (minute, nick, text) in enumerate(log["lines"]):
+            if minute < prev_minute - 60:
+                day_offset += 1  # the log crossed midnight
+            in_minute = in_minute + 1 if minute == prev_minute else 0
+            prev_minute = minute
+            ts = day + timedelta(days=day_offset, minutes=minute, seconds=min(59, in_minute * 2))
+            msg_id = str(int(channel_id) + n + 1)
+            m = _ADDRESS.match(text)
+            ref = last_by_nick.get(m.group(1)) if m else None
+            messages.append({
+                "id": msg_id, "type": "Reply" if ref else "Default",
+                "timestamp": ts.isoformat(timespec="milliseconds"), "timestampEdited": None,
+                "isPinned": False, "content": text,
+                "author": {"id": author_id(nick), "name": nick, "discriminator": "0000", "nickname": nick,
+                           "isBot": nick in BOTS, "roles": [], "avatarUrl": ""},
+                "attachments": [], "embeds": [], "stickers": [], "reactions": [], "mentions": [], "inlineEmojis": [],
+                **({"reference": {"messageId": ref, "channelId": channel_id, "guildId": GUILD}} if ref else {}),
+            })
+            last_by_nick[nick] = msg_id
+        export = {
+            "guild": {"id": GUILD, "name": "Ubuntu IRC", "iconUrl": ""},
+            "channel": {"id": channel_id, "type": "GuildTextChat", "categoryId": "1", "category": "IRC",
+                        "name": "ubuntu", "topic": None},
+            "dateRange": {"after": None, "before": None},
+            "exportedAt": "2026-11-30T00:00:00+00:00",
+            "messages": messages,
+            "messageCount": len(messages),
+        }
+        path = folder / f"ubuntu-{log['log']}.json"
+        path.write_text(json.dumps(export, ensure_ascii=False), encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def choose_panel(logs: Sequence[Mapping[str, Any]], size: int, member: str | None = None) -> list[str]:
+    """The member (default: the most active human) and the next most active humans: `size` nicks, member first."""
+    counts = Counter(nick for log in logs for _, nick, _ in log["lines"] if nick not in BOTS)
+    ranked = [n for n, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    member = member or ranked[0]
+    if member not in counts:
+        raise UserFacingError(f"{member!r} never speaks in the benchmark data")
+    return [member, *[n for n in ranked if n != member][: size - 1]]
+
+
+def select_logs(logs: Sequence[Mapping[str, Any]], panel: Sequence[str], max_logs: int) -> list[dict[str, Any]]:
+    """The logs where the member speaks most (all of them when `max_logs` is 0)."""
+    member = panel[0]
+    scored = [(sum(1 for _, n, _ in log["lines"] if n == member), i) for i, log in enumerate(logs)]
+    keep = sorted(i for c, i in sorted(scored, reverse=True)[: max_logs or len(logs)] if c > 0)
+    return [dict(logs[i]) for i in keep]
+
+
+class _Heldout:
+    """A retriever that never hands the persona one of the held-out replies it is scored on."""
+
+    def __init__(self, inner: Any, banned: set[str]) -> None:
+        self.inner = inner
+        self.banned = {" ".join(b.split()) for b in banned}
+
+    async def examples(self, member_id: str, context: Sequence[Any], k: int) -> list[str]:
+        got = await self.inner.examples(member_id, context, k + 8)
+        return [e for e in got if " ".join(e.split()) not in self.banned][:k]
+
+    def forget(self, member_id: str) -> None:
+        self.inner.forget(member_id)
+
+
+def _scaled(overrides: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    from trainer.config import TrainConfig
+
+    out = dict(overrides)
+    if scale != 1.0:
+        steps = int(out.get("max_steps") or TrainConfig().max_steps)
+        out["max_steps"] = max(2, round(steps * scale))
+    return out
+
+
+async def _prepare(settings: Settings, panel: Sequence[str], logs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    from consent.service import ConsentService
+    from data.dce_import import import_exports
+    from data.records import Member
+    from data.store import Store
+
+    authors = sorted({nick for log in logs for _, nick, _ in log["lines"] if nick not in BOTS})
+    async with Store.open(settings) as store:
+        await ConsentService(store).grant([author_id(n) for n in authors], ["train", "chat"], actor="bench",
+                                          channel="cli")
+        for nick in panel:
+            await store.members.upsert(Member(id=author_id(nick), name=nick, display_name=nick))
+        with tempfile.TemporaryDirectory(prefix="doppel-fidelity-") as tmp:
+            report = await import_exports(store, to_exports(logs, Path(tmp)), source="import")
+    return {"authors": len(authors), "stored": report["total"]["stored"], "read": report["total"]["read"]}
+
+
+async def _openings(settings: Settings, member: str, n: int) -> dict[str, Any]:
+    """The member's held-out replies (the product's own time split) and the message each one answered."""
+    from data.store import Store
+    from doppel.chatformat import ChatFormat
+    from trainer.cleaning import Cleaner
+    from trainer.dataset import build_dataset, build_turns
+
+    fmt = ChatFormat.from_gguf(settings.base_gguf_path())
+    mid = author_id(member)
+    async with Store.open(settings) as store:
+        channels = await store.messages.channels_of(mid)
+        messages = [m async for m in store.messages.iter_channels(sorted(channels))]
+    ds = build_dataset(messages, mid, settings, fmt)
+    names = {m.author_id: m.author_name for m in messages}
+    turns = build_turns(messages, Cleaner(names, settings.dataset.min_chars, settings.dataset.max_chars),
+                        settings.dataset.merge_gap_s)
+    by_start = {(t.channel_id, t.start): (k, t) for ch in turns.values() for k, t in enumerate(ch)}
+    by_msg = {m: t for ch in turns.values() for t in ch for m in t.message_ids}
+    pairs = []
+    for ex in sorted(ds.heldout, key=lambda e: e.ts):
+        found = by_start.get((ex.channel_id, ex.ts))
+        if found is None:
+            continue
+        k, turn = found
+        partner = by_msg.get(turn.reply_to or "")
+        if partner is None:
+            before = [t for t in turns[ex.channel_id][max(0, k - 3):k] if t.author_id != mid]
+            partner = before[-1] if before else None
+        if partner is None or partner.author_id == mid:
+            continue
+        pairs.append({"partner_id": partner.author_id, "partner": partner.author_name, "message": partner.text,
+                      "reply": turn.text})
+    if len(pairs) > n:
+        step = len(pairs) / n  # spread over the held-out period, not its first hour
+        pairs = [pairs[int(i * step)] for i in range(n)]
+    return {"pairs": pairs, "heldout": [ex.target for ex in ds.heldout], "train_examples": len(ds.train)}
+
+
+def _classifier(logs: Sequence[Mapping[str, Any]], panel: Sequence[str], banned: set[str], seed: int) -> Any:
+    """The fixed judge: hashed char n-grams + linear SVM over the panel's real messages, held-out replies excluded."""
+    import random
+
+    from trainer.attribution import train_authorship
+
+    rows: list[dict[str, Any]] = []
+    norm_banned = {" ".join(b.split()) for b in banned}
+    for nick in panel:
+        texts = [t for log in logs for _, n, t in log["lines"] if n == nick and " ".join(t.split()) not in norm_banned]
+        rng = random.Random(f"{seed}:{nick}")
+        rows += [{"author_id": author_id(nick), "text": t} for t in rng.sample(texts, min(600, len(texts)))]
+    return train_authorship(rows, seed=seed)
+
+
+async def _train(settings: Settings, member: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    from data.store import Store
+    from models.registry import Registry
+    from trainer.supervisor import Supervisor
+
+    async with Store.open(settings) as store:
+        sup = Supervisor(store, settings)
+        await sup.start()
+        try:
+            t0 = time.monotonic()
+            job = await sup.submit(author_id(member), requested_by="bench", source="cli", mode="sft",
+                                   **{**JOB_EVAL, **overrides})
+            job = await sup.wait(job.id)
+            wall = time.monotonic() - t0
+        finally:
+            await sup.close()
+        if job.adapter_id is None:
+            raise UserFacingError(f"training failed: {job.error or job.status}")
+        adapter = await Registry(store, settings).get(job.adapter_id)
+    metrics = dict(adapter.metrics or (adapter.meta or {}).get("metrics") or {})
+    return {"adapter": str(adapter.gguf_path), "folder": str(adapter.path), "wall_s": round(wall, 1),
+            "train_s": round((job.finished_at or 0) - (job.started_at or 0), 1), "metrics": metrics,
+            "config": {k: job.config.get(k) for k in ("max_steps", "micro_batch_size", "grad_accum", "learning_rate",
+                                                      "lora_r", "lora_alpha", "target_modules", "batching")}}
+
+
+async def _replies(settings: Settings, member: str, mode: str, adapter: str | None, pairs: Sequence[Mapping[str, Any]],
+                   banned: set[str], max_tokens: int) -> list[str]:
+    from data.store import Store
+    from doppel.chatformat import Utterance
+    from inference.engine import Engine
+    from inference.requests import GenParams, PersonaRequest
+    from inference.retrieval import Retriever
+
+    persona = PersonaRequest(member_id=author_id(member), name=member, channel_name="ubuntu", mode=mode,  # type: ignore[arg-type]
+                             adapters=((adapter, 1.0),) if adapter else (), guild_id=GUILD)
+    out = []
+    async with Store.open(settings) as store:
+        async with Engine(settings, retriever=_Heldout(Retriever(store, settings), banned)) as engine:
+            for i, p in enumerate(pairs):
+                params = GenParams(max_tokens=max_tokens, temperature=0.7, seed=i)
+                context = [Utterance(str(p["partner_id"]), str(p["partner"]), str(p["message"]))]
+                out.append((await engine.reply(persona, context, params).text()).strip())
+    return out
+
+
+def _style_stats(texts: Sequence[str]) -> dict[str, Any]:
+    """Surface style, to read next to attribution: the assistant voice is long, capitalised and punctuated."""
+    texts = [t for t in texts if t.strip()] or [""]
+    words = [len(t.split()) for t in texts]
+    return {
+        "mean_words": round(statistics.fmean(words), 1),
+        "starts_upper": round(sum(t[:1].isupper() for t in texts) / len(texts), 3),
+        "ends_punct": round(sum(t.rstrip()[-1:] in ".!?" for t in texts) / len(texts), 3),
+        "assistant_phrases": round(sum(bool(_ASSISTANT.search(t)) for t in texts) / len(texts), 3),
+        "empty": sum(1 for t in texts if not t.strip()),
+    }
+
+
+_ASSISTANT = re.compile(r"\b(i'?m (a|an) (chatbot|ai|assistant|language model)|happy to help|i can help|"
+                        r"as an ai|how can i (help|assist))\b", re.I)
+
+
+def _score(model: Any, member: str, texts: Sequence[str]) -> dict[str, Any]:
+    share = model.share(texts, author_id(member))
+    return {"share": round(share, 3), "n": len(texts), **_style_stats(texts)}
+
+
+def say(text: str) -> None:
+    """Progress on stderr: stdout carries the JSON."""
+    print(f"[fidelity] {text}", file=sys.stderr, flush=True)
+
+
+def fidelity(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """Entry point of `doppel bench fidelity`."""
+    return asyncio.run(run_fidelity(settings, args))
+
+
+async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from doppel.chatformat import current_style, use_style
+
+    quick = bool(getattr(args, "quick", False))
+    names = [c for c in str(getattr(args, "configs", "") or "").split(",") if c] or list(CONFIGS)
+    unknown = [c for c in names if c not in CONFIGS and c not in ("base", "retrieval")]
+    if unknown:
+        raise UserFacingError(f"unknown fidelity configuration(s): {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
+    n_open = int(getattr(args, "openings", 0) or (12 if quick else 40))
+    scale = float(getattr(args, "steps_scale", 0) or (0.1 if quick else 1.0))
+    panel_size = int(getattr(args, "panel", 0) or 5)
+    max_tokens = 48
+    logs_all = load_logs(Path(getattr(args, "data", "") or DATA))
+    panel = choose_panel(logs_all, panel_size, getattr(args, "member", None))
+    logs = select_logs(logs_all, panel, 40 if quick else 0)
+    home = Path(tempfile.mkdtemp(prefix="doppel-bench-fidelity-"))
+    # Its own home: the harness imports a whole public corpus with consent, never into the user's store.
+    bench = dataclasses.replace(settings, home=home)
+    bench.home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    t0 = time.monotonic()
+    prep = await _prepare(bench, panel, logs)
+    say(f"imported {prep['stored']} messages of {prep['authors']} authors; panel {panel}")
+    opening = await _openings(bench, panel[0], n_open)
+    pairs = opening["pairs"]
+    banned = set(opening["heldout"])
+    judge = _classifier(logs, panel, banned, seed=0)
+    chance = 1.0 / len(judge.authors)
+    result: dict[str, Any] = {
+        "data": {"source": "Ubuntu IRC #ubuntu (irc-disentanglement selection, CC-BY-4.0; logs public domain)",
+                 "logs": len(logs), "authors": prep["authors"], "messages": prep["stored"]},
+        "member": panel[0], "panel": panel, "panel_size": len(judge.authors), "chance": round(chance, 3),
+        "classifier_accuracy": round(judge.accuracy, 3), "train_examples": opening["train_examples"],
+        "openings": len(pairs), "heldout_replies": len(banned), "steps_scale": scale, "temperature": 0.7,
+        "max_tokens": max_tokens, "default_style": dataclasses.asdict(current_style()),
+        "ceiling": _score(judge, panel[0], [p["reply"] for p in pairs]),
+        "ceiling_all_heldout": round(judge.share(sorted(banned), author_id(panel[0])), 3),
+        "systems": {},
+    }
+    for mode in ("base", "retrieval"):
+        if mode in names or not getattr(args, "configs", ""):
+            texts = await _replies(bench, panel[0], mode, None, pairs, banned, max_tokens)
+            result["systems"][mode] = {**_score(judge, panel[0], texts), "samples": texts[:4]}
+            say(f"{mode}: {result['systems'][mode]['share']}")
+    for name in names:
+        if name not in CONFIGS:
+            continue
+        cfg = CONFIGS[name]
+        style = cfg["style"] or current_style()
+        with use_style(style):
+            trained = await _train(bench, panel[0], _scaled(cfg["overrides"], scale))
+            m = trained["metrics"]
+            base_ppl, ppl = m.get("ppl_base"), m.get("ppl_adapter")
+            entry: dict[str, Any] = {
+                "style": style if isinstance(style, str) else dataclasses.asdict(style),
+                "config": trained["config"], "train_wall_s": trained["wall_s"], "train_s": trained["train_s"],
+                "ppl_base": base_ppl, "ppl_adapter": ppl,
+                "ppl_change": (round((ppl - base_ppl) / base_ppl, 3)
+                               if isinstance(base_ppl, (int, float)) and isinstance(ppl, (int, float))
+                               and base_ppl and math.isfinite(ppl) else None),
+            }
+            for mode in ("adapter", "adapter+retrieval"):
+                texts = await _replies(bench, panel[0], mode, trained["adapter"], pairs, banned, max_tokens)
+                entry[mode] = {**_score(judge, panel[0], texts), "samples": texts[:4]}
+        result["systems"][name] = entry
+        say(f"{name}: adapter {entry['adapter']['share']}, hybrid {entry['adapter+retrieval']['share']}, "
+            f"ppl {base_ppl} -> {ppl}, {trained['wall_s']} s")
+    result["elapsed_s"] = round(time.monotonic() - t0, 1)
+    result["home"] = str(home)
+    return result
