@@ -24,7 +24,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "--mode",
         choices=MODES,
         default="auto",
-        help="auto: the active adapter (+ retrieval) if any, else retrieval if messages are stored, else base",
+        help="auto: the active adapter with retrieval of the member's messages if any are stored, else retrieval, else base",
     )
     return p
 
@@ -56,7 +56,12 @@ async def _resolve(store: Any, settings: Settings, user_id: str, mode: str) -> t
         adapter = None
     has_messages = await store.messages.count(user_id) > 0
     if mode == "auto":
-        mode = "adapter" if adapter else ("retrieval" if has_messages else "base")
+        # Style from the adapter, memory from the member's own messages: the hybrid measured best on real chat
+        # (issue 14: 32% attributed to the member against 18% for the adapter alone, chance 20%).
+        if adapter:
+            mode = "adapter+retrieval" if has_messages else "adapter"
+        else:
+            mode = "retrieval" if has_messages else "base"
     if mode.startswith("adapter") and adapter is None:
         raise UserFacingError(
             f"member {user_id} has no active adapter yet: train one or use --mode retrieval/base"
