@@ -155,6 +155,27 @@ def disk_check(settings: Settings, need_bytes: int = 0) -> Check:
     return Check("disk", "ok", f"{_gib(free)} free under {home}")
 
 
+def _shape_source(config: Any) -> Path:
+    base = Path(config.base_model)
+    if base.suffix != ".gguf" and str(config.base_gguf).endswith(".gguf"):
+        base = Path(config.base_gguf)  # a HF folder trained for a GGUF it is served on: same shape
+    return base
+
+
+def memory_estimate(config: Any, device: str) -> int | None:
+    """The pre-flight memory estimate for a job (bytes), or None when the base's shape cannot be read."""
+    from models.errors import ModelFileError
+    from models.ggufinfo import read_shape
+
+    base = _shape_source(config)
+    if base.suffix != ".gguf":
+        return None
+    try:
+        return estimate_memory(read_shape(base), config, device)
+    except ModelFileError:
+        return None
+
+
 def job_checks(settings: Settings, config: Any, device: str) -> list[Check]:
     """Everything that decides whether this job can start on `device`."""
     from models.errors import ModelFileError
@@ -168,9 +189,7 @@ def job_checks(settings: Settings, config: Any, device: str) -> list[Check]:
                             "pick one of those devices in [training] devices"))  # fmt: skip
         return checks
     checks.append(Check("device", "ok", f"{device} ({dev.label})" if dev.label else device))
-    base = Path(config.base_model)
-    if base.suffix != ".gguf" and str(config.base_gguf).endswith(".gguf"):
-        base = Path(config.base_gguf)  # a HF folder trained for a GGUF it is served on: same shape
+    base = _shape_source(config)
     if base.suffix != ".gguf":
         checks.append(Check("base model", "warn" if base.exists() else "fail", f"{base}: not a GGUF file; memory not estimated",
                             "" if base.exists() else "register the base with `doppel personas add-base NAME FILE.gguf`"))  # fmt: skip

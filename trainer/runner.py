@@ -118,10 +118,13 @@ class JobRunner:
                                "not started")  # fmt: skip
 
     async def _conclude(self, job: Job, outcome: Outcome) -> None:
+        from trainer.endings import MemoryFacts, memory_limit
         from trainer.supervisor import classify
 
         row = await self.sup.get(job.id)
         detail = outcome.describe
+        if outcome.peak_rss:
+            detail += f"; peak RSS {outcome.peak_rss / 1024**2:.0f} MiB"
         if outcome.stderr_tail:
             detail += "\n" + "\n".join(outcome.stderr_tail[-15:])
         if row.status != JobStatus.RUNNING:
@@ -136,7 +139,9 @@ class JobRunner:
             await self._finish(job, JobStatus.INTERRUPTED,
                                f"the supervisor stopped at step {self.state.step}; resume to continue", detail)  # fmt: skip
             return
-        status, error = classify(outcome, self.finished)
+        estimate = job.config.get("_preflight_mem_bytes")
+        memory = MemoryFacts(outcome.peak_rss, memory_limit(), int(estimate) if estimate else None)
+        status, error = classify(outcome, self.finished, memory)
         if status == JobStatus.SUCCEEDED:
             if self.artifact is None:
                 status, error = JobStatus.FAILED, "the trainer finished without announcing an adapter"
@@ -151,6 +156,7 @@ class JobRunner:
         elif self.artifact is not None and self.artifact.is_dir():
             # The trainer saves and announces the adapter before evaluating it: a failure after that (memory, a
             # bug, a signal) keeps the trained adapter as a candidate, and `doppel eval` evaluates it later.
+            error = classify(outcome, self.finished, memory, advice=False)[1]  # the fix is `doppel eval`, not retraining
             try:
                 adapter = await self.sup.registry.publish(self.artifact, job_id=job.id, member_id=job.member_id,
                                                           evaluation_error=error)  # fmt: skip

@@ -22,6 +22,7 @@ import psutil
 
 from doppel.errors import UserFacingError
 from doppel.settings import Settings
+from trainer.endings import MemoryFacts, explain
 from trainer.errors import JobConflictError, JobNotFoundError, SupervisorError
 from trainer.executors.base import Executor, Outcome, Run
 from trainer.jobs import Job, JobStatus, JobTable, new_job_id
@@ -168,7 +169,7 @@ class Supervisor:
                      **overrides: Any) -> Job:  # fmt: skip
         """Queue a job for a member after pre-flight; `overrides` are TrainConfig fields (max_steps, epochs...)."""
         from trainer.config import TrainConfig
-        from trainer.preflight import job_checks, require
+        from trainer.preflight import job_checks, memory_estimate, require
 
         if member_id is None and not multi:
             raise SupervisorError("name a member to train, or ask for the multi-persona adapter")
@@ -188,7 +189,8 @@ class Supervisor:
         job_id = new_job_id()
         job = Job(
             id=job_id, member_id=member_id, requested_by=requested_by, source=source, mode=mode, device=device,
-            job_dir=str(self.settings.jobs_dir / job_id), config={**config.to_dict(), "_multi": multi},
+            job_dir=str(self.settings.jobs_dir / job_id),
+            config={**config.to_dict(), "_multi": multi, "_preflight_mem_bytes": memory_estimate(config, device)},
             created_at=time.time(), supervisor_pid=self.pid, executor=self.executor.name,
         )  # fmt: skip
         if not await self.jobs.insert_if_idle(job):
@@ -338,16 +340,14 @@ def _remove(job_dir: str | Path) -> None:
         shutil.rmtree(job_dir, ignore_errors=True)
 
 
-def classify(outcome: Outcome, finished: dict[str, Any] | None) -> tuple[JobStatus, str]:
-    """(status, error) for a trainer that ended on its own, from its exit and its `finished` event."""
+def classify(outcome: Outcome, finished: dict[str, Any] | None, memory: MemoryFacts | None = None,
+             advice: bool = True) -> tuple[JobStatus, str]:  # fmt: skip
+    """(status, error) for a trainer that ended on its own: the error says why in words (see trainer.endings)."""
     if outcome.returncode == 0 and finished is not None and finished.get("status") == "succeeded":
         return JobStatus.SUCCEEDED, ""
-    if outcome.signal is not None and not (finished and finished.get("status") == "cancelled"):
-        return JobStatus.FAILED, f"killed by signal {outcome.signal}"
-    if finished is not None and finished.get("error"):
-        return JobStatus.FAILED, str(finished["error"])
-    last = outcome.stderr_tail[-1] if outcome.stderr_tail else "no output"
-    return JobStatus.FAILED, f"trainer ended with {outcome.describe}: {last}"
+    if outcome.signal is not None and finished and finished.get("status") == "cancelled":
+        return JobStatus.FAILED, str(finished.get("error") or "the trainer stopped when asked to")
+    return JobStatus.FAILED, explain(outcome, finished, memory, advice=advice)
 
 
 def chat_format_for(config: dict[str, Any]) -> Any:

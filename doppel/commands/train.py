@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import signal
 import sys
 import time
 from typing import Any
@@ -31,6 +32,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="resume the member's interrupted job from its checkpoint")
     p.add_argument("--cancel", metavar="JOB_OR_USER", help="cancel a job (by job id or member id)")
     p.add_argument("--jobs", action="store_true", help="list recent jobs instead of training")
+    p.add_argument("--job", metavar="JOB_ID", help="show one job: how it ended, in words, and its kept stderr tail")
     p.add_argument("--detach", action="store_true", help="queue the job and return (the bot's supervisor runs it)")
     return p
 
@@ -58,11 +60,21 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Any:
-    if not (args.jobs or args.cancel) and not args.user_id:
-        raise UserFacingError("train: name the member to train (USER_ID), or use --jobs / --cancel")
+    if not (args.jobs or args.cancel or args.job) and not args.user_id:
+        raise UserFacingError("train: name the member to train (USER_ID), or use --jobs / --job / --cancel")
     if args.user_id is not None and not args.user_id.strip().isdigit():
         raise UserFacingError(f"train: {args.user_id!r} is not a Discord user id")
-    return asyncio.run(_run(args, settings))
+    # SIGTERM (systemd, Docker, `kill`) takes the same path as Ctrl-C: asyncio cancels the command, the supervisor
+    # asks the trainer to checkpoint and stop, and the job is left `interrupted`, resumable with --resume.
+    previous = signal.signal(signal.SIGTERM, _term_as_interrupt)
+    try:
+        return asyncio.run(_run(args, settings))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _term_as_interrupt(signum: int, frame: Any) -> None:
+    signal.raise_signal(signal.SIGINT)
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> Any:
@@ -76,6 +88,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> Any:
         try:
             if args.jobs:
                 return _print_jobs(await sup.jobs.recent(member_id=args.user_id, limit=30), args.json)
+            if args.job:
+                return _print_job(await sup.get(args.job), args.json)
             if args.cancel:
                 job = await sup.get(args.cancel) if not args.cancel.isdigit() else await _member_job(sup, args.cancel)
                 done = await sup.cancel(job.id, actor)
@@ -111,9 +125,11 @@ async def _follow(sup: Any, job_id: str, as_json: bool) -> dict[str, Any]:
     throttle = Throttle(0.2 if tty else 5.0)
 
     def show(job: Any) -> None:
-        if not throttle.ready(job.progress):
-            return
         line = render_bar(job.progress, fill="#", empty="-")
+        # ETA ticks change the line every second: a log gets a line when the step, loss or status moved.
+        key = line if tty else render_bar(_without_eta(job.progress), fill="#", empty="-")
+        if not throttle.ready(job.progress, text=key):
+            return
         if tty:
             print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
         else:
@@ -136,6 +152,12 @@ async def _follow(sup: Any, job_id: str, as_json: bool) -> dict[str, Any]:
             "gate_reason": reason, "elapsed_s": round(time.time() - (job.started_at or job.created_at), 1)}  # fmt: skip
 
 
+def _without_eta(state: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(state, eta_s=None, tokens_per_s=None)
+
+
 def _print_jobs(jobs: list[Any], as_json: bool) -> dict[str, Any]:
     rows = [j.summary() for j in jobs]
     if not as_json:
@@ -146,3 +168,19 @@ def _print_jobs(jobs: list[Any], as_json: bool) -> dict[str, Any]:
             print(f"{r['id']}  {r['member_id'] or '(multi)':<20} {r['status']:<11} {r['device']:<7} step {step:<9} "
                   f"by {r['requested_by']}  {r['error'] or ''}")  # fmt: skip
     return {"jobs": rows}
+
+
+def _print_job(job: Any, as_json: bool) -> dict[str, Any]:
+    """One job in full: status, the reason in words, and the exit detail with the kept stderr tail."""
+    row = job.summary()
+    if not as_json:
+        step = f"{row['step']}/{row['total']}" if row["total"] else "-"
+        print(f"job {row['id']}  member {row['member_id'] or '(multi)'}  {row['status']}  step {step}  on {row['device']}")
+        if row["error"]:
+            print(f"why: {row['error']}")
+        if row["adapter_id"]:
+            print(f"adapter: {row['adapter_id']}")
+        if row["exit_detail"]:
+            print("how the trainer ended (stderr tail; the job folder and its data are deleted):")
+            print(row["exit_detail"])
+    return row

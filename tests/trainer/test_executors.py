@@ -41,11 +41,12 @@ def test_classify_covers_every_ending() -> None:
 
     ok = {"event": "finished", "status": "succeeded"}
     assert classify(Outcome(0), ok)[0].value == "succeeded"
-    assert classify(Outcome(-9, signal=9), None) == (classify(Outcome(-9, signal=9), None)[0], "killed by signal 9")
+    status, why = classify(Outcome(-9, signal=9), None)
+    assert status.value == "failed" and why.startswith("the trainer was killed from outside (SIGKILL")
     failed = classify(Outcome(1), {"event": "finished", "status": "failed", "error": "not enough examples"})
     assert failed[0].value == "failed" and failed[1] == "not enough examples"
     crashed = classify(Outcome(1, stderr_tail=["Traceback", "ValueError: boom"]), None)
-    assert crashed[1] == "trainer ended with exit code 1: ValueError: boom"
+    assert crashed[1] == "the trainer stopped with exit code 1 before it finished: ValueError: boom"
     # Exit 0 without a `finished` event is not a success: the adapter was never announced.
     assert classify(Outcome(0), None)[0].value == "failed"
 

@@ -21,6 +21,7 @@ class Outcome:
     signal: int | None = None
     stderr_tail: list[str] = field(default_factory=list)
     detail: str = ""
+    peak_rss: int | None = None  # the trainer's process tree at its largest, when the executor can see it
 
     @property
     def describe(self) -> str:
@@ -28,7 +29,7 @@ class Outcome:
         if self.detail:
             return self.detail
         if self.signal is not None:
-            return f"killed by signal {self.signal}"
+            return f"killed by signal {self.signal} ({signal_name(self.signal)})"
         return f"exit code {self.returncode}"
 
 

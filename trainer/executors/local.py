@@ -11,12 +11,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from doppel.settings import Settings
 from trainer.errors import ExecutorError
 from trainer.executors.base import Outcome, StderrTail, parse_event
+from trainer.lifeline import SUPERVISOR_PID_ENV
 
 # Event lines can carry a metrics dict; asyncio's default 64 KiB line limit is too tight for a verbose trainer.
 STREAM_LIMIT = 4 * 1024 * 1024
+# How often the trainer's memory is sampled: often enough to see the climb before an OOM kill, cheap to do.
+MEMORY_SAMPLE_S = 0.5
 
 
 def trainer_command(job_dir: Path, resume: bool) -> list[str]:
@@ -32,6 +37,7 @@ def device_env(device: str, base: dict[str, str] | None = None) -> dict[str, str
     elif device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     env["PYTHONUNBUFFERED"] = "1"
+    env[SUPERVISOR_PID_ENV] = str(os.getpid())  # the child stops itself when this process dies
     return env
 
 
@@ -43,7 +49,25 @@ class LocalRun:
         self.pid: int | None = proc.pid
         self.ref = str(proc.pid)
         self.stderr = StderrTail()
+        self.peak_rss = 0
         self._stderr_task = asyncio.create_task(self._drain_stderr())
+        self._memory_task = asyncio.create_task(self._sample_memory())
+
+    async def _sample_memory(self) -> None:
+        # Resident memory of the trainer and its children; the peak explains a SIGKILL from the OOM killer.
+        try:
+            root = psutil.Process(self.proc.pid)
+        except psutil.Error:
+            return
+        while self.proc.returncode is None:
+            total = 0
+            with contextlib.suppress(psutil.Error):
+                total = root.memory_info().rss
+                for child in root.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        total += child.memory_info().rss
+            self.peak_rss = max(self.peak_rss, total)
+            await asyncio.sleep(MEMORY_SAMPLE_S)
 
     async def _drain_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -71,11 +95,13 @@ class LocalRun:
 
     async def wait(self) -> Outcome:
         code = await self.proc.wait()
+        self._memory_task.cancel()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stderr_task, timeout=5)
+        peak = self.peak_rss or None
         if code < 0:
-            return Outcome(returncode=code, signal=-code, stderr_tail=self.stderr.lines())
-        return Outcome(returncode=code, stderr_tail=self.stderr.lines())
+            return Outcome(returncode=code, signal=-code, stderr_tail=self.stderr.lines(), peak_rss=peak)
+        return Outcome(returncode=code, stderr_tail=self.stderr.lines(), peak_rss=peak)
 
     async def terminate(self, grace_s: float) -> None:
         if self.proc.returncode is not None:
