@@ -22,6 +22,7 @@ from doppel.errors import UserFacingError
 from trainer.config import TrainConfig
 from trainer.errors import JobCancelled
 from trainer.events import Emitter, stdout_emitter
+from trainer.lifeline import watch_supervisor
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 143
 RECIPES = {"sft": "trainer.recipes.sft", "sft+kto": "trainer.recipes.kto", "sft+dpo": "trainer.recipes.dpo"}
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         cancel.set()
 
     signal.signal(signal.SIGTERM, on_term)
+    # A supervisor that dies (SIGKILL, OOM, a crash) takes its trainer with it: checkpoint, then stop.
+    watch_supervisor(cancel.set)
     if not args.job_dir.is_dir():
         emitter.emit("finished", status="failed", error=f"job folder not found: {args.job_dir}")
         return EXIT_FAILED

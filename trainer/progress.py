@@ -114,20 +114,25 @@ def render_bar(state: ProgressState, width: int = 24, fill: str = "█", empty: 
 
 
 class Throttle:
-    """Decides when a progress display may be redrawn: at most once per interval, always on status changes."""
+    """Decides when a progress display may be redrawn: at most once per interval, always on status changes,
+    and never to show the same text again (a log or a Discord message gains nothing from an identical line)."""
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
         self._last_at: float | None = None
         self._last_status: str | None = None
+        self._last_text: str | None = None
 
-    def ready(self, state: ProgressState, now: float | None = None) -> bool:
-        """True when the caller should redraw now (and records that it did)."""
+    def ready(self, state: ProgressState, now: float | None = None, text: str | None = None) -> bool:
+        """True when the caller should redraw now (and records that it did); `text` is what it would show."""
         now = time.monotonic() if now is None else now
         changed = state.status != self._last_status
+        if text is not None and text == self._last_text and not changed:
+            return False
         if changed or self._last_at is None or now - self._last_at >= self.interval_s:
             self._last_at = now
             self._last_status = state.status
+            self._last_text = text
             return True
         return False
 

@@ -1,0 +1,115 @@
+"""`doppel train` stopped by SIGTERM or SIGKILL: its trainer child goes with it, and the job resumes to an adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "supervision_fixtures", Path(__file__).parents[1] / "trainer" / "supervision_fixtures.py"
+)
+fx = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+_spec.loader.exec_module(fx)  # type: ignore[union-attr]
+
+pytestmark = pytest.mark.timeout(400)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    import torch
+
+    from trainer.tinymodel import build_tiny
+
+    torch.set_num_threads(1)
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def _env(home: Path) -> dict[str, str]:
+    return {**os.environ, "DOPPEL_HOME": str(home), "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
+            "DOPPEL_TRAINING__HEARTBEAT_S": "0.5", "DOPPEL_TRAINING__CANCEL_GRACE_S": "30"}  # fmt: skip
+
+
+def _train_args(tiny_model: Any, steps: int) -> list[str]:
+    out = ["train", fx.PERSONA_ID, "--max-steps", str(steps)]
+    # No periodic checkpoints: the only one is the one the trainer writes when told to stop, so resuming from it
+    # shows the trainer stopped cleanly rather than dying on a broken pipe.
+    for key, value in fx.tiny_overrides(tiny_model, save_steps=10_000).items():
+        if key != "max_steps":
+            out += ["--set", f"{key}={json.dumps(value)}"]
+    return out
+
+
+def _job_row(settings: Any) -> dict[str, Any] | None:
+    conn = sqlite3.connect(settings.db_path)
+    conn.row_factory = sqlite3.Row
+    try:
+        row = conn.execute("SELECT id, status, pid, progress_json FROM jobs ORDER BY created_at DESC LIMIT 1").fetchone()
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        conn.close()
+    return dict(row) if row else None
+
+
+def _wait_for_training(settings: Any, min_step: int, timeout: float = 240) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = _job_row(settings)
+        if row and row["pid"] and json.loads(row["progress_json"] or "{}").get("step", 0) >= min_step:
+            return row
+        time.sleep(0.2)
+    raise AssertionError(f"the job never reached step {min_step}: {_job_row(settings)}")
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_the_trainer_ends_with_its_cli_and_the_job_resumes(doppel_home: Path, settings: Any, tiny_model: Any,
+                                                           signum: int) -> None:  # fmt: skip
+    asyncio.run(fx.seed_member(settings))
+    # Slow enough steps (many of them) that the kill lands mid-training, after a checkpoint.
+    cli = subprocess.Popen([sys.executable, "-m", "doppel", *_train_args(tiny_model, 120)], env=_env(doppel_home),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        row = _wait_for_training(settings, min_step=3)
+        child, killed_at = int(row["pid"]), json.loads(row["progress_json"])["step"]
+        cli.send_signal(signum)
+        cli.wait(timeout=60)
+        assert _gone_within(child, 10), "the trainer child outlived its supervisor"
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    err = cli.stderr.read() if cli.stderr else ""
+    if signum == signal.SIGTERM:
+        assert cli.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+        assert _job_row(settings)["status"] == "interrupted"  # type: ignore[index]
+    # The checkpointed job continues where it stopped and publishes an adapter.
+    resumed = subprocess.run([sys.executable, "-m", "doppel", "train", fx.PERSONA_ID, "--resume", "--json"],
+                             env=_env(doppel_home), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    result = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert result["job"]["id"] == row["id"] and result["job"]["status"] == "succeeded" and result["adapter_id"]
+    progress = json.loads(_job_row(settings)["progress_json"])  # type: ignore[index]
+    assert progress["resumed_from"] >= killed_at, "resumed from the checkpoint written when the trainer stopped"
