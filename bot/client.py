@@ -7,11 +7,13 @@ from typing import Any
 
 import discord
 
-from bot.consent_views import ConsentPanel
-from bot.doppel_commands import DoppelCommands
+from bot.components import answer_unrouted, is_routed
+from bot.consent_views import ConsentPanel, ForgetButton
+from bot.doppel_commands import DoppelCommands, SetupView
 from bot.errorhook import ErrorTree
 from bot.recording import Recorder
 from bot.services import Services
+from bot.uploads import PendingUploads, UploadButton
 
 log = logging.getLogger("doppel.bot")
 
@@ -34,8 +36,10 @@ class DoppelBot(discord.Client):
         super().__init__(intents=options.pop("intents", None) or intents(), **options)
         self.services = services
         self.recorder = Recorder(services)
+        self.draining = False  # set once shutdown begins: new commands are turned away
+        self.uploads = PendingUploads()
         self.tree = ErrorTree(self)
-        self.tree.add_command(DoppelCommands(services, self.recorder))
+        self.tree.add_command(DoppelCommands(services, self.recorder, self.uploads))
         self._extra_setup()
 
     def _extra_setup(self) -> None:
@@ -50,8 +54,10 @@ class DoppelBot(discord.Client):
         """Register persistent views and dynamic buttons so old messages' buttons keep working; sync commands."""
         from bot.persona_views import dynamic_items
 
+        # Every component the bot sends is one of these: a press on any message, however old, reaches a handler.
         self.add_view(ConsentPanel(self.services))
-        self.add_dynamic_items(*dynamic_items())
+        self.add_view(SetupView(self.services))
+        self.add_dynamic_items(*dynamic_items(), ForgetButton, UploadButton)
         if self.services.settings.bot.sync_commands:
             await self.tree.sync()
 
@@ -60,6 +66,11 @@ class DoppelBot(discord.Client):
         resumed = await self.persona.resume_watchers(self)
         if resumed:
             log.info("following %d training job(s) started before this restart", resumed)
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """A button press no handler claims (an expired or unknown custom id) still gets an ephemeral answer."""
+        if interaction.type is discord.InteractionType.component and not is_routed(self, interaction):
+            await answer_unrouted(interaction)
 
     async def on_message(self, message: discord.Message) -> None:
         await self.recorder.on_message(message)
@@ -79,10 +90,3 @@ class DoppelBot(discord.Client):
 
     async def on_error(self, event_method: str, /, *args: Any, **kwargs: Any) -> None:
         log.exception("error in event handler %s", event_method)
-
-
-async def run_bot(services: Services, token: str) -> None:
-    """Connect and serve until stopped; the token is passed straight to discord.py and never logged."""
-    bot = DoppelBot(services)
-    async with bot:
-        await bot.start(token)

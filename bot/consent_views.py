@@ -1,12 +1,13 @@
-"""Consent buttons: the persistent panel (fixed custom ids, works after restarts) and the erasure confirmation."""
+"""Consent buttons: the persistent panel and the erasure confirmation; both keep working after restarts."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import discord
 
-from bot.errorhook import reply_error
+from bot.errorhook import reply_error, reports_errors
 from bot.services import Services
 from bot.text import WHAT_IS_STORED, clip, consent_summary
 
@@ -23,7 +24,9 @@ CUSTOM_IDS = {
 
 async def state_text(services: Services, member_id: str) -> str:
     """The member's consent state as shown under the buttons."""
-    return "**Your Doppel consent**\n" + consent_summary(await services.scopes(member_id))
+    scopes = await services.scopes(member_id)
+    upload_only = "train" in scopes and await services.upload_only(member_id)
+    return "**Your Doppel consent**\n" + consent_summary(scopes, upload_only=upload_only)
 
 
 async def show(interaction: discord.Interaction, text: str, view: discord.ui.View | None = None) -> None:
@@ -91,9 +94,7 @@ class ConsentPanel(discord.ui.View):
 
     @discord.ui.button(label="Delete my data", style=discord.ButtonStyle.danger, custom_id=CUSTOM_IDS["forget"])
     async def forget(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
-        await interaction.response.send_message(
-            CONFIRM_TEXT, view=ForgetConfirm(self.services, interaction.user.id), ephemeral=True
-        )
+        await interaction.response.send_message(CONFIRM_TEXT, view=forget_confirm(interaction.user.id), ephemeral=True)
 
     @discord.ui.button(label="What is stored?", style=discord.ButtonStyle.secondary, custom_id=CUSTOM_IDS["info"])
     async def info(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
@@ -110,36 +111,43 @@ CONFIRM_TEXT = (
 )
 
 
-class ForgetConfirm(discord.ui.View):
-    """A short-lived confirm/cancel pair for the erasure cascade; only the member who asked can press it."""
+def forget_confirm(member_id: int) -> discord.ui.View:
+    """The confirm/cancel pair for the erasure cascade; the buttons carry the member id, so they work at any time."""
+    view = discord.ui.View(timeout=None)
+    view.add_item(ForgetButton(member_id, confirm=True))
+    view.add_item(ForgetButton(member_id, confirm=False))
+    return view
 
-    def __init__(self, services: Services, member_id: int, timeout: float = 120.0) -> None:
-        super().__init__(timeout=timeout)
-        self.services = services
+
+class ForgetButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"doppel:forget:(?P<act>yes|no):(?P<member>[0-9]{1,20})"):
+    """'Yes, delete everything' or 'Cancel'; only the member named in the id can press it, after restarts too."""
+
+    def __init__(self, member_id: int, confirm: bool) -> None:
+        label, style = ("Yes, delete everything", discord.ButtonStyle.danger) if confirm else ("Cancel", discord.ButtonStyle.secondary)
+        act = "yes" if confirm else "no"
+        super().__init__(discord.ui.Button(label=label, style=style, custom_id=f"doppel:forget:{act}:{member_id}"))
         self.member_id = member_id
-        self.report: dict[str, Any] | None = None
+        self.confirm = confirm
 
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> ForgetButton:
+        return cls(int(match["member"]), match["act"] == "yes")
+
+    @reports_errors
+    async def callback(self, interaction: discord.Interaction) -> None:
         if interaction.user.id != self.member_id:
             await interaction.response.send_message("This button is not for you.", ephemeral=True)
-            return False
-        return True
-
-    async def on_error(self, interaction: discord.Interaction, error: Exception, item: Any) -> None:
-        await reply_error(interaction, error)
-
-    @discord.ui.button(label="Yes, delete everything", style=discord.ButtonStyle.danger)
-    async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
+            return
+        if not self.confirm:
+            await interaction.response.edit_message(content="Nothing was deleted.", view=None)
+            return
         # Erasure deletes files and may cancel a training job: acknowledge first, report when done.
         await interaction.response.edit_message(content="Deleting your data…", view=None)
-        self.stop()
-        self.report = await self.services.forget(str(self.member_id), actor=str(interaction.user.id))
-        await interaction.edit_original_response(content=format_report(self.report), allowed_mentions=NONE)
-
-    @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
-    async def cancel(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
-        self.stop()
-        await interaction.response.edit_message(content="Nothing was deleted.", view=None)
+        services: Services = interaction.client.services  # type: ignore[attr-defined]
+        report = await services.forget(str(self.member_id), actor=str(interaction.user.id))
+        await interaction.edit_original_response(content=format_report(report), allowed_mentions=NONE)
 
 
 def _is_ephemeral(interaction: discord.Interaction) -> bool:

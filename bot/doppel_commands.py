@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import discord
 from discord import app_commands
 
-from bot.consent_views import CONFIRM_TEXT, NONE, ConsentPanel, ForgetConfirm, state_text
+from bot.consent_views import CONFIRM_TEXT, NONE, ConsentPanel, forget_confirm, state_text
 from bot.errorhook import reply_error
 from bot.errors import BadUpload, NotAllowed, NotAvailable, RecordingOff
 from bot.recording import Recorder
-from bot.services import GuildConfig, Services
-from bot.text import POLICY_NOTICE, WHAT_IS_STORED, clip
+from bot.services import GuildConfig, Services, only_author
+from bot.text import POLICY_NOTICE, UPLOAD_CONSENT, WHAT_IS_STORED, clip
+from bot.uploads import PendingUploads, upload_choice
 
 PANEL_TEXT = (
     "**Doppel: AI personas of members who opt in**\n"
@@ -50,33 +50,36 @@ def config_text(config: GuildConfig) -> str:
     return f"Recording: {state} ({ack})\nRecorded channels: {allowed}\nPersona channels: {personas}"
 
 
+SETUP_IDS = {"on": "doppel:setup:on", "off": "doppel:setup:off"}
+
+
 class SetupView(discord.ui.View):
-    """The admin's acknowledgement of Discord's Developer Policy, and the recording switch."""
+    """The admin's acknowledgement of Discord's Developer Policy, and the recording switch.
 
-    def __init__(self, services: Services, admin_id: int) -> None:
-        super().__init__(timeout=600)
+    Persistent (fixed custom ids, registered at start-up): a switch that turns recording off must work on any
+    `/doppel setup` message, also after a restart. Any member with Manage Server may press it.
+    """
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(timeout=None)
         self.services = services
-        self.admin_id = admin_id
-
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        return interaction.user.id == self.admin_id and bool(interaction.permissions.manage_guild)
 
     async def on_error(self, interaction: discord.Interaction, error: Exception, item: Any) -> None:
         await reply_error(interaction, error)
 
-    @discord.ui.button(label="I acknowledge: turn recording on", style=discord.ButtonStyle.danger)
+    @discord.ui.button(label="I acknowledge: turn recording on", style=discord.ButtonStyle.danger, custom_id=SETUP_IDS["on"])
     async def acknowledge(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
-        await interaction.response.defer()
         guild = require_admin(interaction)
+        await interaction.response.defer()
         config = await self.services.update_guild(
             str(guild.id), recording=True, acknowledged_by=str(interaction.user.id), acknowledged_at=time.time()
         )
         await interaction.edit_original_response(content=POLICY_NOTICE + "\n\n" + config_text(config), view=self)
 
-    @discord.ui.button(label="Turn recording off", style=discord.ButtonStyle.secondary)
+    @discord.ui.button(label="Turn recording off", style=discord.ButtonStyle.secondary, custom_id=SETUP_IDS["off"])
     async def turn_off(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
-        await interaction.response.defer()
         guild = require_admin(interaction)
+        await interaction.response.defer()
         config = await self.services.update_guild(str(guild.id), recording=False)
         await interaction.edit_original_response(content=POLICY_NOTICE + "\n\n" + config_text(config), view=self)
 
@@ -84,10 +87,11 @@ class SetupView(discord.ui.View):
 class DoppelCommands(app_commands.Group):
     """The `/doppel` command group."""
 
-    def __init__(self, services: Services, recorder: Recorder) -> None:
+    def __init__(self, services: Services, recorder: Recorder, uploads: PendingUploads) -> None:
         super().__init__(name="doppel", description="Consent, recording and your data")
         self.services = services
         self.recorder = recorder
+        self.uploads = uploads
 
     @app_commands.command(name="consent", description="See and change what you agreed to")
     async def consent(self, interaction: discord.Interaction) -> None:
@@ -107,7 +111,7 @@ class DoppelCommands(app_commands.Group):
         config = await self.services.guild_config(str(guild.id))
         await interaction.followup.send(
             POLICY_NOTICE + "\n\n" + config_text(config),
-            view=SetupView(self.services, interaction.user.id),
+            view=SetupView(self.services),
             ephemeral=True,
             allowed_mentions=NONE,
         )
@@ -170,17 +174,19 @@ class DoppelCommands(app_commands.Group):
         if export.size > limit_mb * 1024 * 1024:
             raise BadUpload(f"that file is over {limit_mb} MB; split the export or ask an admin to run `doppel import`")
         member_id = str(interaction.user.id)
-        # Uploading one's own export is itself the consent to train on it; audited as such.
-        await self.services.grant(member_id, ["train"], actor=member_id, channel="upload")
-        with tempfile.TemporaryDirectory(prefix="doppel-upload-") as tmp:  # outside DOPPEL_HOME, gone afterwards
-            path = Path(tmp) / "export.json"
-            await export.save(path)
-            report = await self.services.import_export(path, member_id)
+        # The file is checked and cut to the member's own messages before anything is stored or consented to:
+        # consent is asked next, with what it covers, and takes effect only if the import succeeds.
+        raw = await export.read()
+        own = await asyncio.to_thread(only_author, raw, member_id)
+        token = self.uploads.put(own)
+        live = await self.services.records_live(member_id)
+        lines = [f"Your export of **#{discord.utils.escape_markdown(own.channel)}** holds **{own.own}** messages of yours.",
+                 UPLOAD_CONSENT.format(own=own.own, others=own.read - own.own)]  # fmt: skip
+        if live:
+            lines.append("You already opted in to recording, so importing changes nothing else.")
+        lines.append(f"This choice stays open for {int(self.uploads.ttl_s // 60)} minutes.")
         await interaction.followup.send(
-            f"Imported **{report['stored']}** of your {report['own']} messages ({report['duplicates']} already stored; "
-            f"{report['others_ignored']} by other people ignored). Your `train` consent is on; "
-            "`/doppel consent` to change it.",
-            ephemeral=True,
+            clip("\n\n".join(lines)), view=upload_choice(token, offer_live=not live), ephemeral=True, allowed_mentions=NONE
         )
 
     @app_commands.command(name="mydata", description="Get everything Doppel stores about you, as a file in a DM")
@@ -197,9 +203,7 @@ class DoppelCommands(app_commands.Group):
 
     @app_commands.command(name="forget", description="Delete everything Doppel stores about you")
     async def forget(self, interaction: discord.Interaction) -> None:
-        await interaction.response.send_message(
-            CONFIRM_TEXT, view=ForgetConfirm(self.services, interaction.user.id), ephemeral=True
-        )
+        await interaction.response.send_message(CONFIRM_TEXT, view=forget_confirm(interaction.user.id), ephemeral=True)
 
     @app_commands.command(name="help", description="What Doppel stores and how to control it")
     async def help(self, interaction: discord.Interaction) -> None:

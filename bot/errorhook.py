@@ -17,6 +17,10 @@ log = logging.getLogger("doppel.bot")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+class ShuttingDown(UserFacingError, app_commands.CheckFailure):
+    """A command arrived after shutdown began."""
+
+
 def unwrap(error: BaseException) -> BaseException:
     """The original exception inside discord.py's invoke wrappers."""
     while isinstance(error, (app_commands.CommandInvokeError, app_commands.TransformerError)) and error.__cause__:
@@ -73,6 +77,12 @@ def reports_errors(func: F) -> F:
 
 class ErrorTree(app_commands.CommandTree):
     """The command tree whose one error hook maps every command error to an ephemeral reply."""
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        """Turn new commands away once shutdown began (the reply is ephemeral, like every refusal)."""
+        if getattr(self.client, "draining", False):
+            raise ShuttingDown("Doppel is restarting: try again in a minute")
+        return True
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         await reply_error(interaction, error)

@@ -68,13 +68,13 @@ class Recorder:
         self.services = services
 
     async def should_record(self, message: discord.Message, config: GuildConfig | None = None) -> bool:
-        """True only for a consenting (`train`) person in an allowed channel of a server with recording on."""
+        """True only for a person who opted in to recording (`train`, not via an upload) in an allowed, recorded channel."""
         if message.guild is None or not is_person(message):
             return False
         config = config or await self.services.guild_config(str(message.guild.id))
         if not config.records(channel_key(message.channel)):
             return False
-        return "train" in await self.services.scopes(str(message.author.id))
+        return await self.services.records_live(str(message.author.id))  # an upload's consent does not count here
 
     async def on_message(self, message: discord.Message) -> bool:
         """Store `message` if the gate lets it through; returns whether it was stored."""
@@ -122,7 +122,7 @@ class Recorder:
                 continue
             author = str(message.author.id)
             if author not in consenting:  # one consent lookup per author, not per message
-                consenting[author] = "train" in await self.services.scopes(author)
+                consenting[author] = await self.services.records_live(author)
             if not consenting[author]:
                 continue
             members[author] = to_member(message.author)

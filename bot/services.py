@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +98,21 @@ class Services:
         """The member's current consent scopes."""
         return set(await self.consent.scopes(member_id))
 
+    async def records_live(self, member_id: str) -> bool:
+        """Whether the member's live messages may be recorded: `train` granted other than with an uploaded export."""
+        # A `train` grant whose channel is 'upload' covers the member's own uploaded export only (docs/discord-setup.md).
+        row = await self.store.fetchone(
+            "SELECT 1 FROM consent WHERE member_id = ? AND scope = 'train' AND channel != 'upload'", (member_id,)
+        )
+        return row is not None
+
+    async def upload_only(self, member_id: str) -> bool:
+        """Whether the member's `train` consent came with an uploaded export only (live messages not recorded)."""
+        row = await self.store.fetchone(
+            "SELECT 1 FROM consent WHERE member_id = ? AND scope = 'train' AND channel = 'upload'", (member_id,)
+        )
+        return row is not None
+
     async def grant(self, member_id: str, scopes: Sequence[str], actor: str, channel: str) -> None:
         """Grant `scopes` (audited with `channel`)."""
         await self.consent.grant([member_id], list(scopes), actor=actor, channel=channel)
@@ -134,18 +149,32 @@ class Services:
         for message_id in message_ids:
             await self.store.messages.delete(message_id)
 
-    async def import_export(self, path: Path, member_id: str) -> dict[str, Any]:
-        """Import a member's own DiscordChatExporter export: messages by anyone else are dropped before import."""
+    async def import_upload(self, upload: OwnExport, *, live: bool) -> dict[str, Any]:
+        """Import a checked upload under the member's consent; a grant made here is withdrawn if nothing imported.
+
+        Consent comes first because the importer stores only `train`-consenting authors; the grant is audited as
+        'upload' (the export only) or, with `live`, as 'button' (the member also chose live recording).
+        """
         from data.dce_import import import_exports
 
-        own = path.with_name("own-messages.json")
-        read, kept = await asyncio.to_thread(_only_author, path, own, member_id)
-        report = await import_exports(self.store, [own], source="upload")
-        total = report.get("total", {})
-        if total.get("failed"):
-            errors = [f.get("error") for f in report.get("files", []) if f.get("error")]
-            raise BadUpload(f"that file could not be imported: {errors[0] if errors else 'unreadable'}")
-        return {"read": read, "own": kept, "others_ignored": read - kept, "stored": total.get("stored", 0),
+        member_id = upload.member_id
+        before = await self.scopes(member_id)
+        await self.grant(member_id, ["train"], actor=member_id, channel="button" if live else "upload")
+        try:
+            with tempfile.TemporaryDirectory(prefix="doppel-upload-") as tmp:  # outside DOPPEL_HOME, gone afterwards
+                path = Path(tmp) / "own-messages.json"
+                path.write_bytes(upload.data)
+                report = await import_exports(self.store, [path], source="upload")
+            total = report.get("total", {})
+            if total.get("failed"):
+                errors = [f.get("error") for f in report.get("files", []) if f.get("error")]
+                raise BadUpload(f"that file could not be imported: {errors[0] if errors else 'unreadable'}")
+        except BaseException:
+            if "train" not in before:  # the consent was for this export: it must not outlive a failed import
+                await self.revoke(member_id, ["train"], actor=member_id, channel="upload")
+            raise
+        return {"read": upload.read, "own": upload.own, "others_ignored": upload.read - upload.own,
+                "stored": total.get("stored", 0),
                 "duplicates": total.get("already_stored", 0) + total.get("duplicates", 0)}  # fmt: skip
 
     async def export_member(self, member_id: str) -> dict[str, Any]:
@@ -217,38 +246,77 @@ class Services:
         gguf = Path(row[1]) / "adapter.gguf"
         return (str(row[0]), gguf) if gguf.exists() else None
 
-    async def personas(self) -> list[dict[str, Any]]:
-        """Active adapters, newest version per member, with their metrics."""
+    async def personas(self, member_id: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Active adapters, newest version per member (of one member; the newest `limit`), with their metrics."""
+        where, params = ("AND a.member_id = ?", (member_id,)) if member_id else ("", ())
         rows = await self.store.fetchall(
-            "SELECT id, member_id, version, base_model, metrics_json, created_at FROM adapters "
-            "WHERE status = 'active' AND member_id IS NOT NULL ORDER BY member_id, version DESC"
+            "SELECT a.id, a.member_id, a.version, a.base_model, a.metrics_json, a.created_at FROM adapters a "
+            "WHERE a.status = 'active' AND a.member_id IS NOT NULL " + where + " AND a.version = (SELECT MAX(b.version) "
+            "FROM adapters b WHERE b.member_id = a.member_id AND b.status = 'active') "
+            "ORDER BY a.created_at DESC, a.member_id" + (" LIMIT ?" if limit is not None else ""),
+            (*params, *((limit,) if limit is not None else ())),
         )
-        seen: dict[str, dict[str, Any]] = {}
-        for r in rows:
-            if r[1] not in seen:
-                seen[r[1]] = {
-                    "id": r[0], "member_id": r[1], "version": r[2], "base_model": r[3],
-                    "metrics": json.loads(r[4] or "{}"), "created_at": r[5],
-                }  # fmt: skip
-        return list(seen.values())
+        return [
+            {"id": r[0], "member_id": r[1], "version": r[2], "base_model": r[3],
+             "metrics": json.loads(r[4] or "{}"), "created_at": r[5]}  # fmt: skip
+            for r in rows
+        ]
 
-    async def trainable_members(self) -> dict[str, int]:
-        """Members with `train` consent and at least `training.min_examples` stored messages, with their counts."""
+    async def persona_count(self) -> int:
+        """How many members have an active persona."""
+        row = await self.store.fetchone(
+            "SELECT COUNT(DISTINCT member_id) FROM adapters WHERE status = 'active' AND member_id IS NOT NULL"
+        )
+        return int(row[0]) if row else 0
+
+    async def trainable_members(self, limit: int | None = None, *, untrained: bool = False) -> dict[str, int]:
+        """Members with `train` consent and at least `training.min_examples` stored messages, with their counts.
+
+        Most messages first; `untrained` leaves out members with an active persona; `limit` caps the answer, which
+        otherwise grows with the community.
+        """
+        skip = (
+            " AND m.author_id NOT IN (SELECT member_id FROM adapters WHERE status = 'active' AND member_id IS NOT NULL)"
+            if untrained
+            else ""
+        )
         rows = await self.store.fetchall(
             "SELECT m.author_id, COUNT(*) FROM messages m JOIN consent c ON c.member_id = m.author_id "
-            "AND c.scope = 'train' GROUP BY m.author_id HAVING COUNT(*) >= ? ORDER BY COUNT(*) DESC",
-            (self.settings.training.min_examples,),
+            "AND c.scope = 'train' WHERE 1 = 1" + skip + " GROUP BY m.author_id HAVING COUNT(*) >= ? "
+            "ORDER BY COUNT(*) DESC, m.author_id" + (" LIMIT ?" if limit is not None else ""),
+            (self.settings.training.min_examples, *((limit,) if limit is not None else ())),
         )
         return {str(r[0]): int(r[1]) for r in rows}
 
+    async def trainable_count(self, *, untrained: bool = False) -> int:
+        """How many members `trainable_members` would list without a limit."""
+        skip = (
+            " AND m.author_id NOT IN (SELECT member_id FROM adapters WHERE status = 'active' AND member_id IS NOT NULL)"
+            if untrained
+            else ""
+        )
+        row = await self.store.fetchone(
+            "SELECT COUNT(*) FROM (SELECT m.author_id FROM messages m JOIN consent c ON c.member_id = m.author_id "
+            "AND c.scope = 'train' WHERE 1 = 1" + skip + " GROUP BY m.author_id HAVING COUNT(*) >= ?)",
+            (self.settings.training.min_examples,),
+        )
+        return int(row[0]) if row else 0
+
     async def member_names(self, member_ids: Sequence[str]) -> dict[str, str]:
-        """Display names the store remembers for `member_ids`."""
+        """Display names the store remembers for `member_ids` (one query per 500 ids, not one per member)."""
+        ids = list(dict.fromkeys(str(m) for m in member_ids))
         names: dict[str, str] = {}
-        for member_id in member_ids:
-            member = await self.store.members.get(member_id)
-            if member is not None:
-                names[member_id] = member.display_name
+        for start in range(0, len(ids), 500):  # below SQLite's bound-parameter limit
+            chunk = ids[start : start + 500]
+            rows = await self.store.fetchall(
+                f"SELECT id, display_name FROM members WHERE id IN ({','.join('?' * len(chunk))})", tuple(chunk)
+            )
+            names.update({str(r[0]): str(r[1]) for r in rows})
         return names
+
+    async def chat_allowed(self, member_ids: Sequence[str]) -> set[str]:
+        """Which of `member_ids` allowed chat with their persona (one query)."""
+        return set(await self.store.with_scope("chat", [str(m) for m in member_ids]))
 
     def reply(self, persona: Any, context: Sequence[Utterance], params: Any) -> AsyncIterator[str]:
         """Stream a persona's reply from the engine."""
@@ -305,17 +373,34 @@ async def active_jobs(services: Services, member_id: str | None = None) -> list[
     return [Job.from_row(r) for r in await services.store.jobs.list(member_id=member_id, status=ACTIVE)]
 
 
-def _only_author(src: Path, dst: Path, member_id: str) -> tuple[int, int]:
-    """Copy a DCE export keeping only `member_id`'s messages (uploads are size-capped, so one json.load is fine)."""
+@dataclass(frozen=True)
+class OwnExport:
+    """An uploaded export, checked and cut to the uploader's own messages, waiting for their consent (in memory)."""
+
+    member_id: str
+    data: bytes  # the export as JSON with only the member's messages
+    read: int
+    own: int
+    channel: str
+
+
+def only_author(raw: bytes, member_id: str) -> OwnExport:
+    """Check a DCE export and keep only `member_id`'s messages (uploads are size-capped, so one json.loads is fine)."""
     try:
-        data = json.loads(src.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadUpload(f"that file is not valid JSON ({exc.__class__.__name__}); export with format JSON") from None
-    if not isinstance(data, dict) or not isinstance(data.get("messages"), list) or "channel" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list) or not isinstance(data.get("channel"), dict):
         raise BadUpload("that JSON is not a DiscordChatExporter export (no channel and messages)")
     messages = data["messages"]
     own = [m for m in messages if isinstance(m, dict) and str((m.get("author") or {}).get("id")) == member_id]
+    if not own:
+        raise BadUpload(
+            f"none of the {len(messages)} messages in that export is yours: only your own messages can be uploaded"
+        )
     data["messages"] = own
     data["messageCount"] = len(own)
-    dst.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    return len(messages), len(own)
+    channel = data["channel"]
+    name = str(channel.get("name") or channel.get("id") or "?")
+    encoded = json.dumps(data, ensure_ascii=False).encode("utf-8")
+    return OwnExport(member_id=member_id, data=encoded, read=len(messages), own=len(own), channel=name)

@@ -46,13 +46,33 @@ def duration(seconds: float | None) -> str:
     return f"{s // 3600} h {(s % 3600) // 60} min"
 
 
-def consent_summary(scopes: Iterable[str]) -> str:
-    """What a member has agreed to, one line per scope."""
+def consent_summary(scopes: Iterable[str], upload_only: bool = False) -> str:
+    """What a member has agreed to, one line per scope (`upload_only`: `train` covers uploaded exports only)."""
     granted = set(scopes)
     lines = [f"{'✅' if s in granted else '❌'} **{s}**: {text}" for s, text in SCOPE_TEXT.items()]
+    if "train" in granted and upload_only:
+        lines[0] = f"✅ **train**: {UPLOAD_ONLY_TEXT}"
     if not granted:
         lines.append("Nothing of yours is recorded.")
     return "\n".join(lines)
+
+
+UPLOAD_ONLY_TEXT = (
+    "the exports you uploaded are stored and may train your persona; your live messages are **not** recorded "
+    "(press **Opt in to training** to record them too)"
+)
+
+UPLOAD_CONSENT = (
+    "**Importing this export means you agree that:**\n"
+    "• your {own} messages in it are stored, encrypted with a key of your own (the {others} messages by other "
+    "people in the file are dropped and never stored);\n"
+    "• they may train an AI persona of you (`train` consent), which a member or an admin can start with "
+    "`/persona train`; nobody can chat with it unless you also allow chat;\n"
+    "• **Import only** does not record anything you write on this server from now on; **Import and record my "
+    "messages here too** also opts you in to recording in the channels the admins chose.\n"
+    "You can withdraw at any time: `/doppel consent` → Opt out deletes every stored message of yours, "
+    "`/doppel forget` deletes everything."
+)
 
 
 WHAT_IS_STORED = (

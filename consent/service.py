@@ -70,6 +70,14 @@ class ConsentService:
                         "INSERT OR IGNORE INTO consent(member_id, scope, granted_at, actor, channel) VALUES (?, ?, ?, ?, ?)",
                         (m, scope, now, actor, channel),
                     )
+                    if not cur.rowcount and channel != "upload":
+                        # A grant made with an uploaded export covers that export only; granted again through any
+                        # other channel it widens (live recording too), so the row is re-stamped and audited.
+                        cur = await db.execute(
+                            "UPDATE consent SET granted_at = ?, actor = ?, channel = ? "
+                            "WHERE member_id = ? AND scope = ? AND channel = 'upload'",
+                            (now, actor, channel, m, scope),
+                        )
                     if cur.rowcount:
                         changed[m].append(scope)
                         await self._audit(db, m, "grant", scope, actor, channel, now)
