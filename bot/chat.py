@@ -88,7 +88,7 @@ class PersonaChat:
         self.per_channel = Cooldown(bot.persona_rate_per_channel_s, "this channel")
         self.replies: OrderedDict[int, PersonaReply] = OrderedDict()
         self._webhooks: dict[int, discord.Webhook] = {}
-        self._rated: set[tuple[int, int]] = set()
+        self._rated: OrderedDict[tuple[int, int], None] = OrderedDict()  # recent (message, rater); the store has all
 
     # -- the gate ---------------------------------------------------------------------------------------------
     async def persona_request(self, member: discord.abc.User, channel: Any) -> tuple[Any, str | None]:
@@ -290,7 +290,9 @@ class PersonaChat:
         key = (payload.message_id, payload.user_id)
         if key in self._rated:
             return False
-        self._rated.add(key)  # before any await: two quick reactions must not both pass the stored check
+        self._rated[key] = None  # before any await: two quick reactions must not both pass the stored check
+        while len(self._rated) > MAX_REMEMBERED:  # bounded; older pairs are still caught by the stored check
+            self._rated.popitem(last=False)
         if await self.services.rated(str(payload.message_id), str(payload.user_id)):
             return False
         reply = await self.consented(reply)

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import random
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ from doppel.chatformat import Utterance
 
 NONE = discord.AllowedMentions.none()
 QUOTE_CHARS = 300
+MAX_GUESS_CHANNELS = 20  # channels a blind test samples from
+MAX_GUESS_MESSAGES = 5000  # latest messages per channel held while sampling
 ANSWER_CHARS = 600
 
 
@@ -78,7 +81,15 @@ async def pick_sample(
     if not channels:
         raise NotAvailable("there are no stored messages of this member in channels everyone here can read")
     allowed = await store.with_scope("train")
-    messages = [m async for m in store.messages.iter_channels(sorted(channels)) if m.author_id in allowed]
+    # Held-out replies are the newest: keep the latest messages of each channel only, so memory stays bounded
+    # however large the community and its history grow.
+    messages: list[Any] = []
+    for channel_id in sorted(channels)[:MAX_GUESS_CHANNELS]:
+        window: deque[Any] = deque(maxlen=MAX_GUESS_MESSAGES)
+        async for m in store.messages.iter_channels([channel_id]):
+            if m.author_id in allowed:
+                window.append(m)
+        messages.extend(window)
     heldout_from = await _heldout_from(services, adapter_id)
     found = await asyncio.to_thread(
         candidates, messages, member_id, services.settings, services.settings.bot.guess_context_messages,
@@ -175,6 +186,8 @@ async def post_guess(
     view = discord.ui.View(timeout=None)
     view.add_item(GuessVoteButton(test_id, "A"))
     view.add_item(GuessVoteButton(test_id, "B"))
+    # The interaction was acknowledged ephemerally: its first followup stays private, the second is the public test.
+    await interaction.followup.send("Blind test posted below: let the others vote.", ephemeral=True)
     await interaction.followup.send(render(member.display_name, sample, answers), view=view, allowed_mentions=NONE)
     return test_id
 
@@ -183,7 +196,7 @@ async def fidelity_text(services: Services, member_id: str, name: str) -> str:
     """The active persona's fidelity report (the same table as `doppel eval`) with its blind-test votes."""
     from trainer.evaluation import format_report
 
-    persona = next((p for p in await services.personas() if p["member_id"] == member_id), None)
+    persona = next(iter(await services.personas(member_id=member_id)), None)
     if persona is None:
         raise NotAvailable(f"{name} has no trained persona yet (`/persona train`)")
     blind = await services.blind_results(member_id, adapter_id=persona["id"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import discord
@@ -15,7 +16,7 @@ from bot.doppel_commands import require_guild
 from bot.errors import ConsentMissing, NotAllowed
 from bot.guess import fidelity_text, post_guess
 from bot.services import Services, active_jobs, remember_progress_message, submit_training, watched_jobs
-from bot.text import clip, neutralise
+from bot.text import MESSAGE_LIMIT, clip, neutralise
 from bot.training import progress_text, watch
 from doppel.chatformat import Utterance
 
@@ -43,7 +44,9 @@ class PersonaCommands(app_commands.Group):
     async def train(self, interaction: discord.Interaction, member: discord.Member, mode: Mode = "sft") -> None:
         require_guild(interaction)
         may_train(interaction, member)
-        await interaction.response.defer(thinking=True)
+        # Acknowledged ephemerally: the first followup of a public acknowledgement is public whatever its flag, and
+        # whether a member consented (or has enough messages) is theirs to know, not the channel's.
+        await interaction.response.defer(ephemeral=True, thinking=True)
         if "train" not in await self.services.scopes(str(member.id)):
             raise ConsentMissing(f"{member.display_name} has not opted in to training (`/doppel consent`)")
         job_id = await submit_training(self.services, str(member.id), str(interaction.user.id), mode)
@@ -52,12 +55,15 @@ class PersonaCommands(app_commands.Group):
         from bot.persona_views import CancelJobButton
 
         view.add_item(CancelJobButton(job_id))
+        await interaction.followup.send(f"Training job `{job_id}` queued; its progress is posted in this channel.",
+                                        ephemeral=True)  # fmt: skip
         body = progress_text(member.display_name, job) if job is not None else f"Training job `{job_id}` queued"
+        # The second followup is a message of its own, public: the channel follows the training.
         message = await interaction.followup.send(body, view=view, wait=True, allowed_mentions=NONE)
         # Interaction tokens expire after 15 minutes; a long job's message is edited through the channel instead.
         channel_message = await _as_channel_message(interaction, message)
         await remember_progress_message(self.services, job_id, channel_message.channel.id, channel_message.id)
-        self._start_watch(channel_message, job_id, member.display_name)
+        self._start_watch(channel_message, job_id, member.display_name, shown=body)
 
     async def resume_watchers(self, client: discord.Client) -> int:
         """After a restart: go on editing the progress messages of jobs that are still active; returns how many."""
@@ -71,10 +77,17 @@ class PersonaCommands(app_commands.Group):
             started += 1
         return started
 
-    def _start_watch(self, message: Any, job_id: str, name: str) -> None:
-        task = asyncio.create_task(watch(self.services, message, job_id, name))
+    def _start_watch(self, message: Any, job_id: str, name: str, shown: str | None = None) -> None:
+        task = asyncio.create_task(watch(self.services, message, job_id, name, shown=shown))
         self._watchers[job_id] = task
         task.add_done_callback(lambda t: self._watch_done(t, job_id))
+
+    async def stop_watchers(self) -> None:
+        """Stop editing progress messages (at shutdown; a restarted bot resumes them from the jobs table)."""
+        tasks = list(self._watchers.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _watch_done(self, task: asyncio.Task[None], job_id: str) -> None:
         if self._watchers.get(job_id) is task:
@@ -96,20 +109,7 @@ class PersonaCommands(app_commands.Group):
     @app_commands.command(name="list", description="Trained personas, and members with enough messages to train one")
     async def list(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        personas = await self.services.personas()
-        trainable = await self.services.trainable_members()
-        names = await self.services.member_names([p["member_id"] for p in personas] + list(trainable))
-        lines = ["**Trained personas**"]
-        for p in personas:
-            chat = "chat on" if "chat" in await self.services.scopes(p["member_id"]) else "chat not allowed"
-            lines.append(f"• {names.get(p['member_id'], p['member_id'])}: v{p['version']} on {p['base_model']} ({chat})")
-        if not personas:
-            lines.append("none yet")
-        trained = {p["member_id"] for p in personas}
-        ready = [f"• {names.get(m, m)}: {n} messages" for m, n in trainable.items() if m not in trained]
-        need = self.services.settings.training.min_examples
-        lines += [f"\n**Ready to train** (opted in, at least {need} messages)", *(ready or ["none"])]
-        await interaction.followup.send(clip("\n".join(lines)), ephemeral=True, allowed_mentions=NONE)
+        await interaction.followup.send(await persona_list_text(self.services), ephemeral=True, allowed_mentions=NONE)
 
     @app_commands.command(name="chat", description="Say something to a member's persona")
     @app_commands.describe(member="whose persona", message="what you say")
@@ -118,9 +118,10 @@ class PersonaCommands(app_commands.Group):
     ) -> None:
         require_guild(interaction)
         self.chat.check_rate(interaction.user.id, interaction.channel_id or 0)
-        await interaction.response.defer(thinking=True)
         channel = interaction.channel
-        await self.chat.persona_request(member, channel)  # consent and adapter checks before anything is posted
+        # Consent and adapter checks come before the public acknowledgement, so a refusal is answered ephemerally.
+        await self.chat.persona_request(member, channel)
+        await interaction.response.defer(thinking=True)
         self.chat.count_use(interaction.user.id, interaction.channel_id or 0)
         context = await self.chat.context(channel)
         asker = interaction.user
@@ -137,7 +138,9 @@ class PersonaCommands(app_commands.Group):
     async def guess(self, interaction: discord.Interaction, member: discord.Member) -> None:
         require_guild(interaction)
         self.chat.check_rate(interaction.user.id, interaction.channel_id or 0)
-        await interaction.response.defer(thinking=True)
+        await self.chat.persona_request(member, interaction.channel)  # refusals stay between the asker and the bot
+        # Ephemeral: picking a sample can still refuse (e.g. no messages in public channels); the test goes public.
+        await interaction.response.defer(ephemeral=True, thinking=True)
         await post_guess(self.services, self.chat, interaction, member, random.Random())
 
     @app_commands.command(name="report", description="A persona's fidelity report, with its blind-test votes")
@@ -146,6 +149,49 @@ class PersonaCommands(app_commands.Group):
         await interaction.response.defer(ephemeral=True, thinking=True)
         text = await fidelity_text(self.services, str(member.id), member.display_name)
         await interaction.followup.send(text, ephemeral=True, allowed_mentions=NONE)
+
+
+LIST_LIMIT = 15  # per section of /persona list: the community can be thousands, a message is 2000 characters
+
+
+async def persona_list_text(services: Services, limit: int = LIST_LIMIT) -> str:
+    """`/persona list`: the newest personas and the members readiest to train, each capped, with how many more."""
+    personas = await services.personas(limit=limit)
+    ready = await services.trainable_members(limit=limit, untrained=True)
+    names = await services.member_names([p["member_id"] for p in personas] + [*ready])
+    chat = await services.chat_allowed([p["member_id"] for p in personas])
+
+    def name(member_id: str) -> str:
+        return neutralise(names.get(member_id, member_id)[:40])
+
+    trained = [f"• {name(p['member_id'])}: v{p['version']} on {p['base_model']} "
+               f"({'chat on' if p['member_id'] in chat else 'chat not allowed'})" for p in personas]  # fmt: skip
+    waiting = [f"• {name(m)}: {n} messages" for m, n in ready.items()]
+    need = services.settings.training.min_examples
+    half = MESSAGE_LIMIT // 2 - 10  # each section fits its half, "…and N more" included
+    return clip(
+        _section("**Trained personas**", trained, await services.persona_count(), half, "none yet")
+        + "\n\n"
+        + _section(f"**Ready to train** (opted in, at least {need} messages)", waiting,
+                   await services.trainable_count(untrained=True), half, "none")  # fmt: skip
+    )
+
+
+def _section(title: str, lines: Sequence[str], total: int, budget: int, empty: str) -> str:
+    """A titled list within `budget` characters; the lines that do not fit are counted in "…and N more"."""
+    out = [title]
+    room = budget - len(title) - 24  # keeps space for the "…and N more" line
+    for line in lines:
+        if room - len(line) - 1 < 0:
+            break
+        out.append(line)
+        room -= len(line) + 1
+    shown = len(out) - 1
+    if not lines:
+        out.append(empty)
+    elif total > shown:
+        out.append(f"…and {total - shown} more")
+    return "\n".join(out)
 
 
 async def _job(services: Services, job_id: str) -> Any:

@@ -51,8 +51,12 @@ async def adapter_files(services: Services, adapter_id: str | None) -> tuple[dic
     return metrics, plot if plot is not None and plot.exists() else None
 
 
-async def watch(services: Services, message: discord.Message, job_id: str, name: str, poll_s: float = 1.0) -> None:
-    """Keep `message` up to date until the job ends, then replace it with the results (and the loss plot)."""
+async def watch(services: Services, message: discord.Message, job_id: str, name: str, poll_s: float = 1.0,
+                shown: str | None = None) -> None:  # fmt: skip
+    """Keep `message` up to date until the job ends, then replace it with the results (and the loss plot).
+
+    `shown` is the text the message already carries, when known (None after a restart: the first edit goes out).
+    """
     from trainer.progress import Throttle
 
     throttle = Throttle(services.settings.bot.progress_edit_interval_s)
@@ -65,9 +69,12 @@ async def watch(services: Services, message: discord.Message, job_id: str, name:
             return
         if job.status.final:
             break
-        if throttle.ready(job.progress):
+        text = progress_text(name, job)
+        # Edit only on change: an identical edit spends the channel's rate limit and shows nothing new.
+        if text != shown and throttle.ready(job.progress):
             try:
-                await message.edit(content=progress_text(name, job), view=view, allowed_mentions=NONE)
+                await message.edit(content=text, view=view, allowed_mentions=NONE)
+                shown = text
             except discord.HTTPException as exc:  # a failed edit must not stop the watch; the next one may work
                 log.warning("progress edit failed: %s", exc)
         await asyncio.sleep(poll_s)

@@ -101,11 +101,16 @@ def test_guess_needs_chat_consent_stored_messages_and_a_public_channel(bot_world
             await h.click("doppel:consent:train", ALICE)
             await h.click("doppel:consent:train", BOB)
             await h.active_adapter(services, ALICE)
+            h.fake.calls.clear()
             await h.command("persona guess", CAROL, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
             assert "has not allowed chat" in h.sent_texts()[-1]
+            first = h.responses()[0].payload  # checked before any acknowledgement: the refusal is ephemeral
+            assert first["type"] == 4 and first["data"]["flags"] == 64
             await h.click("doppel:consent:chat", ALICE)
+            h.fake.calls.clear()
             await h.command("persona guess", DAVE, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
             assert "no stored messages" in h.sent_texts()[-1]
+            assert h.responses()[0].payload["data"]["flags"] == 64  # acknowledged ephemerally: refusals stay private
             # Messages only in a channel this server does not show to everyone: never quoted in a blind test.
             await _conversation(services, h, cid=2999)
             await h.command("persona guess", BOB, member=(6, str(ALICE)), resolved=h.resolved(ALICE))

@@ -50,6 +50,10 @@ def test_persona_chat_requires_chat_consent_and_rate_limits(bot_world: Any) -> N
             h.fake.calls.clear()
             await h.command("persona chat", BOB, member=(6, str(ALICE)), message="hi", resolved=h.resolved(ALICE))
             assert "has not allowed chat" in h.sent_texts()[-1]
+            # Issue 12 (2): the refusal is the interaction's first response and it is ephemeral, not a followup
+            # of a public acknowledgement (which Discord would show to the whole channel).
+            first = h.responses()[0].payload
+            assert first["type"] == 4 and first["data"]["flags"] == 64
             assert not [c for c in h.fake.calls if "/webhooks/7777" in c.path or c.path.endswith("/webhooks")]
             assert services.engine.requests == []
             await h.click("doppel:consent:chat", ALICE)
@@ -94,10 +98,15 @@ def test_persona_train_permissions_consent_and_defer_order(bot_world: Any) -> No
             # Another member may not train Alice's persona; refused at once, before any deferral.
             await h.command("persona train", BOB, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
             assert h.first_response_type() == 4 and "only the member themself or an admin" in h.sent_texts()[-1]
-            # Alice herself, without train consent: deferred, then refused.
+            # Alice herself, without train consent: refused, and only she sees it (issue 12 (2)).
             h.fake.calls.clear()
             await h.command("persona train", ALICE, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
             assert h.first_response_type() == 5 and "has not opted in" in h.sent_texts()[-1]
+            assert h.responses()[0].payload["data"]["flags"] == 64, "acknowledged ephemerally"
+            # An admin training someone who did not opt in is told so privately as well.
+            h.fake.calls.clear()
+            await h.command("persona train", ADMIN, perms=h.ADMIN, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
+            assert "has not opted in" in h.sent_texts()[-1] and h.responses()[0].payload["data"]["flags"] == 64
             assert "submit" not in h.fake.events
             # With consent: deferred first, then submitted; a progress message with a cancel button follows.
             await h.click("doppel:consent:train", ALICE)
@@ -109,6 +118,10 @@ def test_persona_train_permissions_consent_and_defer_order(bot_world: Any) -> No
             assert job["requested_by"] == str(ADMIN) and job["source"] == "discord"
             progress = [c for c in h.responses() if c.payload and "Training User111" in str(c.payload.get("content"))]
             assert progress and f"doppel:job:cancel:{job['id']}" in str(progress[-1].payload["components"])
+            # The progress message is the second followup (public); the first one, private, says it was queued.
+            followups = [c for c in h.responses() if c.method == "POST" and c.path.startswith(f"/webhooks/{h.APP}/tok")]
+            assert "queued" in followups[-2].payload["content"] and followups[-2].payload["flags"] == 64
+            assert followups[-1] is progress[-1] and not followups[-1].payload.get("flags")
             # The cancel button (a dynamic item: works after restarts too) refuses bystanders, accepts the member.
             await h.click(f"doppel:job:cancel:{job['id']}", BOB)
             assert "only the member" in h.sent_texts()[-1]
