@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.util
 from typing import Any
 
@@ -31,7 +30,8 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
         import dataclasses
 
         settings = dataclasses.replace(settings, bot=dataclasses.replace(settings.bot, sync_commands=False))
-    from bot.main import serve
+    from bot.main import run_forever
 
-    asyncio.run(serve(settings, token, with_engine=not args.no_engine))
+    # SIGTERM (systemd, Docker) and SIGINT (Ctrl-C) take the same bounded, graceful shutdown; both exit 0.
+    run_forever(settings, token, with_engine=not args.no_engine)
     return None
