@@ -258,7 +258,13 @@ class PersonaChat:
         except RateLimited:
             await _react(message, "⏳")
         except (ConsentMissing, NotAvailable, NotAllowed) as exc:
-            await message.reply(f"⚠️ {exc}", allowed_mentions=NONE, mention_author=False)
+            # A message cannot be answered ephemerally, and whether a member consented is their business: the
+            # reason goes to the asker privately, the channel only sees a neutral reaction.
+            await _react(message, "🔒")
+            try:
+                await message.author.send(f"⚠️ {exc}", allowed_mentions=NONE)
+            except discord.HTTPException:
+                pass  # DMs closed: the reaction is the whole answer
 
     async def _addressed(self, message: discord.Message) -> discord.abc.User | None:
         ref = message.reference

@@ -133,3 +133,28 @@ def test_persona_train_permissions_consent_and_defer_order(bot_world: Any) -> No
             assert "cancelled" in h.sent_texts()[-1]
 
     asyncio.run(scenario())
+
+
+def test_a_refused_mention_never_says_in_public_why(bot_world: Any) -> None:
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            await services.update_guild(str(h.GUILD), persona_channels=[str(h.PERSONA)])
+            before = len(h.fake.calls)
+            await h.say(BOB, "@doppel what does alice think?", cid=h.PERSONA,
+                        mentions=[h.user(h.APP, "doppel", True), h.user(ALICE, "user111")])  # fmt: skip
+            new = h.fake.calls[before:]
+            public = [c for c in new if c.method == "POST" and f"/channels/{h.PERSONA}/messages" in c.path]
+            assert public == [], "nothing is posted in the channel"
+            assert any(c.method == "PUT" and "/reactions/" in c.path for c in new), "a neutral reaction instead"
+            dms = [c for c in new if c.method == "POST" and "/channels/5555/messages" in c.path]
+            assert dms and "has not allowed chat" in dms[0].payload["content"], "the reason goes to the asker"
+            assert services.engine.requests == []
+            # With DMs closed the reaction is the whole answer, and still nothing is said in public.
+            h.fake.dm_forbidden = True
+            before = len(h.fake.calls)
+            await h.say(BOB, "@doppel and now?", cid=h.PERSONA,
+                        mentions=[h.user(h.APP, "doppel", True), h.user(ALICE, "user111")])  # fmt: skip
+            assert not [c for c in h.fake.calls[before:] if f"/channels/{h.PERSONA}/messages" in c.path
+                        and c.method == "POST"]  # fmt: skip
+
+    asyncio.run(scenario())
