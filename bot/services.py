@@ -164,7 +164,7 @@ class Services:
             with tempfile.TemporaryDirectory(prefix="doppel-upload-") as tmp:  # outside DOPPEL_HOME, gone afterwards
                 path = Path(tmp) / "own-messages.json"
                 path.write_bytes(upload.data)
-                report = await import_exports(self.store, [path], source="upload")
+                report = await import_exports(self.store, [path], source="upload", upload_owner=member_id)
             total = report.get("total", {})
             if total.get("failed"):
                 errors = [f.get("error") for f in report.get("files", []) if f.get("error")]

@@ -156,10 +156,11 @@ class _FileImport:
 
     def __init__(
         self, conn: sqlite3.Connection, keyring: Keyring, path: Path, batch: int, source: str,
-        only_authors: frozenset[str] | None = None,
+        only_authors: frozenset[str] | None = None, upload_owner: str | None = None,
     ) -> None:
         self.conn, self.keyring, self.path, self.batch_size, self.source = conn, keyring, path, batch, source
         self.only_authors = only_authors
+        self.upload_owner = upload_owner
         self.report = FileReport(str(path))
         self.created_keys: list[str] = []
         self.members: dict[str, Member] = {}
@@ -192,7 +193,12 @@ class _FileImport:
         guild = _header(path, "guild")
         guild_id = str(guild["id"]) if isinstance(guild, dict) and guild.get("id") not in (None, "", "0") else None
         channel_id, channel_name = str(channel["id"]), channel.get("name")
-        train = {r[0] for r in self.conn.execute("SELECT member_id FROM consent WHERE scope = 'train'")}
+        # A `train` grant made with an upload covers that member's own export only: not an admin's server import,
+        # not someone else's upload.
+        train = {r[0] for r in self.conn.execute(
+            "SELECT member_id FROM consent WHERE scope = 'train' AND (channel != 'upload' OR member_id = ?)",
+            (self.upload_owner or "",),
+        )}  # fmt: skip
         self.start_rowid = self.conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM messages").fetchone()[0]
         now = time.time()
         batch: list[tuple[Any, ...]] = []
@@ -328,13 +334,13 @@ class _FileImport:
 
 def import_files_sync(
     settings: Settings, keyring: Keyring, paths: Sequence[Path], source: str = "import",
-    only_authors: frozenset[str] | None = None,
+    only_authors: frozenset[str] | None = None, upload_owner: str | None = None,
 ) -> list[FileReport]:
     """Import files one transaction each on a private sync connection (run in a worker thread)."""
     conn = connect_sync(settings)
     try:
         batch = settings.store.import_batch_size
-        return [_FileImport(conn, keyring, path, batch, source, only_authors).run() for path in paths]
+        return [_FileImport(conn, keyring, path, batch, source, only_authors, upload_owner).run() for path in paths]
     finally:
         conn.close()
 
@@ -360,15 +366,18 @@ def summarize(reports: Sequence[FileReport]) -> dict[str, Any]:
 
 
 async def import_exports(
-    store: Store, paths: Sequence[str | Path], source: str = "import", only_authors: Iterable[str] | None = None
+    store: Store, paths: Sequence[str | Path], source: str = "import", only_authors: Iterable[str] | None = None,
+    upload_owner: str | None = None,
 ) -> dict[str, Any]:
     """Import DiscordChatExporter files or folders; a failed file is rolled back whole and reported, others import.
 
-    `only_authors` limits storage to those members (a member uploading their own export: source="upload").
+    `only_authors` limits storage to those members; `upload_owner` is the member whose own upload this is (their
+    upload-only consent counts for this file, nobody else's does).
     """
     files = expand_paths(paths)
     limit = frozenset(only_authors) if only_authors is not None else None
-    reports = await asyncio.to_thread(import_files_sync, store.settings, store.keyring, files, source, limit)
+    reports = await asyncio.to_thread(import_files_sync, store.settings, store.keyring, files, source, limit,
+                                      upload_owner)  # fmt: skip
     return summarize(reports)
 
 

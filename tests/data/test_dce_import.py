@@ -231,3 +231,23 @@ def test_an_upload_stores_only_the_uploaders_messages(settings: Settings, dce_di
     f = asyncio.run(go())["files"][0]
     # 35 read - 4 system - 3 without text (checked first) - 7 of Thomas = 21 by other authors.
     assert f["stored"] == 7 and f["skipped"]["other_author"] == 21
+
+
+def test_upload_only_consent_covers_the_members_own_upload_not_a_server_import(
+    settings: Settings, dce_dir: Path
+) -> None:
+    async def go() -> tuple[set[str], set[str]]:
+        from consent.service import ConsentService
+
+        async with Store.open(settings) as store:
+            svc = ConsentService(store)
+            await svc.grant([ADAM], "train", ADAM, "button")  # opted in to recording
+            await svc.grant([THOMAS], "train", THOMAS, "upload")  # consented to his own export only
+            await import_exports(store, [dce_dir / GENERAL])  # an admin's server import
+            after_server_import = set(await store.messages.authors())
+            await import_exports(store, [dce_dir / GENERAL], source="upload", upload_owner=THOMAS)
+            return after_server_import, set(await store.messages.authors())
+
+    server_import, after_own_upload = asyncio.run(go())
+    assert server_import == {ADAM}, "an upload grant does not let an admin's import store Thomas's messages"
+    assert after_own_upload == {ADAM, THOMAS}, "his own upload does"
