@@ -11,6 +11,7 @@ from typing import Any
 import psutil
 
 from trainer.executors.base import Outcome, signal_name
+from trainer.jobs import JobStatus
 
 GIB = 1024**3
 # A SIGKILL whose peak resident memory reached this share of the limit is most likely the kernel's OOM killer.
@@ -94,3 +95,13 @@ def _explain_signal(outcome: Outcome, memory: MemoryFacts, who: str) -> tuple[st
     if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         return f"{who} was stopped by {name} before it finished", "resume it with `doppel train USER_ID --resume`"
     return f"{who} was killed by signal {signum} ({name})", ""
+
+
+def classify(outcome: Outcome, finished: dict[str, Any] | None, memory: MemoryFacts | None = None,
+             advice: bool = True) -> tuple[JobStatus, str]:  # fmt: skip
+    """(status, error) for a trainer that ended on its own: the error says why, in words."""
+    if outcome.returncode == 0 and finished is not None and finished.get("status") == "succeeded":
+        return JobStatus.SUCCEEDED, ""
+    if outcome.signal is not None and finished and finished.get("status") == "cancelled":
+        return JobStatus.FAILED, str(finished.get("error") or "the trainer stopped when asked to")
+    return JobStatus.FAILED, explain(outcome, finished, memory, advice=advice)

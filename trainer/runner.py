@@ -7,29 +7,57 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from doppel.errors import UserFacingError
-from trainer.jobs import Job, JobStatus
+from doppel.settings import Settings
+from trainer.jobs import Job, JobStatus, JobTable
 from trainer.progress import ProgressState
 
 if TYPE_CHECKING:
-    from trainer.executors.base import Outcome, Run
-    from trainer.supervisor import Supervisor
+    from models.registry import Registry
+    from trainer.executors.base import Executor, Outcome, Run
 
 log = logging.getLogger(__name__)
 RUNNING = (JobStatus.RUNNING,)
 
 
+class JobHost(Protocol):
+    """What a runner needs from the supervisor that claimed its job: the narrow seam, no private state."""
+
+    settings: Settings
+    jobs: JobTable
+
+    @property
+    def executor(self) -> Executor: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+    @property
+    def closing(self) -> bool: ...
+
+    async def get(self, job_id: str) -> Job: ...
+
+    async def materialize(self, job: Job, job_dir: Path, config: dict[str, Any]) -> dict[str, Any]: ...
+
+    def cancelled_by(self, job_id: str) -> str | None: ...
+
+    def attach(self, job_id: str, run: Run) -> None: ...
+
+    def changed(self) -> None: ...
+
+
 class JobRunner:
     """The supervisor's side of one running trainer."""
 
-    def __init__(self, supervisor: Supervisor, job_id: str) -> None:
+    def __init__(self, supervisor: JobHost, job_id: str) -> None:
         self.sup = supervisor
         self.job_id = job_id
         self.state = ProgressState(status="running")
         self.finished: dict[str, Any] | None = None
         self.artifact: Path | None = None
+        self.export_error: str | None = None
         self.metrics: dict[str, Any] = {}
         self._last_write = 0.0
 
@@ -41,11 +69,11 @@ class JobRunner:
         job_dir = Path(job.job_dir)
         try:
             resume = await self._prepare(job, job_dir)
-            if self.job_id in sup._cancelled or sup._closing:
+            if sup.cancelled_by(self.job_id) is not None or sup.closing:
                 await self._end_without_run(job)
                 return
             run = await sup.executor.launch(job.id, job_dir, job.device, resume)
-            sup._runs[job.id] = run
+            sup.attach(job.id, run)
             await sup.jobs.update(job.id, pid=run.pid, executor=sup.executor.name, executor_ref=run.ref,
                                   heartbeat_at=time.time())  # fmt: skip
             outcome = await self._follow(run)
@@ -85,6 +113,7 @@ class JobRunner:
                 self.state.apply(event)
                 if kind == "artifact" and event.get("kind", "adapter") == "adapter" and event.get("path"):
                     self.artifact = Path(str(event["path"]))
+                    self.export_error = str(event.get("export_error") or "") or None
                 elif kind == "metrics":
                     self.metrics = {k: v for k, v in event.items() if k not in ("event", "ts")}
                 elif kind == "finished":
@@ -107,19 +136,18 @@ class JobRunner:
         if force or now - self._last_write >= min(self.sup.settings.training.heartbeat_s, 2.0):
             self._last_write = now
             await self.sup.jobs.update(self.job_id, progress_json=self.state, heartbeat_at=time.time())
-            self.sup._poke()
+            self.sup.changed()
 
     async def _end_without_run(self, job: Job) -> None:
-        if self.job_id in self.sup._cancelled:
-            actor = self.sup._cancelled[self.job_id]
+        actor = self.sup.cancelled_by(self.job_id)
+        if actor is not None:
             await self._finish(job, JobStatus.CANCELLED, f"cancelled by {actor}", "cancelled before start")
         else:
             await self._finish(job, JobStatus.INTERRUPTED, "the supervisor stopped before the trainer started",
                                "not started")  # fmt: skip
 
     async def _conclude(self, job: Job, outcome: Outcome) -> None:
-        from trainer.endings import MemoryFacts, memory_limit
-        from trainer.supervisor import classify
+        from trainer.endings import MemoryFacts, classify, memory_limit
 
         row = await self.sup.get(job.id)
         detail = outcome.describe
@@ -131,11 +159,11 @@ class JobRunner:
             # Someone else ended it (the erasure cascade cancels jobs that involve an erased member).
             _remove_dir(job.job_dir)
             return
-        actor = self.sup._cancelled.get(job.id) or row.cancel_requested_by
+        actor = self.sup.cancelled_by(job.id) or row.cancel_requested_by
         if actor:
             await self._finish(job, JobStatus.CANCELLED, f"cancelled by {actor}", detail)
             return
-        if self.sup._closing and outcome.returncode != 0:
+        if self.sup.closing and outcome.returncode != 0:
             await self._finish(job, JobStatus.INTERRUPTED,
                                f"the supervisor stopped at step {self.state.step}; resume to continue", detail)  # fmt: skip
             return
@@ -155,15 +183,17 @@ class JobRunner:
                     return
         elif self.artifact is not None and self.artifact.is_dir():
             # The trainer saves and announces the adapter before evaluating it: a failure after that (memory, a
-            # bug, a signal) keeps the trained adapter as a candidate, and `doppel eval` evaluates it later.
-            error = classify(outcome, self.finished, memory, advice=False)[1]  # the fix is `doppel eval`, not retraining
+            # bug, a signal) keeps the trained adapter as a candidate, and `doppel eval` evaluates it later. So
+            # does a failed GGUF conversion (the artifact says so): `doppel eval` converts it, then evaluates it.
+            error = self.export_error or classify(outcome, self.finished, memory, advice=False)[1]
+            what = "export" if self.export_error else "evaluation"  # the fix is `doppel eval`, not retraining
             try:
                 adapter = await self.sup.registry.publish(self.artifact, job_id=job.id, member_id=job.member_id,
-                                                          evaluation_error=error)  # fmt: skip
+                                                          **{f"{what}_error": error})  # fmt: skip
             except UserFacingError as exc:
                 error = f"{error}; the trained adapter could not be kept: {exc}"
             else:
-                await self._finish(job, JobStatus.SUCCEEDED, f"evaluation failed: {error}", detail,
+                await self._finish(job, JobStatus.SUCCEEDED, f"{what} failed: {error}", detail,
                                    adapter_id=adapter.id)  # fmt: skip
                 return
         await self._finish(job, status, error, detail)
@@ -178,7 +208,7 @@ class JobRunner:
         if status != JobStatus.INTERRUPTED:
             # Dataset (member plaintext) and checkpoints go with the folder; only a resumable job keeps them.
             _remove_dir(job.job_dir)
-        self.sup._poke()
+        self.sup.changed()
 
 
 def _remove_dir(job_dir: str) -> None:

@@ -16,16 +16,18 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from doppel.errors import UserFacingError
 from doppel.settings import Settings
-from trainer.endings import MemoryFacts, explain
 from trainer.errors import JobConflictError, JobNotFoundError, SupervisorError
-from trainer.executors.base import Executor, Outcome, Run
+from trainer.executors.base import Executor, Run
 from trainer.jobs import Job, JobStatus, JobTable, new_job_id
+
+if TYPE_CHECKING:
+    from models.registry import Registry
 
 log = logging.getLogger(__name__)
 RUNNING = (JobStatus.RUNNING,)
@@ -44,7 +46,8 @@ def _alive(pid: int | None) -> bool:
 class Supervisor:
     """Submit, queue, run, follow, cancel, resume and publish training jobs."""
 
-    def __init__(self, store: Any, settings: Settings, executor: Executor | None = None, registry: Any = None) -> None:
+    def __init__(self, store: Any, settings: Settings, executor: Executor | None = None,
+                 registry: Registry | None = None) -> None:  # fmt: skip
         self.store = store
         self.settings = settings
         self.jobs = JobTable(store)
@@ -69,7 +72,7 @@ class Supervisor:
         return self._executor
 
     @property
-    def registry(self) -> Any:
+    def registry(self) -> Registry:
         if self._registry is None:
             from models.registry import Registry
 
@@ -287,6 +290,24 @@ class Supervisor:
         return await materialize(self.store, self.settings, job.member_id or "", job_dir, chat, job.mode, multi,
                                  reaction_weighting=self.settings.dataset.reaction_weighting)
 
+    # -- what a JobRunner may ask of its host (trainer.runner.JobHost) ---------------------------------------------
+    def cancelled_by(self, job_id: str) -> str | None:
+        """Who asked to cancel `job_id` through this supervisor, if anyone."""
+        return self._cancelled.get(job_id)
+
+    @property
+    def closing(self) -> bool:
+        """True once `close()` began: a runner that has not launched yet must not start its trainer."""
+        return self._closing
+
+    def attach(self, job_id: str, run: Run) -> None:
+        """Record a launched trainer, so cancel() and close() can stop it."""
+        self._runs[job_id] = run
+
+    def changed(self) -> None:
+        """Wake the watchers and the queue: a job's row changed."""
+        self._poke()
+
     # -- queue ------------------------------------------------------------------------------------------------
     def _poke(self) -> None:
         self._pulse.set()
@@ -338,16 +359,6 @@ def _conflict_message(job: Job) -> str:
 def _remove(job_dir: str | Path) -> None:
     if job_dir:
         shutil.rmtree(job_dir, ignore_errors=True)
-
-
-def classify(outcome: Outcome, finished: dict[str, Any] | None, memory: MemoryFacts | None = None,
-             advice: bool = True) -> tuple[JobStatus, str]:  # fmt: skip
-    """(status, error) for a trainer that ended on its own: the error says why in words (see trainer.endings)."""
-    if outcome.returncode == 0 and finished is not None and finished.get("status") == "succeeded":
-        return JobStatus.SUCCEEDED, ""
-    if outcome.signal is not None and finished and finished.get("status") == "cancelled":
-        return JobStatus.FAILED, str(finished.get("error") or "the trainer stopped when asked to")
-    return JobStatus.FAILED, explain(outcome, finished, memory, advice=advice)
 
 
 def chat_format_for(config: dict[str, Any]) -> Any:

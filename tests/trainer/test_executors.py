@@ -36,8 +36,8 @@ def test_device_env_pins_one_gpu_or_none() -> None:
 
 
 def test_classify_covers_every_ending() -> None:
+    from trainer.endings import classify
     from trainer.executors.base import Outcome
-    from trainer.supervisor import classify
 
     ok = {"event": "finished", "status": "succeeded"}
     assert classify(Outcome(0), ok)[0].value == "succeeded"
