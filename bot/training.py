@@ -35,6 +35,14 @@ def results_text(name: str, job: Any, metrics: dict[str, Any]) -> str:
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     for key, value in list(shown.items())[:10]:
         lines.append(f"• {key.replace('_', ' ')}: {value:.4g}" if isinstance(value, float) else f"• {key}: {value}")
+    attribution = ((metrics.get("fidelity") or {}).get("attribution") or {}) if isinstance(metrics, dict) else {}
+    if attribution.get("available"):
+        # The panel and chance behind the share: a 5-member panel has chance 20%, not 50%.
+        share = (attribution.get("share") or {}).get("adapter")
+        lines.append(f"• attributed to {name}: {share:.0%} of replies" if isinstance(share, (int, float))
+                     else f"• attributed to {name}: –")
+        lines[-1] += (f" (authorship panel of {attribution.get('members')} members, "
+                      f"chance {float(attribution.get('chance') or 0):.0%})")
     lines.append("Talk to it with `/persona chat` once they allowed chat.")
     return clip("\n".join(lines))
 

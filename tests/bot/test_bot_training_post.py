@@ -24,7 +24,9 @@ def _adapter_folder(root: Path, member: str) -> Path:
     (folder / "adapter.gguf").write_bytes(b"GGUF-test-adapter")
     (folder / "adapter_config.json").write_text("{}", encoding="utf-8")
     loss_png(folder / "loss.png", [(1, 3.2), (2, 2.6), (3, 2.1), (4, 1.9)], title="User111 (sft)")
-    metrics = {"ppl_base": 35.4, "ppl_adapter": 3.26, "active": True, "gate_reason": "beats base"}
+    metrics = {"ppl_base": 35.4, "ppl_adapter": 3.26, "active": True, "gate_reason": "beats base",
+               "fidelity": {"attribution": {"available": True, "members": 5, "chance": 0.2, "accuracy": 0.8,
+                                            "share": {"base": 0.1, "adapter": 0.45}}}}
     meta = {"member": member, "lineage": [member], "metrics": metrics, "base_model": {"name": "smollm2-135m"}}
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     return folder
@@ -62,6 +64,7 @@ def test_finished_job_posts_results_and_loss_plot(bot_world: Any, tmp_path: Path
             text = final.payload["content"]
             assert "User111's persona is trained" in text and adapter.id in text
             assert "ppl adapter: 3.26" in text and "ppl base: 35.4" in text
+            assert "attributed to User111: 45% of replies (authorship panel of 5 members, chance 20%)" in text
             assert final.files == 1, "the loss plot is attached"
             assert final.payload.get("components") == [], "the cancel button is gone"
             assert final.payload["allowed_mentions"]["parse"] == []
