@@ -110,6 +110,11 @@ class ConsentService:
                 erased[m] = report.to_dict()
         return {"revoked": revoked, "erased": erased}
 
+    async def count(self) -> int:
+        """How many members hold any scope."""
+        row = await self._s.fetchone("SELECT COUNT(DISTINCT member_id) FROM consent")
+        return int(row[0])
+
     async def scopes(self, member_id: str) -> set[str]:
         """Scopes a member currently holds."""
         rows = await self._s.fetchall("SELECT scope FROM consent WHERE member_id = ?", (member_id,))
@@ -126,11 +131,18 @@ class ConsentService:
         keys = ("seq", "member_id", "action", "scope", "actor", "channel", "at")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
-    async def list(self) -> list[dict[str, Any]]:
-        """Members holding any scope: id, display name, scopes, when last granted."""
+    async def list(self, limit: int | None = None, after: str | None = None) -> list[dict[str, Any]]:
+        """Members holding any scope: id, display name, scopes, when last granted; a page of `limit` after `after`.
+
+        Keyset pages (ids sort as text, as they are stored): a server of thousands of members is read a page at a time.
+        """
+        where, params = ("WHERE c.member_id > ? ", [after]) if after is not None else ("", [])
+        page = " LIMIT ?" if limit is not None else ""
         rows = await self._s.fetchall(
             "SELECT c.member_id, COALESCE(m.display_name, c.member_id), group_concat(c.scope), MAX(c.granted_at) "
-            "FROM consent c LEFT JOIN members m ON m.id = c.member_id GROUP BY c.member_id ORDER BY c.member_id"
+            f"FROM consent c LEFT JOIN members m ON m.id = c.member_id {where}GROUP BY c.member_id "
+            f"ORDER BY c.member_id{page}",
+            (*params, *([limit] if limit is not None else [])),
         )
         return [
             {"member_id": r[0], "display_name": r[1], "scopes": sorted(r[2].split(",")), "granted_at": r[3]}

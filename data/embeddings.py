@@ -39,15 +39,27 @@ class EmbeddingRepo:
             )
             return db.total_changes - before
 
-    async def get(self, member_id: str, model: str) -> list[tuple[str, bytes]]:
-        """All (message_id, vector bytes) of a member for one model, decrypted."""
+    async def get(self, member_id: str, model: str,
+                  message_ids: Sequence[str] | None = None) -> list[tuple[str, bytes]]:
+        """(message_id, vector bytes) of a member for one model, decrypted: all, or those of `message_ids`."""
         aead = await self._s.keys.cipher(member_id)
         if aead is None:
             return []
-        rows = await self._s.fetchall(
-            "SELECT message_id, vector FROM embeddings WHERE member_id = ? AND model = ? ORDER BY message_id",
-            (member_id, model),
-        )
+        if message_ids is None:
+            rows = await self._s.fetchall(
+                "SELECT message_id, vector FROM embeddings WHERE member_id = ? AND model = ? ORDER BY message_id",
+                (member_id, model),
+            )
+        else:
+            rows = []
+            ids = sorted(set(message_ids))
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                rows += await self._s.fetchall(
+                    "SELECT message_id, vector FROM embeddings WHERE member_id = ? AND model = ? AND message_id IN "
+                    f"({', '.join('?' * len(chunk))}) ORDER BY message_id",
+                    (member_id, model, *chunk),
+                )
         out = []
         for mid, blob in rows:
             try:

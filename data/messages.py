@@ -130,6 +130,88 @@ class MessageRepo:
                         yield msg
                 last_ts, last_id = rows[-1][6], rows[-1][0]
 
+    async def member_windows(self, member_id: str, before_s: float) -> dict[str, list[tuple[float, float]]]:
+        """Per channel, the time spans [t - before_s, t] around the member's messages, overlapping spans merged.
+
+        Reads timestamps only (no content): its size follows the member's own activity, not the community's.
+        """
+        rows = await self._s.fetchall(
+            "SELECT channel_id, created_at FROM messages WHERE author_id = ? ORDER BY channel_id, created_at",
+            (member_id,),
+        )
+        spans: dict[str, list[tuple[float, float]]] = {}
+        for channel_id, at in rows:
+            own = spans.setdefault(channel_id, [])
+            if own and at - before_s <= own[-1][1]:
+                own[-1] = (own[-1][0], at)
+            else:
+                own.append((at - before_s, at))
+        return spans
+
+    async def iter_windows(self, spans: dict[str, list[tuple[float, float]]]) -> AsyncIterator[Message]:
+        """Stored messages inside the given time spans of each channel, decrypted, by channel then time."""
+        for channel_id in sorted(spans):
+            for lo, hi in spans[channel_id]:
+                last_ts, last_id = lo, ""
+                first = True
+                while True:
+                    # Keyset pages as in iter_channels; the first page includes messages exactly at `lo`.
+                    rows = await self._s.fetchall(
+                        f"SELECT {COLUMNS} FROM messages WHERE channel_id = ? AND created_at <= ? AND "
+                        f"{'created_at >= ?' if first else '(created_at, id) > (?, ?)'} "
+                        "ORDER BY created_at, id LIMIT 1000",
+                        (channel_id, hi, last_ts) if first else (channel_id, hi, last_ts, last_id),
+                    )
+                    first = False
+                    if not rows:
+                        break
+                    for row in rows:
+                        msg = await self._decode(row)
+                        if msg is not None:
+                            yield msg
+                    last_ts, last_id = rows[-1][6], rows[-1][0]
+
+    async def get_many(self, message_ids: Sequence[str]) -> list[Message]:
+        """Messages by id (those stored and readable), decrypted, in time order."""
+        out: list[Message] = []
+        ids = sorted(set(message_ids))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            rows = await self._s.fetchall(
+                f"SELECT {COLUMNS} FROM messages WHERE id IN ({', '.join('?' * len(chunk))})", tuple(chunk)
+            )
+            for row in rows:
+                msg = await self._decode(row)
+                if msg is not None:
+                    out.append(msg)
+        out.sort(key=lambda m: (m.created_at, m.id))
+        return out
+
+    async def recent_for_member(self, member_id: str, limit: int, min_chars: int = 0) -> list[Message]:
+        """The member's latest `limit` messages (of at least `min_chars` characters), decrypted, oldest first.
+
+        Reads newest first in pages and stops at `limit`: a member with years of history costs `limit` rows.
+        """
+        out: list[Message] = []
+        last_ts, last_id = float("inf"), "\U0010ffff"
+        while len(out) < limit:
+            rows = await self._s.fetchall(
+                f"SELECT {COLUMNS} FROM messages WHERE author_id = ? AND (created_at, id) < (?, ?) "
+                "ORDER BY created_at DESC, id DESC LIMIT ?",
+                (member_id, last_ts, last_id, min(1000, max(limit, 1))),
+            )
+            if not rows:
+                break
+            for row in rows:
+                msg = await self._decode(row)
+                if msg is not None and len(msg.content.strip()) >= min_chars:
+                    out.append(msg)
+                    if len(out) >= limit:
+                        break
+            last_ts, last_id = rows[-1][6], rows[-1][0]
+        out.reverse()
+        return out
+
     async def for_member(self, member_id: str) -> list[Message]:
         """Every stored message of one member, decrypted, by time."""
         rows = await self._s.fetchall(

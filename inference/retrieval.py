@@ -71,14 +71,11 @@ class Retriever:
         if cached is not None and cached.count == count:
             self._indexes.move_to_end(member_id)
             return cached
-        min_chars = self.settings.dataset.min_chars
-        messages = [
-            m for m in await self.store.messages.for_member(member_id) if len(m.content.strip()) >= min_chars
-        ]
-        messages = messages[-MAX_MESSAGES:]
+        # Only the newest MAX_MESSAGES are read (and only their vectors): the store's cost is capped per member.
+        messages = await self.store.messages.recent_for_member(member_id, MAX_MESSAGES, self.settings.dataset.min_chars)
         if not messages:
             raise RetrievalError("this member has no stored messages yet: the retrieval persona needs some")
-        stored = dict(await self.store.embeddings.get(member_id, MODEL_NAME))
+        stored = dict(await self.store.embeddings.get(member_id, MODEL_NAME, [m.id for m in messages]))
         missing = [m for m in messages if m.id not in stored]
         if missing:
             vecs = await asyncio.to_thread(self._encode, [m.content for m in missing])

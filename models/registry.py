@@ -182,37 +182,58 @@ class Registry:
         return model
 
     # -- adapters ---------------------------------------------------------------------------------------------
-    async def _rows(self, where: str, params: tuple[Any, ...]) -> list[AdapterVersion]:
+    async def _rows(self, where: str, params: tuple[Any, ...], *, limit: int | None = None,
+                    offset: int = 0) -> list[AdapterVersion]:
+        # One query: each row's lineage comes along as a group_concat, not as one more query per row.
         cols = await self.store.adapters.columns()
+        page = f" LIMIT {int(limit)} OFFSET {max(0, int(offset))}" if limit is not None else ""
+        select = ", ".join(f"a.{c}" for c in cols)
         rows = await self.store.fetchall(
-            f"SELECT {', '.join(cols)} FROM adapters WHERE {where} ORDER BY member_id, version", params
+            f"SELECT {select}, (SELECT group_concat(member_id, ',') FROM "
+            "(SELECT l.member_id FROM adapter_lineage l WHERE l.adapter_id = a.id ORDER BY l.member_id)) "
+            f"FROM adapters a WHERE {where} ORDER BY a.member_id, a.version{page}",
+            params,
         )
         out = []
         for row in rows:
-            data = dict(zip(cols, row, strict=True))
-            out.append(AdapterVersion.from_row(data, await self.store.adapters.lineage(data["id"])))
+            data = dict(zip(cols, row[:-1], strict=True))
+            out.append(AdapterVersion.from_row(data, row[-1].split(",") if row[-1] else []))
         return out
 
-    async def list(self, member_id: str | None = None, include_erased: bool = False) -> list[AdapterVersion]:
-        """Adapter versions, by member then version."""
+    async def list(self, member_id: str | None = None, include_erased: bool = False, *, limit: int | None = None,
+                   offset: int = 0) -> list[AdapterVersion]:
+        """Adapter versions, by member then version; `limit`/`offset` page through a large server's list."""
+        if limit is not None and limit < 0:
+            raise RegistryError(f"limit must not be negative, got {limit}")
+        where, params = ["1=1"], []
+        if member_id is not None:
+            where.append("a.member_id = ?")
+            params.append(member_id)
+        if not include_erased:
+            where.append("a.status != 'erased'")
+        return await self._rows(" AND ".join(where), tuple(params), limit=limit, offset=offset)
+
+    async def count(self, member_id: str | None = None, include_erased: bool = False) -> int:
+        """How many versions `list` would return without a limit."""
         where, params = ["1=1"], []
         if member_id is not None:
             where.append("member_id = ?")
             params.append(member_id)
         if not include_erased:
             where.append("status != 'erased'")
-        return await self._rows(" AND ".join(where), tuple(params))
+        row = await self.store.fetchone(f"SELECT COUNT(*) FROM adapters WHERE {' AND '.join(where)}", tuple(params))
+        return int(row[0])
 
     async def get(self, adapter_id: str) -> AdapterVersion:
         """One version by adapter id."""
-        found = await self._rows("id = ?", (adapter_id,))
+        found = await self._rows("a.id = ?", (adapter_id,))
         if not found:
             raise AdapterNotFoundError(f"no adapter {adapter_id}")
         return found[0]
 
     async def active(self, member_id: str | None) -> AdapterVersion | None:
         """The member's active adapter (None for `member_id=None` means the multi-persona one)."""
-        found = await self._rows("member_id IS ? AND status = 'active'", (member_id,))
+        found = await self._rows("a.member_id IS ? AND a.status = 'active'", (member_id,))
         return found[-1] if found else None
 
     async def publish(self, artifact_dir: Path, *, job_id: str | None = None, member_id: str | None = None,
@@ -325,7 +346,7 @@ class Registry:
 
     async def activate(self, member_id: str | None, version: int) -> AdapterVersion:
         """Make an older (or candidate) version active again; the current active one is retired, not deleted."""
-        found = await self._rows("member_id IS ? AND version = ?", (member_id, version))
+        found = await self._rows("a.member_id IS ? AND a.version = ?", (member_id, version))
         if not found:
             raise AdapterNotFoundError(f"member {member_id or '(multi)'} has no adapter version {version}")
         target = found[0]

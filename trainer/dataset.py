@@ -343,7 +343,9 @@ def attribution_rows(
 ) -> list[dict[str, Any]]:
     """Real turns of the attribution panel (the member + the most active others), minus held-out replies, capped.
 
-    Only the panel's rows reach the job folder: the rest of the community's words never leave the database.
+    Only the panel's rows reach the job folder: the rest of the community's words never leave the database. For one
+    member, `turns` are the member's conversations (`materialize` reads only those), so the others are the people
+    the member talks with most.
     """
     by_author: dict[str, list[Turn]] = defaultdict(list)
     for channel in turns.values():
@@ -445,6 +447,23 @@ def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]], key: bytes | Non
         os.fsync(fh.fileno())
 
 
+async def _member_window_messages(store: Any, ds: DatasetSettings, member_id: str) -> list[Message]:
+    """The member's messages and what precedes them within the context window, plus the messages they reply to.
+
+    Only these can appear in the member's examples (context is capped by `context_window_s`), so a server of
+    200,000 messages costs what the member's own conversations cost, not the whole channels. The slack of a few
+    merge gaps keeps a context turn whole when its author's double posts straddle the window's edge.
+    """
+    spans = await store.messages.member_windows(member_id, ds.context_window_s + 4 * ds.merge_gap_s)
+    messages: list[Message] = [m async for m in store.messages.iter_windows(spans)]
+    have = {m.id for m in messages}
+    wanted = {m.reply_to for m in messages if m.author_id == member_id and m.reply_to and m.reply_to not in have}
+    if wanted:
+        # A Discord reply to an older message: what it answers is context, even from outside the window.
+        messages += [m for m in await store.messages.get_many(sorted(wanted)) if m.channel_id in spans]
+    return messages
+
+
 async def materialize(
     store: Any,
     settings: Settings,
@@ -469,12 +488,13 @@ async def materialize(
             raise DatasetError(f"member {member_id} is not known to the store")
         if member_id not in allowed:
             raise DatasetError(f"member {member_id} has not consented to training")
-        channels = set(await store.messages.channels_of(member_id))
+        messages = await _member_window_messages(store, settings.dataset, member_id)
     else:
-        channels = set()
+        # The multi-persona adapter trains on every consenting member: its input is the community by definition.
+        channels: set[str] = set()
         for author in sorted(allowed):
             channels.update(await store.messages.channels_of(author))
-    messages: list[Message] = [m async for m in store.messages.iter_channels(sorted(channels))]
+        messages = [m async for m in store.messages.iter_channels(sorted(channels))]
     names = {m.author_id: m.author_name for m in messages}
     for author_id in sorted(set(names) & allowed):
         known = await store.members.get(author_id)

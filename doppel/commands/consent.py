@@ -7,6 +7,7 @@ import asyncio
 import getpass
 from typing import Any
 
+from doppel.errors import UserFacingError
 from doppel.settings import Settings
 
 
@@ -19,6 +20,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         a.add_argument("--scope", default="train,chat", help="comma-separated scopes: train, chat (default: both)")
         a.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ls = actions.add_parser("list", help="members holding any scope")
+    ls.add_argument("--limit", type=int, default=0,
+                    help="at most this many members (JSON: default 500 a page; text: all, read a page at a time)")
+    ls.add_argument("--after", default=None, metavar="USER_ID", help="start after this member id (the next page)")
     ls.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
@@ -42,7 +46,34 @@ async def _run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
             return {"granted": await service.grant(args.member_ids, args.scope, _actor(), "cli")}
         if args.action == "revoke":
             return await service.revoke(args.member_ids, args.scope, _actor(), "cli")
-        return {"members": await service.list()}
+        return await _list(service, args)
+
+
+PAGE = 500
+
+
+async def _list(service: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """One page for JSON; for text, every member printed page by page (a large server is never held whole)."""
+    if args.limit < 0:
+        raise UserFacingError("--limit must be 0 (default) or more")
+    total = await service.count()
+    if args.json:
+        limit = args.limit or PAGE
+        members = await service.list(limit=limit, after=args.after)
+        more = len(members) == limit and bool(await service.list(limit=1, after=members[-1]["member_id"]))
+        return {"members": members, "total": total, "next_after": members[-1]["member_id"] if more else None}
+    shown, after = 0, args.after
+    while not args.limit or shown < args.limit:
+        page = await service.list(limit=min(PAGE, args.limit - shown) if args.limit else PAGE, after=after)
+        if not page:
+            break
+        for m in page:
+            print(f"{m['member_id']}  {m['display_name']}  {','.join(m['scopes'])}")
+        shown += len(page)
+        after = page[-1]["member_id"]
+    if not total:
+        print("no member has granted consent")
+    return {"shown": shown, "total": total}
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Any:
@@ -58,9 +89,4 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
                 if erased:
                     tail = f"; erased {erased['parts'].get('messages', 0)} messages"
                 print(f"{member}: revoked {', '.join(scopes) or 'nothing held'}{tail}")
-        else:
-            if not result["members"]:
-                print("no member has granted consent")
-            for m in result["members"]:
-                print(f"{m['member_id']}  {m['display_name']}  {','.join(m['scopes'])}")
     return result

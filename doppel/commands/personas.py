@@ -15,6 +15,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("personas", help="list persona adapters; roll back; list or add base models")
     p.add_argument("--member", help="only this member's versions")
     p.add_argument("--all", action="store_true", help="include erased versions")
+    p.add_argument("--limit", type=int, default=200, help="list at most this many versions (default 200)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many versions (the next page)")
     actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
     r = actions.add_parser("rollback", help="make an older version of a member's adapter active again")
     r.add_argument("member_id")
@@ -56,7 +58,12 @@ async def _run(args: argparse.Namespace, settings: Settings) -> Any:
             if not args.json:
                 print(f"member {version.member_id}: version {version.version} is active ({version.id})")
             return version.summary()
-        versions = await registry.list(member_id=args.member, include_erased=args.all)
+        if args.limit < 1 or args.offset < 0:
+            raise UserFacingError("--limit must be 1 or more and --offset 0 or more")
+        # A server with thousands of personas is listed a page at a time, never loaded whole.
+        versions = await registry.list(member_id=args.member, include_erased=args.all, limit=args.limit,
+                                       offset=args.offset)  # fmt: skip
+        total = await registry.count(member_id=args.member, include_erased=args.all)
         if not args.json:
             if not versions:
                 print("no persona adapters yet (train one with `doppel train USER_ID`)")
@@ -65,4 +72,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> Any:
                 base_ppl = v.metrics.get("ppl_base")
                 metric = f"ppl {ppl} (base {base_ppl})" if ppl is not None else "no metrics"
                 print(f"{v.member_id or '(multi)':<20} {v.base_model:<16} v{v.version:<3} {v.status:<9} {metric}  {v.id}")
-        return {"adapters": [v.summary() for v in versions]}
+            if args.offset + len(versions) < total:
+                print(f"... {total - args.offset - len(versions)} more: --offset {args.offset + len(versions)}")
+        return {"adapters": [v.summary() for v in versions], "total": total, "offset": args.offset,
+                "next_offset": args.offset + len(versions) if args.offset + len(versions) < total else None}
