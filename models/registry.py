@@ -31,6 +31,8 @@ from models.errors import (
 BASES_FILE = "base_models.json"
 MULTI_DIR = "_multi"
 REQUIRED_FILES = ("adapter.gguf", "meta.json")
+# What a version whose GGUF conversion failed still has: the trained PEFT weights.
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "meta.json")
 # Below this share of generated samples that end with the end-of-turn token, the persona would "never stop".
 MIN_EOS_RATE = 0.5
 
@@ -237,16 +239,21 @@ class Registry:
         return found[-1] if found else None
 
     async def publish(self, artifact_dir: Path, *, job_id: str | None = None, member_id: str | None = None,
-                      evaluation_error: str | None = None) -> AdapterVersion:
+                      evaluation_error: str | None = None, export_error: str | None = None) -> AdapterVersion:
         """Copy a trained adapter folder in as the member's next version; the gate decides active or candidate.
 
         `evaluation_error`: the trainer saved the adapter but its evaluation failed; it is kept as a candidate
-        whose reason says so, until `record_evaluation` (from `doppel eval`) completes it.
+        whose reason says so, until `record_evaluation` (from `doppel eval`) completes it. `export_error`: the
+        same after a failed GGUF conversion (the folder holds the PEFT files only); `doppel eval` converts it
+        (`record_export`) and evaluates it.
         """
-        meta = _read_meta(artifact_dir)
+        meta = _read_meta(artifact_dir, PEFT_FILES if export_error is not None else REQUIRED_FILES)
         member = member_id if member_id is not None else (meta.get("member") or meta.get("member_id") or None)
         metrics = dict(meta.get("metrics") or {})
-        if evaluation_error is not None:
+        if export_error is not None:
+            metrics = export_failed(metrics, export_error)
+            meta = {**meta, "metrics": metrics}
+        elif evaluation_error is not None:
             metrics = evaluation_failed(metrics, evaluation_error)
             meta = {**meta, "metrics": metrics}
         lineage = sorted({str(m) for m in meta.get("lineage") or []} | ({member} if member else set()))
@@ -300,6 +307,29 @@ class Registry:
             if final is not None and final.exists() and not await self._known_path(final):
                 shutil.rmtree(final, ignore_errors=True)
             raise
+        return await self.get(adapter_id)
+
+    async def record_export(self, adapter_id: str, gguf: Path, export: dict[str, Any] | None = None) -> AdapterVersion:
+        """Copy a late GGUF conversion into a version whose export failed (temp file + rename: never half there)."""
+        version = await self.get(adapter_id)
+        if version.status == "erased":
+            raise RegistryError(f"adapter {adapter_id} was erased")
+        if not gguf.is_file():
+            raise ArtifactError(f"no GGUF at {gguf}")
+        folder = Path(version.path)
+        tmp = folder / f".adapter.gguf.{uuid.uuid4().hex}"
+        try:
+            shutil.copyfile(gguf, tmp)
+            os.replace(tmp, folder / "adapter.gguf")
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise ArtifactError(f"could not copy the converted GGUF into {folder}: {exc}") from None
+        summary = {k: v for k, v in (export or {}).items() if k != "error"}
+        _write_json_atomic(folder / "meta.json", {**_read_meta(folder, PEFT_FILES), "export": summary})
+        meta_out = {**version.meta, "export": summary}
+        async with self.store.write() as db:
+            await db.execute("UPDATE adapters SET meta_json = ? WHERE id = ? AND status != 'erased'",
+                             (json.dumps(meta_out, default=str), adapter_id))  # fmt: skip
         return await self.get(adapter_id)
 
     async def record_evaluation(self, adapter_id: str, metrics: dict[str, Any]) -> AdapterVersion:
@@ -371,15 +401,22 @@ def evaluation_failed(metrics: dict[str, Any], why: str) -> dict[str, Any]:
             "gate_reason": f"evaluation failed: {why}; run `doppel eval` to evaluate it again"}  # fmt: skip
 
 
+def export_failed(metrics: dict[str, Any], why: str) -> dict[str, Any]:
+    """Metrics of a trained adapter whose GGUF conversion failed: a candidate that cannot be served yet, and why."""
+    return {**{k: v for k, v in metrics.items() if k not in ("active", "gate_reason")}, "evaluation": "pending",
+            "export": "failed", "export_error": why, "active": False,
+            "gate_reason": f"export failed: {why}; run `doppel eval` to convert and evaluate it again"}  # fmt: skip
+
+
 def needs_evaluation(metrics: dict[str, Any]) -> bool:
     """True for a version saved before an evaluation that failed or never finished."""
     return metrics.get("evaluation") in ("failed", "pending")
 
 
-def _read_meta(artifact_dir: Path) -> dict[str, Any]:
+def _read_meta(artifact_dir: Path, required: tuple[str, ...] = REQUIRED_FILES) -> dict[str, Any]:
     if not artifact_dir.is_dir():
         raise ArtifactError(f"no adapter folder at {artifact_dir}")
-    missing = [f for f in REQUIRED_FILES if not (artifact_dir / f).is_file()]
+    missing = [f for f in required if not (artifact_dir / f).is_file()]
     if missing:
         raise ArtifactError(f"{artifact_dir} is missing {', '.join(missing)}")
     try:

@@ -26,21 +26,20 @@ class StagedAdapter:
     def save_peft(self, model: Any, info: BaseInfo, *, gguf_dtype: str = "f32") -> dict[str, Any]:
         """PEFT files, then the GGUF conversion of exactly those files."""
         model.save_pretrained(str(self.path), safe_serialization=True)
-        try:
-            return export_lora_gguf(self.path, self.path / "adapter.gguf", info, dtype=gguf_dtype)
-        except ExportError:
-            raise
-        except Exception as exc:  # the gguf writer raises plain errors; the job must fail with one line
-            raise ExportError(f"GGUF export failed: {type(exc).__name__}: {exc}") from None
+        return export_gguf(self.path, self.path / "adapter.gguf", info, gguf_dtype=gguf_dtype)
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         """meta.json, with the creation time."""
         meta = {"created_at": round(time.time(), 3), **meta}
         (self.path / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
 
-    def publish(self) -> Path:
-        """Check the folder is complete and rename it over `final` (the old one, if any, is removed after)."""
-        missing = [name for name in REQUIRED if not (self.path / name).exists()]
+    def publish(self, *, require_gguf: bool = True) -> Path:
+        """Check the folder is complete and rename it over `final` (the old one, if any, is removed after).
+
+        `require_gguf=False`: the GGUF conversion failed after training; the PEFT files are kept all the same.
+        """
+        required = REQUIRED if require_gguf else tuple(n for n in REQUIRED if n != "adapter.gguf")
+        missing = [name for name in required if not (self.path / name).exists()]
         if missing:
             raise ExportError(f"adapter folder incomplete, missing {', '.join(missing)}")
         old: Path | None = None
@@ -55,3 +54,18 @@ class StagedAdapter:
     def discard(self) -> None:
         """Remove the staging folder (after a failure)."""
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def export_gguf(adapter_dir: Path, out: Path, info: BaseInfo, *, gguf_dtype: str = "f32",
+                simulate_failure: bool = False) -> dict[str, Any]:
+    """The GGUF conversion of a PEFT folder's files; any failure is one `ExportError` line (no half file is left)."""
+    try:
+        if simulate_failure:
+            raise ExportError("GGUF export failed: simulated (simulate_export_failure)")
+        return export_lora_gguf(adapter_dir, out, info, dtype=gguf_dtype)
+    except ExportError:
+        out.unlink(missing_ok=True)
+        raise
+    except Exception as exc:  # the gguf writer raises plain errors; the job must fail with one line
+        out.unlink(missing_ok=True)
+        raise ExportError(f"GGUF export failed: {type(exc).__name__}: {exc}") from None

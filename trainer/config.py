@@ -91,6 +91,7 @@ class TrainConfig:
     gguf_dtype: str = _f("f32", "Float type of adapter.gguf tensors: 'f32' or 'f16'.")
     simulate_oom_at_step: int = _f(0, "Testing hook: raise a CUDA out-of-memory error once at this step (0: off).")
     simulate_eval_failure: str = _f("", "Testing hook: 'error' raises, 'kill' SIGKILLs the trainer as evaluation starts.")
+    simulate_export_failure: bool = _f(False, "Testing hook: the GGUF conversion fails after training (the adapter is kept).")
 
     def validate(self) -> TrainConfig:
         """Raise `JobConfigError` with a one-line reason when a value cannot work."""

@@ -1,9 +1,11 @@
-"""Evaluating a saved adapter again, in a trainer child: for versions whose evaluation failed after training.
+"""Evaluating a saved adapter again, in a trainer child: for versions whose evaluation (or export) failed.
 
 The parent (the `doppel eval` command, or the bot) rebuilds the member's held-out replies and attribution panel
 from the store into a short-lived job folder (sealed with its job key, like any job's), runs
 `python -m trainer evaluate JOB_DIR --adapter PATH` with the key on stdin, and records the metrics through the
-registry, which promotes a candidate that now passes the gate. The folder is removed whatever happens.
+registry, which promotes a candidate that now passes the gate. A version whose GGUF export failed is converted by
+the child first (into the job folder), and the parent copies the file into the adapter folder. The folder is
+removed whatever happens.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from trainer.errors import EvaluationError
 # Dataset files an evaluation does not read: removed before the child starts (least plaintext, even sealed).
 _NOT_NEEDED = ("train.jsonl", "val.jsonl", "preference.jsonl")
 # Test hooks of the original job must not fire again on the rerun.
-_RESET = {"simulate_eval_failure": "", "simulate_oom_at_step": 0, "tensorboard": False}
+_RESET = {"simulate_eval_failure": "", "simulate_export_failure": False, "simulate_oom_at_step": 0, "tensorboard": False}
 
 
 async def reevaluate(store: Any, settings: Settings, version: Any,
@@ -53,8 +55,22 @@ async def reevaluate(store: Any, settings: Settings, version: Any,
                           multi=version.member_id is None)  # fmt: skip
         for name in _NOT_NEEDED:
             (job_dir / "dataset" / name).unlink(missing_ok=True)
-        metrics = await _run_child(settings, job_dir, Path(version.path), on_event)
-        return await Registry(store, settings).record_evaluation(version.id, metrics)
+        converted: dict[str, Any] = {}
+
+        def seen(event: dict[str, Any]) -> Any:
+            if event.get("event") == "artifact" and event.get("kind") == "gguf" and event.get("path"):
+                converted.update(event)
+            return on_event(event) if on_event is not None else None
+
+        registry = Registry(store, settings)
+        try:
+            metrics = await _run_child(settings, job_dir, Path(version.path), seen)
+        finally:
+            if converted and Path(str(converted["path"])).is_file():
+                # A version whose export failed after training: the child converted it; keep that even when the
+                # evaluation that follows fails, so the next `doppel eval` only evaluates.
+                await registry.record_export(version.id, Path(str(converted["path"])), converted.get("export"))
+        return await registry.record_evaluation(version.id, metrics)
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)
 

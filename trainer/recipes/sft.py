@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import TrainConfig
-from trainer.errors import EvaluationError, JobCancelled, TrainingError
+from trainer.errors import EvaluationError, ExportError, JobCancelled, TrainingError
 from trainer.events import Emitter
 
 
@@ -199,7 +199,7 @@ def finish_job(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, data
     "evaluation failed: <why>" and `doppel eval` runs the evaluation again later. Training is never lost to it.
     """
     from trainer import report
-    from trainer.adapter_folder import StagedAdapter
+    from trainer.adapter_folder import StagedAdapter, export_gguf
     from trainer.basemodel import file_sha256
     from trainer.export_gguf import BaseInfo
     from trainer.plot import loss_png
@@ -207,8 +207,16 @@ def finish_job(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, data
     emitter.emit("phase", phase="exporting")
     train_peak = peak_rss_mb()
     staged = StagedAdapter(job_dir / "output" / "adapter")
+    export_error: str | None = None
     try:
-        export = staged.save_peft(model, BaseInfo.from_hf_config(model.config), gguf_dtype=cfg.gguf_dtype)
+        model.save_pretrained(str(staged.path), safe_serialization=True)
+        try:
+            export = export_gguf(staged.path, staged.path / "adapter.gguf", BaseInfo.from_hf_config(model.config),
+                                 gguf_dtype=cfg.gguf_dtype, simulate_failure=cfg.simulate_export_failure)  # fmt: skip
+        except ExportError as exc:
+            # The training is done and its PEFT files are saved: keep them (a candidate, "export failed: <why>");
+            # `doppel eval` converts and evaluates them later. Users report GGUF export failures often.
+            export_error, export = str(exc), {"error": str(exc)}
         loss_series = [(name, s.get("losses", [])) for name, s in stages.items() if name != "sft"]
         loss_png(staged.path / "loss.png", stats.get("losses", []), title=f"{cfg.persona_name or cfg.member_id} ({cfg.mode})",
                  stages=loss_series)
@@ -227,10 +235,13 @@ def finish_job(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, data
             "export": export,
         }
         staged.write_meta(meta)
-        path = staged.publish()
+        path = staged.publish(require_gguf=export_error is None)
     except BaseException:
         staged.discard()
         raise
+    if export_error is not None:
+        emitter.emit("artifact", kind="adapter", path=str(path), gguf=None, evaluated=False, export_error=export_error)
+        raise ExportError(export_error)
     emitter.emit("artifact", kind="adapter", path=str(path), gguf=str(path / "adapter.gguf"), evaluated=False)
     emitter.emit("phase", phase="evaluating")
     simulate_eval_failure(cfg.simulate_eval_failure)
@@ -314,10 +325,20 @@ def reevaluate(cfg: TrainConfig, job_dir: Path, adapter_dir: Path, emitter: Emit
                      cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None)
     model = PeftModel.from_pretrained(base.model, str(adapter_dir))
     loaded_peak = peak_rss_mb()
+    gguf = adapter_dir / "adapter.gguf"
+    if not gguf.is_file():
+        # Its export failed after training: convert it now, into the job folder; the parent copies it in.
+        from trainer.adapter_folder import export_gguf
+        from trainer.export_gguf import BaseInfo
+
+        emitter.emit("phase", phase="exporting")
+        gguf = job_dir / "output" / "adapter.gguf"
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        export = export_gguf(adapter_dir, gguf, BaseInfo.from_hf_config(model.config), gguf_dtype=cfg.gguf_dtype)
+        emitter.emit("artifact", kind="gguf", path=str(gguf), export=export)
     emitter.emit("phase", phase="evaluating")
     simulate_eval_failure(cfg.simulate_eval_failure)
-    metrics = report.evaluate(model, base.tokenizer, cfg, data, adapter_gguf=adapter_dir / "adapter.gguf",
-                              base_gguf=base_gguf_for(cfg))  # fmt: skip
+    metrics = report.evaluate(model, base.tokenizer, cfg, data, adapter_gguf=gguf, base_gguf=base_gguf_for(cfg))
     metrics["evaluation"] = "done"
     metrics["resources"] = {"loaded_peak_rss_mb": loaded_peak, "peak_rss_mb": peak_rss_mb()}
     emitter.emit("metrics", **{k: v for k, v in metrics.items()})
