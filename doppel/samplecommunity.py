@@ -154,3 +154,130 @@ def write_community(folder: Path, n_messages: int = 3000, seed: int = 7) -> list
         tmp.replace(path)
         paths.append(path)
     return paths
+
+
+# --- A large community (for `doppel bench scale`): many members, each a base style plus personal quirks -----------
+QUIRK_WORDS = ("honestly", "ngl", "lowkey", "tbf", "imo", "welp", "yikes", "anyway", "true", "fair", "oof", "big if",
+               "classic", "send help", "no cap", "as one does", "brb", "meh", "wild", "iconic")  # fmt: skip
+QUIRK_MARKS = ("🙃", "🔥", "🤖", "🐸", "🌙", "🍕", "🎲", "🧃", "🦊", "🌵", ":)", ";D", "xD", "^^", "!!", "...", "?!",
+               "<3", "-_-", "o7")  # fmt: skip
+STYLES = (_pixel, _captain, _prof, _mara, _dev)
+GUILD_ID = "100000000000000000"
+LARGE_MEMBER_BASE = 300_000_000_000_000_000
+
+
+@dataclass(frozen=True)
+class LargeMember:
+    """A generated member of a large community: a base style, a personal tic and a sign-off."""
+
+    id: str
+    name: str
+    nickname: str
+    style: int
+    quirk: str
+    mark: str
+
+    def say(self, rng: random.Random, topic: str) -> str:
+        """One message in this member's voice."""
+        text = STYLES[self.style](rng, topic)
+        if rng.random() < 0.5:
+            text = f"{self.quirk} {text}" if self.style != 1 else f"{self.quirk.upper()} {text}"
+        return f"{text} {self.mark}" if rng.random() < 0.7 else text
+
+
+def large_members(n: int) -> list[LargeMember]:
+    """`n` members with distinct (style, quirk, mark) combinations while there are enough (5 x 20 x 20 = 2,000)."""
+    out = []
+    for i in range(n):
+        style, rest = i % len(STYLES), i // len(STYLES)
+        quirk = QUIRK_WORDS[rest % len(QUIRK_WORDS)]
+        mark = QUIRK_MARKS[(rest // len(QUIRK_WORDS) + rest) % len(QUIRK_MARKS)]
+        out.append(LargeMember(str(LARGE_MEMBER_BASE + i), f"member{i:05d}", f"Member {i}", style, quirk, mark))
+    return out
+
+
+def write_large_community(folder: Path, members: int = 1000, messages: int = 200_000, *, channels: int = 8,
+                          top_messages: int = 5000, seed: int = 11) -> dict[str, Any]:
+    """Write a DCE export per channel of a community of `members` people and about `messages` messages, streamed.
+
+    Member 0 (the persona a benchmark trains, the most active) takes part in enough conversations for about
+    `top_messages` messages whatever the community's size; the others are Zipf-distributed (most talk rarely). Returns the
+    files, the member ids and the message count per author, written one message at a time (never held whole).
+    """
+    if members < 5 or messages < 100 or channels < 1:
+        raise ValueError("a large community needs at least 5 members, 100 messages and 1 channel")
+    import bisect
+    import itertools
+
+    rng = random.Random(seed)
+    people = large_members(members)
+    others = people[1:]
+    # Zipf with an offset: a long tail of quiet members, and no one else as active as the persona.
+    cum = list(itertools.accumulate(1.0 / (rank + 20) for rank in range(len(others))))
+    # Conversations average 7 messages among 3 speakers: the persona joins enough of them to write ~top_messages.
+    join = min(1.0, 3.0 * top_messages / messages)
+    counts: dict[str, int] = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    per_channel = messages // channels
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    for c in range(channels):
+        channel_id = str(210_000_000_000_000_000 + c)
+        name = f"channel-{c}"
+        path = folder / f"Doppel Scale Server - {name}.json"
+        tmp = path.with_suffix(".tmp")
+        next_id = 1_200_000_000_000_000_000 + c * 100_000_000
+        written = 0
+        last_id: str | None = None
+        t = t0
+        with tmp.open("w", encoding="utf-8") as fh:
+            header = {
+                "guild": {"id": GUILD_ID, "name": "Doppel Scale Server", "iconUrl": ""},
+                "channel": {"id": channel_id, "type": "GuildTextChat", "categoryId": "1", "category": "Text Channels",
+                            "name": name, "topic": None},
+                "dateRange": {"after": None, "before": None},
+                "exportedAt": datetime(2026, 11, 1, tzinfo=UTC).isoformat(),
+            }  # fmt: skip
+            fh.write(json.dumps(header, ensure_ascii=False)[:-1] + ', "messages": [\n')
+            while written < per_channel:
+                topic = rng.choice(TOPICS)
+                k = rng.randint(2, 4)
+                speakers: list[LargeMember] = [people[0]] if rng.random() < join else []
+                while len(speakers) < k:
+                    pick = others[bisect.bisect_left(cum, rng.random() * cum[-1])]
+                    if pick not in speakers:
+                        speakers.append(pick)
+                prev: LargeMember | None = None
+                for _ in range(rng.randint(4, 10)):
+                    if written >= per_channel:
+                        break
+                    choices = [s for s in speakers if s is not prev] if rng.random() < 0.85 else speakers
+                    m = prev = rng.choice(choices)
+                    t += timedelta(seconds=rng.randint(15, 240))
+                    msg_id = str(next_id)
+                    next_id += 1
+                    reply = rng.random() < 0.2 and last_id is not None
+                    msg: dict[str, Any] = {
+                        "id": msg_id, "type": "Reply" if reply else "Default",
+                        "timestamp": t.isoformat(timespec="milliseconds"), "timestampEdited": None,
+                        "isPinned": False, "content": m.say(rng, topic),
+                        "author": {"id": m.id, "name": m.name, "discriminator": "0000", "nickname": m.nickname,
+                                   "isBot": False, "roles": [], "avatarUrl": ""},
+                        "attachments": [], "embeds": [], "stickers": [],
+                        "reactions": ([{"emoji": {"id": "", "name": "😂", "code": "joy", "isAnimated": False,
+                                                  "imageUrl": ""}, "count": rng.randint(1, 4)}]
+                                      if rng.random() < 0.15 else []),
+                        "mentions": [],
+                    }  # fmt: skip
+                    if reply:
+                        msg["reference"] = {"messageId": last_id, "channelId": channel_id, "guildId": GUILD_ID}
+                    fh.write(("," if written else "") + json.dumps(msg, ensure_ascii=False) + "\n")
+                    counts[m.id] = counts.get(m.id, 0) + 1
+                    written += 1
+                    last_id = msg_id
+                t += timedelta(minutes=rng.randint(40, 300))
+            fh.write(f'], "messageCount": {written}}}\n')
+        tmp.replace(path)
+        paths.append(path)
+    return {"paths": [str(p) for p in paths], "members": [m.id for m in people],
+            "messages": sum(counts.values()), "per_author": counts}
