@@ -17,6 +17,7 @@ BENCHES = {
     "train": "trainer.bench:train",
     "inference": "inference.bench:inference",
     "fidelity": "doppel.benchfidelity:fidelity",
+    "scale": "doppel.benchscale:scale",
 }
 
 
@@ -25,6 +26,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("name", choices=[*BENCHES, "all"])
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.add_argument("-o", "--output", help="also write the JSON result to this file")
+    p.add_argument("--sizes", default="", help="scale: community sizes MEMBERSxMESSAGES[,...] (default 200x40000,1000x200000)")
     # fidelity only: which configurations, how many held-out openings, a factor on every configuration's steps.
     p.add_argument("--configs", default="", help="fidelity: comma-separated configurations (default: all)")
     p.add_argument("--openings", type=int, default=0, help="fidelity: held-out openings answered per system")
@@ -34,8 +36,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Any:
-    # fidelity trains several personas (tens of minutes on a CPU): run it by name, not in `all`.
-    names = [n for n in BENCHES if n != "fidelity"] if args.name == "all" else [args.name]
+    # fidelity and scale train personas (tens of minutes on a CPU): run them by name, not in `all`.
+    names = [n for n in BENCHES if n not in ("fidelity", "scale")] if args.name == "all" else [args.name]
     results: dict[str, Any] = {}
     for name in names:
         module_name, func = BENCHES[name].split(":")
