@@ -162,13 +162,14 @@ class _Heldout:
         self.inner.forget(member_id)
 
 
-def _scaled(overrides: Mapping[str, Any], scale: float) -> dict[str, Any]:
+def _scaled(settings: Settings, overrides: Mapping[str, Any], scale: float, n_train: int) -> dict[str, Any]:
+    """`overrides` with its steps multiplied by `scale`; data-derived steps (max_steps 0) are resolved first."""
     from trainer.config import TrainConfig
 
     out = dict(overrides)
     if scale != 1.0:
-        steps = int(out.get("max_steps") or TrainConfig().max_steps)
-        out["max_steps"] = max(2, round(steps * scale))
+        cfg = TrainConfig.from_settings(settings, base_model="-", **out)
+        out["max_steps"] = max(2, round(cfg.steps_for(n_train) * scale))
     return out
 
 
@@ -227,6 +228,41 @@ async def _openings(settings: Settings, member: str, n: int) -> dict[str, Any]:
     return {"pairs": pairs, "heldout": [ex.target for ex in ds.heldout], "train_examples": len(ds.train)}
 
 
+async def _heldout_rows(settings: Settings, member: str, limit: int) -> list[dict[str, str]]:
+    """The member's held-out replies as perplexity rows, rendered in the prompt style in force (oldest first)."""
+    from data.store import Store
+    from doppel.chatformat import ChatFormat
+    from trainer.dataset import build_dataset
+
+    fmt = ChatFormat.from_gguf(settings.base_gguf_path())
+    mid = author_id(member)
+    async with Store.open(settings) as store:
+        channels = await store.messages.channels_of(mid)
+        messages = [m async for m in store.messages.iter_channels(sorted(channels))]
+    held = sorted(build_dataset(messages, mid, settings, fmt).heldout, key=lambda e: e.ts)
+    return [{"prompt": e.prompt, "completion": e.completion} for e in held[: limit or len(held)]]
+
+
+def cross_perplexity(settings: Settings, base_model: str, rows: Sequence[Mapping[str, str]],
+                     adapters: Mapping[str, str]) -> dict[str, Any]:
+    """Perplexity of `rows` under the base the adapters were trained on and under each named PEFT adapter folder."""
+    from peft import PeftModel
+
+    from trainer.basemodel import load_base
+    from trainer.evaluation import perplexity
+
+    base = load_base(Path(base_model), quantize_4bit=False, gradient_checkpointing=False,
+                     cache_root=settings.cache_dir / "base-models")
+    out: dict[str, Any] = {"rows": len(rows), "base": round(perplexity(base.model, base.tokenizer, rows), 3)}
+    for name, folder in adapters.items():
+        model = PeftModel.from_pretrained(base.model, folder)
+        try:
+            out[name] = round(perplexity(model, base.tokenizer, rows), 3)
+        finally:
+            base.model = model.unload()  # the base without this adapter, for the next one
+    return out
+
+
 def _classifier(logs: Sequence[Mapping[str, Any]], panel: Sequence[str], banned: set[str], seed: int) -> Any:
     """The fixed judge: hashed char n-grams + linear SVM over the panel's real messages, held-out replies excluded."""
     import random
@@ -263,6 +299,7 @@ async def _train(settings: Settings, member: str, overrides: Mapping[str, Any]) 
         adapter = await Registry(store, settings).get(job.adapter_id)
     metrics = dict(adapter.metrics or (adapter.meta or {}).get("metrics") or {})
     return {"adapter": str(adapter.gguf_path), "folder": str(adapter.path), "wall_s": round(wall, 1),
+            "base_model": str(job.config.get("base_model") or ""),
             "train_s": round((job.finished_at or 0) - (job.started_at or 0), 1), "metrics": metrics,
             "config": {k: job.config.get(k) for k in ("max_steps", "micro_batch_size", "grad_accum", "learning_rate",
                                                       "lora_r", "lora_alpha", "target_modules", "batching")}}
@@ -310,6 +347,27 @@ def _score(model: Any, member: str, texts: Sequence[str]) -> dict[str, Any]:
     return {"share": round(share, 3), "n": len(texts), **_style_stats(texts)}
 
 
+async def _own_vs_other(settings: Settings, panel: Sequence[str],
+                        trained: Mapping[str, tuple[str, Any, int, str]]) -> dict[str, Any]:
+    """The last configuration's recipe trained for another panel member (same steps, same prompt style); held-out
+    perplexity of the member's replies under the base, the member's own adapter and the other member's adapter.
+    A persona that learned the member (not just chat in general) is clearly best with its own adapter."""
+    from doppel.chatformat import use_style
+
+    name, (own_folder, style, steps, base_model) = list(trained.items())[-1]
+    other = panel[1]
+    with use_style(style):
+        overrides = {**CONFIGS[name]["overrides"], "max_steps": steps}
+        theirs = await _train(settings, other, overrides)
+        rows = await _heldout_rows(settings, panel[0], JOB_EVAL["eval_max_examples"])
+    ppl = await asyncio.to_thread(cross_perplexity, settings, base_model, rows,
+                                  {"own_adapter": own_folder, "other_adapter": theirs["folder"]})
+    return {"config": name, "member": panel[0], "other": other, "other_train_wall_s": theirs["wall_s"],
+            "steps": steps, "ppl": ppl,
+            "own_better": bool(ppl["own_adapter"] < ppl["other_adapter"]),
+            "own_vs_other_change": round((ppl["own_adapter"] - ppl["other_adapter"]) / ppl["other_adapter"], 3)}
+
+
 def say(text: str) -> None:
     """Progress on stderr: stdout carries the JSON."""
     print(f"[fidelity] {text}", file=sys.stderr, flush=True)
@@ -321,7 +379,7 @@ def fidelity(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    from doppel.chatformat import current_style, use_style
+    from doppel.chatformat import STYLES, current_style, use_style
 
     quick = bool(getattr(args, "quick", False))
     names = [c for c in str(getattr(args, "configs", "") or "").split(",") if c] or list(CONFIGS)
@@ -364,17 +422,18 @@ async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str
             texts = await _replies(bench, panel[0], mode, None, pairs, banned, max_tokens)
             result["systems"][mode] = {**_score(judge, panel[0], texts), "samples": texts[:4]}
             say(f"{mode}: {result['systems'][mode]['share']}")
+    trained_folders: dict[str, tuple[str, Any, int, str]] = {}
     for name in names:
         if name not in CONFIGS:
             continue
         cfg = CONFIGS[name]
         style = cfg["style"] or current_style()
         with use_style(style):
-            trained = await _train(bench, panel[0], _scaled(cfg["overrides"], scale))
+            trained = await _train(bench, panel[0], _scaled(bench, cfg["overrides"], scale, opening["train_examples"]))
             m = trained["metrics"]
             base_ppl, ppl = m.get("ppl_base"), m.get("ppl_adapter")
             entry: dict[str, Any] = {
-                "style": style if isinstance(style, str) else dataclasses.asdict(style),
+                "style": dataclasses.asdict(STYLES[style] if isinstance(style, str) else style),
                 "config": trained["config"], "train_wall_s": trained["wall_s"], "train_s": trained["train_s"],
                 "ppl_base": base_ppl, "ppl_adapter": ppl,
                 "ppl_change": (round((ppl - base_ppl) / base_ppl, 3)
@@ -385,8 +444,13 @@ async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str
                 texts = await _replies(bench, panel[0], mode, trained["adapter"], pairs, banned, max_tokens)
                 entry[mode] = {**_score(judge, panel[0], texts), "samples": texts[:4]}
         result["systems"][name] = entry
+        trained_folders[name] = (trained["folder"], style, int(trained["config"]["max_steps"] or 0),
+                                 trained["base_model"])
         say(f"{name}: adapter {entry['adapter']['share']}, hybrid {entry['adapter+retrieval']['share']}, "
             f"ppl {base_ppl} -> {ppl}, {trained['wall_s']} s")
+    if trained_folders and not getattr(args, "no_own_vs_other", False) and len(panel) > 1:
+        result["own_vs_other"] = await _own_vs_other(bench, panel, trained_folders)
+        say(f"own vs other adapter on {panel[0]}'s held-out replies: {result['own_vs_other']}")
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
     result["home"] = str(home)
     return result

@@ -32,6 +32,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--openings", type=int, default=0, help="fidelity: held-out openings answered per system")
     p.add_argument("--steps-scale", type=float, default=0.0, help="fidelity: multiply every configuration's steps")
     p.add_argument("--member", default=None, help="fidelity: the member (an IRC nick; default the most active)")
+    p.add_argument("--no-own-vs-other", action="store_true",
+                   help="fidelity: skip training another member's adapter to compare perplexities")
     return p
 
 

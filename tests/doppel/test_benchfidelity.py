@@ -97,3 +97,64 @@ def test_presets_apply_unless_the_operator_changed_a_setting(settings: Any) -> N
     assert TrainConfig.from_settings(tuned, base_model="m.gguf").learning_rate == 1e-4
     with pytest.raises(JobConfigError):
         TrainConfig.from_settings(settings, base_model="m.gguf", preset="fastest")
+
+
+def _tiny_logs(path: Path) -> Path:
+    """Three speakers with distinct written styles over two windows: enough for a panel, a member and openings."""
+    import gzip
+    import random
+
+    rng = random.Random(7)
+    words = ["disk", "boot", "grub", "apt", "kernel", "driver", "wifi", "sound", "mount", "update"]
+    styles = {
+        "alice": lambda w: f"{w} ok try sudo apt-get install {w} lol",
+        "bob": lambda w: f"Have you checked the {w.upper()} settings? Please read the documentation.",
+        "carol": lambda w: f"hmm... {w}?? no idea, maybe reboot :)",
+    }
+    logs = []
+    for k in range(2):
+        lines = []
+        for i in range(150):
+            nick = ["bob", "alice", "carol"][i % 3] if rng.random() < 0.7 else rng.choice(list(styles))
+            text = styles[nick](rng.choice(words))
+            if nick == "alice" and i % 3 == 1:
+                text = f"bob: {text}"
+            lines.append([600 + i // 4, nick, text])
+        logs.append({"log": f"t{k}", "date": f"2010-01-0{k + 1}", "lines": lines})
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(json.dumps(log) for log in logs) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_the_harness_runs_end_to_end_on_the_tiny_model(tmp_path: Path, settings: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Import, train through the supervisor, serve through llama.cpp, attribute, own vs other: JSON complete."""
+    import argparse
+    import dataclasses
+
+    from trainer.tinymodel import build_tiny
+
+    tiny = build_tiny(tmp_path / "tiny")
+    settings = dataclasses.replace(
+        settings, model=dataclasses.replace(settings.model, base_gguf=str(tiny.gguf_path), base_name="tiny"),
+        inference=dataclasses.replace(settings.inference, n_ctx=512, n_threads=1, prompt_token_budget=400))
+    overrides = {"base_model": str(tiny.hf_dir), "base_gguf": str(tiny.gguf_path), "base_name": "tiny",
+                 "max_steps": 4, "micro_batch_size": 4, "learning_rate": 5e-3, "lora_r": 8, "lora_alpha": 16,
+                 "lora_dropout": 0.0, "threads": 1, "max_length": 256}
+    monkeypatch.setitem(bf.CONFIGS, "tiny", {"overrides": overrides, "style": "plain"})
+    monkeypatch.setattr(bf, "JOB_EVAL", {**bf.JOB_EVAL, "eval_max_examples": 8})
+    args = argparse.Namespace(configs="tiny", openings=3, steps_scale=1.0, panel=3, member="alice", quick=False,
+                              data=str(_tiny_logs(tmp_path / "logs.jsonl.gz")), no_own_vs_other=False)
+    out = asyncio.run(bf.run_fidelity(settings, args))
+    assert out["panel"][0] == "alice" and out["chance"] == pytest.approx(1 / 3, abs=1e-3)
+    n = out["openings"]
+    assert 1 <= n <= 3 and 0.0 <= out["ceiling"]["share"] <= 1.0
+    tiny_entry = out["systems"]["tiny"]
+    assert tiny_entry["config"]["max_steps"] == 4 and tiny_entry["style"]["system"] == "plain"
+    for mode in ("adapter", "adapter+retrieval"):
+        assert tiny_entry[mode]["n"] == n and 0.0 <= tiny_entry[mode]["share"] <= 1.0
+    own = out["own_vs_other"]
+    assert own["member"] == "alice" and own["other"] in out["panel"][1:] and own["ppl"]["rows"] > 0
+    assert all(own["ppl"][k] > 0 for k in ("base", "own_adapter", "other_adapter"))
+
