@@ -82,12 +82,12 @@ class TrainingSettings:
     jobs_per_device: int = 1
     cancel_grace_s: float = 10.0
     heartbeat_s: float = 5.0
-    max_steps: int = 200
+    max_steps: int = 0  # 0: steps derived from the member's data by the preset (trainer/config.py PRESETS)
     epochs: float = 1.0
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    learning_rate: float = 2e-4
+    learning_rate: float = 3e-4
     min_free_disk_mb: int = 1024
     min_examples: int = 20
 

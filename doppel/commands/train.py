@@ -23,7 +23,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a member's persona adapter (progress bar; prints the adapter id)")
     p.add_argument("user_id", nargs="?", help="Discord id of the member to train")
     p.add_argument("--base", help="registered base model name (see `doppel personas bases`)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default: [training] max_steps)")
+    from trainer.config import PRESET_TIMES, PRESETS
+
+    p.add_argument("--preset", choices=tuple(PRESETS),
+                   help="recipe by the time you will spend: " + "; ".join(f"{k}: {v}" for k, v in PRESET_TIMES.items()))  # fmt: skip
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: derived from the member's data by the preset)")
     p.add_argument("--epochs", type=float, help="epochs, used when --max-steps is 0")
     p.add_argument("--mode", choices=("sft", "sft+kto", "sft+dpo"), default="sft", help="training recipe")
     p.add_argument("--device", help="cpu or cuda:N (default: the least busy device)")
@@ -47,6 +51,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             out[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             out[key.strip()] = raw
+    if getattr(args, "preset", None):
+        out["preset"] = args.preset
     if args.max_steps is not None:
         if args.max_steps < 0:
             raise UserFacingError("--max-steps must be 0 or more")

@@ -158,3 +158,22 @@ def test_the_harness_runs_end_to_end_on_the_tiny_model(tmp_path: Path, settings:
     assert own["member"] == "alice" and own["other"] in out["panel"][1:] and own["ppl"]["rows"] > 0
     assert all(own["ppl"][k] > 0 for k in ("base", "own_adapter", "other_adapter"))
 
+
+def test_doppel_train_preset_choices_come_from_the_declared_presets(settings: Any) -> None:
+    import argparse
+
+    from doppel.commands import train
+    from trainer.config import PRESETS, TrainConfig
+
+    parser = argparse.ArgumentParser()
+    train.add_parser(parser.add_subparsers(dest="cmd"))
+    action = next(a for a in parser._subparsers._group_actions[0].choices["train"]._actions  # type: ignore[union-attr]
+                  if "--preset" in a.option_strings)
+    assert tuple(action.choices) == tuple(PRESETS)
+    args = parser.parse_args(["train", "123", "--preset", "best"])
+    overrides = train._overrides(args)
+    assert overrides == {"preset": "best"}
+    cfg = TrainConfig.from_settings(settings, base_model="m.gguf", **overrides)
+    assert cfg.preset == "best" and cfg.lora_r == PRESETS["best"]["lora_r"] and cfg.max_steps == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "123", "--preset", "fastest"])
