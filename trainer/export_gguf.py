@@ -12,8 +12,38 @@ import numpy as np
 
 from trainer.errors import ExportError
 
-# Architectures whose converter permutes q/k rows (HF rotary layout -> GGML's interleaved one).
+# Architectures whose converter permutes q/k rows (HF rotary layout -> GGML's interleaved one). Only the llama
+# family: qwen2/qwen3/gemma2/gemma3/phi3 use NEOX-style rotary in llama.cpp, which is the HF layout already.
 PERMUTED_ARCHS = {"llama"}
+# transformers `model_type` -> llama.cpp architecture, as convert_hf_to_gguf.py registers the HF classes
+# (Mistral is converted as llama; the text-only Gemma 3 config is `gemma3_text`).
+HF_TO_GGUF_ARCH = {
+    "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+    "gemma3_text": "gemma3", "gemma3": "gemma3", "phi3": "phi3",
+}  # fmt: skip
+# Architectures whose whole path (training, export, llama.cpp applying the LoRA) is tested end to end
+# (tests/trainer/test_export_archs.py); anything else is refused when a base model is added.
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+# LoRA target modules per architecture. Phi-3 fuses q/k/v and gate/up into one Linear each, and llama.cpp keeps
+# them fused (attn_qkv, ffn_up), so the adapter goes on the fused modules, as the converter maps them.
+FUSED_TARGETS = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}}  # fmt: skip
+
+
+def gguf_arch(model_type: str) -> str:
+    """llama.cpp's architecture name for a transformers `model_type` (unknown types pass through unchanged)."""
+    return HF_TO_GGUF_ARCH.get(model_type, model_type)
+
+
+def lora_targets(arch: str, wanted: list[str] | tuple[str, ...]) -> list[str]:
+    """The module names a LoRA on `wanted` projections has in this architecture (fused ones deduplicated)."""
+    fused = FUSED_TARGETS.get(gguf_arch(arch), {})
+    out: list[str] = []
+    for name in wanted:
+        mapped = fused.get(name, name)
+        if mapped not in out:
+            out.append(mapped)
+    return out
 
 
 @dataclass(frozen=True)
@@ -28,7 +58,7 @@ class BaseInfo:
     @classmethod
     def from_hf_config(cls, config: Any) -> BaseInfo:
         """From a transformers model config (LlamaConfig and friends)."""
-        arch = str(getattr(config, "model_type", "llama"))
+        arch = gguf_arch(str(getattr(config, "model_type", "llama")))
         n_head = int(config.num_attention_heads)
         return cls(
             arch=arch,

@@ -1,4 +1,4 @@
-"""A tiny random llama + tiny byte-level BPE tokenizer, written as a HF folder and as a float GGUF llama.cpp loads."""
+"""Tiny random models (llama, qwen2, qwen3, gemma2, gemma3, phi3) + a byte-level BPE tokenizer, as HF folder and GGUF."""
 
 from __future__ import annotations
 
@@ -67,51 +67,93 @@ def build_tokenizer(vocab_size: int = 512) -> Any:
     return fast
 
 
-def build_model(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                seed: int = 0) -> Any:
-    """A random LlamaForCausalLM small enough to train in seconds on one CPU core."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+
+def _config(arch: str, vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int) -> Any:
+    """A transformers config of `arch`, sized like the tiny llama, with what makes each architecture itself."""
+    import transformers
+
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    head_dim = hidden // heads
+    if arch == "llama":
+        return transformers.LlamaConfig(**common, tie_word_embeddings=True)
+    if arch == "qwen2":  # q/k/v carry biases
+        return transformers.Qwen2Config(**common, tie_word_embeddings=True)
+    if arch == "qwen3":  # q/k norms, and a head size that is not hidden/heads
+        return transformers.Qwen3Config(**common, head_dim=2 * head_dim, tie_word_embeddings=True)
+    if arch == "gemma2":  # norms store w-1, embeddings scaled by sqrt(hidden), soft-capped logits, sliding window
+        return transformers.Gemma2Config(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                                         sliding_window=512, attn_logit_softcapping=50.0,
+                                         final_logit_softcapping=30.0, tie_word_embeddings=True)  # fmt: skip
+    if arch == "gemma3":  # as gemma2 plus q/k norms, local/global layers with their own rope bases
+        return transformers.Gemma3TextConfig(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                                             sliding_window=512, tie_word_embeddings=True)  # fmt: skip
+    if arch == "phi3":  # fused qkv and gate_up projections, untied output
+        return transformers.Phi3Config(**common, tie_word_embeddings=False, original_max_position_embeddings=1024)
+    raise ValueError(f"no tiny model for architecture {arch!r} (known: {', '.join(ARCHS)})")
+
+
+def build_model(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                seed: int = 0, arch: str = "llama") -> Any:
+    """A random causal LM of `arch` small enough to train in seconds on one CPU core."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if arch == "gemma3":
+        layers = max(layers, 6)  # llama.cpp's gemma3 pattern: 5 sliding-window layers, then a global one
+    config = _config(arch, vocab_size, hidden, layers, heads, kv_heads)
+    if arch.startswith("gemma"):
+        config._attn_implementation = "eager"  # sdpa would ignore gemma2's attention soft-capping
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    # Larger-than-default init gives peaked logits, so greedy decoding is not decided by float noise.
+    model = AutoModelForCausalLM.from_config(config)
+    # Larger-than-default init gives peaked logits, so greedy decoding is not decided by float noise. Other
+    # architectures' norms and biases are perturbed too, so a wrong norm offset or a dropped bias shows up in
+    # the GGUF's outputs (the llama stays as it always was: other tests' expectations are tuned on it).
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
+            elif arch != "llama" and name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+            elif arch != "llama" and "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
     return model.float().eval()
 
 
-def _rope_theta(config: Any) -> float:
+def _rope_theta(config: Any) -> tuple[float, float | None]:
+    """(global rope base, sliding-window layers' base or None), from transformers 5 `rope_parameters`."""
     params = getattr(config, "rope_parameters", None) or {}
-    if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"])
-    return float(getattr(config, "rope_theta", 10000.0))
+    if not isinstance(params, dict):
+        return float(getattr(config, "rope_theta", 10000.0)), None
+    full = params.get("full_attention", params)
+    local = params.get("sliding_attention", {}).get("rope_theta")
+    return float(full.get("rope_theta", getattr(config, "rope_theta", 10000.0))), (
+        float(local) if local is not None else None)
 
 
-def write_llama_gguf(model: Any, tokenizer: Any, path: Path, *, dtype: str = "f32", name: str = "tiny") -> None:
-    """Write a HF llama model + byte-level BPE tokenizer as a GGUF, with names/permutation as convert_hf_to_gguf.py."""
+def _norm_shift(arch: str, hf_name: str) -> float:
+    # Gemma's RMSNorm multiplies by (1 + w); llama.cpp multiplies by w, so the converter stores w + 1.
+    return 1.0 if arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight") else 0.0
+
+
+def write_gguf(model: Any, tokenizer: Any, path: Path, *, dtype: str = "f32", name: str = "tiny",
+               chat_template: bool = True) -> None:
+    """Write a HF model + byte-level BPE tokenizer as a GGUF: keys, names, permutation and norms as the converter.
+
+    `chat_template=False` leaves the template out, as in a pretrained (non-instruct) model's GGUF.
+    """
     import gguf
 
     cfg = model.config
     info = BaseInfo.from_hf_config(cfg)
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    w = gguf.GGUFWriter(str(path), "llama")
+    arch = info.arch
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -119,19 +161,37 @@ def write_llama_gguf(model: Any, tokenizer: Any, path: Path, *, dtype: str = "f3
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(_rope_theta(cfg))
+    if arch != "llama":  # the converter writes these when config.json names a head_dim (the tiny llama's does not)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch in ("llama", "phi3"):
+        w.add_rope_dimension_count(head_dim)
+    theta, local_theta = _rope_theta(cfg)
+    w.add_rope_freq_base(theta)
+    if local_theta is not None:
+        w.add_rope_freq_base_swa(local_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if arch in ("gemma2", "gemma3") and cfg.sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
+    if getattr(cfg, "attn_logit_softcapping", None):
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+    if getattr(cfg, "final_logit_softcapping", None):
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if arch == "phi3":
+        w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
-    _add_tokenizer(w, tokenizer, cfg.vocab_size)
+    # transformers loads a qwen2 folder's tokenizer as Qwen2Tokenizer whatever was saved (its own split regex,
+    # digits one by one); llama.cpp's "qwen2" pre-tokenizer is that regex, so both sides tokenize alike.
+    pre = "qwen2" if arch == "qwen2" else "gpt-2"
+    _add_tokenizer(w, tokenizer, cfg.vocab_size, chat_template=chat_template, pre=pre)
     state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
     for hf_name, data in state.items():
-        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue  # llama.cpp reuses token_embd when output.weight is absent
+        if hf_name == "lm_head.weight" and (cfg.tie_word_embeddings or arch == "gemma2"):
+            continue  # llama.cpp reuses token_embd when output.weight is absent (gemma2 always does)
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue
-        data = permute_for_gguf(hf_name, data, info)
+        data = permute_for_gguf(hf_name, data, info) + _norm_shift(arch, hf_name)
         # 1-D tensors (norms) stay f32, as llama.cpp's converter keeps them.
         out = data.astype(np.float16) if dtype == "f16" and data.ndim > 1 else data.astype(np.float32)
         w.add_tensor(gguf_tensor_name(hf_name, info), np.ascontiguousarray(out))
@@ -141,7 +201,10 @@ def write_llama_gguf(model: Any, tokenizer: Any, path: Path, *, dtype: str = "f3
     w.close()
 
 
-def _add_tokenizer(w: Any, tokenizer: Any, vocab_size: int) -> None:
+write_llama_gguf = write_gguf  # the name it had when only llama was built
+
+
+def _add_tokenizer(w: Any, tokenizer: Any, vocab_size: int, *, chat_template: bool = True, pre: str = "gpt-2") -> None:
     import gguf
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -162,7 +225,7 @@ def _add_tokenizer(w: Any, tokenizer: Any, vocab_size: int) -> None:
             types.append(gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")  # the GPT-2 split regex, the same as the HF ByteLevel pre-tokenizer's
+    w.add_tokenizer_pre(pre)  # "gpt-2": the GPT-2 split regex, the same as the HF ByteLevel pre-tokenizer's
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -170,21 +233,27 @@ def _add_tokenizer(w: Any, tokenizer: Any, vocab_size: int) -> None:
     w.add_eos_token_id(tokenizer.eos_token_id)
     w.add_pad_token_id(tokenizer.pad_token_id)
     w.add_add_bos_token(False)
-    if tokenizer.chat_template:
+    if chat_template and tokenizer.chat_template:
         w.add_chat_template(tokenizer.chat_template)
 
 
 def build_tiny(dest: Path, *, seed: int = 0, dtype: str = "f32", hidden: int = 64, layers: int = 2,
-               heads: int = 4, kv_heads: int = 2) -> TinyModel:
-    """Write the tiny model to `dest/hf` (transformers folder) and `dest/tiny.gguf`."""
+               heads: int = 4, kv_heads: int = 2, arch: str = "llama", chat_template: bool = True) -> TinyModel:
+    """Write the tiny model to `dest/hf` (transformers folder) and `dest/tiny.gguf`.
+
+    `chat_template=False`: a "pretrained" base, neither the GGUF nor the HF tokenizer carries a template.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    model = build_model(len(tokenizer), hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, seed=seed)
+    if not chat_template:
+        tokenizer.chat_template = None
+    model = build_model(len(tokenizer), hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, seed=seed,
+                        arch=arch)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     hf_dir = dest / "hf"
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
     gguf_path = dest / "tiny.gguf"
-    write_llama_gguf(model, tokenizer, gguf_path, dtype=dtype)
+    write_gguf(model, tokenizer, gguf_path, dtype=dtype)
     return TinyModel(hf_dir=hf_dir, gguf_path=gguf_path)

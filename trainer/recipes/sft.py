@@ -52,12 +52,15 @@ def setup_torch(cfg: TrainConfig) -> None:
     set_seed(cfg.seed)
 
 
-def lora_config(cfg: TrainConfig) -> Any:
-    """The PEFT LoraConfig of this job."""
+def lora_config(cfg: TrainConfig, model: Any = None) -> Any:
+    """The PEFT LoraConfig of this job (targets renamed to `model`'s fused projections where it has them)."""
     from peft import LoraConfig
 
+    from trainer.export_gguf import lora_targets
+
+    arch = str(getattr(getattr(model, "config", None), "model_type", "") or "")
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=lora_targets(arch, cfg.target_modules), bias="none", task_type="CAUSAL_LM")
 
 
 def sft_args(cfg: TrainConfig, job_dir: Path, *, micro: int, accum: int, device: str) -> Any:
@@ -112,7 +115,7 @@ def train_sft(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, rows:
     from trainer.callbacks import CountingCollator, JobCallback, last_checkpoint, loss_points
     from trainer.lmhead import PersonaSFTTrainer
 
-    peft_model = get_peft_model(model, lora_config(cfg))
+    peft_model = get_peft_model(model, lora_config(cfg, model))
     initial = {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     micro, accum = cfg.micro_batch_size, cfg.grad_accum
