@@ -11,6 +11,19 @@ ZWSP = "\u200b"
 _AT = re.compile(r"[@＠](?=[^\s\u200b])")
 
 
+# What only a chat assistant says of itself: a persona that starts claiming it stops there (the claim is dropped).
+# Identity claims and assistant stock phrases, not helpful words a real member may use ("happy to help").
+ASSISTANT_PHRASES = tuple(
+    f"{who} {what}"
+    for who in ("i'm", "i am", "im")
+    for what in ("an ai", "a chatbot", "a chat bot", "an assistant", "a language model", "an artificial",
+                 "a virtual assistant", "an ai assistant", "here to help", "here to assist", "smollm")
+) + ("as an ai", "as a language model", "as an assistant", "how can i assist", "how may i assist",
+     "how can i help you today", "trained by hugging face", "my name is smollm", "i hope this helps")
+# A sentence or line the persona already wrote, starting again: the small base model looping.
+_SENTENCE_END = re.compile(r"[.!?\n]+")
+
+
 def neutralise_mentions(text: str) -> str:
     """Make every possible mention inert by putting a zero-width space after its `@`."""
     return _AT.sub(lambda m: m.group(0) + ZWSP, text)
@@ -46,6 +59,7 @@ class StreamCleaner:
         self._emitted_any = False
         self._seen_content = False
         self._carry = ""
+        self._said = ""
         self.stopped = False
 
     def feed(self, chunk: str) -> str:
@@ -90,9 +104,36 @@ class StreamCleaner:
             while body.endswith(("@", "\uff20")):
                 body = body[:-1].rstrip()
             self._carry, text = text[len(body) :], body
+        text = self._guard(text, final)
         if text:
             self._emitted_any = True
+            self._said += text
         return neutralise_mentions(text)
+
+    def _guard(self, text: str, final: bool) -> str:
+        """Cut assistant boilerplate and loops; hold back a tail that may still grow into one."""
+        said = self._said
+        full = (said + text).replace("\u2019", "'").lower()
+        cut = _first_boilerplate(full, len(said))
+        loop = _first_repeat(full, len(said), final)
+        if loop is not None and (cut is None or loop < cut):
+            cut = loop
+        if cut is not None:
+            self.stopped = True
+            return text[: max(0, cut - len(said))].rstrip().rstrip(",;:-\u2014").rstrip()
+        if final:
+            return text
+        hold = _pending_tail(full, len(said))
+        if hold is None and text.rstrip(" \t,;:-\u2014") != text:
+            hold = len(said) + len(text)  # a trailing comma waits: a cut right after it would drop it
+        if hold is not None:
+            k = hold - len(said)
+            # The space and comma before a held word wait with it (a cut drops them), and so does an `@` (its next
+            # character decides a ping).
+            while k and (text[k - 1].isspace() or text[k - 1] in "@\uff20,;:-\u2014"):
+                k -= 1
+            self._carry, text = text[k:] + self._carry, text[:k]
+        return text
 
     def _resolve_line_start(self, final: bool) -> bool:
         """Decide on a line's speaker label; False means more text is needed first."""
@@ -127,3 +168,72 @@ class StreamCleaner:
                 if not rest or any(tag.startswith(rest) for tag in ("(ai)", "(bot)")):
                     return True
         return False
+
+
+def _word_starts(full: str, start: int) -> list[int]:
+    return [i for i in range(start, len(full)) if not full[i].isspace() and (i == 0 or not full[i - 1].isalnum())]
+
+
+def _first_boilerplate(full: str, start: int) -> int | None:
+    """Where the first assistant phrase that ends after `start` begins (None: none)."""
+    best = None
+    for phrase in ASSISTANT_PHRASES:
+        i = full.find(phrase, max(0, start - len(phrase)))
+        while i >= 0:
+            if (i == 0 or not full[i - 1].isalnum()) and i + len(phrase) > start:
+                best = i if best is None else min(best, i)
+                break
+            i = full.find(phrase, i + 1)
+    return best
+
+
+def _sentences(full: str) -> list[tuple[int, str]]:
+    """(start, normalised text) of each sentence or line that is complete (followed by its end mark)."""
+    out, pos = [], 0
+    for m in _SENTENCE_END.finditer(full):
+        piece = full[pos : m.start()]
+        lead = len(piece) - len(piece.lstrip())
+        norm = " ".join(piece.split())
+        if norm:
+            out.append((pos + lead, norm))
+        pos = m.end()
+    return out
+
+
+def _loopable(norm: str) -> bool:
+    """Long enough that saying it twice is a loop, not "ok ok"."""
+    return len(norm) >= 8 or len(norm.split()) >= 3
+
+
+def _first_repeat(full: str, start: int, final: bool = False) -> int | None:
+    """Where a complete sentence (not a short one) that repeats an earlier one begins, when it ends after `start`."""
+    seen: set[str] = set()
+    sentences = _sentences(full)
+    if final:  # at the end the last sentence is complete without its end mark
+        tail_at = max((m.end() for m in _SENTENCE_END.finditer(full)), default=0)
+        tail = " ".join(full[tail_at:].split())
+        if tail:
+            sentences.append((tail_at + len(full[tail_at:]) - len(full[tail_at:].lstrip()), tail))
+    for begin, norm in sentences:
+        if norm in seen and _loopable(norm) and begin + len(norm) >= start:
+            return begin
+        seen.add(norm)
+    return None
+
+
+def _pending_tail(full: str, start: int) -> int | None:
+    """The earliest word start at or after `start` whose rest may still grow into an assistant phrase or a repeat."""
+    sentences = _sentences(full)
+    done = {norm for _, norm in sentences if _loopable(norm)}
+    last_end = 0
+    for m in _SENTENCE_END.finditer(full):
+        last_end = m.end()
+    for i in _word_starts(full, start):
+        rest = " ".join(full[i:].split())
+        if not rest:
+            continue
+        if any(p.startswith(rest) for p in ASSISTANT_PHRASES):
+            return i
+        if i >= last_end and any(d.startswith(rest) for d in done):
+            return i
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections import deque
@@ -16,7 +17,7 @@ from doppel.settings import Settings
 from inference.adapters import AdapterCache
 from inference.cleaning import StreamCleaner
 from inference.errors import EngineClosedError, InferenceError, RetrievalError
-from inference.prompting import build_prompt
+from inference.prompting import RETRIEVAL_REPEAT_PENALTY, build_prompt
 from inference.requests import GenParams, PersonaRequest
 from inference.runtime import BaseModel, GenStats, KVStates, Session, default_threads
 from inference.scheduler import Job, Scheduler
@@ -195,6 +196,9 @@ class Engine:
             if self.retriever is None:
                 raise RetrievalError("the retrieval persona is not available (no embedding index configured)")
             examples = await self.retriever.examples(persona.member_id, context, self.cfg.retrieval_k)
+            if examples and params.repeat_penalty == 1.0:
+                # The member's examples sit in the prompt: without a penalty a small base copies or loops on them.
+                params = dataclasses.replace(params, repeat_penalty=RETRIEVAL_REPEAT_PENALTY)
         job = Job(persona, context, params, examples, persona.adapter_key(), asyncio.get_running_loop())
         self._scheduler.submit(job)
         return job

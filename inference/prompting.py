@@ -22,14 +22,23 @@ class Prompt:
     speakers: tuple[str, ...]
 
 
-def with_examples(system: str, persona_name: str, examples: Sequence[str]) -> str:
-    """Append the member's own past messages to the system prompt as examples of how they write."""
-    if not examples:
-        return system
-    lines = [f"- {' '.join(e.split())[:EXAMPLE_CHARS]}" for e in examples if e.strip()]
-    return (
-        system + f"\nSome messages {persona_name} wrote before, to show how they write:\n" + "\n".join(lines)
-    )
+# The partner's side of a few-shot exchange: the member's past messages are shown as their own earlier turns, not
+# quoted inside an instruction (a small instruct model answers instructions in its assistant voice, and copies
+# the style of the turns it already "wrote").
+EXAMPLE_CUE = "…"
+# Sampling penalty on repeated tokens when examples are in the prompt (unless the caller chose one).
+RETRIEVAL_REPEAT_PENALTY = 1.15
+
+
+def with_examples(messages: Sequence[dict[str, str]], examples: Sequence[str]) -> list[dict[str, str]]:
+    """Put the member's own past messages before the conversation as earlier turns of theirs (most similar last)."""
+    lines = [" ".join(e.split())[:EXAMPLE_CHARS] for e in examples if e.strip()]
+    if not lines:
+        return list(messages)
+    shots: list[dict[str, str]] = []
+    for line in reversed(lines):  # the closest example sits right before the conversation
+        shots += [{"role": "user", "content": EXAMPLE_CUE}, {"role": "assistant", "content": line}]
+    return [messages[0], *shots, *messages[1:]]
 
 
 def build_prompt(
@@ -47,8 +56,7 @@ def build_prompt(
     context = list(context)
 
     def render(ctx: Sequence[Utterance], ex: Sequence[str]) -> tuple[str, list[int]]:
-        messages = build_messages(persona_id, persona_name, channel_name, ctx)
-        messages[0] = {**messages[0], "content": with_examples(messages[0]["content"], persona_name, ex)}
+        messages = with_examples(build_messages(persona_id, persona_name, channel_name, ctx), ex)
         text = fmt.prompt(messages)
         return text, tokenize(text)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -66,3 +67,22 @@ def test_streaming_holds_back_only_what_might_change() -> None:
     assert cleaner.feed(" wave @") == " wave"
     assert cleaner.feed("here  ") == " @" + ZWSP + "here"
     assert cleaner.finish() == ""
+
+
+@pytest.mark.parametrize("size", [1, 3, 100])
+def test_assistant_boilerplate_and_loops_end_the_reply(size: int) -> None:
+    def clean(text: str) -> str:
+        cleaner = StreamCleaner("Alice", ["Bob"])
+        chunks = [text[i : i + size] for i in range(0, len(text), size)]
+        return "".join(cleaner.feed(c) for c in chunks) + cleaner.finish()
+
+    # What only a chat assistant says of itself is cut, with what follows it; never shown, even streamed.
+    assert clean("Sure! I'm a chatbot, I can help.") == "Sure!"
+    assert clean("I’m here to help you with that") == ""
+    assert clean("yeah, as an AI I can't") == "yeah"
+    # A real member's words are not boilerplate.
+    assert clean("i'm an idiot lol, happy to help") == "i'm an idiot lol, happy to help"
+    # The small base looping on a sentence or a line stops at the first repeat.
+    assert clean("use gparted. use gparted. use gparted.") == "use gparted."
+    assert clean("try sudo apt update\ntry sudo apt update\n") == "try sudo apt update"
+    assert clean("ok. ok. ok") == "ok. ok. ok", "short words may repeat"

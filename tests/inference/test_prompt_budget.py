@@ -77,3 +77,15 @@ def test_budget_below_the_system_prompt_is_a_clear_error() -> None:
         build_prompt(
             FMT, words, persona_id="0", persona_name="user0", channel_name="c", context=make(2), budget=5
         )
+
+
+def test_examples_are_the_members_own_earlier_turns_not_an_instruction() -> None:
+    from inference.prompting import EXAMPLE_CUE, with_examples
+
+    messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "bob: hi"}]
+    got = with_examples(messages, ["closest  one", "second", "  "])
+    assert got[0] == messages[0] and got[-1] == messages[-1]
+    assert [m["role"] for m in got[1:-1]] == ["user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in got[1:-1]] == [EXAMPLE_CUE, "second", EXAMPLE_CUE, "closest one"]
+    assert "sys" == got[0]["content"], "the system prompt is not turned into an instruction about examples"
+    assert with_examples(messages, []) == messages
