@@ -83,7 +83,9 @@ async def _find(settings: Settings, member_id: str, wanted: int | None, rerun: b
             from trainer.reevaluate import reevaluate
 
             if show:
-                print(f"evaluating persona {member_id} v{version.version} again ...", file=sys.stderr, flush=True)
+                # A version whose GGUF export failed after training is converted first, by the same trainer child.
+                what = "converting and evaluating" if (version.metrics or {}).get("export") == "failed" else "evaluating"
+                print(f"{what} persona {member_id} v{version.version} again ...", file=sys.stderr, flush=True)
             version = await reevaluate(store, settings, version)
             reran = True
         # Votes count for the adapter version that generated the tested reply.
