@@ -52,12 +52,13 @@ class DoppelBot(discord.Client):
 
     async def setup_hook(self) -> None:
         """Register persistent views and dynamic buttons so old messages' buttons keep working; sync commands."""
-        from bot.persona_views import dynamic_items
+        from bot.guess import GuessVoteButton
+        from bot.training import CancelJobButton
 
         # Every component the bot sends is one of these: a press on any message, however old, reaches a handler.
         self.add_view(ConsentPanel(self.services))
         self.add_view(SetupView(self.services))
-        self.add_dynamic_items(*dynamic_items(), ForgetButton, UploadButton)
+        self.add_dynamic_items(CancelJobButton, GuessVoteButton, ForgetButton, UploadButton)
         if self.services.settings.bot.sync_commands:
             await self.tree.sync()
 

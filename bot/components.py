@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import discord
+
+if TYPE_CHECKING:
+    from bot.services import Services
+
+
+class ServicesHost(Protocol):
+    """The Doppel client as the components see it: it carries the bot's services."""
+
+    services: Services
 
 log = logging.getLogger("doppel.bot")
 
@@ -57,3 +66,8 @@ async def answer_unrouted(interaction: discord.Interaction) -> None:
         await interaction.response.send_message(expired_text(custom_id), ephemeral=True)
     except discord.HTTPException as exc:  # the token expired meanwhile: nothing left to answer
         log.info("could not answer an expired component %r: %s", custom_id, exc)
+
+
+def services_of(interaction: discord.Interaction[Any]) -> Services:
+    """The services of the Doppel client that received the interaction."""
+    return cast("ServicesHost", interaction.client).services

@@ -7,6 +7,7 @@ from typing import Any
 
 import discord
 
+from bot.components import services_of
 from bot.errorhook import reply_error, reports_errors
 from bot.services import Services
 from bot.text import WHAT_IS_STORED, clip, consent_summary
@@ -145,7 +146,7 @@ class ForgetButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"do
             return
         # Erasure deletes files and may cancel a training job: acknowledge first, report when done.
         await interaction.response.edit_message(content="Deleting your data…", view=None)
-        services: Services = interaction.client.services  # type: ignore[attr-defined]
+        services = services_of(interaction)
         report = await services.forget(str(self.member_id), actor=str(interaction.user.id))
         await interaction.edit_original_response(content=format_report(report), allowed_mentions=NONE)
 

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import random
+import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,7 +14,9 @@ from typing import Any
 
 import discord
 
-from bot.errors import NotAvailable
+from bot.components import services_of
+from bot.errorhook import reports_errors
+from bot.errors import NotAllowed, NotAvailable
 from bot.services import Services
 from bot.text import clip, neutralise
 from doppel.chatformat import Utterance
@@ -163,8 +166,6 @@ async def post_guess(
     services: Services, chat: Any, interaction: discord.Interaction, member: discord.Member, rng: random.Random
 ) -> str:
     """Build, record and post a blind test for `member`'s persona (the interaction is already deferred)."""
-    from bot.persona_views import GuessVoteButton
-
     guild = interaction.guild
     assert guild is not None
     request, adapter_id = await chat.persona_request(member, interaction.channel)  # chat consent + a trained persona
@@ -203,3 +204,42 @@ async def fidelity_text(services: Services, member_id: str, name: str) -> str:
     report = format_report(persona["metrics"], blind=blind)
     header = f"**{neutralise(name)}'s persona** v{persona['version']} on {persona['base_model']}"
     return clip(f"{header}\n```\n{report.replace('```', '')}\n```")
+
+
+class GuessVoteButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"doppel:guess:(?P<test>[0-9a-f]{32}):(?P<label>[AB])"
+):
+    """'A is real' / 'B is real' on a blind test; one vote per member, the persona's own member excluded."""
+
+    def __init__(self, test_id: str, label: str) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=f"{label} is the real one", style=discord.ButtonStyle.primary,
+                custom_id=f"doppel:guess:{test_id}:{label}",
+            )  # fmt: skip
+        )
+        self.test_id = test_id
+        self.label = label
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> GuessVoteButton:
+        return cls(match["test"], match["label"])
+
+    @reports_errors
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        services = services_of(interaction)
+        test = await services.blind_test(self.test_id)
+        if test is None:
+            raise NotAvailable("this blind test was deleted (its member erased their data)")
+        if str(interaction.user.id) == test["member_id"]:
+            raise NotAllowed("you wrote the real one: your own vote would not tell us anything")
+        right = await services.blind_vote(self.test_id, str(interaction.user.id), self.label)
+        if right is None:
+            await interaction.followup.send("You already voted on this test (one vote each).", ephemeral=True)
+            return
+        totals = await services.blind_results(test["member_id"], adapter_id=test["adapter_id"])
+        verdict = "right: that one is real" if right else f"fooled: {test['real_label']} was the real one"
+        await interaction.followup.send(f"Vote recorded. You were {verdict}.\n{results_line(totals)}", ephemeral=True)

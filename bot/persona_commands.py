@@ -52,7 +52,7 @@ class PersonaCommands(app_commands.Group):
         job_id = await submit_training(self.services, str(member.id), str(interaction.user.id), mode)
         job = await _job(self.services, job_id)
         view = discord.ui.View(timeout=None)
-        from bot.persona_views import CancelJobButton
+        from bot.training import CancelJobButton
 
         view.add_item(CancelJobButton(job_id))
         await interaction.followup.send(f"Training job `{job_id}` queued; its progress is posted in this channel.",

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import discord
 
-from bot.persona_views import CancelJobButton
-from bot.services import Services, job_state
+from bot.components import services_of
+from bot.errorhook import reports_errors
+from bot.errors import NotAllowed, NotAvailable
+from bot.services import Services, cancel_training, job_state
 from bot.text import clip
 
 log = logging.getLogger("doppel.bot.training")
@@ -91,3 +94,37 @@ async def watch(services: Services, message: discord.Message, job_id: str, name:
     await message.edit(
         content=results_text(name, job, metrics), attachments=attachments, view=None, allowed_mentions=NONE
     )
+
+
+class CancelJobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"doppel:job:cancel:(?P<job>[A-Za-z0-9_-]{1,64})"):
+    """Cancel a training job; allowed for whoever requested it, the member it trains, and server admins."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Cancel training", style=discord.ButtonStyle.danger, custom_id=f"doppel:job:cancel:{job_id}"
+            )
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> CancelJobButton:
+        return cls(match["job"])
+
+    @reports_errors
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        services = services_of(interaction)
+        job = await job_state(services, self.job_id)
+        if job is None:
+            raise NotAvailable("that training job no longer exists")
+        who = str(interaction.user.id)
+        if who not in (job.requested_by, job.member_id) and not interaction.permissions.manage_guild:
+            raise NotAllowed("only the member, whoever started the job, or an admin can cancel it")
+        if job.status.final:
+            await interaction.followup.send(f"That job already ended ({job.status.value}).", ephemeral=True)
+            return
+        await cancel_training(services, self.job_id, by=who)
+        await interaction.followup.send("Cancelling the training job…", ephemeral=True)
