@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -117,13 +117,38 @@ def _raise(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
+# Default chat formats for base models whose GGUF has no chat template (pretrained models, often chosen on purpose
+# for persona cloning: they imitate style without an assistant voice). ChatML where the vocabulary has its two
+# markers as tokens; otherwise plain role-tagged turns, each closed by the model's own end-of-sequence token, so
+# the trained persona learns to stop with a token llama.cpp already treats as end of generation.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize + ':\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:\n' }}{% endif %}"
+)
+TEMPLATES = {"chatml": CHATML_TEMPLATE, "plain": PLAIN_TEMPLATE}
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
 @dataclass(frozen=True)
 class ChatFormat:
-    """A model's chat template plus its end-of-turn token; renders prompts and training completions."""
+    """A model's chat template plus its end-of-turn token; renders prompts and training completions.
+
+    `source` says where the template came from: `gguf` (the model's own), `default:chatml` / `default:plain`
+    (the model has none), `chosen:NAME` or `file:PATH` (given at `doppel personas add-base --template`).
+    """
 
     template: str
     eos_token: str
     bos_token: str = ""
+    source: str = field(default="gguf", compare=False)
 
     @cached_property
     def _compiled(self) -> jinja2.Template:
@@ -174,18 +199,52 @@ class ChatFormat:
             raise ValueError("tokenizer has no chat template")
         return cls(template=template, eos_token=tokenizer.eos_token, bos_token=tokenizer.bos_token or "")
 
+    def to_dict(self) -> dict[str, str]:
+        """JSON-able record (meta.json's `chat_format`): what serving must use to agree with training."""
+        return {"template": self.template, "eos_token": self.eos_token, "bos_token": self.bos_token,
+                "source": self.source}  # fmt: skip
+
     @classmethod
-    def from_gguf(cls, path: Path) -> ChatFormat:
-        """From the metadata of a GGUF model file (the same template transformers reads from it)."""
+    def from_vocab(cls, tokens: Sequence[str], eos_id: int | None, bos_id: int | None, *, own: str | None = None,
+                   template: str | None = None, source: str | None = None) -> ChatFormat:
+        """The format in force for a model: `template` (a name in TEMPLATES or Jinja text) if given, else the
+        model's `own` template, else the default (ChatML when the vocabulary has its tokens, else plain turns).
+        """
+        def token(i: int | None) -> str:
+            return str(tokens[i]) if i is not None and 0 <= i < len(tokens) else ""
+
+        eos, bos = token(eos_id), token(bos_id)
+        has_chatml = all(t in tokens for t in CHATML_TOKENS)
+        if template is not None or not own:
+            name = template if template is not None else ("chatml" if has_chatml else "plain")
+            text = TEMPLATES.get(name, name)
+            label = source or (f"chosen:{name}" if template is not None and name in TEMPLATES else
+                               "file" if template is not None else f"default:{name}")  # fmt: skip
+            if text == CHATML_TEMPLATE:
+                if not has_chatml:
+                    raise ValueError("the ChatML template needs <|im_start|> and <|im_end|> in the vocabulary")
+                return cls(template=text, eos_token="<|im_end|>", bos_token=bos, source=label)
+            if not eos:
+                raise ValueError("the model has no end-of-sequence token to end a turn with")
+            return cls(template=text, eos_token=eos, bos_token=bos, source=label)
+        if not eos:
+            raise ValueError("the model has no end-of-sequence token to end a turn with")
+        return cls(template=own, eos_token=eos, bos_token=bos, source="gguf")
+
+    @classmethod
+    def from_gguf(cls, path: Path, template: str | None = None, source: str | None = None) -> ChatFormat:
+        """From the metadata of a GGUF model file (the template transformers reads from it, or the default)."""
         # The header reader skips tensor data: milliseconds, where gguf's GGUFReader maps every tensor (seconds).
         from models.ggufinfo import read_metadata
 
         meta = read_metadata(path, arrays=("tokenizer.ggml.tokens",))
-        template = meta.get("tokenizer.chat_template")
         tokens = meta.get("tokenizer.ggml.tokens")
-        eos_id = meta.get("tokenizer.ggml.eos_token_id")
-        bos_id = meta.get("tokenizer.ggml.bos_token_id")
-        if not template or tokens is None or eos_id is None:
-            raise ValueError(f"{path}: GGUF has no chat template or end-of-sequence token")
-        bos = tokens[bos_id] if bos_id is not None else ""
-        return cls(template=str(template), eos_token=str(tokens[eos_id]), bos_token=str(bos))
+        if not isinstance(tokens, list):
+            raise ValueError(f"{path}: GGUF has no tokenizer vocabulary")
+        own = meta.get("tokenizer.chat_template")
+        try:
+            return cls.from_vocab(tokens, meta.get("tokenizer.ggml.eos_token_id"),
+                                  meta.get("tokenizer.ggml.bos_token_id"), own=str(own) if own else None,
+                                  template=template, source=source)  # fmt: skip
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None

@@ -125,7 +125,10 @@ class Engine:
         self._started = True
 
     def _load(self, path: Path) -> None:
-        self.base = BaseModel(path)
+        from models.registry import template_for_path
+
+        # The template chosen for this GGUF at add-base, if any: the one its adapters were trained with.
+        self.base = BaseModel(path, *template_for_path(self.settings, path))
         self.adapters = AdapterCache(
             self.base.model.model, self.cfg.max_adapters, self.cfg.adapter_budget_mb * 2**20
         )

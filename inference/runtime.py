@@ -28,9 +28,9 @@ def default_threads(n_threads: int) -> int:
 
 
 class BaseModel:
-    """The base GGUF, loaded once; its chat format and tokenizer come from the loaded model's metadata."""
+    """The base GGUF, loaded once; its chat format is the one training used (see `ChatFormat.from_gguf`)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, chat_template: str | None = None, template_source: str | None = None) -> None:
         import llama_cpp
         from llama_cpp import _internals
 
@@ -46,16 +46,13 @@ class BaseModel:
         self.model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
         self.metadata: dict[str, str] = self.model.metadata()
         self.vocab = self.model.vocab
-        template = self.metadata.get("tokenizer.chat_template")
-        eos_id = self.metadata.get("tokenizer.ggml.eos_token_id")
-        if not template or eos_id is None:
-            raise InferenceError(f"{path}: the model has no chat template or end-of-sequence token")
-        bos_id = self.metadata.get("tokenizer.ggml.bos_token_id")
-        self.format = ChatFormat(
-            template=template,
-            eos_token=self.model.token_get_text(int(eos_id)),
-            bos_token=self.model.token_get_text(int(bos_id)) if bos_id is not None else "",
-        )
+        # The same function the trainer renders its dataset with: a GGUF without a chat template gets the same
+        # default (or the template chosen at add-base) here as there, so serving never disagrees on a token.
+        try:
+            self.format = ChatFormat.from_gguf(path, template=chat_template, source=template_source)
+        except ValueError as exc:
+            self.model.close()
+            raise InferenceError(str(exc)) from None
         self.stop_ids = self._stop_ids(self.format.stop)
 
     def _stop_ids(self, stops: Sequence[str]) -> frozenset[int]:

@@ -23,7 +23,6 @@ from doppel.settings import Settings
 from models.errors import (
     AdapterNotFoundError,
     ArtifactError,
-    ModelFileError,
     RegistryError,
     UnknownBaseModelError,
 )
@@ -39,13 +38,16 @@ MIN_EOS_RATE = 0.5
 
 @dataclass(frozen=True)
 class BaseModel:
-    """A GGUF base model that adapters are trained on and served over."""
+    """A GGUF base model that adapters are trained on and served over (and optionally HF weights to train on)."""
 
     name: str
     path: str
     source: str  # bundled | config | user
     sha256: str | None = None
     added_at: float | None = None
+    template: str | None = None  # chosen at add-base (name or Jinja text); None: the GGUF's own or the default
+    template_source: str | None = None
+    hf_path: str | None = None  # HF weights trained on instead of the dequantized GGUF
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,8 +155,27 @@ class Registry:
         for name, row in sorted(self._user_bases().items()):
             if name != self.settings.model.base_name:
                 found.append(BaseModel(name=name, path=row["path"], source="user", sha256=row.get("sha256"),
-                                       added_at=row.get("added_at")))  # fmt: skip
+                                       added_at=row.get("added_at"), template=row.get("template"),
+                                       template_source=row.get("template_source"),
+                                       hf_path=row.get("hf_path")))  # fmt: skip
         return found
+
+    def describe(self, model: BaseModel) -> dict[str, Any]:
+        """`doppel personas bases`: architecture, size, template source and whether the base is ready, with why not."""
+        from models.bases import check_gguf
+
+        row: dict[str, Any] = {**model.to_dict(), "architecture": None, "params": None, "file_bytes": None,
+                               "ready": False, "problem": None}  # fmt: skip
+        try:
+            check = check_gguf(Path(model.path), model.template, model.template_source)
+        except RegistryError as exc:
+            row["problem"] = str(exc)
+            return row
+        row.update(architecture=check.shape.architecture, params=check.shape.params,
+                   file_bytes=check.shape.file_bytes, template_source=check.template_source, ready=True)  # fmt: skip
+        if model.hf_path and not (Path(model.hf_path) / "config.json").is_file():
+            row.update(ready=False, problem=f"HF weights folder {model.hf_path} is gone")
+        return row
 
     def base(self, name: str | None = None) -> BaseModel:
         """A base model by name (None: the default)."""
@@ -165,21 +186,32 @@ class Registry:
         known = ", ".join(m.name for m in self.bases()) or "none"
         raise UnknownBaseModelError(f"no base model named {wanted!r} (known: {known})")
 
-    def add_base(self, name: str, path: Path) -> BaseModel:
-        """Register a GGUF base model under `name` (validated: a model, not an adapter; hashed once)."""
-        from models.ggufinfo import read_shape
+    def add_base(self, name: str, path: Path, *, template: str | None = None, hf: Path | None = None) -> BaseModel:
+        """Register a GGUF base model under `name`, validated up front (see models.bases); hashed once.
+
+        `template`: `--template NAME|FILE` (ChatML / plain turns, or a Jinja file) for a GGUF whose own template
+        is missing or unwanted. `hf`: a transformers folder of the same model, trained on instead of the GGUF.
+        """
+        from models.bases import check_gguf, check_same_model, template_argument
 
         if not name or "/" in name or name.startswith("."):
             raise RegistryError(f"invalid base model name {name!r}")
         if name == self.settings.model.base_name:
             raise RegistryError(f"{name!r} is the default base model's name; pick another")
         path = path.expanduser().resolve()
-        shape = read_shape(path)
-        if shape.model_type == "adapter":
-            raise ModelFileError(f"{path} is a LoRA adapter, not a base model")
-        model = BaseModel(name, str(path), "user", file_sha256(path), time.time())
+        chosen, source = template_argument(template)
+        check = check_gguf(path, chosen, source)
+        hf_path = None
+        if hf is not None:
+            hf = hf.expanduser().resolve()
+            check_same_model(hf, path, check.shape)
+            hf_path = str(hf)
+        model = BaseModel(name, str(path), "user", file_sha256(path), time.time(), template=chosen,
+                          template_source=check.template_source, hf_path=hf_path)  # fmt: skip
         data = self._user_bases()
-        data[name] = {"path": model.path, "sha256": model.sha256, "added_at": model.added_at}
+        data[name] = {"path": model.path, "sha256": model.sha256, "added_at": model.added_at, "template": chosen,
+                      "template_source": check.template_source, "hf_path": hf_path,
+                      "architecture": check.shape.architecture, "params": check.shape.params}  # fmt: skip
         _write_json_atomic(self._bases_path(), data)
         return model
 
@@ -426,6 +458,23 @@ def _read_meta(artifact_dir: Path, required: tuple[str, ...] = REQUIRED_FILES) -
     if not isinstance(meta, dict):
         raise ArtifactError(f"{artifact_dir / 'meta.json'}: expected a JSON object")
     return meta
+
+
+def template_for_path(settings: Settings, gguf: Path) -> tuple[str | None, str | None]:
+    """(template, source) chosen at add-base for the base registered with this GGUF file; (None, None) if none.
+
+    The inference engine serves a GGUF by path; this is how it finds the template the trainer was given.
+    """
+    path = settings.home / BASES_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        return None, None
+    wanted = str(gguf.expanduser().resolve())
+    for row in (data.values() if isinstance(data, dict) else []):
+        if isinstance(row, dict) and row.get("path") == wanted and row.get("template"):
+            return str(row["template"]), row.get("template_source")
+    return None, None
 
 
 def _base_field(meta: dict[str, Any], key: str) -> Any:

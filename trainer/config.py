@@ -54,6 +54,8 @@ class TrainConfig:
     base_name: str = _f("", "Registry name of the base model, recorded in meta.json.")
     base_gguf: str = _f("", "GGUF file llama.cpp serves the adapter on; used to validate the export. Empty: base_model if it is a GGUF.")
     base_cache_dir: str = _f("", "Folder caching GGUF bases converted to float HF folders (empty: convert on every run).")
+    chat_template: str = _f("", "Chat template chosen at add-base (chatml, plain or Jinja text); empty: the GGUF's own, else the default.")
+    chat_template_source: str = _f("", "Where chat_template came from (chosen:NAME, file:PATH), recorded in meta.json.")
     preset: str = _f(DEFAULT_PRESET, "Recipe preset the defaults came from: 'quick', 'good' or 'best' (PRESETS).")
     max_steps: int = _f(0, "Optimizer steps for SFT (0: derive from the data: epochs, min_steps, max_steps_cap).")
     epochs: float = _f(1.0, "Epochs over the training examples when max_steps is 0.")

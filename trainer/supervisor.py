@@ -180,9 +180,14 @@ class Supervisor:
         if existing is not None:
             raise JobConflictError(_conflict_message(existing))
         model = self.registry.base(base)
-        fields: dict[str, Any] = {"member_id": member_id or "", "mode": mode, "base_name": model.name}
+        fields: dict[str, Any] = {"member_id": member_id or "", "mode": mode, "base_name": model.name,
+                                  "chat_template": model.template or "",
+                                  "chat_template_source": model.template_source or ""}  # fmt: skip
         if "base_model" not in overrides:
-            fields["base_model"] = model.path
+            # HF weights registered with the base are trained on; the GGUF is what llama.cpp serves.
+            fields["base_model"] = model.hf_path or model.path
+            if model.hf_path:
+                fields["base_gguf"] = model.path
         if member_id and "persona_name" not in overrides:
             member = await self.store.members.get(member_id)
             fields["persona_name"] = (member.display_name or member.name) if member is not None else member_id
@@ -369,7 +374,11 @@ def chat_format_for(config: dict[str, Any]) -> Any:
 
     gguf = config.get("base_gguf") or (config.get("base_model") if str(config.get("base_model")).endswith(".gguf") else "")
     if gguf:
-        return ChatFormat.from_gguf(Path(gguf))
+        try:
+            return ChatFormat.from_gguf(Path(gguf), template=config.get("chat_template") or None,
+                                        source=config.get("chat_template_source") or None)  # fmt: skip
+        except ValueError as exc:
+            raise SupervisorError(str(exc)) from None
     folder = Path(str(config.get("base_model")))
     try:
         tok = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))

@@ -22,9 +22,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     r.add_argument("member_id")
     r.add_argument("version", type=int)
     b = actions.add_parser("bases", help="list base models")
-    a = actions.add_parser("add-base", help="register a GGUF base model under a name")
+    a = actions.add_parser("add-base", help="register a base model under a name (checked: architecture, template...)")
     a.add_argument("name")
-    a.add_argument("path", type=Path)
+    a.add_argument("path", type=Path, nargs="?", help="the GGUF file llama.cpp serves (and, without --hf, trains on)")
+    a.add_argument("--gguf", type=Path, help="the GGUF file (instead of PATH)")
+    a.add_argument("--hf", type=Path, metavar="FOLDER",
+                   help="transformers weights of the same model to train on (bf16/NF4 on CUDA); served from the GGUF")
+    a.add_argument("--template", metavar="NAME|FILE",
+                   help="chat format: chatml, plain, or a Jinja template file (default: the GGUF's own, else "
+                        "ChatML when the vocabulary has its tokens, else plain role-tagged turns)")  # fmt: skip
     for action in (r, b, a):  # `--json` also after the action, as every other command accepts it
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
@@ -41,15 +47,23 @@ async def _run(args: argparse.Namespace, settings: Settings) -> Any:
     async with Store.open(settings) as store:
         registry = Registry(store, settings)
         if args.action == "bases":
-            bases = [b.to_dict() for b in registry.bases()]
+            bases = [registry.describe(b) for b in registry.bases()]
             if not args.json:
                 for b in bases:
-                    print(f"{b['name']:<20} {b['source']:<8} {b['path']}")
+                    size = f"{b['params'] / 1e9:.2f}B" if b["params"] else "?"
+                    state = "ready" if b["ready"] else f"not ready: {b['problem']}"
+                    print(f"{b['name']:<20} {b['source']:<8} {b['architecture'] or '?':<8} {size:>7}  "
+                          f"template {b['template_source'] or '?':<16} {state}  {b['path']}")  # fmt: skip
             return {"bases": bases}
         if args.action == "add-base":
-            base = registry.add_base(args.name, args.path)
+            gguf = args.gguf or args.path
+            if gguf is None or (args.gguf and args.path):
+                raise UserFacingError("add-base needs one GGUF file: NAME FILE or NAME --gguf FILE")
+            base = registry.add_base(args.name, gguf, template=args.template, hf=args.hf)
             if not args.json:
-                print(f"base model {base.name}: {base.path} (sha256 {base.sha256})")
+                trained = f", trained on {base.hf_path}" if base.hf_path else ""
+                print(f"base model {base.name}: {base.path} (template {base.template_source}{trained}; "
+                      f"sha256 {base.sha256})")  # fmt: skip
             return base.to_dict()
         if args.action == "rollback":
             if args.version < 1:

@@ -236,6 +236,8 @@ def finish_job(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, data
             "losses": {name: s.get("losses", []) for name, s in stages.items()},
             "metrics": {"evaluation": "pending", "active": False, "gate_reason": "not evaluated yet"},
             "export": export,
+            # The chat format the dataset was rendered with: serving must use the same (see inference.runtime).
+            "chat_format": _chat_format_record(cfg),
         }
         staged.write_meta(meta)
         path = staged.publish(require_gguf=export_error is None)
@@ -259,6 +261,15 @@ def finish_job(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, data
                  active=metrics.get("active"), gate_reason=metrics.get("gate_reason"))
     return {"adapter": str(path), "metrics": metrics, "training": meta["training"],
             "peak_rss_mb": metrics["resources"]["peak_rss_mb"]}
+
+
+def _chat_format_record(cfg: TrainConfig) -> dict[str, str] | None:
+    from trainer.supervisor import chat_format_for
+
+    try:
+        return dict(chat_format_for(cfg.to_dict()).to_dict())
+    except Exception:  # noqa: BLE001 - the record is informative; the dataset was already rendered with it
+        return None
 
 
 def simulate_eval_failure(kind: str) -> None:
