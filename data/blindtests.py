@@ -7,7 +7,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from data.store import Store
+    from data.database import Database
 
 LABELS = ("A", "B")
 
@@ -15,7 +15,7 @@ LABELS = ("A", "B")
 class BlindTestRepo:
     """`blind_tests` and `blind_votes`: no text is stored; the real message is referenced by id, the generated one not kept."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Database) -> None:
         self._s = store
 
     async def create(

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from data.store import Store
+    from data.database import Database
 
 
 class _Rows:
@@ -16,7 +16,7 @@ class _Rows:
 
     table = ""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Database) -> None:
         self._s = store
         self._columns: tuple[str, ...] | None = None
 

@@ -12,7 +12,7 @@ from cryptography.exceptions import InvalidTag
 from data.crypto import seal, unseal
 
 if TYPE_CHECKING:
-    from data.store import Store
+    from data.database import Database
 
 
 def _emb_ad(member_id: str, model: str, message_id: str) -> bytes:
@@ -22,7 +22,7 @@ def _emb_ad(member_id: str, model: str, message_id: str) -> bytes:
 class EmbeddingRepo:
     """Vectors of stored messages per (member, embedding model); vectors can leak content, so they are sealed."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Database) -> None:
         self._s = store
 
     async def put(self, member_id: str, model: str, items: Sequence[tuple[str, bytes]]) -> int:
@@ -86,7 +86,7 @@ class EmbeddingRepo:
 class FeedbackRepo:
     """👍/👎 on persona replies; the prompt and reply text are sealed with the persona member's key."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Database) -> None:
         self._s = store
 
     async def add(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from data.records import GuildSettings
 
 if TYPE_CHECKING:
-    from data.store import Store
+    from data.database import Database
 
 FIELDS = ("recording_enabled", "acknowledged_by", "acknowledged_at", "channel_allowlist", "persona_channels")
 
@@ -16,7 +16,7 @@ FIELDS = ("recording_enabled", "acknowledged_by", "acknowledged_at", "channel_al
 class GuildRepo:
     """Read and change guild settings (defaults when a guild was never configured: recording off)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Database) -> None:
         self._s = store
 
     async def get(self, guild_id: str) -> GuildSettings:

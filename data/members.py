@@ -11,13 +11,13 @@ from data.errors import InvalidMemberIdError
 from data.records import Member
 
 if TYPE_CHECKING:
-    from data.store import Store
+    from data.database import Database
 
 
 class MemberRepo:
     """Members the store knows (only consenting ones get a name stored)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Database) -> None:
         self._s = store
 
     async def upsert(self, member: Member) -> None:
@@ -61,7 +61,7 @@ def member_row(member: Member) -> tuple[object, ...]:
 class KeyRepo:
     """Per-member data keys, wrapped by the master key; deleting one crypto-shreds every copy of that content."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Database) -> None:
         self._s = store
 
     async def cipher(self, member_id: str, create: bool = False) -> AESGCM | None:

@@ -13,7 +13,7 @@ from data.crypto import message_ad, seal, unseal
 from data.records import Message
 
 if TYPE_CHECKING:
-    from data.store import Store
+    from data.database import Database
 
 COLUMNS = (
     "id, guild_id, channel_id, channel_name, author_id, author_name, created_at, edited_at, reply_to, "
@@ -34,7 +34,7 @@ def message_row(msg: Message, blob: bytes, now: float) -> tuple[Any, ...]:
 class MessageRepo:
     """Stored messages of consenting members."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Database) -> None:
         self._s = store
 
     async def add_many(self, messages: Sequence[Message]) -> int:

@@ -12,7 +12,7 @@ from cryptography.exceptions import InvalidTag
 from data.crypto import seal, unseal
 
 if TYPE_CHECKING:
-    from data.store import Store
+    from data.database import Database
 
 # Feedback on a reply older than this is unlikely and its context is stale: old rows are pruned as new ones arrive.
 RETENTION_S = 30 * 86400
@@ -25,7 +25,7 @@ def _ad(persona_member_id: str, message_id: str) -> bytes:
 class PersonaReplyRepo:
     """`persona_replies`: who spoke, where, and the sealed context + reply (with the persona member's key)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Database) -> None:
         self._s = store
 
     async def add(
