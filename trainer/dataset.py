@@ -21,6 +21,7 @@ from doppel.settings import DatasetSettings, Settings
 from trainer.attribution import PANEL_OTHERS, PANEL_PER_AUTHOR, choose_panel
 from trainer.cleaning import Cleaner, normalize
 from trainer.errors import DatasetError, NotEnoughExamplesError
+from trainer.example import Example
 from trainer.preference import feedback_rows, preference_rows
 
 MODES = ("sft", "sft+kto", "sft+dpo")
@@ -42,38 +43,6 @@ class Turn:
     message_ids: tuple[str, ...]
     reactions: int = 0
     reply_to: str | None = None
-
-
-@dataclass(frozen=True)
-class Example:
-    """One reply of a member with its rendered prompt and completion."""
-
-    member_id: str
-    channel_id: str
-    messages: tuple[dict[str, str], ...]
-    target: str
-    prompt: str
-    completion: str
-    members: tuple[str, ...]
-    ts: float
-    reactions: int = 0
-    weight: float = 1.0
-    context_key: str = ""
-    last_context: str = ""
-
-    def row(self) -> dict[str, Any]:
-        """The JSON-lines row of the job-folder contract."""
-        return {
-            "prompt": self.prompt,
-            "completion": self.completion,
-            "target": self.target,
-            "messages": list(self.messages),
-            "members": list(self.members),
-            "weight": self.weight,
-            "ts": self.ts,
-            "member": self.member_id,
-            "reactions": self.reactions,
-        }
 
 
 @dataclass

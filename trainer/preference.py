@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from doppel.chatformat import ChatFormat, build_messages
 
 if TYPE_CHECKING:
-    from trainer.dataset import Example
+    from trainer.example import Example
 
 
 def preference_rows(examples: Sequence[Example], feedback: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
