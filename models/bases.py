@@ -148,3 +148,49 @@ def _hf_vocabulary(hf_dir: Path) -> dict[int, str] | None:
     for added in state.get("added_tokens", []):
         tokens[int(added["id"])] = str(added["content"])
     return tokens
+
+
+def from_hub(repo: str, filename: str | None = None) -> Path:
+    """Download a GGUF from the Hugging Face Hub (progress bar, resumable, HF_HOME cache, HF_TOKEN) -> local path.
+
+    Without `filename` the repository must hold exactly one .gguf file. Offline (HF_HUB_OFFLINE, or no network)
+    and not already cached: one line saying so.
+    """
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        if filename is None:
+            ggufs = sorted(f for f in HfApi().list_repo_files(repo) if f.endswith(".gguf"))
+            if len(ggufs) != 1:
+                listed = ", ".join(ggufs[:8]) or "none"
+                raise ModelFileError(f"{repo} has {len(ggufs)} GGUF files ({listed}): name one with --file")
+            filename = ggufs[0]
+        return Path(hf_hub_download(repo, filename))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        why = "offline (HF_HUB_OFFLINE is set)" if _offline() else f"the Hub is not reachable ({_first_line(exc)})"
+        raise ModelFileError(f"cannot download {repo}/{filename or '*.gguf'}: {why}, and it is not in the cache") from None
+    except RepositoryNotFoundError:
+        raise ModelFileError(f"no Hub repository {repo!r} (or it is gated/private: set HF_TOKEN)") from None
+    except EntryNotFoundError:
+        raise ModelFileError(f"{repo} has no file {filename!r}") from None
+    except HfHubHTTPError as exc:
+        raise ModelFileError(f"cannot download {repo}/{filename}: {_first_line(exc)}") from None
+    except OSError as exc:
+        raise ModelFileError(f"cannot download {repo}/{filename}: {exc}") from None
+
+
+def _offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -28,6 +28,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     a.add_argument("--gguf", type=Path, help="the GGUF file (instead of PATH)")
     a.add_argument("--hf", type=Path, metavar="FOLDER",
                    help="transformers weights of the same model to train on (bf16/NF4 on CUDA); served from the GGUF")
+    a.add_argument("--from-hub", metavar="REPO", help="download the GGUF from this Hugging Face Hub repository")
+    a.add_argument("--file", metavar="F", help="with --from-hub: the GGUF file in the repository")
     a.add_argument("--template", metavar="NAME|FILE",
                    help="chat format: chatml, plain, or a Jinja template file (default: the GGUF's own, else "
                         "ChatML when the vocabulary has its tokens, else plain role-tagged turns)")  # fmt: skip
@@ -57,8 +59,12 @@ async def _run(args: argparse.Namespace, settings: Settings) -> Any:
             return {"bases": bases}
         if args.action == "add-base":
             gguf = args.gguf or args.path
-            if gguf is None or (args.gguf and args.path):
-                raise UserFacingError("add-base needs one GGUF file: NAME FILE or NAME --gguf FILE")
+            if sum(x is not None for x in (args.gguf, args.path, args.from_hub)) != 1:
+                raise UserFacingError("add-base needs one GGUF: NAME FILE, NAME --gguf FILE or NAME --from-hub REPO")
+            if args.from_hub:
+                from models.bases import from_hub
+
+                gguf = await asyncio.to_thread(from_hub, args.from_hub, args.file)
             base = registry.add_base(args.name, gguf, template=args.template, hf=args.hf)
             if not args.json:
                 trained = f", trained on {base.hf_path}" if base.hf_path else ""
