@@ -11,6 +11,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from data.errors import MasterKeyError
+from doppel.settings import Settings
 
 NONCE = 12
 KEY_BYTES = 32
@@ -112,3 +113,20 @@ class Keyring:
     def evict(self, member_id: str) -> None:
         """Drop a member's cipher from memory (key deleted or transaction rolled back)."""
         self._cache.pop(member_id, None)
+
+
+def job_key(master_key: bytes, job_id: str) -> bytes:
+    """A job folder's dataset key: HKDF-SHA256 of the master key, bound to the job id (32 bytes, AES-256-GCM)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"doppel job dataset\x00" + job_id.encode()).derive(master_key)  # fmt: skip
+
+
+def job_key_for(settings: Settings, job_dir: Path) -> bytes:
+    """The key of the job folder `job_dir` (named by its job id), from this installation's master key.
+
+    Parent side only: the trainer child never sees the master key, it is handed this key (trainer.jobdata.read_key).
+    """
+    return job_key(load_master_key(settings.master_key, settings.key_path), Path(job_dir).name)

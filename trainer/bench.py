@@ -41,10 +41,10 @@ def dataset(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _dataset_bench(settings: Settings, n_messages: int, n_members: int) -> dict[str, Any]:
+    from data.crypto import job_key_for
     from data.records import Member
     from data.store import Store
     from trainer.dataset import materialize
-    from trainer.jobdata import job_key_for
 
     chat_format, tokenize, fmt_source = _format_and_tokenizer(settings)
     messages = _generate(n_messages, n_members, seed=settings.dataset.seed)

@@ -447,7 +447,7 @@ async def materialize(
 ) -> dict[str, Any]:
     """Read the member's channels from the store, build the dataset off the event loop, write it atomically.
 
-    The files are sealed with the job's key (`trainer.jobdata.job_key_for`), which the executor hands the child.
+    The files are sealed with the job's key (`data.crypto.job_key_for`), which the executor hands the child.
     """
     # Consent is checked here too: a revoked member's messages may still await erasure and must not train anything.
     allowed = await store.with_scope("train")
@@ -487,7 +487,7 @@ async def materialize(
         feedback=feedback,
         reaction_weighting=reaction_weighting,
     )
-    from trainer.jobdata import job_key_for
+    from data.crypto import job_key_for
 
     key = job_key_for(settings, Path(job_dir)) if encrypt else None
     return await asyncio.to_thread(write_dataset, dataset, Path(job_dir), settings.dataset, key)

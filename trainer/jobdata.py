@@ -1,6 +1,6 @@
 """Reading a job folder's dataset files (sealed with the job's key) and fitting examples into the token budget.
 
-The dataset files are encrypted at rest with a per-job key: HKDF of the master key and the job id, derived by
+The dataset files are encrypted at rest with a per-job key (`data.crypto.job_key`): HKDF of the master key and the job id, derived by
 the parent (which writes them) and handed to the child on its stdin, so the key never touches the disk and a
 host crash mid-job leaves nothing readable without the master key. Only the process environment would be
 simpler, but another process of the same user can read a child's environment through /proc; a pipe it cannot.
@@ -22,22 +22,6 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 # For executors without a stdin to write to (Ray): weaker, since an environment is visible to the same user.
 KEY_ENV = "DOPPEL_JOB_KEY"
-
-
-def job_key(master_key: bytes, job_id: str) -> bytes:
-    """The job's dataset key: HKDF-SHA256 of the master key, bound to the job id."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
-                info=b"doppel job dataset\x00" + job_id.encode()).derive(master_key)  # fmt: skip
-
-
-def job_key_for(settings: Any, job_dir: Path) -> bytes:
-    """The key of the job folder `job_dir` (named by its job id), from this installation's master key."""
-    from data.crypto import load_master_key
-
-    return job_key(load_master_key(settings.master_key, settings.key_path), Path(job_dir).name)
 
 
 def seal_bytes(key: bytes, data: bytes, name: str) -> bytes:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from data.crypto import job_key_for
 from data.records import Message
 from doppel.chatformat import ChatFormat
 from doppel.settings import Settings
@@ -25,7 +26,7 @@ from trainer.dataset import (
     write_dataset,
 )
 from trainer.errors import DatasetError, NotEnoughExamplesError
-from trainer.jobdata import is_sealed, job_key_for, open_bytes
+from trainer.jobdata import is_sealed, open_bytes
 from trainer.preference import preference_rows
 
 # SmolLM2-135M-Instruct's template, copied once from the bundled GGUF (reading the GGUF takes seconds).

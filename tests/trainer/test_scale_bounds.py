@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from data.crypto import job_key, job_key_for
 from data.records import Member, Message
 from doppel.chatformat import ChatFormat
 from doppel.settings import Settings
 from trainer.attribution import PANEL_OTHERS, PANEL_PER_AUTHOR, attribution_report, choose_panel, panel_rows
 from trainer.dataset import build_dataset, materialize
 from trainer.errors import JobConfigError
-from trainer.jobdata import is_sealed, job_key, job_key_for, load_job_data, open_bytes, read_jsonl, read_key
+from trainer.jobdata import is_sealed, load_job_data, open_bytes, read_jsonl, read_key
 
 FMT = ChatFormat(
     template="{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -116,7 +116,7 @@ class LocalRun:
 
 async def send_job_key(proc: asyncio.subprocess.Process, settings: Settings, job_dir: Path) -> None:
     """Write the job folder's dataset key on the child's stdin (one hex line) and close it."""
-    from trainer.jobdata import job_key_for
+    from data.crypto import job_key_for
 
     assert proc.stdin is not None
     with contextlib.suppress(OSError, ConnectionError):  # a child that died at once: its outcome says why

@@ -18,10 +18,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from data.crypto import job_key_for
 from doppel.settings import Settings
 from trainer.errors import ExecutorError
 from trainer.executors.base import Outcome, StderrTail, parse_event
-from trainer.jobdata import KEY_ENV, job_key_for
+from trainer.jobdata import KEY_ENV
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 POLL_S = 0.5
