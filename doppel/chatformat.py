@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -230,6 +230,33 @@ class ChatFormat:
         if not eos:
             raise ValueError("the model has no end-of-sequence token to end a turn with")
         return cls(template=own, eos_token=eos, bos_token=bos, source="gguf")
+
+    @classmethod
+    def for_config(cls, config: Mapping[str, Any]) -> ChatFormat:
+        """The chat format of a training job's base: its GGUF's, or a HF folder's tokenizer_config.json's.
+
+        One place for the trainer, the supervisor and re-evaluation; raises ValueError for a base without one.
+        """
+        import json
+
+        base = str(config.get("base_model") or "")
+        gguf = config.get("base_gguf") or (base if base.endswith(".gguf") else "")
+        if gguf:
+            return cls.from_gguf(Path(gguf), template=config.get("chat_template") or None,
+                                 source=config.get("chat_template_source") or None)  # fmt: skip
+        folder = Path(base)
+        try:
+            tok = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read the chat template of {folder}: {exc}") from None
+        template = tok.get("chat_template")
+        if not template and (folder / "chat_template.jinja").exists():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        eos = tok.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if not template or not eos:
+            raise ValueError(f"{folder} has no chat template or end-of-turn token")
+        return cls(template=str(template), eos_token=str(eos))
 
     @classmethod
     def from_gguf(cls, path: Path, template: str | None = None, source: str | None = None) -> ChatFormat:

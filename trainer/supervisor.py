@@ -367,28 +367,10 @@ def _remove(job_dir: str | Path) -> None:
 
 
 def chat_format_for(config: dict[str, Any]) -> Any:
-    """The chat format of the base being trained: from its GGUF, or from a HF folder's tokenizer_config.json."""
-    import json
-
+    """The chat format of the base being trained (`ChatFormat.for_config`); a bad base is a SupervisorError."""
     from doppel.chatformat import ChatFormat
 
-    gguf = config.get("base_gguf") or (config.get("base_model") if str(config.get("base_model")).endswith(".gguf") else "")
-    if gguf:
-        try:
-            return ChatFormat.from_gguf(Path(gguf), template=config.get("chat_template") or None,
-                                        source=config.get("chat_template_source") or None)  # fmt: skip
-        except ValueError as exc:
-            raise SupervisorError(str(exc)) from None
-    folder = Path(str(config.get("base_model")))
     try:
-        tok = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SupervisorError(f"cannot read the chat template of {folder}: {exc}") from None
-    template = tok.get("chat_template")
-    if not template and (folder / "chat_template.jinja").exists():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    eos = tok.get("eos_token")
-    eos = eos.get("content") if isinstance(eos, dict) else eos
-    if not template or not eos:
-        raise SupervisorError(f"{folder} has no chat template or end-of-turn token")
-    return ChatFormat(template=str(template), eos_token=str(eos))
+        return ChatFormat.for_config(config)
+    except ValueError as exc:
+        raise SupervisorError(str(exc)) from None

@@ -264,10 +264,10 @@ def finish_job(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, data
 
 
 def _chat_format_record(cfg: TrainConfig) -> dict[str, str] | None:
-    from trainer.supervisor import chat_format_for
+    from doppel.chatformat import ChatFormat
 
     try:
-        return dict(chat_format_for(cfg.to_dict()).to_dict())
+        return dict(ChatFormat.for_config(cfg.to_dict()).to_dict())
     except Exception:  # noqa: BLE001 - the record is informative; the dataset was already rendered with it
         return None
 
@@ -297,7 +297,7 @@ def update_meta(folder: Path, **fields: Any) -> dict[str, Any]:
 def estimate_mb(cfg: TrainConfig, device: str) -> dict[str, float] | None:
     """The pre-flight's estimate for this job (training, evaluation, peak) in MiB, to compare with the measured peak."""
     from models.ggufinfo import read_shape
-    from trainer.preflight import memory_breakdown
+    from trainer.memory import memory_breakdown
 
     gguf = base_gguf_for(cfg)
     if gguf is None or not gguf.is_file():
