@@ -1,4 +1,4 @@
-"""`doppel bench NAME`: benchmarks with JSON results, each living next to the code it measures."""
+"""`doppel bench NAME`: benchmarks with JSON results; they live in the application shell (doppel/bench*.py), above what they measure."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from doppel.settings import Settings
 
 # name -> "module:function"; each function takes (settings, args) and returns a JSON-able dict.
 BENCHES = {
-    "ingest": "data.bench:ingest",
-    "dataset": "trainer.bench:dataset",
-    "train": "trainer.bench:train",
-    "inference": "inference.bench:inference",
+    "ingest": "doppel.benchingest:ingest",
+    "dataset": "doppel.benchtrain:dataset",
+    "train": "doppel.benchtrain:train",
+    "inference": "doppel.benchinference:inference",
     "fidelity": "doppel.benchfidelity:fidelity",
     "scale": "doppel.benchscale:scale",
 }

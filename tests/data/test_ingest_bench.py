@@ -6,9 +6,9 @@ import asyncio
 from pathlib import Path
 
 from consent.service import ConsentService
-from data.bench import HEAVY, write_export
 from data.dce_import import import_exports
 from data.store import Store
+from doppel.benchingest import HEAVY, write_export
 from doppel.settings import Settings
 
 

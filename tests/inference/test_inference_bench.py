@@ -9,7 +9,7 @@ import pytest
 
 @pytest.mark.slow
 def test_quick_bench_reports_engine_next_to_raw(tune, base_gguf) -> None:
-    from inference.bench import inference
+    from doppel.benchinference import inference
 
     settings = tune(n_ctx=512, n_threads=1)
     result = inference(settings, argparse.Namespace(quick=True))

@@ -335,7 +335,7 @@ async def _materialize_scenario(s: Settings, tmp_path: Path) -> None:
 
 
 def test_dataset_benchmark_reports_throughput_and_padding(settings: Settings, tmp_path: Path) -> None:
-    from trainer.bench import _dataset_bench
+    from doppel.benchtrain import _dataset_bench
 
     s = replace(settings, home=tmp_path / "bench")
     result = asyncio.run(_dataset_bench(s, n_messages=300, n_members=3))

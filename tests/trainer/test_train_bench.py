@@ -12,8 +12,8 @@ from trainer.synthetic import synthetic_rows
 
 
 def test_both_sides_train_the_same_tokens(tiny_model: Any, tiny_chat_format: Any, tmp_path: Path) -> None:
+    from doppel.benchtrain import _baseline_run, _our_run
     from trainer.basemodel import load_tokenizer
-    from trainer.bench import _baseline_run, _our_run
     from trainer.config import TrainConfig
     from trainer.events import Emitter
 

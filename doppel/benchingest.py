@@ -127,7 +127,7 @@ def _forget_child(home: str, member_id: str) -> None:
 
 
 def _run_child(call: str, *params: Any) -> dict[str, Any]:
-    code = f"import sys, json; from data.bench import {call}; {call}(*json.loads(sys.argv[1]))"
+    code = f"import sys, json; from doppel.benchingest import {call}; {call}(*json.loads(sys.argv[1]))"
     proc = subprocess.run(
         [sys.executable, "-c", code, json.dumps(params)], capture_output=True, text=True, cwd=Path(__file__).parents[1]
     )
