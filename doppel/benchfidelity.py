@@ -13,7 +13,7 @@ imported into a fresh store with every author consenting, and then, per configur
 
 The retrieval persona is served with the held-out replies excluded from its examples (otherwise it could quote
 the very answer it is scored on). Configurations differ in recipe (`overrides`, TrainConfig fields) and in prompt
-shape (`style`, `doppel.chatformat.STYLES`), so the recipe and the prompt can be told apart.
+shape (`style`, `doppel.core.chatformat.STYLES`), so the recipe and the prompt can be told apart.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from doppel.errors import UserFacingError
-from doppel.settings import Settings
+from doppel.core.errors import UserFacingError
+from doppel.core.settings import Settings
 
 DATA = Path(__file__).parent / "benchdata" / "ubuntu_irc.jsonl.gz"
 # Channel bots answer with canned factoids: never a panel member, never a persona.
@@ -193,7 +193,7 @@ async def _prepare(settings: Settings, panel: Sequence[str], logs: Sequence[Mapp
 async def _openings(settings: Settings, member: str, n: int) -> dict[str, Any]:
     """The member's held-out replies (the product's own time split) and the message each one answered."""
     from data.store import Store
-    from doppel.chatformat import ChatFormat
+    from doppel.core.chatformat import ChatFormat
     from trainer.cleaning import Cleaner
     from trainer.dataset import build_dataset, build_turns
 
@@ -231,7 +231,7 @@ async def _openings(settings: Settings, member: str, n: int) -> dict[str, Any]:
 async def _heldout_rows(settings: Settings, member: str, limit: int) -> list[dict[str, str]]:
     """The member's held-out replies as perplexity rows, rendered in the prompt style in force (oldest first)."""
     from data.store import Store
-    from doppel.chatformat import ChatFormat
+    from doppel.core.chatformat import ChatFormat
     from trainer.dataset import build_dataset
 
     fmt = ChatFormat.from_gguf(settings.base_gguf_path())
@@ -308,7 +308,7 @@ async def _train(settings: Settings, member: str, overrides: Mapping[str, Any]) 
 async def _replies(settings: Settings, member: str, mode: str, adapter: str | None, pairs: Sequence[Mapping[str, Any]],
                    banned: set[str], max_tokens: int) -> list[str]:
     from data.store import Store
-    from doppel.chatformat import Utterance
+    from doppel.core.chatformat import Utterance
     from inference.engine import Engine
     from inference.requests import GenParams, PersonaRequest
     from inference.retrieval import Retriever
@@ -352,7 +352,7 @@ async def _own_vs_other(settings: Settings, panel: Sequence[str],
     """The last configuration's recipe trained for another panel member (same steps, same prompt style); held-out
     perplexity of the member's replies under the base, the member's own adapter and the other member's adapter.
     A persona that learned the member (not just chat in general) is clearly best with its own adapter."""
-    from doppel.chatformat import use_style
+    from doppel.core.chatformat import use_style
 
     name, (own_folder, style, steps, base_model) = list(trained.items())[-1]
     other = panel[1]
@@ -379,7 +379,7 @@ def fidelity(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    from doppel.chatformat import STYLES, current_style, use_style
+    from doppel.core.chatformat import STYLES, current_style, use_style
 
     quick = bool(getattr(args, "quick", False))
     names = [c for c in str(getattr(args, "configs", "") or "").split(",") if c] or list(CONFIGS)
@@ -421,7 +421,7 @@ async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str
         if mode in names or not getattr(args, "configs", ""):
             texts = await _replies(bench, panel[0], mode, None, pairs, banned, max_tokens)
             result["systems"][mode] = {**_score(judge, panel[0], texts), "samples": texts[:4]}
-            say(f"{mode}: {result['systems'][mode]['share']}")
+            say(f"{mode}: {json.dumps(result['systems'][mode])}")
     trained_folders: dict[str, tuple[str, Any, int, str]] = {}
     for name in names:
         if name not in CONFIGS:
@@ -448,6 +448,9 @@ async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str
                                  trained["base_model"])
         say(f"{name}: adapter {entry['adapter']['share']}, hybrid {entry['adapter+retrieval']['share']}, "
             f"ppl {base_ppl} -> {ppl}, {trained['wall_s']} s")
+        # The whole entry, so a long run's figures are not lost if a later configuration fails.
+        say(f"{name}: " + json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "samples"} if isinstance(v, dict)
+                                          else v) for k, v in entry.items()}))
     if trained_folders and not getattr(args, "no_own_vs_other", False) and len(panel) > 1:
         result["own_vs_other"] = await _own_vs_other(bench, panel, trained_folders)
         say(f"own vs other adapter on {panel[0]}'s held-out replies: {result['own_vs_other']}")
