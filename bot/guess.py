@@ -19,7 +19,7 @@ from bot.errorhook import reports_errors
 from bot.errors import NotAllowed, NotAvailable
 from bot.services import Services
 from bot.text import clip, neutralise
-from doppel.chatformat import Utterance
+from doppel.core.chatformat import Utterance
 
 NONE = discord.AllowedMentions.none()
 QUOTE_CHARS = 300

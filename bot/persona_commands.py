@@ -18,7 +18,7 @@ from bot.guess import fidelity_text, post_guess
 from bot.services import Services, active_jobs, remember_progress_message, submit_training, watched_jobs
 from bot.text import MESSAGE_LIMIT, clip, neutralise
 from bot.training import progress_text, watch
-from doppel.chatformat import Utterance
+from doppel.core.chatformat import Utterance
 
 log = logging.getLogger("doppel.bot.persona")
 Mode = Literal["sft", "sft+kto", "sft+dpo"]

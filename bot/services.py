@@ -12,8 +12,8 @@ from typing import Any
 
 from bot.errors import BadUpload
 from data.records import Member, Message
-from doppel.chatformat import Utterance
-from doppel.settings import Settings
+from doppel.core.chatformat import Utterance
+from doppel.core.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from consent.errors import ErasureError
 
 if TYPE_CHECKING:
     from data.store import Store
-    from doppel.settings import Settings
+    from doppel.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

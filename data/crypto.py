@@ -11,7 +11,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from data.errors import MasterKeyError
-from doppel.settings import Settings
+from doppel.core.settings import Settings
 
 NONCE = 12
 KEY_BYTES = 32

@@ -11,7 +11,7 @@ import aiosqlite
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from data.crypto import Keyring
-from doppel.settings import Settings
+from doppel.core.settings import Settings
 
 
 class Ciphers(Protocol):

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from data import migrations
 from data.crypto import Keyring, load_master_key
 from data.errors import StoreError
-from doppel.settings import Settings
+from doppel.core.settings import Settings
 
 PRAGMAS = (
     "PRAGMA journal_mode=WAL",

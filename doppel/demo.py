@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from doppel.core.settings import Settings
 from doppel.samplecommunity import MEMBERS
-from doppel.settings import Settings
 
 # Who consents in the demo: everyone but Prof. Hale, whose messages must therefore never be stored.
 CONSENTING = [m for m in MEMBERS if m.name != "prof_hale"]
@@ -116,7 +116,7 @@ async def _train(store: Any, settings: Settings, *, retrain: bool, max_steps: in
 
 
 async def _side_by_side(store: Any, settings: Settings, adapter: Any) -> list[dict[str, str]]:
-    from doppel.chatformat import Utterance
+    from doppel.core.chatformat import Utterance
     from inference.engine import Engine
     from inference.requests import GenParams, PersonaRequest
     from inference.retrieval import Retriever

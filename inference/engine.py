@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from doppel.chatformat import Utterance
-from doppel.errors import UserFacingError
-from doppel.settings import Settings
+from doppel.core.chatformat import Utterance
+from doppel.core.errors import UserFacingError
+from doppel.core.settings import Settings
 from inference.adapters import AdapterCache
 from inference.cleaning import StreamCleaner
 from inference.errors import EngineClosedError, InferenceError, RetrievalError

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from doppel.chatformat import ChatFormat, Utterance, build_messages
+from doppel.core.chatformat import ChatFormat, Utterance, build_messages
 from inference.errors import RequestError
 
 # Retrieval examples are short samples of style, not content to quote at length.

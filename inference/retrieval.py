@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from doppel.chatformat import Utterance
-from doppel.settings import Settings, bundled_embedding_model
+from doppel.core.chatformat import Utterance
+from doppel.core.settings import Settings, bundled_embedding_model
 from inference.errors import RetrievalError
 
 MODEL_NAME = "all-MiniLM-L6-v2"

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from doppel.core.errors import GGUFFileError
+from doppel.core.ggufinfo import ModelShape, read_metadata, read_shape
 from models.errors import ModelFileError
-from models.ggufinfo import ModelShape, read_metadata, read_shape
 
 # Architectures whose LoRA export follows llama.cpp's converter and is tested end to end
 # (tests/trainer/test_export_archs.py). Kept in step with trainer.export_gguf.SUPPORTED_ARCHS, which a test checks;
@@ -55,7 +56,7 @@ def refusal(arch: str) -> str | None:
 
 def template_argument(value: str | None) -> tuple[str | None, str | None]:
     """`--template NAME|FILE` -> (template name or Jinja text, source label); (None, None) when not given."""
-    from doppel.chatformat import TEMPLATES
+    from doppel.core.chatformat import TEMPLATES
 
     if value is None:
         return None, None
@@ -75,9 +76,12 @@ def template_argument(value: str | None) -> tuple[str | None, str | None]:
 
 def check_gguf(path: Path, template: str | None = None, template_source: str | None = None) -> BaseCheck:
     """Validate a base GGUF up front: readable, a model, a supported architecture, a chat format that works."""
-    from doppel.chatformat import ChatFormat
+    from doppel.core.chatformat import ChatFormat
 
-    shape = read_shape(path)
+    try:
+        shape = read_shape(path)
+    except GGUFFileError as exc:
+        raise ModelFileError(str(exc)) from None
     if shape.model_type == "adapter":
         raise ModelFileError(f"{path} is a LoRA adapter, not a base model")
     why = refusal(shape.architecture)

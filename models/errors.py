@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from doppel.errors import UserFacingError
+from doppel.core.errors import GGUFFileError, UserFacingError
 
 
 class RegistryError(UserFacingError):
     """A registry operation could not be done."""
 
 
-class ModelFileError(RegistryError):
+class ModelFileError(RegistryError, GGUFFileError):
     """A base model file is missing or is not a usable GGUF."""
 
 

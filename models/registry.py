@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from doppel.settings import Settings
+from doppel.core.settings import Settings
 from models.errors import (
     AdapterNotFoundError,
     ArtifactError,

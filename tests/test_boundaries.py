@@ -1,47 +1,185 @@
-"""Architecture rules that keep the packages apart."""
+"""Architecture rules that keep the packages apart: one-way layers, no import cycles, discord and torch fenced in."""
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("doppel", "data", "consent", "trainer", "inference", "models", "bot")
 
+# Top to bottom: a module may import its own layer and the layers below it, never one above.
+LAYERS = ("shell", "control", "registry", "consent", "store", "child", "core")
+# Module prefix -> layer; the longest matching prefix wins (docs/architecture.md explains each).
+PLACES = {
+    "doppel": "shell",
+    "bot": "shell",
+    "doppel.core": "core",
+    "inference": "control",
+    "trainer.supervisor": "control",
+    "trainer.runner": "control",
+    "trainer.jobs": "control",
+    "trainer.executors": "control",
+    "trainer.preflight": "control",
+    "trainer.endings": "control",
+    "trainer.reevaluate": "control",
+    "models": "registry",
+    "trainer.dataset": "registry",
+    "trainer.preference": "registry",
+    "consent": "consent",
+    "data": "store",
+    "trainer": "child",
+}
+
+
+def _modules(root: Path = ROOT) -> dict[str, Path]:
+    found = {}
+    for pkg in PACKAGES:
+        for path in (root / pkg).rglob("*.py"):
+            name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            found[name] = path
+    return found
+
+
+def _imported(path: Path) -> Iterator[str]:
+    """Every module name an import statement names, at any depth (functions, TYPE_CHECKING blocks included)."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)
+
 
 def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
+    return {name.split(".")[0] for name in _imported(path)}
+
+
+def layer_of(module: str) -> str:
+    """The layer a project module belongs to."""
+    best = max((p for p in PLACES if module == p or module.startswith(p + ".")), key=len)
+    return PLACES[best]
+
+
+def graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Project module -> the project modules it imports (a `from pkg import name` counts as pkg.name if a module)."""
+    modules = _modules(root)
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        for name in _imported(path):
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                edges[module].add(name)
+    return edges
+
+
+def upward_edges(edges: dict[str, set[str]]) -> list[str]:
+    """Imports from a layer into a higher one."""
+    return sorted(
+        f"{a} ({layer_of(a)}) -> {b} ({layer_of(b)})"
+        for a, targets in edges.items()
+        for b in targets
+        if LAYERS.index(layer_of(b)) < LAYERS.index(layer_of(a))
+    )
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    counter = 0
+    for start in edges:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(edges[start])))]
+        index[start] = low[start] = counter
+        counter += 1
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(edges[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_no_import_goes_up_a_layer() -> None:
+    assert upward_edges(graph()) == []
+
+
+def test_no_import_cycles_between_modules() -> None:
+    assert cycles(graph()) == []
+
+
+def test_every_module_has_a_layer() -> None:
+    assert {layer_of(m) for m in _modules()} <= set(LAYERS)
+
+
+def test_the_checks_see_a_cycle_and_an_upward_import() -> None:
+    edges = {"data.a": {"data.b"}, "data.b": {"data.a"}, "doppel.core.x": {"data.a"}}
+    assert cycles(edges) == [["data.a", "data.b"]]
+    assert upward_edges(edges) == ["doppel.core.x (core) -> data.a (store)"]
 
 
 def test_only_bot_imports_discord() -> None:
     offenders = [
         str(path.relative_to(ROOT))
-        for pkg in PACKAGES
-        if pkg != "bot"
-        for path in (ROOT / pkg).rglob("*.py")
-        if "discord" in _imports(path)
+        for module, path in _modules().items()
+        if not module.startswith("bot") and "discord" in _imports(path)
+    ]
+    assert offenders == []
+
+
+# The training benchmark times our trainer against a plain HF Trainer in its own process, torch included.
+TORCH_OUTSIDE_THE_CHILD = {"doppel.benchtrain"}
+
+
+def test_only_the_trainer_child_imports_torch() -> None:
+    offenders = [
+        module
+        for module, path in _modules().items()
+        if layer_of(module) != "child" and module not in TORCH_OUTSIDE_THE_CHILD and "torch" in _imports(path)
     ]
     assert offenders == []
 
 
 def test_boundary_check_sees_an_import(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
-    probe.write_text("from discord import app_commands\n", encoding="utf-8")
+    probe.write_text("def f():\n    from discord import app_commands\n", encoding="utf-8")
     assert "discord" in _imports(probe)
 
 
 def test_every_module_uses_postponed_annotations() -> None:
     missing = [
         str(path.relative_to(ROOT))
-        for pkg in PACKAGES
-        for path in (ROOT / pkg).rglob("*.py")
+        for path in _modules().values()
         if path.read_text(encoding="utf-8").strip()
         and "from __future__ import annotations" not in path.read_text(encoding="utf-8")
     ]

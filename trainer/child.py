@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from doppel.errors import UserFacingError
+from doppel.core.errors import UserFacingError
 from trainer.config import TrainConfig
 from trainer.errors import JobCancelled
 from trainer.events import Emitter, stdout_emitter

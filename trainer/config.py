@@ -24,14 +24,14 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"epochs": 1.0, "max_steps_cap": 60, "micro_batch_size": 8, "grad_accum": 1,
               "learning_rate": 3e-4, "lora_r": 16, "lora_alpha": 32},
-    "good": {"epochs": 1.0, "max_steps_cap": 150, "micro_batch_size": 8, "grad_accum": 1,
+    "good": {"epochs": 1.0, "max_steps_cap": 120, "micro_batch_size": 8, "grad_accum": 1,
              "learning_rate": 3e-4, "lora_r": 16, "lora_alpha": 32},
     "best": {"epochs": 2.0, "max_steps_cap": 600, "micro_batch_size": 8, "grad_accum": 1,
              "learning_rate": 2e-4, "lora_r": 32, "lora_alpha": 64},
 }
 PRESET_TIMES = {
     "quick": "at most 60 steps x 8 examples: ~4-5 min on a 2-core CPU (135M); ~1 min on a GPU (estimate)",
-    "good": "at most 150 steps x 8 examples: ~12 min on a 2-core CPU (135M); ~2-3 min on a GPU (estimate)",
+    "good": "at most 120 steps x 8 examples: ~9-10 min on a 2-core CPU (135M); ~2 min on a GPU (estimate)",
     "best": "2 epochs, at most 600 steps x 8 examples: ~50 min on a 2-core CPU (135M); ~10 min on a GPU (estimate)",
 }
 DEFAULT_PRESET = "good"

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from data.records import Message
-from doppel.chatformat import ChatFormat, Utterance, build_messages
-from doppel.settings import DatasetSettings, Settings
+from doppel.core.chatformat import ChatFormat, Utterance, build_messages
+from doppel.core.settings import DatasetSettings, Settings
 from trainer.attribution import PANEL_OTHERS, PANEL_PER_AUTHOR, choose_panel
 from trainer.cleaning import Cleaner, normalize
 from trainer.errors import DatasetError, NotEnoughExamplesError

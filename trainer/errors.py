@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from doppel.errors import DoppelError, UserFacingError
+from doppel.core.errors import DoppelError, UserFacingError
 
 
 class TrainerError(DoppelError):

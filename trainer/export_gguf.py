@@ -70,7 +70,7 @@ class BaseInfo:
     @classmethod
     def from_gguf(cls, path: Path) -> BaseInfo:
         """From a base model GGUF's metadata."""
-        from models.ggufinfo import read_metadata
+        from doppel.core.ggufinfo import read_metadata
 
         get = read_metadata(path).get
 

@@ -150,7 +150,7 @@ def fit_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> tup
     Truncating the token sequence instead would cut either the system prompt or the reply's end-of-turn token;
     re-rendering with fewer context turns keeps both. Returns (fitted rows, number dropped as unfittable).
     """
-    from doppel.chatformat import ChatFormat
+    from doppel.core.chatformat import ChatFormat
 
     fmt: ChatFormat | None = None
     if getattr(tokenizer, "chat_template", None):

@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from doppel.chatformat import ChatFormat, build_messages
+from doppel.core.chatformat import ChatFormat, build_messages
 
 if TYPE_CHECKING:
     from trainer.example import Example

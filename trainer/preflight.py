@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from doppel.settings import Settings
+from doppel.core.settings import Settings
 from trainer.errors import PreflightError
 from trainer.memory import GIB, MIB, estimate_memory, memory_breakdown
 
@@ -103,22 +103,22 @@ def _shape_source(config: Any) -> Path:
 
 def memory_estimate(config: Any, device: str) -> int | None:
     """The pre-flight memory estimate for a job (bytes), or None when the base's shape cannot be read."""
-    from models.errors import ModelFileError
-    from models.ggufinfo import read_shape
+    from doppel.core.errors import GGUFFileError
+    from doppel.core.ggufinfo import read_shape
 
     base = _shape_source(config)
     if base.suffix != ".gguf":
         return None
     try:
         return estimate_memory(read_shape(base), config, device)
-    except ModelFileError:
+    except GGUFFileError:
         return None
 
 
 def job_checks(settings: Settings, config: Any, device: str) -> list[Check]:
     """Everything that decides whether this job can start on `device`."""
-    from models.errors import ModelFileError
-    from models.ggufinfo import read_shape
+    from doppel.core.errors import GGUFFileError
+    from doppel.core.ggufinfo import read_shape
 
     checks: list[Check] = []
     known = {d.name: d for d in devices(settings)}
@@ -136,7 +136,7 @@ def job_checks(settings: Settings, config: Any, device: str) -> list[Check]:
         return checks
     try:
         shape = read_shape(base)
-    except ModelFileError as exc:
+    except GGUFFileError as exc:
         checks.append(Check("base model", "fail", str(exc), "check [model] base_gguf or --base"))
         return checks
     checks.append(Check("base model", "ok", f"{base.name}: {shape.architecture}, {shape.params / 1e6:.0f}M parameters"))
@@ -167,7 +167,7 @@ def host_checks(settings: Settings) -> list[Check]:
                             "" if found else f"pip install 'doppel[{extra}]'"))  # fmt: skip
     try:
         base = settings.base_gguf_path()
-        from models.ggufinfo import read_shape
+        from doppel.core.ggufinfo import read_shape
 
         shape = read_shape(base)
         checks.append(Check("base model", "ok", f"{settings.model.base_name}: {base} ({shape.params / 1e6:.0f}M parameters)"))

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from doppel.settings import Settings
+from doppel.core.settings import Settings
 from trainer.errors import EvaluationError
 
 # Dataset files an evaluation does not read: removed before the child starts (least plaintext, even sealed).

@@ -42,7 +42,7 @@ def evaluate(model: Any, tokenizer: Any, cfg: TrainConfig, data: Any, *, adapter
     samples: list[dict[str, str]] = []
     base_replies: list[str] = []
     if rows and cfg.eval_samples > 0 and adapter_gguf is not None and base_gguf is not None:
-        from doppel.chatformat import ChatFormat
+        from doppel.core.chatformat import ChatFormat
 
         picked = rows[: cfg.eval_samples]
         stop = ChatFormat.from_tokenizer(tokenizer).stop if tokenizer.chat_template else [tokenizer.eos_token]

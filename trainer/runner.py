@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from doppel.errors import UserFacingError
-from doppel.settings import Settings
+from doppel.core.errors import UserFacingError
+from doppel.core.settings import Settings
 from trainer.jobs import Job, JobStatus, JobTable
 from trainer.progress import ProgressState
 

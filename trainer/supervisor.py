@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from doppel.errors import UserFacingError
-from doppel.settings import Settings
+from doppel.core.errors import UserFacingError
+from doppel.core.settings import Settings
 from trainer.errors import JobConflictError, JobNotFoundError, SupervisorError
 from trainer.executors.base import Executor, Run
 from trainer.jobs import Job, JobStatus, JobTable, new_job_id
@@ -368,7 +368,7 @@ def _remove(job_dir: str | Path) -> None:
 
 def chat_format_for(config: dict[str, Any]) -> Any:
     """The chat format of the base being trained (`ChatFormat.for_config`); a bad base is a SupervisorError."""
-    from doppel.chatformat import ChatFormat
+    from doppel.core.chatformat import ChatFormat
 
     try:
         return ChatFormat.for_config(config)

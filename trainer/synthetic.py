@@ -38,7 +38,7 @@ def synthetic_rows(n: int, seed: int, chat_format: Any, *, max_context: int = 4,
     `long_tail` draws context sizes from a skewed distribution (most short, a few long), as real channels are:
     the case where random batching wastes most of its compute on padding.
     """
-    from doppel.chatformat import Utterance, build_messages
+    from doppel.core.chatformat import Utterance, build_messages
 
     rng = random.Random(seed)
     rows = []

@@ -7,8 +7,8 @@ import asyncio
 import sys
 from typing import Any
 
-from doppel.errors import UserFacingError
-from doppel.settings import Settings
+from doppel.core.errors import UserFacingError
+from doppel.core.settings import Settings
 
 MODES = ("auto", "base", "adapter", "adapter+retrieval", "retrieval")
 
@@ -73,7 +73,7 @@ async def _resolve(store: Any, settings: Settings, user_id: str, mode: str) -> t
 
 async def _chat(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from data.store import Store
-    from doppel.chatformat import Utterance
+    from doppel.core.chatformat import Utterance
     from inference.engine import Engine
     from inference.requests import GenParams, PersonaRequest
     from inference.retrieval import Retriever

@@ -11,8 +11,8 @@ import sys
 import time
 from typing import Any
 
-from doppel.errors import UserFacingError
-from doppel.settings import Settings
+from doppel.core.errors import UserFacingError
+from doppel.core.settings import Settings
 
 
 class TrainingFailed(UserFacingError):

@@ -13,3 +13,7 @@ class UserFacingError(DoppelError):
 
 class ConfigError(UserFacingError):
     """The settings file or environment is invalid."""
+
+
+class GGUFFileError(UserFacingError):
+    """A model file is missing or is not a readable GGUF (raised by the core header reader)."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from models.errors import ModelFileError
+from doppel.core.errors import GGUFFileError
 
 GGUF_MAGIC = b"GGUF"
 # GGUF value types -> struct format of the scalar ones (8 = string, 9 = array are handled apart).
@@ -35,9 +35,9 @@ def read_shape(path: Path) -> ModelShape:
         with path.open("rb") as fh:
             return _parse(fh, path.stat().st_size)
     except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such file") from None
+        raise GGUFFileError(f"{path}: no such file") from None
     except (struct.error, UnicodeDecodeError, ValueError, OverflowError, MemoryError) as exc:
-        raise ModelFileError(f"{path}: not a readable GGUF file ({exc})") from None
+        raise GGUFFileError(f"{path}: not a readable GGUF file ({exc})") from None
 
 
 def read_metadata(path: Path, *, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -47,9 +47,9 @@ def read_metadata(path: Path, *, arrays: tuple[str, ...] = ()) -> dict[str, Any]
             _, kv = _header(fh, arrays)
             return kv
     except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such file") from None
+        raise GGUFFileError(f"{path}: no such file") from None
     except (struct.error, UnicodeDecodeError, ValueError, OverflowError, MemoryError) as exc:
-        raise ModelFileError(f"{path}: not a readable GGUF file ({exc})") from None
+        raise GGUFFileError(f"{path}: not a readable GGUF file ({exc})") from None
 
 
 def _header(fh: IO[bytes], arrays: tuple[str, ...] = ()) -> tuple[int, dict[str, Any]]:

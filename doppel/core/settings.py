@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from doppel.errors import ConfigError
+from doppel.core.errors import ConfigError
 
 ENV_PREFIX = "DOPPEL_"
 # Secrets never come from the TOML file: it may be committed or shared; the environment is the only source.

@@ -144,7 +144,7 @@ async def _seed(home: Path) -> None:
     from consent.service import ConsentService
     from data.records import Member, Message
     from data.store import Store
-    from doppel.settings import Settings
+    from doppel.core.settings import Settings
 
     settings = Settings.load(env={"DOPPEL_HOME": str(home)})
     async with Store.open(settings) as store:
@@ -240,7 +240,7 @@ def test_sigterm_stops_doppel_run_gracefully(doppel_home: Path, tmp_path: Path) 
             await runner.cleanup()
 
         from bot.main import grace_s
-        from doppel.settings import Settings
+        from doppel.core.settings import Settings
 
         grace = grace_s(Settings.load(env={"DOPPEL_HOME": str(doppel_home), "DOPPEL_TRAINING__CANCEL_GRACE_S": "3"}))
         assert proc.returncode == 0, err.decode()[-2000:]

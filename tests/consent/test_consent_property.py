@@ -19,7 +19,7 @@ from consent.service import ConsentService
 from data.dce_import import import_exports
 from data.records import Message
 from data.store import Store
-from doppel.settings import Settings
+from doppel.core.settings import Settings
 
 MEMBERS = ["400000000000000001", "400000000000000002", "400000000000000003"]
 members = st.sampled_from(MEMBERS)

@@ -11,7 +11,7 @@ from consent.errors import ConsentError
 from consent.service import ConsentService, parse_scopes
 from data.records import Message
 from data.store import Store
-from doppel.settings import Settings
+from doppel.core.settings import Settings
 
 A, B = "100000000000000001", "100000000000000002"
 

@@ -23,7 +23,7 @@ from consent.errors import ErasureError
 from consent.service import ConsentService
 from data.records import Message
 from data.store import Store
-from doppel.settings import Settings
+from doppel.core.settings import Settings
 
 M, OTHER, THIRD = "300000000000000001", "300000000000000002", "300000000000000003"
 # Tables that hold no member data (framework bookkeeping).

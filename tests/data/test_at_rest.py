@@ -11,7 +11,7 @@ from consent.service import ConsentService
 from data.dce_import import import_exports
 from data.records import Message
 from data.store import Store
-from doppel.settings import Settings
+from doppel.core.settings import Settings
 
 CANARY = "zebra-canary-7f3e91 quokka"
 SECRET_MEMBER, OTHER = "123456789012345678", "223456789012345678"

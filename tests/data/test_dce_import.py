@@ -13,7 +13,7 @@ import pytest
 from data.dce_import import expand_paths, import_exports, utc_epoch
 from data.errors import ImportFileError
 from data.store import Store
-from doppel.settings import Settings
+from doppel.core.settings import Settings
 
 ADAM, THOMAS, PATRICK, MLOMB = "521486476985155645", "896568767994532880", "627848643557663699", "111111111111111111"
 DELETED_USER = "555555555555555555"

@@ -16,10 +16,10 @@ from consent.service import ConsentService
 from data.dce_import import import_exports
 from data.messages import MessageRepo
 from data.store import Store
-from doppel.chatformat import ChatFormat
 from doppel.cli import main
+from doppel.core.chatformat import ChatFormat
+from doppel.core.settings import Settings
 from doppel.samplecommunity import write_large_community
-from doppel.settings import Settings
 
 MEMBERS, MESSAGES, PERSONA_MESSAGES = 1500, 30_000, 300
 FMT = ChatFormat(

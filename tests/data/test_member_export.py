@@ -7,7 +7,7 @@ import asyncio
 from consent.service import ConsentService
 from data.export import member_export
 from data.store import Store
-from doppel.settings import Settings
+from doppel.core.settings import Settings
 
 ALICE, BOB = "111111111111111111", "222222222222222222"
 

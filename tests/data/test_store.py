@@ -14,7 +14,7 @@ from data.errors import MasterKeyError
 from data.migrations import MIGRATIONS
 from data.records import Member, Message
 from data.store import Store
-from doppel.settings import Settings
+from doppel.core.settings import Settings
 
 ALICE, BOB = "111111111111111111", "222222222222222222"
 

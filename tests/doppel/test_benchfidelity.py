@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from doppel import benchfidelity as bf
-from doppel.chatformat import PLAIN_STYLE, Utterance, build_messages, current_style, use_style
+from doppel.core.chatformat import PLAIN_STYLE, Utterance, build_messages, current_style, use_style
 
 
 def test_the_shipped_corpus_is_real_multi_speaker_chat_with_active_members() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from doppel.benchscale import PHASES, parse_sizes
-from doppel.errors import UserFacingError
+from doppel.core.errors import UserFacingError
 from doppel.samplecommunity import large_members, write_large_community
 
 

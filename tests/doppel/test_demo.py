@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from doppel.cli import main
-from doppel.settings import bundled_base_gguf, bundled_embedding_model
+from doppel.core.settings import bundled_base_gguf, bundled_embedding_model
 
 pytestmark = [
     pytest.mark.slow,

@@ -10,8 +10,8 @@ from pathlib import Path
 from consent.service import ConsentService
 from data.dce_import import import_exports
 from data.store import Store
+from doppel.core.settings import Settings
 from doppel.samplecommunity import BOT_ID, MEMBERS, write_community
-from doppel.settings import Settings
 
 
 def test_generated_community_imports_with_exact_counts(settings: Settings, tmp_path: Path) -> None:

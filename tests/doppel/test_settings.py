@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from doppel.errors import ConfigError
-from doppel.settings import Settings
+from doppel.core.errors import ConfigError
+from doppel.core.settings import Settings
 
 
 def test_defaults_live_under_doppel_home(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from doppel.settings import Settings, bundled_base_gguf
+from doppel.core.settings import Settings, bundled_base_gguf
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from doppel.cli import main
-from doppel.settings import bundled_embedding_model
+from doppel.core.settings import bundled_embedding_model
 
 
 def _seed(settings, scopes: list[str]) -> None:

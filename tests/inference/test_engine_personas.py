@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from doppel.chatformat import Utterance
+from doppel.core.chatformat import Utterance
 from inference.engine import Engine
 from inference.errors import AdapterError, RequestError
 from inference.requests import GenParams, PersonaRequest

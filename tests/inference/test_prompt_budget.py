@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from doppel.chatformat import ChatFormat, Utterance
+from doppel.core.chatformat import ChatFormat, Utterance
 from inference.errors import RequestError
 from inference.prompting import build_prompt
 

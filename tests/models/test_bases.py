@@ -53,7 +53,7 @@ def last_json(done: subprocess.CompletedProcess[str]) -> Any:
 
 
 def test_default_chat_format_of_a_gguf_without_template(plain_base: Any, tmp_path: Path) -> None:
-    from doppel.chatformat import CHATML_TEMPLATE, PLAIN_TEMPLATE, ChatFormat
+    from doppel.core.chatformat import CHATML_TEMPLATE, PLAIN_TEMPLATE, ChatFormat
 
     fmt = ChatFormat.from_gguf(plain_base.gguf_path)
     # The tiny vocabulary has <|im_start|> and <|im_end|>: ChatML, ended by <|im_end|>.
@@ -125,8 +125,8 @@ def test_add_base_hf_and_gguf_of_the_same_model(doppel_home: Path, plain_base: A
 def test_base_without_template_trains_and_chats_with_the_recorded_format(doppel_home: Path, settings: Any,
                                                                          plain_base: Any) -> None:
     """add-base (plain role-tagged turns chosen), train a few steps, chat: serving uses meta.json's format."""
-    from doppel.chatformat import PLAIN_TEMPLATE
-    from doppel.settings import Settings
+    from doppel.core.chatformat import PLAIN_TEMPLATE
+    from doppel.core.settings import Settings
     from inference.engine import Engine
 
     asyncio.run(fx.seed_member(settings))

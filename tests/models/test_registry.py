@@ -102,7 +102,7 @@ def test_publish_is_all_or_nothing(settings: Any, tmp_path: Path) -> None:
 
 def test_base_models_bundled_and_user_added(settings: Any, tmp_path: Path) -> None:
     from data.store import Store
-    from doppel.settings import bundled_base_gguf
+    from doppel.core.settings import bundled_base_gguf
     from models.errors import ModelFileError, UnknownBaseModelError
     from models.registry import Registry
 
@@ -129,8 +129,8 @@ def test_base_models_bundled_and_user_added(settings: Any, tmp_path: Path) -> No
 
 
 def test_gguf_header_reader_matches_the_gguf_package() -> None:
-    from doppel.settings import bundled_base_gguf
-    from models.ggufinfo import read_shape
+    from doppel.core.ggufinfo import read_shape
+    from doppel.core.settings import bundled_base_gguf
 
     path = bundled_base_gguf()
     if path is None:
@@ -141,7 +141,7 @@ def test_gguf_header_reader_matches_the_gguf_package() -> None:
     reader = gguf.GGUFReader(str(path))
     assert shape.params == sum(int(t.n_elements) for t in reader.tensors)
     assert (shape.architecture, shape.layers, shape.hidden, shape.vocab) == ("llama", 30, 576, 49152)
-    from models.ggufinfo import read_metadata
+    from doppel.core.ggufinfo import read_metadata
 
     meta = read_metadata(path, arrays=("tokenizer.ggml.tokens",))
     assert meta["tokenizer.ggml.tokens"] == reader.fields["tokenizer.ggml.tokens"].contents()

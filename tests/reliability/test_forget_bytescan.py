@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from doppel.settings import Settings, bundled_base_gguf, bundled_embedding_model
+from doppel.core.settings import Settings, bundled_base_gguf, bundled_embedding_model
 
 pytestmark = [
     pytest.mark.skipif(bundled_base_gguf() is None, reason="bundled SmolLM2 GGUF not installed (chat format)"),
@@ -69,7 +69,7 @@ def _adapter_folder(root: Path, member: str, lineage: list[str], persona_name: s
 async def _populate(settings: Settings, staging: Path) -> dict[str, Any]:
     """Embeddings, job folders with datasets, adapters; returns the secret's sealed bytes to look for later."""
     from data.store import Store
-    from doppel.chatformat import ChatFormat, Utterance
+    from doppel.core.chatformat import ChatFormat, Utterance
     from models.registry import Registry
     from trainer.dataset import materialize
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from doppel.errors import UserFacingError
-from doppel.settings import Settings
+from doppel.core.errors import UserFacingError
+from doppel.core.settings import Settings
 
 ADAM, THOMAS, MLOMB, DELETED_USER = "521486476985155645", "896568767994532880", "111111111111111111", "555555555555555555"
 CONSENTING = (ADAM, THOMAS, MLOMB, DELETED_USER)

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from doppel.settings import Settings, bundled_base_gguf
+from doppel.core.settings import Settings, bundled_base_gguf
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

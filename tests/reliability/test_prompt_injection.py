@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from doppel.chatformat import Utterance
-from doppel.settings import Settings, bundled_base_gguf, bundled_embedding_model
+from doppel.core.chatformat import Utterance
+from doppel.core.settings import Settings, bundled_base_gguf, bundled_embedding_model
 
 pytestmark = [
     pytest.mark.skipif(bundled_base_gguf() is None, reason="bundled SmolLM2 GGUF not installed"),

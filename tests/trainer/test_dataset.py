@@ -11,8 +11,8 @@ import pytest
 
 from data.crypto import job_key_for
 from data.records import Message
-from doppel.chatformat import ChatFormat
-from doppel.settings import Settings
+from doppel.core.chatformat import ChatFormat
+from doppel.core.settings import Settings
 from trainer.cleaning import Cleaner
 from trainer.dataset import (
     Example,

@@ -22,7 +22,7 @@ GIB = 1024**3
 
 
 def _settings(doppel_home: Path) -> Any:
-    from doppel.settings import Settings
+    from doppel.core.settings import Settings
 
     return Settings.load(env={"DOPPEL_HOME": str(doppel_home), "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
                               "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1"})  # fmt: skip

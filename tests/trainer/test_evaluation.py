@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from doppel.settings import bundled_embedding_model
+from doppel.core.settings import bundled_embedding_model
 from trainer.errors import EvaluationError
 from trainer.evaluation import (
     fidelity_report,

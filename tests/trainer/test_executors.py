@@ -84,7 +84,7 @@ async def test_ray_executor_runs_the_trainer_and_brings_the_adapter_back(
     doppel_home: Path, tiny_model: Any, ray_head: str
 ) -> None:
     from data.store import Store
-    from doppel.settings import Settings
+    from doppel.core.settings import Settings
     from trainer.supervisor import Supervisor
 
     settings = Settings.load(env={

@@ -17,7 +17,7 @@ def _config(settings: Any, **overrides: Any) -> Any:
 
 
 def test_memory_estimate_grows_with_batch_and_length(settings: Any) -> None:
-    from models.ggufinfo import read_shape
+    from doppel.core.ggufinfo import read_shape
     from trainer.preflight import estimate_memory
 
     cfg = _config(settings)

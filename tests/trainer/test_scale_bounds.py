@@ -11,8 +11,8 @@ import pytest
 
 from data.crypto import job_key, job_key_for
 from data.records import Member, Message
-from doppel.chatformat import ChatFormat
-from doppel.settings import Settings
+from doppel.core.chatformat import ChatFormat
+from doppel.core.settings import Settings
 from trainer.attribution import PANEL_OTHERS, PANEL_PER_AUTHOR, attribution_report, choose_panel, panel_rows
 from trainer.dataset import build_dataset, materialize
 from trainer.errors import JobConfigError

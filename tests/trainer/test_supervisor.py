@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _settings(doppel_home: Path, **training: Any) -> Any:
-    from doppel.settings import Settings
+    from doppel.core.settings import Settings
 
     env = {"DOPPEL_HOME": str(doppel_home), "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
            "DOPPEL_TRAINING__CANCEL_GRACE_S": "20", "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1"}  # fmt: skip

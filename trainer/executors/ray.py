@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from data.crypto import job_key_for
-from doppel.settings import Settings
+from doppel.core.settings import Settings
 from trainer.errors import ExecutorError
 from trainer.executors.base import Outcome, StderrTail, parse_event
 from trainer.jobdata import KEY_ENV
