@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import discord
 from discord import app_commands
@@ -19,9 +19,11 @@ from bot.services import Services, active_jobs, remember_progress_message, submi
 from bot.text import MESSAGE_LIMIT, clip, neutralise
 from bot.training import progress_text, watch
 from doppel.core.chatformat import Utterance
+from trainer.config import TrainConfig
 
 log = logging.getLogger("doppel.bot.persona")
-Mode = Literal["sft", "sft+kto", "sft+dpo"]
+# The training modes are declared once, in TrainConfig's `mode` field; the slash command offers exactly those.
+MODE_CHOICES = [app_commands.Choice(name=mode, value=mode) for mode in TrainConfig.choices("mode")]
 
 
 def may_train(interaction: discord.Interaction, member: discord.abc.User) -> None:
@@ -40,8 +42,9 @@ class PersonaCommands(app_commands.Group):
         self._watchers: dict[str, asyncio.Task[None]] = {}  # job id -> the task editing its progress message
 
     @app_commands.command(name="train", description="Train a member's persona (the member themself or an admin)")
-    @app_commands.describe(member="whose persona", mode="sft, or sft plus preference tuning from 👍/👎 feedback")
-    async def train(self, interaction: discord.Interaction, member: discord.Member, mode: Mode = "sft") -> None:
+    @app_commands.describe(member="whose persona", mode=TrainConfig.help_of("mode")[:100])
+    @app_commands.choices(mode=MODE_CHOICES)
+    async def train(self, interaction: discord.Interaction, member: discord.Member, mode: str = "sft") -> None:
         require_guild(interaction)
         may_train(interaction, member)
         # Acknowledged ephemerally: the first followup of a public acknowledgement is public whatever its flag, and

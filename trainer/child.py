@@ -25,7 +25,8 @@ from trainer.events import Emitter, stdout_emitter
 from trainer.lifeline import watch_supervisor
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 143
-RECIPES = {"sft": "trainer.recipes.sft", "sft+kto": "trainer.recipes.kto", "sft+dpo": "trainer.recipes.dpo"}
+# One recipe module per mode of TrainConfig (`sft+kto` -> trainer.recipes.kto): the modes are declared there only.
+RECIPES = {mode: f"trainer.recipes.{mode.rpartition('+')[2]}" for mode in TrainConfig.choices("mode")}
 
 
 def run_job(job_dir: Path, emitter: Emitter, cancel: threading.Event, *, resume: bool = False,

@@ -37,10 +37,12 @@ PRESET_TIMES = {
 DEFAULT_PRESET = "good"
 
 
-def _f(default: Any, help: str) -> Any:
+def _f(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    # Help and choices live in the field's metadata (as TRL does): the CLI, the bot and the child derive from it.
+    metadata = {"help": help, "choices": choices}
     if isinstance(default, (list, tuple, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -49,14 +51,14 @@ class TrainConfig:
 
     member_id: str = _f("", "Discord id of the member whose persona is trained ('' for a multi-persona adapter).")
     persona_name: str = _f("", "Display name used in the system prompt and reports.")
-    mode: str = _f("sft", "Training recipe: 'sft', 'sft+kto' or 'sft+dpo'.")
+    mode: str = _f("sft", "Training recipe: SFT alone, or SFT then KTO / DPO on reactions and 👍/👎.", MODES)
     base_model: str = _f("", "Base model to train on: a GGUF file (dequantized by transformers) or a HF model folder.")
     base_name: str = _f("", "Registry name of the base model, recorded in meta.json.")
     base_gguf: str = _f("", "GGUF file llama.cpp serves the adapter on; used to validate the export. Empty: base_model if it is a GGUF.")
     base_cache_dir: str = _f("", "Folder caching GGUF bases converted to float HF folders (empty: convert on every run).")
     chat_template: str = _f("", "Chat template chosen at add-base (chatml, plain or Jinja text); empty: the GGUF's own, else the default.")
     chat_template_source: str = _f("", "Where chat_template came from (chosen:NAME, file:PATH), recorded in meta.json.")
-    preset: str = _f(DEFAULT_PRESET, "Recipe preset the defaults came from: 'quick', 'good' or 'best' (PRESETS).")
+    preset: str = _f(DEFAULT_PRESET, "Recipe preset the defaults came from (PRESETS).", tuple(PRESETS))
     max_steps: int = _f(0, "Optimizer steps for SFT (0: derive from the data: epochs, min_steps, max_steps_cap).")
     epochs: float = _f(1.0, "Epochs over the training examples when max_steps is 0.")
     max_steps_cap: int = _f(150, "Most steps derived from the data when max_steps is 0 (0: no cap).")
@@ -73,7 +75,8 @@ class TrainConfig:
     target_modules: list[str] = _f(list(DEFAULT_TARGETS), "Linear layers that get a LoRA adapter.")
     max_length: int = _f(512, "Longest training sequence in tokens; older context turns are dropped to fit.")
     batching: str = _f("padding_free", "How micro-batches are formed: 'padding_free' (examples concatenated, "
-                       "attention kept apart by position ids), 'length_grouped' (shuffled length buckets) or 'random'.")
+                       "attention kept apart by position ids), 'length_grouped' (shuffled length buckets) or 'random'.",
+                       BATCHING)
     seed: int = _f(1234, "Seed for LoRA init, data order and sampling.")
     save_steps: int = _f(50, "Write a checkpoint every N steps (resume continues from the last one).")
     save_total_limit: int = _f(2, "Checkpoints kept on disk.")
@@ -97,12 +100,12 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise `JobConfigError` with a one-line reason when a value cannot work."""
-        if self.preset not in PRESETS:
-            raise JobConfigError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise JobConfigError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         if self.max_steps_cap < 0 or self.min_steps < 0:
             raise JobConfigError("max_steps_cap and min_steps must not be negative")
-        if self.mode not in MODES:
-            raise JobConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not self.base_model:
             raise JobConfigError("base_model is empty: name a GGUF file or a HF model folder")
         if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
@@ -116,11 +119,19 @@ class TrainConfig:
             raise JobConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if not self.target_modules:
             raise JobConfigError("target_modules is empty")
-        if self.batching not in BATCHING:
-            raise JobConfigError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         if self.gguf_dtype not in ("f32", "f16"):
             raise JobConfigError(f"gguf_dtype must be 'f32' or 'f16', got {self.gguf_dtype!r}")
         return self
+
+    @classmethod
+    def choices(cls, name: str) -> tuple[str, ...]:
+        """The allowed values of a field, as declared once in its metadata (empty: any value of its type)."""
+        return tuple(next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("choices", ()))
+
+    @classmethod
+    def help_of(cls, name: str) -> str:
+        """A field's help text, for the CLI and the bot."""
+        return str(next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("help", ""))
 
     def steps_for(self, n_train: int) -> int:
         """Optimizer steps for `n_train` training examples: `max_steps`, or derived from the data when it is 0."""

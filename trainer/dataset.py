@@ -20,11 +20,11 @@ from doppel.core.chatformat import ChatFormat, Utterance, build_messages
 from doppel.core.settings import DatasetSettings, Settings
 from trainer.attribution import PANEL_OTHERS, PANEL_PER_AUTHOR, choose_panel
 from trainer.cleaning import Cleaner, normalize
+from trainer.config import MODES
 from trainer.errors import DatasetError, NotEnoughExamplesError
 from trainer.example import Example
 from trainer.preference import feedback_rows, preference_rows
 
-MODES = ("sft", "sft+kto", "sft+dpo")
 # Long identical replies are copy-pastes or spam; short ones ("lol") are the member's style and stay.
 _COPYPASTE_CHARS = 20
 
@@ -345,7 +345,7 @@ def build_dataset(
     reaction_weighting: bool = False,
 ) -> Dataset:
     """All of a job's data from (stored, consenting) messages; `multi` builds every author's examples."""
-    if mode not in MODES:
+    if mode not in MODES:  # declared once, in TrainConfig's `mode` field
         raise DatasetError(f"unknown training mode {mode!r} (choose from {', '.join(MODES)})")
     ds = settings.dataset
     names = dict(names or {})

@@ -23,13 +23,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a member's persona adapter (progress bar; prints the adapter id)")
     p.add_argument("user_id", nargs="?", help="Discord id of the member to train")
     p.add_argument("--base", help="registered base model name (see `doppel personas bases`)")
-    from trainer.config import PRESET_TIMES, PRESETS
+    from trainer.config import PRESET_TIMES, TrainConfig
 
-    p.add_argument("--preset", choices=tuple(PRESETS),
+    p.add_argument("--preset", choices=TrainConfig.choices("preset"),
                    help="recipe by the time you will spend: " + "; ".join(f"{k}: {v}" for k, v in PRESET_TIMES.items()))  # fmt: skip
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: derived from the member's data by the preset)")
     p.add_argument("--epochs", type=float, help="epochs, used when --max-steps is 0")
-    p.add_argument("--mode", choices=("sft", "sft+kto", "sft+dpo"), default="sft", help="training recipe")
+    p.add_argument("--mode", choices=TrainConfig.choices("mode"), default="sft", help=TrainConfig.help_of("mode"))
     p.add_argument("--device", help="cpu or cuda:N (default: the least busy device)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any training config field, e.g. --set micro_batch_size=2 (JSON values)")  # fmt: skip
