@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import signal
@@ -17,11 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "supervision_fixtures", Path(__file__).parents[1] / "trainer" / "supervision_fixtures.py"
-)
-fx = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-_spec.loader.exec_module(fx)  # type: ignore[union-attr]
+from tests.helpers import supervision as fx
 
 pytestmark = pytest.mark.timeout(400)
 

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-_HELPERS = Path(__file__).resolve().parents[1] / "trainer" / "supervision_fixtures.py"
-
 
 @pytest.fixture(scope="session")
 def fx() -> Any:
-    """tests/trainer/supervision_fixtures.py, loaded by path (test folders are not packages)."""
-    spec = importlib.util.spec_from_file_location("reliability_supervision_fixtures", _HELPERS)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The control-plane helpers shared with the trainer tests."""
+    from tests.helpers import supervision
+
+    return supervision
 
 
 @pytest.fixture(scope="session")

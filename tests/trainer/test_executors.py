@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import socket
 import subprocess
@@ -14,9 +13,7 @@ from typing import Any
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("supervision_fixtures", Path(__file__).with_name("supervision_fixtures.py"))
-fx = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-_spec.loader.exec_module(fx)  # type: ignore[union-attr]
+from tests.helpers import supervision as fx
 
 
 def test_parse_event_keeps_only_event_objects() -> None:

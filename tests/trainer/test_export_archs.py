@@ -6,19 +6,14 @@ trainer.tinymodel, with a random LoRA on every projection (A and B random: B=0 w
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from tests.helpers import llama_cpp_reference as reference
 from trainer.tinymodel import ARCHS
-
-_spec = importlib.util.spec_from_file_location("llama_cpp_reference", Path(__file__).with_name("llama_cpp_reference.py"))
-assert _spec is not None and _spec.loader is not None
-reference = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(reference)
 
 TEXT = (
     "<|im_start|>user\nBo: anyone around for a game tonight? I think we should meet at 7pm.<|im_end|>\n"
