@@ -41,9 +41,11 @@ class PersonaReply:
 def reply_payload(reply: PersonaReply) -> dict[str, Any]:
     """What is kept (sealed) of a persona reply, for feedback after a restart."""
     return {
-        "persona_name": reply.persona_name, "channel_name": reply.channel_name, "text": reply.text,
+        "persona_name": reply.persona_name,
+        "channel_name": reply.channel_name,
+        "text": reply.text,
         "context": [[u.author_id, u.name, u.text] for u in reply.context],
-    }  # fmt: skip
+    }
 
 
 def reply_from_row(row: dict[str, Any]) -> PersonaReply:
@@ -88,7 +90,9 @@ class PersonaChat:
         self.per_channel = Cooldown(bot.persona_rate_per_channel_s, "this channel")
         self.replies: OrderedDict[int, PersonaReply] = OrderedDict()
         self._webhooks: dict[int, discord.Webhook] = {}
-        self._rated: OrderedDict[tuple[int, int], None] = OrderedDict()  # recent (message, rater); the store has all
+        self._rated: OrderedDict[tuple[int, int], None] = (
+            OrderedDict()
+        )  # recent (message, rater); the store has all
 
     # -- the gate ---------------------------------------------------------------------------------------------
     async def persona_request(self, member: discord.abc.User, channel: Any) -> tuple[Any, str | None]:
@@ -147,7 +151,10 @@ class PersonaChat:
             me = self.client.user
             try:
                 hooks = await host.webhooks()
-                cached = next((h for h in hooks if h.name == WEBHOOK_NAME and me and h.user and h.user.id == me.id), None)
+                cached = next(
+                    (h for h in hooks if h.name == WEBHOOK_NAME and me and h.user and h.user.id == me.id),
+                    None,
+                )
                 if cached is None:
                     cached = await host.create_webhook(name=WEBHOOK_NAME, reason="Doppel persona replies")
             except discord.Forbidden:
@@ -155,7 +162,9 @@ class PersonaChat:
             self._webhooks[host.id] = cached
         return cached, thread
 
-    async def speak(self, channel: Any, member: discord.abc.User, context: list[Utterance]) -> discord.WebhookMessage:
+    async def speak(
+        self, channel: Any, member: discord.abc.User, context: list[Utterance]
+    ) -> discord.WebhookMessage:
         """Generate `member`'s persona reply and stream it into `channel` through the webhook."""
         from inference.requests import GenParams
 
@@ -183,20 +192,28 @@ class PersonaChat:
         final = clip(neutralise(text.strip())) or "…"
         if sent is None:
             sent = await webhook.send(
-                final, username=name, avatar_url=member.display_avatar.url, allowed_mentions=NONE, thread=thread, wait=True
+                final,
+                username=name,
+                avatar_url=member.display_avatar.url,
+                allowed_mentions=NONE,
+                thread=thread,
+                wait=True,
             )
         else:
             await sent.edit(content=final, allowed_mentions=NONE)
-        await self.keep(sent.id, PersonaReply(
-            persona_id=str(member.id),
-            persona_name=member.display_name,
-            adapter_id=adapter_id,
-            guild_id=str(channel.guild.id) if getattr(channel, "guild", None) else None,
-            channel_id=str(channel.id),
-            channel_name=getattr(channel, "name", None),
-            context=tuple(context),
-            text=final,
-        ))
+        await self.keep(
+            sent.id,
+            PersonaReply(
+                persona_id=str(member.id),
+                persona_name=member.display_name,
+                adapter_id=adapter_id,
+                guild_id=str(channel.guild.id) if getattr(channel, "guild", None) else None,
+                channel_id=str(channel.id),
+                channel_name=getattr(channel, "name", None),
+                context=tuple(context),
+                text=final,
+            ),
+        )
         return sent
 
     async def keep(self, message_id: int, reply: PersonaReply) -> None:
@@ -205,11 +222,15 @@ class PersonaChat:
         try:
             reply = await self.consented(reply)
             await self.services.remember_reply(
-                str(message_id), reply.persona_id, adapter_id=reply.adapter_id, guild_id=reply.guild_id,
-                channel_id=reply.channel_id, context_members=[u.author_id for u in reply.context],
+                str(message_id),
+                reply.persona_id,
+                adapter_id=reply.adapter_id,
+                guild_id=reply.guild_id,
+                channel_id=reply.channel_id,
+                context_members=[u.author_id for u in reply.context],
                 payload=reply_payload(reply),
-            )  # fmt: skip
-        except Exception:  # noqa: BLE001 - the reply is already posted; only feedback after a restart is lost
+            )
+        except Exception:
             log.exception("could not store a persona reply")
 
     async def known(self, message_id: int) -> PersonaReply | None:
@@ -244,7 +265,10 @@ class PersonaChat:
             return
         config = await self.services.guild_config(str(message.guild.id))
         host = getattr(message.channel, "parent_id", None) or message.channel.id
-        if str(host) not in config.persona_channels and str(message.channel.id) not in config.persona_channels:
+        if (
+            str(host) not in config.persona_channels
+            and str(message.channel.id) not in config.persona_channels
+        ):
             return
         try:
             self.check_rate(message.author.id, message.channel.id)

@@ -16,6 +16,7 @@ class ServicesHost(Protocol):
 
     services: Services
 
+
 log = logging.getLogger("doppel.bot")
 
 # Which command brings back a fresh control, by custom id prefix (ids the bot never sent fall back to the last).

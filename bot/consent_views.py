@@ -51,7 +51,9 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"• {part.replace('_', ' ')}: {result}")
     retired = report.get("adapters_retired") or []
     if retired:
-        lines.append(f"• personas retired: {len(retired)} (including any trained on your messages with others')")
+        lines.append(
+            f"• personas retired: {len(retired)} (including any trained on your messages with others')"
+        )
     if report.get("jobs_cancelled"):
         lines.append(f"• training jobs cancelled: {len(report['jobs_cancelled'])}")
     if report.get("files_deleted"):
@@ -79,25 +81,43 @@ class ConsentPanel(discord.ui.View):
             await self.services.grant(member_id, grant, actor=actor, channel="button")
         if revoke:
             await self.services.revoke(member_id, revoke, actor=actor, channel="button")
-        await show(interaction, await state_text(self.services, member_id), self if _is_ephemeral(interaction) else None)
+        await show(
+            interaction,
+            await state_text(self.services, member_id),
+            self if _is_ephemeral(interaction) else None,
+        )
 
-    @discord.ui.button(label="Opt in to training", style=discord.ButtonStyle.success, custom_id=CUSTOM_IDS["train"])
+    @discord.ui.button(
+        label="Opt in to training", style=discord.ButtonStyle.success, custom_id=CUSTOM_IDS["train"]
+    )
     async def opt_in(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
         await self._change(interaction, ["train"], [])
 
-    @discord.ui.button(label="Allow chat with my persona", style=discord.ButtonStyle.primary, custom_id=CUSTOM_IDS["chat"])
+    @discord.ui.button(
+        label="Allow chat with my persona", style=discord.ButtonStyle.primary, custom_id=CUSTOM_IDS["chat"]
+    )
     async def allow_chat(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
         await self._change(interaction, ["chat"], [])
 
-    @discord.ui.button(label="Opt out (deletes my stored messages)", style=discord.ButtonStyle.secondary, custom_id=CUSTOM_IDS["optout"])
+    @discord.ui.button(
+        label="Opt out (deletes my stored messages)",
+        style=discord.ButtonStyle.secondary,
+        custom_id=CUSTOM_IDS["optout"],
+    )
     async def opt_out(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
         await self._change(interaction, [], ["train", "chat"])
 
-    @discord.ui.button(label="Delete my data", style=discord.ButtonStyle.danger, custom_id=CUSTOM_IDS["forget"])
+    @discord.ui.button(
+        label="Delete my data", style=discord.ButtonStyle.danger, custom_id=CUSTOM_IDS["forget"]
+    )
     async def forget(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
-        await interaction.response.send_message(CONFIRM_TEXT, view=forget_confirm(interaction.user.id), ephemeral=True)
+        await interaction.response.send_message(
+            CONFIRM_TEXT, view=forget_confirm(interaction.user.id), ephemeral=True
+        )
 
-    @discord.ui.button(label="What is stored?", style=discord.ButtonStyle.secondary, custom_id=CUSTOM_IDS["info"])
+    @discord.ui.button(
+        label="What is stored?", style=discord.ButtonStyle.secondary, custom_id=CUSTOM_IDS["info"]
+    )
     async def info(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         member_id = str(interaction.user.id)
@@ -120,13 +140,22 @@ def forget_confirm(member_id: int) -> discord.ui.View:
     return view
 
 
-class ForgetButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"doppel:forget:(?P<act>yes|no):(?P<member>[0-9]{1,20})"):
+class ForgetButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"doppel:forget:(?P<act>yes|no):(?P<member>[0-9]{1,20})",
+):
     """'Yes, delete everything' or 'Cancel'; only the member named in the id can press it, after restarts too."""
 
     def __init__(self, member_id: int, confirm: bool) -> None:
-        label, style = ("Yes, delete everything", discord.ButtonStyle.danger) if confirm else ("Cancel", discord.ButtonStyle.secondary)
+        label, style = (
+            ("Yes, delete everything", discord.ButtonStyle.danger)
+            if confirm
+            else ("Cancel", discord.ButtonStyle.secondary)
+        )
         act = "yes" if confirm else "no"
-        super().__init__(discord.ui.Button(label=label, style=style, custom_id=f"doppel:forget:{act}:{member_id}"))
+        super().__init__(
+            discord.ui.Button(label=label, style=style, custom_id=f"doppel:forget:{act}:{member_id}")
+        )
         self.member_id = member_id
         self.confirm = confirm
 

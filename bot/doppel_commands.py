@@ -43,7 +43,11 @@ def require_admin(interaction: discord.Interaction) -> discord.Guild:
 
 def config_text(config: GuildConfig) -> str:
     """A server's recording settings, readable."""
-    ack = f"acknowledged by <@{config.acknowledged_by}>" if config.acknowledged_by else "policy not acknowledged"
+    ack = (
+        f"acknowledged by <@{config.acknowledged_by}>"
+        if config.acknowledged_by
+        else "policy not acknowledged"
+    )
     allowed = ", ".join(f"<#{c}>" for c in sorted(config.allowed_channels)) or "none"
     personas = ", ".join(f"<#{c}>" for c in sorted(config.persona_channels)) or "none"
     state = "**on**" if config.recording and config.acknowledged_by else "**off**"
@@ -67,21 +71,32 @@ class SetupView(discord.ui.View):
     async def on_error(self, interaction: discord.Interaction, error: Exception, item: Any) -> None:
         await reply_error(interaction, error)
 
-    @discord.ui.button(label="I acknowledge: turn recording on", style=discord.ButtonStyle.danger, custom_id=SETUP_IDS["on"])
+    @discord.ui.button(
+        label="I acknowledge: turn recording on", style=discord.ButtonStyle.danger, custom_id=SETUP_IDS["on"]
+    )
     async def acknowledge(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
         guild = require_admin(interaction)
         await interaction.response.defer()
         config = await self.services.update_guild(
-            str(guild.id), recording=True, acknowledged_by=str(interaction.user.id), acknowledged_at=time.time()
+            str(guild.id),
+            recording=True,
+            acknowledged_by=str(interaction.user.id),
+            acknowledged_at=time.time(),
         )
-        await interaction.edit_original_response(content=POLICY_NOTICE + "\n\n" + config_text(config), view=self)
+        await interaction.edit_original_response(
+            content=POLICY_NOTICE + "\n\n" + config_text(config), view=self
+        )
 
-    @discord.ui.button(label="Turn recording off", style=discord.ButtonStyle.secondary, custom_id=SETUP_IDS["off"])
+    @discord.ui.button(
+        label="Turn recording off", style=discord.ButtonStyle.secondary, custom_id=SETUP_IDS["off"]
+    )
     async def turn_off(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
         guild = require_admin(interaction)
         await interaction.response.defer()
         config = await self.services.update_guild(str(guild.id), recording=False)
-        await interaction.edit_original_response(content=POLICY_NOTICE + "\n\n" + config_text(config), view=self)
+        await interaction.edit_original_response(
+            content=POLICY_NOTICE + "\n\n" + config_text(config), view=self
+        )
 
 
 class DoppelCommands(app_commands.Group):
@@ -97,14 +112,20 @@ class DoppelCommands(app_commands.Group):
     async def consent(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         text = await state_text(self.services, str(interaction.user.id))
-        await interaction.followup.send(text, view=ConsentPanel(self.services), ephemeral=True, allowed_mentions=NONE)
+        await interaction.followup.send(
+            text, view=ConsentPanel(self.services), ephemeral=True, allowed_mentions=NONE
+        )
 
     @app_commands.command(name="panel", description="Post the opt-in panel in this channel (admins)")
     async def panel(self, interaction: discord.Interaction) -> None:
         require_admin(interaction)
-        await interaction.response.send_message(PANEL_TEXT, view=ConsentPanel(self.services), allowed_mentions=NONE)
+        await interaction.response.send_message(
+            PANEL_TEXT, view=ConsentPanel(self.services), allowed_mentions=NONE
+        )
 
-    @app_commands.command(name="setup", description="Read the data policy and turn recording on or off (admins)")
+    @app_commands.command(
+        name="setup", description="Read the data policy and turn recording on or off (admins)"
+    )
     async def setup(self, interaction: discord.Interaction) -> None:
         guild = require_admin(interaction)
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -116,8 +137,12 @@ class DoppelCommands(app_commands.Group):
             allowed_mentions=NONE,
         )
 
-    @app_commands.command(name="channel", description="Choose whether a channel is recorded and hosts personas (admins)")
-    @app_commands.describe(channel="the channel", record="record consenting members here", personas="let personas reply here")
+    @app_commands.command(
+        name="channel", description="Choose whether a channel is recorded and hosts personas (admins)"
+    )
+    @app_commands.describe(
+        channel="the channel", record="record consenting members here", personas="let personas reply here"
+    )
     async def channel(
         self,
         interaction: discord.Interaction,
@@ -139,7 +164,9 @@ class DoppelCommands(app_commands.Group):
         )
         await interaction.followup.send(config_text(config), ephemeral=True, allowed_mentions=NONE)
 
-    @app_commands.command(name="backfill", description="Record a channel's history for consenting members (admins)")
+    @app_commands.command(
+        name="backfill", description="Record a channel's history for consenting members (admins)"
+    )
     @app_commands.describe(channel="a recorded channel", limit="how many past messages to read")
     async def backfill(
         self,
@@ -151,7 +178,9 @@ class DoppelCommands(app_commands.Group):
         await interaction.response.defer(ephemeral=True, thinking=True)
         config = await self.services.guild_config(str(guild.id))
         if not config.records(str(channel.id)):
-            raise RecordingOff(f"{channel.mention} is not recorded: run /doppel setup and /doppel channel first")
+            raise RecordingOff(
+                f"{channel.mention} is not recorded: run /doppel setup and /doppel channel first"
+            )
 
         async def progress(read: int, stored: int) -> None:
             await interaction.edit_original_response(content=f"Reading history… {read} read, {stored} stored")
@@ -165,14 +194,18 @@ class DoppelCommands(app_commands.Group):
         )
 
     @app_commands.command(name="upload", description="Import your own DiscordChatExporter JSON export")
-    @app_commands.describe(export="a .json file exported with DiscordChatExporter; only your own messages are kept")
+    @app_commands.describe(
+        export="a .json file exported with DiscordChatExporter; only your own messages are kept"
+    )
     async def upload(self, interaction: discord.Interaction, export: discord.Attachment) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         limit_mb = self.services.settings.bot.upload_max_mb
         if not export.filename.lower().endswith(".json"):
             raise BadUpload("attach the .json file DiscordChatExporter wrote (JSON format)")
         if export.size > limit_mb * 1024 * 1024:
-            raise BadUpload(f"that file is over {limit_mb} MB; split the export or ask an admin to run `doppel import`")
+            raise BadUpload(
+                f"that file is over {limit_mb} MB; split the export or ask an admin to run `doppel import`"
+            )
         member_id = str(interaction.user.id)
         # The file is checked and cut to the member's own messages before anything is stored or consented to:
         # consent is asked next, with what it covers, and takes effect only if the import succeeds.
@@ -180,16 +213,23 @@ class DoppelCommands(app_commands.Group):
         own = await asyncio.to_thread(only_author, raw, member_id)
         token = self.uploads.put(own)
         live = await self.services.records_live(member_id)
-        lines = [f"Your export of **#{discord.utils.escape_markdown(own.channel)}** holds **{own.own}** messages of yours.",
-                 UPLOAD_CONSENT.format(own=own.own, others=own.read - own.own)]  # fmt: skip
+        lines = [
+            f"Your export of **#{discord.utils.escape_markdown(own.channel)}** holds **{own.own}** messages of yours.",
+            UPLOAD_CONSENT.format(own=own.own, others=own.read - own.own),
+        ]
         if live:
             lines.append("You already opted in to recording, so importing changes nothing else.")
         lines.append(f"This choice stays open for {int(self.uploads.ttl_s // 60)} minutes.")
         await interaction.followup.send(
-            clip("\n\n".join(lines)), view=upload_choice(token, offer_live=not live), ephemeral=True, allowed_mentions=NONE
+            clip("\n\n".join(lines)),
+            view=upload_choice(token, offer_live=not live),
+            ephemeral=True,
+            allowed_mentions=NONE,
         )
 
-    @app_commands.command(name="mydata", description="Get everything Doppel stores about you, as a file in a DM")
+    @app_commands.command(
+        name="mydata", description="Get everything Doppel stores about you, as a file in a DM"
+    )
     async def mydata(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         data = await self.services.export_member(str(interaction.user.id))
@@ -198,12 +238,16 @@ class DoppelCommands(app_commands.Group):
         try:
             await interaction.user.send("Here is everything Doppel stores about you.", file=file)
         except discord.Forbidden:
-            raise NotAvailable("I cannot DM you: allow direct messages from this server's members and retry") from None
+            raise NotAvailable(
+                "I cannot DM you: allow direct messages from this server's members and retry"
+            ) from None
         await interaction.followup.send("Sent to your DMs.", ephemeral=True)
 
     @app_commands.command(name="forget", description="Delete everything Doppel stores about you")
     async def forget(self, interaction: discord.Interaction) -> None:
-        await interaction.response.send_message(CONFIRM_TEXT, view=forget_confirm(interaction.user.id), ephemeral=True)
+        await interaction.response.send_message(
+            CONFIRM_TEXT, view=forget_confirm(interaction.user.id), ephemeral=True
+        )
 
     @app_commands.command(name="help", description="What Doppel stores and how to control it")
     async def help(self, interaction: discord.Interaction) -> None:

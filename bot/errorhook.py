@@ -23,7 +23,10 @@ class ShuttingDown(UserFacingError, app_commands.CheckFailure):
 
 def unwrap(error: BaseException) -> BaseException:
     """The original exception inside discord.py's invoke wrappers."""
-    while isinstance(error, (app_commands.CommandInvokeError, app_commands.TransformerError)) and error.__cause__:
+    while (
+        isinstance(error, (app_commands.CommandInvokeError, app_commands.TransformerError))
+        and error.__cause__
+    ):
         error = error.__cause__
     original = getattr(error, "original", None)
     return original if isinstance(original, BaseException) and original is not error else error
@@ -44,7 +47,9 @@ def describe(error: BaseException) -> str:
         return "⚠️ Discord refused: the bot lacks a permission here (see the setup guide)"
     error_id = uuid.uuid4().hex[:8]
     log.error("internal error %s", error_id, exc_info=(type(error), error, error.__traceback__))
-    return f"❌ something went wrong on our side (error id `{error_id}`); an admin can find it in the bot's log"
+    return (
+        f"❌ something went wrong on our side (error id `{error_id}`); an admin can find it in the bot's log"
+    )
 
 
 async def reply_error(interaction: discord.Interaction, error: BaseException) -> None:
@@ -52,12 +57,16 @@ async def reply_error(interaction: discord.Interaction, error: BaseException) ->
     text = describe(error)
     try:
         if interaction.response.is_done():
-            await interaction.followup.send(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
+            await interaction.followup.send(
+                text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none()
+            )
         else:
             await interaction.response.send_message(
                 text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none()
             )
-    except discord.HTTPException:  # the interaction token expired or Discord is down: the log keeps the details
+    except (
+        discord.HTTPException
+    ):  # the interaction token expired or Discord is down: the log keeps the details
         log.warning("could not report an error to the member: %s", text)
 
 
@@ -68,7 +77,7 @@ def reports_errors(func: F) -> F:
     async def wrapper(self: Any, interaction: discord.Interaction, *args: Any, **kwargs: Any) -> Any:
         try:
             return await func(self, interaction, *args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - mapped to a reply; unknown ones are logged with an id
+        except Exception as exc:
             await reply_error(interaction, exc)
             return None
 

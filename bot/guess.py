@@ -41,7 +41,12 @@ class Sample:
 
 
 def candidates(
-    messages: Sequence[Any], member_id: str, settings: Any, context_messages: int, *, heldout_from: float | None
+    messages: Sequence[Any],
+    member_id: str,
+    settings: Any,
+    context_messages: int,
+    *,
+    heldout_from: float | None,
 ) -> list[Sample]:
     """The member's replies that answer someone (with their preceding channel turns), limited to held-out ones."""
     from trainer.cleaning import Cleaner
@@ -62,9 +67,15 @@ def candidates(
                 context.insert(0, prev)
             if not any(t.author_id != member_id for t in context):
                 continue  # nothing to answer: a guess between two monologues tells little
-            utterances = tuple(Utterance(t.author_id, names.get(t.author_id, t.author_name), cleaner.clip(t.text))
-                               for t in context)  # fmt: skip
-            found.append(Sample(turn.message_ids[0], turn.channel_id, turn.channel_name, utterances, turn.text, turn.start))
+            utterances = tuple(
+                Utterance(t.author_id, names.get(t.author_id, t.author_name), cleaner.clip(t.text))
+                for t in context
+            )
+            found.append(
+                Sample(
+                    turn.message_ids[0], turn.channel_id, turn.channel_name, utterances, turn.text, turn.start
+                )
+            )
     found.sort(key=lambda s: s.ts)
     if heldout_from is not None:
         held = [s for s in found if s.ts >= heldout_from]
@@ -76,7 +87,11 @@ def candidates(
 
 
 async def pick_sample(
-    services: Services, member_id: str, readable: Callable[[str], bool], rng: random.Random, adapter_id: str | None
+    services: Services,
+    member_id: str,
+    readable: Callable[[str], bool],
+    rng: random.Random,
+    adapter_id: str | None,
 ) -> Sample:
     """A random held-out reply of the member, only from channels every member of this server can read."""
     store = services.store
@@ -95,9 +110,13 @@ async def pick_sample(
         messages.extend(window)
     heldout_from = await _heldout_from(services, adapter_id)
     found = await asyncio.to_thread(
-        candidates, messages, member_id, services.settings, services.settings.bot.guess_context_messages,
+        candidates,
+        messages,
+        member_id,
+        services.settings,
+        services.settings.bot.guess_context_messages,
         heldout_from=heldout_from,
-    )  # fmt: skip
+    )
     if not found:
         raise NotAvailable("none of this member's stored messages answers someone: nothing to compare")
     return rng.choice(found)
@@ -139,8 +158,13 @@ def _short(text: str, limit: int) -> str:
 
 def render(name: str, sample: Sample, answers: dict[str, str]) -> str:
     """The public test message: the context, then answers A and B (mentions neutralised)."""
-    lines = [f"**Blind test: which reply did {name} really write?**", f"*in #{sample.channel_name or 'a channel'}:*"]
-    lines += [f"> **{neutralise(u.name)}**: {neutralise(_short(u.text, QUOTE_CHARS))}" for u in sample.context]
+    lines = [
+        f"**Blind test: which reply did {name} really write?**",
+        f"*in #{sample.channel_name or 'a channel'}:*",
+    ]
+    lines += [
+        f"> **{neutralise(u.name)}**: {neutralise(_short(u.text, QUOTE_CHARS))}" for u in sample.context
+    ]
     for label in ("A", "B"):
         lines.append(f"**{label}** → {neutralise(_short(answers[label], ANSWER_CHARS))}")
     lines.append("One vote each; the results go into this persona's fidelity report (`/persona report`).")
@@ -163,12 +187,18 @@ def everyone_reads(guild: discord.Guild, channel_id: str) -> bool:
 
 
 async def post_guess(
-    services: Services, chat: Any, interaction: discord.Interaction, member: discord.Member, rng: random.Random
+    services: Services,
+    chat: Any,
+    interaction: discord.Interaction,
+    member: discord.Member,
+    rng: random.Random,
 ) -> str:
     """Build, record and post a blind test for `member`'s persona (the interaction is already deferred)."""
     guild = interaction.guild
     assert guild is not None
-    request, adapter_id = await chat.persona_request(member, interaction.channel)  # chat consent + a trained persona
+    request, adapter_id = await chat.persona_request(
+        member, interaction.channel
+    )  # chat consent + a trained persona
     member_id = str(member.id)
     if not await services.count_messages(member_id):
         raise NotAvailable(f"{member.display_name} has no stored messages to compare the persona with")
@@ -181,15 +211,21 @@ async def post_guess(
     fake_label = "B" if real_label == "A" else "A"
     answers = {real_label: sample.real_text, fake_label: generated}
     test_id = await services.create_blind_test(
-        member_id, sample.real_message_id, real_label, adapter_id=adapter_id, guild_id=str(guild.id),
+        member_id,
+        sample.real_message_id,
+        real_label,
+        adapter_id=adapter_id,
+        guild_id=str(guild.id),
         channel_id=str(interaction.channel_id) if interaction.channel_id else None,
-    )  # fmt: skip
+    )
     view = discord.ui.View(timeout=None)
     view.add_item(GuessVoteButton(test_id, "A"))
     view.add_item(GuessVoteButton(test_id, "B"))
     # The interaction was acknowledged ephemerally: its first followup stays private, the second is the public test.
     await interaction.followup.send("Blind test posted below: let the others vote.", ephemeral=True)
-    await interaction.followup.send(render(member.display_name, sample, answers), view=view, allowed_mentions=NONE)
+    await interaction.followup.send(
+        render(member.display_name, sample, answers), view=view, allowed_mentions=NONE
+    )
     return test_id
 
 
@@ -207,16 +243,18 @@ async def fidelity_text(services: Services, member_id: str, name: str) -> str:
 
 
 class GuessVoteButton(
-    discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"doppel:guess:(?P<test>[0-9a-f]{32}):(?P<label>[AB])"
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"doppel:guess:(?P<test>[0-9a-f]{32}):(?P<label>[AB])",
 ):
     """'A is real' / 'B is real' on a blind test; one vote per member, the persona's own member excluded."""
 
     def __init__(self, test_id: str, label: str) -> None:
         super().__init__(
             discord.ui.Button(
-                label=f"{label} is the real one", style=discord.ButtonStyle.primary,
+                label=f"{label} is the real one",
+                style=discord.ButtonStyle.primary,
                 custom_id=f"doppel:guess:{test_id}:{label}",
-            )  # fmt: skip
+            )
         )
         self.test_id = test_id
         self.label = label
@@ -242,4 +280,6 @@ class GuessVoteButton(
             return
         totals = await services.blind_results(test["member_id"], adapter_id=test["adapter_id"])
         verdict = "right: that one is real" if right else f"fooled: {test['real_label']} was the real one"
-        await interaction.followup.send(f"Vote recorded. You were {verdict}.\n{results_line(totals)}", ephemeral=True)
+        await interaction.followup.send(
+            f"Vote recorded. You were {verdict}.\n{results_line(totals)}", ephemeral=True
+        )

@@ -63,7 +63,9 @@ def grace_s(settings: Settings) -> float:
     return DRAIN_S + float(settings.training.cancel_grace_s) + CLOSE_MARGIN_S
 
 
-async def serve(settings: Settings, token: str, *, with_engine: bool = True, stop: StopSignal | None = None) -> None:
+async def serve(
+    settings: Settings, token: str, *, with_engine: bool = True, stop: StopSignal | None = None
+) -> None:
     """Run the bot until SIGTERM/SIGINT (or `stop`), then shut down within `grace_s`; login errors are one line."""
     loop = asyncio.get_running_loop()
     stop = stop or StopSignal()
@@ -95,7 +97,9 @@ async def _run_until_stopped(runner: asyncio.Task[None], stop: StopSignal) -> No
     try:
         runner.result()
     except discord.LoginFailure:
-        raise LoginRefused("Discord rejected DISCORD_TOKEN: copy the bot token again from the Developer Portal") from None
+        raise LoginRefused(
+            "Discord rejected DISCORD_TOKEN: copy the bot token again from the Developer Portal"
+        ) from None
     except discord.PrivilegedIntentsRequired:
         raise LoginRefused(
             "enable the Message Content intent for the bot in the Developer Portal (Bot → Privileged Gateway Intents)"
@@ -115,7 +119,7 @@ async def shutdown(bot: DoppelBot, services: Services, grace: float) -> None:
     await _drain(min(DRAIN_S, left()))
     try:
         await asyncio.wait_for(bot.close(), timeout=left())  # a close frame to the gateway, then HTTP
-    except Exception as exc:  # noqa: BLE001 - a broken connection must not keep the trainer and store open
+    except Exception as exc:
         log.warning("shutdown: the gateway did not close cleanly: %s", exc)
     bot.uploads.clear()
     await bot.persona.stop_watchers()

@@ -41,10 +41,14 @@ class PersonaCommands(app_commands.Group):
         self.chat = chat
         self._watchers: dict[str, asyncio.Task[None]] = {}  # job id -> the task editing its progress message
 
-    @app_commands.command(name="train", description="Train a member's persona (the member themself or an admin)")
+    @app_commands.command(
+        name="train", description="Train a member's persona (the member themself or an admin)"
+    )
     @app_commands.describe(member="whose persona", mode=TrainConfig.help_of("mode")[:100])
     @app_commands.choices(mode=MODE_CHOICES)
-    async def train(self, interaction: discord.Interaction, member: discord.Member, mode: str = "sft") -> None:
+    async def train(
+        self, interaction: discord.Interaction, member: discord.Member, mode: str = "sft"
+    ) -> None:
         require_guild(interaction)
         may_train(interaction, member)
         # Acknowledged ephemerally: the first followup of a public acknowledgement is public whatever its flag, and
@@ -58,9 +62,12 @@ class PersonaCommands(app_commands.Group):
         from bot.training import CancelJobButton
 
         view.add_item(CancelJobButton(job_id))
-        await interaction.followup.send(f"Training job `{job_id}` queued; its progress is posted in this channel.",
-                                        ephemeral=True)  # fmt: skip
-        body = progress_text(member.display_name, job) if job is not None else f"Training job `{job_id}` queued"
+        await interaction.followup.send(
+            f"Training job `{job_id}` queued; its progress is posted in this channel.", ephemeral=True
+        )
+        body = (
+            progress_text(member.display_name, job) if job is not None else f"Training job `{job_id}` queued"
+        )
         # The second followup is a message of its own, public: the channel follows the training.
         message = await interaction.followup.send(body, view=view, wait=True, allowed_mentions=NONE)
         # Interaction tokens expire after 15 minutes; a long job's message is edited through the channel instead.
@@ -76,7 +83,9 @@ class PersonaCommands(app_commands.Group):
                 continue  # on_ready fires again on every reconnect
             names = await self.services.member_names([job.member_id] if job.member_id else [])
             message = client.get_partial_messageable(channel_id).get_partial_message(message_id)
-            self._start_watch(message, job.id, names.get(job.member_id or "", job.member_id or "multi-persona"))
+            self._start_watch(
+                message, job.id, names.get(job.member_id or "", job.member_id or "multi-persona")
+            )
             started += 1
         return started
 
@@ -106,18 +115,27 @@ class PersonaCommands(app_commands.Group):
             await interaction.followup.send("No training job is queued or running.", ephemeral=True)
             return
         names = await self.services.member_names([j.member_id for j in jobs if j.member_id])
-        lines = [progress_text(names.get(j.member_id or "", j.member_id or "multi-persona"), j) for j in jobs[:8]]
+        lines = [
+            progress_text(names.get(j.member_id or "", j.member_id or "multi-persona"), j) for j in jobs[:8]
+        ]
         await interaction.followup.send(clip("\n\n".join(lines)), ephemeral=True, allowed_mentions=NONE)
 
-    @app_commands.command(name="list", description="Trained personas, and members with enough messages to train one")
+    @app_commands.command(
+        name="list", description="Trained personas, and members with enough messages to train one"
+    )
     async def list(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        await interaction.followup.send(await persona_list_text(self.services), ephemeral=True, allowed_mentions=NONE)
+        await interaction.followup.send(
+            await persona_list_text(self.services), ephemeral=True, allowed_mentions=NONE
+        )
 
     @app_commands.command(name="chat", description="Say something to a member's persona")
     @app_commands.describe(member="whose persona", message="what you say")
     async def chat_command(
-        self, interaction: discord.Interaction, member: discord.Member, message: app_commands.Range[str, 1, 1500]
+        self,
+        interaction: discord.Interaction,
+        member: discord.Member,
+        message: app_commands.Range[str, 1, 1500],
     ) -> None:
         require_guild(interaction)
         self.chat.check_rate(interaction.user.id, interaction.channel_id or 0)
@@ -135,13 +153,16 @@ class PersonaCommands(app_commands.Group):
         )
         await self.chat.speak(channel, member, context)
 
-
-    @app_commands.command(name="guess", description="Blind test: spot the member's real message next to their persona's")
+    @app_commands.command(
+        name="guess", description="Blind test: spot the member's real message next to their persona's"
+    )
     @app_commands.describe(member="whose persona to test")
     async def guess(self, interaction: discord.Interaction, member: discord.Member) -> None:
         require_guild(interaction)
         self.chat.check_rate(interaction.user.id, interaction.channel_id or 0)
-        await self.chat.persona_request(member, interaction.channel)  # refusals stay between the asker and the bot
+        await self.chat.persona_request(
+            member, interaction.channel
+        )  # refusals stay between the asker and the bot
         # Ephemeral: picking a sample can still refuse (e.g. no messages in public channels); the test goes public.
         await interaction.response.defer(ephemeral=True, thinking=True)
         await post_guess(self.services, self.chat, interaction, member, random.Random())
@@ -167,16 +188,24 @@ async def persona_list_text(services: Services, limit: int = LIST_LIMIT) -> str:
     def name(member_id: str) -> str:
         return neutralise(names.get(member_id, member_id)[:40])
 
-    trained = [f"• {name(p['member_id'])}: v{p['version']} on {p['base_model']} "
-               f"({'chat on' if p['member_id'] in chat else 'chat not allowed'})" for p in personas]  # fmt: skip
+    trained = [
+        f"• {name(p['member_id'])}: v{p['version']} on {p['base_model']} "
+        f"({'chat on' if p['member_id'] in chat else 'chat not allowed'})"
+        for p in personas
+    ]
     waiting = [f"• {name(m)}: {n} messages" for m, n in ready.items()]
     need = services.settings.training.min_examples
     half = MESSAGE_LIMIT // 2 - 10  # each section fits its half, "…and N more" included
     return clip(
         _section("**Trained personas**", trained, await services.persona_count(), half, "none yet")
         + "\n\n"
-        + _section(f"**Ready to train** (opted in, at least {need} messages)", waiting,
-                   await services.trainable_count(untrained=True), half, "none")  # fmt: skip
+        + _section(
+            f"**Ready to train** (opted in, at least {need} messages)",
+            waiting,
+            await services.trainable_count(untrained=True),
+            half,
+            "none",
+        )
     )
 
 

@@ -74,7 +74,9 @@ class Recorder:
         config = config or await self.services.guild_config(str(message.guild.id))
         if not config.records(channel_key(message.channel)):
             return False
-        return await self.services.records_live(str(message.author.id))  # an upload's consent does not count here
+        return await self.services.records_live(
+            str(message.author.id)
+        )  # an upload's consent does not count here
 
     async def on_message(self, message: discord.Message) -> bool:
         """Store `message` if the gate lets it through; returns whether it was stored."""

@@ -45,7 +45,9 @@ class Services:
     _owned: list[Any] = field(default_factory=list, repr=False)
 
     @classmethod
-    async def open(cls, settings: Settings, *, with_engine: bool = True, with_supervisor: bool = True) -> Services:
+    async def open(
+        cls, settings: Settings, *, with_engine: bool = True, with_supervisor: bool = True
+    ) -> Services:
         """Open the real services for `doppel run` (imports stay lazy so tests can build lighter sets)."""
         from consent.service import ConsentService
         from data.store import Store
@@ -102,14 +104,16 @@ class Services:
         """Whether the member's live messages may be recorded: `train` granted other than with an uploaded export."""
         # A `train` grant whose channel is 'upload' covers the member's own uploaded export only (docs/discord-setup.md).
         row = await self.store.fetchone(
-            "SELECT 1 FROM consent WHERE member_id = ? AND scope = 'train' AND channel != 'upload'", (member_id,)
+            "SELECT 1 FROM consent WHERE member_id = ? AND scope = 'train' AND channel != 'upload'",
+            (member_id,),
         )
         return row is not None
 
     async def upload_only(self, member_id: str) -> bool:
         """Whether the member's `train` consent came with an uploaded export only (live messages not recorded)."""
         row = await self.store.fetchone(
-            "SELECT 1 FROM consent WHERE member_id = ? AND scope = 'train' AND channel = 'upload'", (member_id,)
+            "SELECT 1 FROM consent WHERE member_id = ? AND scope = 'train' AND channel = 'upload'",
+            (member_id,),
         )
         return row is not None
 
@@ -161,7 +165,9 @@ class Services:
         before = await self.scopes(member_id)
         await self.grant(member_id, ["train"], actor=member_id, channel="button" if live else "upload")
         try:
-            with tempfile.TemporaryDirectory(prefix="doppel-upload-") as tmp:  # outside DOPPEL_HOME, gone afterwards
+            with tempfile.TemporaryDirectory(
+                prefix="doppel-upload-"
+            ) as tmp:  # outside DOPPEL_HOME, gone afterwards
                 path = Path(tmp) / "own-messages.json"
                 path.write_bytes(upload.data)
                 report = await import_exports(self.store, [path], source="upload", upload_owner=member_id)
@@ -173,9 +179,13 @@ class Services:
             if "train" not in before:  # the consent was for this export: it must not outlive a failed import
                 await self.revoke(member_id, ["train"], actor=member_id, channel="upload")
             raise
-        return {"read": upload.read, "own": upload.own, "others_ignored": upload.read - upload.own,
-                "stored": total.get("stored", 0),
-                "duplicates": total.get("already_stored", 0) + total.get("duplicates", 0)}  # fmt: skip
+        return {
+            "read": upload.read,
+            "own": upload.own,
+            "others_ignored": upload.read - upload.own,
+            "stored": total.get("stored", 0),
+            "duplicates": total.get("already_stored", 0) + total.get("duplicates", 0),
+        }
 
     async def export_member(self, member_id: str) -> dict[str, Any]:
         """Everything stored about a member (the same export as `doppel export-data`)."""
@@ -215,20 +225,22 @@ class Services:
 
     async def persona_reply(self, message_id: str) -> dict[str, Any] | None:
         """A persona reply posted earlier (also before a restart), or None."""
-        return await self.store.persona_replies.get(message_id)  # type: ignore[no-any-return]
+        return await self.store.persona_replies.get(message_id)
 
     # -- blind tests ------------------------------------------------------------------------------------------
-    async def create_blind_test(self, member_id: str, real_message_id: str, real_label: str, **fields: Any) -> str:
+    async def create_blind_test(
+        self, member_id: str, real_message_id: str, real_label: str, **fields: Any
+    ) -> str:
         """Record a blind test (the real message by id, no text); returns its id."""
-        return await self.store.blind_tests.create(member_id, real_message_id, real_label, **fields)  # type: ignore[no-any-return]
+        return await self.store.blind_tests.create(member_id, real_message_id, real_label, **fields)
 
     async def blind_test(self, test_id: str) -> dict[str, Any] | None:
         """A blind test row, or None once erased."""
-        return await self.store.blind_tests.get(test_id)  # type: ignore[no-any-return]
+        return await self.store.blind_tests.get(test_id)
 
     async def blind_vote(self, test_id: str, voter_id: str, picked: str) -> bool | None:
         """Record a vote; None when the voter already voted, else whether they found the real message."""
-        return await self.store.blind_tests.vote(test_id, voter_id, picked)  # type: ignore[no-any-return]
+        return await self.store.blind_tests.vote(test_id, voter_id, picked)
 
     async def blind_results(self, member_id: str, adapter_id: str | None = None) -> dict[str, Any]:
         """Votes on a persona's blind tests (of one adapter version when given)."""
@@ -251,14 +263,22 @@ class Services:
         where, params = ("AND a.member_id = ?", (member_id,)) if member_id else ("", ())
         rows = await self.store.fetchall(
             "SELECT a.id, a.member_id, a.version, a.base_model, a.metrics_json, a.created_at FROM adapters a "
-            "WHERE a.status = 'active' AND a.member_id IS NOT NULL " + where + " AND a.version = (SELECT MAX(b.version) "
+            "WHERE a.status = 'active' AND a.member_id IS NOT NULL "
+            + where
+            + " AND a.version = (SELECT MAX(b.version) "
             "FROM adapters b WHERE b.member_id = a.member_id AND b.status = 'active') "
             "ORDER BY a.created_at DESC, a.member_id" + (" LIMIT ?" if limit is not None else ""),
             (*params, *((limit,) if limit is not None else ())),
         )
         return [
-            {"id": r[0], "member_id": r[1], "version": r[2], "base_model": r[3],
-             "metrics": json.loads(r[4] or "{}"), "created_at": r[5]}  # fmt: skip
+            {
+                "id": r[0],
+                "member_id": r[1],
+                "version": r[2],
+                "base_model": r[3],
+                "metrics": json.loads(r[4] or "{}"),
+                "created_at": r[5],
+            }
             for r in rows
         ]
 
@@ -309,7 +329,8 @@ class Services:
         for start in range(0, len(ids), 500):  # below SQLite's bound-parameter limit
             chunk = ids[start : start + 500]
             rows = await self.store.fetchall(
-                f"SELECT id, display_name FROM members WHERE id IN ({','.join('?' * len(chunk))})", tuple(chunk)
+                f"SELECT id, display_name FROM members WHERE id IN ({','.join('?' * len(chunk))})",
+                tuple(chunk),
             )
             names.update({str(r[0]): str(r[1]) for r in rows})
         return names
@@ -350,9 +371,13 @@ async def job_state(services: Services, job_id: str) -> Any | None:
     return None if row is None else Job.from_row(row)
 
 
-async def remember_progress_message(services: Services, job_id: str, channel_id: int, message_id: int) -> None:
+async def remember_progress_message(
+    services: Services, job_id: str, channel_id: int, message_id: int
+) -> None:
     """Record where a job's progress message is (ids only), so a restarted bot can go on editing it."""
-    await services.store.jobs.update(job_id, progress_channel_id=str(channel_id), progress_message_id=str(message_id))
+    await services.store.jobs.update(
+        job_id, progress_channel_id=str(channel_id), progress_message_id=str(message_id)
+    )
 
 
 async def watched_jobs(services: Services) -> list[tuple[Any, int, int]]:
@@ -362,7 +387,9 @@ async def watched_jobs(services: Services) -> list[tuple[Any, int, int]]:
     found = []
     for row in await services.store.jobs.list(status=ACTIVE):
         if row.get("progress_channel_id") and row.get("progress_message_id"):
-            found.append((Job.from_row(row), int(row["progress_channel_id"]), int(row["progress_message_id"])))
+            found.append(
+                (Job.from_row(row), int(row["progress_channel_id"]), int(row["progress_message_id"]))
+            )
     return found
 
 
@@ -389,8 +416,14 @@ def only_author(raw: bytes, member_id: str) -> OwnExport:
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadUpload(f"that file is not valid JSON ({exc.__class__.__name__}); export with format JSON") from None
-    if not isinstance(data, dict) or not isinstance(data.get("messages"), list) or not isinstance(data.get("channel"), dict):
+        raise BadUpload(
+            f"that file is not valid JSON ({exc.__class__.__name__}); export with format JSON"
+        ) from None
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("messages"), list)
+        or not isinstance(data.get("channel"), dict)
+    ):
         raise BadUpload("that JSON is not a DiscordChatExporter export (no channel and messages)")
     messages = data["messages"]
     own = [m for m in messages if isinstance(m, dict) and str((m.get("author") or {}).get("id")) == member_id]

@@ -25,7 +25,9 @@ def progress_text(name: str, job: Any) -> str:
     """The progress message body for a job (trainer.jobs.Job)."""
     from trainer.progress import render_bar
 
-    job.progress.status = job.status.value  # the row's status is authoritative; progress_json may lag behind it
+    job.progress.status = (
+        job.status.value
+    )  # the row's status is authoritative; progress_json may lag behind it
     return f"**Training {name}'s persona** (job `{job.id}`, {job.mode})\n`{render_bar(job.progress)}`"
 
 
@@ -37,15 +39,24 @@ def results_text(name: str, job: Any, metrics: dict[str, Any]) -> str:
     lines = [f"✅ **{name}'s persona is trained** (job `{job.id}`, adapter `{job.adapter_id}`)."]
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     for key, value in list(shown.items())[:10]:
-        lines.append(f"• {key.replace('_', ' ')}: {value:.4g}" if isinstance(value, float) else f"• {key}: {value}")
-    attribution = ((metrics.get("fidelity") or {}).get("attribution") or {}) if isinstance(metrics, dict) else {}
+        lines.append(
+            f"• {key.replace('_', ' ')}: {value:.4g}" if isinstance(value, float) else f"• {key}: {value}"
+        )
+    attribution = (
+        ((metrics.get("fidelity") or {}).get("attribution") or {}) if isinstance(metrics, dict) else {}
+    )
     if attribution.get("available"):
         # The panel and chance behind the share: a 5-member panel has chance 20%, not 50%.
         share = (attribution.get("share") or {}).get("adapter")
-        lines.append(f"• attributed to {name}: {share:.0%} of replies" if isinstance(share, (int, float))
-                     else f"• attributed to {name}: –")
-        lines[-1] += (f" (authorship panel of {attribution.get('members')} members, "
-                      f"chance {float(attribution.get('chance') or 0):.0%})")
+        lines.append(
+            f"• attributed to {name}: {share:.0%} of replies"
+            if isinstance(share, (int, float))
+            else f"• attributed to {name}: –"
+        )
+        lines[-1] += (
+            f" (authorship panel of {attribution.get('members')} members, "
+            f"chance {float(attribution.get('chance') or 0):.0%})"
+        )
     lines.append("Talk to it with `/persona chat` once they allowed chat.")
     return clip("\n".join(lines))
 
@@ -62,8 +73,14 @@ async def adapter_files(services: Services, adapter_id: str | None) -> tuple[dic
     return metrics, plot if plot is not None and plot.exists() else None
 
 
-async def watch(services: Services, message: discord.Message, job_id: str, name: str, poll_s: float = 1.0,
-                shown: str | None = None) -> None:  # fmt: skip
+async def watch(
+    services: Services,
+    message: discord.Message,
+    job_id: str,
+    name: str,
+    poll_s: float = 1.0,
+    shown: str | None = None,
+) -> None:
     """Keep `message` up to date until the job ends, then replace it with the results (and the loss plot).
 
     `shown` is the text the message already carries, when known (None after a restart: the first edit goes out).
@@ -86,7 +103,9 @@ async def watch(services: Services, message: discord.Message, job_id: str, name:
             try:
                 await message.edit(content=text, view=view, allowed_mentions=NONE)
                 shown = text
-            except discord.HTTPException as exc:  # a failed edit must not stop the watch; the next one may work
+            except (
+                discord.HTTPException
+            ) as exc:  # a failed edit must not stop the watch; the next one may work
                 log.warning("progress edit failed: %s", exc)
         await asyncio.sleep(poll_s)
     metrics, plot = await adapter_files(services, job.adapter_id)
@@ -96,13 +115,17 @@ async def watch(services: Services, message: discord.Message, job_id: str, name:
     )
 
 
-class CancelJobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"doppel:job:cancel:(?P<job>[A-Za-z0-9_-]{1,64})"):
+class CancelJobButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"doppel:job:cancel:(?P<job>[A-Za-z0-9_-]{1,64})"
+):
     """Cancel a training job; allowed for whoever requested it, the member it trains, and server admins."""
 
     def __init__(self, job_id: str) -> None:
         super().__init__(
             discord.ui.Button(
-                label="Cancel training", style=discord.ButtonStyle.danger, custom_id=f"doppel:job:cancel:{job_id}"
+                label="Cancel training",
+                style=discord.ButtonStyle.danger,
+                custom_id=f"doppel:job:cancel:{job_id}",
             )
         )
         self.job_id = job_id

@@ -22,8 +22,12 @@ EXPIRED = "This upload is no longer waiting (it expired, or the bot restarted): 
 class PendingUploads:
     """Checked uploads awaiting consent: one per member, at most `max_bytes` in all, each for `ttl_s` seconds."""
 
-    def __init__(self, ttl_s: float = 900.0, max_bytes: int = 64 * 1024 * 1024,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ttl_s: float = 900.0,
+        max_bytes: int = 64 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
         self._clock = clock
@@ -40,7 +44,9 @@ class PendingUploads:
             if other.member_id == upload.member_id:
                 del self._items[token]
         if len(upload.data) > self.max_bytes:
-            raise BadUpload("that export is too large to hold for confirmation; ask an admin to run `doppel import`")
+            raise BadUpload(
+                "that export is too large to hold for confirmation; ask an admin to run `doppel import`"
+            )
         # Memory is bounded whatever the community does: the oldest waiting uploads give way.
         while self._items and self.held_bytes() + len(upload.data) > self.max_bytes:
             self._items.popitem(last=False)
@@ -90,12 +96,17 @@ def upload_choice(token: str, offer_live: bool) -> discord.ui.View:
     return view
 
 
-class UploadButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"doppel:upload:(?P<token>[0-9a-f]{16}):(?P<act>import|live|cancel)"):
+class UploadButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"doppel:upload:(?P<token>[0-9a-f]{16}):(?P<act>import|live|cancel)",
+):
     """Import (consent for the export only), import and record live messages too, or cancel."""
 
     def __init__(self, token: str, action: str) -> None:
         label, style = ACTIONS[action]
-        super().__init__(discord.ui.Button(label=label, style=style, custom_id=f"doppel:upload:{token}:{action}"))
+        super().__init__(
+            discord.ui.Button(label=label, style=style, custom_id=f"doppel:upload:{token}:{action}")
+        )
         self.token = token
         self.action = action
 
@@ -121,19 +132,25 @@ class UploadButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"do
             await interaction.response.send_message(EXPIRED, ephemeral=True)
             return
         if self.action == "cancel":
-            await interaction.response.edit_message(content="Nothing was imported and nothing changed.", view=None)
+            await interaction.response.edit_message(
+                content="Nothing was imported and nothing changed.", view=None
+            )
             return
         await interaction.response.edit_message(content="Importing your export…", view=None)
         services: Services = client.services
         report = await services.import_upload(upload, live=self.action == "live")
-        await interaction.edit_original_response(content=result_text(report, live=self.action == "live"),
-                                                 allowed_mentions=NONE)  # fmt: skip
+        await interaction.edit_original_response(
+            content=result_text(report, live=self.action == "live"), allowed_mentions=NONE
+        )
 
 
 def result_text(report: dict[str, Any], live: bool) -> str:
     """What the member reads after an import."""
-    scope = ("Your `train` consent is on and covers your live messages in recorded channels too."
-             if live else "Your `train` consent covers your uploaded exports; your live messages are not recorded.")  # fmt: skip
+    scope = (
+        "Your `train` consent is on and covers your live messages in recorded channels too."
+        if live
+        else "Your `train` consent covers your uploaded exports; your live messages are not recorded."
+    )
     return (
         f"Imported **{report['stored']}** of your {report['own']} messages ({report['duplicates']} already stored; "
         f"{report['others_ignored']} by other people ignored). {scope} `/doppel consent` to change it."

@@ -91,7 +91,10 @@ async def erase_jobs(ctx: ErasureContext) -> dict[str, int]:
                 cancelled += 1
             ctx.cancelled_jobs.append(job["id"])
             await store.jobs.update(
-                job["id"], status="cancelled", error="cancelled: a member's data was erased", finished_at=time.time()
+                job["id"],
+                status="cancelled",
+                error="cancelled: a member's data was erased",
+                finished_at=time.time(),
             )
         if job_dir is not None and job_dir.exists():
             _remove(job_dir, ctx)

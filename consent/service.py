@@ -23,7 +23,9 @@ def parse_scopes(scopes: Iterable[str] | str) -> list[str]:
     clean = sorted({s.strip().lower() for s in items if s.strip()})
     unknown = [s for s in clean if s not in SCOPES]
     if unknown or not clean:
-        raise ConsentError(f"unknown consent scope(s): {', '.join(unknown) or '(none)'}; use {', '.join(SCOPES)}")
+        raise ConsentError(
+            f"unknown consent scope(s): {', '.join(unknown) or '(none)'}; use {', '.join(SCOPES)}"
+        )
     return clean
 
 
@@ -97,7 +99,9 @@ class ConsentService:
             for m in ids:
                 revoked[m] = []
                 for scope in wanted:
-                    cur = await db.execute("DELETE FROM consent WHERE member_id = ? AND scope = ?", (m, scope))
+                    cur = await db.execute(
+                        "DELETE FROM consent WHERE member_id = ? AND scope = ?", (m, scope)
+                    )
                     if cur.rowcount:
                         revoked[m].append(scope)
                         await self._audit(db, m, "revoke", scope, actor, channel, now)
@@ -150,7 +154,9 @@ class ConsentService:
         ]
 
     @staticmethod
-    async def _audit(db: Any, member_id: str, action: str, scope: str, actor: str, channel: str, at: float) -> None:
+    async def _audit(
+        db: Any, member_id: str, action: str, scope: str, actor: str, channel: str, at: float
+    ) -> None:
         await db.execute(
             "INSERT INTO consent_audit(member_id, action, scope, actor, channel, at) VALUES (?, ?, ?, ?, ?, ?)",
             (member_id, action, scope, actor, channel, at),

@@ -36,7 +36,16 @@ class BlindTestRepo:
             await db.execute(
                 "INSERT INTO blind_tests(id, member_id, adapter_id, guild_id, channel_id, real_message_id, real_label, "
                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (test_id, member_id, adapter_id, guild_id, channel_id, real_message_id, real_label, time.time()),
+                (
+                    test_id,
+                    member_id,
+                    adapter_id,
+                    guild_id,
+                    channel_id,
+                    real_message_id,
+                    real_label,
+                    time.time(),
+                ),
             )
         return test_id
 
@@ -47,7 +56,16 @@ class BlindTestRepo:
             "FROM blind_tests WHERE id = ?",
             (test_id,),
         )
-        keys = ("id", "member_id", "adapter_id", "guild_id", "channel_id", "real_message_id", "real_label", "created_at")
+        keys = (
+            "id",
+            "member_id",
+            "adapter_id",
+            "guild_id",
+            "channel_id",
+            "real_message_id",
+            "real_label",
+            "created_at",
+        )
         return None if row is None else dict(zip(keys, row, strict=True))
 
     async def vote(self, test_id: str, voter_id: str, picked: str) -> bool | None:
@@ -100,7 +118,10 @@ class BlindTestRepo:
             "JOIN blind_tests t ON t.id = v.test_id WHERE v.voter_id = ? ORDER BY v.created_at",
             (voter_id,),
         )
-        return [{"test_id": r[0], "persona_member_id": r[1], "picked_real": bool(r[2]), "created_at": r[3]} for r in rows]
+        return [
+            {"test_id": r[0], "persona_member_id": r[1], "picked_real": bool(r[2]), "created_at": r[3]}
+            for r in rows
+        ]
 
     async def delete_member(self, member_id: str) -> dict[str, int]:
         """Delete the member's tests (with every vote on them) and every vote the member cast."""

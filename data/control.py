@@ -113,7 +113,8 @@ class AdapterRepo(_Rows):
         async with self._s.write() as db:
             if "version" not in fields:
                 row = await self._s.fetchone(
-                    "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters WHERE member_id IS ?", (fields.get("member_id"),)
+                    "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters WHERE member_id IS ?",
+                    (fields.get("member_id"),),
                 )
                 fields["version"] = int(row[0])
             await self._insert(db, fields)

@@ -120,8 +120,9 @@ def job_key(master_key: bytes, job_id: str) -> bytes:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                info=b"doppel job dataset\x00" + job_id.encode()).derive(master_key)  # fmt: skip
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"doppel job dataset\x00" + job_id.encode()
+    ).derive(master_key)
 
 
 def job_key_for(settings: Settings, job_dir: Path) -> bytes:

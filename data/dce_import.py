@@ -69,9 +69,15 @@ class FileReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         return {
-            "path": self.path, "read": self.read, "stored": self.stored, "duplicates": self.duplicates,
-            "already_stored": self.already_stored, "updated": self.updated, "skipped": dict(sorted(self.skipped.items())),
-            "error": self.error, "seconds": round(self.seconds, 3),
+            "path": self.path,
+            "read": self.read,
+            "stored": self.stored,
+            "duplicates": self.duplicates,
+            "already_stored": self.already_stored,
+            "updated": self.updated,
+            "skipped": dict(sorted(self.skipped.items())),
+            "error": self.error,
+            "seconds": round(self.seconds, 3),
         }
 
 
@@ -122,7 +128,9 @@ def _json_error(path: Path, reader: _CountingReader, exc: Exception) -> str:
     near = f" near {lines[1][:40]!r}" if len(lines) > 1 and lines[1] else ""
     # The parser reads 64 KiB at a time: the error lies in the last chunk it was given.
     start = max(0, reader.pos - CHUNK)
-    return f"{path}: invalid JSON between bytes {start} and {reader.pos} (line <= {reader.lines}): {first}{near}"
+    return (
+        f"{path}: invalid JSON between bytes {start} and {reader.pos} (line <= {reader.lines}): {first}{near}"
+    )
 
 
 def _reactions(items: Any) -> dict[str, int]:
@@ -136,7 +144,11 @@ def _reactions(items: Any) -> dict[str, int]:
         name = emoji.get("name") or emoji.get("code") or emoji.get("id")
         count = r.get("count")
         # A count of another JSON type (or NaN, negative) is noise in a broken export, not a reason to crash.
-        n = int(count) if isinstance(count, (int, float)) and not isinstance(count, bool) and 0 <= count < 2**53 else 0
+        n = (
+            int(count)
+            if isinstance(count, (int, float)) and not isinstance(count, bool) and 0 <= count < 2**53
+            else 0
+        )
         if name:
             out[str(name)] = out.get(str(name), 0) + n
     return out
@@ -155,8 +167,14 @@ class _FileImport:
     """One file's import inside one transaction on a sync connection."""
 
     def __init__(
-        self, conn: sqlite3.Connection, keyring: Keyring, path: Path, batch: int, source: str,
-        only_authors: frozenset[str] | None = None, upload_owner: str | None = None,
+        self,
+        conn: sqlite3.Connection,
+        keyring: Keyring,
+        path: Path,
+        batch: int,
+        source: str,
+        only_authors: frozenset[str] | None = None,
+        upload_owner: str | None = None,
     ) -> None:
         self.conn, self.keyring, self.path, self.batch_size, self.source = conn, keyring, path, batch, source
         self.only_authors = only_authors
@@ -191,14 +209,19 @@ class _FileImport:
         if not isinstance(channel, dict) or not channel.get("id"):
             raise ImportFileError(f"{path}: not a DiscordChatExporter export (no channel object with an id)")
         guild = _header(path, "guild")
-        guild_id = str(guild["id"]) if isinstance(guild, dict) and guild.get("id") not in (None, "", "0") else None
+        guild_id = (
+            str(guild["id"]) if isinstance(guild, dict) and guild.get("id") not in (None, "", "0") else None
+        )
         channel_id, channel_name = str(channel["id"]), channel.get("name")
         # A `train` grant made with an upload covers that member's own export only: not an admin's server import,
         # not someone else's upload.
-        train = {r[0] for r in self.conn.execute(
-            "SELECT member_id FROM consent WHERE scope = 'train' AND (channel != 'upload' OR member_id = ?)",
-            (self.upload_owner or "",),
-        )}  # fmt: skip
+        train = {
+            r[0]
+            for r in self.conn.execute(
+                "SELECT member_id FROM consent WHERE scope = 'train' AND (channel != 'upload' OR member_id = ?)",
+                (self.upload_owner or "",),
+            )
+        }
         self.start_rowid = self.conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM messages").fetchone()[0]
         now = time.time()
         batch: list[tuple[Any, ...]] = []
@@ -236,8 +259,14 @@ class _FileImport:
         return False
 
     def _row(
-        self, m: Any, train: set[str], ciphers: dict[str, AESGCM], guild_id: str | None, channel_id: str,
-        channel_name: str | None, now: float,
+        self,
+        m: Any,
+        train: set[str],
+        ciphers: dict[str, AESGCM],
+        guild_id: str | None,
+        channel_id: str,
+        channel_name: str | None,
+        now: float,
     ) -> tuple[Any, ...] | str:
         """The insert parameters of one message, or the reason it is skipped."""
         if not isinstance(m, dict):
@@ -247,7 +276,9 @@ class _FileImport:
             raise _ShapeError("message without id or author.id")
         message_id, author_id = _snowflake(m["id"]), _snowflake(author["id"])
         if message_id is None or author_id is None:
-            raise _ShapeError(f"id is not a Discord snowflake: {m['id'] if message_id is None else author['id']!r:.40}")
+            raise _ShapeError(
+                f"id is not a Discord snowflake: {m['id'] if message_id is None else author['id']!r:.40}"
+            )
         kind = m.get("type", "Default")
         if not isinstance(kind, str):
             raise _ShapeError(f"message type is not a string: {kind!r:.40}")
@@ -282,12 +313,20 @@ class _FileImport:
         reactions = _reactions(m.get("reactions"))
         attachments = m.get("attachments")
         return (
-            message_id, guild_id, channel_id, channel_name, author_id, display, utc_epoch(m.get("timestamp")),
+            message_id,
+            guild_id,
+            channel_id,
+            channel_name,
+            author_id,
+            display,
+            utc_epoch(m.get("timestamp")),
             utc_epoch(edited) if edited else None,
             str(ref["messageId"]) if isinstance(ref, dict) and ref.get("messageId") else None,
             json.dumps(reactions, ensure_ascii=False) if reactions else "{}",
-            len(attachments) if isinstance(attachments, list) else 0, self.source,
-            seal(aead, content.encode("utf-8", "replace"), message_ad(author_id, message_id)), now,
+            len(attachments) if isinstance(attachments, list) else 0,
+            self.source,
+            seal(aead, content.encode("utf-8", "replace"), message_ad(author_id, message_id)),
+            now,
         )
 
     def _flush(self, batch: list[tuple[Any, ...]]) -> None:
@@ -333,14 +372,21 @@ class _FileImport:
 
 
 def import_files_sync(
-    settings: Settings, keyring: Keyring, paths: Sequence[Path], source: str = "import",
-    only_authors: frozenset[str] | None = None, upload_owner: str | None = None,
+    settings: Settings,
+    keyring: Keyring,
+    paths: Sequence[Path],
+    source: str = "import",
+    only_authors: frozenset[str] | None = None,
+    upload_owner: str | None = None,
 ) -> list[FileReport]:
     """Import files one transaction each on a private sync connection (run in a worker thread)."""
     conn = connect_sync(settings)
     try:
         batch = settings.store.import_batch_size
-        return [_FileImport(conn, keyring, path, batch, source, only_authors, upload_owner).run() for path in paths]
+        return [
+            _FileImport(conn, keyring, path, batch, source, only_authors, upload_owner).run()
+            for path in paths
+        ]
     finally:
         conn.close()
 
@@ -366,7 +412,10 @@ def summarize(reports: Sequence[FileReport]) -> dict[str, Any]:
 
 
 async def import_exports(
-    store: Store, paths: Sequence[str | Path], source: str = "import", only_authors: Iterable[str] | None = None,
+    store: Store,
+    paths: Sequence[str | Path],
+    source: str = "import",
+    only_authors: Iterable[str] | None = None,
     upload_owner: str | None = None,
 ) -> dict[str, Any]:
     """Import DiscordChatExporter files or folders; a failed file is rolled back whole and reported, others import.
@@ -376,8 +425,9 @@ async def import_exports(
     """
     files = expand_paths(paths)
     limit = frozenset(only_authors) if only_authors is not None else None
-    reports = await asyncio.to_thread(import_files_sync, store.settings, store.keyring, files, source, limit,
-                                      upload_owner)  # fmt: skip
+    reports = await asyncio.to_thread(
+        import_files_sync, store.settings, store.keyring, files, source, limit, upload_owner
+    )
     return summarize(reports)
 
 

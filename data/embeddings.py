@@ -32,15 +32,19 @@ class EmbeddingRepo:
         async with self._s.write() as db:
             aead = await self._s.keys.cipher(member_id, create=True)
             assert aead is not None
-            rows = [(model, mid, member_id, seal(aead, vec, _emb_ad(member_id, model, mid))) for mid, vec in items]
+            rows = [
+                (model, mid, member_id, seal(aead, vec, _emb_ad(member_id, model, mid))) for mid, vec in items
+            ]
             before = db.total_changes
             await db.executemany(
-                "INSERT OR REPLACE INTO embeddings(model, message_id, member_id, vector) VALUES (?, ?, ?, ?)", rows
+                "INSERT OR REPLACE INTO embeddings(model, message_id, member_id, vector) VALUES (?, ?, ?, ?)",
+                rows,
             )
             return db.total_changes - before
 
-    async def get(self, member_id: str, model: str,
-                  message_ids: Sequence[str] | None = None) -> list[tuple[str, bytes]]:
+    async def get(
+        self, member_id: str, model: str, message_ids: Sequence[str] | None = None
+    ) -> list[tuple[str, bytes]]:
         """(message_id, vector bytes) of a member for one model, decrypted: all, or those of `message_ids`."""
         aead = await self._s.keys.cipher(member_id)
         if aead is None:
@@ -115,7 +119,17 @@ class FeedbackRepo:
             cur = await db.execute(
                 "INSERT INTO feedback(persona_member_id, rater_id, value, adapter_id, guild_id, channel_id, message_id, "
                 "payload, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (persona_member_id, rater_id, value, adapter_id, guild_id, channel_id, message_id, payload, time.time()),
+                (
+                    persona_member_id,
+                    rater_id,
+                    value,
+                    adapter_id,
+                    guild_id,
+                    channel_id,
+                    message_id,
+                    payload,
+                    time.time(),
+                ),
             )
             return int(cur.lastrowid or 0)
 
@@ -130,9 +144,17 @@ class FeedbackRepo:
         out = []
         for r in rows:
             item: dict[str, Any] = {
-                "id": r[0], "persona_member_id": persona_member_id, "rater_id": r[1], "value": r[2],
-                "adapter_id": r[3], "guild_id": r[4], "channel_id": r[5], "message_id": r[6], "created_at": r[8],
-                "prompt": None, "reply": None,
+                "id": r[0],
+                "persona_member_id": persona_member_id,
+                "rater_id": r[1],
+                "value": r[2],
+                "adapter_id": r[3],
+                "guild_id": r[4],
+                "channel_id": r[5],
+                "message_id": r[6],
+                "created_at": r[8],
+                "prompt": None,
+                "reply": None,
             }
             if r[7] is not None and aead is not None:
                 try:
@@ -149,7 +171,8 @@ class FeedbackRepo:
             (rater_id,),
         )
         return [
-            {"id": r[0], "persona_member_id": r[1], "value": r[2], "adapter_id": r[3], "created_at": r[4]} for r in rows
+            {"id": r[0], "persona_member_id": r[1], "value": r[2], "adapter_id": r[3], "created_at": r[4]}
+            for r in rows
         ]
 
     async def delete_member(self, member_id: str) -> int:

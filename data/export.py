@@ -25,17 +25,24 @@ async def member_export(store: Store, member_id: str) -> dict[str, Any]:
     member_id = check_member_id(member_id)
     member = await store.members.get(member_id)
     scopes = await store.fetchall(
-        "SELECT scope, granted_at, actor, channel FROM consent WHERE member_id = ? ORDER BY scope", (member_id,)
+        "SELECT scope, granted_at, actor, channel FROM consent WHERE member_id = ? ORDER BY scope",
+        (member_id,),
     )
     audit = await store.fetchall(
-        "SELECT action, scope, actor, channel, at FROM consent_audit WHERE member_id = ? ORDER BY seq", (member_id,)
+        "SELECT action, scope, actor, channel, at FROM consent_audit WHERE member_id = ? ORDER BY seq",
+        (member_id,),
     )
-    models = [r[0] for r in await store.fetchall(
-        "SELECT DISTINCT model FROM embeddings WHERE member_id = ? ORDER BY model", (member_id,)
-    )]
+    models = [
+        r[0]
+        for r in await store.fetchall(
+            "SELECT DISTINCT model FROM embeddings WHERE member_id = ? ORDER BY model", (member_id,)
+        )
+    ]
     embeddings = {
-        model: [{"message_id": mid, "vector_b64": base64.b64encode(vec).decode()}
-                for mid, vec in await store.embeddings.get(member_id, model)]
+        model: [
+            {"message_id": mid, "vector_b64": base64.b64encode(vec).decode()}
+            for mid, vec in await store.embeddings.get(member_id, model)
+        ]
         for model in models
     }
     adapters = []
@@ -50,7 +57,9 @@ async def member_export(store: Store, member_id: str) -> dict[str, Any]:
         "member_id": member_id,
         "profile": asdict(member) if member else None,
         "consent": [dict(zip(("scope", "granted_at", "actor", "channel"), r, strict=True)) for r in scopes],
-        "consent_audit": [dict(zip(("action", "scope", "actor", "channel", "at"), r, strict=True)) for r in audit],
+        "consent_audit": [
+            dict(zip(("action", "scope", "actor", "channel", "at"), r, strict=True)) for r in audit
+        ],
         "messages": [asdict(m) for m in await store.messages.for_member(member_id)],
         "embeddings": embeddings,
         "feedback_on_persona": await store.feedback.for_persona(member_id),

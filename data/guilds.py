@@ -48,8 +48,11 @@ class GuildRepo:
                 "channel_allowlist_json = excluded.channel_allowlist_json, "
                 "persona_channels_json = excluded.persona_channels_json",
                 (
-                    guild_id, int(bool(merged["recording_enabled"])), merged["acknowledged_by"],
-                    merged["acknowledged_at"], json.dumps(list(merged["channel_allowlist"])),
+                    guild_id,
+                    int(bool(merged["recording_enabled"])),
+                    merged["acknowledged_by"],
+                    merged["acknowledged_at"],
+                    json.dumps(list(merged["channel_allowlist"])),
                     json.dumps(list(merged["persona_channels"])),
                 ),
             )

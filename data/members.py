@@ -34,7 +34,9 @@ class MemberRepo:
 
     async def list(self) -> list[Member]:
         """Every member, by id."""
-        rows = await self._s.fetchall("SELECT id, name, display_name, avatar_url, is_bot FROM members ORDER BY id")
+        rows = await self._s.fetchall(
+            "SELECT id, name, display_name, avatar_url, is_bot FROM members ORDER BY id"
+        )
         return [Member(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
 
     async def delete(self, member_id: str) -> int:
@@ -77,7 +79,8 @@ class KeyRepo:
             return None
         wrapped, aead = ring.new_wrapped(member_id)
         await self._s.db.execute(
-            "INSERT INTO member_keys(member_id, wrapped, created_at) VALUES (?, ?, ?)", (member_id, wrapped, time.time())
+            "INSERT INTO member_keys(member_id, wrapped, created_at) VALUES (?, ?, ?)",
+            (member_id, wrapped, time.time()),
         )
         ring.remember(member_id, aead)
         self._s.created_keys.append(member_id)
@@ -85,7 +88,9 @@ class KeyRepo:
 
     async def exists(self, member_id: str) -> bool:
         """Whether a wrapped key is stored for the member."""
-        return await self._s.fetchone("SELECT 1 FROM member_keys WHERE member_id = ?", (member_id,)) is not None
+        return (
+            await self._s.fetchone("SELECT 1 FROM member_keys WHERE member_id = ?", (member_id,)) is not None
+        )
 
     async def delete(self, member_id: str) -> int:
         """Delete the wrapped key and forget the unwrapped one."""
@@ -99,5 +104,7 @@ def check_member_id(text: str) -> str:
     """A Discord user id (a snowflake: 1 to 20 digits), or InvalidMemberIdError."""
     value = str(text).strip()
     if not (value.isascii() and value.isdigit() and 1 <= len(value) <= 20):
-        raise InvalidMemberIdError(f"not a Discord user id: {text!r} (expected digits, e.g. 123456789012345678)")
+        raise InvalidMemberIdError(
+            f"not a Discord user id: {text!r} (expected digits, e.g. 123456789012345678)"
+        )
     return value

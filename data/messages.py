@@ -25,9 +25,20 @@ INSERT_SQL = f"INSERT OR IGNORE INTO messages({COLUMNS}, stored_at) VALUES ({', 
 def message_row(msg: Message, blob: bytes, now: float) -> tuple[Any, ...]:
     """Parameters for INSERT_SQL (content already sealed)."""
     return (
-        msg.id, msg.guild_id, msg.channel_id, msg.channel_name, msg.author_id, msg.author_name, msg.created_at,
-        msg.edited_at, msg.reply_to, json.dumps(msg.reactions, ensure_ascii=False) if msg.reactions else "{}",
-        msg.attachments, msg.source, blob, now,
+        msg.id,
+        msg.guild_id,
+        msg.channel_id,
+        msg.channel_name,
+        msg.author_id,
+        msg.author_name,
+        msg.created_at,
+        msg.edited_at,
+        msg.reply_to,
+        json.dumps(msg.reactions, ensure_ascii=False) if msg.reactions else "{}",
+        msg.attachments,
+        msg.source,
+        blob,
+        now,
     )
 
 
@@ -75,7 +86,9 @@ class MessageRepo:
             if aead is None:
                 return False
             blob = seal(aead, content.encode(), message_ad(row[0], message_id))
-            await db.execute("UPDATE messages SET content = ?, edited_at = ? WHERE id = ?", (blob, edited_at, message_id))
+            await db.execute(
+                "UPDATE messages SET content = ?, edited_at = ? WHERE id = ?", (blob, edited_at, message_id)
+            )
             await db.execute("DELETE FROM embeddings WHERE message_id = ?", (message_id,))
         return True
 
@@ -233,7 +246,17 @@ class MessageRepo:
         except InvalidTag:
             return None
         return Message(
-            id=row[0], guild_id=row[1], channel_id=row[2], channel_name=row[3], author_id=row[4], author_name=row[5],
-            created_at=row[6], edited_at=row[7], reply_to=row[8], reactions=json.loads(row[9] or "{}"),
-            attachments=row[10], source=row[11], content=content,
+            id=row[0],
+            guild_id=row[1],
+            channel_id=row[2],
+            channel_name=row[3],
+            author_id=row[4],
+            author_name=row[5],
+            created_at=row[6],
+            edited_at=row[7],
+            reply_to=row[8],
+            reactions=json.loads(row[9] or "{}"),
+            attachments=row[10],
+            source=row[11],
+            content=content,
         )

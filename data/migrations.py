@@ -139,7 +139,7 @@ async def m001_initial(db: aiosqlite.Connection) -> None:
             channel_allowlist_json TEXT NOT NULL DEFAULT '[]',
             persona_channels_json TEXT NOT NULL DEFAULT '[]'
         );
-        """
+        """,
     )
 
 
@@ -157,7 +157,7 @@ async def m002_job_supervision(db: aiosqlite.Connection) -> None:
             WHERE status IN ('queued', 'running', 'interrupted');
         CREATE INDEX jobs_device_status ON jobs(device, status, created_at);
         CREATE UNIQUE INDEX adapters_member_version ON adapters(coalesce(member_id, ''), version);
-        """
+        """,
     )
 
 
@@ -197,7 +197,7 @@ async def m003_blind_tests(db: aiosqlite.Connection) -> None:
         );
         CREATE INDEX persona_replies_persona ON persona_replies(persona_member_id);
         CREATE INDEX persona_replies_created ON persona_replies(created_at);
-        """
+        """,
     )
 
 
@@ -208,11 +208,16 @@ async def m004_job_progress_message(db: aiosqlite.Connection) -> None:
         """
         ALTER TABLE jobs ADD COLUMN progress_channel_id TEXT;
         ALTER TABLE jobs ADD COLUMN progress_message_id TEXT;
-        """
+        """,
     )
 
 
-MIGRATIONS: list[Migration] = [m001_initial, m002_job_supervision, m003_blind_tests, m004_job_progress_message]
+MIGRATIONS: list[Migration] = [
+    m001_initial,
+    m002_job_supervision,
+    m003_blind_tests,
+    m004_job_progress_message,
+]
 
 
 async def run_script(db: aiosqlite.Connection, script: str) -> None:
@@ -230,7 +235,9 @@ async def run_script(db: aiosqlite.Connection, script: str) -> None:
 async def apply(db: aiosqlite.Connection, migrations: list[Migration] | None = None) -> list[str]:
     """Apply the migrations not yet recorded, each in its own transaction (autocommit connection); returns names."""
     migrations = MIGRATIONS if migrations is None else migrations
-    await db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    await db.execute(
+        "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+    )
     async with db.execute("SELECT name FROM _migrations") as cur:
         done = {row[0] for row in await cur.fetchall()}
     applied: list[str] = []

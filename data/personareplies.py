@@ -45,12 +45,22 @@ class PersonaReplyRepo:
         async with self._s.write() as db:
             aead = await self._s.keys.cipher(persona_member_id, create=True)
             assert aead is not None
-            blob = seal(aead, json.dumps(payload, ensure_ascii=False).encode(), _ad(persona_member_id, message_id))
+            blob = seal(
+                aead, json.dumps(payload, ensure_ascii=False).encode(), _ad(persona_member_id, message_id)
+            )
             await db.execute(
                 "INSERT OR REPLACE INTO persona_replies(message_id, persona_member_id, adapter_id, guild_id, channel_id, "
                 "context_members_json, payload, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (message_id, persona_member_id, adapter_id, guild_id, channel_id,
-                 json.dumps(sorted(set(context_members))), blob, now),  # fmt: skip
+                (
+                    message_id,
+                    persona_member_id,
+                    adapter_id,
+                    guild_id,
+                    channel_id,
+                    json.dumps(sorted(set(context_members))),
+                    blob,
+                    now,
+                ),
             )
             await db.execute("DELETE FROM persona_replies WHERE created_at < ?", (now - RETENTION_S,))
 
@@ -71,9 +81,15 @@ class PersonaReplyRepo:
         except InvalidTag:
             return None
         return {
-            "message_id": message_id, "persona_member_id": row[0], "adapter_id": row[1], "guild_id": row[2],
-            "channel_id": row[3], "context_members": json.loads(row[4]), "created_at": row[6], "payload": payload,
-        }  # fmt: skip
+            "message_id": message_id,
+            "persona_member_id": row[0],
+            "adapter_id": row[1],
+            "guild_id": row[2],
+            "channel_id": row[3],
+            "context_members": json.loads(row[4]),
+            "created_at": row[6],
+            "payload": payload,
+        }
 
     async def for_persona(self, persona_member_id: str) -> list[dict[str, Any]]:
         """Every kept reply of one persona, decrypted (for the member's data export)."""

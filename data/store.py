@@ -47,7 +47,8 @@ def cipher_sync(conn: sqlite3.Connection, keyring: Keyring, member_id: str, crea
         return None
     wrapped, aead = keyring.new_wrapped(member_id)
     conn.execute(
-        "INSERT INTO member_keys(member_id, wrapped, created_at) VALUES (?, ?, ?)", (member_id, wrapped, time.time())
+        "INSERT INTO member_keys(member_id, wrapped, created_at) VALUES (?, ?, ?)",
+        (member_id, wrapped, time.time()),
     )
     keyring.remember(member_id, aead)
     return aead
@@ -168,5 +169,7 @@ class Store:
 
     async def tables(self) -> list[str]:
         """Names of the user tables in the database."""
-        rows = await self.fetchall("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        rows = await self.fetchall(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        )
         return sorted(r[0] for r in rows)

@@ -50,13 +50,25 @@ _ADDRESS = re.compile(r"^([^\s:,]{1,32})[:,]\s")
 # The plain PEFT reference recipe of issue 14: r16 all-linear, lr 3e-4, 8 examples a step length-grouped, 120 steps,
 # a nameless system prompt, up to 6 previous turns, own turns as assistant.
 PLAIN_PEFT = {
-    "overrides": {"max_steps": 120, "micro_batch_size": 8, "learning_rate": 3e-4, "lora_r": 16, "lora_alpha": 32,
-                  "batching": "length_grouped"},
+    "overrides": {
+        "max_steps": 120,
+        "micro_batch_size": 8,
+        "learning_rate": 3e-4,
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "batching": "length_grouped",
+    },
     "style": "plain",
 }
 # The product's recipe before issue 14 (150 steps x 4 examples at 2e-4, the named persona prompt).
 PRODUCT_V1 = {
-    "overrides": {"max_steps": 150, "micro_batch_size": 4, "learning_rate": 2e-4, "lora_r": 16, "lora_alpha": 32},
+    "overrides": {
+        "max_steps": 150,
+        "micro_batch_size": 4,
+        "learning_rate": 2e-4,
+        "lora_r": 16,
+        "lora_alpha": 32,
+    },
     "style": "persona",
 }
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -104,20 +116,47 @@ def to_exports(logs: Sequence[Mapping[str, Any]], folder: Path) -> list[Path]:
             msg_id = str(int(channel_id) + n + 1)
             m = _ADDRESS.match(text)
             ref = last_by_nick.get(m.group(1)) if m else None
-            messages.append({
-                "id": msg_id, "type": "Reply" if ref else "Default",
-                "timestamp": ts.isoformat(timespec="milliseconds"), "timestampEdited": None,
-                "isPinned": False, "content": text,
-                "author": {"id": author_id(nick), "name": nick, "discriminator": "0000", "nickname": nick,
-                           "isBot": nick in BOTS, "roles": [], "avatarUrl": ""},
-                "attachments": [], "embeds": [], "stickers": [], "reactions": [], "mentions": [], "inlineEmojis": [],
-                **({"reference": {"messageId": ref, "channelId": channel_id, "guildId": GUILD}} if ref else {}),
-            })
+            messages.append(
+                {
+                    "id": msg_id,
+                    "type": "Reply" if ref else "Default",
+                    "timestamp": ts.isoformat(timespec="milliseconds"),
+                    "timestampEdited": None,
+                    "isPinned": False,
+                    "content": text,
+                    "author": {
+                        "id": author_id(nick),
+                        "name": nick,
+                        "discriminator": "0000",
+                        "nickname": nick,
+                        "isBot": nick in BOTS,
+                        "roles": [],
+                        "avatarUrl": "",
+                    },
+                    "attachments": [],
+                    "embeds": [],
+                    "stickers": [],
+                    "reactions": [],
+                    "mentions": [],
+                    "inlineEmojis": [],
+                    **(
+                        {"reference": {"messageId": ref, "channelId": channel_id, "guildId": GUILD}}
+                        if ref
+                        else {}
+                    ),
+                }
+            )
             last_by_nick[nick] = msg_id
         export = {
             "guild": {"id": GUILD, "name": "Ubuntu IRC", "iconUrl": ""},
-            "channel": {"id": channel_id, "type": "GuildTextChat", "categoryId": "1", "category": "IRC",
-                        "name": "ubuntu", "topic": None},
+            "channel": {
+                "id": channel_id,
+                "type": "GuildTextChat",
+                "categoryId": "1",
+                "category": "IRC",
+                "name": "ubuntu",
+                "topic": None,
+            },
             "dateRange": {"after": None, "before": None},
             "exportedAt": "2026-11-30T00:00:00+00:00",
             "messages": messages,
@@ -139,7 +178,9 @@ def choose_panel(logs: Sequence[Mapping[str, Any]], size: int, member: str | Non
     return [member, *[n for n in ranked if n != member][: size - 1]]
 
 
-def select_logs(logs: Sequence[Mapping[str, Any]], panel: Sequence[str], max_logs: int) -> list[dict[str, Any]]:
+def select_logs(
+    logs: Sequence[Mapping[str, Any]], panel: Sequence[str], max_logs: int
+) -> list[dict[str, Any]]:
     """The logs where the member speaks most (all of them when `max_logs` is 0)."""
     member = panel[0]
     scored = [(sum(1 for _, n, _ in log["lines"] if n == member), i) for i, log in enumerate(logs)]
@@ -173,7 +214,9 @@ def _scaled(settings: Settings, overrides: Mapping[str, Any], scale: float, n_tr
     return out
 
 
-async def _prepare(settings: Settings, panel: Sequence[str], logs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+async def _prepare(
+    settings: Settings, panel: Sequence[str], logs: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
     from consent.service import ConsentService
     from data.dce_import import import_exports
     from data.records import Member
@@ -181,8 +224,9 @@ async def _prepare(settings: Settings, panel: Sequence[str], logs: Sequence[Mapp
 
     authors = sorted({nick for log in logs for _, nick, _ in log["lines"] if nick not in BOTS})
     async with Store.open(settings) as store:
-        await ConsentService(store).grant([author_id(n) for n in authors], ["train", "chat"], actor="bench",
-                                          channel="cli")
+        await ConsentService(store).grant(
+            [author_id(n) for n in authors], ["train", "chat"], actor="bench", channel="cli"
+        )
         for nick in panel:
             await store.members.upsert(Member(id=author_id(nick), name=nick, display_name=nick))
         with tempfile.TemporaryDirectory(prefix="doppel-fidelity-") as tmp:
@@ -204,8 +248,11 @@ async def _openings(settings: Settings, member: str, n: int) -> dict[str, Any]:
         messages = [m async for m in store.messages.iter_channels(sorted(channels))]
     ds = build_dataset(messages, mid, settings, fmt)
     names = {m.author_id: m.author_name for m in messages}
-    turns = build_turns(messages, Cleaner(names, settings.dataset.min_chars, settings.dataset.max_chars),
-                        settings.dataset.merge_gap_s)
+    turns = build_turns(
+        messages,
+        Cleaner(names, settings.dataset.min_chars, settings.dataset.max_chars),
+        settings.dataset.merge_gap_s,
+    )
     by_start = {(t.channel_id, t.start): (k, t) for ch in turns.values() for k, t in enumerate(ch)}
     by_msg = {m: t for ch in turns.values() for t in ch for m in t.message_ids}
     pairs = []
@@ -216,12 +263,18 @@ async def _openings(settings: Settings, member: str, n: int) -> dict[str, Any]:
         k, turn = found
         partner = by_msg.get(turn.reply_to or "")
         if partner is None:
-            before = [t for t in turns[ex.channel_id][max(0, k - 3):k] if t.author_id != mid]
+            before = [t for t in turns[ex.channel_id][max(0, k - 3) : k] if t.author_id != mid]
             partner = before[-1] if before else None
         if partner is None or partner.author_id == mid:
             continue
-        pairs.append({"partner_id": partner.author_id, "partner": partner.author_name, "message": partner.text,
-                      "reply": turn.text})
+        pairs.append(
+            {
+                "partner_id": partner.author_id,
+                "partner": partner.author_name,
+                "message": partner.text,
+                "reply": turn.text,
+            }
+        )
     if len(pairs) > n:
         step = len(pairs) / n  # spread over the held-out period, not its first hour
         pairs = [pairs[int(i * step)] for i in range(n)]
@@ -243,16 +296,21 @@ async def _heldout_rows(settings: Settings, member: str, limit: int) -> list[dic
     return [{"prompt": e.prompt, "completion": e.completion} for e in held[: limit or len(held)]]
 
 
-def cross_perplexity(settings: Settings, base_model: str, rows: Sequence[Mapping[str, str]],
-                     adapters: Mapping[str, str]) -> dict[str, Any]:
+def cross_perplexity(
+    settings: Settings, base_model: str, rows: Sequence[Mapping[str, str]], adapters: Mapping[str, str]
+) -> dict[str, Any]:
     """Perplexity of `rows` under the base the adapters were trained on and under each named PEFT adapter folder."""
     from peft import PeftModel
 
     from trainer.basemodel import load_base
     from trainer.evaluation import perplexity
 
-    base = load_base(Path(base_model), quantize_4bit=False, gradient_checkpointing=False,
-                     cache_root=settings.cache_dir / "base-models")
+    base = load_base(
+        Path(base_model),
+        quantize_4bit=False,
+        gradient_checkpointing=False,
+        cache_root=settings.cache_dir / "base-models",
+    )
     out: dict[str, Any] = {"rows": len(rows), "base": round(perplexity(base.model, base.tokenizer, rows), 3)}
     for name, folder in adapters.items():
         model = PeftModel.from_pretrained(base.model, folder)
@@ -272,7 +330,12 @@ def _classifier(logs: Sequence[Mapping[str, Any]], panel: Sequence[str], banned:
     rows: list[dict[str, Any]] = []
     norm_banned = {" ".join(b.split()) for b in banned}
     for nick in panel:
-        texts = [t for log in logs for _, n, t in log["lines"] if n == nick and " ".join(t.split()) not in norm_banned]
+        texts = [
+            t
+            for log in logs
+            for _, n, t in log["lines"]
+            if n == nick and " ".join(t.split()) not in norm_banned
+        ]
         rng = random.Random(f"{seed}:{nick}")
         rows += [{"author_id": author_id(nick), "text": t} for t in rng.sample(texts, min(600, len(texts)))]
     return train_authorship(rows, seed=seed)
@@ -288,8 +351,9 @@ async def _train(settings: Settings, member: str, overrides: Mapping[str, Any]) 
         await sup.start()
         try:
             t0 = time.monotonic()
-            job = await sup.submit(author_id(member), requested_by="bench", source="cli", mode="sft",
-                                   **{**JOB_EVAL, **overrides})
+            job = await sup.submit(
+                author_id(member), requested_by="bench", source="cli", mode="sft", **{**JOB_EVAL, **overrides}
+            )
             job = await sup.wait(job.id)
             wall = time.monotonic() - t0
         finally:
@@ -298,23 +362,52 @@ async def _train(settings: Settings, member: str, overrides: Mapping[str, Any]) 
             raise UserFacingError(f"training failed: {job.error or job.status}")
         adapter = await Registry(store, settings).get(job.adapter_id)
     metrics = dict(adapter.metrics or (adapter.meta or {}).get("metrics") or {})
-    return {"adapter": str(adapter.gguf_path), "folder": str(adapter.path), "wall_s": round(wall, 1),
-            "base_model": str(job.config.get("base_model") or ""),
-            "train_s": round((job.finished_at or 0) - (job.started_at or 0), 1), "metrics": metrics,
-            "config": {k: job.config.get(k) for k in ("max_steps", "micro_batch_size", "grad_accum", "learning_rate",
-                                                      "lora_r", "lora_alpha", "target_modules", "batching")}}
+    return {
+        "adapter": str(adapter.gguf_path),
+        "folder": str(adapter.path),
+        "wall_s": round(wall, 1),
+        "base_model": str(job.config.get("base_model") or ""),
+        "train_s": round((job.finished_at or 0) - (job.started_at or 0), 1),
+        "metrics": metrics,
+        "config": {
+            k: job.config.get(k)
+            for k in (
+                "max_steps",
+                "micro_batch_size",
+                "grad_accum",
+                "learning_rate",
+                "lora_r",
+                "lora_alpha",
+                "target_modules",
+                "batching",
+            )
+        },
+    }
 
 
-async def _replies(settings: Settings, member: str, mode: str, adapter: str | None, pairs: Sequence[Mapping[str, Any]],
-                   banned: set[str], max_tokens: int) -> list[str]:
+async def _replies(
+    settings: Settings,
+    member: str,
+    mode: str,
+    adapter: str | None,
+    pairs: Sequence[Mapping[str, Any]],
+    banned: set[str],
+    max_tokens: int,
+) -> list[str]:
     from data.store import Store
     from doppel.core.chatformat import Utterance
     from inference.engine import Engine
     from inference.requests import GenParams, PersonaRequest
     from inference.retrieval import Retriever
 
-    persona = PersonaRequest(member_id=author_id(member), name=member, channel_name="ubuntu", mode=mode,  # type: ignore[arg-type]
-                             adapters=((adapter, 1.0),) if adapter else (), guild_id=GUILD)
+    persona = PersonaRequest(
+        member_id=author_id(member),
+        name=member,
+        channel_name="ubuntu",
+        mode=mode,  # type: ignore[arg-type]
+        adapters=((adapter, 1.0),) if adapter else (),
+        guild_id=GUILD,
+    )
     out = []
     async with Store.open(settings) as store:
         async with Engine(settings, retriever=_Heldout(Retriever(store, settings), banned)) as engine:
@@ -338,8 +431,11 @@ def _style_stats(texts: Sequence[str]) -> dict[str, Any]:
     }
 
 
-_ASSISTANT = re.compile(r"\b(i'?m (a|an) (chatbot|ai|assistant|language model)|happy to help|i can help|"
-                        r"as an ai|how can i (help|assist))\b", re.I)
+_ASSISTANT = re.compile(
+    r"\b(i'?m (a|an) (chatbot|ai|assistant|language model)|happy to help|i can help|"
+    r"as an ai|how can i (help|assist))\b",
+    re.I,
+)
 
 
 def _score(model: Any, member: str, texts: Sequence[str]) -> dict[str, Any]:
@@ -347,8 +443,9 @@ def _score(model: Any, member: str, texts: Sequence[str]) -> dict[str, Any]:
     return {"share": round(share, 3), "n": len(texts), **_style_stats(texts)}
 
 
-async def _own_vs_other(settings: Settings, panel: Sequence[str],
-                        trained: Mapping[str, tuple[str, Any, int, str]]) -> dict[str, Any]:
+async def _own_vs_other(
+    settings: Settings, panel: Sequence[str], trained: Mapping[str, tuple[str, Any, int, str]]
+) -> dict[str, Any]:
     """The last configuration's recipe trained for another panel member (same steps, same prompt style); held-out
     perplexity of the member's replies under the base, the member's own adapter and the other member's adapter.
     A persona that learned the member (not just chat in general) is clearly best with its own adapter."""
@@ -360,12 +457,23 @@ async def _own_vs_other(settings: Settings, panel: Sequence[str],
         overrides = {**CONFIGS[name]["overrides"], "max_steps": steps}
         theirs = await _train(settings, other, overrides)
         rows = await _heldout_rows(settings, panel[0], JOB_EVAL["eval_max_examples"])
-    ppl = await asyncio.to_thread(cross_perplexity, settings, base_model, rows,
-                                  {"own_adapter": own_folder, "other_adapter": theirs["folder"]})
-    return {"config": name, "member": panel[0], "other": other, "other_train_wall_s": theirs["wall_s"],
-            "steps": steps, "ppl": ppl,
-            "own_better": bool(ppl["own_adapter"] < ppl["other_adapter"]),
-            "own_vs_other_change": round((ppl["own_adapter"] - ppl["other_adapter"]) / ppl["other_adapter"], 3)}
+    ppl = await asyncio.to_thread(
+        cross_perplexity,
+        settings,
+        base_model,
+        rows,
+        {"own_adapter": own_folder, "other_adapter": theirs["folder"]},
+    )
+    return {
+        "config": name,
+        "member": panel[0],
+        "other": other,
+        "other_train_wall_s": theirs["wall_s"],
+        "steps": steps,
+        "ppl": ppl,
+        "own_better": bool(ppl["own_adapter"] < ppl["other_adapter"]),
+        "own_vs_other_change": round((ppl["own_adapter"] - ppl["other_adapter"]) / ppl["other_adapter"], 3),
+    }
 
 
 def say(text: str) -> None:
@@ -385,7 +493,9 @@ async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str
     names = [c for c in str(getattr(args, "configs", "") or "").split(",") if c] or list(CONFIGS)
     unknown = [c for c in names if c not in CONFIGS and c not in ("base", "retrieval")]
     if unknown:
-        raise UserFacingError(f"unknown fidelity configuration(s): {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
+        raise UserFacingError(
+            f"unknown fidelity configuration(s): {', '.join(unknown)} (known: {', '.join(CONFIGS)})"
+        )
     n_open = int(getattr(args, "openings", 0) or (12 if quick else 40))
     scale = float(getattr(args, "steps_scale", 0) or (0.1 if quick else 1.0))
     panel_size = int(getattr(args, "panel", 0) or 5)
@@ -407,12 +517,24 @@ async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str
     judge = _classifier(logs, panel, banned, seed=0)
     chance = 1.0 / len(judge.authors)
     result: dict[str, Any] = {
-        "data": {"source": "Ubuntu IRC #ubuntu (irc-disentanglement selection, CC-BY-4.0; logs public domain)",
-                 "logs": len(logs), "authors": prep["authors"], "messages": prep["stored"]},
-        "member": panel[0], "panel": panel, "panel_size": len(judge.authors), "chance": round(chance, 3),
-        "classifier_accuracy": round(judge.accuracy, 3), "train_examples": opening["train_examples"],
-        "openings": len(pairs), "heldout_replies": len(banned), "steps_scale": scale, "temperature": 0.7,
-        "max_tokens": max_tokens, "default_style": dataclasses.asdict(current_style()),
+        "data": {
+            "source": "Ubuntu IRC #ubuntu (irc-disentanglement selection, CC-BY-4.0; logs public domain)",
+            "logs": len(logs),
+            "authors": prep["authors"],
+            "messages": prep["stored"],
+        },
+        "member": panel[0],
+        "panel": panel,
+        "panel_size": len(judge.authors),
+        "chance": round(chance, 3),
+        "classifier_accuracy": round(judge.accuracy, 3),
+        "train_examples": opening["train_examples"],
+        "openings": len(pairs),
+        "heldout_replies": len(banned),
+        "steps_scale": scale,
+        "temperature": 0.7,
+        "max_tokens": max_tokens,
+        "default_style": dataclasses.asdict(current_style()),
         "ceiling": _score(judge, panel[0], [p["reply"] for p in pairs]),
         "ceiling_all_heldout": round(judge.share(sorted(banned), author_id(panel[0])), 3),
         "systems": {},
@@ -429,28 +551,51 @@ async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str
         cfg = CONFIGS[name]
         style = cfg["style"] or current_style()
         with use_style(style):
-            trained = await _train(bench, panel[0], _scaled(bench, cfg["overrides"], scale, opening["train_examples"]))
+            trained = await _train(
+                bench, panel[0], _scaled(bench, cfg["overrides"], scale, opening["train_examples"])
+            )
             m = trained["metrics"]
             base_ppl, ppl = m.get("ppl_base"), m.get("ppl_adapter")
             entry: dict[str, Any] = {
                 "style": dataclasses.asdict(STYLES[style] if isinstance(style, str) else style),
-                "config": trained["config"], "train_wall_s": trained["wall_s"], "train_s": trained["train_s"],
-                "ppl_base": base_ppl, "ppl_adapter": ppl,
-                "ppl_change": (round((ppl - base_ppl) / base_ppl, 3)
-                               if isinstance(base_ppl, (int, float)) and isinstance(ppl, (int, float))
-                               and base_ppl and math.isfinite(ppl) else None),
+                "config": trained["config"],
+                "train_wall_s": trained["wall_s"],
+                "train_s": trained["train_s"],
+                "ppl_base": base_ppl,
+                "ppl_adapter": ppl,
+                "ppl_change": (
+                    round((ppl - base_ppl) / base_ppl, 3)
+                    if isinstance(base_ppl, (int, float))
+                    and isinstance(ppl, (int, float))
+                    and base_ppl
+                    and math.isfinite(ppl)
+                    else None
+                ),
             }
             for mode in ("adapter", "adapter+retrieval"):
                 texts = await _replies(bench, panel[0], mode, trained["adapter"], pairs, banned, max_tokens)
                 entry[mode] = {**_score(judge, panel[0], texts), "samples": texts[:4]}
         result["systems"][name] = entry
-        trained_folders[name] = (trained["folder"], style, int(trained["config"]["max_steps"] or 0),
-                                 trained["base_model"])
-        say(f"{name}: adapter {entry['adapter']['share']}, hybrid {entry['adapter+retrieval']['share']}, "
-            f"ppl {base_ppl} -> {ppl}, {trained['wall_s']} s")
+        trained_folders[name] = (
+            trained["folder"],
+            style,
+            int(trained["config"]["max_steps"] or 0),
+            trained["base_model"],
+        )
+        say(
+            f"{name}: adapter {entry['adapter']['share']}, hybrid {entry['adapter+retrieval']['share']}, "
+            f"ppl {base_ppl} -> {ppl}, {trained['wall_s']} s"
+        )
         # The whole entry, so a long run's figures are not lost if a later configuration fails.
-        say(f"{name}: " + json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "samples"} if isinstance(v, dict)
-                                          else v) for k, v in entry.items()}))
+        say(
+            f"{name}: "
+            + json.dumps(
+                {
+                    k: ({kk: vv for kk, vv in v.items() if kk != "samples"} if isinstance(v, dict) else v)
+                    for k, v in entry.items()
+                }
+            )
+        )
     if trained_folders and not getattr(args, "no_own_vs_other", False) and len(panel) > 1:
         result["own_vs_other"] = await _own_vs_other(bench, panel, trained_folders)
         say(f"own vs other adapter on {panel[0]}'s held-out replies: {result['own_vs_other']}")

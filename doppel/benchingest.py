@@ -32,7 +32,9 @@ def _text(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def write_export(path: Path, n: int, authors: int, seed: int, heavy_share: float, channel: int) -> dict[str, int]:
+def write_export(
+    path: Path, n: int, authors: int, seed: int, heavy_share: float, channel: int
+) -> dict[str, int]:
     """Write one DCE-shaped export of `n` messages, streamed to disk; returns message counts by author kind."""
     rng = random.Random(seed)
     start = datetime(2024, 1, 1, tzinfo=UTC)
@@ -42,8 +44,14 @@ def write_export(path: Path, n: int, authors: int, seed: int, heavy_share: float
         guild_id, channel_id = "900000000000000001", str(800000000000000000 + channel)
         header: dict[str, Any] = {
             "guild": {"id": guild_id, "name": "Bench guild", "iconUrl": "https://cdn/x.png"},
-            "channel": {"id": channel_id, "type": "GuildTextChat", "categoryId": "7",
-                        "category": "Text", "name": f"bench-{channel}", "topic": None},
+            "channel": {
+                "id": channel_id,
+                "type": "GuildTextChat",
+                "categoryId": "7",
+                "category": "Text",
+                "name": f"bench-{channel}",
+                "topic": None,
+            },
             "dateRange": {"after": None, "before": None},
             "exportedAt": "2024-06-01T00:00:00+00:00",
         }
@@ -64,19 +72,45 @@ def write_export(path: Path, n: int, authors: int, seed: int, heavy_share: float
                 "callEndedTimestamp": None,
                 "isPinned": False,
                 "content": "" if 0.97 < kind <= 0.985 else _text(rng),
-                "author": {"id": author_id, "name": f"user{author_id[-5:]}", "discriminator": "0000",
-                           "nickname": f"Nick {author_id[-4:]}", "color": "#FFFFFF", "isBot": 0.985 < kind <= 0.99,
-                           "roles": [{"id": "1", "name": "member", "color": None, "position": 1}],
-                           "avatarUrl": f"https://cdn.discordapp.com/avatars/{author_id}/a.png"},
-                "attachments": [{"id": "5", "url": "https://cdn/f.png", "fileName": "f.png", "fileSizeBytes": 10}]
-                if 0.97 < kind <= 0.98 else [],
-                "embeds": [], "stickers": [],
-                "reactions": [{"emoji": {"id": "", "name": "👍", "code": "thumbsup", "isAnimated": False,
-                                         "imageUrl": "https://t/1f44d.svg"}, "count": 2}] if kind < 0.2 else [],
+                "author": {
+                    "id": author_id,
+                    "name": f"user{author_id[-5:]}",
+                    "discriminator": "0000",
+                    "nickname": f"Nick {author_id[-4:]}",
+                    "color": "#FFFFFF",
+                    "isBot": 0.985 < kind <= 0.99,
+                    "roles": [{"id": "1", "name": "member", "color": None, "position": 1}],
+                    "avatarUrl": f"https://cdn.discordapp.com/avatars/{author_id}/a.png",
+                },
+                "attachments": [
+                    {"id": "5", "url": "https://cdn/f.png", "fileName": "f.png", "fileSizeBytes": 10}
+                ]
+                if 0.97 < kind <= 0.98
+                else [],
+                "embeds": [],
+                "stickers": [],
+                "reactions": [
+                    {
+                        "emoji": {
+                            "id": "",
+                            "name": "👍",
+                            "code": "thumbsup",
+                            "isAnimated": False,
+                            "imageUrl": "https://t/1f44d.svg",
+                        },
+                        "count": 2,
+                    }
+                ]
+                if kind < 0.2
+                else [],
                 "mentions": [],
             }
             if msg["type"] == "Reply":
-                msg["reference"] = {"messageId": str(int(msg["id"]) - 1), "channelId": channel_id, "guildId": guild_id}
+                msg["reference"] = {
+                    "messageId": str(int(msg["id"]) - 1),
+                    "channelId": channel_id,
+                    "guildId": guild_id,
+                }
             fh.write(("," if i else "") + json.dumps(msg, ensure_ascii=False) + "\n")
         fh.write(f'], "messageCount": {n}}}\n')
     return {"messages": n, "heavy": heavy}
@@ -101,7 +135,12 @@ def _child(home: str, files: list[str], consenting: list[str], authors: int) -> 
             seconds = time.perf_counter() - t0
             after = resource.getrusage(resource.RUSAGE_SELF)
             cpu = after.ru_utime + after.ru_stime - cpu0
-            return {"seconds": seconds, "cpu_seconds": cpu, "total": result["total"], "rss_before_kb": usage.ru_maxrss}
+            return {
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                "total": result["total"],
+                "rss_before_kb": usage.ru_maxrss,
+            }
 
     out = asyncio.run(go())
     out["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -120,8 +159,12 @@ def _forget_child(home: str, member_id: str) -> None:
             count = await store.messages.count(member_id)
             t0 = time.perf_counter()
             report = await forget(store, settings, member_id, "bench", "cli")
-            return {"messages": count, "seconds": time.perf_counter() - t0, "erased": report.parts["messages"],
-                    "left": await store.messages.count(member_id)}
+            return {
+                "messages": count,
+                "seconds": time.perf_counter() - t0,
+                "erased": report.parts["messages"],
+                "left": await store.messages.count(member_id),
+            }
 
     print(json.dumps(asyncio.run(go())))
 
@@ -129,7 +172,10 @@ def _forget_child(home: str, member_id: str) -> None:
 def _run_child(call: str, *params: Any) -> dict[str, Any]:
     code = f"import sys, json; from doppel.benchingest import {call}; {call}(*json.loads(sys.argv[1]))"
     proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(params)], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+        [sys.executable, "-c", code, json.dumps(params)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
     )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed: {proc.stderr.strip()[-2000:]}")
@@ -140,16 +186,23 @@ def ingest(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """Import two export sizes (the second twice the first) into fresh homes; then forget the heavy member."""
     base = 20_000 if getattr(args, "quick", False) else 250_000
     authors = 400
-    consenting = [HEAVY] + [str(200000000000000000 + a) for a in range(0, authors, 2)]  # half the crowd consents
-    results: dict[str, Any] = {"load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-                               "cpus": os.cpu_count(), "target": {"messages_per_s": 30_000, "peak_rss_mb": 300, "forget_100k_s": 5.0},
-                               "sizes": []}
+    consenting = [HEAVY] + [
+        str(200000000000000000 + a) for a in range(0, authors, 2)
+    ]  # half the crowd consents
+    results: dict[str, Any] = {
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "cpus": os.cpu_count(),
+        "target": {"messages_per_s": 30_000, "peak_rss_mb": 300, "forget_100k_s": 5.0},
+        "sizes": [],
+    }
     with tempfile.TemporaryDirectory(prefix="doppel-bench-") as tmp:
         root = Path(tmp)
         for size in (base, 2 * base):
             export = root / f"export-{size}.json"
             # 100k messages of the heavy member in the base size: the forget benchmark's member.
-            counts = write_export(export, size, authors, seed=size, heavy_share=100_000 / 250_000, channel=size % 97)
+            counts = write_export(
+                export, size, authors, seed=size, heavy_share=100_000 / 250_000, channel=size % 97
+            )
             home = root / f"home-{size}"
             child = _run_child("_child", str(home), [str(export)], consenting, authors)
             total = child["total"]
@@ -169,8 +222,11 @@ def ingest(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
             results["sizes"].append(entry)
             if size == base:
                 forget = _run_child("_forget_child", str(home), HEAVY)
-                results["forget"] = {"messages": forget["messages"], "seconds": round(forget["seconds"], 2),
-                                     "left": forget["left"]}
+                results["forget"] = {
+                    "messages": forget["messages"],
+                    "seconds": round(forget["seconds"], 2),
+                    "left": forget["left"],
+                }
                 results["forget_100k_s"] = round(forget["seconds"] * 100_000 / max(1, forget["messages"]), 2)
             export.unlink()
     sizes = results["sizes"]
@@ -178,6 +234,8 @@ def ingest(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     results["peak_rss_mb"] = max(s["peak_rss_mb"] for s in sizes)
     results["rss_growth_mb_2x"] = round(sizes[1]["peak_rss_mb"] - sizes[0]["peak_rss_mb"], 1)
     results["meets_targets"] = (
-        results["messages_per_s"] >= 30_000 and results["peak_rss_mb"] <= 300 and results["forget_100k_s"] <= 5.0
+        results["messages_per_s"] >= 30_000
+        and results["peak_rss_mb"] <= 300
+        and results["forget_100k_s"] <= 5.0
     )
     return results

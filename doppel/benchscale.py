@@ -142,8 +142,12 @@ def measure(name: str, cmd: list[str], env: dict[str, str]) -> tuple[dict[str, A
             result = json.loads(last[-1])
         except json.JSONDecodeError:
             result = None
-    figures = {"seconds": round(seconds, 2), "peak_rss_mb": _mb(usage.ru_maxrss),
-               "sampled_peak_rss_mb": sampler.by_kind(), "tree_peak_rss_mb": round(sampler.tree_peak / 2**20, 1)}
+    figures = {
+        "seconds": round(seconds, 2),
+        "peak_rss_mb": _mb(usage.ru_maxrss),
+        "sampled_peak_rss_mb": sampler.by_kind(),
+        "tree_peak_rss_mb": round(sampler.tree_peak / 2**20, 1),
+    }
     return figures, result
 
 
@@ -155,8 +159,13 @@ def _env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOPPEL_")}
     if "DOPPEL_MASTER_KEY" in os.environ:
         env["DOPPEL_MASTER_KEY"] = os.environ["DOPPEL_MASTER_KEY"]
-    env.update(DOPPEL_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               DOPPEL_TRAINING__MIN_FREE_DISK_MB="1")  # fmt: skip
+    env.update(
+        DOPPEL_HOME=str(home),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        DOPPEL_TRAINING__MIN_FREE_DISK_MB="1",
+    )
     return env
 
 
@@ -171,8 +180,9 @@ _WARM = (
 )
 
 
-def run_size(members: int, messages: int, *, work: Path, base_cache: Path, steps: int, quick: bool,
-             log: Any = None) -> dict[str, Any]:
+def run_size(
+    members: int, messages: int, *, work: Path, base_cache: Path, steps: int, quick: bool, log: Any = None
+) -> dict[str, Any]:
     """All phases on one generated community in a fresh DOPPEL_HOME under `work`; returns the figures."""
     home, export = work / f"home-{members}", work / f"export-{members}"
     env = _env(home)
@@ -186,7 +196,9 @@ def run_size(members: int, messages: int, *, work: Path, base_cache: Path, steps
         return result
 
     top = max(50, min(5000, messages // 8)) if quick else 5000
-    gen = step("generate", [sys.executable, "-c", _GENERATE, str(export), str(members), str(messages), str(top)])
+    gen = step(
+        "generate", [sys.executable, "-c", _GENERATE, str(export), str(members), str(messages), str(top)]
+    )
     ids: list[str] = gen["members"]
     persona = ids[0]  # the generator makes member 0 the most active
     step("consent", _doppel("consent", "grant", *ids, "--scope", "train,chat"))
@@ -201,20 +213,29 @@ def run_size(members: int, messages: int, *, work: Path, base_cache: Path, steps
     phases["train"].update(adapter_status=trained["status"], trainer=trainer)
     if trained["status"] != "active":
         # A few steps rarely beat the base model: activate the version anyway so the chat phase serves the adapter.
-        subprocess.run(_doppel("personas", "rollback", persona, str(version)), env=env, check=True,
-                       capture_output=True)  # fmt: skip
-    reply = step("chat", _doppel("chat", persona, "--message", CHAT_MESSAGE, "--seed", "1", "--max-tokens", "24"))
+        subprocess.run(
+            _doppel("personas", "rollback", persona, str(version)), env=env, check=True, capture_output=True
+        )
+    reply = step(
+        "chat", _doppel("chat", persona, "--message", CHAT_MESSAGE, "--seed", "1", "--max-tokens", "24")
+    )
     phases["chat"].update(mode=reply["mode"], reply_chars=len(reply["reply"]))
     stored_before = asyncio.run(_member_rows(home, persona))
     forgot = step("forget", _doppel("forget", persona))
-    phases["forget"].update(messages_erased=forgot["parts"].get("messages", 0),
-                            adapters_erased=len(forgot["adapters_retired"]))  # fmt: skip
+    phases["forget"].update(
+        messages_erased=forgot["parts"].get("messages", 0), adapters_erased=len(forgot["adapters_retired"])
+    )
     after = asyncio.run(_member_rows(home, persona))
     return {
-        "members": members, "messages": gen["messages"], "persona": persona,
-        "persona_messages": stored_before["messages"], "phases": phases, "trainer": trainer,
-        "persona_rows_before_forget": stored_before, "persona_rows_after_forget": after,
-    }  # fmt: skip
+        "members": members,
+        "messages": gen["messages"],
+        "persona": persona,
+        "persona_messages": stored_before["messages"],
+        "phases": phases,
+        "trainer": trainer,
+        "persona_rows_before_forget": stored_before,
+        "persona_rows_after_forget": after,
+    }
 
 
 async def _trainer_figures(home: Path, adapter_id: str) -> dict[str, Any]:
@@ -229,11 +250,17 @@ async def _trainer_figures(home: Path, adapter_id: str) -> dict[str, Any]:
     res = dict(metrics.get("resources") or {})
     train_peak, peak = float(res.get("train_peak_rss_mb") or 0), float(res.get("peak_rss_mb") or 0)
     ratio = round(peak / train_peak, 3) if train_peak > 0 else None
-    return {"training_peak_rss_mb": train_peak, "peak_rss_mb": peak, "ratio": ratio,
-            "within_limit": ratio is not None and ratio <= MAX_RATIO, "limit": MAX_RATIO,
-            "evaluation": metrics.get("evaluation"), "heldout_examples": metrics.get("heldout_examples"),
-            "attribution_panel": ((metrics.get("fidelity") or {}).get("attribution") or {}).get("members"),
-            "estimate_mb": res.get("estimate_mb")}  # fmt: skip
+    return {
+        "training_peak_rss_mb": train_peak,
+        "peak_rss_mb": peak,
+        "ratio": ratio,
+        "within_limit": ratio is not None and ratio <= MAX_RATIO,
+        "limit": MAX_RATIO,
+        "evaluation": metrics.get("evaluation"),
+        "heldout_examples": metrics.get("heldout_examples"),
+        "attribution_panel": ((metrics.get("fidelity") or {}).get("attribution") or {}).get("members"),
+        "estimate_mb": res.get("estimate_mb"),
+    }
 
 
 async def _member_rows(home: Path, member_id: str) -> dict[str, int]:
@@ -268,10 +295,18 @@ def scale(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="doppel-bench-scale-"))
     try:
         # Unmeasured: the base model's float copy is converted once and cached, as on any server after its first job.
-        subprocess.run([sys.executable, "-c", _WARM, str(base_gguf), str(base_cache)], env=_env(work / "warm"),
-                       check=True, capture_output=True)  # fmt: skip
-        results = [run_size(m, n, work=work, base_cache=base_cache, steps=steps, quick=quick, log=log if show else None)
-                   for m, n in sizes]  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-c", _WARM, str(base_gguf), str(base_cache)],
+            env=_env(work / "warm"),
+            check=True,
+            capture_output=True,
+        )
+        results = [
+            run_size(
+                m, n, work=work, base_cache=base_cache, steps=steps, quick=quick, log=log if show else None
+            )
+            for m, n in sizes
+        ]
     except subprocess.CalledProcessError as exc:
         tail = (exc.stderr or b"").decode("utf-8", "replace").strip().splitlines()
         raise UserFacingError(f"bench scale: setup failed: {tail[-1] if tail else exc}") from None
@@ -279,10 +314,14 @@ def scale(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     peaks = [r["trainer"]["peak_rss_mb"] for r in results]
     return {
-        "cpu": cpu_model(), "cpus": os.cpu_count(), "quick": quick, "train_steps": steps,
-        "train_config": {**TRAIN_SET, **(QUICK_SET if quick else {})}, "sizes": results,
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "quick": quick,
+        "train_steps": steps,
+        "train_config": {**TRAIN_SET, **(QUICK_SET if quick else {})},
+        "sizes": results,
         "trainer_peak_rss_mb": peaks,
         # Flat in the member count: the largest community's trainer peak over the smallest's.
         "trainer_peak_growth": round(peaks[-1] / peaks[0], 3) if len(peaks) > 1 and peaks[0] else None,
         "all_within_limit": all(r["trainer"]["within_limit"] for r in results),
-    }  # fmt: skip
+    }

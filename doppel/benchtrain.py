@@ -66,7 +66,9 @@ async def _dataset_bench(settings: Settings, n_messages: int, n_members: int) ->
         for name, kwargs in (("single", {"mode": "sft+dpo"}), ("multi", {"multi": True})):
             job = settings.jobs_dir / name
             t0 = time.perf_counter()
-            meta = await materialize(store, settings, member if name == "single" else "", job, chat_format, **kwargs)
+            meta = await materialize(
+                store, settings, member if name == "single" else "", job, chat_format, **kwargs
+            )
             seconds = time.perf_counter() - t0
             counts = meta["counts"]
             examples = counts["train"] + counts["val"] + counts["heldout"]
@@ -79,8 +81,12 @@ async def _dataset_bench(settings: Settings, n_messages: int, n_members: int) ->
                 "dropped": counts["dropped"],
             }
             if tokenize is not None:
-                runs[name]["tokens"] = _padding_stats(job / "dataset" / "train.jsonl", tokenize, settings.dataset.seed,
-                                                      key=job_key_for(settings, job))
+                runs[name]["tokens"] = _padding_stats(
+                    job / "dataset" / "train.jsonl",
+                    tokenize,
+                    settings.dataset.seed,
+                    key=job_key_for(settings, job),
+                )
     return {
         "messages": n_messages,
         "members": n_members,
@@ -119,11 +125,17 @@ def _generate(n: int, n_members: int, seed: int) -> list[Any]:
         reactions = {"😂": rng.randint(1, 5)} if rng.random() < 0.15 else {}
         out.append(
             Message(
-                id=str(1_000_000_000_000_000_000 + i), guild_id="1", channel_id=channel_id, channel_name=channel_name,
-                author_id=_member_id(author), author_name=f"user{author}", created_at=t,
-                content=words + rng.choice(_TAILS), reactions=reactions,
+                id=str(1_000_000_000_000_000_000 + i),
+                guild_id="1",
+                channel_id=channel_id,
+                channel_name=channel_name,
+                author_id=_member_id(author),
+                author_name=f"user{author}",
+                created_at=t,
+                content=words + rng.choice(_TAILS),
+                reactions=reactions,
                 attachments=1 if rng.random() < 0.02 else 0,
-            )  # fmt: skip
+            )
         )
     return out
 
@@ -134,7 +146,7 @@ def _format_and_tokenizer(settings: Settings) -> tuple[Any, Any, str]:
     try:
         path = settings.base_gguf_path()
         fmt = ChatFormat.from_gguf(path)
-    except Exception:  # noqa: BLE001 - no base model installed: a plain ChatML format still measures the builder
+    except Exception:
         return ChatFormat(template=_CHATML, eos_token="<|im_end|>"), None, "chatml (no base model)"
     try:
         from llama_cpp import Llama
@@ -145,7 +157,7 @@ def _format_and_tokenizer(settings: Settings) -> tuple[Any, Any, str]:
 
         def tokenize(text: str) -> int:
             return len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
-    except Exception:  # noqa: BLE001 - llama.cpp absent: report examples/s without token statistics
+    except Exception:
         return fmt, None, path.name
     return fmt, tokenize, path.name
 
@@ -163,8 +175,9 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _padding_stats(train_jsonl: Path, tokenize: Any, seed: int, batch: int = 8,
-                   key: bytes | None = None) -> dict[str, Any]:
+def _padding_stats(
+    train_jsonl: Path, tokenize: Any, seed: int, batch: int = 8, key: bytes | None = None
+) -> dict[str, Any]:
     from trainer.jobdata import read_jsonl
 
     lengths = [tokenize(row["prompt"] + row["completion"]) for row in read_jsonl(train_jsonl, key=key)]
@@ -225,9 +238,18 @@ def train(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         rows = synthetic_rows(n, seed=5, chat_format=ChatFormat.from_tokenizer(tokenizer), long_tail=True)
         rows, _ = fit_rows(rows, tokenizer, 512)
         steps = len(rows) // micro
-        cfg = TrainConfig(base_model=str(model_dir), max_steps=steps, micro_batch_size=micro, learning_rate=lr,
-                          lora_r=16, lora_alpha=32, lora_dropout=0.0, save_steps=10 * steps, max_length=512,
-                          logging_steps=max(steps, 1)).validate()
+        cfg = TrainConfig(
+            base_model=str(model_dir),
+            max_steps=steps,
+            micro_batch_size=micro,
+            learning_rate=lr,
+            lora_r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            save_steps=10 * steps,
+            max_length=512,
+            logging_steps=max(steps, 1),
+        ).validate()
         job = Path(tmp) / "job"
         job.mkdir()
         with contextlib.redirect_stdout(sys.stderr):
@@ -237,13 +259,16 @@ def train(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         # A-B-B-A order: the machine's load drifts (other processes), and each side sees the same drift.
         runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ours": [], "ours_length_grouped": []}
         with contextlib.redirect_stdout(sys.stderr):
-            for i, name in enumerate(("baseline", "ours", "ours_length_grouped", "ours_length_grouped", "ours",
-                                      "baseline")):
+            for i, name in enumerate(
+                ("baseline", "ours", "ours_length_grouped", "ours_length_grouped", "ours", "baseline")
+            ):
                 if name == "baseline":
                     runs[name].append(_baseline_run(cfg, model_dir, tokenizer, rows, job / f"run{i}"))
                 else:
                     run_cfg = replace(cfg, batching="length_grouped") if name != "ours" else cfg
-                    runs[name].append(_our_run(run_cfg, model_dir, rows, job / f"run{i}", Emitter(), threading.Event()))
+                    runs[name].append(
+                        _our_run(run_cfg, model_dir, rows, job / f"run{i}", Emitter(), threading.Event())
+                    )
         baseline, ours, grouped = (_merge(runs[k]) for k in ("baseline", "ours", "ours_length_grouped"))
     speedup = ours["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"]
     wall_speedup = ours["tokens_per_s"] / baseline["tokens_per_s"]
@@ -266,14 +291,16 @@ def train(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _our_run(cfg: Any, model_dir: Path, rows: list[dict[str, Any]], job: Path, emitter: Any,
-             cancel: Any) -> dict[str, Any]:
+def _our_run(
+    cfg: Any, model_dir: Path, rows: list[dict[str, Any]], job: Path, emitter: Any, cancel: Any
+) -> dict[str, Any]:
     from trainer.basemodel import load_base
     from trainer.recipes.sft import train_sft
 
     base = load_base(model_dir, quantize_4bit=cfg.quantize_4bit)
-    _, stats = train_sft(cfg, job / "ours", base.model, base.tokenizer, rows, emitter, cancel, resume=False,
-                         device=base.device)
+    _, stats = train_sft(
+        cfg, job / "ours", base.model, base.tokenizer, rows, emitter, cancel, resume=False, device=base.device
+    )
     return {
         "pipeline": f"TRL SFTTrainer + PEFT, completion-only loss, batching={cfg.batching}",
         "seconds": stats["train_seconds"],
@@ -299,7 +326,9 @@ def _merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _baseline_run(cfg: Any, model_dir: Path, tokenizer: Any, rows: list[dict[str, Any]], job: Path) -> dict[str, Any]:
+def _baseline_run(
+    cfg: Any, model_dir: Path, tokenizer: Any, rows: list[dict[str, Any]], job: Path
+) -> dict[str, Any]:
     """HF `Trainer` + PEFT, dynamic padding to the longest in each batch, random order: the plain way."""
     import torch
     from peft import get_peft_model
@@ -308,7 +337,9 @@ def _baseline_run(cfg: Any, model_dir: Path, tokenizer: Any, rows: list[dict[str
     from trainer.recipes.sft import lora_config
 
     set_seed(cfg.seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32), lora_config(cfg))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32), lora_config(cfg)
+    )
     features = []
     for r in rows:
         p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
@@ -327,9 +358,17 @@ def _baseline_run(cfg: Any, model_dir: Path, tokenizer: Any, rows: list[dict[str
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     targs = TrainingArguments(
-        output_dir=str(job / "baseline"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.micro_batch_size,
-        learning_rate=cfg.learning_rate, logging_steps=cfg.max_steps, save_strategy="no", report_to="none",
-        disable_tqdm=True, seed=cfg.seed, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
+        output_dir=str(job / "baseline"),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        learning_rate=cfg.learning_rate,
+        logging_steps=cfg.max_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
         bf16=torch.cuda.is_available(),
     )
     trainer = Trainer(model=model, args=targs, train_dataset=features, data_collator=collate)

@@ -36,14 +36,18 @@ log = logging.getLogger("doppel")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # one line, no usage dump: the contract is a clear single-line error
+    def error(
+        self, message: str
+    ) -> Any:  # one line, no usage dump: the contract is a clear single-line error
         raise UserFacingError(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="doppel", description="Doppel: AI personas of consenting Discord members.")
     parser.add_argument("--config", type=Path, help="settings TOML (default: $DOPPEL_HOME/doppel.toml)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object as the last line of stdout"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug output to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
@@ -95,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 1
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: an id, not a traceback
+    except Exception as exc:
         error_id = uuid.uuid4().hex[:8]
         log.error("internal error %s\n%s", error_id, traceback.format_exc())
         where = f"; details in {settings.logs_dir / 'doppel.log'}" if settings else ""

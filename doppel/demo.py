@@ -29,7 +29,9 @@ def say(text: str = "") -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-async def run_demo(settings: Settings, *, retrain: bool = False, max_steps: int | None = None) -> dict[str, Any]:
+async def run_demo(
+    settings: Settings, *, retrain: bool = False, max_steps: int | None = None
+) -> dict[str, Any]:
     """Generate, consent, import, train, evaluate and chat; returns a JSON-able summary."""
     from consent.service import ConsentService
     from data.dce_import import import_exports
@@ -57,8 +59,10 @@ async def run_demo(settings: Settings, *, retrain: bool = False, max_steps: int 
             report = await import_exports(store, paths, source="import")
         total = report["total"]
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(total["skipped"].items()) if v) or "none"
-        say(f"   read {total['read']}, stored {total['stored']} (already stored {total['already_stored']}), "
-            f"skipped: {skipped}")
+        say(
+            f"   read {total['read']}, stored {total['stored']} (already stored {total['already_stored']}), "
+            f"skipped: {skipped}"
+        )
         summary["import"] = total
 
         say(f"3. Train: a LoRA persona of {PERSONA.nickname} on the bundled SmolLM2-135M, on this CPU.")
@@ -94,8 +98,10 @@ async def _train(store: Any, settings: Settings, *, retrain: bool, max_steps: in
     versions = await registry.list(PERSONA.id)
     existing = await registry.active(PERSONA.id) or (versions[-1] if versions else None)
     if existing is not None and not retrain:
-        say(f"   adapter version {existing.version} ({existing.status}) already exists; reusing it "
-            "(--retrain to train again)")
+        say(
+            f"   adapter version {existing.version} ({existing.status}) already exists; reusing it "
+            "(--retrain to train again)"
+        )
         return existing
     sup = Supervisor(store, settings)
     await sup.start()
@@ -118,13 +124,19 @@ async def _train(store: Any, settings: Settings, *, retrain: bool, max_steps: in
 async def _side_by_side(store: Any, settings: Settings, adapter: Any) -> list[dict[str, str]]:
     from doppel.core.chatformat import Utterance
     from inference.engine import Engine
-    from inference.requests import GenParams, PersonaRequest
+    from inference.requests import GenParams, Mode, PersonaRequest
     from inference.retrieval import Retriever
 
-    def persona(mode: str) -> PersonaRequest:
+    def persona(mode: Mode) -> PersonaRequest:
         adapters = ((str(adapter.gguf_path), 1.0),) if mode.startswith("adapter") else ()
-        return PersonaRequest(member_id=PERSONA.id, name=PERSONA.nickname, channel_name="general",
-                              mode=mode, adapters=adapters, guild_id="demo")  # type: ignore[arg-type]
+        return PersonaRequest(
+            member_id=PERSONA.id,
+            name=PERSONA.nickname,
+            channel_name="general",
+            mode=mode,
+            adapters=adapters,
+            guild_id="demo",
+        )
 
     # Greedy, so the three columns differ only by persona; a mild penalty keeps the small base model out of loops.
     params = GenParams(max_tokens=40, temperature=0.0, seed=1, repeat_penalty=1.15)
@@ -133,7 +145,12 @@ async def _side_by_side(store: Any, settings: Settings, adapter: Any) -> list[di
         for prompt in PROMPTS:
             context = [Utterance("100000000000000004", "Mara", prompt)]
             row = {"prompt": prompt}
-            for label, mode in (("base", "base"), ("retrieval", "retrieval"), ("trained", "adapter")):
+            columns: tuple[tuple[str, Mode], ...] = (
+                ("base", "base"),
+                ("retrieval", "retrieval"),
+                ("trained", "adapter"),
+            )
+            for label, mode in columns:
                 row[label] = (await engine.reply(persona(mode), context, params).text()).strip()
             rows.append(row)
             say(f"\n   Mara: {prompt}")

@@ -71,7 +71,11 @@ def cmake_args(flags: set[str], machine: str, cuda: bool) -> list[str]:
     elif machine in ("aarch64", "arm64"):
         # NEON is part of armv8-a; dotprod / fp16 arithmetic / i8mm only when the kernel reports them.
         arch = "armv8.2-a" if "asimddp" in flags or "asimdhp" in flags else "armv8-a"
-        extras = [ext for flag, ext in (("asimddp", "dotprod"), ("asimdhp", "fp16"), ("i8mm", "i8mm")) if flag in flags]
+        extras = [
+            ext
+            for flag, ext in (("asimddp", "dotprod"), ("asimdhp", "fp16"), ("i8mm", "i8mm"))
+            if flag in flags
+        ]
         args.append("-DGGML_CPU_ARM_ARCH=" + "+".join([arch, *extras]))
     if cuda:
         args.append("-DGGML_CUDA=ON")
@@ -149,7 +153,16 @@ def main() -> int:
     else:
         print(f"llama-cpp-python {VERSION}: reusing cached portable build {key}")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-cache-dir", str(wheels[0])],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--force-reinstall",
+            "--no-cache-dir",
+            str(wheels[0]),
+        ],
         check=True,
     )
     importlib.invalidate_caches()
@@ -162,7 +175,9 @@ def main() -> int:
         "key": key,
         "cmake_args": args,
         "machine": platform.machine(),
-        "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "bmi", "sse", "asimd"))),
+        "cpu_flags": sorted(
+            f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "bmi", "sse", "asimd"))
+        ),
         "cuda": cuda,
     }
     (folder / BUILD_INFO).write_text(json.dumps(record, indent=1) + "\n")

@@ -10,57 +10,93 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-TOPICS = ["the raid tonight", "pizza", "the new patch", "my cat", "rust vs go", "the weekend", "coffee",
-          "that movie", "the server event", "exams", "the playlist", "keyboards"]
+TOPICS = [
+    "the raid tonight",
+    "pizza",
+    "the new patch",
+    "my cat",
+    "rust vs go",
+    "the weekend",
+    "coffee",
+    "that movie",
+    "the server event",
+    "exams",
+    "the playlist",
+    "keyboards",
+]
 
 
 def _pixel(rng: random.Random, topic: str) -> str:
     """Lowercase, no punctuation, 'lol', keyboard smashes and emoji."""
     opener = rng.choice(["omg", "lol", "ngl", "wait", "okay so", "bruh", "lmaooo", "fr"])
-    body = rng.choice([
-        f"{topic} is sooo good", f"i cant stop thinking abt {topic}", f"who else is hyped for {topic}",
-        f"{topic} again?? lol", f"ok but {topic} tho", f"me and {topic} are in a relationship now",
-    ])
+    body = rng.choice(
+        [
+            f"{topic} is sooo good",
+            f"i cant stop thinking abt {topic}",
+            f"who else is hyped for {topic}",
+            f"{topic} again?? lol",
+            f"ok but {topic} tho",
+            f"me and {topic} are in a relationship now",
+        ]
+    )
     tail = rng.choice(["😭", "💀", "✨", "lol", "asdfghjkl", "🥺👉👈", "fr fr", ""])
     return f"{opener} {body} {tail}".strip()
 
 
 def _captain(rng: random.Random, topic: str) -> str:
     """Shouty caps, exclamation marks, rallying calls."""
-    line = rng.choice([
-        f"ALRIGHT CREW, {topic.upper()} IS HAPPENING!!", f"NO SURRENDER ON {topic.upper()}!!!",
-        f"WHO'S WITH ME FOR {topic.upper()}?!", f"HOLD THE LINE, {topic.upper()} WAITS FOR NO ONE!!",
-        f"ALL HANDS ON DECK FOR {topic.upper()}!", f"THAT'S THE SPIRIT! {topic.upper()} OR BUST!!",
-    ])
+    line = rng.choice(
+        [
+            f"ALRIGHT CREW, {topic.upper()} IS HAPPENING!!",
+            f"NO SURRENDER ON {topic.upper()}!!!",
+            f"WHO'S WITH ME FOR {topic.upper()}?!",
+            f"HOLD THE LINE, {topic.upper()} WAITS FOR NO ONE!!",
+            f"ALL HANDS ON DECK FOR {topic.upper()}!",
+            f"THAT'S THE SPIRIT! {topic.upper()} OR BUST!!",
+        ]
+    )
     return line + rng.choice([" ⚓", " 🏴‍☠️", "", " ONWARDS!"])
 
 
 def _prof(rng: random.Random, topic: str) -> str:
     """Long formal sentences with semicolons and hedges."""
-    return rng.choice([
-        f"Indeed; one might argue that {topic} deserves a more careful treatment than we usually give it.",
-        f"I would posit, with some hesitation, that {topic} is rather more nuanced than it first appears.",
-        f"Consider, for a moment, the history of {topic}; it is, in many respects, instructive.",
-        f"With respect, I must disagree; {topic} is not merely a matter of taste, but of principle.",
-        f"Furthermore, the evidence regarding {topic} remains, at best, inconclusive.",
-    ])
+    return rng.choice(
+        [
+            f"Indeed; one might argue that {topic} deserves a more careful treatment than we usually give it.",
+            f"I would posit, with some hesitation, that {topic} is rather more nuanced than it first appears.",
+            f"Consider, for a moment, the history of {topic}; it is, in many respects, instructive.",
+            f"With respect, I must disagree; {topic} is not merely a matter of taste, but of principle.",
+            f"Furthermore, the evidence regarding {topic} remains, at best, inconclusive.",
+        ]
+    )
 
 
 def _mara(rng: random.Random, topic: str) -> str:
     """Soft, tildes, kaomoji, short."""
-    return rng.choice([
-        f"aww {topic}~ (◕‿◕)", f"hehe {topic} makes me happy~", f"ooh {topic}!! tell me more~ (´｡• ᵕ •｡`)",
-        f"{topic} sounds cozy~", f"*hugs* {topic} will be okay~", f"yay {topic}~ ♡",
-    ])
+    return rng.choice(
+        [
+            f"aww {topic}~ (◕‿◕)",
+            f"hehe {topic} makes me happy~",
+            f"ooh {topic}!! tell me more~ (´｡• ᵕ •｡`)",
+            f"{topic} sounds cozy~",
+            f"*hugs* {topic} will be okay~",
+            f"yay {topic}~ ♡",
+        ]
+    )
 
 
 def _dev(rng: random.Random, topic: str) -> str:
     """Terse engineer: code spans, 'tbh', numbers."""
-    return rng.choice([
-        f"tbh {topic} is just `O(n^2)` with extra steps", f"filed a bug about {topic}: `won't fix`",
-        f"{topic}? works on my machine", f"benchmarked {topic}: 3.2x slower, 40% more RAM",
-        f"have you tried turning {topic} off and on again", f"`git blame {topic.replace(' ', '_')}` says it was me",
-    ])
+    return rng.choice(
+        [
+            f"tbh {topic} is just `O(n^2)` with extra steps",
+            f"filed a bug about {topic}: `won't fix`",
+            f"{topic}? works on my machine",
+            f"benchmarked {topic}: 3.2x slower, 40% more RAM",
+            f"have you tried turning {topic} off and on again",
+            f"`git blame {topic.replace(' ', '_')}` says it was me",
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -84,8 +120,16 @@ BOT_ID = "100000000000000099"
 
 
 def _author(m: SampleMember) -> dict[str, Any]:
-    return {"id": m.id, "name": m.name, "discriminator": "0000", "nickname": m.nickname, "color": None,
-            "isBot": False, "roles": [], "avatarUrl": "https://cdn.discordapp.com/embed/avatars/0.png"}
+    return {
+        "id": m.id,
+        "name": m.name,
+        "discriminator": "0000",
+        "nickname": m.nickname,
+        "color": None,
+        "isBot": False,
+        "roles": [],
+        "avatarUrl": "https://cdn.discordapp.com/embed/avatars/0.png",
+    }
 
 
 def generate_export(channel_name: str, channel_id: str, n_messages: int, seed: int) -> dict[str, Any]:
@@ -109,32 +153,89 @@ def generate_export(channel_name: str, channel_id: str, n_messages: int, seed: i
             msg_id = str(next_id)
             next_id += 1
             reply = rng.random() < 0.25 and last_id is not None
-            messages.append({
-                "id": msg_id, "type": "Reply" if reply else "Default",
-                "timestamp": t.isoformat(timespec="milliseconds"), "timestampEdited": None, "callEndedTimestamp": None,
-                "isPinned": False, "content": m.style(rng, topic), "author": _author(m),
-                "attachments": [], "embeds": [], "stickers": [],
-                "reactions": ([{"emoji": {"id": "", "name": "😂", "code": "joy", "isAnimated": False, "imageUrl": ""},
-                                "count": rng.randint(1, 4)}] if rng.random() < 0.2 else []),
-                "mentions": [], "inlineEmojis": [],
-                **({"reference": {"messageId": last_id, "channelId": channel_id, "guildId": "100000000000000000"}}
-                   if reply else {}),
-            })
+            messages.append(
+                {
+                    "id": msg_id,
+                    "type": "Reply" if reply else "Default",
+                    "timestamp": t.isoformat(timespec="milliseconds"),
+                    "timestampEdited": None,
+                    "callEndedTimestamp": None,
+                    "isPinned": False,
+                    "content": m.style(rng, topic),
+                    "author": _author(m),
+                    "attachments": [],
+                    "embeds": [],
+                    "stickers": [],
+                    "reactions": (
+                        [
+                            {
+                                "emoji": {
+                                    "id": "",
+                                    "name": "😂",
+                                    "code": "joy",
+                                    "isAnimated": False,
+                                    "imageUrl": "",
+                                },
+                                "count": rng.randint(1, 4),
+                            }
+                        ]
+                        if rng.random() < 0.2
+                        else []
+                    ),
+                    "mentions": [],
+                    "inlineEmojis": [],
+                    **(
+                        {
+                            "reference": {
+                                "messageId": last_id,
+                                "channelId": channel_id,
+                                "guildId": "100000000000000000",
+                            }
+                        }
+                        if reply
+                        else {}
+                    ),
+                }
+            )
             last_id = msg_id
         if rng.random() < 0.05:
             t += timedelta(seconds=5)
-            messages.append({
-                "id": str(next_id), "type": "Default", "timestamp": t.isoformat(timespec="milliseconds"),
-                "timestampEdited": None, "isPinned": False, "content": "Reminder: server event on Friday!",
-                "author": {"id": BOT_ID, "name": "EventBot", "discriminator": "0000", "nickname": "EventBot",
-                           "isBot": True, "roles": [], "avatarUrl": ""},
-                "attachments": [], "embeds": [], "stickers": [], "reactions": [], "mentions": [], "inlineEmojis": [],
-            })
+            messages.append(
+                {
+                    "id": str(next_id),
+                    "type": "Default",
+                    "timestamp": t.isoformat(timespec="milliseconds"),
+                    "timestampEdited": None,
+                    "isPinned": False,
+                    "content": "Reminder: server event on Friday!",
+                    "author": {
+                        "id": BOT_ID,
+                        "name": "EventBot",
+                        "discriminator": "0000",
+                        "nickname": "EventBot",
+                        "isBot": True,
+                        "roles": [],
+                        "avatarUrl": "",
+                    },
+                    "attachments": [],
+                    "embeds": [],
+                    "stickers": [],
+                    "reactions": [],
+                    "mentions": [],
+                    "inlineEmojis": [],
+                }
+            )
             next_id += 1
     return {
         "guild": {"id": "100000000000000000", "name": "Doppel Demo Server", "iconUrl": ""},
-        "channel": {"id": channel_id, "type": "GuildTextChat", "categoryId": "1", "category": "Text Channels",
-                    "name": channel_name, "topic": None},
+        "channel": {
+            "id": channel_id,
+            "type": "GuildTextChat",
+            "categoryId": "1",
+            "category": "Text Channels",
+            "name": channel_name,
+            "topic": None,
+        },
         "dateRange": {"after": None, "before": None},
         "exportedAt": datetime(2026, 11, 1, tzinfo=UTC).isoformat(),
         "messages": messages,
@@ -157,10 +258,50 @@ def write_community(folder: Path, n_messages: int = 3000, seed: int = 7) -> list
 
 
 # --- A large community (for `doppel bench scale`): many members, each a base style plus personal quirks -----------
-QUIRK_WORDS = ("honestly", "ngl", "lowkey", "tbf", "imo", "welp", "yikes", "anyway", "true", "fair", "oof", "big if",
-               "classic", "send help", "no cap", "as one does", "brb", "meh", "wild", "iconic")  # fmt: skip
-QUIRK_MARKS = ("🙃", "🔥", "🤖", "🐸", "🌙", "🍕", "🎲", "🧃", "🦊", "🌵", ":)", ";D", "xD", "^^", "!!", "...", "?!",
-               "<3", "-_-", "o7")  # fmt: skip
+QUIRK_WORDS = (
+    "honestly",
+    "ngl",
+    "lowkey",
+    "tbf",
+    "imo",
+    "welp",
+    "yikes",
+    "anyway",
+    "true",
+    "fair",
+    "oof",
+    "big if",
+    "classic",
+    "send help",
+    "no cap",
+    "as one does",
+    "brb",
+    "meh",
+    "wild",
+    "iconic",
+)
+QUIRK_MARKS = (
+    "🙃",
+    "🔥",
+    "🤖",
+    "🐸",
+    "🌙",
+    "🍕",
+    "🎲",
+    "🧃",
+    "🦊",
+    "🌵",
+    ":)",
+    ";D",
+    "xD",
+    "^^",
+    "!!",
+    "...",
+    "?!",
+    "<3",
+    "-_-",
+    "o7",
+)
 STYLES = (_pixel, _captain, _prof, _mara, _dev)
 GUILD_ID = "100000000000000000"
 LARGE_MEMBER_BASE = 300_000_000_000_000_000
@@ -192,12 +333,21 @@ def large_members(n: int) -> list[LargeMember]:
         style, rest = i % len(STYLES), i // len(STYLES)
         quirk = QUIRK_WORDS[rest % len(QUIRK_WORDS)]
         mark = QUIRK_MARKS[(rest // len(QUIRK_WORDS) + rest) % len(QUIRK_MARKS)]
-        out.append(LargeMember(str(LARGE_MEMBER_BASE + i), f"member{i:05d}", f"Member {i}", style, quirk, mark))
+        out.append(
+            LargeMember(str(LARGE_MEMBER_BASE + i), f"member{i:05d}", f"Member {i}", style, quirk, mark)
+        )
     return out
 
 
-def write_large_community(folder: Path, members: int = 1000, messages: int = 200_000, *, channels: int = 8,
-                          top_messages: int = 5000, seed: int = 11) -> dict[str, Any]:
+def write_large_community(
+    folder: Path,
+    members: int = 1000,
+    messages: int = 200_000,
+    *,
+    channels: int = 8,
+    top_messages: int = 5000,
+    seed: int = 11,
+) -> dict[str, Any]:
     """Write a DCE export per channel of a community of `members` people and about `messages` messages, streamed.
 
     Member 0 (the persona a benchmark trains, the most active) takes part in enough conversations for about
@@ -233,11 +383,17 @@ def write_large_community(folder: Path, members: int = 1000, messages: int = 200
         with tmp.open("w", encoding="utf-8") as fh:
             header = {
                 "guild": {"id": GUILD_ID, "name": "Doppel Scale Server", "iconUrl": ""},
-                "channel": {"id": channel_id, "type": "GuildTextChat", "categoryId": "1", "category": "Text Channels",
-                            "name": name, "topic": None},
+                "channel": {
+                    "id": channel_id,
+                    "type": "GuildTextChat",
+                    "categoryId": "1",
+                    "category": "Text Channels",
+                    "name": name,
+                    "topic": None,
+                },
                 "dateRange": {"after": None, "before": None},
                 "exportedAt": datetime(2026, 11, 1, tzinfo=UTC).isoformat(),
-            }  # fmt: skip
+            }
             fh.write(json.dumps(header, ensure_ascii=False)[:-1] + ', "messages": [\n')
             while written < per_channel:
                 topic = rng.choice(TOPICS)
@@ -258,19 +414,48 @@ def write_large_community(folder: Path, members: int = 1000, messages: int = 200
                     next_id += 1
                     reply = rng.random() < 0.2 and last_id is not None
                     msg: dict[str, Any] = {
-                        "id": msg_id, "type": "Reply" if reply else "Default",
-                        "timestamp": t.isoformat(timespec="milliseconds"), "timestampEdited": None,
-                        "isPinned": False, "content": m.say(rng, topic),
-                        "author": {"id": m.id, "name": m.name, "discriminator": "0000", "nickname": m.nickname,
-                                   "isBot": False, "roles": [], "avatarUrl": ""},
-                        "attachments": [], "embeds": [], "stickers": [],
-                        "reactions": ([{"emoji": {"id": "", "name": "😂", "code": "joy", "isAnimated": False,
-                                                  "imageUrl": ""}, "count": rng.randint(1, 4)}]
-                                      if rng.random() < 0.15 else []),
+                        "id": msg_id,
+                        "type": "Reply" if reply else "Default",
+                        "timestamp": t.isoformat(timespec="milliseconds"),
+                        "timestampEdited": None,
+                        "isPinned": False,
+                        "content": m.say(rng, topic),
+                        "author": {
+                            "id": m.id,
+                            "name": m.name,
+                            "discriminator": "0000",
+                            "nickname": m.nickname,
+                            "isBot": False,
+                            "roles": [],
+                            "avatarUrl": "",
+                        },
+                        "attachments": [],
+                        "embeds": [],
+                        "stickers": [],
+                        "reactions": (
+                            [
+                                {
+                                    "emoji": {
+                                        "id": "",
+                                        "name": "😂",
+                                        "code": "joy",
+                                        "isAnimated": False,
+                                        "imageUrl": "",
+                                    },
+                                    "count": rng.randint(1, 4),
+                                }
+                            ]
+                            if rng.random() < 0.15
+                            else []
+                        ),
                         "mentions": [],
-                    }  # fmt: skip
+                    }
                     if reply:
-                        msg["reference"] = {"messageId": last_id, "channelId": channel_id, "guildId": GUILD_ID}
+                        msg["reference"] = {
+                            "messageId": last_id,
+                            "channelId": channel_id,
+                            "guildId": GUILD_ID,
+                        }
                     fh.write(("," if written else "") + json.dumps(msg, ensure_ascii=False) + "\n")
                     counts[m.id] = counts.get(m.id, 0) + 1
                     written += 1
@@ -279,5 +464,9 @@ def write_large_community(folder: Path, members: int = 1000, messages: int = 200
             fh.write(f'], "messageCount": {written}}}\n')
         tmp.replace(path)
         paths.append(path)
-    return {"paths": [str(p) for p in paths], "members": [m.id for m in people],
-            "messages": sum(counts.values()), "per_author": counts}
+    return {
+        "paths": [str(p) for p in paths],
+        "members": [m.id for m in people],
+        "messages": sum(counts.values()),
+        "per_author": counts,
+    }

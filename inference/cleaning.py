@@ -16,10 +16,30 @@ _AT = re.compile(r"[@＠](?=[^\s\u200b])")
 ASSISTANT_PHRASES = tuple(
     f"{who} {what}"
     for who in ("i'm", "i am", "im")
-    for what in ("an ai", "a chatbot", "a chat bot", "an assistant", "a language model", "an artificial",
-                 "a virtual assistant", "an ai assistant", "here to help", "here to assist", "smollm")
-) + ("as an ai", "as a language model", "as an assistant", "how can i assist", "how may i assist",
-     "how can i help you today", "trained by hugging face", "my name is smollm", "i hope this helps")
+    for what in (
+        "an ai",
+        "a chatbot",
+        "a chat bot",
+        "an assistant",
+        "a language model",
+        "an artificial",
+        "a virtual assistant",
+        "an ai assistant",
+        "here to help",
+        "here to assist",
+        "smollm",
+    )
+) + (
+    "as an ai",
+    "as a language model",
+    "as an assistant",
+    "how can i assist",
+    "how may i assist",
+    "how can i help you today",
+    "trained by hugging face",
+    "my name is smollm",
+    "i hope this helps",
+)
 # A sentence or line the persona already wrote, starting again: the small base model looping.
 _SENTENCE_END = re.compile(r"[.!?\n]+")
 
@@ -146,7 +166,9 @@ class StreamCleaner:
                 self.stopped = True
                 return True
             if not final and m.end() == len(self._pending):
-                return False  # the label may still take one space after its colon: wait for the next character
+                return (
+                    False  # the label may still take one space after its colon: wait for the next character
+                )
             self._pending = self._pending[m.end() :]
             self._line_start = False
             return True
@@ -171,7 +193,9 @@ class StreamCleaner:
 
 
 def _word_starts(full: str, start: int) -> list[int]:
-    return [i for i in range(start, len(full)) if not full[i].isspace() and (i == 0 or not full[i - 1].isalnum())]
+    return [
+        i for i in range(start, len(full)) if not full[i].isspace() and (i == 0 or not full[i - 1].isalnum())
+    ]
 
 
 def _first_boilerplate(full: str, start: int) -> int | None:

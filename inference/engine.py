@@ -221,7 +221,7 @@ class Engine:
                 job.send("done", self._serve(session, job))
             except UserFacingError as exc:
                 job.send("error", exc)
-            except Exception as exc:  # noqa: BLE001 - a worker must survive one bad request
+            except Exception as exc:
                 log.exception("inference request %s failed", job.id)
                 job.send("error", InferenceError(f"generation failed: {type(exc).__name__}: {exc}"))
             finally:

@@ -32,6 +32,7 @@ def probe(base: Path, adapter: Path | None, threads: int, tokens: int) -> dict[s
     prompt = model.tokenize(model.format.prompt([{"role": "user", "content": PROMPT}]))
     params = GenParams(max_tokens=tokens, temperature=0.0, stop=())
     started = time.perf_counter()
+
     def keep(text: str) -> bool:
         pieces.append(text)
         return True
@@ -40,14 +41,22 @@ def probe(base: Path, adapter: Path | None, threads: int, tokens: int) -> dict[s
     seconds = time.perf_counter() - started
     session.close()
     model.close()
-    return {"ok": True, "generated": stats.generated, "text": "".join(pieces), "threads": threads,
-            "adapter": str(adapter) if adapter else None, "seconds": round(seconds, 3)}  # fmt: skip
+    return {
+        "ok": True,
+        "generated": stats.generated,
+        "text": "".join(pieces),
+        "threads": threads,
+        "adapter": str(adapter) if adapter else None,
+        "seconds": round(seconds, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inference.probe", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="base model GGUF")
-    parser.add_argument("--adapter", type=Path, help="LoRA GGUF (default: a small random one built for the base)")
+    parser.add_argument(
+        "--adapter", type=Path, help="LoRA GGUF (default: a small random one built for the base)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (use the configured count)")
     parser.add_argument("--tokens", type=int, default=8, help="tokens to generate")
     args = parser.parse_args(argv)

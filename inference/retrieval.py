@@ -72,7 +72,9 @@ class Retriever:
             self._indexes.move_to_end(member_id)
             return cached
         # Only the newest MAX_MESSAGES are read (and only their vectors): the store's cost is capped per member.
-        messages = await self.store.messages.recent_for_member(member_id, MAX_MESSAGES, self.settings.dataset.min_chars)
+        messages = await self.store.messages.recent_for_member(
+            member_id, MAX_MESSAGES, self.settings.dataset.min_chars
+        )
         if not messages:
             raise RetrievalError("this member has no stored messages yet: the retrieval persona needs some")
         stored = dict(await self.store.embeddings.get(member_id, MODEL_NAME, [m.id for m in messages]))

@@ -30,7 +30,9 @@ def default_threads(n_threads: int) -> int:
 class BaseModel:
     """The base GGUF, loaded once; its chat format is the one training used (see `ChatFormat.from_gguf`)."""
 
-    def __init__(self, path: Path, chat_template: str | None = None, template_source: str | None = None) -> None:
+    def __init__(
+        self, path: Path, chat_template: str | None = None, template_source: str | None = None
+    ) -> None:
         import llama_cpp
         from llama_cpp import _internals
 

@@ -60,6 +60,8 @@ def write_random_loras(
     return written
 
 
-def write_random_lora(base_gguf: Path, out: Path, *, seed: int, strength: float = 0.12, rank: int = 8) -> Path:
+def write_random_lora(
+    base_gguf: Path, out: Path, *, seed: int, strength: float = 0.12, rank: int = 8
+) -> Path:
     """Write one random LoRA GGUF for `base_gguf`; returns `out`."""
     return write_random_loras(base_gguf, [(out, seed)], strength=strength, rank=rank)[0]

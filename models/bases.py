@@ -21,9 +21,15 @@ from models.errors import ModelFileError
 # spelled out here so that `add-base` does not import the trainer (and torch).
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 HF_TO_GGUF_ARCH = {
-    "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-    "gemma3_text": "gemma3", "gemma3": "gemma3", "phi3": "phi3",
-}  # fmt: skip
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+    "phi3": "phi3",
+}
 # Why some architectures people try are refused (others get the generic reason).
 REFUSED = {
     "gemma": "Gemma 1's LoRA export is not verified; use a Gemma 2 or Gemma 3 model",
@@ -33,7 +39,7 @@ REFUSED = {
     "mistral3": "Mistral 3 is a vision-language model; use a text-only Mistral (its GGUF architecture is llama)",
     "phi2": "Phi-2's LoRA export is not verified; use Phi-3 or Phi-4",
     "bert": "an encoder, not a model that writes replies",
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,9 @@ def template_argument(value: str | None) -> tuple[str | None, str | None]:
         return value, f"chosen:{value}"
     path = Path(value).expanduser()
     if not path.is_file():
-        raise ModelFileError(f"--template {value}: neither a template name ({', '.join(TEMPLATES)}) nor a file")
+        raise ModelFileError(
+            f"--template {value}: neither a template name ({', '.join(TEMPLATES)}) nor a file"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -93,12 +101,16 @@ def check_gguf(path: Path, template: str | None = None, template_source: str | N
         raise ModelFileError(str(exc)) from None
     tokens = read_metadata(path, arrays=("tokenizer.ggml.tokens",)).get("tokenizer.ggml.tokens") or []
     if fmt.eos_token not in tokens:
-        raise ModelFileError(f"{path.name}: the end-of-turn marker {fmt.eos_token!r} is not a token of the model")
+        raise ModelFileError(
+            f"{path.name}: the end-of-turn marker {fmt.eos_token!r} is not a token of the model"
+        )
     sample = [{"role": "system", "content": "You are Ada."}, {"role": "user", "content": "Bo: hi"}]
     try:
         completion = fmt.completion(sample, "hey")
-    except Exception as exc:  # noqa: BLE001 - any template error is the person's to fix, said in one line
-        raise ModelFileError(f"{path.name}: the chat template ({fmt.source}) does not render a turn: {exc}") from None
+    except Exception as exc:
+        raise ModelFileError(
+            f"{path.name}: the chat template ({fmt.source}) does not render a turn: {exc}"
+        ) from None
     if not completion.endswith(fmt.eos_token):
         raise ModelFileError(f"{path.name}: the chat template ({fmt.source}) does not end a turn")
     return BaseCheck(shape=shape, template=template, template_source=fmt.source, eos_token=fmt.eos_token)
@@ -112,14 +124,21 @@ def check_same_model(hf_dir: Path, gguf: Path, shape: ModelShape) -> dict[str, A
         raise ModelFileError(f"{hf_dir}: not a transformers model folder (config.json: {exc})") from None
     model_type = str(config.get("model_type") or "")
     if model_type in ("gemma3",) and "text_config" in config:
-        raise ModelFileError(f"{hf_dir}: a Gemma 3 vision-language checkpoint; use its text-only (gemma3_text) weights")
+        raise ModelFileError(
+            f"{hf_dir}: a Gemma 3 vision-language checkpoint; use its text-only (gemma3_text) weights"
+        )
     arch = HF_TO_GGUF_ARCH.get(model_type, model_type)
     if arch != shape.architecture:
-        raise ModelFileError(f"{hf_dir.name} and {gguf.name} are not the same model: architecture {model_type!r} "
-                             f"(llama.cpp {arch!r}) vs the GGUF's {shape.architecture!r}")  # fmt: skip
+        raise ModelFileError(
+            f"{hf_dir.name} and {gguf.name} are not the same model: architecture {model_type!r} "
+            f"(llama.cpp {arch!r}) vs the GGUF's {shape.architecture!r}"
+        )
     problems = []
-    for key, gguf_value in (("num_hidden_layers", shape.layers), ("hidden_size", shape.hidden),
-                            ("num_attention_heads", shape.heads)):  # fmt: skip
+    for key, gguf_value in (
+        ("num_hidden_layers", shape.layers),
+        ("hidden_size", shape.hidden),
+        ("num_attention_heads", shape.heads),
+    ):
         if key in config and gguf_value and int(config[key]) != gguf_value:
             problems.append(f"{key} {config[key]} vs {gguf_value}")
     hf_tokens = _hf_vocabulary(hf_dir)
@@ -132,7 +151,9 @@ def check_same_model(hf_dir: Path, gguf: Path, shape: ModelShape) -> dict[str, A
         if differ:
             i = differ[0]
             theirs = gguf_tokens[i] if i < len(gguf_tokens) else "nothing"
-            problems.append(f"vocabulary differs at {len(differ)} token(s), first id {i}: {hf_tokens[i]!r} vs {theirs!r}")
+            problems.append(
+                f"vocabulary differs at {len(differ)} token(s), first id {i}: {hf_tokens[i]!r} vs {theirs!r}"
+            )
     if problems:
         raise ModelFileError(f"{hf_dir.name} and {gguf.name} are not the same model: {'; '.join(problems)}")
     return {"model_type": model_type, "vocab": len(hf_tokens or {})}
@@ -147,8 +168,11 @@ def _hf_vocabulary(hf_dir: Path) -> dict[int, str] | None:
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelFileError(f"{path}: unreadable ({exc})") from None
     vocab = state.get("model", {}).get("vocab") or {}
-    tokens = {int(i): str(t) for t, i in vocab.items()} if isinstance(vocab, dict) else {
-        i: str(entry[0]) for i, entry in enumerate(vocab)}  # fmt: skip
+    tokens = (
+        {int(i): str(t) for t, i in vocab.items()}
+        if isinstance(vocab, dict)
+        else {i: str(entry[0]) for i, entry in enumerate(vocab)}
+    )
     for added in state.get("added_tokens", []):
         tokens[int(added["id"])] = str(added["content"])
     return tokens
@@ -178,8 +202,14 @@ def from_hub(repo: str, filename: str | None = None) -> Path:
             filename = ggufs[0]
         return Path(hf_hub_download(repo, filename))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
-        why = "offline (HF_HUB_OFFLINE is set)" if _offline() else f"the Hub is not reachable ({_first_line(exc)})"
-        raise ModelFileError(f"cannot download {repo}/{filename or '*.gguf'}: {why}, and it is not in the cache") from None
+        why = (
+            "offline (HF_HUB_OFFLINE is set)"
+            if _offline()
+            else f"the Hub is not reachable ({_first_line(exc)})"
+        )
+        raise ModelFileError(
+            f"cannot download {repo}/{filename or '*.gguf'}: {why}, and it is not in the cache"
+        ) from None
     except RepositoryNotFoundError:
         raise ModelFileError(f"no Hub repository {repo!r} (or it is gated/private: set HF_TOKEN)") from None
     except EntryNotFoundError:

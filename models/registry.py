@@ -45,7 +45,9 @@ class BaseModel:
     source: str  # bundled | config | user
     sha256: str | None = None
     added_at: float | None = None
-    template: str | None = None  # chosen at add-base (name or Jinja text); None: the GGUF's own or the default
+    template: str | None = (
+        None  # chosen at add-base (name or Jinja text); None: the GGUF's own or the default
+    )
     template_source: str | None = None
     hf_path: str | None = None  # HF weights trained on instead of the dequantized GGUF
 
@@ -78,20 +80,34 @@ class AdapterVersion:
     def summary(self) -> dict[str, Any]:
         """JSON-able view for `doppel personas --json` and the bot."""
         return {
-            "id": self.id, "member_id": self.member_id, "base_model": self.base_model, "version": self.version,
-            "status": self.status, "metrics": self.metrics, "created_at": self.created_at, "job_id": self.job_id,
-            "path": self.path, "lineage": self.lineage,
-        }  # fmt: skip
+            "id": self.id,
+            "member_id": self.member_id,
+            "base_model": self.base_model,
+            "version": self.version,
+            "status": self.status,
+            "metrics": self.metrics,
+            "created_at": self.created_at,
+            "job_id": self.job_id,
+            "path": self.path,
+            "lineage": self.lineage,
+        }
 
     @classmethod
     def from_row(cls, row: dict[str, Any], lineage: list[str] | None = None) -> AdapterVersion:
         return cls(
-            id=row["id"], member_id=row.get("member_id"), base_model=row.get("base_model") or "",
-            base_sha256=row.get("base_sha256"), version=int(row["version"]), status=row["status"],
-            path=row.get("path") or "", metrics=json.loads(row.get("metrics_json") or "{}"),
-            meta=json.loads(row.get("meta_json") or "{}"), created_at=row.get("created_at") or 0.0,
-            job_id=row.get("job_id"), lineage=lineage or [],
-        )  # fmt: skip
+            id=row["id"],
+            member_id=row.get("member_id"),
+            base_model=row.get("base_model") or "",
+            base_sha256=row.get("base_sha256"),
+            version=int(row["version"]),
+            status=row["status"],
+            path=row.get("path") or "",
+            metrics=json.loads(row.get("metrics_json") or "{}"),
+            meta=json.loads(row.get("meta_json") or "{}"),
+            created_at=row.get("created_at") or 0.0,
+            job_id=row.get("job_id"),
+            lineage=lineage or [],
+        )
 
 
 def gate(metrics: dict[str, Any]) -> tuple[bool, str]:
@@ -105,7 +121,9 @@ def gate(metrics: dict[str, Any]) -> tuple[bool, str]:
     if isinstance(eos, (int, float)) and eos < MIN_EOS_RATE:
         return False, f"only {eos:.0%} of samples end their turn (needs {MIN_EOS_RATE:.0%})"
     if "active" in metrics:
-        return bool(metrics["active"]), str(metrics.get("gate_reason") or "decided by the trainer's evaluation")
+        return bool(metrics["active"]), str(
+            metrics.get("gate_reason") or "decided by the trainer's evaluation"
+        )
     from trainer.evaluation import gate as perplexity_gate  # the one perplexity rule, shared with the trainer
 
     return perplexity_gate(metrics)
@@ -150,29 +168,48 @@ class Registry:
             found.append(BaseModel(self.settings.model.base_name, str(default), source))
         except RegistryError:
             raise
-        except Exception:  # noqa: BLE001 - no default base is a state to show, not an error here
+        except Exception:
             pass
         for name, row in sorted(self._user_bases().items()):
             if name != self.settings.model.base_name:
-                found.append(BaseModel(name=name, path=row["path"], source="user", sha256=row.get("sha256"),
-                                       added_at=row.get("added_at"), template=row.get("template"),
-                                       template_source=row.get("template_source"),
-                                       hf_path=row.get("hf_path")))  # fmt: skip
+                found.append(
+                    BaseModel(
+                        name=name,
+                        path=row["path"],
+                        source="user",
+                        sha256=row.get("sha256"),
+                        added_at=row.get("added_at"),
+                        template=row.get("template"),
+                        template_source=row.get("template_source"),
+                        hf_path=row.get("hf_path"),
+                    )
+                )
         return found
 
     def describe(self, model: BaseModel) -> dict[str, Any]:
         """`doppel personas bases`: architecture, size, template source and whether the base is ready, with why not."""
         from models.bases import check_gguf
 
-        row: dict[str, Any] = {**model.to_dict(), "architecture": None, "params": None, "file_bytes": None,
-                               "ready": False, "problem": None}  # fmt: skip
+        row: dict[str, Any] = {
+            **model.to_dict(),
+            "architecture": None,
+            "params": None,
+            "file_bytes": None,
+            "ready": False,
+            "problem": None,
+        }
         try:
             check = check_gguf(Path(model.path), model.template, model.template_source)
         except RegistryError as exc:
             row["problem"] = str(exc)
             return row
-        row.update(architecture=check.shape.architecture, params=check.shape.params,
-                   file_bytes=check.shape.file_bytes, template_source=check.template_source, ready=True)  # fmt: skip
+        row.update(
+            architecture=check.shape.architecture,
+            params=check.shape.params,
+            file_bytes=check.shape.file_bytes,
+            template_source=check.template_source,
+            ready=True,
+        )
         if model.hf_path and not (Path(model.hf_path) / "config.json").is_file():
             row.update(ready=False, problem=f"HF weights folder {model.hf_path} is gone")
         return row
@@ -186,7 +223,9 @@ class Registry:
         known = ", ".join(m.name for m in self.bases()) or "none"
         raise UnknownBaseModelError(f"no base model named {wanted!r} (known: {known})")
 
-    def add_base(self, name: str, path: Path, *, template: str | None = None, hf: Path | None = None) -> BaseModel:
+    def add_base(
+        self, name: str, path: Path, *, template: str | None = None, hf: Path | None = None
+    ) -> BaseModel:
         """Register a GGUF base model under `name`, validated up front (see models.bases); hashed once.
 
         `template`: `--template NAME|FILE` (ChatML / plain turns, or a Jinja file) for a GGUF whose own template
@@ -206,18 +245,34 @@ class Registry:
             hf = hf.expanduser().resolve()
             check_same_model(hf, path, check.shape)
             hf_path = str(hf)
-        model = BaseModel(name, str(path), "user", file_sha256(path), time.time(), template=chosen,
-                          template_source=check.template_source, hf_path=hf_path)  # fmt: skip
+        model = BaseModel(
+            name,
+            str(path),
+            "user",
+            file_sha256(path),
+            time.time(),
+            template=chosen,
+            template_source=check.template_source,
+            hf_path=hf_path,
+        )
         data = self._user_bases()
-        data[name] = {"path": model.path, "sha256": model.sha256, "added_at": model.added_at, "template": chosen,
-                      "template_source": check.template_source, "hf_path": hf_path,
-                      "architecture": check.shape.architecture, "params": check.shape.params}  # fmt: skip
+        data[name] = {
+            "path": model.path,
+            "sha256": model.sha256,
+            "added_at": model.added_at,
+            "template": chosen,
+            "template_source": check.template_source,
+            "hf_path": hf_path,
+            "architecture": check.shape.architecture,
+            "params": check.shape.params,
+        }
         _write_json_atomic(self._bases_path(), data)
         return model
 
     # -- adapters ---------------------------------------------------------------------------------------------
-    async def _rows(self, where: str, params: tuple[Any, ...], *, limit: int | None = None,
-                    offset: int = 0) -> list[AdapterVersion]:
+    async def _rows(
+        self, where: str, params: tuple[Any, ...], *, limit: int | None = None, offset: int = 0
+    ) -> list[AdapterVersion]:
         # One query: each row's lineage comes along as a group_concat, not as one more query per row.
         cols = await self.store.adapters.columns()
         page = f" LIMIT {int(limit)} OFFSET {max(0, int(offset))}" if limit is not None else ""
@@ -234,8 +289,14 @@ class Registry:
             out.append(AdapterVersion.from_row(data, row[-1].split(",") if row[-1] else []))
         return out
 
-    async def list(self, member_id: str | None = None, include_erased: bool = False, *, limit: int | None = None,
-                   offset: int = 0) -> list[AdapterVersion]:
+    async def list(
+        self,
+        member_id: str | None = None,
+        include_erased: bool = False,
+        *,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[AdapterVersion]:
         """Adapter versions, by member then version; `limit`/`offset` page through a large server's list."""
         if limit is not None and limit < 0:
             raise RegistryError(f"limit must not be negative, got {limit}")
@@ -255,7 +316,9 @@ class Registry:
             params.append(member_id)
         if not include_erased:
             where.append("status != 'erased'")
-        row = await self.store.fetchone(f"SELECT COUNT(*) FROM adapters WHERE {' AND '.join(where)}", tuple(params))
+        row = await self.store.fetchone(
+            f"SELECT COUNT(*) FROM adapters WHERE {' AND '.join(where)}", tuple(params)
+        )
         return int(row[0])
 
     async def get(self, adapter_id: str) -> AdapterVersion:
@@ -270,8 +333,15 @@ class Registry:
         found = await self._rows("a.member_id IS ? AND a.status = 'active'", (member_id,))
         return found[-1] if found else None
 
-    async def publish(self, artifact_dir: Path, *, job_id: str | None = None, member_id: str | None = None,
-                      evaluation_error: str | None = None, export_error: str | None = None) -> AdapterVersion:
+    async def publish(
+        self,
+        artifact_dir: Path,
+        *,
+        job_id: str | None = None,
+        member_id: str | None = None,
+        evaluation_error: str | None = None,
+        export_error: str | None = None,
+    ) -> AdapterVersion:
         """Copy a trained adapter folder in as the member's next version; the gate decides active or candidate.
 
         `evaluation_error`: the trainer saved the adapter but its evaluation failed; it is kept as a candidate
@@ -307,29 +377,48 @@ class Registry:
                 if job_id is not None:
                     # In the same write transaction as the insert: an erasure that cancelled (or deleted) the job
                     # while it finished can never be followed by an adapter trained on the erased member.
-                    job = await (await db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,))).fetchone()
+                    job = await (
+                        await db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,))
+                    ).fetchone()
                     if job is None or job[0] != "running":
                         state = "gone" if job is None else job[0]
                         raise ArtifactError(f"job {job_id} is {state}: its adapter is not published")
-                row = await (await db.execute(
-                    "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters WHERE member_id IS ?", (member,))).fetchone()  # fmt: skip
+                row = await (
+                    await db.execute(
+                        "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters WHERE member_id IS ?", (member,)
+                    )
+                ).fetchone()
                 version = int(row[0])
                 promote, reason = gate(metrics)
                 final = folder / str(version)
-                if final.exists():  # left by a crash between rename and commit: not in the table, so not visible
+                if (
+                    final.exists()
+                ):  # left by a crash between rename and commit: not in the table, so not visible
                     shutil.rmtree(final)
                 os.replace(tmp, final)
                 if promote:
                     await db.execute(
-                        "UPDATE adapters SET status = 'retired' WHERE member_id IS ? AND status = 'active'", (member,)
+                        "UPDATE adapters SET status = 'retired' WHERE member_id IS ? AND status = 'active'",
+                        (member,),
                     )
                 meta_out = {**meta, "gate": {"promoted": promote, "reason": reason}}
                 await db.execute(
                     """INSERT INTO adapters (id, member_id, base_model, base_sha256, version, status, path,
                            metrics_json, meta_json, created_at, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                    (adapter_id, member, base_name, base_sha, version, "active" if promote else "candidate",
-                     str(final), json.dumps(metrics), json.dumps(meta_out, default=str), time.time(), job_id),
-                )  # fmt: skip
+                    (
+                        adapter_id,
+                        member,
+                        base_name,
+                        base_sha,
+                        version,
+                        "active" if promote else "candidate",
+                        str(final),
+                        json.dumps(metrics),
+                        json.dumps(meta_out, default=str),
+                        time.time(),
+                        job_id,
+                    ),
+                )
                 await db.executemany(
                     "INSERT OR IGNORE INTO adapter_lineage (adapter_id, member_id) VALUES (?, ?)",
                     [(adapter_id, m) for m in lineage],
@@ -341,7 +430,9 @@ class Registry:
             raise
         return await self.get(adapter_id)
 
-    async def record_export(self, adapter_id: str, gguf: Path, export: dict[str, Any] | None = None) -> AdapterVersion:
+    async def record_export(
+        self, adapter_id: str, gguf: Path, export: dict[str, Any] | None = None
+    ) -> AdapterVersion:
         """Copy a late GGUF conversion into a version whose export failed (temp file + rename: never half there)."""
         version = await self.get(adapter_id)
         if version.status == "erased":
@@ -360,8 +451,10 @@ class Registry:
         _write_json_atomic(folder / "meta.json", {**_read_meta(folder, PEFT_FILES), "export": summary})
         meta_out = {**version.meta, "export": summary}
         async with self.store.write() as db:
-            await db.execute("UPDATE adapters SET meta_json = ? WHERE id = ? AND status != 'erased'",
-                             (json.dumps(meta_out, default=str), adapter_id))  # fmt: skip
+            await db.execute(
+                "UPDATE adapters SET meta_json = ? WHERE id = ? AND status != 'erased'",
+                (json.dumps(meta_out, default=str), adapter_id),
+            )
         return await self.get(adapter_id)
 
     async def record_evaluation(self, adapter_id: str, metrics: dict[str, Any]) -> AdapterVersion:
@@ -379,15 +472,19 @@ class Registry:
         _write_json_atomic(meta_path, {**folder_meta, "metrics": metrics})
         meta_out = {**version.meta, "metrics": metrics, "gate": {"promoted": promote, "reason": reason}}
         async with self.store.write() as db:
-            await db.execute("UPDATE adapters SET metrics_json = ?, meta_json = ? WHERE id = ? AND status != 'erased'",
-                             (json.dumps(metrics), json.dumps(meta_out, default=str), adapter_id))  # fmt: skip
+            await db.execute(
+                "UPDATE adapters SET metrics_json = ?, meta_json = ? WHERE id = ? AND status != 'erased'",
+                (json.dumps(metrics), json.dumps(meta_out, default=str), adapter_id),
+            )
             if promote and version.status == "candidate":
                 await db.execute(
                     "UPDATE adapters SET status = 'retired' WHERE member_id IS ? AND status = 'active' AND id != ?",
                     (version.member_id, adapter_id),
                 )
-                await db.execute("UPDATE adapters SET status = 'active' WHERE id = ? AND status = 'candidate'",
-                                 (adapter_id,))  # fmt: skip
+                await db.execute(
+                    "UPDATE adapters SET status = 'active' WHERE id = ? AND status = 'candidate'",
+                    (adapter_id,),
+                )
         return await self.get(adapter_id)
 
     def sweep(self) -> tuple[Path, ...]:
@@ -422,22 +519,33 @@ class Registry:
                 "UPDATE adapters SET status = 'retired' WHERE member_id IS ? AND status = 'active' AND id != ?",
                 (member_id, target.id),
             )
-            await db.execute("UPDATE adapters SET status = 'active' WHERE id = ? AND status != 'erased'", (target.id,))
+            await db.execute(
+                "UPDATE adapters SET status = 'active' WHERE id = ? AND status != 'erased'", (target.id,)
+            )
         return await self.get(target.id)
 
 
 def evaluation_failed(metrics: dict[str, Any], why: str) -> dict[str, Any]:
     """Metrics of a trained adapter whose evaluation did not complete: never active, and the reason says why."""
-    return {**{k: v for k, v in metrics.items() if k not in ("active", "gate_reason")}, "evaluation": "failed",
-            "evaluation_error": why, "active": False,
-            "gate_reason": f"evaluation failed: {why}; run `doppel eval` to evaluate it again"}  # fmt: skip
+    return {
+        **{k: v for k, v in metrics.items() if k not in ("active", "gate_reason")},
+        "evaluation": "failed",
+        "evaluation_error": why,
+        "active": False,
+        "gate_reason": f"evaluation failed: {why}; run `doppel eval` to evaluate it again",
+    }
 
 
 def export_failed(metrics: dict[str, Any], why: str) -> dict[str, Any]:
     """Metrics of a trained adapter whose GGUF conversion failed: a candidate that cannot be served yet, and why."""
-    return {**{k: v for k, v in metrics.items() if k not in ("active", "gate_reason")}, "evaluation": "pending",
-            "export": "failed", "export_error": why, "active": False,
-            "gate_reason": f"export failed: {why}; run `doppel eval` to convert and evaluate it again"}  # fmt: skip
+    return {
+        **{k: v for k, v in metrics.items() if k not in ("active", "gate_reason")},
+        "evaluation": "pending",
+        "export": "failed",
+        "export_error": why,
+        "active": False,
+        "gate_reason": f"export failed: {why}; run `doppel eval` to convert and evaluate it again",
+    }
 
 
 def needs_evaluation(metrics: dict[str, Any]) -> bool:
@@ -471,7 +579,7 @@ def template_for_path(settings: Settings, gguf: Path) -> tuple[str | None, str |
     except (OSError, json.JSONDecodeError):
         return None, None
     wanted = str(gguf.expanduser().resolve())
-    for row in (data.values() if isinstance(data, dict) else []):
+    for row in data.values() if isinstance(data, dict) else []:
         if isinstance(row, dict) and row.get("path") == wanted and row.get("template"):
             return str(row["template"]), row.get("template_source")
     return None, None
@@ -479,7 +587,11 @@ def template_for_path(settings: Settings, gguf: Path) -> tuple[str | None, str |
 
 def _base_field(meta: dict[str, Any], key: str) -> Any:
     base = meta.get("base_model") or meta.get("base")
-    return base.get(key) if isinstance(base, dict) else (base if key == "name" and isinstance(base, str) else None)
+    return (
+        base.get(key)
+        if isinstance(base, dict)
+        else (base if key == "name" and isinstance(base, str) else None)
+    )
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:

@@ -56,8 +56,9 @@ class StagedAdapter:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def export_gguf(adapter_dir: Path, out: Path, info: BaseInfo, *, gguf_dtype: str = "f32",
-                simulate_failure: bool = False) -> dict[str, Any]:
+def export_gguf(
+    adapter_dir: Path, out: Path, info: BaseInfo, *, gguf_dtype: str = "f32", simulate_failure: bool = False
+) -> dict[str, Any]:
     """The GGUF conversion of a PEFT folder's files; any failure is one `ExportError` line (no half file is left)."""
     try:
         if simulate_failure:

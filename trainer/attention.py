@@ -17,8 +17,14 @@ import torch
 NAME = "doppel_segments"
 
 
-def segment_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def segment_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """Causal attention within each example of a packed row (`cu_seq_lens_q` from TRL's collator); else plain SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -27,11 +33,12 @@ def segment_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
         kwargs.pop(name, None)
     # Only a single packed row whose keys are its queries (training, no cache) is split; anything else is SDPA's.
     if cu_seq_lens is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # type: ignore[no-any-return]
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     bounds = [int(b) for b in cu_seq_lens.tolist()]
     parts = [
-        sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True,
-                               **kwargs)[0]
+        sdpa_attention_forward(
+            module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True, **kwargs
+        )[0]
         for a, b in zip(bounds[:-1], bounds[1:], strict=False)
         if b > a
     ]

@@ -28,15 +28,23 @@ PANEL_PER_AUTHOR = 200
 
 def choose_panel(counts: Mapping[str, int], member_id: str | None, others: int = PANEL_OTHERS) -> list[str]:
     """The member (first) plus the `others` most active authors with enough messages; ties go to the lower id."""
-    ranked = sorted((a for a, n in counts.items() if a != member_id and n >= MIN_PER_AUTHOR),
-                    key=lambda a: (-counts[a], a))  # fmt: skip
+    ranked = sorted(
+        (a for a, n in counts.items() if a != member_id and n >= MIN_PER_AUTHOR),
+        key=lambda a: (-counts[a], a),
+    )
     own = [member_id] if member_id and counts.get(member_id, 0) > 0 else []
     # Without a member (the multi-persona adapter) the panel is the most active authors overall.
     return own + ranked[: others + (0 if member_id else 1)]
 
 
-def panel_rows(rows: Sequence[Mapping[str, Any]], member_id: str | None, *, others: int = PANEL_OTHERS,
-               per_author: int = PANEL_PER_AUTHOR, seed: int = 0) -> list[dict[str, Any]]:
+def panel_rows(
+    rows: Sequence[Mapping[str, Any]],
+    member_id: str | None,
+    *,
+    others: int = PANEL_OTHERS,
+    per_author: int = PANEL_PER_AUTHOR,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """The rows of the panel only, at most `per_author` each (a seeded sample): what the classifier may see."""
     by_author: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:
@@ -71,7 +79,9 @@ class AuthorshipModel:
         return sum(p == author_id for p in predicted) / len(predicted) if predicted else 0.0
 
 
-def train_authorship(rows: Sequence[Mapping[str, Any]], *, seed: int = 0, test_fraction: float = 0.2) -> AuthorshipModel:
+def train_authorship(
+    rows: Sequence[Mapping[str, Any]], *, seed: int = 0, test_fraction: float = 0.2
+) -> AuthorshipModel:
     """Fit on a stratified share of the rows (`author_id`, `text`) and measure accuracy on the rest."""
     from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
     from sklearn.model_selection import train_test_split
@@ -79,7 +89,9 @@ def train_authorship(rows: Sequence[Mapping[str, Any]], *, seed: int = 0, test_f
     from sklearn.svm import LinearSVC
 
     counts = Counter(str(r["author_id"]) for r in rows if str(r.get("text", "")).strip())
-    usable = [r for r in rows if counts[str(r["author_id"])] >= MIN_PER_AUTHOR and str(r.get("text", "")).strip()]
+    usable = [
+        r for r in rows if counts[str(r["author_id"])] >= MIN_PER_AUTHOR and str(r.get("text", "")).strip()
+    ]
     authors = sorted({str(r["author_id"]) for r in usable})
     if len(authors) < 2:
         raise EvaluationError(
@@ -93,8 +105,14 @@ def train_authorship(rows: Sequence[Mapping[str, Any]], *, seed: int = 0, test_f
     )
     pipeline = make_pipeline(
         # Case and punctuation are style, so nothing is lower-cased; word-bounded n-grams keep spacing habits.
-        HashingVectorizer(analyzer="char_wb", ngram_range=(2, 4), lowercase=False, n_features=N_FEATURES,
-                          alternate_sign=False, norm=None),
+        HashingVectorizer(
+            analyzer="char_wb",
+            ngram_range=(2, 4),
+            lowercase=False,
+            n_features=N_FEATURES,
+            alternate_sign=False,
+            norm=None,
+        ),
         TfidfTransformer(sublinear_tf=True),
         # Balanced classes: a chatty member must not win every vote, or "share vs chance" means nothing.
         LinearSVC(C=0.5, class_weight="balanced", max_iter=5000, random_state=seed),
@@ -121,7 +139,10 @@ def attribution_report(
     except EvaluationError as exc:
         return {"available": False, "reason": str(exc)}
     if member_id not in model.authors:
-        return {"available": False, "reason": f"member {member_id} has too few real messages for the classifier"}
+        return {
+            "available": False,
+            "reason": f"member {member_id} has too few real messages for the classifier",
+        }
     chance = 1.0 / len(model.authors)
     share = {name: round(model.share(texts, member_id), 4) for name, texts in systems.items() if texts}
     report: dict[str, Any] = {

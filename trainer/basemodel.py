@@ -68,8 +68,9 @@ def dequantized_folder(gguf_path: Path, cache_root: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=cache_root))
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
         _strip_gguf_quantizer(model)
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
@@ -83,8 +84,13 @@ def dequantized_folder(gguf_path: Path, cache_root: Path) -> Path:
     return dest
 
 
-def load_base(path: Path, *, quantize_4bit: bool = True, gradient_checkpointing: bool = True,
-              cache_root: Path | None = None) -> LoadedBase:
+def load_base(
+    path: Path,
+    *,
+    quantize_4bit: bool = True,
+    gradient_checkpointing: bool = True,
+    cache_root: Path | None = None,
+) -> LoadedBase:
     """Load for training: CUDA -> 4-bit NF4 + bf16 (QLoRA) when asked, else float32 on CPU."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -125,15 +131,22 @@ def load_base(path: Path, *, quantize_4bit: bool = True, gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
-    return LoadedBase(model=model, tokenizer=tokenizer, device=device, quantized=quantized,
-                      dtype=str(dtype).removeprefix("torch."))
+    return LoadedBase(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        quantized=quantized,
+        dtype=str(dtype).removeprefix("torch."),
+    )
 
 
 def file_sha256(path: Path) -> str:
     """sha256 of a GGUF file, or of a HF folder's weight files in name order."""
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
     )
     for f in files:
         with f.open("rb") as fh:

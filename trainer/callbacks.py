@@ -28,8 +28,15 @@ def peak_mem_mb() -> float:
 class JobCallback(TrainerCallback):
     """Reports progress as job events, stops at the next step when cancelled, and can simulate a CUDA OOM once."""
 
-    def __init__(self, emitter: Emitter, cancel: threading.Event, *, stage: str = "sft",
-                 oom_at_step: int = 0, oom_marker: Path | None = None) -> None:
+    def __init__(
+        self,
+        emitter: Emitter,
+        cancel: threading.Event,
+        *,
+        stage: str = "sft",
+        oom_at_step: int = 0,
+        oom_marker: Path | None = None,
+    ) -> None:
         self.emitter = emitter
         self.cancel = cancel
         self.stage = stage
@@ -61,7 +68,9 @@ class JobCallback(TrainerCallback):
     def _oom_fired(self) -> bool:
         return self.oom_marker is not None and self.oom_marker.exists()
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
         logs = logs or {}
         if "loss" not in logs:
             return
@@ -69,7 +78,11 @@ class JobCallback(TrainerCallback):
         done = max(state.global_step - self._step0, 1)
         tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0) - self._tokens0
         remaining = max(state.max_steps - state.global_step, 0)
-        extra = {k: v for k, v in logs.items() if k.startswith(("rewards/", "kl", "logps/")) and isinstance(v, float)}
+        extra = {
+            k: v
+            for k, v in logs.items()
+            if k.startswith(("rewards/", "kl", "logps/")) and isinstance(v, float)
+        }
         self.emitter.emit(
             "progress",
             stage=self.stage,
@@ -98,8 +111,11 @@ def last_checkpoint(checkpoints: Path) -> Path | None:
     if not checkpoints.is_dir():
         return None
     found = [
-        p for p in checkpoints.iterdir()
-        if p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit()
+        p
+        for p in checkpoints.iterdir()
+        if p.is_dir()
+        and p.name.startswith("checkpoint-")
+        and p.name[11:].isdigit()
         and (p / "trainer_state.json").exists()
     ]
     return max(found, key=lambda p: int(p.name[11:]), default=None)

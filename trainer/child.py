@@ -29,8 +29,15 @@ EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 143
 RECIPES = {mode: f"trainer.recipes.{mode.rpartition('+')[2]}" for mode in TrainConfig.choices("mode")}
 
 
-def run_job(job_dir: Path, emitter: Emitter, cancel: threading.Event, *, resume: bool = False,
-            key: bytes | None = None, evaluate: Path | None = None) -> int:
+def run_job(
+    job_dir: Path,
+    emitter: Emitter,
+    cancel: threading.Event,
+    *,
+    resume: bool = False,
+    key: bytes | None = None,
+    evaluate: Path | None = None,
+) -> int:
     """Run one job folder to completion (or only evaluate the adapter `evaluate`); always ends with `finished`."""
     try:
         cfg = TrainConfig.from_json(job_dir / "config.json")
@@ -72,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="train one job folder")
     p.add_argument("job_dir", type=Path)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in JOB_DIR/checkpoints")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in JOB_DIR/checkpoints"
+    )
     e = sub.add_parser("evaluate", help="evaluate a saved adapter on a job folder's held-out data and panel")
     e.add_argument("job_dir", type=Path)
     e.add_argument("--adapter", type=Path, required=True, help="the adapter folder to evaluate")
@@ -96,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # The parent writes the job key on stdin (a pipe: never on disk, not in /proc/PID/environ).
-        key = read_key(sys.stdin.buffer if sys.stdin is not None else None) if dataset_sealed(args.job_dir) else None
+        key = (
+            read_key(sys.stdin.buffer if sys.stdin is not None else None)
+            if dataset_sealed(args.job_dir)
+            else None
+        )
     except UserFacingError as exc:
         emitter.emit("finished", status="failed", error=str(exc))
         return EXIT_FAILED

@@ -104,7 +104,7 @@ def scrub(text: str) -> str:
 def _shorten_url(match: re.Match[str]) -> str:
     # Paths and query strings carry tokens and private ids; the host keeps the topic ("a youtube link").
     url = match.group(0).rstrip(".,;:!?)")
-    trail = match.group(0)[len(url):]
+    trail = match.group(0)[len(url) :]
     rest = url.split("://", 1)[-1]
     host = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].lower()
     if "@" in host:

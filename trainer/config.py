@@ -22,12 +22,33 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # Times: SmolLM2-135M at ~110 trained tokens per example, CPU ~200 tokens/s on 2 cores (measured, `bench train`);
 # GPU: an estimate for a 0.5-3B QLoRA base (not measured on this project's machines).
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"epochs": 1.0, "max_steps_cap": 60, "micro_batch_size": 8, "grad_accum": 1,
-              "learning_rate": 3e-4, "lora_r": 16, "lora_alpha": 32},
-    "good": {"epochs": 1.0, "max_steps_cap": 120, "micro_batch_size": 8, "grad_accum": 1,
-             "learning_rate": 3e-4, "lora_r": 16, "lora_alpha": 32},
-    "best": {"epochs": 2.0, "max_steps_cap": 600, "micro_batch_size": 8, "grad_accum": 1,
-             "learning_rate": 2e-4, "lora_r": 32, "lora_alpha": 64},
+    "quick": {
+        "epochs": 1.0,
+        "max_steps_cap": 60,
+        "micro_batch_size": 8,
+        "grad_accum": 1,
+        "learning_rate": 3e-4,
+        "lora_r": 16,
+        "lora_alpha": 32,
+    },
+    "good": {
+        "epochs": 1.0,
+        "max_steps_cap": 120,
+        "micro_batch_size": 8,
+        "grad_accum": 1,
+        "learning_rate": 3e-4,
+        "lora_r": 16,
+        "lora_alpha": 32,
+    },
+    "best": {
+        "epochs": 2.0,
+        "max_steps_cap": 600,
+        "micro_batch_size": 8,
+        "grad_accum": 1,
+        "learning_rate": 2e-4,
+        "lora_r": 32,
+        "lora_alpha": 64,
+    },
 }
 PRESET_TIMES = {
     "quick": "at most 60 steps x 8 examples: ~4-5 min on a 2-core CPU (135M); ~1 min on a GPU (estimate)",
@@ -49,17 +70,33 @@ def _f(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
 class TrainConfig:
     """One persona training job: model, LoRA, schedule, evaluation and export settings."""
 
-    member_id: str = _f("", "Discord id of the member whose persona is trained ('' for a multi-persona adapter).")
+    member_id: str = _f(
+        "", "Discord id of the member whose persona is trained ('' for a multi-persona adapter)."
+    )
     persona_name: str = _f("", "Display name used in the system prompt and reports.")
     mode: str = _f("sft", "Training recipe: SFT alone, or SFT then KTO / DPO on reactions and 👍/👎.", MODES)
-    base_model: str = _f("", "Base model to train on: a GGUF file (dequantized by transformers) or a HF model folder.")
+    base_model: str = _f(
+        "", "Base model to train on: a GGUF file (dequantized by transformers) or a HF model folder."
+    )
     base_name: str = _f("", "Registry name of the base model, recorded in meta.json.")
-    base_gguf: str = _f("", "GGUF file llama.cpp serves the adapter on; used to validate the export. Empty: base_model if it is a GGUF.")
-    base_cache_dir: str = _f("", "Folder caching GGUF bases converted to float HF folders (empty: convert on every run).")
-    chat_template: str = _f("", "Chat template chosen at add-base (chatml, plain or Jinja text); empty: the GGUF's own, else the default.")
-    chat_template_source: str = _f("", "Where chat_template came from (chosen:NAME, file:PATH), recorded in meta.json.")
+    base_gguf: str = _f(
+        "",
+        "GGUF file llama.cpp serves the adapter on; used to validate the export. Empty: base_model if it is a GGUF.",
+    )
+    base_cache_dir: str = _f(
+        "", "Folder caching GGUF bases converted to float HF folders (empty: convert on every run)."
+    )
+    chat_template: str = _f(
+        "",
+        "Chat template chosen at add-base (chatml, plain or Jinja text); empty: the GGUF's own, else the default.",
+    )
+    chat_template_source: str = _f(
+        "", "Where chat_template came from (chosen:NAME, file:PATH), recorded in meta.json."
+    )
     preset: str = _f(DEFAULT_PRESET, "Recipe preset the defaults came from (PRESETS).", tuple(PRESETS))
-    max_steps: int = _f(0, "Optimizer steps for SFT (0: derive from the data: epochs, min_steps, max_steps_cap).")
+    max_steps: int = _f(
+        0, "Optimizer steps for SFT (0: derive from the data: epochs, min_steps, max_steps_cap)."
+    )
     epochs: float = _f(1.0, "Epochs over the training examples when max_steps is 0.")
     max_steps_cap: int = _f(150, "Most steps derived from the data when max_steps is 0 (0: no cap).")
     min_steps: int = _f(20, "Fewest steps derived from the data when max_steps is 0.")
@@ -74,9 +111,12 @@ class TrainConfig:
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
     target_modules: list[str] = _f(list(DEFAULT_TARGETS), "Linear layers that get a LoRA adapter.")
     max_length: int = _f(512, "Longest training sequence in tokens; older context turns are dropped to fit.")
-    batching: str = _f("padding_free", "How micro-batches are formed: 'padding_free' (examples concatenated, "
-                       "attention kept apart by position ids), 'length_grouped' (shuffled length buckets) or 'random'.",
-                       BATCHING)
+    batching: str = _f(
+        "padding_free",
+        "How micro-batches are formed: 'padding_free' (examples concatenated, "
+        "attention kept apart by position ids), 'length_grouped' (shuffled length buckets) or 'random'.",
+        BATCHING,
+    )
     seed: int = _f(1234, "Seed for LoRA init, data order and sampling.")
     save_steps: int = _f(50, "Write a checkpoint every N steps (resume continues from the last one).")
     save_total_limit: int = _f(2, "Checkpoints kept on disk.")
@@ -89,21 +129,31 @@ class TrainConfig:
     eval_max_examples: int = _f(64, "Held-out examples scored for perplexity (0: all).")
     eval_samples: int = _f(4, "Held-out contexts generated for the style metrics.")
     eval_max_new_tokens: int = _f(48, "Tokens generated per style sample.")
-    eval_fidelity: bool = _f(True, "Compute the style/attribution fidelity report (loads the embedding model).")
+    eval_fidelity: bool = _f(
+        True, "Compute the style/attribution fidelity report (loads the embedding model)."
+    )
     pref_steps: int = _f(50, "Optimizer steps of the KTO/DPO stage.")
     pref_beta: float = _f(0.1, "KTO/DPO beta (strength of the pull towards the reference).")
     pref_learning_rate: float = _f(5e-5, "Learning rate of the preference stage.")
     gguf_dtype: str = _f("f32", "Float type of adapter.gguf tensors: 'f32' or 'f16'.")
-    simulate_oom_at_step: int = _f(0, "Testing hook: raise a CUDA out-of-memory error once at this step (0: off).")
-    simulate_eval_failure: str = _f("", "Testing hook: 'error' raises, 'kill' SIGKILLs the trainer as evaluation starts.")
-    simulate_export_failure: bool = _f(False, "Testing hook: the GGUF conversion fails after training (the adapter is kept).")
+    simulate_oom_at_step: int = _f(
+        0, "Testing hook: raise a CUDA out-of-memory error once at this step (0: off)."
+    )
+    simulate_eval_failure: str = _f(
+        "", "Testing hook: 'error' raises, 'kill' SIGKILLs the trainer as evaluation starts."
+    )
+    simulate_export_failure: bool = _f(
+        False, "Testing hook: the GGUF conversion fails after training (the adapter is kept)."
+    )
 
     def validate(self) -> TrainConfig:
         """Raise `JobConfigError` with a one-line reason when a value cannot work."""
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise JobConfigError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+                raise JobConfigError(
+                    f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}"
+                )
         if self.max_steps_cap < 0 or self.min_steps < 0:
             raise JobConfigError("max_steps_cap and min_steps must not be negative")
         if not self.base_model:
@@ -239,5 +289,7 @@ def _coerce(kind: Any, value: Any, name: str) -> Any:
     else:
         ok = True
     if not ok:
-        raise JobConfigError(f"config field {name}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+        raise JobConfigError(
+            f"config field {name}: expected {getattr(kind, '__name__', kind)}, got {value!r}"
+        )
     return value

@@ -119,7 +119,9 @@ def build_turns(
         for msg in msgs:
             text = cleaner.message(msg.content)
             if text is None:
-                dropped["attachment_only" if msg.attachments and not msg.content.strip() else "empty_or_link"] += 1
+                dropped[
+                    "attachment_only" if msg.attachments and not msg.content.strip() else "empty_or_link"
+                ] += 1
                 continue
             reactions = sum(max(0, int(n)) for n in msg.reactions.values())
             last = out[-1] if out else None
@@ -202,7 +204,8 @@ def build_examples(
                 continue
             seen.add(key)
             utterances = [
-                Utterance(t.author_id, names.get(t.author_id, t.author_name), cleaner.clip(t.text)) for t in context
+                Utterance(t.author_id, names.get(t.author_id, t.author_name), cleaner.clip(t.text))
+                for t in context
             ]
             messages = build_messages(member_id, member_name, turn.channel_name, utterances, multi=multi)
             examples.append(
@@ -358,7 +361,15 @@ def build_dataset(
     examples: list[Example] = []
     for author in authors:
         examples += build_examples(
-            turns, author, names.get(author, author), ds, chat_format, cleaner, names=names, multi=multi, dropped=dropped
+            turns,
+            author,
+            names.get(author, author),
+            ds,
+            chat_format,
+            cleaner,
+            names=names,
+            multi=multi,
+            dropped=dropped,
         )
     if reaction_weighting:
         examples = weight_by_reactions(examples)
@@ -377,7 +388,9 @@ def build_dataset(
     return Dataset(member_id, multi, mode, train, val, heldout, preference, attribution, dict(dropped))
 
 
-def write_dataset(dataset: Dataset, job_dir: Path, settings: DatasetSettings, key: bytes | None = None) -> dict[str, Any]:
+def write_dataset(
+    dataset: Dataset, job_dir: Path, settings: DatasetSettings, key: bytes | None = None
+) -> dict[str, Any]:
     """Write JOB_DIR/dataset/ (files sealed with `key` when given) into a temporary folder and rename it in; returns meta."""
     job_dir.mkdir(parents=True, exist_ok=True)
     final = job_dir / "dataset"
@@ -426,7 +439,9 @@ async def _member_window_messages(store: Any, ds: DatasetSettings, member_id: st
     spans = await store.messages.member_windows(member_id, ds.context_window_s + 4 * ds.merge_gap_s)
     messages: list[Message] = [m async for m in store.messages.iter_windows(spans)]
     have = {m.id for m in messages}
-    wanted = {m.reply_to for m in messages if m.author_id == member_id and m.reply_to and m.reply_to not in have}
+    wanted = {
+        m.reply_to for m in messages if m.author_id == member_id and m.reply_to and m.reply_to not in have
+    }
     if wanted:
         # A Discord reply to an older message: what it answers is context, even from outside the window.
         messages += [m for m in await store.messages.get_many(sorted(wanted)) if m.channel_id in spans]

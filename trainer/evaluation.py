@@ -20,8 +20,9 @@ _EMOJI_RE = re.compile(
 SYSTEMS = ("base", "adapter", "retrieval")
 
 
-def perplexity(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], batch_size: int = 4,
-               max_length: int = 2048) -> float:
+def perplexity(
+    model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], batch_size: int = 4, max_length: int = 2048
+) -> float:
     """Per-token perplexity of each row's `completion` given its `prompt` (loss on completion tokens only)."""
     import torch
 
@@ -33,7 +34,7 @@ def perplexity(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], ba
             continue
         # Over-long rows lose the oldest context, never the reply being scored.
         keep = max(0, max_length - len(completion))
-        prompt = prompt[len(prompt) - keep:] if keep else []
+        prompt = prompt[len(prompt) - keep :] if keep else []
         ids = (prompt + completion)[-max_length:]
         seqs.append((ids, len(ids) - min(len(completion), len(ids))))
     if not seqs:
@@ -59,7 +60,9 @@ def perplexity(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], ba
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
                 shift_logits = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
                 shift_labels = labels[:, 1:].reshape(-1).to(device)
-                nll = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+                nll = torch.nn.functional.cross_entropy(
+                    shift_logits, shift_labels, ignore_index=-100, reduction="sum"
+                )
                 total += float(nll)
                 count += int((shift_labels != -100).sum())
     finally:
@@ -162,14 +165,20 @@ def fidelity_report(
     if embedder is None and load_embeddings:
         embedder = load_embedder()
     systems = {"adapter": generated, "base": base, "retrieval": retrieval}
-    report: dict[str, Any] = {"n_real": len(real), "embedding_model": "all-MiniLM-L6-v2" if embedder else None}
+    report: dict[str, Any] = {
+        "n_real": len(real),
+        "embedding_model": "all-MiniLM-L6-v2" if embedder else None,
+    }
     report["style"] = {name: style_metrics(texts, real, embedder) for name, texts in systems.items() if texts}
     if attribution_rows and member_id:
         from trainer.attribution import attribution_report
 
         report["attribution"] = attribution_report(
-            attribution_rows, {name: list(texts) for name, texts in systems.items() if texts}, member_id,
-            real_heldout=list(real), seed=seed,
+            attribution_rows,
+            {name: list(texts) for name, texts in systems.items() if texts},
+            member_id,
+            real_heldout=list(real),
+            seed=seed,
         )
     return report
 
@@ -191,7 +200,10 @@ def gate(metrics: Mapping[str, Any]) -> tuple[bool, str]:
         return False, "held-out perplexity is not finite"
     if adapter < base:
         return True, f"held-out perplexity {adapter:.2f} beats the base model's {base:.2f}"
-    return False, f"held-out perplexity {adapter:.2f} does not beat the base model's {base:.2f}: kept as a candidate"
+    return (
+        False,
+        f"held-out perplexity {adapter:.2f} does not beat the base model's {base:.2f}: kept as a candidate",
+    )
 
 
 _ROWS = (
@@ -221,7 +233,9 @@ def format_report(metrics: Mapping[str, Any], blind: Mapping[str, Any] | None = 
     fidelity = metrics.get("fidelity") or {}
     style = fidelity.get("style") or {}
     attribution = fidelity.get("attribution") or {}
-    columns = [s for s in SYSTEMS if s in style or _ppl(metrics, s) is not None or s in attribution.get("share", {})]
+    columns = [
+        s for s in SYSTEMS if s in style or _ppl(metrics, s) is not None or s in attribution.get("share", {})
+    ]
     columns = columns or ["base", "adapter"]
     table: list[list[str]] = [["metric", *columns]]
     table.append(["held-out perplexity ↓", *(_cell(_ppl(metrics, s)) for s in columns)])
@@ -234,8 +248,10 @@ def format_report(metrics: Mapping[str, Any], blind: Mapping[str, Any] | None = 
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if style.get("adapter", {}).get("mean_length_real") is not None:
-        lines.append(f"real replies: mean length {style['adapter']['mean_length_real']:.1f} chars, "
-                     f"{fidelity.get('n_real', '?')} held-out")
+        lines.append(
+            f"real replies: mean length {style['adapter']['mean_length_real']:.1f} chars, "
+            f"{fidelity.get('n_real', '?')} held-out"
+        )
     if attribution.get("available"):
         lines.append(
             f"authorship: chance {attribution['chance']:.2f} among a panel of {attribution['members']} members "

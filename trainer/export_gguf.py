@@ -18,16 +18,29 @@ PERMUTED_ARCHS = {"llama"}
 # transformers `model_type` -> llama.cpp architecture, as convert_hf_to_gguf.py registers the HF classes
 # (Mistral is converted as llama; the text-only Gemma 3 config is `gemma3_text`).
 HF_TO_GGUF_ARCH = {
-    "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-    "gemma3_text": "gemma3", "gemma3": "gemma3", "phi3": "phi3",
-}  # fmt: skip
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+    "phi3": "phi3",
+}
 # Architectures whose whole path (training, export, llama.cpp applying the LoRA) is tested end to end
 # (tests/trainer/test_export_archs.py); anything else is refused when a base model is added.
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 # LoRA target modules per architecture. Phi-3 fuses q/k/v and gate/up into one Linear each, and llama.cpp keeps
 # them fused (attn_qkv, ffn_up), so the adapter goes on the fused modules, as the converter maps them.
-FUSED_TARGETS = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-                          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}}  # fmt: skip
+FUSED_TARGETS = {
+    "phi3": {
+        "q_proj": "qkv_proj",
+        "k_proj": "qkv_proj",
+        "v_proj": "qkv_proj",
+        "gate_proj": "gate_up_proj",
+        "up_proj": "gate_up_proj",
+    }
+}
 
 
 def gguf_arch(model_type: str) -> str:
@@ -122,7 +135,9 @@ def _load_peft(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]
     cfg_path = adapter_dir / "adapter_config.json"
     weights_path = adapter_dir / "adapter_model.safetensors"
     if not cfg_path.exists() or not weights_path.exists():
-        raise ExportError(f"{adapter_dir}: not a PEFT adapter folder (adapter_config.json / adapter_model.safetensors)")
+        raise ExportError(
+            f"{adapter_dir}: not a PEFT adapter folder (adapter_config.json / adapter_model.safetensors)"
+        )
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ExportError(f"{adapter_dir}: only LoRA adapters export to GGUF, got {cfg.get('peft_type')}")
@@ -132,7 +147,9 @@ def _load_peft(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]
     return cfg, tensors
 
 
-def export_lora_gguf(adapter_dir: Path, out_path: Path, info: BaseInfo, *, dtype: str = "f32") -> dict[str, Any]:
+def export_lora_gguf(
+    adapter_dir: Path, out_path: Path, info: BaseInfo, *, dtype: str = "f32"
+) -> dict[str, Any]:
     """Write `adapter_dir`'s PEFT LoRA as a llama.cpp LoRA GGUF at `out_path`; returns a summary."""
     import gguf
 

@@ -51,7 +51,7 @@ def open_bytes(path: Path, key: bytes | None) -> bytes:
         return raw
     if key is None:
         raise JobConfigError(f"{path.name}: the dataset is encrypted and no job key was given on stdin")
-    body = raw[len(SEALED_MAGIC):]
+    body = raw[len(SEALED_MAGIC) :]
     try:
         return AESGCM(key).decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], path.name.encode())
     except InvalidTag:
@@ -96,8 +96,9 @@ class JobData:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def read_jsonl(path: Path, required: tuple[str, ...] = ("prompt", "completion"),
-               key: bytes | None = None) -> list[dict[str, Any]]:
+def read_jsonl(
+    path: Path, required: tuple[str, ...] = ("prompt", "completion"), key: bytes | None = None
+) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file (sealed or plain); a missing file is empty, a bad line is a one-line error naming it."""
     if not path.exists():
         return []
@@ -124,7 +125,9 @@ def load_job_data(job_dir: Path, key: bytes | None = None, *, need_train: bool =
     """Read JOB_DIR/dataset/{train,val,heldout,preference,attribution}.jsonl (opened with `key`) and meta.json."""
     ds = job_dir / "dataset"
     if need_train and not (ds / "train.jsonl").exists():
-        raise JobConfigError(f"{ds / 'train.jsonl'}: not found (the supervisor materializes the dataset first)")
+        raise JobConfigError(
+            f"{ds / 'train.jsonl'}: not found (the supervisor materializes the dataset first)"
+        )
     train = read_jsonl(ds / "train.jsonl", key=key)
     if need_train and not train:
         raise JobConfigError(f"{ds / 'train.jsonl'}: no training examples")
@@ -171,13 +174,17 @@ def fit_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> tup
     return out, dropped
 
 
-def fit_pairs(pairs: list[dict[str, Any]], tokenizer: Any, max_length: int) -> tuple[list[dict[str, Any]], int]:
+def fit_pairs(
+    pairs: list[dict[str, Any]], tokenizer: Any, max_length: int
+) -> tuple[list[dict[str, Any]], int]:
     """DPO pairs fitted like `fit_rows`, by the longer of the two replies: both must fit under one prompt."""
     fitted: list[dict[str, Any]] = []
     dropped = 0
     for pair in pairs:
-        longer = max((pair["chosen"], pair["rejected"]),
-                     key=lambda c: len(tokenizer(c, add_special_tokens=False)["input_ids"]))
+        longer = max(
+            (pair["chosen"], pair["rejected"]),
+            key=lambda c: len(tokenizer(c, add_special_tokens=False)["input_ids"]),
+        )
         rows, lost = fit_rows([{**pair, "completion": longer}], tokenizer, max_length)
         dropped += lost
         fitted.extend({k: v for k, v in row.items() if k != "completion"} for row in rows)

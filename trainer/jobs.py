@@ -32,10 +32,30 @@ class JobStatus(StrEnum):
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.INTERRUPTED.value)
 
 COLUMNS = (
-    "id", "member_id", "requested_by", "source", "mode", "status", "device", "job_dir", "config_json",
-    "progress_json", "error", "exit_detail", "pid", "created_at", "started_at", "finished_at", "heartbeat_at",
-    "adapter_id", "supervisor_pid", "executor", "executor_ref", "cancel_requested_by", "resume",
-)  # fmt: skip
+    "id",
+    "member_id",
+    "requested_by",
+    "source",
+    "mode",
+    "status",
+    "device",
+    "job_dir",
+    "config_json",
+    "progress_json",
+    "error",
+    "exit_detail",
+    "pid",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "heartbeat_at",
+    "adapter_id",
+    "supervisor_pid",
+    "executor",
+    "executor_ref",
+    "cancel_requested_by",
+    "resume",
+)
 
 
 def new_job_id() -> str:
@@ -156,10 +176,21 @@ class JobTable:
                SELECT ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, 0
                WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE member_id IS ? AND status IN (?, ?, ?))""",
             (
-                job.id, job.member_id, job.requested_by, job.source, job.mode, job.device, job.job_dir,
-                json.dumps(job.config), json.dumps(job.progress.to_dict()), job.created_at, job.supervisor_pid,
-                job.executor, job.member_id, *ACTIVE,
-            ),  # fmt: skip
+                job.id,
+                job.member_id,
+                job.requested_by,
+                job.source,
+                job.mode,
+                job.device,
+                job.job_dir,
+                json.dumps(job.config),
+                json.dumps(job.progress.to_dict()),
+                job.created_at,
+                job.supervisor_pid,
+                job.executor,
+                job.member_id,
+                *ACTIVE,
+            ),
         )
         return bool(rows)
 
@@ -174,7 +205,9 @@ class JobTable:
             (member_id, *ACTIVE),
         )
 
-    async def recent(self, status: str | None = None, member_id: str | None = None, limit: int = 100) -> list[Job]:
+    async def recent(
+        self, status: str | None = None, member_id: str | None = None, limit: int = 100
+    ) -> list[Job]:
         """Newest first, optionally filtered."""
         sql, params = "SELECT * FROM jobs WHERE 1=1", list[Any]()
         if status:
@@ -186,13 +219,17 @@ class JobTable:
     async def with_status(self, *statuses: str) -> list[Job]:
         """Oldest first: the order the queue serves them in."""
         marks = ", ".join("?" for _ in statuses)
-        return await self._many(f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY created_at, id", statuses)
+        return await self._many(
+            f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY created_at, id", statuses
+        )
 
     async def update(self, job_id: str, **values: Any) -> None:
         """Set columns unconditionally (progress, heartbeat, pid)."""
         await self._set(job_id, values, None)
 
-    async def transition(self, job_id: str, expected: tuple[JobStatus, ...], new: JobStatus, **values: Any) -> bool:
+    async def transition(
+        self, job_id: str, expected: tuple[JobStatus, ...], new: JobStatus, **values: Any
+    ) -> bool:
         """Move to `new` only from one of `expected` (another process may have got there first); True if moved."""
         return await self._set(job_id, {"status": new.value, **values}, expected)
 

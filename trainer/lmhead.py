@@ -16,8 +16,13 @@ from trl import SFTTrainer
 from trl.kernels.chunked_logprob import _use_triton
 
 # Configs that change the logits after the projection: those models keep TRL's own head, which applies them.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 
 
 def compact_loss_applies(model: Any, device: torch.device) -> bool:
@@ -30,7 +35,9 @@ def compact_loss_applies(model: Any, device: torch.device) -> bool:
     return all(getattr(text_config, name, None) is None for name in _LOGIT_TRANSFORMS)
 
 
-def _head_loss(lm_head: Any, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any) -> dict[str, Any]:
+def _head_loss(
+    lm_head: Any, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any
+) -> dict[str, Any]:
     targets = labels[:, 1:]
     mask = targets != -100
     # Boolean indexing keeps the graph connected even when nothing is labelled: the loss is then a differentiable 0.
@@ -43,20 +50,26 @@ def _head_loss(lm_head: Any, hidden: torch.Tensor, labels: torch.Tensor, num_ite
         log_p = torch.log_softmax(logits, dim=-1)
         entropy = -(log_p.exp() * log_p).sum(-1).sum()
         correct = (logits.argmax(-1) == wanted).sum()
-    return {"loss": loss_sum / torch.as_tensor(denominator).clamp(min=1), "count": count, "entropy_sum": entropy,
-            "correct": correct}
+    return {
+        "loss": loss_sum / torch.as_tensor(denominator).clamp(min=1),
+        "count": count,
+        "entropy_sum": entropy,
+        "correct": correct,
+    }
 
 
-class PersonaSFTTrainer(SFTTrainer):  # type: ignore[misc]
+class PersonaSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer, with the compact LM-head loss where TRL's own would score every position."""
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         """The loss of one micro-batch; TRL's where Triton runs, the compact one elsewhere."""
         device = inputs["input_ids"].device
         if return_outputs or not model.training or not compact_loss_applies(model, device):
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         labels = inputs["labels"]
         backbone_inputs = {k: v for k, v in inputs.items() if k != "labels"}

@@ -53,7 +53,9 @@ def memory_breakdown(shape: Any, config: Any, device: str) -> dict[str, int]:
     if not cuda:  # on a GPU host these run in host memory, beside the device's budget
         gguf = _gguf_bytes(config)
         n_ctx = 2048
-        kv = 2 * layers * n_ctx * h * 2  # f16 K and V for every layer (an upper bound with grouped-query heads)
+        kv = (
+            2 * layers * n_ctx * h * 2
+        )  # f16 K and V for every layer (an upper bound with grouped-query heads)
         llama = gguf + kv + 512 * vocab * 4 + 64 * MIB
         embedder = 160 * MIB if getattr(config, "eval_fidelity", True) else 0
         classifier = 3 * (PANEL_OTHERS + 1) * N_FEATURES * 8  # weights, idf and liblinear's working copy

@@ -6,8 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def loss_png(path: Path, train: Sequence[tuple[int, float]], title: str = "",
-             stages: Sequence[tuple[str, Sequence[tuple[int, float]]]] = ()) -> None:
+def loss_png(
+    path: Path,
+    train: Sequence[tuple[int, float]],
+    title: str = "",
+    stages: Sequence[tuple[str, Sequence[tuple[int, float]]]] = (),
+) -> None:
     """Plot training loss against step (plus optional later stages, e.g. KTO) and save as PNG."""
     import matplotlib
 

@@ -12,13 +12,17 @@ if TYPE_CHECKING:
     from trainer.example import Example
 
 
-def preference_rows(examples: Sequence[Example], feedback: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+def preference_rows(
+    examples: Sequence[Example], feedback: Iterable[Mapping[str, Any]] = ()
+) -> list[dict[str, Any]]:
     """KTO rows (reacted real replies, 👍/👎 feedback) and DPO pairs (reacted vs unreacted reply to one message)."""
     rows: list[dict[str, Any]] = []
     groups: dict[tuple[str, str], list[Example]] = defaultdict(list)
     for ex in examples:
         if ex.reactions > 0:
-            rows.append(_kto(ex.prompt, ex.completion, True, ex.members, "reactions", ex.reactions, ex.messages))
+            rows.append(
+                _kto(ex.prompt, ex.completion, True, ex.members, "reactions", ex.reactions, ex.messages)
+            )
         if ex.context_key:
             groups[(ex.member_id, ex.context_key)].append(ex)
     for (_, key), group in sorted(groups.items()):
@@ -43,18 +47,36 @@ def preference_rows(examples: Sequence[Example], feedback: Iterable[Mapping[str,
                     "messages": list(prompt_ex.messages),
                 }
             )
-            rows.append(_kto(rejected.prompt, rejected.completion, False, rejected.members, "unreacted", 0,
-                             rejected.messages))
+            rows.append(
+                _kto(
+                    rejected.prompt,
+                    rejected.completion,
+                    False,
+                    rejected.members,
+                    "unreacted",
+                    0,
+                    rejected.messages,
+                )
+            )
     for fb in feedback:
         value = int(fb.get("value", 0))
         if value == 0 or not fb.get("prompt") or not fb.get("completion"):
             continue
-        rows.append(_kto(fb["prompt"], fb["completion"], value > 0, tuple(fb.get("members", ())), "feedback", value))
+        rows.append(
+            _kto(fb["prompt"], fb["completion"], value > 0, tuple(fb.get("members", ())), "feedback", value)
+        )
     return rows
 
 
-def _kto(prompt: str, completion: str, label: bool, members: Sequence[str], source: str, signal: int,
-         messages: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+def _kto(
+    prompt: str,
+    completion: str,
+    label: bool,
+    members: Sequence[str],
+    source: str,
+    signal: int,
+    messages: Sequence[Mapping[str, str]] = (),
+) -> dict[str, Any]:
     row: dict[str, Any] = {
         "kind": "kto",
         "prompt": prompt,
@@ -70,7 +92,12 @@ def _kto(prompt: str, completion: str, label: bool, members: Sequence[str], sour
 
 
 def feedback_rows(
-    items: Iterable[Mapping[str, Any]], member_id: str, name: str, chat_format: ChatFormat, *, multi: bool = False
+    items: Iterable[Mapping[str, Any]],
+    member_id: str,
+    name: str,
+    chat_format: ChatFormat,
+    *,
+    multi: bool = False,
 ) -> list[dict[str, Any]]:
     """👍/👎 on persona replies as KTO inputs: the reply under a context-free prompt, closed by end-of-turn."""
     # The conversation a rated reply answered may quote people who never consented to training: it is not used.

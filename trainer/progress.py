@@ -54,7 +54,9 @@ class ProgressState:
                 self.losses.append((self.step, self.loss))
                 if len(self.losses) > MAX_LOSS_POINTS:
                     # Halve the resolution of the older half: the curve's shape survives, the size stays bounded.
-                    self.losses = self.losses[: MAX_LOSS_POINTS // 2 : 2] + self.losses[MAX_LOSS_POINTS // 2 :]
+                    self.losses = (
+                        self.losses[: MAX_LOSS_POINTS // 2 : 2] + self.losses[MAX_LOSS_POINTS // 2 :]
+                    )
         elif kind in ("phase", "export", "evaluating"):
             self.phase = str(event.get("phase") or event.get("name") or kind)
         elif kind == "finished":

@@ -26,11 +26,17 @@ from trainer.errors import EvaluationError
 # Dataset files an evaluation does not read: removed before the child starts (least plaintext, even sealed).
 _NOT_NEEDED = ("train.jsonl", "val.jsonl", "preference.jsonl")
 # Test hooks of the original job must not fire again on the rerun.
-_RESET = {"simulate_eval_failure": "", "simulate_export_failure": False, "simulate_oom_at_step": 0, "tensorboard": False}
+_RESET = {
+    "simulate_eval_failure": "",
+    "simulate_export_failure": False,
+    "simulate_oom_at_step": 0,
+    "tensorboard": False,
+}
 
 
-async def reevaluate(store: Any, settings: Settings, version: Any,
-                     on_event: Callable[[dict[str, Any]], Any] | None = None) -> Any:
+async def reevaluate(
+    store: Any, settings: Settings, version: Any, on_event: Callable[[dict[str, Any]], Any] | None = None
+) -> Any:
     """Evaluate `version` (a registry AdapterVersion) again; returns the updated version."""
     from models.registry import Registry
     from trainer.config import TrainConfig
@@ -40,7 +46,9 @@ async def reevaluate(store: Any, settings: Settings, version: Any,
     meta = dict(version.meta or {})
     config = dict(meta.get("training_config") or {})
     if not config:
-        raise EvaluationError(f"adapter {version.id} has no training configuration in its meta.json to evaluate with")
+        raise EvaluationError(
+            f"adapter {version.id} has no training configuration in its meta.json to evaluate with"
+        )
     config.update({k: v for k, v in _RESET.items() if k in config})
     # An adapter trained by another release may carry fields this one does not know; evaluation needs none of them.
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -51,8 +59,9 @@ async def reevaluate(store: Any, settings: Settings, version: Any,
         job_dir.mkdir(parents=True)
         cfg.to_json(job_dir / "config.json")
         chat = await asyncio.to_thread(chat_format_for, config)
-        await materialize(store, settings, version.member_id or "", job_dir, chat, "sft",
-                          multi=version.member_id is None)  # fmt: skip
+        await materialize(
+            store, settings, version.member_id or "", job_dir, chat, "sft", multi=version.member_id is None
+        )
         for name in _NOT_NEEDED:
             (job_dir / "dataset" / name).unlink(missing_ok=True)
         converted: dict[str, Any] = {}
@@ -69,22 +78,35 @@ async def reevaluate(store: Any, settings: Settings, version: Any,
             if converted and Path(str(converted["path"])).is_file():
                 # A version whose export failed after training: the child converted it; keep that even when the
                 # evaluation that follows fails, so the next `doppel eval` only evaluates.
-                await registry.record_export(version.id, Path(str(converted["path"])), converted.get("export"))
+                await registry.record_export(
+                    version.id, Path(str(converted["path"])), converted.get("export")
+                )
         return await registry.record_evaluation(version.id, metrics)
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)
 
 
-async def _run_child(settings: Settings, job_dir: Path, adapter: Path,
-                     on_event: Callable[[dict[str, Any]], Any] | None) -> dict[str, Any]:
+async def _run_child(
+    settings: Settings, job_dir: Path, adapter: Path, on_event: Callable[[dict[str, Any]], Any] | None
+) -> dict[str, Any]:
     from trainer.executors.base import StderrTail, parse_event
     from trainer.executors.local import STREAM_LIMIT, device_env, send_job_key
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "trainer", "evaluate", str(job_dir), "--adapter", str(adapter),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env=device_env(""), cwd=str(job_dir), limit=STREAM_LIMIT,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "trainer",
+        "evaluate",
+        str(job_dir),
+        "--adapter",
+        str(adapter),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=device_env(""),
+        cwd=str(job_dir),
+        limit=STREAM_LIMIT,
+    )
     await send_job_key(proc, settings, job_dir)
     tail = StderrTail()
 

@@ -9,8 +9,16 @@ from trainer.config import TrainConfig
 from trainer.evaluation import fidelity_report, gate, perplexity
 
 
-def generate_llama_cpp(base_gguf: Path, adapter_gguf: Path | None, prompts: list[str], *, max_new_tokens: int,
-                       stop: list[str], seed: int, threads: int = 0) -> list[str]:
+def generate_llama_cpp(
+    base_gguf: Path,
+    adapter_gguf: Path | None,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    stop: list[str],
+    seed: int,
+    threads: int = 0,
+) -> list[str]:
     """Greedy replies from llama.cpp, with the exported adapter (proves the GGUF loads and steers) or without."""
     from llama_cpp import Llama
 
@@ -28,8 +36,15 @@ def generate_llama_cpp(base_gguf: Path, adapter_gguf: Path | None, prompts: list
         llm.close()
 
 
-def evaluate(model: Any, tokenizer: Any, cfg: TrainConfig, data: Any, *, adapter_gguf: Path | None,
-             base_gguf: Path | None) -> dict[str, Any]:
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    cfg: TrainConfig,
+    data: Any,
+    *,
+    adapter_gguf: Path | None,
+    base_gguf: Path | None,
+) -> dict[str, Any]:
     """Metrics for meta.json: perplexities, generations, fidelity report (if available) and the gate decision."""
     rows = list(data.heldout or [])
     if cfg.eval_max_examples:
@@ -47,7 +62,12 @@ def evaluate(model: Any, tokenizer: Any, cfg: TrainConfig, data: Any, *, adapter
         picked = rows[: cfg.eval_samples]
         stop = ChatFormat.from_tokenizer(tokenizer).stop if tokenizer.chat_template else [tokenizer.eos_token]
         prompts = [r["prompt"] for r in picked]
-        gen: dict[str, Any] = {"max_new_tokens": cfg.eval_max_new_tokens, "stop": stop, "seed": cfg.seed, "threads": cfg.threads}
+        gen: dict[str, Any] = {
+            "max_new_tokens": cfg.eval_max_new_tokens,
+            "stop": stop,
+            "seed": cfg.seed,
+            "threads": cfg.threads,
+        }
         replies = generate_llama_cpp(base_gguf, adapter_gguf, prompts, **gen)
         base_replies = generate_llama_cpp(base_gguf, None, prompts, **gen)
         samples = [
@@ -60,11 +80,14 @@ def evaluate(model: Any, tokenizer: Any, cfg: TrainConfig, data: Any, *, adapter
     metrics["samples"] = [{"generated": x["generated"], "base": x["base"]} for x in samples]
     if cfg.eval_fidelity and samples:
         metrics["fidelity"] = fidelity_report(
-            [s["generated"] for s in samples], [s["target"] for s in samples], base=base_replies,
-            attribution_rows=data.attribution or None, member_id=cfg.member_id or None, seed=cfg.seed,
+            [s["generated"] for s in samples],
+            [s["target"] for s in samples],
+            base=base_replies,
+            attribution_rows=data.attribution or None,
+            member_id=cfg.member_id or None,
+            seed=cfg.seed,
         )
     active, reason = gate(metrics)
     metrics["active"] = bool(active)
     metrics["gate_reason"] = str(reason)
     return metrics
-

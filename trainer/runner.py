@@ -74,17 +74,24 @@ class JobRunner:
                 return
             run = await sup.executor.launch(job.id, job_dir, job.device, resume)
             sup.attach(job.id, run)
-            await sup.jobs.update(job.id, pid=run.pid, executor=sup.executor.name, executor_ref=run.ref,
-                                  heartbeat_at=time.time())  # fmt: skip
+            await sup.jobs.update(
+                job.id,
+                pid=run.pid,
+                executor=sup.executor.name,
+                executor_ref=run.ref,
+                heartbeat_at=time.time(),
+            )
             outcome = await self._follow(run)
         except UserFacingError as exc:
             await self._finish(job, JobStatus.FAILED, str(exc), "not started")
             return
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - recorded on the job; the supervisor keeps serving others
+        except Exception as exc:
             log.exception("job %s failed in the supervisor", job.id)
-            await self._finish(job, JobStatus.FAILED, f"supervisor error: {type(exc).__name__}: {exc}", "not started")
+            await self._finish(
+                job, JobStatus.FAILED, f"supervisor error: {type(exc).__name__}: {exc}", "not started"
+            )
             return
         await self._conclude(job, outcome)
 
@@ -143,8 +150,9 @@ class JobRunner:
         if actor is not None:
             await self._finish(job, JobStatus.CANCELLED, f"cancelled by {actor}", "cancelled before start")
         else:
-            await self._finish(job, JobStatus.INTERRUPTED, "the supervisor stopped before the trainer started",
-                               "not started")  # fmt: skip
+            await self._finish(
+                job, JobStatus.INTERRUPTED, "the supervisor stopped before the trainer started", "not started"
+            )
 
     async def _conclude(self, job: Job, outcome: Outcome) -> None:
         from trainer.endings import MemoryFacts, classify, memory_limit
@@ -164,8 +172,12 @@ class JobRunner:
             await self._finish(job, JobStatus.CANCELLED, f"cancelled by {actor}", detail)
             return
         if self.sup.closing and outcome.returncode != 0:
-            await self._finish(job, JobStatus.INTERRUPTED,
-                               f"the supervisor stopped at step {self.state.step}; resume to continue", detail)  # fmt: skip
+            await self._finish(
+                job,
+                JobStatus.INTERRUPTED,
+                f"the supervisor stopped at step {self.state.step}; resume to continue",
+                detail,
+            )
             return
         estimate = job.config.get("_preflight_mem_bytes")
         memory = MemoryFacts(outcome.peak_rss, memory_limit(), int(estimate) if estimate else None)
@@ -175,7 +187,9 @@ class JobRunner:
                 status, error = JobStatus.FAILED, "the trainer finished without announcing an adapter"
             else:
                 try:
-                    adapter = await self.sup.registry.publish(self.artifact, job_id=job.id, member_id=job.member_id)
+                    adapter = await self.sup.registry.publish(
+                        self.artifact, job_id=job.id, member_id=job.member_id
+                    )
                 except UserFacingError as exc:
                     status, error = JobStatus.FAILED, f"publishing the adapter failed: {exc}"
                 else:
@@ -188,23 +202,35 @@ class JobRunner:
             error = self.export_error or classify(outcome, self.finished, memory, advice=False)[1]
             what = "export" if self.export_error else "evaluation"  # the fix is `doppel eval`, not retraining
             try:
-                adapter = await self.sup.registry.publish(self.artifact, job_id=job.id, member_id=job.member_id,
-                                                          **{f"{what}_error": error})  # fmt: skip
+                adapter = await self.sup.registry.publish(
+                    self.artifact, job_id=job.id, member_id=job.member_id, **{f"{what}_error": error}
+                )
             except UserFacingError as exc:
                 error = f"{error}; the trained adapter could not be kept: {exc}"
             else:
-                await self._finish(job, JobStatus.SUCCEEDED, f"{what} failed: {error}", detail,
-                                   adapter_id=adapter.id)  # fmt: skip
+                await self._finish(
+                    job, JobStatus.SUCCEEDED, f"{what} failed: {error}", detail, adapter_id=adapter.id
+                )
                 return
         await self._finish(job, status, error, detail)
 
-    async def _finish(self, job: Job, status: JobStatus, error: str | None, detail: str, **values: Any) -> None:
+    async def _finish(
+        self, job: Job, status: JobStatus, error: str | None, detail: str, **values: Any
+    ) -> None:
         self.state.status = status.value
         if status != JobStatus.SUCCEEDED:
             self.state.eta_s = None
-        await self.sup.jobs.transition(job.id, RUNNING, status, error=error, exit_detail=detail,
-                                       finished_at=None if status == JobStatus.INTERRUPTED else time.time(),
-                                       progress_json=self.state, heartbeat_at=time.time(), **values)  # fmt: skip
+        await self.sup.jobs.transition(
+            job.id,
+            RUNNING,
+            status,
+            error=error,
+            exit_detail=detail,
+            finished_at=None if status == JobStatus.INTERRUPTED else time.time(),
+            progress_json=self.state,
+            heartbeat_at=time.time(),
+            **values,
+        )
         if status != JobStatus.INTERRUPTED:
             # Dataset (member plaintext) and checkpoints go with the folder; only a resumable job keeps them.
             _remove_dir(job.job_dir)

@@ -46,8 +46,13 @@ def _alive(pid: int | None) -> bool:
 class Supervisor:
     """Submit, queue, run, follow, cancel, resume and publish training jobs."""
 
-    def __init__(self, store: Any, settings: Settings, executor: Executor | None = None,
-                 registry: Registry | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: Any,
+        settings: Settings,
+        executor: Executor | None = None,
+        registry: Registry | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.jobs = JobTable(store)
@@ -109,8 +114,12 @@ class Supervisor:
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         for job in await self.jobs.with_status(JobStatus.QUEUED):
             if job.supervisor_pid == self.pid:
-                await self.jobs.transition(job.id, (JobStatus.QUEUED,), JobStatus.INTERRUPTED,
-                                           error="the supervisor stopped before the job started")  # fmt: skip
+                await self.jobs.transition(
+                    job.id,
+                    (JobStatus.QUEUED,),
+                    JobStatus.INTERRUPTED,
+                    error="the supervisor stopped before the job started",
+                )
 
     async def recover(self) -> list[Job]:
         """A queued or running job whose supervisor process is gone becomes `interrupted`; its trainer is stopped."""
@@ -131,8 +140,15 @@ class Supervisor:
                 why = "the supervisor stopped before the job started"
             state = job.progress
             state.status = JobStatus.INTERRUPTED.value
-            if await self.jobs.transition(job.id, (job.status,), JobStatus.INTERRUPTED, error=why,
-                                          exit_detail="lost at restart", pid=None, progress_json=state):  # fmt: skip
+            if await self.jobs.transition(
+                job.id,
+                (job.status,),
+                JobStatus.INTERRUPTED,
+                error=why,
+                exit_detail="lost at restart",
+                pid=None,
+                progress_json=state,
+            ):
                 found.append(await self._get(job.id))
         return found
 
@@ -167,9 +183,18 @@ class Supervisor:
                 await asyncio.sleep(0.1)
 
     # -- requests ---------------------------------------------------------------------------------------------
-    async def submit(self, member_id: str | None, *, requested_by: str, source: str = "cli", mode: str = "sft",
-                     base: str | None = None, device: str | None = None, multi: bool = False,
-                     **overrides: Any) -> Job:  # fmt: skip
+    async def submit(
+        self,
+        member_id: str | None,
+        *,
+        requested_by: str,
+        source: str = "cli",
+        mode: str = "sft",
+        base: str | None = None,
+        device: str | None = None,
+        multi: bool = False,
+        **overrides: Any,
+    ) -> Job:
         """Queue a job for a member after pre-flight; `overrides` are TrainConfig fields (max_steps, epochs...)."""
         from trainer.config import TrainConfig
         from trainer.preflight import job_checks, memory_estimate, require
@@ -180,9 +205,13 @@ class Supervisor:
         if existing is not None:
             raise JobConflictError(_conflict_message(existing))
         model = self.registry.base(base)
-        fields: dict[str, Any] = {"member_id": member_id or "", "mode": mode, "base_name": model.name,
-                                  "chat_template": model.template or "",
-                                  "chat_template_source": model.template_source or ""}  # fmt: skip
+        fields: dict[str, Any] = {
+            "member_id": member_id or "",
+            "mode": mode,
+            "base_name": model.name,
+            "chat_template": model.template or "",
+            "chat_template_source": model.template_source or "",
+        }
         if "base_model" not in overrides:
             # HF weights registered with the base are trained on; the GGUF is what llama.cpp serves.
             fields["base_model"] = model.hf_path or model.path
@@ -196,14 +225,27 @@ class Supervisor:
         require(job_checks(self.settings, config, device))
         job_id = new_job_id()
         job = Job(
-            id=job_id, member_id=member_id, requested_by=requested_by, source=source, mode=mode, device=device,
+            id=job_id,
+            member_id=member_id,
+            requested_by=requested_by,
+            source=source,
+            mode=mode,
+            device=device,
             job_dir=str(self.settings.jobs_dir / job_id),
-            config={**config.to_dict(), "_multi": multi, "_preflight_mem_bytes": memory_estimate(config, device)},
-            created_at=time.time(), supervisor_pid=self.pid, executor=self.executor.name,
-        )  # fmt: skip
+            config={
+                **config.to_dict(),
+                "_multi": multi,
+                "_preflight_mem_bytes": memory_estimate(config, device),
+            },
+            created_at=time.time(),
+            supervisor_pid=self.pid,
+            executor=self.executor.name,
+        )
         if not await self.jobs.insert_if_idle(job):
             existing = await self.jobs.active_for_member(member_id)
-            raise JobConflictError(_conflict_message(existing) if existing else "the member already has a job")
+            raise JobConflictError(
+                _conflict_message(existing) if existing else "the member already has a job"
+            )
         self._poke()
         return await self._get(job_id)
 
@@ -211,12 +253,23 @@ class Supervisor:
         """Queue an interrupted job again; it continues from its last checkpoint when one is left."""
         job = await self._get(job_id)
         if job.status != JobStatus.INTERRUPTED:
-            raise SupervisorError(f"job {job_id} is {job.status.value}; only an interrupted job can be resumed")
+            raise SupervisorError(
+                f"job {job_id} is {job.status.value}; only an interrupted job can be resumed"
+            )
         state = job.progress
         state.status = JobStatus.QUEUED.value
-        ok = await self.jobs.transition(job_id, (JobStatus.INTERRUPTED,), JobStatus.QUEUED, resume=True,
-                                        supervisor_pid=self.pid, error=None, exit_detail=None, pid=None,
-                                        executor=self.executor.name, progress_json=state)  # fmt: skip
+        ok = await self.jobs.transition(
+            job_id,
+            (JobStatus.INTERRUPTED,),
+            JobStatus.QUEUED,
+            resume=True,
+            supervisor_pid=self.pid,
+            error=None,
+            exit_detail=None,
+            pid=None,
+            executor=self.executor.name,
+            progress_json=state,
+        )
         if not ok:
             raise SupervisorError(f"job {job_id} changed state; try again")
         self._poke()
@@ -228,8 +281,14 @@ class Supervisor:
         if job.status.final:
             return job
         if job.status in (JobStatus.QUEUED, JobStatus.INTERRUPTED):
-            if await self.jobs.transition(job_id, (job.status,), JobStatus.CANCELLED, finished_at=time.time(),
-                                          error=f"cancelled by {actor}", cancel_requested_by=actor):  # fmt: skip
+            if await self.jobs.transition(
+                job_id,
+                (job.status,),
+                JobStatus.CANCELLED,
+                finished_at=time.time(),
+                error=f"cancelled by {actor}",
+                cancel_requested_by=actor,
+            ):
                 _remove(job.job_dir)
                 self._poke()
                 return await self._get(job_id)
@@ -248,8 +307,11 @@ class Supervisor:
 
     async def cancel_member(self, member_id: str, actor: str) -> list[Job]:
         """Cancel every active job of a member (used before erasing them)."""
-        return [await self.cancel(j.id, actor) for j in await self.jobs.recent(member_id=member_id)
-                if not j.status.final]  # fmt: skip
+        return [
+            await self.cancel(j.id, actor)
+            for j in await self.jobs.recent(member_id=member_id)
+            if not j.status.final
+        ]
 
     async def get(self, job_id: str) -> Job:
         """A job by id (JobNotFoundError when unknown)."""
@@ -292,8 +354,16 @@ class Supervisor:
 
         chat = await asyncio.to_thread(chat_format_for, config)
         multi = bool(job.config.get("_multi"))
-        return await materialize(self.store, self.settings, job.member_id or "", job_dir, chat, job.mode, multi,
-                                 reaction_weighting=self.settings.dataset.reaction_weighting)
+        return await materialize(
+            self.store,
+            self.settings,
+            job.member_id or "",
+            job_dir,
+            chat,
+            job.mode,
+            multi,
+            reaction_weighting=self.settings.dataset.reaction_weighting,
+        )
 
     # -- what a JobRunner may ask of its host (trainer.runner.JobHost) ---------------------------------------------
     def cancelled_by(self, job_id: str) -> str | None:
@@ -335,7 +405,7 @@ class Supervisor:
                     slots = self.settings.training.jobs_per_device
                     if await self.jobs.claim_slot(job.id, job.device, slots, self.pid, time.time()):
                         self._tasks[job.id] = asyncio.create_task(self._follow(job.id), name=f"job-{job.id}")
-            except Exception:  # noqa: BLE001 - a transient database error must not stop the queue for good
+            except Exception:
                 log.exception("supervisor queue pass failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(pulse.wait(), timeout=POLL_S)
@@ -356,8 +426,10 @@ class Supervisor:
 def _conflict_message(job: Job) -> str:
     who = job.member_id or "the multi-persona adapter"
     if job.status == JobStatus.INTERRUPTED:
-        return (f"{who} has an interrupted job {job.id} (step {job.progress.step}): resume it with "
-                f"`doppel train {job.member_id or ''} --resume` or cancel it with `doppel train --cancel {job.id}`")  # fmt: skip
+        return (
+            f"{who} has an interrupted job {job.id} (step {job.progress.step}): resume it with "
+            f"`doppel train {job.member_id or ''} --resume` or cancel it with `doppel train --cancel {job.id}`"
+        )
     return f"{who} already has a {job.status.value} job {job.id} (requested by {job.requested_by})"
 
 

@@ -24,15 +24,18 @@ TOPICS = ["game", "build", "server", "logs", "box", "fox", "dog", "jugs", "weeke
 def persona_reply(rng: random.Random) -> str:
     """Ada's style: lowercase, 'omg', stretched words, '!!!' and ':)'."""
     topic = rng.choice(TOPICS)
-    return rng.choice([
-        f"omg yes!!! the {topic} is sooo good haha :)",
-        f"omg no way!!! {topic} again?? lol :)",
-        f"omg i love the {topic} sooo much!!! :)",
-    ])
+    return rng.choice(
+        [
+            f"omg yes!!! the {topic} is sooo good haha :)",
+            f"omg no way!!! {topic} again?? lol :)",
+            f"omg i love the {topic} sooo much!!! :)",
+        ]
+    )
 
 
-def synthetic_rows(n: int, seed: int, chat_format: Any, *, max_context: int = 4,
-                   long_tail: bool = False) -> list[dict[str, Any]]:
+def synthetic_rows(
+    n: int, seed: int, chat_format: Any, *, max_context: int = 4, long_tail: bool = False
+) -> list[dict[str, Any]]:
     """Rows of the dataset contract (prompt, completion, target, messages, members, weight, ts).
 
     `long_tail` draws context sizes from a skewed distribution (most short, a few long), as real channels are:
@@ -50,13 +53,15 @@ def synthetic_rows(n: int, seed: int, chat_format: Any, *, max_context: int = 4,
             context.append(Utterance(author_id=who[0], name=who[1], text=rng.choice(CONTEXT_LINES)))
         messages = build_messages(PERSONA_ID, PERSONA, "general", context)
         target = persona_reply(rng)
-        rows.append({
-            "prompt": chat_format.prompt(messages),
-            "completion": chat_format.completion(messages, target),
-            "target": target,
-            "messages": messages,
-            "members": sorted({PERSONA_ID, *(u.author_id for u in context)}),
-            "weight": 1.0,
-            "ts": 1_700_000_000.0 + i * 60,
-        })
+        rows.append(
+            {
+                "prompt": chat_format.prompt(messages),
+                "completion": chat_format.completion(messages, target),
+                "target": target,
+                "messages": messages,
+                "members": sorted({PERSONA_ID, *(u.author_id for u in context)}),
+                "weight": 1.0,
+                "ts": 1_700_000_000.0 + i * 60,
+            }
+        )
     return rows

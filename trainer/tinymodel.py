@@ -75,10 +75,18 @@ def _config(arch: str, vocab_size: int, hidden: int, layers: int, heads: int, kv
     import transformers
 
     common: dict[str, Any] = dict(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     head_dim = hidden // heads
     if arch == "llama":
         return transformers.LlamaConfig(**common, tie_word_embeddings=True)
@@ -86,20 +94,43 @@ def _config(arch: str, vocab_size: int, hidden: int, layers: int, heads: int, kv
         return transformers.Qwen2Config(**common, tie_word_embeddings=True)
     if arch == "qwen3":  # q/k norms, and a head size that is not hidden/heads
         return transformers.Qwen3Config(**common, head_dim=2 * head_dim, tie_word_embeddings=True)
-    if arch == "gemma2":  # norms store w-1, embeddings scaled by sqrt(hidden), soft-capped logits, sliding window
-        return transformers.Gemma2Config(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim,
-                                         sliding_window=512, attn_logit_softcapping=50.0,
-                                         final_logit_softcapping=30.0, tie_word_embeddings=True)  # fmt: skip
+    if (
+        arch == "gemma2"
+    ):  # norms store w-1, embeddings scaled by sqrt(hidden), soft-capped logits, sliding window
+        return transformers.Gemma2Config(
+            **common,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=512,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            tie_word_embeddings=True,
+        )
     if arch == "gemma3":  # as gemma2 plus q/k norms, local/global layers with their own rope bases
-        return transformers.Gemma3TextConfig(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim,
-                                             sliding_window=512, tie_word_embeddings=True)  # fmt: skip
+        return transformers.Gemma3TextConfig(
+            **common,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=512,
+            tie_word_embeddings=True,
+        )
     if arch == "phi3":  # fused qkv and gate_up projections, untied output
-        return transformers.Phi3Config(**common, tie_word_embeddings=False, original_max_position_embeddings=1024)
+        return transformers.Phi3Config(
+            **common, tie_word_embeddings=False, original_max_position_embeddings=1024
+        )
     raise ValueError(f"no tiny model for architecture {arch!r} (known: {', '.join(ARCHS)})")
 
 
-def build_model(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                seed: int = 0, arch: str = "llama") -> Any:
+def build_model(
+    vocab_size: int,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    arch: str = "llama",
+) -> Any:
     """A random causal LM of `arch` small enough to train in seconds on one CPU core."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -133,7 +164,8 @@ def _rope_theta(config: Any) -> tuple[float, float | None]:
     full = params.get("full_attention", params)
     local = params.get("sliding_attention", {}).get("rope_theta")
     return float(full.get("rope_theta", getattr(config, "rope_theta", 10000.0))), (
-        float(local) if local is not None else None)
+        float(local) if local is not None else None
+    )
 
 
 def _norm_shift(arch: str, hf_name: str) -> float:
@@ -141,8 +173,15 @@ def _norm_shift(arch: str, hf_name: str) -> float:
     return 1.0 if arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight") else 0.0
 
 
-def write_gguf(model: Any, tokenizer: Any, path: Path, *, dtype: str = "f32", name: str = "tiny",
-               chat_template: bool = True) -> None:
+def write_gguf(
+    model: Any,
+    tokenizer: Any,
+    path: Path,
+    *,
+    dtype: str = "f32",
+    name: str = "tiny",
+    chat_template: bool = True,
+) -> None:
     """Write a HF model + byte-level BPE tokenizer as a GGUF: keys, names, permutation and norms as the converter.
 
     `chat_template=False` leaves the template out, as in a pretrained (non-instruct) model's GGUF.
@@ -161,7 +200,9 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, *, dtype: str = "f32", na
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    if arch != "llama":  # the converter writes these when config.json names a head_dim (the tiny llama's does not)
+    if (
+        arch != "llama"
+    ):  # the converter writes these when config.json names a head_dim (the tiny llama's does not)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     if arch in ("llama", "phi3"):
@@ -204,7 +245,9 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, *, dtype: str = "f32", na
 write_llama_gguf = write_gguf  # the name it had when only llama was built
 
 
-def _add_tokenizer(w: Any, tokenizer: Any, vocab_size: int, *, chat_template: bool = True, pre: str = "gpt-2") -> None:
+def _add_tokenizer(
+    w: Any, tokenizer: Any, vocab_size: int, *, chat_template: bool = True, pre: str = "gpt-2"
+) -> None:
     import gguf
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -237,8 +280,18 @@ def _add_tokenizer(w: Any, tokenizer: Any, vocab_size: int, *, chat_template: bo
         w.add_chat_template(tokenizer.chat_template)
 
 
-def build_tiny(dest: Path, *, seed: int = 0, dtype: str = "f32", hidden: int = 64, layers: int = 2,
-               heads: int = 4, kv_heads: int = 2, arch: str = "llama", chat_template: bool = True) -> TinyModel:
+def build_tiny(
+    dest: Path,
+    *,
+    seed: int = 0,
+    dtype: str = "f32",
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    arch: str = "llama",
+    chat_template: bool = True,
+) -> TinyModel:
     """Write the tiny model to `dest/hf` (transformers folder) and `dest/tiny.gguf`.
 
     `chat_template=False`: a "pretrained" base, neither the GGUF nor the HF tokenizer carries a template.
@@ -247,8 +300,9 @@ def build_tiny(dest: Path, *, seed: int = 0, dtype: str = "f32", hidden: int = 6
     tokenizer = build_tokenizer()
     if not chat_template:
         tokenizer.chat_template = None
-    model = build_model(len(tokenizer), hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, seed=seed,
-                        arch=arch)
+    model = build_model(
+        len(tokenizer), hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, seed=seed, arch=arch
+    )
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     hf_dir = dest / "hf"

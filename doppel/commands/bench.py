@@ -26,14 +26,25 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("name", choices=[*BENCHES, "all"])
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.add_argument("-o", "--output", help="also write the JSON result to this file")
-    p.add_argument("--sizes", default="", help="scale: community sizes MEMBERSxMESSAGES[,...] (default 200x40000,1000x200000)")
+    p.add_argument(
+        "--sizes",
+        default="",
+        help="scale: community sizes MEMBERSxMESSAGES[,...] (default 200x40000,1000x200000)",
+    )
     # fidelity only: which configurations, how many held-out openings, a factor on every configuration's steps.
     p.add_argument("--configs", default="", help="fidelity: comma-separated configurations (default: all)")
     p.add_argument("--openings", type=int, default=0, help="fidelity: held-out openings answered per system")
-    p.add_argument("--steps-scale", type=float, default=0.0, help="fidelity: multiply every configuration's steps")
-    p.add_argument("--member", default=None, help="fidelity: the member (an IRC nick; default the most active)")
-    p.add_argument("--no-own-vs-other", action="store_true",
-                   help="fidelity: skip training another member's adapter to compare perplexities")
+    p.add_argument(
+        "--steps-scale", type=float, default=0.0, help="fidelity: multiply every configuration's steps"
+    )
+    p.add_argument(
+        "--member", default=None, help="fidelity: the member (an IRC nick; default the most active)"
+    )
+    p.add_argument(
+        "--no-own-vs-other",
+        action="store_true",
+        help="fidelity: skip training another member's adapter to compare perplexities",
+    )
     return p
 
 

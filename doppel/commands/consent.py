@@ -17,12 +17,20 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     for name, verb in (("grant", "give"), ("revoke", "withdraw")):
         a = actions.add_parser(name, help=f"{verb} consent scopes for one or many members")
         a.add_argument("member_ids", nargs="+", metavar="USER_ID", help="Discord user id(s)")
-        a.add_argument("--scope", default="train,chat", help="comma-separated scopes: train, chat (default: both)")
+        a.add_argument(
+            "--scope", default="train,chat", help="comma-separated scopes: train, chat (default: both)"
+        )
         a.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ls = actions.add_parser("list", help="members holding any scope")
-    ls.add_argument("--limit", type=int, default=0,
-                    help="at most this many members (JSON: default 500 a page; text: all, read a page at a time)")
-    ls.add_argument("--after", default=None, metavar="USER_ID", help="start after this member id (the next page)")
+    ls.add_argument(
+        "--limit",
+        type=int,
+        default=0,
+        help="at most this many members (JSON: default 500 a page; text: all, read a page at a time)",
+    )
+    ls.add_argument(
+        "--after", default=None, metavar="USER_ID", help="start after this member id (the next page)"
+    )
     ls.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
@@ -30,7 +38,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def _actor() -> str:
     try:
         return f"operator:{getpass.getuser()}"
-    except Exception:  # noqa: BLE001 - no login name in some containers; the channel still says "cli"
+    except Exception:
         return "operator"
 
 

@@ -11,7 +11,9 @@ from doppel.core.settings import Settings
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole loop offline: consent, import, train, evaluate, chat")
-    p.add_argument("--retrain", action="store_true", help="train a new version even if the demo persona has one")
+    p.add_argument(
+        "--retrain", action="store_true", help="train a new version even if the demo persona has one"
+    )
     p.add_argument("--max-steps", type=int, help="training steps (default: a ~5 minute CPU run)")
     return p
 

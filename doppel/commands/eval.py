@@ -20,16 +20,26 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="fidelity report of a member's active adapter against the base model")
     p.add_argument("user_id", help="Discord user id of the persona's member")
     p.add_argument("--version", type=int, help="report on this adapter version instead of the active one")
-    p.add_argument("--rerun", action="store_true",
-                   help="evaluate the adapter again (done anyway for a version whose evaluation failed)")
+    p.add_argument(
+        "--rerun",
+        action="store_true",
+        help="evaluate the adapter again (done anyway for a version whose evaluation failed)",
+    )
     return p
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Any:
     if not str(args.user_id).strip():
         raise UserFacingError("eval: USER_ID must not be empty")
-    version, blind, reran = asyncio.run(_find(settings, str(args.user_id).strip(), args.version,
-                                              bool(getattr(args, "rerun", False)), not getattr(args, "json", False)))
+    version, blind, reran = asyncio.run(
+        _find(
+            settings,
+            str(args.user_id).strip(),
+            args.version,
+            bool(getattr(args, "rerun", False)),
+            not getattr(args, "json", False),
+        )
+    )
     metrics = dict(version.metrics or {})
     if not metrics:
         # Older rows kept the metrics only in meta.json; read them from the row's copy, then the folder's.
@@ -43,9 +53,13 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
         f"{metrics.get('heldout_examples', '?')} held-out replies"
     )
     # The panel and chance behind "attributed to member": a 5-member synthetic panel is easy, a real one is not.
-    attribution = ((metrics.get("fidelity") or {}).get("attribution") or {})
-    panel = {"members": attribution.get("members"), "chance": attribution.get("chance"),
-             "rule": attribution.get("panel_rule"), "classifier_accuracy": attribution.get("accuracy")}
+    attribution = (metrics.get("fidelity") or {}).get("attribution") or {}
+    panel = {
+        "members": attribution.get("members"),
+        "chance": attribution.get("chance"),
+        "rule": attribution.get("panel_rule"),
+        "classifier_accuracy": attribution.get("accuracy"),
+    }
     if attribution.get("available"):
         header += f"; authorship panel of {panel['members']} members, chance {panel['chance']:.2f}"
     else:
@@ -68,8 +82,9 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
     }
 
 
-async def _find(settings: Settings, member_id: str, wanted: int | None, rerun: bool = False,
-                show: bool = True) -> tuple[Any, dict[str, Any], bool]:
+async def _find(
+    settings: Settings, member_id: str, wanted: int | None, rerun: bool = False, show: bool = True
+) -> tuple[Any, dict[str, Any], bool]:
     import sys
 
     from data.store import Store
@@ -84,7 +99,11 @@ async def _find(settings: Settings, member_id: str, wanted: int | None, rerun: b
 
             if show:
                 # A version whose GGUF export failed after training is converted first, by the same trainer child.
-                what = "converting and evaluating" if (version.metrics or {}).get("export") == "failed" else "evaluating"
+                what = (
+                    "converting and evaluating"
+                    if (version.metrics or {}).get("export") == "failed"
+                    else "evaluating"
+                )
                 print(f"{what} persona {member_id} v{version.version} again ...", file=sys.stderr, flush=True)
             version = await reevaluate(store, settings, version)
             reran = True
@@ -113,7 +132,9 @@ async def _version(store: Any, settings: Settings, member_id: str, wanted: int |
         return active
     if versions:
         return versions[-1]  # no active one: the newest candidate, whose report says why it was not promoted
-    raise NoAdapterError(f"member {member_id} has no trained adapter; train one with `doppel train {member_id}`")
+    raise NoAdapterError(
+        f"member {member_id} has no trained adapter; train one with `doppel train {member_id}`"
+    )
 
 
 def _folder_metrics(path: Path) -> dict[str, Any]:

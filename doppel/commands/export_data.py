@@ -14,7 +14,9 @@ from doppel.core.settings import Settings
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("export-data", help="everything stored about a member, decrypted, as JSON")
     p.add_argument("member_id", metavar="USER_ID", help="Discord user id")
-    p.add_argument("-o", "--output", type=Path, help="write to this file (atomically, mode 0600) instead of stdout")
+    p.add_argument(
+        "-o", "--output", type=Path, help="write to this file (atomically, mode 0600) instead of stdout"
+    )
     return p
 
 
@@ -36,7 +38,9 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
         path = write_atomic(args.output, data)
         summary = {"path": str(path), "member_id": data["member_id"], "messages": len(data["messages"])}
         if not args.json:
-            print(f"wrote {summary['messages']} messages and the rest of {data['member_id']}'s data to {path}")
+            print(
+                f"wrote {summary['messages']} messages and the rest of {data['member_id']}'s data to {path}"
+            )
         return summary
     if not args.json:
         print(json.dumps(data, ensure_ascii=False, indent=2, default=str))

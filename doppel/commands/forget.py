@@ -24,7 +24,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     member_id = check_member_id(args.member_id)
     try:
         actor = f"operator:{getpass.getuser()}"
-    except Exception:  # noqa: BLE001 - no login name in some containers
+    except Exception:
         actor = "operator"
     async with Store.open(settings) as store:
         report = await forget(store, settings, member_id, actor, "cli")

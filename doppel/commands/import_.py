@@ -45,5 +45,7 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
     if failed:
         if args.json:
             print(json.dumps(result, ensure_ascii=False))
-        raise ImportFileError(f"{len(failed)} of {len(result['files'])} file(s) failed; first: {failed[0]['error']}")
+        raise ImportFileError(
+            f"{len(failed)} of {len(result['files'])} file(s) failed; first: {failed[0]['error']}"
+        )
     return result

@@ -12,8 +12,12 @@ from doppel.core.settings import Settings
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the Discord bot (needs DISCORD_TOKEN; see docs/discord-setup.md)")
-    p.add_argument("--no-sync", action="store_true", help="do not sync slash commands with Discord at startup")
-    p.add_argument("--no-engine", action="store_true", help="do not load the inference engine (no persona chat)")
+    p.add_argument(
+        "--no-sync", action="store_true", help="do not sync slash commands with Discord at startup"
+    )
+    p.add_argument(
+        "--no-engine", action="store_true", help="do not load the inference engine (no persona chat)"
+    )
     return p
 
 

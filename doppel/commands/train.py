@@ -25,19 +25,39 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--base", help="registered base model name (see `doppel personas bases`)")
     from trainer.config import PRESET_TIMES, TrainConfig
 
-    p.add_argument("--preset", choices=TrainConfig.choices("preset"),
-                   help="recipe by the time you will spend: " + "; ".join(f"{k}: {v}" for k, v in PRESET_TIMES.items()))  # fmt: skip
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default: derived from the member's data by the preset)")
+    p.add_argument(
+        "--preset",
+        choices=TrainConfig.choices("preset"),
+        help="recipe by the time you will spend: " + "; ".join(f"{k}: {v}" for k, v in PRESET_TIMES.items()),
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        help="optimizer steps (default: derived from the member's data by the preset)",
+    )
     p.add_argument("--epochs", type=float, help="epochs, used when --max-steps is 0")
-    p.add_argument("--mode", choices=TrainConfig.choices("mode"), default="sft", help=TrainConfig.help_of("mode"))
+    p.add_argument(
+        "--mode", choices=TrainConfig.choices("mode"), default="sft", help=TrainConfig.help_of("mode")
+    )
     p.add_argument("--device", help="cpu or cuda:N (default: the least busy device)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any training config field, e.g. --set micro_batch_size=2 (JSON values)")  # fmt: skip
-    p.add_argument("--resume", action="store_true", help="resume the member's interrupted job from its checkpoint")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any training config field, e.g. --set micro_batch_size=2 (JSON values)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="resume the member's interrupted job from its checkpoint"
+    )
     p.add_argument("--cancel", metavar="JOB_OR_USER", help="cancel a job (by job id or member id)")
     p.add_argument("--jobs", action="store_true", help="list recent jobs instead of training")
-    p.add_argument("--job", metavar="JOB_ID", help="show one job: how it ended, in words, and its kept stderr tail")
-    p.add_argument("--detach", action="store_true", help="queue the job and return (the bot's supervisor runs it)")
+    p.add_argument(
+        "--job", metavar="JOB_ID", help="show one job: how it ended, in words, and its kept stderr tail"
+    )
+    p.add_argument(
+        "--detach", action="store_true", help="queue the job and return (the bot's supervisor runs it)"
+    )
     return p
 
 
@@ -97,7 +117,11 @@ async def _run(args: argparse.Namespace, settings: Settings) -> Any:
             if args.job:
                 return _print_job(await sup.get(args.job), args.json)
             if args.cancel:
-                job = await sup.get(args.cancel) if not args.cancel.isdigit() else await _member_job(sup, args.cancel)
+                job = (
+                    await sup.get(args.cancel)
+                    if not args.cancel.isdigit()
+                    else await _member_job(sup, args.cancel)
+                )
                 done = await sup.cancel(job.id, actor)
                 if not args.json:
                     print(f"job {done.id}: {done.status.value}")
@@ -106,8 +130,15 @@ async def _run(args: argparse.Namespace, settings: Settings) -> Any:
                 job = await _member_job(sup, args.user_id)
                 job = await sup.resume(job.id)
             else:
-                job = await sup.submit(args.user_id, requested_by=actor, source="cli", mode=args.mode,
-                                       base=args.base, device=args.device, **_overrides(args))  # fmt: skip
+                job = await sup.submit(
+                    args.user_id,
+                    requested_by=actor,
+                    source="cli",
+                    mode=args.mode,
+                    base=args.base,
+                    device=args.device,
+                    **_overrides(args),
+                )
             if not args.json:
                 print(f"job {job.id} queued on {job.device} for member {job.member_id}", file=sys.stderr)
             if args.detach:
@@ -153,9 +184,17 @@ async def _follow(sup: Any, job_id: str, as_json: bool) -> dict[str, Any]:
     adapter = await sup.registry.get(job.adapter_id)
     reason = adapter.meta.get("gate", {}).get("reason", "")
     if not as_json:
-        print(f"adapter {adapter.id} (member {adapter.member_id}, version {adapter.version}, {adapter.status}: {reason})")
-    return {"job": job.summary(), "adapter_id": adapter.id, "version": adapter.version, "status": adapter.status,
-            "gate_reason": reason, "elapsed_s": round(time.time() - (job.started_at or job.created_at), 1)}  # fmt: skip
+        print(
+            f"adapter {adapter.id} (member {adapter.member_id}, version {adapter.version}, {adapter.status}: {reason})"
+        )
+    return {
+        "job": job.summary(),
+        "adapter_id": adapter.id,
+        "version": adapter.version,
+        "status": adapter.status,
+        "gate_reason": reason,
+        "elapsed_s": round(time.time() - (job.started_at or job.created_at), 1),
+    }
 
 
 def _without_eta(state: Any) -> Any:
@@ -171,8 +210,10 @@ def _print_jobs(jobs: list[Any], as_json: bool) -> dict[str, Any]:
             print("no jobs")
         for r in rows:
             step = f"{r['step']}/{r['total']}" if r["total"] else "-"
-            print(f"{r['id']}  {r['member_id'] or '(multi)':<20} {r['status']:<11} {r['device']:<7} step {step:<9} "
-                  f"by {r['requested_by']}  {r['error'] or ''}")  # fmt: skip
+            print(
+                f"{r['id']}  {r['member_id'] or '(multi)':<20} {r['status']:<11} {r['device']:<7} step {step:<9} "
+                f"by {r['requested_by']}  {r['error'] or ''}"
+            )
     return {"jobs": rows}
 
 
@@ -181,7 +222,9 @@ def _print_job(job: Any, as_json: bool) -> dict[str, Any]:
     row = job.summary()
     if not as_json:
         step = f"{row['step']}/{row['total']}" if row["total"] else "-"
-        print(f"job {row['id']}  member {row['member_id'] or '(multi)'}  {row['status']}  step {step}  on {row['device']}")
+        print(
+            f"job {row['id']}  member {row['member_id'] or '(multi)'}  {row['status']}  step {step}  on {row['device']}"
+        )
         if row["error"]:
             print(f"why: {row['error']}")
         if row["adapter_id"]:

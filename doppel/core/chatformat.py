@@ -63,7 +63,11 @@ def use_style(style: PromptStyle | str) -> Iterator[PromptStyle]:
 
 
 def system_prompt(
-    persona_name: str, channel_name: str | None = None, *, multi: bool = False, style: PromptStyle | None = None
+    persona_name: str,
+    channel_name: str | None = None,
+    *,
+    multi: bool = False,
+    style: PromptStyle | None = None,
 ) -> str:
     """The persona's system prompt; `multi` is the multi-persona adapter's 'respond as' instruction."""
     style = style or _style
@@ -94,7 +98,9 @@ def build_messages(
     style = style or _style
     # The multi-persona adapter must know who says what; a single persona's style may drop the names.
     names = style.speaker_names or multi
-    messages = [{"role": "system", "content": system_prompt(persona_name, channel_name, multi=multi, style=style)}]
+    messages = [
+        {"role": "system", "content": system_prompt(persona_name, channel_name, multi=multi, style=style)}
+    ]
     pending: list[str] = []
     for u in context:
         if u.author_id == persona_id:
@@ -176,7 +182,7 @@ class ChatFormat:
         full = self.render([*messages, {"role": "assistant", "content": reply}], add_generation_prompt=False)
         if not full.startswith(head):
             raise ValueError("chat template does not extend the generation prompt with the assistant turn")
-        tail = full[len(head):]
+        tail = full[len(head) :]
         end = tail.rfind(self.eos_token)
         if end < 0:
             # Templates that leave the turn open would train a model that never stops.
@@ -201,15 +207,28 @@ class ChatFormat:
 
     def to_dict(self) -> dict[str, str]:
         """JSON-able record (meta.json's `chat_format`): what serving must use to agree with training."""
-        return {"template": self.template, "eos_token": self.eos_token, "bos_token": self.bos_token,
-                "source": self.source}  # fmt: skip
+        return {
+            "template": self.template,
+            "eos_token": self.eos_token,
+            "bos_token": self.bos_token,
+            "source": self.source,
+        }
 
     @classmethod
-    def from_vocab(cls, tokens: Sequence[str], eos_id: int | None, bos_id: int | None, *, own: str | None = None,
-                   template: str | None = None, source: str | None = None) -> ChatFormat:
+    def from_vocab(
+        cls,
+        tokens: Sequence[str],
+        eos_id: int | None,
+        bos_id: int | None,
+        *,
+        own: str | None = None,
+        template: str | None = None,
+        source: str | None = None,
+    ) -> ChatFormat:
         """The format in force for a model: `template` (a name in TEMPLATES or Jinja text) if given, else the
         model's `own` template, else the default (ChatML when the vocabulary has its tokens, else plain turns).
         """
+
         def token(i: int | None) -> str:
             return str(tokens[i]) if i is not None and 0 <= i < len(tokens) else ""
 
@@ -218,11 +237,18 @@ class ChatFormat:
         if template is not None or not own:
             name = template if template is not None else ("chatml" if has_chatml else "plain")
             text = TEMPLATES.get(name, name)
-            label = source or (f"chosen:{name}" if template is not None and name in TEMPLATES else
-                               "file" if template is not None else f"default:{name}")  # fmt: skip
+            label = source or (
+                f"chosen:{name}"
+                if template is not None and name in TEMPLATES
+                else "file"
+                if template is not None
+                else f"default:{name}"
+            )
             if text == CHATML_TEMPLATE:
                 if not has_chatml:
-                    raise ValueError("the ChatML template needs <|im_start|> and <|im_end|> in the vocabulary")
+                    raise ValueError(
+                        "the ChatML template needs <|im_start|> and <|im_end|> in the vocabulary"
+                    )
                 return cls(template=text, eos_token="<|im_end|>", bos_token=bos, source=label)
             if not eos:
                 raise ValueError("the model has no end-of-sequence token to end a turn with")
@@ -242,8 +268,11 @@ class ChatFormat:
         base = str(config.get("base_model") or "")
         gguf = config.get("base_gguf") or (base if base.endswith(".gguf") else "")
         if gguf:
-            return cls.from_gguf(Path(gguf), template=config.get("chat_template") or None,
-                                 source=config.get("chat_template_source") or None)  # fmt: skip
+            return cls.from_gguf(
+                Path(gguf),
+                template=config.get("chat_template") or None,
+                source=config.get("chat_template_source") or None,
+            )
         folder = Path(base)
         try:
             tok = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -270,8 +299,13 @@ class ChatFormat:
             raise ValueError(f"{path}: GGUF has no tokenizer vocabulary")
         own = meta.get("tokenizer.chat_template")
         try:
-            return cls.from_vocab(tokens, meta.get("tokenizer.ggml.eos_token_id"),
-                                  meta.get("tokenizer.ggml.bos_token_id"), own=str(own) if own else None,
-                                  template=template, source=source)  # fmt: skip
+            return cls.from_vocab(
+                tokens,
+                meta.get("tokenizer.ggml.eos_token_id"),
+                meta.get("tokenizer.ggml.bos_token_id"),
+                own=str(own) if own else None,
+                template=template,
+                source=source,
+            )
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None

@@ -195,7 +195,9 @@ class Settings:
                 raise ConfigError(f"{path}: invalid TOML: {exc}") from None
         for secret in SECRET_ENV:
             if secret in raw:
-                raise ConfigError(f"{path}: `{secret}` is a secret; set {SECRET_ENV[secret]} in the environment")
+                raise ConfigError(
+                    f"{path}: `{secret}` is a secret; set {SECRET_ENV[secret]} in the environment"
+                )
         if "home" in raw:
             home = Path(str(raw.pop("home"))).expanduser()
         sections: dict[str, Any] = {}
@@ -207,7 +209,7 @@ class Settings:
             prefix = f"{ENV_PREFIX}{f.name.upper()}__"
             for key, value in env.items():
                 if key.startswith(prefix):
-                    values[key[len(prefix):].lower()] = value
+                    values[key[len(prefix) :].lower()] = value
             sections[f.name] = _build_section(section_cls, values, f.name)
         if raw:
             raise ConfigError(f"{path}: unknown settings section(s): {', '.join(sorted(raw))}")
@@ -245,5 +247,7 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
         if origin in (typing.Union, types.UnionType):
             return value
     except (TypeError, ValueError):
-        raise ConfigError(f"setting {where}: expected {getattr(kind, '__name__', kind)}, got {value!r}") from None
+        raise ConfigError(
+            f"setting {where}: expected {getattr(kind, '__name__', kind)}, got {value!r}"
+        ) from None
     return value

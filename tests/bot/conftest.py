@@ -16,7 +16,9 @@ from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 
 GUILD, TEXT, OTHER, PERSONA_CH, APP = 1000, 2000, 2001, 2002, 9000
 ADMIN_PERMS = str(discord.Permissions.all().value)
-MEMBER_PERMS = str(discord.Permissions(send_messages=True, read_message_history=True, view_channel=True).value)
+MEMBER_PERMS = str(
+    discord.Permissions(send_messages=True, read_message_history=True, view_channel=True).value
+)
 _ids = itertools.count(10_000_000)
 
 
@@ -25,19 +27,40 @@ def snowflake() -> str:
 
 
 def user(uid: int, name: str, bot: bool = False) -> dict[str, Any]:
-    return {"id": str(uid), "username": name, "global_name": name.title(), "discriminator": "0", "avatar": None, "bot": bot}
+    return {
+        "id": str(uid),
+        "username": name,
+        "global_name": name.title(),
+        "discriminator": "0",
+        "avatar": None,
+        "bot": bot,
+    }
 
 
 def member(uid: int, name: str, perms: str = MEMBER_PERMS, bot: bool = False) -> dict[str, Any]:
     return {
-        "user": user(uid, name, bot), "roles": [], "joined_at": "2024-01-01T00:00:00+00:00", "deaf": False,
-        "mute": False, "flags": 0, "permissions": perms, "nick": None,
-    }  # fmt: skip
+        "user": user(uid, name, bot),
+        "roles": [],
+        "joined_at": "2024-01-01T00:00:00+00:00",
+        "deaf": False,
+        "mute": False,
+        "flags": 0,
+        "permissions": perms,
+        "nick": None,
+    }
 
 
 def channel(cid: int, name: str) -> dict[str, Any]:
-    return {"id": str(cid), "type": 0, "guild_id": str(GUILD), "name": name, "position": 0, "permission_overwrites": [],
-            "nsfw": False, "parent_id": None}  # fmt: skip
+    return {
+        "id": str(cid),
+        "type": 0,
+        "guild_id": str(GUILD),
+        "name": name,
+        "position": 0,
+        "permission_overwrites": [],
+        "nsfw": False,
+        "parent_id": None,
+    }
 
 
 @dataclass
@@ -68,14 +91,32 @@ class FakeDiscord:
         self.events.append(f"http {method} {path}")
         return call
 
-    def message(self, content: str = "", cid: str = str(TEXT), author: dict[str, Any] | None = None,
-                webhook_id: str | None = None, mid: str | None = None) -> dict[str, Any]:  # fmt: skip
+    def message(
+        self,
+        content: str = "",
+        cid: str = str(TEXT),
+        author: dict[str, Any] | None = None,
+        webhook_id: str | None = None,
+        mid: str | None = None,
+    ) -> dict[str, Any]:
         data = {
-            "id": mid or snowflake(), "channel_id": cid, "content": content or "", "author": author or user(APP, "doppel", bot=True),
-            "timestamp": "2024-05-01T12:00:00+00:00", "edited_timestamp": None, "tts": False, "mention_everyone": False,
-            "mentions": [], "mention_roles": [], "attachments": [], "embeds": [], "pinned": False, "type": 0, "flags": 0,
+            "id": mid or snowflake(),
+            "channel_id": cid,
+            "content": content or "",
+            "author": author or user(APP, "doppel", bot=True),
+            "timestamp": "2024-05-01T12:00:00+00:00",
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "attachments": [],
+            "embeds": [],
+            "pinned": False,
+            "type": 0,
+            "flags": 0,
             "components": [],
-        }  # fmt: skip
+        }
         if webhook_id:
             data["webhook_id"] = webhook_id
         return data
@@ -93,24 +134,39 @@ class FakeDiscord:
         if path.endswith("/webhooks") and method == "GET":
             return []
         if path.endswith("/webhooks") and method == "POST":
-            return {"id": "7777", "type": 1, "token": "hooktoken", "name": payload["name"], "channel_id": cid,
-                    "guild_id": str(GUILD), "user": user(APP, "doppel", bot=True), "application_id": str(APP)}  # fmt: skip
+            return {
+                "id": "7777",
+                "type": 1,
+                "token": "hooktoken",
+                "name": payload["name"],
+                "channel_id": cid,
+                "guild_id": str(GUILD),
+                "user": user(APP, "doppel", bot=True),
+                "application_id": str(APP),
+            }
         if path.endswith("/messages") and method == "GET":
             params = kwargs.get("params") or {}
             limit = int(params.get("limit", 100))
             after, before = int(params.get("after", 0)), int(params.get("before", 1 << 63))
-            found = sorted((m for m in self.history.get(cid, []) if after < int(m["id"]) < before), key=lambda m: int(m["id"]))
+            found = sorted(
+                (m for m in self.history.get(cid, []) if after < int(m["id"]) < before),
+                key=lambda m: int(m["id"]),
+            )
             page = found[:limit] if "after" in params else found[-limit:]
             return list(reversed(page))
         if path.endswith("/messages") and method == "POST":
             if cid == "5555" and self.dm_forbidden:
-                raise discord.Forbidden(_Resp(403), {"code": 50007, "message": "Cannot send messages to this user"})
+                raise discord.Forbidden(
+                    _Resp(403), {"code": 50007, "message": "Cannot send messages to this user"}
+                )
             return self.message((payload or {}).get("content") or "", cid)
         if path.endswith("/messages/{message_id}") and method == "PATCH":
             return self.message((payload or {}).get("content") or "", cid, mid=route.url.rsplit("/", 1)[-1])
         if path == "/users/@me/channels":
             if self.dm_forbidden:
-                raise discord.Forbidden(_Resp(403), {"code": 50007, "message": "Cannot send messages to this user"})
+                raise discord.Forbidden(
+                    _Resp(403), {"code": 50007, "message": "Cannot send messages to this user"}
+                )
             return {"id": "5555", "type": 1, "recipients": [user(int(payload["recipient_id"]), "someone")]}
         if "/commands" in path:
             return []
@@ -133,8 +189,16 @@ class RecordingAdapter(AsyncWebhookAdapter):
         super().__init__()
         self.fake = fake
 
-    async def request(self, route: Any, session: Any = None, *, payload: Any = None, multipart: Any = None,
-                      files: Any = None, **kwargs: Any) -> Any:  # fmt: skip
+    async def request(
+        self,
+        route: Any,
+        session: Any = None,
+        *,
+        payload: Any = None,
+        multipart: Any = None,
+        files: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         if payload is None and multipart:
             for part in multipart:
                 if part.get("name") == "payload_json":
@@ -167,44 +231,88 @@ class Harness:
     def resolved(self, uid: int) -> dict[str, Any]:
         """The `resolved` block of an interaction payload whose option names member `uid`."""
         m = member(uid, f"user{uid}")
-        return {"users": {str(uid): m["user"]}, "members": {str(uid): {k: v for k, v in m.items() if k != "user"}}}
+        return {
+            "users": {str(uid): m["user"]},
+            "members": {str(uid): {k: v for k, v in m.items() if k != "user"}},
+        }
 
     @staticmethod
     async def active_adapter(services: Any, uid: int) -> Path:
         """Register an active adapter `a<uid>` for member `uid`; returns its adapter.gguf path."""
-        folder = services.settings.adapters_dir / str(uid) / "1"  # inside DOPPEL_HOME, where erasure may delete it
+        folder = (
+            services.settings.adapters_dir / str(uid) / "1"
+        )  # inside DOPPEL_HOME, where erasure may delete it
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "adapter.gguf").write_bytes(b"GGUF")  # the engine is scripted: the file only has to exist
-        await services.store.adapters.insert(id=f"a{uid}", member_id=str(uid), base_model="smollm2-135m", version=1,
-                                             status="active", path=str(folder), created_at=1.0)  # fmt: skip
+        await services.store.adapters.insert(
+            id=f"a{uid}",
+            member_id=str(uid),
+            base_model="smollm2-135m",
+            version=1,
+            status="active",
+            path=str(folder),
+            created_at=1.0,
+        )
         return folder / "adapter.gguf"
 
     async def settle(self) -> None:
         """Let every task the dispatch started run to completion (watchers excepted)."""
         for _ in range(50):
             await asyncio.sleep(0)
-            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not any(k in repr(t.get_coro()) for k in ("watch", "timeout_task"))]
+            pending = [
+                t
+                for t in asyncio.all_tasks()
+                if t is not asyncio.current_task()
+                and not any(k in repr(t.get_coro()) for k in ("watch", "timeout_task"))
+            ]
             if not pending:
                 return
             done, still = await asyncio.wait(pending, timeout=5)
             if still:
                 raise AssertionError(f"handlers still running after 5 s: {still}")
 
-    def _interaction(self, kind: int, data: dict[str, Any], uid: int, perms: str, cid: int = TEXT,
-                     message: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    def _interaction(
+        self,
+        kind: int,
+        data: dict[str, Any],
+        uid: int,
+        perms: str,
+        cid: int = TEXT,
+        message: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         payload = {
-            "id": snowflake(), "application_id": str(APP), "type": kind, "token": "tok", "version": 1,
-            "guild_id": str(GUILD), "channel_id": str(cid), "channel": channel(cid, "general"),
-            "member": member(uid, f"user{uid}", perms), "app_permissions": ADMIN_PERMS, "locale": "en-US",
-            "guild_locale": "en-US", "entitlements": [], "authorizing_integration_owners": {"0": str(GUILD)},
-            "context": 0, "attachment_size_limit": 10485760, "data": data,
-        }  # fmt: skip
+            "id": snowflake(),
+            "application_id": str(APP),
+            "type": kind,
+            "token": "tok",
+            "version": 1,
+            "guild_id": str(GUILD),
+            "channel_id": str(cid),
+            "channel": channel(cid, "general"),
+            "member": member(uid, f"user{uid}", perms),
+            "app_permissions": ADMIN_PERMS,
+            "locale": "en-US",
+            "guild_locale": "en-US",
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": str(GUILD)},
+            "context": 0,
+            "attachment_size_limit": 10485760,
+            "data": data,
+        }
         if message is not None:
             payload["message"] = message
         return payload
 
-    async def command(self, path: str, uid: int, *, perms: str = MEMBER_PERMS, cid: int = TEXT,
-                      resolved: dict[str, Any] | None = None, **options: Any) -> None:  # fmt: skip
+    async def command(
+        self,
+        path: str,
+        uid: int,
+        *,
+        perms: str = MEMBER_PERMS,
+        cid: int = TEXT,
+        resolved: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
         """Invoke `/group sub` with options (ints, strs, bools; users/channels/attachments as ids + `resolved`)."""
         group, sub = path.split()
         types = {bool: 5, int: 4, str: 3}
@@ -212,33 +320,66 @@ class Harness:
         for name, value in options.items():
             kind, value = (value[0], value[1]) if isinstance(value, tuple) else (types[type(value)], value)
             opts.append({"type": kind, "name": name, "value": value})
-        data = {"id": snowflake(), "name": group, "type": 1, "options": [{"type": 1, "name": sub, "options": opts}]}
+        data = {
+            "id": snowflake(),
+            "name": group,
+            "type": 1,
+            "options": [{"type": 1, "name": sub, "options": opts}],
+        }
         if resolved:
             data["resolved"] = resolved
         self.state.parse_interaction_create(self._interaction(2, data, uid, perms, cid))
         await self.settle()
 
-    async def click(self, custom_id: str, uid: int, *, perms: str = MEMBER_PERMS, ephemeral: bool = False,
-                    mid: str | None = None) -> None:  # fmt: skip
+    async def click(
+        self,
+        custom_id: str,
+        uid: int,
+        *,
+        perms: str = MEMBER_PERMS,
+        ephemeral: bool = False,
+        mid: str | None = None,
+    ) -> None:
         """Press a button with `custom_id` on a message (ephemeral or not; `mid` for views bound to a message)."""
         msg = self.fake.message("panel", mid=mid)
         msg["flags"] = 64 if ephemeral else 0
-        msg["components"] = [{"type": 1, "components": [{"type": 2, "style": 1, "label": "x", "custom_id": custom_id}]}]
+        msg["components"] = [
+            {"type": 1, "components": [{"type": 2, "style": 1, "label": "x", "custom_id": custom_id}]}
+        ]
         data = {"custom_id": custom_id, "component_type": 2}
         self.state.parse_interaction_create(self._interaction(3, data, uid, perms, message=msg))
         await self.settle()
 
-    async def say(self, uid: int, content: str, *, cid: int = TEXT, bot: bool = False, webhook: bool = False,
-                  mid: str | None = None, reference: str | None = None, mentions: Sequence[dict[str, Any]] = ()) -> str:  # fmt: skip
+    async def say(
+        self,
+        uid: int,
+        content: str,
+        *,
+        cid: int = TEXT,
+        bot: bool = False,
+        webhook: bool = False,
+        mid: str | None = None,
+        reference: str | None = None,
+        mentions: Sequence[dict[str, Any]] = (),
+    ) -> str:
         """A MESSAGE_CREATE from the gateway; returns the message id."""
-        data = self.fake.message(content, str(cid), author=user(uid, f"user{uid}", bot), mid=mid,
-                                 webhook_id="4242" if webhook else None)  # fmt: skip
+        data = self.fake.message(
+            content,
+            str(cid),
+            author=user(uid, f"user{uid}", bot),
+            mid=mid,
+            webhook_id="4242" if webhook else None,
+        )
         data["guild_id"] = str(GUILD)
         if not webhook:
             data["member"] = {k: v for k, v in member(uid, f"user{uid}").items() if k != "user"}
         data["mentions"] = list(mentions)
         if reference:
-            data["message_reference"] = {"message_id": reference, "channel_id": str(cid), "guild_id": str(GUILD)}
+            data["message_reference"] = {
+                "message_id": reference,
+                "channel_id": str(cid),
+                "guild_id": str(GUILD),
+            }
             data["type"] = 19
         self.state.parse_message_create(data)
         await self.settle()
@@ -296,7 +437,9 @@ def bot_world(settings: Any) -> Any:
     @contextlib.asynccontextmanager
     async def world(**extra: Any) -> AsyncIterator[tuple[Harness, Services]]:
         store = await Store.open(fast)
-        services = Services(settings=fast, store=store, consent=ConsentService(store), engine=FakeEngine(), **extra)
+        services = Services(
+            settings=fast, store=store, consent=ConsentService(store), engine=FakeEngine(), **extra
+        )
         fake = FakeDiscord()
         token = async_context.set(RecordingAdapter(fake))
         bot = DoppelBot(services)
@@ -307,13 +450,35 @@ def bot_world(settings: Any) -> Any:
         state.user = discord.ClientUser(state=state, data=user(APP, "doppel", bot=True))
         await bot._async_setup_hook()
         await bot.setup_hook()
-        state._add_guild_from_data({
-            "id": str(GUILD), "name": "guild", "owner_id": "1", "roles": [{"id": str(GUILD), "name": "@everyone",
-            "permissions": MEMBER_PERMS, "position": 0, "color": 0, "hoist": False, "managed": False, "mentionable": False}],
-            "channels": [channel(TEXT, "general"), channel(OTHER, "offtopic"), channel(PERSONA_CH, "personas")],
-            "members": [member(APP, "doppel", ADMIN_PERMS, bot=True)], "emojis": [], "stickers": [], "features": [],
-            "member_count": 3,
-        })  # fmt: skip
+        state._add_guild_from_data(
+            {
+                "id": str(GUILD),
+                "name": "guild",
+                "owner_id": "1",
+                "roles": [
+                    {
+                        "id": str(GUILD),
+                        "name": "@everyone",
+                        "permissions": MEMBER_PERMS,
+                        "position": 0,
+                        "color": 0,
+                        "hoist": False,
+                        "managed": False,
+                        "mentionable": False,
+                    }
+                ],
+                "channels": [
+                    channel(TEXT, "general"),
+                    channel(OTHER, "offtopic"),
+                    channel(PERSONA_CH, "personas"),
+                ],
+                "members": [member(APP, "doppel", ADMIN_PERMS, bot=True)],
+                "emojis": [],
+                "stickers": [],
+                "features": [],
+                "member_count": 3,
+            }
+        )
         try:
             yield Harness(bot, fake), services
         finally:

@@ -34,7 +34,11 @@ def test_setup_switch_works_after_a_restart(bot_world: Any) -> None:
             h2.fake.calls.clear()
             await h2.click(on_id, ALICE, ephemeral=True, mid=mid)
             first = h2.responses()[0].payload
-            assert first["type"] == 4 and first["data"]["flags"] == 64 and "Manage Server" in first["data"]["content"]
+            assert (
+                first["type"] == 4
+                and first["data"]["flags"] == 64
+                and "Manage Server" in first["data"]["content"]
+            )
             assert not (await services2.guild_config(str(h2.GUILD))).recording
 
     asyncio.run(scenario())
@@ -46,7 +50,9 @@ def test_forget_confirm_and_cancel_work_after_a_restart(bot_world: Any) -> None:
     async def scenario() -> None:
         async with bot_world() as (h, services):
             await h.click("doppel:consent:train", ALICE)
-            await services.add_messages([Message("1", "1000", "2000", "general", str(ALICE), "alice", 1.0, "hi")])
+            await services.add_messages(
+                [Message("1", "1000", "2000", "general", str(ALICE), "alice", 1.0, "hi")]
+            )
             await h.command("doppel forget", ALICE)
             yes, no = _ids(h.responses()[-1].payload)
         async with bot_world() as (h2, services2):  # restarted, and long past the old 120 s confirm timeout
@@ -67,15 +73,20 @@ def test_forget_confirm_and_cancel_work_after_a_restart(bot_world: Any) -> None:
 def test_unknown_or_expired_custom_ids_get_an_ephemeral_answer(bot_world: Any) -> None:
     async def scenario() -> None:
         async with bot_world() as (h, services):
-            for custom_id, command in (("0123456789abcdef0123456789abcdef", "/doppel consent"),  # an old view's id
-                                       ("doppel:setup:something-old", "/doppel setup"),
-                                       ("doppel:forget:yes:not-a-member", "/doppel forget"),
-                                       ("not-ours-at-all", "/doppel consent")):  # fmt: skip
+            for custom_id, command in (
+                ("0123456789abcdef0123456789abcdef", "/doppel consent"),  # an old view's id
+                ("doppel:setup:something-old", "/doppel setup"),
+                ("doppel:forget:yes:not-a-member", "/doppel forget"),
+                ("not-ours-at-all", "/doppel consent"),
+            ):
                 h.fake.calls.clear()
                 await h.click(custom_id, ALICE)
                 (answer,) = h.responses()
                 assert answer.payload["type"] == 4 and answer.payload["data"]["flags"] == 64, custom_id
-                assert "expired" in answer.payload["data"]["content"] and command in answer.payload["data"]["content"]
+                assert (
+                    "expired" in answer.payload["data"]["content"]
+                    and command in answer.payload["data"]["content"]
+                )
             # A routed press is answered once, by its handler only.
             h.fake.calls.clear()
             await h.click("doppel:consent:info", ALICE)
@@ -103,6 +114,10 @@ def test_commands_are_turned_away_once_shutdown_began(bot_world: Any) -> None:
             h.bot.draining = True
             await h.command("doppel consent", ALICE)
             first = h.responses()[0].payload
-            assert first["type"] == 4 and first["data"]["flags"] == 64 and "restarting" in first["data"]["content"]
+            assert (
+                first["type"] == 4
+                and first["data"]["flags"] == 64
+                and "restarting" in first["data"]["content"]
+            )
 
     asyncio.run(scenario())

@@ -12,10 +12,17 @@ ALICE, BOB, CAROL = 111, 222, 444
 
 
 def _react(h: Any, uid: int, message_id: str, emoji: str) -> None:
-    h.state.parse_message_reaction_add({
-        "user_id": str(uid), "channel_id": str(h.TEXT), "message_id": message_id, "guild_id": str(h.GUILD),
-        "emoji": {"id": None, "name": emoji}, "type": 0, "burst": False,
-    })  # fmt: skip
+    h.state.parse_message_reaction_add(
+        {
+            "user_id": str(uid),
+            "channel_id": str(h.TEXT),
+            "message_id": message_id,
+            "guild_id": str(h.GUILD),
+            "emoji": {"id": None, "name": emoji},
+            "type": 0,
+            "burst": False,
+        }
+    )
 
 
 async def _chat(h: Any, services: Any, text: str) -> str:
@@ -34,8 +41,13 @@ def test_feedback_on_a_reply_sent_before_a_restart_is_recorded_once(bot_world: A
         async with bot_world() as (h, services):
             reply_id = await _chat(h, services, "pizza tonight?")
             stored = await services.store.persona_replies.get(reply_id)
-            assert stored["persona_member_id"] == str(ALICE) and stored["payload"]["text"] == "sure, see you there"
-            raw = await services.store.fetchone("SELECT payload FROM persona_replies WHERE message_id = ?", (reply_id,))
+            assert (
+                stored["persona_member_id"] == str(ALICE)
+                and stored["payload"]["text"] == "sure, see you there"
+            )
+            raw = await services.store.fetchone(
+                "SELECT payload FROM persona_replies WHERE message_id = ?", (reply_id,)
+            )
             assert b"pizza" not in raw[0] and b"see you there" not in raw[0]  # sealed at rest
         # A new client on the same DOPPEL_HOME: nothing in memory knows the reply.
         async with bot_world() as (h, services):
@@ -102,8 +114,14 @@ def test_erasure_reaches_kept_replies_of_the_persona_and_of_those_quoted(bot_wor
             assert await services.store.persona_replies.get(reply_id) is None
             h.bot.chat.replies.clear()
             services.engine.enqueue(["ok"])
-            await h.command("persona chat", CAROL, member=(6, str(ALICE)), message="hi", cid=h.OTHER,
-                            resolved=h.resolved(ALICE))  # another channel: the first one is cooling down
+            await h.command(
+                "persona chat",
+                CAROL,
+                member=(6, str(ALICE)),
+                message="hi",
+                cid=h.OTHER,
+                resolved=h.resolved(ALICE),
+            )  # another channel: the first one is cooling down
             assert await services.store.persona_replies.count(str(ALICE)) == 1
             await services.forget(str(ALICE), actor=str(ALICE))
             assert await services.store.persona_replies.count() == 0
@@ -125,11 +143,21 @@ def test_forget_and_opt_out_clear_the_engine_caches(bot_world: Any) -> None:
             services.engine = engine
             for uid in (ALICE, BOB):
                 await h.click("doppel:consent:train", uid)
-                await services.add_messages([
-                    Message(f"{uid}{i}", str(h.GUILD), str(h.TEXT), "general", str(uid), f"user{uid}", 10.0 + i,
-                            f"message {i} of {uid} about pizza and films")
-                    for i in range(3)
-                ])  # fmt: skip
+                await services.add_messages(
+                    [
+                        Message(
+                            f"{uid}{i}",
+                            str(h.GUILD),
+                            str(h.TEXT),
+                            "general",
+                            str(uid),
+                            f"user{uid}",
+                            10.0 + i,
+                            f"message {i} of {uid} about pizza and films",
+                        )
+                        for i in range(3)
+                    ]
+                )
                 found = await retriever.examples(str(uid), [Utterance("9", "x", "pizza?")], 2)
                 assert len(found) == 2
             engine.states.put((), [1, 2, 3], b"kv", 3)

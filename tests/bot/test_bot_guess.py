@@ -20,9 +20,23 @@ async def _conversation(services: Any, h: Any, cid: int | None = None) -> list[s
     messages, alice_ids = [], []
     for i in range(ROUNDS):
         t = 1_700_000_000.0 + 3600 * i
-        messages.append(Message(f"{9000 + 2 * i}", str(h.GUILD), str(cid), "general", str(BOB), "bob", t, f"question {i}?"))
-        messages.append(Message(f"{9001 + 2 * i}", str(h.GUILD), str(cid), "general", str(ALICE), "alice", t + 30,
-                                f"alice answer number {i}"))  # fmt: skip
+        messages.append(
+            Message(
+                f"{9000 + 2 * i}", str(h.GUILD), str(cid), "general", str(BOB), "bob", t, f"question {i}?"
+            )
+        )
+        messages.append(
+            Message(
+                f"{9001 + 2 * i}",
+                str(h.GUILD),
+                str(cid),
+                "general",
+                str(ALICE),
+                "alice",
+                t + 30,
+                f"alice answer number {i}",
+            )
+        )
         alice_ids.append(f"{9001 + 2 * i}")
     await services.add_messages(messages)
     return alice_ids
@@ -61,7 +75,9 @@ def test_guess_posts_a_blind_test_and_counts_one_vote_per_member(
             persona, context, _ = services.engine.requests[0]
             assert persona.member_id == str(ALICE) and persona.channel_name == "general"
             assert (context[-1].author_id, context[-1].text) == (str(BOB), f"question {ROUNDS - 1}?")
-            assert all(u.text != f"alice answer number {ROUNDS - 1}" for u in context)  # the answer is not leaked
+            assert all(
+                u.text != f"alice answer number {ROUNDS - 1}" for u in context
+            )  # the answer is not leaked
             ids = [c["custom_id"] for row in post["components"] for c in row["components"]]
             assert len(ids) == 2 and ids[0].endswith(":A") and ids[1].endswith(":B")
             test_id = ids[0].split(":")[2]
@@ -77,10 +93,15 @@ def test_guess_posts_a_blind_test_and_counts_one_vote_per_member(
             assert "already voted" in h.sent_texts()[-1]
             await h.click(f"doppel:guess:{test_id}:{fake}", DAVE)
             assert "fooled" in h.sent_texts()[-1]
-            await h.click(f"doppel:guess:{test_id}:{test['real_label']}", ALICE)  # the member knows the answer
+            await h.click(
+                f"doppel:guess:{test_id}:{test['real_label']}", ALICE
+            )  # the member knows the answer
             assert "your own vote" in h.sent_texts()[-1]
             votes = await services.store.blind_tests.votes(test_id)
-            assert sorted((v["voter_id"], v["picked_real"]) for v in votes) == [(str(CAROL), True), (str(DAVE), False)]
+            assert sorted((v["voter_id"], v["picked_real"]) for v in votes) == [
+                (str(CAROL), True),
+                (str(DAVE), False),
+            ]
             line = "blind test: 2 votes, 50% identified the real message (chance 50%)"
             assert line in h.sent_texts()[-2]
             await h.command("persona report", BOB, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
@@ -110,7 +131,9 @@ def test_guess_needs_chat_consent_stored_messages_and_a_public_channel(bot_world
             h.fake.calls.clear()
             await h.command("persona guess", DAVE, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
             assert "no stored messages" in h.sent_texts()[-1]
-            assert h.responses()[0].payload["data"]["flags"] == 64  # acknowledged ephemerally: refusals stay private
+            assert (
+                h.responses()[0].payload["data"]["flags"] == 64
+            )  # acknowledged ephemerally: refusals stay private
             # Messages only in a channel this server does not show to everyone: never quoted in a blind test.
             await _conversation(services, h, cid=2999)
             await h.command("persona guess", BOB, member=(6, str(ALICE)), resolved=h.resolved(ALICE))

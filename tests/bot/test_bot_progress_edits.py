@@ -18,16 +18,23 @@ def test_progress_message_is_edited_only_on_change(bot_world: Any) -> None:
     async def scenario() -> None:
         async with bot_world() as (h, services):
             services.settings = dataclasses.replace(
-                services.settings, bot=dataclasses.replace(services.settings.bot, progress_edit_interval_s=0.0)
+                services.settings,
+                bot=dataclasses.replace(services.settings.bot, progress_edit_interval_s=0.0),
             )
-            services.supervisor = Supervisor(services.store, services.settings)  # not started: the test moves the job
+            services.supervisor = Supervisor(
+                services.store, services.settings
+            )  # not started: the test moves the job
             await services.grant(str(ALICE), ["train"], actor="t", channel="cli")
             job_id = await submit_training(services, str(ALICE), str(ALICE), "sft")
             message = h.bot.get_partial_messageable(h.TEXT).get_partial_message(4242)
             task = asyncio.create_task(watch(services, message, job_id, "Alice", poll_s=0.01))
 
             def edits() -> list[str]:
-                return [c.payload["content"] for c in h.fake.calls if c.method == "PATCH" and c.path.endswith("/4242")]
+                return [
+                    c.payload["content"]
+                    for c in h.fake.calls
+                    if c.method == "PATCH" and c.path.endswith("/4242")
+                ]
 
             async def polls(n: int = 20) -> None:
                 for _ in range(n):

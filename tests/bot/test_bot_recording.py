@@ -9,8 +9,13 @@ ALICE, BOB, ADMIN = 111, 222, 333
 
 
 async def _enable(h: Any, services: Any, channels: tuple[int, ...]) -> None:
-    await services.update_guild(str(h.GUILD), recording=True, acknowledged_by=str(ADMIN), acknowledged_at=1.0,
-                                allowed_channels=[str(c) for c in channels])  # fmt: skip
+    await services.update_guild(
+        str(h.GUILD),
+        recording=True,
+        acknowledged_by=str(ADMIN),
+        acknowledged_at=1.0,
+        allowed_channels=[str(c) for c in channels],
+    )
 
 
 def test_only_consenting_members_in_allowed_channels_are_stored(bot_world: Any) -> None:
@@ -29,7 +34,9 @@ def test_only_consenting_members_in_allowed_channels_are_stored(bot_world: Any) 
             assert stored[0].content == "hello from alice" and stored[0].source == "discord"
             assert await services.store.messages.count(str(BOB)) == 0
             assert await services.store.messages.get(before) is None
-            row = await services.store.fetchone("SELECT COUNT(*) FROM messages WHERE author_id = ?", (str(BOB),))
+            row = await services.store.fetchone(
+                "SELECT COUNT(*) FROM messages WHERE author_id = ?", (str(BOB),)
+            )
             assert row[0] == 0
 
     asyncio.run(scenario())
@@ -72,7 +79,9 @@ def test_edits_and_deletes_are_mirrored_including_uncached(bot_world: Any) -> No
             edit.update(guild_id=str(h.GUILD), edited_timestamp="2024-05-01T12:05:00+00:00")
             h.state.parse_message_update(edit)
             h.state.parse_message_delete({"id": second, "channel_id": str(h.TEXT), "guild_id": str(h.GUILD)})
-            h.state.parse_message_delete_bulk({"ids": [third], "channel_id": str(h.TEXT), "guild_id": str(h.GUILD)})
+            h.state.parse_message_delete_bulk(
+                {"ids": [third], "channel_id": str(h.TEXT), "guild_id": str(h.GUILD)}
+            )
             await h.settle()
             edited = await services.store.messages.get(first)
             assert edited is not None and edited.content == "second version" and edited.edited_at
@@ -94,10 +103,16 @@ def test_backfill_reads_history_for_consenting_members_only(bot_world: Any) -> N
                 msg["guild_id"] = str(h.GUILD)
                 history.append(msg)
             h.fake.history[str(h.TEXT)] = history
-            resolved = {"channels": {str(h.TEXT): {"id": str(h.TEXT), "type": 0, "name": "general", "permissions": h.ADMIN}}}
+            resolved = {
+                "channels": {
+                    str(h.TEXT): {"id": str(h.TEXT), "type": 0, "name": "general", "permissions": h.ADMIN}
+                }
+            }
             await h.command("doppel backfill", ALICE, channel=(7, str(h.TEXT)), resolved=resolved)
             assert "Manage Server" in h.sent_texts()[-1]
-            await h.command("doppel backfill", ADMIN, perms=h.ADMIN, channel=(7, str(h.TEXT)), resolved=resolved)
+            await h.command(
+                "doppel backfill", ADMIN, perms=h.ADMIN, channel=(7, str(h.TEXT)), resolved=resolved
+            )
             assert await services.store.messages.count(str(ALICE)) == 65
             assert await services.store.messages.count(str(BOB)) == 0
             assert "130 read, 65 stored" in h.sent_texts()[-1]

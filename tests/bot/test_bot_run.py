@@ -7,7 +7,9 @@ from typing import Any
 import pytest
 
 
-def test_run_without_token_is_a_one_line_error(doppel_home: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+def test_run_without_token_is_a_one_line_error(
+    doppel_home: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
     from doppel.cli import main
 
     monkeypatch.delenv("DISCORD_TOKEN", raising=False)

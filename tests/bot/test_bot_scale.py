@@ -18,14 +18,26 @@ async def _community(services: Any) -> list[str]:
     ids = [str(10_000 + i) for i in range(MEMBERS)]
     await services.consent.grant(ids, "train,chat", actor="admin", channel="cli")
     for i, mid in enumerate(ids):
-        await services.store.members.upsert(Member(mid, f"member{i}", f"Member number {i} with a long display name"))
+        await services.store.members.upsert(
+            Member(mid, f"member{i}", f"Member number {i} with a long display name")
+        )
     t0 = time.time() - 86_400
-    messages = [Message(f"{mid}{k}", "1000", "2000", "general", mid, f"member{i}", t0 + i + k / 10, f"message {k}")
-                for i, mid in enumerate(ids) for k in range(PER_MEMBER)]  # fmt: skip
+    messages = [
+        Message(f"{mid}{k}", "1000", "2000", "general", mid, f"member{i}", t0 + i + k / 10, f"message {k}")
+        for i, mid in enumerate(ids)
+        for k in range(PER_MEMBER)
+    ]
     await services.store.messages.add_many(messages)
     for i, mid in enumerate(ids[::2]):
-        await services.store.adapters.insert(id=f"a{mid}", member_id=mid, base_model="smollm2-135m", version=1,
-                                             status="active", path="/nonexistent", created_at=1.0 + i)  # fmt: skip
+        await services.store.adapters.insert(
+            id=f"a{mid}",
+            member_id=mid,
+            base_model="smollm2-135m",
+            version=1,
+            status="active",
+            path="/nonexistent",
+            created_at=1.0 + i,
+        )
     return ids
 
 
@@ -42,8 +54,13 @@ def test_lists_stay_bounded_for_a_large_community(bot_world: Any) -> None:
             assert len(await services.trainable_members(limit=25)) == 25
             assert await services.trainable_count() == MEMBERS
             assert await services.trainable_count(untrained=True) == MEMBERS // 2
-            assert len(await services.personas(limit=25)) == 25 and await services.persona_count() == MEMBERS // 2
-            assert len(await services.member_names(ids)) == MEMBERS  # batched: more ids than SQLite's 999 limit
+            assert (
+                len(await services.personas(limit=25)) == 25
+                and await services.persona_count() == MEMBERS // 2
+            )
+            assert (
+                len(await services.member_names(ids)) == MEMBERS
+            )  # batched: more ids than SQLite's 999 limit
 
             h.fake.calls.clear()
             await h.command("persona list", 111)
@@ -78,13 +95,23 @@ def test_feedback_dedup_memory_is_bounded(bot_world: Any) -> None:
             import discord
 
             payload = discord.RawReactionActionEvent(
-                {"user_id": "5", "channel_id": str(h.TEXT), "message_id": "77", "guild_id": str(h.GUILD),
-                 "emoji": {"id": None, "name": "👍"}, "type": 0, "burst": False},  # fmt: skip
-                discord.PartialEmoji(name="👍"), "REACTION_ADD",
+                {
+                    "user_id": "5",
+                    "channel_id": str(h.TEXT),
+                    "message_id": "77",
+                    "guild_id": str(h.GUILD),
+                    "emoji": {"id": None, "name": "👍"},
+                    "type": 0,
+                    "burst": False,
+                },
+                discord.PartialEmoji(name="👍"),
+                "REACTION_ADD",
             )
             from bot.chat import PersonaReply
 
-            chat.remember(77, PersonaReply("111", "Alice", None, str(h.GUILD), str(h.TEXT), "general", (), "hi"))
+            chat.remember(
+                77, PersonaReply("111", "Alice", None, str(h.GUILD), str(h.TEXT), "general", (), "hi")
+            )
             await chat.on_reaction(payload)
             assert len(chat._rated) <= MAX_REMEMBERED
 

@@ -33,12 +33,27 @@ sys.exit(main(["run", "--no-sync", "--no-engine"]))
 
 
 def _user(uid: int, name: str, bot: bool = False) -> dict[str, Any]:
-    return {"id": str(uid), "username": name, "global_name": name, "discriminator": "0", "avatar": None, "bot": bot}
+    return {
+        "id": str(uid),
+        "username": name,
+        "global_name": name,
+        "discriminator": "0",
+        "avatar": None,
+        "bot": bot,
+    }
 
 
 def _member(uid: int, name: str, perms: str) -> dict[str, Any]:
-    return {"user": _user(uid, name), "roles": [], "joined_at": "2024-01-01T00:00:00+00:00", "deaf": False,
-            "mute": False, "flags": 0, "permissions": perms, "nick": None}  # fmt: skip
+    return {
+        "user": _user(uid, name),
+        "roles": [],
+        "joined_at": "2024-01-01T00:00:00+00:00",
+        "deaf": False,
+        "mute": False,
+        "flags": 0,
+        "permissions": perms,
+        "nick": None,
+    }
 
 
 class StandIn:
@@ -62,7 +77,9 @@ class StandIn:
     async def rest(self, request: Any) -> Any:
         from aiohttp import web
 
-        def json_response(body: Any) -> Any:  # discord.py wants Discord's exact content type, without a charset
+        def json_response(
+            body: Any,
+        ) -> Any:  # discord.py wants Discord's exact content type, without a charset
             return web.Response(body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
 
         path, method = "/" + request.match_info["tail"], request.method
@@ -71,17 +88,43 @@ class StandIn:
         if path == "/users/@me":
             return json_response(_user(APP, "doppel", bot=True))
         if path == "/oauth2/applications/@me":
-            return json_response({"id": str(APP), "name": "doppel", "description": "", "icon": None, "bot_public": False,
-                                      "bot_require_code_grant": False, "owner": _user(1, "owner"), "verify_key": "00",
-                                      "flags": 0})  # fmt: skip
+            return json_response(
+                {
+                    "id": str(APP),
+                    "name": "doppel",
+                    "description": "",
+                    "icon": None,
+                    "bot_public": False,
+                    "bot_require_code_grant": False,
+                    "owner": _user(1, "owner"),
+                    "verify_key": "00",
+                    "flags": 0,
+                }
+            )
         if path.endswith("/callback"):
             return json_response({"interaction": {"id": path.split("/")[2], "type": 2}})
         if method in ("POST", "PATCH") and ("/webhooks/" in path or "/messages" in path):
-            return json_response({
-                "id": str(int(time.time() * 1000) << 22), "channel_id": str(CHANNEL), "content": "", "author": _user(APP, "doppel", True),
-                "timestamp": "2024-05-01T12:00:00+00:00", "edited_timestamp": None, "tts": False, "mention_everyone": False,
-                "mentions": [], "mention_roles": [], "attachments": [], "embeds": [], "pinned": False, "type": 0, "flags": 0,
-                "components": [], "webhook_id": str(APP)})  # fmt: skip
+            return json_response(
+                {
+                    "id": str(int(time.time() * 1000) << 22),
+                    "channel_id": str(CHANNEL),
+                    "content": "",
+                    "author": _user(APP, "doppel", True),
+                    "timestamp": "2024-05-01T12:00:00+00:00",
+                    "edited_timestamp": None,
+                    "tts": False,
+                    "mention_everyone": False,
+                    "mentions": [],
+                    "mention_roles": [],
+                    "attachments": [],
+                    "embeds": [],
+                    "pinned": False,
+                    "type": 0,
+                    "flags": 0,
+                    "components": [],
+                    "webhook_id": str(APP),
+                }
+            )
         return json_response({})
 
     async def send(self, op: int, data: Any, event: str | None = None) -> None:
@@ -109,16 +152,57 @@ class StandIn:
             if frame["op"] == 1:
                 await self.send(11, None)
             elif frame["op"] == 2:
-                await self.send(0, {"v": 10, "user": _user(APP, "doppel", True), "guilds": [], "session_id": "s1",
-                                    "resume_gateway_url": "ws://unused", "application": {"id": str(APP), "flags": 0}},
-                                "READY")  # fmt: skip
-                await self.send(0, {
-                    "id": str(GUILD), "name": "guild", "owner_id": "1", "unavailable": False, "member_count": 2,
-                    "roles": [{"id": str(GUILD), "name": "@everyone", "permissions": "0", "position": 0, "color": 0,
-                               "hoist": False, "managed": False, "mentionable": False}],
-                    "channels": [{"id": str(CHANNEL), "type": 0, "name": "general", "position": 0,
-                                  "permission_overwrites": [], "nsfw": False, "parent_id": None}],
-                    "members": [], "emojis": [], "stickers": [], "features": [], "threads": []}, "GUILD_CREATE")  # fmt: skip
+                await self.send(
+                    0,
+                    {
+                        "v": 10,
+                        "user": _user(APP, "doppel", True),
+                        "guilds": [],
+                        "session_id": "s1",
+                        "resume_gateway_url": "ws://unused",
+                        "application": {"id": str(APP), "flags": 0},
+                    },
+                    "READY",
+                )
+                await self.send(
+                    0,
+                    {
+                        "id": str(GUILD),
+                        "name": "guild",
+                        "owner_id": "1",
+                        "unavailable": False,
+                        "member_count": 2,
+                        "roles": [
+                            {
+                                "id": str(GUILD),
+                                "name": "@everyone",
+                                "permissions": "0",
+                                "position": 0,
+                                "color": 0,
+                                "hoist": False,
+                                "managed": False,
+                                "mentionable": False,
+                            }
+                        ],
+                        "channels": [
+                            {
+                                "id": str(CHANNEL),
+                                "type": 0,
+                                "name": "general",
+                                "position": 0,
+                                "permission_overwrites": [],
+                                "nsfw": False,
+                                "parent_id": None,
+                            }
+                        ],
+                        "members": [],
+                        "emojis": [],
+                        "stickers": [],
+                        "features": [],
+                        "threads": [],
+                    },
+                    "GUILD_CREATE",
+                )
                 self.identified.set()
         await ws.close()
         return ws
@@ -126,17 +210,50 @@ class StandIn:
     async def persona_train(self, admin_perms: str) -> None:
         """An admin runs `/persona train member:@alice`."""
         alice = _member(ALICE, "alice", "0")
-        data = {"id": "1", "name": "persona", "type": 1,
-                "options": [{"type": 1, "name": "train", "options": [{"type": 6, "name": "member", "value": str(ALICE)}]}],
-                "resolved": {"users": {str(ALICE): alice["user"]},
-                             "members": {str(ALICE): {k: v for k, v in alice.items() if k != "user"}}}}  # fmt: skip
-        await self.send(0, {
-            "id": "777", "application_id": str(APP), "type": 2, "token": "tok", "version": 1, "guild_id": str(GUILD),
-            "channel_id": str(CHANNEL), "member": _member(ADMIN, "admin", admin_perms), "app_permissions": admin_perms,
-            "locale": "en-US", "guild_locale": "en-US", "entitlements": [], "context": 0,
-            "authorizing_integration_owners": {"0": str(GUILD)}, "attachment_size_limit": 10485760, "data": data,
-            "channel": {"id": str(CHANNEL), "type": 0, "guild_id": str(GUILD), "name": "general", "position": 0,
-                        "permission_overwrites": [], "nsfw": False, "parent_id": None}}, "INTERACTION_CREATE")  # fmt: skip
+        data = {
+            "id": "1",
+            "name": "persona",
+            "type": 1,
+            "options": [
+                {"type": 1, "name": "train", "options": [{"type": 6, "name": "member", "value": str(ALICE)}]}
+            ],
+            "resolved": {
+                "users": {str(ALICE): alice["user"]},
+                "members": {str(ALICE): {k: v for k, v in alice.items() if k != "user"}},
+            },
+        }
+        await self.send(
+            0,
+            {
+                "id": "777",
+                "application_id": str(APP),
+                "type": 2,
+                "token": "tok",
+                "version": 1,
+                "guild_id": str(GUILD),
+                "channel_id": str(CHANNEL),
+                "member": _member(ADMIN, "admin", admin_perms),
+                "app_permissions": admin_perms,
+                "locale": "en-US",
+                "guild_locale": "en-US",
+                "entitlements": [],
+                "context": 0,
+                "authorizing_integration_owners": {"0": str(GUILD)},
+                "attachment_size_limit": 10485760,
+                "data": data,
+                "channel": {
+                    "id": str(CHANNEL),
+                    "type": 0,
+                    "guild_id": str(GUILD),
+                    "name": "general",
+                    "position": 0,
+                    "permission_overwrites": [],
+                    "nsfw": False,
+                    "parent_id": None,
+                },
+            },
+            "INTERACTION_CREATE",
+        )
 
 
 async def _seed(home: Path) -> None:
@@ -153,10 +270,30 @@ async def _seed(home: Path) -> None:
         t0 = 1_700_000_000.0
         messages = []
         for i in range(60):
-            messages.append(Message(f"q{i}", str(GUILD), str(CHANNEL), "general", "2002", "bo", t0 + i * 3600,
-                                    f"anyone up for a game tonight, round {i}?"))  # fmt: skip
-            messages.append(Message(f"a{i}", str(GUILD), str(CHANNEL), "general", str(ALICE), "alice", t0 + i * 3600 + 30,
-                                    f"omg yes!!! round {i} is going to be so good haha"))  # fmt: skip
+            messages.append(
+                Message(
+                    f"q{i}",
+                    str(GUILD),
+                    str(CHANNEL),
+                    "general",
+                    "2002",
+                    "bo",
+                    t0 + i * 3600,
+                    f"anyone up for a game tonight, round {i}?",
+                )
+            )
+            messages.append(
+                Message(
+                    f"a{i}",
+                    str(GUILD),
+                    str(CHANNEL),
+                    "general",
+                    str(ALICE),
+                    "alice",
+                    t0 + i * 3600 + 30,
+                    f"omg yes!!! round {i} is going to be so good haha",
+                )
+            )
         await store.messages.add_many(messages)
 
 
@@ -195,15 +332,32 @@ def test_sigterm_stops_doppel_run_gracefully(doppel_home: Path, tmp_path: Path) 
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        env = {**os.environ, "DOPPEL_HOME": str(doppel_home), "DOPPEL_MASTER_KEY": "", "DISCORD_TOKEN": "stand-in",
-               "STANDIN_URL": f"http://127.0.0.1:{port}", "DOPPEL_TRAINING__CANCEL_GRACE_S": "3",
-               "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1", "OMP_NUM_THREADS": "1",
-               "DOPPEL_MODEL__BASE_GGUF": str(tiny.gguf_path), "DOPPEL_MODEL__BASE_NAME": "tiny"}  # fmt: skip
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", LAUNCH, env=env, cwd=str(Path(__file__).parents[2]),
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)  # fmt: skip
+        env = {
+            **os.environ,
+            "DOPPEL_HOME": str(doppel_home),
+            "DOPPEL_MASTER_KEY": "",
+            "DISCORD_TOKEN": "stand-in",
+            "STANDIN_URL": f"http://127.0.0.1:{port}",
+            "DOPPEL_TRAINING__CANCEL_GRACE_S": "3",
+            "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
+            "OMP_NUM_THREADS": "1",
+            "DOPPEL_MODEL__BASE_GGUF": str(tiny.gguf_path),
+            "DOPPEL_MODEL__BASE_NAME": "tiny",
+        }
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            LAUNCH,
+            env=env,
+            cwd=str(Path(__file__).parents[2]),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         try:
             waiter = asyncio.create_task(standin.identified.wait())
-            await asyncio.wait({waiter, asyncio.create_task(proc.wait())}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {waiter, asyncio.create_task(proc.wait())}, timeout=120, return_when=asyncio.FIRST_COMPLETED
+            )
             if not waiter.done():
                 waiter.cancel()
                 if proc.returncode is None:
@@ -221,7 +375,9 @@ def test_sigterm_stops_doppel_run_gracefully(doppel_home: Path, tmp_path: Path) 
                 if job is None and any(p.startswith("POST /webhooks/") for p in standin.posts):
                     break  # the command answered without queueing a job: a refusal, shown below
                 await asyncio.sleep(0.5)
-            assert job is not None and job[1] == "running" and job[2], f"no training child started: {job} {standin.posts}"
+            assert job is not None and job[1] == "running" and job[2], (
+                f"no training child started: {job} {standin.posts}"
+            )
             job_id, _, child = job
             assert _trainers(job_id), "the trainer child runs"
 
@@ -242,7 +398,9 @@ def test_sigterm_stops_doppel_run_gracefully(doppel_home: Path, tmp_path: Path) 
         from bot.main import grace_s
         from doppel.core.settings import Settings
 
-        grace = grace_s(Settings.load(env={"DOPPEL_HOME": str(doppel_home), "DOPPEL_TRAINING__CANCEL_GRACE_S": "3"}))
+        grace = grace_s(
+            Settings.load(env={"DOPPEL_HOME": str(doppel_home), "DOPPEL_TRAINING__CANCEL_GRACE_S": "3"})
+        )
         assert proc.returncode == 0, err.decode()[-2000:]
         assert took <= grace, f"shutdown took {took:.1f} s, grace {grace} s"
         # A close frame, not a dropped connection. Its code is discord.py's: Client.close() asks for 1000, but

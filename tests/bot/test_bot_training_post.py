@@ -24,9 +24,21 @@ def _adapter_folder(root: Path, member: str) -> Path:
     (folder / "adapter.gguf").write_bytes(b"GGUF-test-adapter")
     (folder / "adapter_config.json").write_text("{}", encoding="utf-8")
     loss_png(folder / "loss.png", [(1, 3.2), (2, 2.6), (3, 2.1), (4, 1.9)], title="User111 (sft)")
-    metrics = {"ppl_base": 35.4, "ppl_adapter": 3.26, "active": True, "gate_reason": "beats base",
-               "fidelity": {"attribution": {"available": True, "members": 5, "chance": 0.2, "accuracy": 0.8,
-                                            "share": {"base": 0.1, "adapter": 0.45}}}}
+    metrics = {
+        "ppl_base": 35.4,
+        "ppl_adapter": 3.26,
+        "active": True,
+        "gate_reason": "beats base",
+        "fidelity": {
+            "attribution": {
+                "available": True,
+                "members": 5,
+                "chance": 0.2,
+                "accuracy": 0.8,
+                "share": {"base": 0.1, "adapter": 0.45},
+            }
+        },
+    }
     meta = {"member": member, "lineage": [member], "metrics": metrics, "base_model": {"name": "smollm2-135m"}}
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     return folder
@@ -43,9 +55,13 @@ def test_finished_job_posts_results_and_loss_plot(bot_world: Any, tmp_path: Path
 
     async def scenario() -> None:
         async with bot_world() as (h, services):
-            services.supervisor = Supervisor(services.store, services.settings)  # not started: the test moves the job
+            services.supervisor = Supervisor(
+                services.store, services.settings
+            )  # not started: the test moves the job
             await h.click("doppel:consent:train", ALICE)
-            await h.command("persona train", ADMIN, perms=h.ADMIN, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
+            await h.command(
+                "persona train", ADMIN, perms=h.ADMIN, member=(6, str(ALICE)), resolved=h.resolved(ALICE)
+            )
             (job,) = await services.store.jobs.list(member_id=str(ALICE))
             group = h.bot.tree.get_command("persona")
             assert isinstance(group, PersonaCommands) and len(group._watchers) == 1
@@ -56,8 +72,9 @@ def test_finished_job_posts_results_and_loss_plot(bot_world: Any, tmp_path: Path
             adapter = await Registry(services.store, services.settings).publish(
                 _adapter_folder(tmp_path, str(ALICE)), job_id=job["id"], member_id=str(ALICE)
             )
-            await services.store.jobs.update(job["id"], status="succeeded", adapter_id=adapter.id,
-                                             finished_at=time.time())  # fmt: skip
+            await services.store.jobs.update(
+                job["id"], status="succeeded", adapter_id=adapter.id, finished_at=time.time()
+            )
             await asyncio.wait_for(asyncio.gather(*group._watchers.values()), timeout=15)
 
             final = _patches(h, mid)[-1]
@@ -86,8 +103,12 @@ def test_failed_job_posts_the_reason_without_a_plot(bot_world: Any) -> None:
             assert isinstance(group, PersonaCommands)
             progress = [c for c in h.fake.calls if c.response and "Training User111" in c.response["content"]]
             mid = progress[-1].response["id"]
-            await services.store.jobs.update(job["id"], status="failed", finished_at=time.time(),
-                                             error="no training example fits max_length=512 tokens")  # fmt: skip
+            await services.store.jobs.update(
+                job["id"],
+                status="failed",
+                finished_at=time.time(),
+                error="no training example fits max_length=512 tokens",
+            )
             await asyncio.wait_for(asyncio.gather(*group._watchers.values()), timeout=15)
             final = _patches(h, mid)[-1]
             assert "failed" in final.payload["content"] and "max_length=512" in final.payload["content"]
@@ -117,8 +138,9 @@ def test_a_restarted_bot_goes_on_editing_the_progress_message(bot_world: Any) ->
             await h.bot.on_ready()
             await h.bot.on_ready()  # the gateway reconnects: still one watcher for the job
             assert len(h.bot.persona._watchers) == 1
-            await services.store.jobs.update(job["id"], status="cancelled", finished_at=time.time(),
-                                             error=f"cancelled by {ALICE}")  # fmt: skip
+            await services.store.jobs.update(
+                job["id"], status="cancelled", finished_at=time.time(), error=f"cancelled by {ALICE}"
+            )
             await asyncio.wait_for(asyncio.gather(*h.bot.persona._watchers.values()), timeout=15)
             final = _patches(h, mid)[-1]
             assert final.path == f"/channels/{h.TEXT}/messages/{mid}"

@@ -19,8 +19,17 @@ def _button(payload: dict[str, Any], action: str) -> str:
 
 
 def _attachment(name: str, size: int) -> dict[str, Any]:
-    return {"attachments": {"77": {"id": "77", "filename": name, "size": size, "url": f"https://cdn.example/{name}",
-                                   "proxy_url": f"https://cdn.example/{name}"}}}  # fmt: skip
+    return {
+        "attachments": {
+            "77": {
+                "id": "77",
+                "filename": name,
+                "size": size,
+                "url": f"https://cdn.example/{name}",
+                "proxy_url": f"https://cdn.example/{name}",
+            }
+        }
+    }
 
 
 def test_upload_stores_only_the_uploaders_messages(bot_world: Any, dce_dir: Path) -> None:
@@ -32,13 +41,19 @@ def test_upload_stores_only_the_uploaders_messages(bot_world: Any, dce_dir: Path
             # Another author in the file has train consent too: the upload must still not store their messages.
             await services.grant(str(OTHER_AUTHOR), ["train"], actor="test", channel="cli")
             h.fake.cdn = raw
-            await h.command("doppel upload", OWNER, export=(11, "77"), resolved=_attachment("export.json", len(raw)))
+            await h.command(
+                "doppel upload", OWNER, export=(11, "77"), resolved=_attachment("export.json", len(raw))
+            )
             assert h.first_response_type() == 5
             # Nothing is stored or consented to until the member presses a button that says what it covers.
             assert await services.store.messages.count(str(OWNER)) == 0
             assert await services.consent.scopes(str(OWNER)) == set()
             ask = h.responses()[-1].payload
-            assert ask["flags"] == 64 and "may train an AI persona" in ask["content"] and "does not record" in ask["content"]
+            assert (
+                ask["flags"] == 64
+                and "may train an AI persona" in ask["content"]
+                and "does not record" in ask["content"]
+            )
             await h.click(_button(ask, "import"), OWNER, ephemeral=True)
             stored = await services.store.messages.count(str(OWNER))
             assert 0 < stored <= own
@@ -47,7 +62,9 @@ def test_upload_stores_only_the_uploaders_messages(bot_world: Any, dce_dir: Path
             audit = await services.consent.audit(str(OWNER))
             assert [(a["scope"], a["channel"]) for a in audit] == [("train", "upload")]
             # Uploading again stores nothing twice.
-            await h.command("doppel upload", OWNER, export=(11, "77"), resolved=_attachment("export.json", len(raw)))
+            await h.command(
+                "doppel upload", OWNER, export=(11, "77"), resolved=_attachment("export.json", len(raw))
+            )
             await h.click(_button(h.responses()[-1].payload, "import"), OWNER, ephemeral=True)
             assert await services.store.messages.count(str(OWNER)) == stored
             # mydata: the export reaches the member as a file in a DM.
@@ -64,12 +81,18 @@ def test_refused_uploads_leave_consent_audit_and_store_unchanged(bot_world: Any)
 
     async def scenario() -> None:
         async with bot_world() as (h, services):
-            await services.update_guild(str(h.GUILD), recording=True, acknowledged_by="1", allowed_channels=[str(h.TEXT)])
-            for body, name, why in ((b"{not json", "x.json", "not valid JSON"),
-                                    (b'{"hello": "world"}', "x.json", "not a DiscordChatExporter export"),
-                                    (b"{}", "x.txt", ".json")):  # fmt: skip
+            await services.update_guild(
+                str(h.GUILD), recording=True, acknowledged_by="1", allowed_channels=[str(h.TEXT)]
+            )
+            for body, name, why in (
+                (b"{not json", "x.json", "not valid JSON"),
+                (b'{"hello": "world"}', "x.json", "not a DiscordChatExporter export"),
+                (b"{}", "x.txt", ".json"),
+            ):
                 h.fake.cdn = body
-                await h.command("doppel upload", OWNER, export=(11, "77"), resolved=_attachment(name, len(body)))
+                await h.command(
+                    "doppel upload", OWNER, export=(11, "77"), resolved=_attachment(name, len(body))
+                )
                 refusal = h.responses()[-1].payload
                 assert why in refusal["content"] and not refusal.get("components")
             assert await services.consent.scopes(str(OWNER)) == set()
@@ -80,20 +103,28 @@ def test_refused_uploads_leave_consent_audit_and_store_unchanged(bot_world: Any)
     asyncio.run(scenario())
 
 
-def test_upload_consent_covers_the_export_not_live_messages_unless_chosen(bot_world: Any, dce_dir: Path) -> None:
+def test_upload_consent_covers_the_export_not_live_messages_unless_chosen(
+    bot_world: Any, dce_dir: Path
+) -> None:
     raw = (dce_dir / GENERAL).read_bytes()
 
     async def scenario() -> None:
         async with bot_world() as (h, services):
-            await services.update_guild(str(h.GUILD), recording=True, acknowledged_by="1", allowed_channels=[str(h.TEXT)])
+            await services.update_guild(
+                str(h.GUILD), recording=True, acknowledged_by="1", allowed_channels=[str(h.TEXT)]
+            )
             h.fake.cdn = raw
             # Cancel: nothing imported, nothing consented.
-            await h.command("doppel upload", OWNER, export=(11, "77"), resolved=_attachment("e.json", len(raw)))
+            await h.command(
+                "doppel upload", OWNER, export=(11, "77"), resolved=_attachment("e.json", len(raw))
+            )
             await h.click(_button(h.responses()[-1].payload, "cancel"), OWNER, ephemeral=True)
             assert "Nothing was imported" in h.sent_texts()[-1]
             assert await services.consent.audit(str(OWNER)) == []
             # Import only: the export is stored, live messages are still not recorded.
-            await h.command("doppel upload", OWNER, export=(11, "77"), resolved=_attachment("e.json", len(raw)))
+            await h.command(
+                "doppel upload", OWNER, export=(11, "77"), resolved=_attachment("e.json", len(raw))
+            )
             await h.click(_button(h.responses()[-1].payload, "import"), OWNER, ephemeral=True)
             imported = await services.store.messages.count(str(OWNER))
             assert imported > 0 and "live messages are not recorded" in h.sent_texts()[-1]
@@ -107,7 +138,9 @@ def test_upload_consent_covers_the_export_not_live_messages_unless_chosen(bot_wo
             assert await services.store.messages.count(str(OWNER)) == imported + 1
             audit = await services.consent.audit(str(OWNER))
             assert [(a["action"], a["scope"], a["channel"]) for a in audit] == [
-                ("grant", "train", "upload"), ("grant", "train", "button")]  # fmt: skip
+                ("grant", "train", "upload"),
+                ("grant", "train", "button"),
+            ]
 
     asyncio.run(scenario())
 
@@ -117,9 +150,13 @@ def test_upload_with_live_recording_chosen_and_expired_choice(bot_world: Any, dc
 
     async def scenario() -> None:
         async with bot_world() as (h, services):
-            await services.update_guild(str(h.GUILD), recording=True, acknowledged_by="1", allowed_channels=[str(h.TEXT)])
+            await services.update_guild(
+                str(h.GUILD), recording=True, acknowledged_by="1", allowed_channels=[str(h.TEXT)]
+            )
             h.fake.cdn = raw
-            await h.command("doppel upload", OWNER, export=(11, "77"), resolved=_attachment("e.json", len(raw)))
+            await h.command(
+                "doppel upload", OWNER, export=(11, "77"), resolved=_attachment("e.json", len(raw))
+            )
             ask = h.responses()[-1].payload
             await h.click(_button(ask, "live"), OTHER_AUTHOR, ephemeral=True)  # not the uploader's to press
             assert "not for you" in h.sent_texts()[-1]

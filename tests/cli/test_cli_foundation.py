@@ -99,12 +99,23 @@ def test_failed_file_exits_nonzero_but_imports_the_others(
     assert code == 2
     result = json.loads(captured.out.strip().splitlines()[-1])
     assert result["total"]["failed"] == 1 and result["total"]["stored"] == 16
-    assert "broken.json" in captured.err and "truncated" in captured.err and len(captured.err.splitlines()) == 1
+    assert (
+        "broken.json" in captured.err and "truncated" in captured.err and len(captured.err.splitlines()) == 1
+    )
 
 
 def test_console_entry_point_in_a_subprocess(doppel_home: Path) -> None:
     env = {**os.environ, "DOPPEL_HOME": str(doppel_home)}
-    proc = subprocess.run([sys.executable, "-m", "doppel", "forget", "nope"], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[2], timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "doppel", "forget", "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=60,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "doppel: error: not a Discord user id: 'nope' (expected digits, e.g. 123456789012345678)"
+    assert (
+        proc.stderr.strip()
+        == "doppel: error: not a Discord user id: 'nope' (expected digits, e.g. 123456789012345678)"
+    )

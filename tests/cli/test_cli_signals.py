@@ -32,8 +32,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def _env(home: Path) -> dict[str, str]:
-    return {**os.environ, "DOPPEL_HOME": str(home), "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
-            "DOPPEL_TRAINING__HEARTBEAT_S": "0.5", "DOPPEL_TRAINING__CANCEL_GRACE_S": "30"}  # fmt: skip
+    return {
+        **os.environ,
+        "DOPPEL_HOME": str(home),
+        "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
+        "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
+        "DOPPEL_TRAINING__CANCEL_GRACE_S": "30",
+    }
 
 
 def _train_args(tiny_model: Any, steps: int) -> list[str]:
@@ -50,7 +55,9 @@ def _job_row(settings: Any) -> dict[str, Any] | None:
     conn = sqlite3.connect(settings.db_path)
     conn.row_factory = sqlite3.Row
     try:
-        row = conn.execute("SELECT id, status, pid, progress_json FROM jobs ORDER BY created_at DESC LIMIT 1").fetchone()
+        row = conn.execute(
+            "SELECT id, status, pid, progress_json FROM jobs ORDER BY created_at DESC LIMIT 1"
+        ).fetchone()
     except sqlite3.OperationalError:
         return None
     finally:
@@ -81,12 +88,18 @@ def _gone_within(pid: int, seconds: float) -> bool:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
-def test_the_trainer_ends_with_its_cli_and_the_job_resumes(doppel_home: Path, settings: Any, tiny_model: Any,
-                                                           signum: int) -> None:  # fmt: skip
+def test_the_trainer_ends_with_its_cli_and_the_job_resumes(
+    doppel_home: Path, settings: Any, tiny_model: Any, signum: int
+) -> None:
     asyncio.run(fx.seed_member(settings))
     # Slow enough steps (many of them) that the kill lands mid-training, after a checkpoint.
-    cli = subprocess.Popen([sys.executable, "-m", "doppel", *_train_args(tiny_model, 120)], env=_env(doppel_home),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "doppel", *_train_args(tiny_model, 120)],
+        env=_env(doppel_home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         row = _wait_for_training(settings, min_step=3)
         child, killed_at = int(row["pid"]), json.loads(row["progress_json"])["step"]
@@ -101,10 +114,19 @@ def test_the_trainer_ends_with_its_cli_and_the_job_resumes(doppel_home: Path, se
         assert cli.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
         assert _job_row(settings)["status"] == "interrupted"  # type: ignore[index]
     # The checkpointed job continues where it stopped and publishes an adapter.
-    resumed = subprocess.run([sys.executable, "-m", "doppel", "train", fx.PERSONA_ID, "--resume", "--json"],
-                             env=_env(doppel_home), capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        [sys.executable, "-m", "doppel", "train", fx.PERSONA_ID, "--resume", "--json"],
+        env=_env(doppel_home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     result = json.loads(resumed.stdout.strip().splitlines()[-1])
-    assert result["job"]["id"] == row["id"] and result["job"]["status"] == "succeeded" and result["adapter_id"]
+    assert (
+        result["job"]["id"] == row["id"] and result["job"]["status"] == "succeeded" and result["adapter_id"]
+    )
     progress = json.loads(_job_row(settings)["progress_json"])  # type: ignore[index]
-    assert progress["resumed_from"] >= killed_at, "resumed from the checkpoint written when the trainer stopped"
+    assert progress["resumed_from"] >= killed_at, (
+        "resumed from the checkpoint written when the trainer stopped"
+    )

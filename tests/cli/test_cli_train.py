@@ -26,10 +26,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def doppel(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DOPPEL_HOME": str(home), "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
-           "DOPPEL_TRAINING__HEARTBEAT_S": "0.5"}  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "doppel", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)  # fmt: skip
+    env = {
+        **os.environ,
+        "DOPPEL_HOME": str(home),
+        "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
+        "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "doppel", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def _set_args(tiny_model: Any) -> list[str]:
@@ -55,7 +60,9 @@ def test_train_prints_progress_and_the_adapter_then_personas_lists_it(
     listed = doppel(doppel_home, "personas", "--json")
     assert listed.returncode == 0, listed.stderr
     adapters = json.loads(listed.stdout.strip().splitlines()[-1])["adapters"]
-    assert [(a["member_id"], a["version"], a["id"]) for a in adapters] == [(fx.PERSONA_ID, 1, result["adapter_id"])]
+    assert [(a["member_id"], a["version"], a["id"]) for a in adapters] == [
+        (fx.PERSONA_ID, 1, result["adapter_id"])
+    ]
     human = doppel(doppel_home, "personas")
     assert fx.PERSONA_ID in human.stdout and "v1" in human.stdout
 

@@ -23,7 +23,9 @@ from doppel.core.settings import Settings
 
 MEMBERS = ["400000000000000001", "400000000000000002", "400000000000000003"]
 members = st.sampled_from(MEMBERS)
-texts = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=30).filter(str.strip)
+texts = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=30).filter(
+    str.strip
+)
 
 
 class ConsentMachine(RuleBasedStateMachine):
@@ -73,7 +75,9 @@ class ConsentMachine(RuleBasedStateMachine):
     @rule(member=members, content=texts)
     def new_message(self, member: str, content: str) -> None:
         mid = self._new_id()
-        stored = self.run(self.store.messages.add_many([Message(mid, "1", "2", "c", member, "n", 1.0, content)]))
+        stored = self.run(
+            self.store.messages.add_many([Message(mid, "1", "2", "c", member, "n", 1.0, content)])
+        )
         assert stored == (1 if member in self.train else 0)
         if member in self.train:
             self.model[mid] = (member, content)
@@ -83,8 +87,15 @@ class ConsentMachine(RuleBasedStateMachine):
     def import_file(self, batch: list[tuple[str, str]], dup: bool) -> None:
         msgs = []
         for member, content in batch:
-            msgs.append({"id": self._new_id(), "type": "Default", "timestamp": "2024-01-01T00:00:00.1+02:00",
-                         "content": content, "author": {"id": member, "name": "n", "isBot": False}})
+            msgs.append(
+                {
+                    "id": self._new_id(),
+                    "type": "Default",
+                    "timestamp": "2024-01-01T00:00:00.1+02:00",
+                    "content": content,
+                    "author": {"id": member, "name": "n", "isBot": False},
+                }
+            )
         if dup:
             msgs.append(dict(msgs[0]))
         self.exports += 1

@@ -20,15 +20,22 @@ def test_grant_revoke_list_and_audit(settings: Settings) -> None:
     async def go() -> None:
         async with Store.open(settings) as store:
             svc = ConsentService(store)
-            assert await svc.grant([A, B, A], "train,chat", "admin", "cli") == {A: ["chat", "train"], B: ["chat", "train"]}
+            assert await svc.grant([A, B, A], "train,chat", "admin", "cli") == {
+                A: ["chat", "train"],
+                B: ["chat", "train"],
+            }
             assert await svc.grant([A], ["train"], "admin", "cli") == {A: []}  # nothing new, no audit line
             out = await svc.revoke([B], "chat", "B himself", "button")
             assert out["revoked"] == {B: ["chat"]} and out["erased"] == {}
             assert await svc.scopes(A) == {"train", "chat"} and await svc.scopes(B) == {"train"}
-            assert [(m["member_id"], m["scopes"]) for m in await svc.list()] == [(A, ["chat", "train"]), (B, ["train"])]
+            assert [(m["member_id"], m["scopes"]) for m in await svc.list()] == [
+                (A, ["chat", "train"]),
+                (B, ["train"]),
+            ]
             trail = await svc.audit(B)
             assert [(t["action"], t["scope"], t["actor"], t["channel"]) for t in trail] == [
-                ("grant", "chat", "admin", "cli"), ("grant", "train", "admin", "cli"),
+                ("grant", "chat", "admin", "cli"),
+                ("grant", "train", "admin", "cli"),
                 ("revoke", "chat", "B himself", "button"),
             ]
             with pytest.raises(sqlite3.IntegrityError, match="append-only"):
@@ -40,8 +47,12 @@ def test_grant_revoke_list_and_audit(settings: Settings) -> None:
 
 @pytest.mark.parametrize(
     ("ids", "scopes", "channel", "needle"),
-    [(["abc"], "train", "cli", "not a Discord user id"), ([A], "train,admin", "cli", "unknown consent scope"),
-     ([A], "train", "carrier-pigeon", "unknown consent channel"), ([], "train", "cli", "no member ids")],
+    [
+        (["abc"], "train", "cli", "not a Discord user id"),
+        ([A], "train,admin", "cli", "unknown consent scope"),
+        ([A], "train", "carrier-pigeon", "unknown consent channel"),
+        ([], "train", "cli", "no member ids"),
+    ],
 )
 def test_bad_requests_are_rejected_before_any_change(
     settings: Settings, ids: list[str], scopes: str, channel: str, needle: str
@@ -66,8 +77,12 @@ def test_revoking_train_erases_content_but_keeps_chat(settings: Settings) -> Non
         async with Store.open(settings) as store:
             svc = ConsentService(store)
             await svc.grant([A, B], "train,chat", "admin", "cli")
-            await store.messages.add_many([Message("1", None, "c", "c", A, "a", 1.0, "mine"),
-                                           Message("2", None, "c", "c", B, "b", 1.0, "theirs")])
+            await store.messages.add_many(
+                [
+                    Message("1", None, "c", "c", A, "a", 1.0, "mine"),
+                    Message("2", None, "c", "c", B, "b", 1.0, "theirs"),
+                ]
+            )
             adapter = await store.adapters.insert(member_id=B, base_model="smol", lineage=[A])
             out = await svc.revoke([A], "train", "A", "command")
             assert out["erased"][A]["parts"]["messages"] == 1

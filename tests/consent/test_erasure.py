@@ -71,9 +71,7 @@ def test_a_new_uncovered_folder_is_detected(settings: Settings) -> None:
 
 
 def _spawn_job_process() -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
-    )
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
 
 
 def test_forget_cascades_through_jobs_adapters_files(settings: Settings) -> None:
@@ -98,10 +96,13 @@ async def _cascade(settings: Settings, pid: int) -> dict[str, object]:
     home = settings.home
     async with Store.open(settings) as store:
         await ConsentService(store).grant([M, OTHER, THIRD], "train,chat", "t", "cli")
-        await store.messages.add_many([
-            Message("1", None, "c", "c", M, "m", 1.0, "a"), Message("2", None, "c", "c", M, "m", 2.0, "b"),
-            Message("3", None, "c", "c", OTHER, "o", 3.0, "c"),
-        ])
+        await store.messages.add_many(
+            [
+                Message("1", None, "c", "c", M, "m", 1.0, "a"),
+                Message("2", None, "c", "c", M, "m", 2.0, "b"),
+                Message("3", None, "c", "c", OTHER, "o", 3.0, "c"),
+            ]
+        )
         await store.embeddings.put(M, "mini", [("1", b"v")])
         await store.feedback.add(M, OTHER, 1, reply="r")
         await store.feedback.add(OTHER, M, -1)
@@ -109,14 +110,18 @@ async def _cascade(settings: Settings, pid: int) -> dict[str, object]:
         # A running job of the member (a live process), a queued job of another member whose dataset contains M,
         # and an unrelated finished job that must survive.
         jobs = {}
-        for name, owner, status, contains in (("own", M, "running", [M]), ("other", OTHER, "queued", [OTHER, M]),
-                                              ("unrelated", THIRD, "succeeded", [THIRD])):
+        for name, owner, status, contains in (
+            ("own", M, "running", [M]),
+            ("other", OTHER, "queued", [OTHER, M]),
+            ("unrelated", THIRD, "succeeded", [THIRD]),
+        ):
             job_dir = home / "jobs" / name
             (job_dir / "dataset").mkdir(parents=True)
             (job_dir / "dataset" / "train.jsonl").write_text('{"prompt": "x"}\n')
             (job_dir / "dataset" / "meta.json").write_text(json.dumps({"member": owner, "lineage": contains}))
-            jobs[name] = await store.jobs.insert(member_id=owner, status=status, job_dir=str(job_dir),
-                                                 pid=pid if name == "own" else None)
+            jobs[name] = await store.jobs.insert(
+                member_id=owner, status=status, job_dir=str(job_dir), pid=pid if name == "own" else None
+            )
         orphan = home / "jobs" / "orphan"
         (orphan / "dataset").mkdir(parents=True)
         (orphan / "dataset" / "meta.json").write_text(json.dumps({"member": THIRD, "contains": [THIRD, M]}))
@@ -125,8 +130,9 @@ async def _cascade(settings: Settings, pid: int) -> dict[str, object]:
             path = home / "adapters" / owner / name
             path.mkdir(parents=True)
             (path / "adapter.gguf").write_bytes(b"GGUF")
-            adapters[name] = await store.adapters.insert(member_id=owner, base_model="smol", lineage=lineage,
-                                                         path=str(path), status="active")
+            adapters[name] = await store.adapters.insert(
+                member_id=owner, base_model="smol", lineage=lineage, path=str(path), status="active"
+            )
         (home / "cache").mkdir()
         (home / "cache" / f"kv-{M}.bin").write_bytes(b"state")
         (home / "cache" / f"kv-{OTHER}.bin").write_bytes(b"state")
@@ -167,6 +173,7 @@ def test_a_failing_part_does_not_stop_the_others(settings: Settings, monkeypatch
         raise OSError("disk on fire")
 
     try:
+
         async def go() -> None:
             async with Store.open(settings) as store:
                 await ConsentService(store).grant([M], "train", "t", "cli")

@@ -23,13 +23,26 @@ def _all_bytes(home: Path) -> dict[Path, bytes]:
 
 def _export(path: Path) -> None:
     msgs = [
-        {"id": str(9000 + i), "type": "Default", "timestamp": f"2024-02-01T10:00:{i:02d}.5+01:00",
-         "content": f"{CANARY} number {i}", "author": {"id": SECRET_MEMBER, "name": "secretive", "isBot": False},
-         "attachments": [], "reactions": []}
+        {
+            "id": str(9000 + i),
+            "type": "Default",
+            "timestamp": f"2024-02-01T10:00:{i:02d}.5+01:00",
+            "content": f"{CANARY} number {i}",
+            "author": {"id": SECRET_MEMBER, "name": "secretive", "isBot": False},
+            "attachments": [],
+            "reactions": [],
+        }
         for i in range(40)
     ]
-    msgs.append({"id": "9999", "type": "Default", "timestamp": "2024-02-01T11:00:00+00:00",
-                 "content": "other member canary-free text", "author": {"id": OTHER, "name": "o", "isBot": False}})
+    msgs.append(
+        {
+            "id": "9999",
+            "type": "Default",
+            "timestamp": "2024-02-01T11:00:00+00:00",
+            "content": "other member canary-free text",
+            "author": {"id": OTHER, "name": "o", "isBot": False},
+        }
+    )
     path.write_text(json.dumps({"guild": {"id": "1"}, "channel": {"id": "2", "name": "c"}, "messages": msgs}))
 
 
@@ -43,7 +56,9 @@ def test_no_plaintext_on_disk_and_nothing_left_after_forget(settings: Settings, 
         await ConsentService(store).grant([SECRET_MEMBER, OTHER], "train", "t", "cli")
         result = await import_exports(store, [export])
         assert result["total"]["stored"] == 41
-        await store.messages.add_many([Message("7777", "1", "2", "c", SECRET_MEMBER, "s", 5.0, CANARY + " live")])
+        await store.messages.add_many(
+            [Message("7777", "1", "2", "c", SECRET_MEMBER, "s", 5.0, CANARY + " live")]
+        )
         await store.messages.edit("9001", CANARY + " edited", 6.0)
         await store.embeddings.put(SECRET_MEMBER, "mini", [("9002", needle)])
         await store.feedback.add(SECRET_MEMBER, OTHER, 1, prompt="p", reply=CANARY)
@@ -52,8 +67,15 @@ def test_no_plaintext_on_disk_and_nothing_left_after_forget(settings: Settings, 
         assert any(p.name.endswith("-wal") for p in files)
         for path, data in files.items():
             assert needle not in data, f"plaintext canary in {path}"
-        wrapped = (await store.fetchone("SELECT wrapped FROM member_keys WHERE member_id = ?", (SECRET_MEMBER,)))[0]
-        blobs = [r[0] for r in await store.fetchall("SELECT content FROM messages WHERE author_id = ?", (SECRET_MEMBER,))]
+        wrapped = (
+            await store.fetchone("SELECT wrapped FROM member_keys WHERE member_id = ?", (SECRET_MEMBER,))
+        )[0]
+        blobs = [
+            r[0]
+            for r in await store.fetchall(
+                "SELECT content FROM messages WHERE author_id = ?", (SECRET_MEMBER,)
+            )
+        ]
         assert (await store.messages.get("9001")).content == CANARY + " edited"
         await forget(store, settings, SECRET_MEMBER, "t", "cli")
         await store.close()

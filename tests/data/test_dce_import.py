@@ -15,7 +15,12 @@ from data.errors import ImportFileError
 from data.store import Store
 from doppel.core.settings import Settings
 
-ADAM, THOMAS, PATRICK, MLOMB = "521486476985155645", "896568767994532880", "627848643557663699", "111111111111111111"
+ADAM, THOMAS, PATRICK, MLOMB = (
+    "521486476985155645",
+    "896568767994532880",
+    "627848643557663699",
+    "111111111111111111",
+)
 DELETED_USER = "555555555555555555"
 GENERAL = "dcef-Example_guild_-_Text_Channels_-_general__1012224565567721552_.json"
 CHILL = "dcef-Example_guild_-_Text_Channels_-_chill_talk__1012224565567125544_.json"
@@ -24,17 +29,23 @@ CHILL = "dcef-Example_guild_-_Text_Channels_-_chill_talk__1012224565567125544_.j
 EXPECTED = {
     "chat-analytics-DM_2A_2M.json": dict(read=3, stored=1, skipped={"bot": 1, "system": 1}),
     # mlomb's message reuses the DM file's message id in another channel: a broken export, not a duplicate.
-    "chat-analytics-GC_3A_5M.json": dict(read=6, stored=0, skipped={"id_conflict": 1, "no_consent": 2, "system": 3}),
+    "chat-analytics-GC_3A_5M.json": dict(
+        read=6, stored=0, skipped={"id_conflict": 1, "no_consent": 2, "system": 3}
+    ),
     # The duplicated id belongs to "Deleted User", who has no consent.
     "chat-analytics-SV_5A_5M.json": dict(read=5, stored=3, skipped={"no_consent": 2}),
     # "aLittleSpammyBot" is not flagged isBot: it is skipped for lack of consent, not as a bot.
     CHILL: dict(read=6, stored=4, skipped={"no_consent": 2}),
     # messageCount says 35 in both chill-talk files; the arrays hold 6 and 5.
-    "dcef-Example_guild_-_Text_Channels_-_chill_talk__1012224565567125544__without_deleted_message.json":
-        dict(read=5, stored=0, already_stored=4, skipped={"no_consent": 1}),
-    GENERAL: dict(read=35, stored=23, skipped={"attachment_only": 2, "no_consent": 5, "sticker_only": 1, "system": 4}),
-    "dcef-Example_guild_-_general_-_Thomas_is_Thomas__1060927310439657577_.json":
-        dict(read=5, stored=3, skipped={"no_consent": 2}),
+    "dcef-Example_guild_-_Text_Channels_-_chill_talk__1012224565567125544__without_deleted_message.json": dict(
+        read=5, stored=0, already_stored=4, skipped={"no_consent": 1}
+    ),
+    GENERAL: dict(
+        read=35, stored=23, skipped={"attachment_only": 2, "no_consent": 5, "sticker_only": 1, "system": 4}
+    ),
+    "dcef-Example_guild_-_general_-_Thomas_is_Thomas__1060927310439657577_.json": dict(
+        read=5, stored=3, skipped={"no_consent": 2}
+    ),
 }
 
 
@@ -44,7 +55,9 @@ async def _grant(store: Store, *ids: str) -> None:
     await ConsentService(store).grant(list(ids), "train", "test", "cli")
 
 
-def _import(settings: Settings, paths: list[Any], grant: tuple[str, ...] = (ADAM, THOMAS, MLOMB)) -> dict[str, Any]:
+def _import(
+    settings: Settings, paths: list[Any], grant: tuple[str, ...] = (ADAM, THOMAS, MLOMB)
+) -> dict[str, Any]:
     async def go() -> dict[str, Any]:
         async with Store.open(settings) as store:
             await _grant(store, *grant)
@@ -71,7 +84,11 @@ def test_fixture_exports_import_with_exact_counts(settings: Settings, dce_dir: P
     for name, want in EXPECTED.items():
         got = by_name[name]
         assert got["error"] is None, name
-        assert (got["read"], got["stored"], got["skipped"]) == (want["read"], want["stored"], want["skipped"]), name
+        assert (got["read"], got["stored"], got["skipped"]) == (
+            want["read"],
+            want["stored"],
+            want["skipped"],
+        ), name
         assert got["already_stored"] == want.get("already_stored", 0), name
         assert got["duplicates"] == 0, name
     assert result["total"]["stored"] == 34 and result["total"]["read"] == 65
@@ -145,10 +162,15 @@ def test_corrupted_copy_is_rejected_whole_and_others_still_import(
     [
         (b"this is not json at all", "invalid JSON"),
         (b'{"guild": {"id": "1"}, "messages": []}', "no channel"),
-        (b'{"guild": {"id": "1"}, "channel": {"id": "2"}, "messages": [{"id": "3", "type": "Default"}]}',
-         "message #0"),
-        (b'{"guild": {"id": "1"}, "channel": {"id": "2"}, "messages": [{"id": "3", "author": {"id": "4"},'
-         b' "content": "hi", "timestamp": "yesterday"}]}', "bad timestamp"),
+        (
+            b'{"guild": {"id": "1"}, "channel": {"id": "2"}, "messages": [{"id": "3", "type": "Default"}]}',
+            "message #0",
+        ),
+        (
+            b'{"guild": {"id": "1"}, "channel": {"id": "2"}, "messages": [{"id": "3", "author": {"id": "4"},'
+            b' "content": "hi", "timestamp": "yesterday"}]}',
+            "bad timestamp",
+        ),
         (b'{"guild": {"id": "1"}, "channel": {"id": "2"}}', "no messages array"),
     ],
 )
@@ -198,10 +220,14 @@ def test_revoked_member_is_not_imported(settings: Settings, dce_dir: Path) -> No
     assert result["files"][0]["stored"] == 16
 
 
-def test_reimport_with_a_later_edit_updates_the_stored_copy(settings: Settings, dce_dir: Path, tmp_path: Path) -> None:
+def test_reimport_with_a_later_edit_updates_the_stored_copy(
+    settings: Settings, dce_dir: Path, tmp_path: Path
+) -> None:
     _import(settings, [dce_dir / GENERAL])
     doc = json.loads((dce_dir / GENERAL).read_text(encoding="utf-8"))
-    target = next(m for m in doc["messages"] if m["author"]["id"] == ADAM and m["content"] and m["type"] == "Default")
+    target = next(
+        m for m in doc["messages"] if m["author"]["id"] == ADAM and m["content"] and m["type"] == "Default"
+    )
     target["content"] = "edited: nothing to see"
     target["timestampEdited"] = "2023-01-07T10:00:00.1234567+01:00"
     newer = tmp_path / "newer.json"

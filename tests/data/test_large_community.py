@@ -32,8 +32,9 @@ FMT = ChatFormat(
 @pytest.fixture
 def community(settings: Settings, tmp_path: Path) -> dict[str, Any]:
     """The generated community imported into the test's store, everyone consenting to train and chat."""
-    gen = write_large_community(tmp_path / "export", MEMBERS, MESSAGES, channels=3, top_messages=PERSONA_MESSAGES,
-                                seed=4)  # fmt: skip
+    gen = write_large_community(
+        tmp_path / "export", MEMBERS, MESSAGES, channels=3, top_messages=PERSONA_MESSAGES, seed=4
+    )
 
     async def load() -> None:
         async with Store.open(settings) as store:
@@ -82,7 +83,9 @@ def test_materialize_reads_the_members_conversations_not_the_server(
     # Same examples as a build over every message of the member's channels (the context never reaches further).
     full = build_dataset(every, persona, s, FMT)
     assert meta["counts"]["train"] == len(full.train) and meta["counts"]["heldout"] == len(full.heldout)
-    rows = [json.loads(line) for line in (s.jobs_dir / "j1" / "dataset" / "train.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (s.jobs_dir / "j1" / "dataset" / "train.jsonl").read_text().splitlines()
+    ]
     assert sorted(r["prompt"] for r in rows) == sorted(ex.prompt for ex in full.train)
     assert meta["counts"]["attribution_panel"] <= 17
 
@@ -109,8 +112,11 @@ def test_retrieval_reads_only_the_newest_messages_and_their_vectors(
             read_first = decodes.n
             r.forget(persona)
             again = await r._index(persona)  # the vectors come from the store now, only those 50
-            newest = [m.content for m in await store.messages.for_member(persona)
-                      if len(m.content.strip()) >= settings.dataset.min_chars][-50:]  # fmt: skip
+            newest = [
+                m.content
+                for m in await store.messages.for_member(persona)
+                if len(m.content.strip()) >= settings.dataset.min_chars
+            ][-50:]
             return first, again, newest, read_first
 
     first, again, newest, read_first = asyncio.run(go())
@@ -133,8 +139,10 @@ def test_registry_lists_a_page_in_one_query(settings: Settings, monkeypatch: pyt
                         "meta_json, created_at) VALUES (?, ?, 'smol', 1, ?, ?, '{}', '{}', ?)",
                         (aid, member, "erased" if i % 10 == 0 else "active", f"/x/{i}", time.time()),
                     )
-                    await db.executemany("INSERT INTO adapter_lineage (adapter_id, member_id) VALUES (?, ?)",
-                                         [(aid, member), (aid, "200000000000000001")])  # fmt: skip
+                    await db.executemany(
+                        "INSERT INTO adapter_lineage (adapter_id, member_id) VALUES (?, ?)",
+                        [(aid, member), (aid, "200000000000000001")],
+                    )
             registry = Registry(store, settings)
             calls: list[str] = []
             original = store.fetchall

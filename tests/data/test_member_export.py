@@ -16,8 +16,15 @@ def test_export_includes_persona_replies_and_blind_tests(settings: Settings) -> 
     async def scenario() -> None:
         async with Store.open(settings) as store:
             await ConsentService(store).grant([ALICE, BOB], ["train", "chat"], actor="t", channel="cli")
-            await store.persona_replies.add("900", ALICE, adapter_id=None, guild_id="1", channel_id="2",
-                                            context_members=[BOB], payload={"text": "arr matey"})  # fmt: skip
+            await store.persona_replies.add(
+                "900",
+                ALICE,
+                adapter_id=None,
+                guild_id="1",
+                channel_id="2",
+                context_members=[BOB],
+                payload={"text": "arr matey"},
+            )
             test_id = await store.blind_tests.create(ALICE, "555", "A", guild_id="1", channel_id="2")
             assert await store.blind_tests.vote(test_id, BOB, "A") is True
 

@@ -38,8 +38,19 @@ def test_open_applies_migrations_once_and_sets_pragmas(settings: Settings) -> No
             assert (await store.fetchone("PRAGMA secure_delete"))[0] == 1
             assert (await store.fetchone("PRAGMA foreign_keys"))[0] == 1
             tables = set(await store.tables())
-            assert {"members", "consent", "consent_audit", "member_keys", "messages", "jobs", "adapters",
-                    "adapter_lineage", "embeddings", "feedback", "guild_settings"} <= tables
+            assert {
+                "members",
+                "consent",
+                "consent_audit",
+                "member_keys",
+                "messages",
+                "jobs",
+                "adapters",
+                "adapter_lineage",
+                "embeddings",
+                "feedback",
+                "guild_settings",
+            } <= tables
         store = await Store.open(settings)  # second open: nothing re-applied, no error
         try:
             count = (await store.fetchone("SELECT COUNT(*) FROM _migrations"))[0]
@@ -84,7 +95,11 @@ def test_messages_only_for_train_consent_and_round_trip(settings: Settings) -> N
     async def go() -> None:
         async with Store.open(settings) as store:
             await _grant(store, ALICE)
-            batch = [msg("1", ALICE, "héllo ✨", ts=2.0), msg("2", BOB, "not mine to keep"), msg("3", ALICE, "x", "c0")]
+            batch = [
+                msg("1", ALICE, "héllo ✨", ts=2.0),
+                msg("2", BOB, "not mine to keep"),
+                msg("3", ALICE, "x", "c0"),
+            ]
             assert await store.messages.add_many(batch) == 2
             assert await store.messages.add_many(batch) == 0  # idempotent
             assert await store.messages.count() == 2 and await store.messages.count(BOB) == 0
@@ -142,7 +157,9 @@ def test_members_guilds_feedback(settings: Settings) -> None:
             assert (await store.members.get(ALICE)).display_name == "Alice B"
             g = await store.guilds.get("5")
             assert g.recording_enabled is False
-            g = await store.guilds.set("5", recording_enabled=True, acknowledged_by=ALICE, channel_allowlist=["7"])
+            g = await store.guilds.set(
+                "5", recording_enabled=True, acknowledged_by=ALICE, channel_allowlist=["7"]
+            )
             assert g.recording_enabled and g.channel_allowlist == ("7",) and g.acknowledged_by == ALICE
             with pytest.raises(ValueError):
                 await store.guilds.set("5", bogus=1)
@@ -162,7 +179,9 @@ def test_jobs_and_adapters_crud(settings: Settings) -> None:
             job = await store.jobs.insert(member_id=ALICE, status="queued")
             assert await store.jobs.update(job["id"], status="running", pid=123)
             assert (await store.jobs.get(job["id"]))["status"] == "running"
-            assert [j["id"] for j in await store.jobs.list(member_id=ALICE, status=["running"])] == [job["id"]]
+            assert [j["id"] for j in await store.jobs.list(member_id=ALICE, status=["running"])] == [
+                job["id"]
+            ]
             with pytest.raises(ValueError, match="unknown jobs column"):
                 await store.jobs.update(job["id"], nope=1)
             a1 = await store.adapters.insert(member_id=ALICE, base_model="smol", lineage=[BOB])

@@ -19,17 +19,25 @@ def test_the_shipped_corpus_is_real_multi_speaker_chat_with_active_members() -> 
     panel = bf.choose_panel(logs, 5)
     assert len(panel) == 5 and not set(panel) & bf.BOTS
     counts = {n: sum(1 for log in logs for _, nick, _ in log["lines"] if nick == n) for n in panel}
-    assert min(counts.values()) >= 400, counts  # enough real messages per author for a persona and a classifier
+    assert min(counts.values()) >= 400, (
+        counts
+    )  # enough real messages per author for a persona and a classifier
     assert counts[panel[0]] == max(counts.values())
 
 
 def test_exports_turn_addressing_into_replies_and_import_into_a_store(tmp_path: Path, settings: Any) -> None:
-    logs = [{"log": "x", "date": "2008-01-02", "lines": [
-        [600, "alice", "anyone know how to mount an iso?"],
-        [601, "bob", "alice: sudo mount -o loop file.iso /mnt"],
-        [601, "alice", "thanks bob"],
-        [2, "bob", "after midnight"],
-    ]}]
+    logs = [
+        {
+            "log": "x",
+            "date": "2008-01-02",
+            "lines": [
+                [600, "alice", "anyone know how to mount an iso?"],
+                [601, "bob", "alice: sudo mount -o loop file.iso /mnt"],
+                [601, "alice", "thanks bob"],
+                [2, "bob", "after midnight"],
+            ],
+        }
+    ]
     [path] = bf.to_exports(logs, tmp_path / "exports")
     msgs = json.loads(path.read_text())["messages"]
     assert msgs[1]["reference"]["messageId"] == msgs[0]["id"] and "reference" not in msgs[0]
@@ -40,7 +48,10 @@ def test_exports_turn_addressing_into_replies_and_import_into_a_store(tmp_path: 
 
 
 def test_select_logs_keeps_those_where_the_member_speaks_most() -> None:
-    logs = [{"log": str(i), "date": "2008-01-02", "lines": [[0, "m", "hi"]] * i + [[0, "o", "x"]]} for i in range(4)]
+    logs = [
+        {"log": str(i), "date": "2008-01-02", "lines": [[0, "m", "hi"]] * i + [[0, "o", "x"]]}
+        for i in range(4)
+    ]
     assert [log["log"] for log in bf.select_logs(logs, ["m"], 2)] == ["2", "3"]
     assert len(bf.select_logs(logs, ["m"], 0)) == 3  # the one without the member is never needed
 
@@ -72,8 +83,9 @@ def test_prompt_styles_render_the_same_for_training_and_serving() -> None:
 def test_steps_follow_the_data_within_the_preset_bounds(tmp_path: Path) -> None:
     from trainer.config import PRESETS, TrainConfig
 
-    cfg = TrainConfig(base_model="m.gguf", max_steps=0, epochs=1.0, micro_batch_size=8, max_steps_cap=150,
-                      min_steps=20)
+    cfg = TrainConfig(
+        base_model="m.gguf", max_steps=0, epochs=1.0, micro_batch_size=8, max_steps_cap=150, min_steps=20
+    )
     assert cfg.steps_for(800) == 100 and cfg.steps_for(50_000) == 150 and cfg.steps_for(40) == 20
     assert TrainConfig(base_model="m.gguf", max_steps=7).steps_for(50_000) == 7
     job = tmp_path / "job"
@@ -127,8 +139,9 @@ def _tiny_logs(path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_the_harness_runs_end_to_end_on_the_tiny_model(tmp_path: Path, settings: Any,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_harness_runs_end_to_end_on_the_tiny_model(
+    tmp_path: Path, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Import, train through the supervisor, serve through llama.cpp, attribute, own vs other: JSON complete."""
     import argparse
     import dataclasses
@@ -137,15 +150,35 @@ def test_the_harness_runs_end_to_end_on_the_tiny_model(tmp_path: Path, settings:
 
     tiny = build_tiny(tmp_path / "tiny")
     settings = dataclasses.replace(
-        settings, model=dataclasses.replace(settings.model, base_gguf=str(tiny.gguf_path), base_name="tiny"),
-        inference=dataclasses.replace(settings.inference, n_ctx=512, n_threads=1, prompt_token_budget=400))
-    overrides = {"base_model": str(tiny.hf_dir), "base_gguf": str(tiny.gguf_path), "base_name": "tiny",
-                 "max_steps": 4, "micro_batch_size": 4, "learning_rate": 5e-3, "lora_r": 8, "lora_alpha": 16,
-                 "lora_dropout": 0.0, "threads": 1, "max_length": 256}
+        settings,
+        model=dataclasses.replace(settings.model, base_gguf=str(tiny.gguf_path), base_name="tiny"),
+        inference=dataclasses.replace(settings.inference, n_ctx=512, n_threads=1, prompt_token_budget=400),
+    )
+    overrides = {
+        "base_model": str(tiny.hf_dir),
+        "base_gguf": str(tiny.gguf_path),
+        "base_name": "tiny",
+        "max_steps": 4,
+        "micro_batch_size": 4,
+        "learning_rate": 5e-3,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "threads": 1,
+        "max_length": 256,
+    }
     monkeypatch.setitem(bf.CONFIGS, "tiny", {"overrides": overrides, "style": "plain"})
     monkeypatch.setattr(bf, "JOB_EVAL", {**bf.JOB_EVAL, "eval_max_examples": 8})
-    args = argparse.Namespace(configs="tiny", openings=3, steps_scale=1.0, panel=3, member="alice", quick=False,
-                              data=str(_tiny_logs(tmp_path / "logs.jsonl.gz")), no_own_vs_other=False)
+    args = argparse.Namespace(
+        configs="tiny",
+        openings=3,
+        steps_scale=1.0,
+        panel=3,
+        member="alice",
+        quick=False,
+        data=str(_tiny_logs(tmp_path / "logs.jsonl.gz")),
+        no_own_vs_other=False,
+    )
     out = asyncio.run(bf.run_fidelity(settings, args))
     assert out["panel"][0] == "alice" and out["chance"] == pytest.approx(1 / 3, abs=1e-3)
     n = out["openings"]
@@ -167,8 +200,11 @@ def test_doppel_train_preset_choices_come_from_the_declared_presets(settings: An
 
     parser = argparse.ArgumentParser()
     train.add_parser(parser.add_subparsers(dest="cmd"))
-    action = next(a for a in parser._subparsers._group_actions[0].choices["train"]._actions  # type: ignore[union-attr]
-                  if "--preset" in a.option_strings)
+    action = next(
+        a
+        for a in parser._subparsers._group_actions[0].choices["train"]._actions  # type: ignore[union-attr]
+        if "--preset" in a.option_strings
+    )
     assert tuple(action.choices) == tuple(PRESETS)
     args = parser.parse_args(["train", "123", "--preset", "best"])
     overrides = train._overrides(args)

@@ -18,7 +18,9 @@ from doppel.samplecommunity import large_members, write_large_community
 
 def test_large_community_is_valid_streamed_export_with_the_persona_most_active(tmp_path: Path) -> None:
     result = write_large_community(tmp_path, members=60, messages=3000, channels=3, top_messages=400, seed=5)
-    messages = [m for p in result["paths"] for m in json.loads(Path(p).read_text(encoding="utf-8"))["messages"]]
+    messages = [
+        m for p in result["paths"] for m in json.loads(Path(p).read_text(encoding="utf-8"))["messages"]
+    ]
     assert len(messages) == result["messages"] == 3000
     assert len({m["id"] for m in messages}) == len(messages), "message ids are unique across channels"
     authors = Counter(m["author"]["id"] for m in messages)
@@ -45,10 +47,20 @@ def test_bad_sizes_are_one_line_errors(bad: str) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_quick_bench_measures_every_phase_and_forgets_the_persona(tmp_path: Path) -> None:
-    env = {**os.environ, "DOPPEL_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    ran = subprocess.run([sys.executable, "-m", "doppel", "--json", "bench", "scale", "--quick"], env=env,
-                         capture_output=True, text=True, timeout=880)  # fmt: skip
+    env = {
+        **os.environ,
+        "DOPPEL_HOME": str(tmp_path / "home"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    ran = subprocess.run(
+        [sys.executable, "-m", "doppel", "--json", "bench", "scale", "--quick"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=880,
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
     result = json.loads(ran.stdout.strip().splitlines()[-1])
     (size,) = result["sizes"]

@@ -14,8 +14,12 @@ CHATML = (
 
 
 def _ctx() -> list[Utterance]:
-    return [Utterance("2", "Bob", "hi all"), Utterance("3", "Cy", "yo"), Utterance("1", "Alice", "heyy"),
-            Utterance("2", "Bob", "what up")]
+    return [
+        Utterance("2", "Bob", "hi all"),
+        Utterance("3", "Cy", "yo"),
+        Utterance("1", "Alice", "heyy"),
+        Utterance("2", "Bob", "what up"),
+    ]
 
 
 def test_other_speakers_are_user_turns_and_persona_is_assistant() -> None:
@@ -44,7 +48,9 @@ def test_open_ended_template_still_gets_end_of_turn() -> None:
 
 
 def test_persona_speaking_last_gets_a_valid_turn_order() -> None:
-    msgs = build_messages("1", "Alice", None, [Utterance("1", "Alice", "first"), Utterance("1", "Alice", "second")])
+    msgs = build_messages(
+        "1", "Alice", None, [Utterance("1", "Alice", "first"), Utterance("1", "Alice", "second")]
+    )
     assert msgs[-1]["role"] == "user"
 
 

@@ -12,8 +12,10 @@ from doppel.core.settings import bundled_base_gguf, bundled_embedding_model
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(bundled_base_gguf() is None or bundled_embedding_model() is None,
-                       reason="bundled models not installed"),
+    pytest.mark.skipif(
+        bundled_base_gguf() is None or bundled_embedding_model() is None,
+        reason="bundled models not installed",
+    ),
 ]
 
 

@@ -18,8 +18,14 @@ def test_defaults_live_under_doppel_home(tmp_path: Path) -> None:
 
 
 def test_toml_then_environment_override(tmp_path: Path) -> None:
-    (tmp_path / "doppel.toml").write_text("[training]\nmax_steps = 50\nlora_r = 4\n[inference]\nqueue_size = 9\n")
-    env = {"DOPPEL_HOME": str(tmp_path), "DOPPEL_TRAINING__MAX_STEPS": "75", "DOPPEL_TRAINING__DEVICES": "cuda:0,cuda:1"}
+    (tmp_path / "doppel.toml").write_text(
+        "[training]\nmax_steps = 50\nlora_r = 4\n[inference]\nqueue_size = 9\n"
+    )
+    env = {
+        "DOPPEL_HOME": str(tmp_path),
+        "DOPPEL_TRAINING__MAX_STEPS": "75",
+        "DOPPEL_TRAINING__DEVICES": "cuda:0,cuda:1",
+    }
     s = Settings.load(env=env)
     assert s.training.max_steps == 75
     assert s.training.lora_r == 4
@@ -46,7 +52,9 @@ def test_secrets_only_from_environment(tmp_path: Path) -> None:
         ("", {"DOPPEL_TRAINING__MAX_STEPS": "many"}, "expected int"),
     ],
 )
-def test_bad_settings_are_one_clear_error(tmp_path: Path, toml: str, env: dict[str, str], message: str) -> None:
+def test_bad_settings_are_one_clear_error(
+    tmp_path: Path, toml: str, env: dict[str, str], message: str
+) -> None:
     (tmp_path / "doppel.toml").write_text(toml)
     with pytest.raises(ConfigError, match=message):
         Settings.load(env={"DOPPEL_HOME": str(tmp_path), **env})

@@ -25,7 +25,11 @@ SDIST_PREFIX = "vendor/llama.cpp/"
 
 
 def _complete(tree: Path) -> bool:
-    return (tree / "convert_lora_to_gguf.py").is_file() and (tree / "conversion").is_dir() and (tree / "gguf-py").is_dir()
+    return (
+        (tree / "convert_lora_to_gguf.py").is_file()
+        and (tree / "conversion").is_dir()
+        and (tree / "gguf-py").is_dir()
+    )
 
 
 def _extract(sdist: Path, dest: Path) -> None:
@@ -36,8 +40,10 @@ def _extract(sdist: Path, dest: Path) -> None:
                 parts = member.name.split("/", 1)
                 if len(parts) < 2 or not parts[1].startswith(SDIST_PREFIX):
                     continue
-                rel = parts[1][len(SDIST_PREFIX):]
-                if not any(rel == n or rel.startswith(n) for n in NEEDED) or not (member.isfile() or member.isdir()):
+                rel = parts[1][len(SDIST_PREFIX) :]
+                if not any(rel == n or rel.startswith(n) for n in NEEDED) or not (
+                    member.isfile() or member.isdir()
+                ):
                     continue
                 member.name = rel
                 tar.extract(member, tmp, filter="data")
@@ -64,8 +70,19 @@ def converter_tree(cache_dir: Path) -> Path:
     download.mkdir(parents=True, exist_ok=True)
     found = sorted(download.glob(f"llama_cpp_python-{version}.tar.gz"))
     if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={version}", "-d", str(download), "--quiet"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            f"llama-cpp-python=={version}",
+            "-d",
+            str(download),
+            "--quiet",
+        ]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         except subprocess.TimeoutExpired:
@@ -73,8 +90,10 @@ def converter_tree(cache_dir: Path) -> Path:
         found = sorted(download.glob(f"llama_cpp_python-{version}.tar.gz"))
         if not found:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            pytest.skip(f"llama.cpp's converter is not obtainable (pip download llama-cpp-python=={version}: {tail[0]});"
-                        " set DOPPEL_LLAMA_CPP_SRC to a llama.cpp source tree")
+            pytest.skip(
+                f"llama.cpp's converter is not obtainable (pip download llama-cpp-python=={version}: {tail[0]});"
+                " set DOPPEL_LLAMA_CPP_SRC to a llama.cpp source tree"
+            )
     _extract(found[0], tree)
     found[0].unlink()  # the extracted converter is all that is kept (2 MB, not 75)
     return tree
@@ -84,10 +103,23 @@ def convert_lora(tree: Path, hf_dir: Path, adapter_dir: Path, out: Path) -> Path
     """Run llama.cpp's convert_lora_to_gguf.py (its own gguf-py) on a PEFT adapter folder; returns `out`."""
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
     done = subprocess.run(
-        [sys.executable, str(tree / "convert_lora_to_gguf.py"), "--base", str(hf_dir), "--outtype", "f32",
-         "--outfile", str(out), str(adapter_dir)],
-        cwd=tree, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(tree / "convert_lora_to_gguf.py"),
+            "--base",
+            str(hf_dir),
+            "--outtype",
+            "f32",
+            "--outfile",
+            str(out),
+            str(adapter_dir),
+        ],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if done.returncode != 0 or not out.is_file():
         raise AssertionError(f"llama.cpp's converter failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return out

@@ -36,9 +36,13 @@ SUPERVISOR_SCRIPT = textwrap.dedent(
 )
 OTHERS = (("2002", "bo"), ("3003", "cy"))
 QUESTIONS = [
-    "anyone around for a game tonight?", "did you see the new build?", "the server is down again",
-    "what are you all up to this weekend", "I think we should meet at 7pm", "check the logs first",
-]  # fmt: skip
+    "anyone around for a game tonight?",
+    "did you see the new build?",
+    "the server is down again",
+    "what are you all up to this weekend",
+    "I think we should meet at 7pm",
+    "check the logs first",
+]
 TOPICS = ["game", "build", "server", "logs", "weekend", "tomorrow", "box", "fox"]
 FEELINGS = ["sooo good", "the best", "so cursed", "amazing", "wild", "soooo fun", "broken lol", "perfect"]
 
@@ -59,21 +63,52 @@ async def seed_member(settings: Any, member_id: str = PERSONA_ID, exchanges: int
         for i in range(exchanges):
             oid, oname = OTHERS[i % 2]
             at = t0 + i * 3600
-            messages.append(Message(f"{member_id}{i:04d}q", "g1", "c1", "general", oid, oname, at,
-                                    QUESTIONS[i % len(QUESTIONS)]))  # fmt: skip
-            messages.append(Message(f"{member_id}{i:04d}a", "g1", "c1", "general", member_id, "ada", at + 30,
-                                    f"omg yes!!! the {TOPICS[i % 8]} is {FEELINGS[(i // 8) % 8]} haha :)"))  # fmt: skip
+            messages.append(
+                Message(
+                    f"{member_id}{i:04d}q",
+                    "g1",
+                    "c1",
+                    "general",
+                    oid,
+                    oname,
+                    at,
+                    QUESTIONS[i % len(QUESTIONS)],
+                )
+            )
+            messages.append(
+                Message(
+                    f"{member_id}{i:04d}a",
+                    "g1",
+                    "c1",
+                    "general",
+                    member_id,
+                    "ada",
+                    at + 30,
+                    f"omg yes!!! the {TOPICS[i % 8]} is {FEELINGS[(i // 8) % 8]} haha :)",
+                )
+            )
         await store.messages.add_many(messages)
 
 
 def tiny_overrides(tiny_model: Any, **extra: Any) -> dict[str, Any]:
     """TrainConfig fields that train the tiny model in seconds on one thread."""
     cfg = {
-        "base_model": str(tiny_model.hf_dir), "base_gguf": str(tiny_model.gguf_path), "base_name": "tiny",
-        "max_steps": 6, "micro_batch_size": 4, "learning_rate": 5e-3, "lora_r": 8, "lora_alpha": 16,
-        "lora_dropout": 0.0, "save_steps": 3, "threads": 1, "max_length": 256, "eval_samples": 1,
-        "eval_max_new_tokens": 8, "eval_max_examples": 8,
-    }  # fmt: skip
+        "base_model": str(tiny_model.hf_dir),
+        "base_gguf": str(tiny_model.gguf_path),
+        "base_name": "tiny",
+        "max_steps": 6,
+        "micro_batch_size": 4,
+        "learning_rate": 5e-3,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "save_steps": 3,
+        "threads": 1,
+        "max_length": 256,
+        "eval_samples": 1,
+        "eval_max_new_tokens": 8,
+        "eval_max_examples": 8,
+    }
     cfg.update(extra)
     return cfg
 
@@ -101,7 +136,11 @@ async def wait_for(predicate: Any, timeout: float = 120.0, interval: float = 0.1
 def adapter_versions(settings: Any) -> list[Path]:
     """Published version folders on disk."""
     root = settings.adapters_dir
-    return sorted(p for p in root.glob("*/*") if p.is_dir() and not p.name.startswith(".")) if root.exists() else []
+    return (
+        sorted(p for p in root.glob("*/*") if p.is_dir() and not p.name.startswith("."))
+        if root.exists()
+        else []
+    )
 
 
 def run_async(fn: Any) -> Any:

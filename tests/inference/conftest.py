@@ -24,7 +24,9 @@ def lora_paths(base_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> lis
     from inference.synthetic import write_random_loras
 
     folder = tmp_path_factory.mktemp("loras")
-    return [str(p) for p in write_random_loras(base_gguf, [(folder / f"persona{i}.gguf", i) for i in range(1, 6)])]
+    return [
+        str(p) for p in write_random_loras(base_gguf, [(folder / f"persona{i}.gguf", i) for i in range(1, 6)])
+    ]
 
 
 @pytest.fixture

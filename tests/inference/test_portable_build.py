@@ -14,9 +14,26 @@ import pytest
 
 from doppel import llamabuild
 
-SAPPHIRE_RAPIDS = {"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512cd", "avx512vl",
-                   "avx512dq", "avx512bw", "avx512vbmi", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8",
-                   "amx_bf16"}  # fmt: skip
+SAPPHIRE_RAPIDS = {
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "bmi2",
+    "avx_vnni",
+    "avx512f",
+    "avx512cd",
+    "avx512vl",
+    "avx512dq",
+    "avx512bw",
+    "avx512vbmi",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+}
 ZEN3 = {"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"}
 # ggml's AMX kernels start with a tile configuration: any of these in the binary can SIGILL on a worker thread.
 TILE_MNEMONICS = ("ldtilecfg", "tilezero", "tileloadd", "tdpbssd", "tdpbf16ps", "tilestored", "tilerelease")
@@ -30,7 +47,9 @@ def test_flags_follow_the_cpu_and_never_include_native_or_amx() -> None:
     spr = _opts(llamabuild.cmake_args(SAPPHIRE_RAPIDS, "x86_64", cuda=False))
     assert spr["GGML_NATIVE"] == "OFF"
     assert spr["GGML_AMX_TILE"] == spr["GGML_AMX_INT8"] == spr["GGML_AMX_BF16"] == "OFF"
-    assert spr["GGML_AVX512"] == spr["GGML_AVX512_VNNI"] == spr["GGML_AVX512_BF16"] == spr["GGML_AVX2"] == "ON"
+    assert (
+        spr["GGML_AVX512"] == spr["GGML_AVX512_VNNI"] == spr["GGML_AVX512_BF16"] == spr["GGML_AVX2"] == "ON"
+    )
     zen3 = _opts(llamabuild.cmake_args(ZEN3, "x86_64", cuda=False))
     assert zen3["GGML_AVX2"] == zen3["GGML_FMA"] == "ON" and zen3["GGML_AVX512"] == "OFF"
     # AVX-512 needs all five subsets ggml compiles with; a CPU with only some of them gets AVX2.
@@ -59,8 +78,12 @@ def _ggml_cpu_library() -> Path:
 
 def test_the_installed_build_is_the_portable_one_for_this_cpu() -> None:
     record = llamabuild.installed_info()
-    assert record is not None, "llama-cpp-python was not installed by doppel/llamabuild.py (a native pip build?)"
-    assert record["key"] == llamabuild.build_key(llamabuild.wanted_args()), "built for another CPU: rerun setup"
+    assert record is not None, (
+        "llama-cpp-python was not installed by doppel/llamabuild.py (a native pip build?)"
+    )
+    assert record["key"] == llamabuild.build_key(llamabuild.wanted_args()), (
+        "built for another CPU: rerun setup"
+    )
     opts = _opts(list(record["cmake_args"]))  # type: ignore[arg-type]
     assert opts["GGML_NATIVE"] == "OFF" and opts["GGML_AMX_TILE"] == opts["GGML_AMX_INT8"] == "OFF"
 
@@ -68,17 +91,35 @@ def test_the_installed_build_is_the_portable_one_for_this_cpu() -> None:
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")
 def test_the_installed_ggml_carries_no_amx_tile_instructions() -> None:
     library = _ggml_cpu_library()
-    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True,
-                             check=True).stdout  # fmt: skip
-    assert "vfmadd" in listing or "fmla" in listing or "mulps" in listing, "objdump did not disassemble the kernels"
+    listing = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "vfmadd" in listing or "fmla" in listing or "mulps" in listing, (
+        "objdump did not disassemble the kernels"
+    )
     found = sorted({m for m in TILE_MNEMONICS if f"\t{m}" in listing or f" {m} " in listing})
     assert found == [], f"{library.name} contains AMX tile instructions: {found}"
 
 
 def test_generation_with_two_threads_exits_cleanly(base_gguf: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "inference.probe", "--model", str(base_gguf), "--threads", "2",
-                           "--tokens", "12"], capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inference.probe",
+            "--model",
+            str(base_gguf),
+            "--threads",
+            "2",
+            "--tokens",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, f"probe ended with {done.returncode}: {done.stderr[-1500:]}"
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["ok"] and result["generated"] >= 1 and result["threads"] == 2 and result["adapter"]
@@ -89,9 +130,14 @@ def test_doctor_proves_the_engine_and_words_a_crash(settings: object, base_gguf:
 
     checks = {c.name: c for c in engine_checks(settings)}  # type: ignore[arg-type]
     assert checks["llama.cpp build"].status == "ok", checks["llama.cpp build"]
-    assert checks["engine"].status == "ok" and "with an adapter on" in checks["engine"].detail, checks["engine"]
+    assert checks["engine"].status == "ok" and "with an adapter on" in checks["engine"].detail, checks[
+        "engine"
+    ]
     # A probe that really dies by SIGILL (as a build with instructions this CPU lacks does) fails in words.
     sigill = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
     failed = engine_probe(settings, command=sigill)  # type: ignore[arg-type]
     assert failed.status == "fail"
-    assert "CPU instruction this machine cannot run (SIGILL)" in failed.detail and "scripts/setup.sh" in failed.fix
+    assert (
+        "CPU instruction this machine cannot run (SIGILL)" in failed.detail
+        and "scripts/setup.sh" in failed.fix
+    )

@@ -35,11 +35,19 @@ def other_base(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return build_tiny(tmp_path_factory.mktemp("qwen3"), arch="qwen3")
 
 
-def doppel(home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, "DOPPEL_HOME": str(home), "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
-            "DOPPEL_TRAINING__HEARTBEAT_S": "0.5", **(env or {})}  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "doppel", *args], capture_output=True, text=True, env=full,
-                          timeout=timeout)  # fmt: skip
+def doppel(
+    home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    full = {
+        **os.environ,
+        "DOPPEL_HOME": str(home),
+        "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
+        "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "doppel", *args], capture_output=True, text=True, env=full, timeout=timeout
+    )
 
 
 def last_json(done: subprocess.CompletedProcess[str]) -> Any:
@@ -64,7 +72,9 @@ def test_default_chat_format_of_a_gguf_without_template(plain_base: Any, tmp_pat
         ChatFormat.from_vocab(["<unk>", "a"], None, None)
 
 
-def test_add_base_refuses_what_cannot_work(doppel_home: Path, plain_base: Any, other_base: Any, tmp_path: Path) -> None:
+def test_add_base_refuses_what_cannot_work(
+    doppel_home: Path, plain_base: Any, other_base: Any, tmp_path: Path
+) -> None:
     import gguf
 
     # An architecture the export does not cover: refused at add-base with the reason, not at training time.
@@ -76,21 +86,38 @@ def test_add_base_refuses_what_cannot_work(doppel_home: Path, plain_base: Any, o
     w.write_tensors_to_file()
     w.close()
     done = doppel(doppel_home, "personas", "add-base", "moe", str(tmp_path / "moe.gguf"))
-    assert done.returncode == 2 and "architecture 'qwen3moe' is not supported: mixture-of-experts" in done.stderr
+    assert (
+        done.returncode == 2 and "architecture 'qwen3moe' is not supported: mixture-of-experts" in done.stderr
+    )
     assert "Traceback" not in done.stderr
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
     done = doppel(doppel_home, "personas", "add-base", "junk", str(tmp_path / "junk.gguf"))
     assert done.returncode == 2 and "not a readable GGUF" in done.stderr
     # A template file that does not render is refused now, not when the first dataset is built.
     (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m['content'] }}", encoding="utf-8")
-    done = doppel(doppel_home, "personas", "add-base", "broken", str(plain_base.gguf_path), "--template",
-                  str(tmp_path / "broken.jinja"))
+    done = doppel(
+        doppel_home,
+        "personas",
+        "add-base",
+        "broken",
+        str(plain_base.gguf_path),
+        "--template",
+        str(tmp_path / "broken.jinja"),
+    )
     assert done.returncode == 2 and "does not render a turn" in done.stderr, done.stdout
     done = doppel(doppel_home, "personas", "add-base", "x", str(plain_base.gguf_path), "--template", "nope")
     assert done.returncode == 2 and "neither a template name" in done.stderr
     # HF weights of another model than the GGUF: said so, nothing registered.
-    done = doppel(doppel_home, "personas", "add-base", "mixed", "--hf", str(other_base.hf_dir), "--gguf",
-                  str(plain_base.gguf_path))
+    done = doppel(
+        doppel_home,
+        "personas",
+        "add-base",
+        "mixed",
+        "--hf",
+        str(other_base.hf_dir),
+        "--gguf",
+        str(plain_base.gguf_path),
+    )
     assert done.returncode == 2 and "are not the same model: architecture 'qwen3'" in done.stderr
     assert not (doppel_home / "base_models.json").exists()
 
@@ -98,9 +125,22 @@ def test_add_base_refuses_what_cannot_work(doppel_home: Path, plain_base: Any, o
 def test_add_base_hf_and_gguf_of_the_same_model(doppel_home: Path, plain_base: Any, tmp_path: Path) -> None:
     import shutil
 
-    added = last_json(doppel(doppel_home, "personas", "add-base", "tinyhf", "--hf", str(plain_base.hf_dir),
-                             "--gguf", str(plain_base.gguf_path), "--json"))  # fmt: skip
-    assert added["hf_path"] == str(plain_base.hf_dir.resolve()) and added["template_source"] == "default:chatml"
+    added = last_json(
+        doppel(
+            doppel_home,
+            "personas",
+            "add-base",
+            "tinyhf",
+            "--hf",
+            str(plain_base.hf_dir),
+            "--gguf",
+            str(plain_base.gguf_path),
+            "--json",
+        )
+    )
+    assert (
+        added["hf_path"] == str(plain_base.hf_dir.resolve()) and added["template_source"] == "default:chatml"
+    )
     # Same architecture and shape, another vocabulary: a tokenizer.json whose token 300 is something else.
     other = tmp_path / "hf-other"
     shutil.copytree(plain_base.hf_dir, other)
@@ -109,7 +149,9 @@ def test_add_base_hf_and_gguf_of_the_same_model(doppel_home: Path, plain_base: A
     token = next(t for t, i in vocab.items() if i == 300)
     vocab["zzz-not-there"] = vocab.pop(token)
     (other / "tokenizer.json").write_text(json.dumps(state), encoding="utf-8")
-    done = doppel(doppel_home, "personas", "add-base", "bad", "--hf", str(other), "--gguf", str(plain_base.gguf_path))
+    done = doppel(
+        doppel_home, "personas", "add-base", "bad", "--hf", str(other), "--gguf", str(plain_base.gguf_path)
+    )
     assert done.returncode == 2 and "vocabulary differs at 1 token(s), first id 300" in done.stderr
     listed = last_json(doppel(doppel_home, "personas", "bases", "--json"))["bases"]
     row = next(b for b in listed if b["name"] == "tinyhf")
@@ -117,8 +159,9 @@ def test_add_base_hf_and_gguf_of_the_same_model(doppel_home: Path, plain_base: A
 
 
 @pytest.mark.timeout(600)
-def test_base_without_template_trains_and_chats_with_the_recorded_format(doppel_home: Path, settings: Any,
-                                                                         plain_base: Any) -> None:
+def test_base_without_template_trains_and_chats_with_the_recorded_format(
+    doppel_home: Path, settings: Any, plain_base: Any
+) -> None:
     """add-base (plain role-tagged turns chosen), train a few steps, chat: serving uses meta.json's format."""
     from doppel.core.chatformat import PLAIN_TEMPLATE
     from doppel.core.settings import Settings
@@ -126,15 +169,43 @@ def test_base_without_template_trains_and_chats_with_the_recorded_format(doppel_
 
     asyncio.run(fx.seed_member(settings))
     serve = {"DOPPEL_MODEL__BASE_GGUF": str(plain_base.gguf_path)}  # the engine serves this GGUF
-    added = last_json(doppel(doppel_home, "personas", "add-base", "pretrained", str(plain_base.gguf_path), "--hf",
-                             str(plain_base.hf_dir), "--template", "plain", "--json", env=serve))  # fmt: skip
+    added = last_json(
+        doppel(
+            doppel_home,
+            "personas",
+            "add-base",
+            "pretrained",
+            str(plain_base.gguf_path),
+            "--hf",
+            str(plain_base.hf_dir),
+            "--template",
+            "plain",
+            "--json",
+            env=serve,
+        )
+    )
     assert added["template_source"] == "chosen:plain"
     sets = []
     for key, value in fx.tiny_overrides(plain_base).items():
-        if key not in ("max_steps", "base_model", "base_gguf", "base_name"):  # the registered base decides those
+        if key not in (
+            "max_steps",
+            "base_model",
+            "base_gguf",
+            "base_name",
+        ):  # the registered base decides those
             sets += ["--set", f"{key}={json.dumps(value)}"]
-    done = doppel(doppel_home, "train", fx.PERSONA_ID, "--base", "pretrained", "--max-steps", "4", *sets, "--json",
-                  env=serve)  # fmt: skip
+    done = doppel(
+        doppel_home,
+        "train",
+        fx.PERSONA_ID,
+        "--base",
+        "pretrained",
+        "--max-steps",
+        "4",
+        *sets,
+        "--json",
+        env=serve,
+    )
     result = last_json(done)
     assert result["job"]["status"] == "succeeded", result
     adapter_dir = next((doppel_home / "adapters" / fx.PERSONA_ID).iterdir())
@@ -152,8 +223,19 @@ def test_base_without_template_trains_and_chats_with_the_recorded_format(doppel_
             return engine.base.format.to_dict()
 
     assert asyncio.run(serving_format()) == recorded
-    chat = doppel(doppel_home, "chat", fx.PERSONA_ID, "--mode", "adapter", "--message", "hey, around tonight?",
-                  "--temperature", "0", "--json", env=serve)  # fmt: skip
+    chat = doppel(
+        doppel_home,
+        "chat",
+        fx.PERSONA_ID,
+        "--mode",
+        "adapter",
+        "--message",
+        "hey, around tonight?",
+        "--temperature",
+        "0",
+        "--json",
+        env=serve,
+    )
     reply = last_json(chat)
     assert isinstance(reply, dict) and "Traceback" not in chat.stderr
 

@@ -56,11 +56,11 @@ def hub(tiny_gguf: Path) -> Iterator[dict[str, Any]]:
             self.send_header("Content-Type", "application/octet-stream")
             self.end_headers()
 
-        def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+        def do_HEAD(self) -> None:
             seen.append(f"HEAD {self.path}")
             self._headers(self._file())
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             seen.append(f"GET {self.path}")
             body = self._file()
             self._headers(body)
@@ -81,14 +81,27 @@ def doppel(home: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedP
     # huggingface_hub reads TRANSFORMERS_OFFLINE as HF_HUB_OFFLINE: the online case drops both.
     base = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     full = {**base, "DOPPEL_HOME": str(home), **env}
-    return subprocess.run([sys.executable, "-m", "doppel", *args], capture_output=True, text=True, env=full,
-                          timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "doppel", *args], capture_output=True, text=True, env=full, timeout=120
+    )
 
 
-def test_add_base_from_a_hub_stand_in(doppel_home: Path, hub: dict[str, Any], tiny_gguf: Path, tmp_path: Path) -> None:
+def test_add_base_from_a_hub_stand_in(
+    doppel_home: Path, hub: dict[str, Any], tiny_gguf: Path, tmp_path: Path
+) -> None:
     env_online = {"HF_ENDPOINT": hub["url"], "HF_HOME": str(tmp_path / "hf")}
-    done = doppel(doppel_home, "personas", "add-base", "hubtiny", "--from-hub", "someone/tiny-GGUF", "--file",
-                  "tiny-pt.gguf", "--json", env=env_online)  # fmt: skip
+    done = doppel(
+        doppel_home,
+        "personas",
+        "add-base",
+        "hubtiny",
+        "--from-hub",
+        "someone/tiny-GGUF",
+        "--file",
+        "tiny-pt.gguf",
+        "--json",
+        env=env_online,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     added = json.loads(done.stdout.strip().splitlines()[-1])
     local = Path(added["path"])
@@ -99,16 +112,36 @@ def test_add_base_from_a_hub_stand_in(doppel_home: Path, hub: dict[str, Any], ti
     assert added["template_source"] == "default:chatml"
     assert any(s.startswith("GET /someone/tiny-GGUF/resolve/") for s in hub["seen"])
     # A file the repository lacks: one line, nothing registered under that name.
-    done = doppel(doppel_home, "personas", "add-base", "nofile", "--from-hub", "someone/tiny-GGUF", "--file",
-                  "missing.gguf", env=env_online)  # fmt: skip
+    done = doppel(
+        doppel_home,
+        "personas",
+        "add-base",
+        "nofile",
+        "--from-hub",
+        "someone/tiny-GGUF",
+        "--file",
+        "missing.gguf",
+        env=env_online,
+    )
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "Traceback" not in done.stderr
 
 
 def test_add_base_from_hub_offline_is_one_line(doppel_home: Path, tmp_path: Path) -> None:
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf")}
-    done = doppel(doppel_home, "personas", "add-base", "x", "--from-hub", "someone/tiny-GGUF", "--file", "tiny-pt.gguf",
-                  env=env)  # fmt: skip
+    done = doppel(
+        doppel_home,
+        "personas",
+        "add-base",
+        "x",
+        "--from-hub",
+        "someone/tiny-GGUF",
+        "--file",
+        "tiny-pt.gguf",
+        env=env,
+    )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "offline (HF_HUB_OFFLINE is set)" in lines[0] and "Traceback" not in done.stderr, lines
+    assert (
+        len(lines) == 1 and "offline (HF_HUB_OFFLINE is set)" in lines[0] and "Traceback" not in done.stderr
+    ), lines

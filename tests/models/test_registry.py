@@ -11,15 +11,25 @@ from typing import Any
 import pytest
 
 
-def _artifact(root: Path, name: str, *, member: str = "1001", active: bool = True, lineage: tuple[str, ...] = ()) -> Path:
+def _artifact(
+    root: Path, name: str, *, member: str = "1001", active: bool = True, lineage: tuple[str, ...] = ()
+) -> Path:
     folder = root / name
     folder.mkdir(parents=True)
     (folder / "adapter.gguf").write_bytes(b"GGUF" + name.encode())
     (folder / "adapter_config.json").write_text("{}", encoding="utf-8")
-    metrics = {"ppl_adapter": 10.0 if active else 30.0, "ppl_base": 20.0, "active": active,
-               "gate_reason": "beats base" if active else "does not beat base"}  # fmt: skip
-    meta = {"member": member, "lineage": [member, *lineage], "metrics": metrics,
-            "base_model": {"name": "smollm2-135m", "sha256": "ab" * 32}}  # fmt: skip
+    metrics = {
+        "ppl_adapter": 10.0 if active else 30.0,
+        "ppl_base": 20.0,
+        "active": active,
+        "gate_reason": "beats base" if active else "does not beat base",
+    }
+    meta = {
+        "member": member,
+        "lineage": [member, *lineage],
+        "metrics": metrics,
+        "base_model": {"name": "smollm2-135m", "sha256": "ab" * 32},
+    }
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     return folder
 
@@ -35,7 +45,10 @@ def test_gate_follows_the_trainer_and_checks_end_of_turn() -> None:
     assert gate({"ppl_adapter": 5.0, "ppl_base": 9.0})[0] is True
     assert gate({"ppl_adapter": 9.0, "ppl_base": 5.0})[0] is False
     assert gate({})[0] is False
-    assert gate({"ppl_adapter": float("nan"), "ppl_base": 5.0}) == (False, "held-out perplexity is not finite")
+    assert gate({"ppl_adapter": float("nan"), "ppl_base": 5.0}) == (
+        False,
+        "held-out perplexity is not finite",
+    )
     assert gate({"active": True, "eos_rate": 0.1})[0] is False
 
 
@@ -54,7 +67,9 @@ def test_publish_versions_gate_retire_and_rollback(settings: Any, tmp_path: Path
             assert Path(v1.path) == settings.adapters_dir / "1001" / "1"
             assert v1.gguf_path.read_bytes() == b"GGUFa1"
             v2 = await reg.publish(_artifact(tmp_path, "a2", active=False))
-            assert (v2.version, v2.status) == (2, "candidate"), "a version that fails the gate stays a candidate"
+            assert (v2.version, v2.status) == (2, "candidate"), (
+                "a version that fails the gate stays a candidate"
+            )
             assert (await reg.active("1001")).id == v1.id
             v3 = await reg.publish(_artifact(tmp_path, "a3"))
             assert v3.status == "active" and v3.meta["gate"]["promoted"] is True
@@ -63,7 +78,11 @@ def test_publish_versions_gate_retire_and_rollback(settings: Any, tmp_path: Path
             assert Path(v1.path).is_dir(), "the retired version is kept on disk"
             back = await reg.activate("1001", 1)
             assert back.status == "active"
-            assert {v.version: v.status for v in await reg.list("1001")} == {1: "active", 2: "candidate", 3: "retired"}
+            assert {v.version: v.status for v in await reg.list("1001")} == {
+                1: "active",
+                2: "candidate",
+                3: "retired",
+            }
             assert (await reg.active("1001")).version == 1
             with pytest.raises(AdapterNotFoundError):
                 await reg.activate("1001", 9)
@@ -156,7 +175,9 @@ def test_sweep_removes_leftovers_of_dead_publishers_only(settings: Any) -> None:
 
     from models.registry import Registry
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead_pid = int(dead.stdout)
     folder = settings.adapters_dir / "123"
     stale = folder / f".tmp-{dead_pid}-abc"

@@ -19,7 +19,12 @@ import pytest
 from doppel.core.errors import UserFacingError
 from doppel.core.settings import Settings
 
-ADAM, THOMAS, MLOMB, DELETED_USER = "521486476985155645", "896568767994532880", "111111111111111111", "555555555555555555"
+ADAM, THOMAS, MLOMB, DELETED_USER = (
+    "521486476985155645",
+    "896568767994532880",
+    "111111111111111111",
+    "555555555555555555",
+)
 CONSENTING = (ADAM, THOMAS, MLOMB, DELETED_USER)
 SEED = int(os.environ.get("DOPPEL_FUZZ_SEED", "20240607"))
 CASES = int(os.environ.get("DOPPEL_FUZZ_CASES", "300"))
@@ -67,13 +72,38 @@ def _utf16(rng: random.Random, data: bytes) -> bytes:
 
 
 BYTE_MUTATIONS: list[Callable[[random.Random, bytes], bytes]] = [
-    _flip, _truncate, _delete_span, _duplicate_span, _bom, _invalid_utf8, _utf16,
-]  # fmt: skip
+    _flip,
+    _truncate,
+    _delete_span,
+    _duplicate_span,
+    _bom,
+    _invalid_utf8,
+    _utf16,
+]
 
 WEIRD_VALUES: list[Any] = [
-    None, 0, -1, 2**70, 1e308, -1e308, 3.5, True, False, "", " ", "\u0000", "x" * 5000, [], {}, [1, 2], {"id": "1"},
-    "９９９", "1e5", "NaN", "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "replace"),
-]  # fmt: skip
+    None,
+    0,
+    -1,
+    2**70,
+    1e308,
+    -1e308,
+    3.5,
+    True,
+    False,
+    "",
+    " ",
+    "\u0000",
+    "x" * 5000,
+    [],
+    {},
+    [1, 2],
+    {"id": "1"},
+    "９９９",
+    "1e5",
+    "NaN",
+    "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "replace"),
+]
 
 
 def _messages(doc: dict[str, Any]) -> list[Any]:
@@ -95,7 +125,12 @@ def _set_field(rng: random.Random, doc: dict[str, Any]) -> None:
         target = m["author"]
     elif pick < 0.45 and isinstance(m.get("reference"), dict):
         target = m["reference"]
-    elif pick < 0.55 and isinstance(m.get("reactions"), list) and m["reactions"] and isinstance(m["reactions"][0], dict):
+    elif (
+        pick < 0.55
+        and isinstance(m.get("reactions"), list)
+        and m["reactions"]
+        and isinstance(m["reactions"][0], dict)
+    ):
         target = m["reactions"][0]
     key = rng.choice(list(target) or ["id"])
     if rng.random() < 0.2:
@@ -148,7 +183,9 @@ def _huge_numbers(rng: random.Random, doc: dict[str, Any]) -> None:
         if not isinstance(m, dict):
             continue
         if rng.random() < 0.3:
-            m["timestamp"] = rng.choice(["9999-12-31T23:59:59+14:00", "0001-01-01T00:00:00-12:00", 1e300, 10**30])
+            m["timestamp"] = rng.choice(
+                ["9999-12-31T23:59:59+14:00", "0001-01-01T00:00:00-12:00", 1e300, 10**30]
+            )
         reactions = m.get("reactions")
         for r in reactions if isinstance(reactions, list) else []:
             if isinstance(r, dict):
@@ -162,9 +199,16 @@ def _channel_type(rng: random.Random, doc: dict[str, Any]) -> None:
 
 
 STRUCT_MUTATIONS: list[Callable[[random.Random, dict[str, Any]], None]] = [
-    _set_field, _set_field, _set_field, _ids_as_numbers, _null_author, _drop_content, _wrong_nesting, _huge_numbers,
+    _set_field,
+    _set_field,
+    _set_field,
+    _ids_as_numbers,
+    _null_author,
+    _drop_content,
+    _wrong_nesting,
+    _huge_numbers,
     _channel_type,
-]  # fmt: skip
+]
 
 
 def mutate(rng: random.Random, original: bytes) -> bytes:
@@ -174,7 +218,9 @@ def mutate(rng: random.Random, original: bytes) -> bytes:
         doc = json.loads(original)
         for _ in range(rng.randint(1, 3)):
             rng.choice(STRUCT_MUTATIONS)(rng, doc)
-        out = json.dumps(doc, ensure_ascii=rng.random() < 0.5, allow_nan=True).encode("utf-8", "surrogatepass")
+        out = json.dumps(doc, ensure_ascii=rng.random() < 0.5, allow_nan=True).encode(
+            "utf-8", "surrogatepass"
+        )
     if out is original or rng.random() < 0.3:
         out = rng.choice(BYTE_MUTATIONS)(rng, out)
     return out
@@ -187,13 +233,17 @@ def _fixtures(dce_dir: Path) -> list[bytes]:
 
 async def _snapshot(store: Any) -> tuple[Any, ...]:
     """Everything an import may write: messages (with their sealed content), members, member keys."""
-    msgs = await store.fetchall("SELECT id, author_id, channel_id, content, edited_at FROM messages ORDER BY id")
+    msgs = await store.fetchall(
+        "SELECT id, author_id, channel_id, content, edited_at FROM messages ORDER BY id"
+    )
     members = await store.fetchall("SELECT id, name, display_name FROM members ORDER BY id")
     keys = await store.fetchall("SELECT member_id FROM member_keys ORDER BY member_id")
     return tuple(map(tuple, msgs)), tuple(map(tuple, members)), tuple(map(tuple, keys))
 
 
-def test_mutated_exports_import_cleanly_or_fail_whole(settings: Settings, dce_dir: Path, tmp_path: Path) -> None:
+def test_mutated_exports_import_cleanly_or_fail_whole(
+    settings: Settings, dce_dir: Path, tmp_path: Path
+) -> None:
     from consent.service import ConsentService
     from data.dce_import import import_exports
     from data.store import Store
@@ -219,7 +269,7 @@ def test_mutated_exports_import_cleanly_or_fail_whole(settings: Settings, dce_di
                     result = await import_exports(store, [path])
                 except UserFacingError as exc:  # a whole-call refusal is fine as long as it is one clear line
                     result = {"files": [{"error": str(exc), "path": str(path)}]}
-                except Exception as exc:  # noqa: BLE001 - exactly what the fuzzer hunts for
+                except Exception as exc:
                     keep = tmp_path / f"crash-{case:04d}.json"
                     keep.write_bytes(data)
                     crashes.append(f"case {case} ({keep}): {type(exc).__name__}: {exc}"[:300])
@@ -241,7 +291,9 @@ def test_mutated_exports_import_cleanly_or_fail_whole(settings: Settings, dce_di
             assert {r[0] for r in rows} <= train
             # Ids of another JSON type are converted or refused, never stored as the repr of a dict or list.
             ids = [r[0] for r in await store.fetchall("SELECT id FROM messages")]
-            assert all(isinstance(i, str) and i.isdigit() for i in ids), [i for i in ids if not str(i).isdigit()][:5]
+            assert all(isinstance(i, str) and i.isdigit() for i in ids), [
+                i for i in ids if not str(i).isdigit()
+            ][:5]
 
     asyncio.run(go())
     assert not crashes, f"{len(crashes)} of {CASES} inputs crashed the importer:\n" + "\n".join(crashes[:15])
@@ -250,8 +302,15 @@ def test_mutated_exports_import_cleanly_or_fail_whole(settings: Settings, dce_di
 
 
 def _one_message_export(path: Path, **fields: Any) -> Path:
-    msg = {"id": "4000", "type": "Default", "timestamp": "2024-01-01T10:00:00.123+01:00", "content": "hello there",
-           "author": {"id": ADAM, "name": "adam", "isBot": False}, "attachments": [], "reactions": []}  # fmt: skip
+    msg = {
+        "id": "4000",
+        "type": "Default",
+        "timestamp": "2024-01-01T10:00:00.123+01:00",
+        "content": "hello there",
+        "author": {"id": ADAM, "name": "adam", "isBot": False},
+        "attachments": [],
+        "reactions": [],
+    }
     for key, value in fields.items():
         if value is _DROP:
             msg.pop(key)
@@ -268,18 +327,31 @@ _DROP = object()
 @pytest.mark.parametrize(
     "fields",
     [
-        {"type": {}}, {"type": ["Default"]}, {"type": None}, {"type": 7},
+        {"type": {}},
+        {"type": ["Default"]},
+        {"type": None},
+        {"type": 7},
         {"reactions": [{"emoji": {"name": "x"}, "count": "NaN"}]},
         {"reactions": [{"emoji": {"name": "x"}, "count": {}}]},
         {"reactions": [{"emoji": {"name": "x"}, "count": "1e5"}]},
         {"reactions": [{"emoji": {"name": "x"}, "count": [3]}]},
         {"reactions": [{"emoji": {"name": {"n": 1}}, "count": 2}]},
-        {"reactions": {"emoji": "x"}}, {"reactions": ["x"]},
-        {"id": {"id": "1"}}, {"id": ["4000"]}, {"id": True}, {"id": 4000.5},
-        {"author": {"id": {"id": ADAM}, "name": "adam"}}, {"author": {"id": [ADAM]}},
-        {"timestamp": 10**30}, {"timestamp": "9999-12-31T23:59:59-14:00"}, {"timestampEdited": {}},
-        {"reference": {"messageId": {"x": 1}}}, {"attachments": {"a": 1}}, {"content": _DROP},
-        {"content": ["hello"]}, {"content": 12345},
+        {"reactions": {"emoji": "x"}},
+        {"reactions": ["x"]},
+        {"id": {"id": "1"}},
+        {"id": ["4000"]},
+        {"id": True},
+        {"id": 4000.5},
+        {"author": {"id": {"id": ADAM}, "name": "adam"}},
+        {"author": {"id": [ADAM]}},
+        {"timestamp": 10**30},
+        {"timestamp": "9999-12-31T23:59:59-14:00"},
+        {"timestampEdited": {}},
+        {"reference": {"messageId": {"x": 1}}},
+        {"attachments": {"a": 1}},
+        {"content": _DROP},
+        {"content": ["hello"]},
+        {"content": 12345},
     ],
     ids=lambda f: ",".join(f"{k}={'<drop>' if v is _DROP else json.dumps(v)[:24]}" for k, v in f.items()),
 )
@@ -317,8 +389,9 @@ def test_import_cli_on_mutated_exports_exits_0_or_2_with_one_line(dce_dir: Path,
     home.mkdir()
     env = {**os.environ, "DOPPEL_HOME": str(home), "DOPPEL_MASTER_KEY": ""}
     doppel = [sys.executable, "-m", "doppel"]
-    granted = subprocess.run([*doppel, "consent", "grant", *CONSENTING], env=env, capture_output=True, text=True,
-                             timeout=120)  # fmt: skip
+    granted = subprocess.run(
+        [*doppel, "consent", "grant", *CONSENTING], env=env, capture_output=True, text=True, timeout=120
+    )
     assert granted.returncode == 0, granted.stderr
     folder = tmp_path / "cases"
     folder.mkdir()
@@ -327,7 +400,9 @@ def test_import_cli_on_mutated_exports_exits_0_or_2_with_one_line(dce_dir: Path,
         (folder / f"c{i:02d}.json").write_bytes(mutate(rng, rng.choice(originals)))
     singles = [folder / f"c{i:02d}.json" for i in range(4)]
     for target in [folder, *singles]:
-        proc = subprocess.run([*doppel, "import", str(target)], env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [*doppel, "import", str(target)], env=env, capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode in (0, 2), (proc.returncode, proc.stderr)
         assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         if proc.returncode == 2:

@@ -35,8 +35,12 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def _settings(home: Path) -> Settings:
-    env = {"DOPPEL_HOME": str(home), "DOPPEL_TRAINING__HEARTBEAT_S": "0.5", "DOPPEL_TRAINING__CANCEL_GRACE_S": "3",
-           "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1"}  # fmt: skip
+    env = {
+        "DOPPEL_HOME": str(home),
+        "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
+        "DOPPEL_TRAINING__CANCEL_GRACE_S": "3",
+        "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
+    }
     return Settings.load(env=env)
 
 
@@ -51,11 +55,17 @@ def _query(home: Path, sql: str) -> list[tuple[Any, ...]]:
 def assert_sound(home: Path, where: str) -> None:
     """Integrity ok, nothing stored without train consent, no half-written or temporary adapter folder."""
     assert _query(home, "PRAGMA integrity_check") == [("ok",)], where
-    forbidden = _query(home, "SELECT DISTINCT author_id FROM messages WHERE author_id NOT IN "
-                             "(SELECT member_id FROM consent WHERE scope = 'train')")  # fmt: skip
+    forbidden = _query(
+        home,
+        "SELECT DISTINCT author_id FROM messages WHERE author_id NOT IN "
+        "(SELECT member_id FROM consent WHERE scope = 'train')",
+    )
     assert forbidden == [], f"{where}: messages stored without train consent: {forbidden}"
-    vectors = _query(home, "SELECT DISTINCT member_id FROM embeddings WHERE member_id NOT IN "
-                           "(SELECT member_id FROM consent WHERE scope = 'train')")  # fmt: skip
+    vectors = _query(
+        home,
+        "SELECT DISTINCT member_id FROM embeddings WHERE member_id NOT IN "
+        "(SELECT member_id FROM consent WHERE scope = 'train')",
+    )
     assert vectors == [], f"{where}: embeddings stored without train consent: {vectors}"
     for path, status in _query(home, "SELECT path, status FROM adapters WHERE status != 'erased'"):
         folder = Path(path)
@@ -85,14 +95,29 @@ def _write_exports(folder: Path, files: int = 3, per_file: int = 2500) -> dict[s
         for i in range(per_file):
             aid, name = rng.choice(authors)
             mid = str(800000000000000000 + f * per_file + i)
-            text = " ".join(rng.choice(["hey", "lol", "the build", "tonight", "ok", "sure", "gg", "nah"])
-                            for _ in range(rng.randint(2, 14)))  # fmt: skip
-            msgs.append({"id": mid, "type": "Default", "timestamp": f"2024-03-{1 + f:02d}T10:{i // 60 % 60:02d}:"
-                         f"{i % 60:02d}.{i % 1000:03d}+02:00", "content": text,
-                         "author": {"id": aid, "name": name, "isBot": False}, "attachments": [], "reactions": []})  # fmt: skip
+            text = " ".join(
+                rng.choice(["hey", "lol", "the build", "tonight", "ok", "sure", "gg", "nah"])
+                for _ in range(rng.randint(2, 14))
+            )
+            msgs.append(
+                {
+                    "id": mid,
+                    "type": "Default",
+                    "timestamp": f"2024-03-{1 + f:02d}T10:{i // 60 % 60:02d}:"
+                    f"{i % 60:02d}.{i % 1000:03d}+02:00",
+                    "content": text,
+                    "author": {"id": aid, "name": name, "isBot": False},
+                    "attachments": [],
+                    "reactions": [],
+                }
+            )
         name = f"export-{f}.json"
-        (folder / name).write_text(json.dumps({"guild": {"id": "9"}, "channel": {"id": str(90 + f), "name": f"c{f}"},
-                                               "messages": msgs}), encoding="utf-8")  # fmt: skip
+        (folder / name).write_text(
+            json.dumps(
+                {"guild": {"id": "9"}, "channel": {"id": str(90 + f), "name": f"c{f}"}, "messages": msgs}
+            ),
+            encoding="utf-8",
+        )
         stored[name] = {m["id"] for m in msgs if m["author"]["id"] in (YES, YES2)}
     return stored
 
@@ -183,8 +208,12 @@ def test_kill9_during_training(tmp_path: Path, tiny_model: Any, fx: Any) -> None
     from trainer.supervisor import Supervisor
 
     template = _template(tmp_path, {}, seed=fx.seed_member)
-    env = {"DOPPEL_HOME": "", "DOPPEL_TRAINING__HEARTBEAT_S": "0.5", "DOPPEL_TRAINING__CANCEL_GRACE_S": "3",
-           "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1"}  # fmt: skip
+    env = {
+        "DOPPEL_HOME": "",
+        "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
+        "DOPPEL_TRAINING__CANCEL_GRACE_S": "3",
+        "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
+    }
     overrides = json.dumps(fx.tiny_overrides(tiny_model, max_steps=8, save_steps=2))
     rng = random.Random(SEED + 1)
     seen: dict[str, int] = {}
@@ -194,8 +223,11 @@ def test_kill9_during_training(tmp_path: Path, tiny_model: Any, fx: Any) -> None
         env["DOPPEL_HOME"] = str(home)
         proc = subprocess.Popen(
             [sys.executable, "-c", fx.SUPERVISOR_SCRIPT, json.dumps(env), overrides, fx.PERSONA_ID],
-            env=_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
+            env=_env(home),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         trainer_pid: int | None = None
         victim = "supervisor" if i % 2 == 0 else "trainer"
         try:
@@ -208,7 +240,9 @@ def test_kill9_during_training(tmp_path: Path, tiny_model: Any, fx: Any) -> None
                     pids = [r[2] for r in _job_rows(home) if r[2]]
                     trainer_pid = pids[0] if pids else None
                     time.sleep(0.05)
-                assert trainer_pid, f"training iteration {i}: the trainer never started: {proc.stderr.read()!r}"
+                assert trainer_pid, (
+                    f"training iteration {i}: the trainer never started: {proc.stderr.read()!r}"
+                )
                 time.sleep(rng.uniform(0.0, 5.0))
                 try:
                     os.killpg(trainer_pid, signal.SIGKILL)
@@ -237,10 +271,14 @@ def test_kill9_during_training(tmp_path: Path, tiny_model: Any, fx: Any) -> None
         for j in jobs:
             seen[j.status.value] = seen.get(j.status.value, 0) + 1
             if j.status.value in ("failed", "cancelled", "succeeded"):
-                assert not Path(j.job_dir).exists(), f"{where}: a finished job kept its folder (dataset plaintext)"
+                assert not Path(j.job_dir).exists(), (
+                    f"{where}: a finished job kept its folder (dataset plaintext)"
+                )
         if orphan is not None:
             # recover() sends SIGKILL after the grace period and returns; give the kernel a moment to deliver it.
-            assert _gone(orphan, within=5.0), f"{where}: the orphaned trainer {orphan} still runs after the restart"
+            assert _gone(orphan, within=5.0), (
+                f"{where}: the orphaned trainer {orphan} still runs after the restart"
+            )
         assert_sound(home, where)
         shutil.rmtree(home, ignore_errors=True)
     assert len(seen) >= 2, f"the kills all landed in the same state: {seen}"
@@ -254,8 +292,12 @@ async def _seed_chat(settings: Settings) -> None:
     async with Store.open(settings) as store:
         await store.members.upsert(Member(YES, "yes", "Yessa"))
         texts = ["the build is broken again lol", "pizza tonight?", "gg everyone", "i will fix it tomorrow"]
-        await store.messages.add_many([Message(str(9100 + n), "9", "90", "general", YES, "yes", 1.7e9 + n, t)
-                                       for n, t in enumerate(texts * 5)])  # fmt: skip
+        await store.messages.add_many(
+            [
+                Message(str(9100 + n), "9", "90", "general", YES, "yes", 1.7e9 + n, t)
+                for n, t in enumerate(texts * 5)
+            ]
+        )
 
 
 @pytest.mark.skipif(bundled_base_gguf() is None, reason="bundled SmolLM2 GGUF not installed")
@@ -265,8 +307,23 @@ def test_kill9_during_chat(tmp_path: Path) -> None:
     rng = random.Random(SEED + 2)
 
     def chat(mode: str) -> list[str]:
-        return [sys.executable, "-m", "doppel", "chat", YES, "--mode", mode, "--max-tokens", "400",
-                "--temperature", "1.0", "--seed", str(rng.randrange(1000)), "--message", "tell me a long story"]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "doppel",
+            "chat",
+            YES,
+            "--mode",
+            mode,
+            "--max-tokens",
+            "400",
+            "--temperature",
+            "1.0",
+            "--seed",
+            str(rng.randrange(1000)),
+            "--message",
+            "tell me a long story",
+        ]
 
     for i in range(ITERATIONS):
         # Every fifth run uses the retrieval persona, which writes embeddings to the store while it answers.
@@ -285,6 +342,11 @@ def test_kill9_during_chat(tmp_path: Path) -> None:
         assert_sound(home, f"chat iteration {i} ({mode})")
     count = _query(home, f"SELECT COUNT(*) FROM embeddings WHERE member_id = '{YES}'")[0][0]
     assert count in (0, 20), f"embeddings partly written: {count}"
-    done = subprocess.run([*chat("retrieval")[:-6], "--max-tokens", "8", "--message", "hi"], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [*chat("retrieval")[:-6], "--max-tokens", "8", "--message", "hi"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0 and done.stdout.strip(), done.stderr

@@ -41,15 +41,34 @@ def make_job(tmp_path: Path, tiny_model: Any, tiny_chat_format: Any) -> Callable
     """Write a job folder (config.json + dataset/) for the tiny model; keyword arguments override TrainConfig."""
     from trainer.config import TrainConfig
 
-    def make(name: str = "job", *, n_train: int = 24, n_heldout: int = 6, preference: bool = False,
-             **overrides: Any) -> Path:
+    def make(
+        name: str = "job",
+        *,
+        n_train: int = 24,
+        n_heldout: int = 6,
+        preference: bool = False,
+        **overrides: Any,
+    ) -> Path:
         job = tmp_path / name
         (job / "dataset").mkdir(parents=True)
         cfg = {
-            "member_id": PERSONA_ID, "persona_name": PERSONA, "base_model": str(tiny_model.hf_dir),
-            "base_gguf": str(tiny_model.gguf_path), "base_name": "tiny", "max_steps": 6, "micro_batch_size": 4,
-            "learning_rate": 5e-3, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "save_steps": 3,
-            "threads": 1, "max_length": 256, "eval_samples": 2, "eval_max_new_tokens": 12, "pref_steps": 3,
+            "member_id": PERSONA_ID,
+            "persona_name": PERSONA,
+            "base_model": str(tiny_model.hf_dir),
+            "base_gguf": str(tiny_model.gguf_path),
+            "base_name": "tiny",
+            "max_steps": 6,
+            "micro_batch_size": 4,
+            "learning_rate": 5e-3,
+            "lora_r": 8,
+            "lora_alpha": 16,
+            "lora_dropout": 0.0,
+            "save_steps": 3,
+            "threads": 1,
+            "max_length": 256,
+            "eval_samples": 2,
+            "eval_max_new_tokens": 12,
+            "pref_steps": 3,
             "pref_learning_rate": 5e-3,
         }
         cfg.update(overrides)
@@ -65,13 +84,37 @@ def make_job(tmp_path: Path, tiny_model: Any, tiny_chat_format: Any) -> Callable
             with (job / "dataset" / "preference.jsonl").open("w", encoding="utf-8") as fh:
                 for r in rows[:12]:
                     for completion, label in ((r["completion"], True), (bad, False)):
-                        fh.write(json.dumps({"kind": "kto", "prompt": r["prompt"], "completion": completion,
-                                             "label": label, "members": r["members"]}) + "\n")
-                    fh.write(json.dumps({"kind": "dpo", "prompt": r["prompt"], "chosen": r["completion"],
-                                         "rejected": bad, "members": r["members"]}) + "\n")
+                        fh.write(
+                            json.dumps(
+                                {
+                                    "kind": "kto",
+                                    "prompt": r["prompt"],
+                                    "completion": completion,
+                                    "label": label,
+                                    "members": r["members"],
+                                }
+                            )
+                            + "\n"
+                        )
+                    fh.write(
+                        json.dumps(
+                            {
+                                "kind": "dpo",
+                                "prompt": r["prompt"],
+                                "chosen": r["completion"],
+                                "rejected": bad,
+                                "members": r["members"],
+                            }
+                        )
+                        + "\n"
+                    )
         lineage = sorted({m for r in rows[:n_train] for m in r["members"]})
-        meta = {"member": PERSONA_ID, "lineage": lineage, "window": [rows[0]["ts"], rows[n_train - 1]["ts"]],
-                "counts": {k: len(v) for k, v in splits.items()}}
+        meta = {
+            "member": PERSONA_ID,
+            "lineage": lineage,
+            "window": [rows[0]["ts"], rows[n_train - 1]["ts"]],
+            "counts": {k: len(v) for k, v in splits.items()},
+        }
         (job / "dataset" / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
         return job
 

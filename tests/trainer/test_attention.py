@@ -27,7 +27,9 @@ def _model(tiny_model: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(str(tiny_model.hf_dir), dtype=torch.float32, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_pretrained(
+        str(tiny_model.hf_dir), dtype=torch.float32, attn_implementation="sdpa"
+    )
 
 
 def test_packed_row_matches_each_example_alone(tiny_model: Any, tiny_chat_format: Any) -> None:
@@ -37,7 +39,9 @@ def test_packed_row_matches_each_example_alone(tiny_model: Any, tiny_chat_format
 
     model = _model(tiny_model)
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(str(tiny_model.hf_dir))
-    batch, examples = _packed(tokenizer, synthetic_rows(4, seed=11, chat_format=tiny_chat_format, long_tail=True))
+    batch, examples = _packed(
+        tokenizer, synthetic_rows(4, seed=11, chat_format=tiny_chat_format, long_tail=True)
+    )
     assert len({len(e) for e in examples}) > 1
     # use_cache=False as in training: transformers only detects packed rows when no cache is passed.
     inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}
@@ -81,20 +85,39 @@ def test_padded_batches_keep_sdpa_with_the_mask(tiny_model: Any, tiny_chat_forma
     torch.testing.assert_close(through[real], plain[real])
 
 
-def test_recipe_trains_with_segments_and_restores_the_model(tiny_model: Any, tiny_chat_format: Any,
-                                                            tmp_path: Path) -> None:
+def test_recipe_trains_with_segments_and_restores_the_model(
+    tiny_model: Any, tiny_chat_format: Any, tmp_path: Path
+) -> None:
     from trainer.basemodel import load_base
     from trainer.config import TrainConfig
     from trainer.events import Emitter
     from trainer.recipes.sft import train_sft
 
-    cfg = TrainConfig(base_model=str(tiny_model.hf_dir), max_steps=4, micro_batch_size=4, lora_r=8, lora_alpha=16,
-                      lora_dropout=0.0, learning_rate=5e-3, save_steps=100, logging_steps=1).validate()
+    cfg = TrainConfig(
+        base_model=str(tiny_model.hf_dir),
+        max_steps=4,
+        micro_batch_size=4,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        learning_rate=5e-3,
+        save_steps=100,
+        logging_steps=1,
+    ).validate()
     assert cfg.batching == "padding_free"
     base = load_base(tiny_model.hf_dir, quantize_4bit=False)
     rows = synthetic_rows(16, seed=3, chat_format=tiny_chat_format)
-    _, stats = train_sft(cfg, tmp_path, base.model, base.tokenizer, rows, Emitter(), threading.Event(), resume=False,
-                         device="cpu")
+    _, stats = train_sft(
+        cfg,
+        tmp_path,
+        base.model,
+        base.tokenizer,
+        rows,
+        Emitter(),
+        threading.Event(),
+        resume=False,
+        device="cpu",
+    )
     losses = [loss for _, loss in stats["losses"]]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert stats["padding_fraction"] == pytest.approx(0.0)

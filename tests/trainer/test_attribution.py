@@ -47,7 +47,10 @@ def test_report_compares_each_systems_share_with_chance() -> None:
     in_style = [_lower(rng) for _ in range(15)]
     off_style = [_formal(rng) for _ in range(15)]
     report = attribution_report(
-        _rows(), {"adapter": in_style, "base": off_style}, "lower", real_heldout=[_lower(rng) for _ in range(10)]
+        _rows(),
+        {"adapter": in_style, "base": off_style},
+        "lower",
+        real_heldout=[_lower(rng) for _ in range(10)],
     )
     assert report["available"] and report["members"] == 3
     assert report["chance"] == pytest.approx(1 / 3, abs=1e-3)

@@ -18,8 +18,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _spawn(job: Path, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "trainer", "run", str(job), *extra], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer", "run", str(job), *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _events(stdout: str) -> list[dict[str, Any]]:
@@ -34,8 +40,14 @@ def test_bad_config_exits_1_with_one_failed_event_and_no_traceback(tmp_path: Pat
     proc = _spawn(job)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
-    assert _events(out) == [{**_events(out)[0], "event": "finished", "status": "failed",
-                             "error": "mode must be one of sft, sft+kto, sft+dpo, got 'rlhf'"}]
+    assert _events(out) == [
+        {
+            **_events(out)[0],
+            "event": "finished",
+            "status": "failed",
+            "error": "mode must be one of sft, sft+kto, sft+dpo, got 'rlhf'",
+        }
+    ]
     assert "Traceback" not in err
 
 
@@ -99,7 +111,10 @@ def test_train_config_round_trips_and_rejects_bad_fields(tmp_path: Path) -> None
         ({"base_model": "m", "max_stepz": 3}, "unknown config field(s): max_stepz"),
         ({"base_model": "m", "max_steps": "3"}, "config field max_steps: expected int, got '3'"),
         ({"base_model": "m", "lora_dropout": 1.5}, "lora_dropout must be in [0, 1), got 1.5"),
-        ({"base_model": "m", "batching": "packed"}, "batching must be one of padding_free, length_grouped, random"),
+        (
+            {"base_model": "m", "batching": "packed"},
+            "batching must be one of padding_free, length_grouped, random",
+        ),
         ({}, "base_model is empty"),
     ):
         with pytest.raises(JobConfigError) as err:
@@ -114,6 +129,10 @@ def test_config_from_settings_takes_training_defaults(settings: Any) -> None:
     from trainer.config import TrainConfig
 
     cfg = TrainConfig.from_settings(settings, member_id="42", base_model="/m.gguf", max_steps=5)
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.max_steps, cfg.member_id) == (settings.training.lora_r,
-                                                                            settings.training.lora_alpha, 5, "42")
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.max_steps, cfg.member_id) == (
+        settings.training.lora_r,
+        settings.training.lora_alpha,
+        5,
+        "42",
+    )
     assert cfg.base_cache_dir == str(settings.cache_dir / "base-models")

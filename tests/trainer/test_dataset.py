@@ -117,7 +117,9 @@ def test_rendering_uses_the_chat_format_and_ends_with_end_of_turn(settings: Sett
     assert ex.prompt.endswith("<|im_start|>assistant\n")
     assert ex.completion == "hi bob, mail me at [email]<|im_end|>"
     assert "bob: hello @alice" in ex.prompt and "#memes" in ex.prompt and "You are alice" in ex.prompt
-    full = FMT.render([*ex.messages, {"role": "assistant", "content": ex.target}], add_generation_prompt=False)
+    full = FMT.render(
+        [*ex.messages, {"role": "assistant", "content": ex.target}], add_generation_prompt=False
+    )
     assert full.startswith(ex.prompt + ex.completion)
     assert "example.com" not in ex.prompt + ex.completion
 
@@ -146,7 +148,11 @@ def test_unusable_turns_and_copy_pastes_are_dropped(settings: Settings) -> None:
         chat.say(BOB, t, f"topic {i}")
         chat.say(ME, t + 5, "lol")  # short, different contexts: style, kept
         chat.say(BOB, t + 300, f"more {i}")
-        chat.say(ME, t + 305, "BUY CHEAP GOLD AT OUR SHOP TODAY!!!" if i % 2 else "buy cheap gold at our shop today")
+        chat.say(
+            ME,
+            t + 305,
+            "BUY CHEAP GOLD AT OUR SHOP TODAY!!!" if i % 2 else "buy cheap gold at our shop today",
+        )
         chat.say(BOB, t + 600, "pic")
         chat.say(ME, t + 605, "", attachments=1)
         chat.say(BOB, t + 900, "link?")

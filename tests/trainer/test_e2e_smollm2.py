@@ -33,14 +33,31 @@ def test_smollm2_persona_adapter_beats_base_and_serves_from_gguf(tmp_path: Path,
     splits = {"train": rows[:32], "heldout": rows[32:]}
     for split, split_rows in splits.items():
         (job / "dataset" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
-    (job / "dataset" / "meta.json").write_text(json.dumps({"member": "1001", "lineage": ["1001", "2002", "3003"]}))
-    TrainConfig.from_dict({
-        "member_id": "1001", "persona_name": "Ada", "base_model": str(gguf), "base_name": "smollm2-135m",
-        "base_cache_dir": str(tmp_path / "cache"),
-        "max_steps": 16, "micro_batch_size": 2, "learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16,
-        "lora_dropout": 0.0, "save_steps": 100, "max_length": 192, "threads": 2, "eval_samples": 2,
-        "eval_max_new_tokens": 24, "eval_fidelity": False, "gguf_dtype": "f16",
-    }).to_json(job / "config.json")
+    (job / "dataset" / "meta.json").write_text(
+        json.dumps({"member": "1001", "lineage": ["1001", "2002", "3003"]})
+    )
+    TrainConfig.from_dict(
+        {
+            "member_id": "1001",
+            "persona_name": "Ada",
+            "base_model": str(gguf),
+            "base_name": "smollm2-135m",
+            "base_cache_dir": str(tmp_path / "cache"),
+            "max_steps": 16,
+            "micro_batch_size": 2,
+            "learning_rate": 3e-3,
+            "lora_r": 8,
+            "lora_alpha": 16,
+            "lora_dropout": 0.0,
+            "save_steps": 100,
+            "max_length": 192,
+            "threads": 2,
+            "eval_samples": 2,
+            "eval_max_new_tokens": 24,
+            "eval_fidelity": False,
+            "gguf_dtype": "f16",
+        }
+    ).to_json(job / "config.json")
     emitter = Emitter()
     rc = run_job(job, emitter, threading.Event())
     assert rc == 0, emitter.of("finished")

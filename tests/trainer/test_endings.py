@@ -21,8 +21,13 @@ GIB = 1024**3
 def _settings(doppel_home: Path) -> Any:
     from doppel.core.settings import Settings
 
-    return Settings.load(env={"DOPPEL_HOME": str(doppel_home), "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
-                              "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1"})  # fmt: skip
+    return Settings.load(
+        env={
+            "DOPPEL_HOME": str(doppel_home),
+            "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
+            "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
+        }
+    )
 
 
 async def _run_and_end(settings: Any, tiny_model: Any, signum: int | None, **extra: Any) -> Any:
@@ -35,8 +40,9 @@ async def _run_and_end(settings: Any, tiny_model: Any, signum: int | None, **ext
         sup = Supervisor(store, settings)
         await sup.start()
         try:
-            job = await sup.submit(fx.PERSONA_ID, requested_by="admin",
-                                   **fx.tiny_overrides(tiny_model, max_steps=400, **extra))  # fmt: skip
+            job = await sup.submit(
+                fx.PERSONA_ID, requested_by="admin", **fx.tiny_overrides(tiny_model, max_steps=400, **extra)
+            )
             if signum is not None:
 
                 async def running_pid() -> int | None:
@@ -51,8 +57,9 @@ async def _run_and_end(settings: Any, tiny_model: Any, signum: int | None, **ext
 
 def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DOPPEL_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "doppel", *args], capture_output=True, text=True, env=env,
-                          timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "doppel", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 @pytest.mark.parametrize(
@@ -63,8 +70,9 @@ def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
         (signal.SIGABRT, ["crashed in native code (SIGABRT)", "doppel train --job"]),
     ],
 )
-def test_a_trainer_killed_by_a_signal_says_why(doppel_home: Path, tiny_model: Any, signum: int,
-                                                words: list[str]) -> None:  # fmt: skip
+def test_a_trainer_killed_by_a_signal_says_why(
+    doppel_home: Path, tiny_model: Any, signum: int, words: list[str]
+) -> None:
     import asyncio
 
     done = asyncio.run(_run_and_end(_settings(doppel_home), tiny_model, signum))
@@ -78,14 +86,18 @@ def test_a_trainer_killed_by_a_signal_says_why(doppel_home: Path, tiny_model: An
     shown = _cli(doppel_home, "train", "--job", done.id)
     assert shown.returncode == 0, shown.stderr
     assert f"why: {done.error}" in shown.stdout and f"killed by signal {int(signum)}" in shown.stdout
-    as_json = json.loads(_cli(doppel_home, "train", "--job", done.id, "--json").stdout.strip().splitlines()[-1])
+    as_json = json.loads(
+        _cli(doppel_home, "train", "--job", done.id, "--json").stdout.strip().splitlines()[-1]
+    )
     assert as_json["error"] == done.error and as_json["status"] == "failed"
 
 
 def test_a_python_error_in_the_trainer_is_its_message(doppel_home: Path, tiny_model: Any) -> None:
     import asyncio
 
-    done = asyncio.run(_run_and_end(_settings(doppel_home), tiny_model, None, target_modules=["no_such_proj"]))
+    done = asyncio.run(
+        _run_and_end(_settings(doppel_home), tiny_model, None, target_modules=["no_such_proj"])
+    )
     assert done.status.value == "failed"
     assert "no_such_proj" in done.error and "Traceback" not in done.error, done.error
     shown = _cli(doppel_home, "train", "--job", done.id)
@@ -104,6 +116,16 @@ def test_memory_wording_tells_an_oom_kill_from_a_kill() -> None:
     assert "killed from outside" in outside and "out of memory" not in outside
     # A shell-style exit code 128+N is read as signal N.
     assert "CPU instruction" in explain(Outcome(132), None)
-    traceback_only = explain(Outcome(1, stderr_tail=["Traceback (most recent call last):", "  File x",
-                                                     "RuntimeError: bad alloc", "  at exit"]), None)  # fmt: skip
+    traceback_only = explain(
+        Outcome(
+            1,
+            stderr_tail=[
+                "Traceback (most recent call last):",
+                "  File x",
+                "RuntimeError: bad alloc",
+                "  at exit",
+            ],
+        ),
+        None,
+    )
     assert traceback_only.endswith("RuntimeError: bad alloc")

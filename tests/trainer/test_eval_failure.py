@@ -17,13 +17,18 @@ pytestmark = pytest.mark.timeout(400)
 
 
 def _env(home: Path) -> dict[str, str]:
-    return {**os.environ, "DOPPEL_HOME": str(home), "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
-            "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1"}  # fmt: skip
+    return {
+        **os.environ,
+        "DOPPEL_HOME": str(home),
+        "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
+        "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
+    }
 
 
 @fx.run_async
-async def test_killed_evaluation_keeps_the_adapter_and_doppel_eval_completes_it(doppel_home: Path,
-                                                                                 tiny_model: Any) -> None:
+async def test_killed_evaluation_keeps_the_adapter_and_doppel_eval_completes_it(
+    doppel_home: Path, tiny_model: Any
+) -> None:
     from data.store import Store
     from doppel.core.settings import Settings
     from trainer.supervisor import Supervisor
@@ -35,8 +40,11 @@ async def test_killed_evaluation_keeps_the_adapter_and_doppel_eval_completes_it(
     await sup.start()
     try:
         # The trainer SIGKILLs itself as evaluation starts: what the OOM killer did to the 1,315-member server.
-        job = await sup.submit(fx.PERSONA_ID, requested_by="admin",
-                               **fx.tiny_overrides(tiny_model, simulate_eval_failure="kill", eval_fidelity=False))
+        job = await sup.submit(
+            fx.PERSONA_ID,
+            requested_by="admin",
+            **fx.tiny_overrides(tiny_model, simulate_eval_failure="kill", eval_fidelity=False),
+        )
         done = await sup.wait(job.id)
         assert done.status.value == "succeeded", (done.error, done.exit_detail)
         assert done.error is not None and done.error.startswith("evaluation failed: "), done.error
@@ -56,8 +64,13 @@ async def test_killed_evaluation_keeps_the_adapter_and_doppel_eval_completes_it(
         await store.close()
 
     # `doppel eval` sees the failed evaluation and runs it again in a trainer child.
-    ran = subprocess.run([sys.executable, "-m", "doppel", "eval", fx.PERSONA_ID, "--json"], capture_output=True,
-                         text=True, env=_env(doppel_home), timeout=300)  # fmt: skip
+    ran = subprocess.run(
+        [sys.executable, "-m", "doppel", "eval", fx.PERSONA_ID, "--json"],
+        capture_output=True,
+        text=True,
+        env=_env(doppel_home),
+        timeout=300,
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
     result = json.loads(ran.stdout.strip().splitlines()[-1])
     assert result["reevaluated"] is True and result["adapter_id"] == version.id
@@ -73,9 +86,21 @@ async def test_killed_evaluation_keeps_the_adapter_and_doppel_eval_completes_it(
         again = await Registry(store, settings).get(version.id)
     assert again.metrics["evaluation"] == "done"
     assert again.status == ("active" if again.metrics["active"] else "candidate")
-    assert json.loads((Path(again.path) / "meta.json").read_text())["metrics"]["ppl_adapter"] == metrics["ppl_adapter"]
-    assert not [p for p in settings.jobs_dir.iterdir() if p.name.startswith("eval-")], "the eval folder is removed"
+    assert (
+        json.loads((Path(again.path) / "meta.json").read_text())["metrics"]["ppl_adapter"]
+        == metrics["ppl_adapter"]
+    )
+    assert not [p for p in settings.jobs_dir.iterdir() if p.name.startswith("eval-")], (
+        "the eval folder is removed"
+    )
     # A second `doppel eval` only reports: nothing left to evaluate.
-    report = subprocess.run([sys.executable, "-m", "doppel", "eval", fx.PERSONA_ID, "--json"], capture_output=True,
-                            text=True, env=_env(doppel_home), timeout=120)  # fmt: skip
-    assert report.returncode == 0 and json.loads(report.stdout.strip().splitlines()[-1])["reevaluated"] is False
+    report = subprocess.run(
+        [sys.executable, "-m", "doppel", "eval", fx.PERSONA_ID, "--json"],
+        capture_output=True,
+        text=True,
+        env=_env(doppel_home),
+        timeout=120,
+    )
+    assert (
+        report.returncode == 0 and json.loads(report.stdout.strip().splitlines()[-1])["reevaluated"] is False
+    )

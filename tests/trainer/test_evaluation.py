@@ -42,10 +42,15 @@ def test_identical_texts_score_as_identical(embedder: Any) -> None:
 
 def test_related_texts_are_closer_than_unrelated_ones(embedder: Any) -> None:
     near = ["omg yes the game is so good!!", "no way lol", "see you tonight at the raid"]
-    far = ["Quarterly revenue exceeded projections.", "Photosynthesis converts light.", "The treaty was ratified."]
-    assert style_metrics(near, REAL, embedder)["embedding_cosine"] > style_metrics(far, REAL, embedder)[
-        "embedding_cosine"
-    ] + 0.2
+    far = [
+        "Quarterly revenue exceeded projections.",
+        "Photosynthesis converts light.",
+        "The treaty was ratified.",
+    ]
+    assert (
+        style_metrics(near, REAL, embedder)["embedding_cosine"]
+        > style_metrics(far, REAL, embedder)["embedding_cosine"] + 0.2
+    )
 
 
 def test_disjoint_vocabulary_has_zero_overlap() -> None:
@@ -72,7 +77,10 @@ def test_style_rates_count_emoji_punctuation_and_capitals() -> None:
 
 
 def test_gate_needs_the_adapter_to_beat_the_base_model() -> None:
-    assert gate({"ppl_base": 30.0, "ppl_adapter": 12.5}) == (True, "held-out perplexity 12.50 beats the base model's 30.00")
+    assert gate({"ppl_base": 30.0, "ppl_adapter": 12.5}) == (
+        True,
+        "held-out perplexity 12.50 beats the base model's 30.00",
+    )
     active, reason = gate({"perplexity": {"base": 10.0, "adapter": 11.0}})
     assert not active and "does not beat" in reason and "candidate" in reason
     assert not gate({"ppl_base": 10.0, "ppl_adapter": 10.0})[0]
@@ -85,8 +93,15 @@ def test_fidelity_report_and_table_cover_every_system(embedder: Any) -> None:
     rows += [{"author_id": "other", "text": f"Indeed, the {w} is rather splendid."} for w in "abcdefghij"]
     adapter = ["omg yes!!! the raid is sooo good :)", "omg lol :)", "omg tonight!!! :)"]
     base = ["I am an AI assistant.", "Certainly, here is an answer.", "Hello! How can I help you?"]
-    fidelity = fidelity_report(adapter, REAL, base=base, retrieval=REAL[::-1], attribution_rows=rows,
-                               member_id="me", embedder=embedder)
+    fidelity = fidelity_report(
+        adapter,
+        REAL,
+        base=base,
+        retrieval=REAL[::-1],
+        attribution_rows=rows,
+        member_id="me",
+        embedder=embedder,
+    )
     assert set(fidelity["style"]) == {"adapter", "base", "retrieval"}
     assert fidelity["style"]["adapter"]["embedding_cosine"] > fidelity["style"]["base"]["embedding_cosine"]
     assert fidelity["attribution"]["share"]["adapter"] > fidelity["attribution"]["share"]["base"]
@@ -129,18 +144,28 @@ def _manual_ppl(model: Any, tok: Any, rows: list[dict[str, str]]) -> float:
 def test_perplexity_scores_only_completion_tokens_and_ignores_padding(tiny: tuple[Any, Any]) -> None:
     model, tok = tiny
     rows = [
-        {"prompt": "<|im_start|>user\nhey everyone whats up<|im_end|>\n<|im_start|>assistant\n",
-         "completion": "omg yes!!! haha :)<|im_end|>"},
-        {"prompt": "<|im_start|>user\nThe quick brown fox jumps over the lazy dog. Pack my box<|im_end|>\n"
-                   "<|im_start|>assistant\n", "completion": "nah<|im_end|>"},
-        {"prompt": "<|im_start|>user\nok<|im_end|>\n<|im_start|>assistant\n",
-         "completion": "Thanks a lot, this is really helpful! See you tomorrow.<|im_end|>"},
+        {
+            "prompt": "<|im_start|>user\nhey everyone whats up<|im_end|>\n<|im_start|>assistant\n",
+            "completion": "omg yes!!! haha :)<|im_end|>",
+        },
+        {
+            "prompt": "<|im_start|>user\nThe quick brown fox jumps over the lazy dog. Pack my box<|im_end|>\n"
+            "<|im_start|>assistant\n",
+            "completion": "nah<|im_end|>",
+        },
+        {
+            "prompt": "<|im_start|>user\nok<|im_end|>\n<|im_start|>assistant\n",
+            "completion": "Thanks a lot, this is really helpful! See you tomorrow.<|im_end|>",
+        },
     ]
     expected = _manual_ppl(model, tok, rows)
     assert perplexity(model, tok, rows, batch_size=3) == pytest.approx(expected, rel=1e-4)
     assert perplexity(model, tok, rows, batch_size=1) == pytest.approx(expected, rel=1e-4)
     # Scoring the prompt too would give a different number: the test above would catch it.
-    whole = [{"prompt": "<|im_start|>", "completion": r["prompt"][len("<|im_start|>"):] + r["completion"]} for r in rows]
+    whole = [
+        {"prompt": "<|im_start|>", "completion": r["prompt"][len("<|im_start|>") :] + r["completion"]}
+        for r in rows
+    ]
     assert abs(_manual_ppl(model, tok, whole) - expected) / expected > 0.01
     with pytest.raises(EvaluationError):
         perplexity(model, tok, [], batch_size=2)
@@ -155,8 +180,14 @@ def _add_adapter(settings: Any, tmp_path: Any, version: int, status: str, metric
     async def go() -> None:
         async with Store.open(settings) as store:
             await store.adapters.insert(
-                lineage=["100", "200"], member_id="100", base_model="smollm2-135m", version=version, status=status,
-                path=str(tmp_path / f"v{version}"), metrics_json=json.dumps(metrics), meta_json="{}",
+                lineage=["100", "200"],
+                member_id="100",
+                base_model="smollm2-135m",
+                version=version,
+                status=status,
+                path=str(tmp_path / f"v{version}"),
+                metrics_json=json.dumps(metrics),
+                meta_json="{}",
             )
 
     asyncio.run(go())
@@ -173,8 +204,18 @@ def test_doppel_eval_prints_the_active_adapters_report(settings: Any, tmp_path: 
     )
     style = style_metrics(["omg yes!!! :)"], ["omg no!!! :)"])
     _add_adapter(settings, tmp_path, 1, "retired", {"ppl_base": 30.0, "ppl_adapter": 25.0})
-    _add_adapter(settings, tmp_path, 2, "active", {"ppl_base": 30.0, "ppl_adapter": 12.0, "heldout_examples": 9,
-                                                   "fidelity": {"style": {"adapter": style}, "n_real": 1}})
+    _add_adapter(
+        settings,
+        tmp_path,
+        2,
+        "active",
+        {
+            "ppl_base": 30.0,
+            "ppl_adapter": 12.0,
+            "heldout_examples": 9,
+            "fidelity": {"style": {"adapter": style}, "n_real": 1},
+        },
+    )
     _add_adapter(settings, tmp_path, 3, "candidate", {"ppl_base": 30.0, "ppl_adapter": 31.0})
     assert main(["eval", "100"]) == 0
     out = capsys.readouterr().out

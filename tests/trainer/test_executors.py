@@ -62,12 +62,24 @@ def ray_head() -> Iterator[str]:
         pytest.skip("ray is not installed in this environment")
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     port, dash = _free_port(), _free_port()
-    cmd = [str(ray), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           "--include-dashboard=true", "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+    cmd = [
+        str(ray),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--include-dashboard=true",
+        "--num-cpus=1",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+    ]
     started = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     try:
         if started.returncode != 0:
-            pytest.skip(f"ray cannot start here: {(started.stderr or started.stdout).strip().splitlines()[-1:]}")
+            pytest.skip(
+                f"ray cannot start here: {(started.stderr or started.stdout).strip().splitlines()[-1:]}"
+            )
         yield f"http://127.0.0.1:{dash}"
     finally:
         subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
@@ -84,11 +96,15 @@ async def test_ray_executor_runs_the_trainer_and_brings_the_adapter_back(
     from doppel.core.settings import Settings
     from trainer.supervisor import Supervisor
 
-    settings = Settings.load(env={
-        "DOPPEL_HOME": str(doppel_home), "DOPPEL_TRAINING__EXECUTOR": "ray",
-        "DOPPEL_TRAINING__RAY_ADDRESS": ray_head, "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
-        "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
-    })  # fmt: skip
+    settings = Settings.load(
+        env={
+            "DOPPEL_HOME": str(doppel_home),
+            "DOPPEL_TRAINING__EXECUTOR": "ray",
+            "DOPPEL_TRAINING__RAY_ADDRESS": ray_head,
+            "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
+            "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
+        }
+    )
     await fx.seed_member(settings)
     async with Store.open(settings) as store:
         sup = Supervisor(store, settings)
@@ -99,7 +115,9 @@ async def test_ray_executor_runs_the_trainer_and_brings_the_adapter_back(
             assert done.status.value == "succeeded", (done.error, done.exit_detail)
             assert done.executor == "ray" and done.executor_ref.startswith(f"doppel-{job.id}-")
             assert done.pid is None
-            assert done.progress.step == 6 and done.progress.losses, "events were streamed back from Ray's logs"
+            assert done.progress.step == 6 and done.progress.losses, (
+                "events were streamed back from Ray's logs"
+            )
             version = await sup.registry.get(done.adapter_id)
             assert version.gguf_path.is_file() and version.job_id == job.id
             assert not Path(job.job_dir).exists()

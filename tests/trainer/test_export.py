@@ -30,8 +30,12 @@ def random_adapter(tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) ->
     torch.manual_seed(1)
     tok = AutoTokenizer.from_pretrained(tiny_model.hf_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model.hf_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(DEFAULT_TARGETS),
-                                            lora_dropout=0.0, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=list(DEFAULT_TARGETS), lora_dropout=0.0, task_type="CAUSAL_LM"
+        ),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
@@ -48,8 +52,15 @@ def _llama(tiny_model: Any, adapter: Path | None) -> Any:
     from llama_cpp import Llama
 
     kwargs = {"lora_path": str(adapter)} if adapter else {}
-    return Llama(model_path=str(tiny_model.gguf_path), n_ctx=512, logits_all=True, n_threads=1, verbose=False,
-                 seed=0, **kwargs)
+    return Llama(
+        model_path=str(tiny_model.gguf_path),
+        n_ctx=512,
+        logits_all=True,
+        n_threads=1,
+        verbose=False,
+        seed=0,
+        **kwargs,
+    )
 
 
 def _llama_logits(llm: Any, ids: list[int]) -> np.ndarray:
@@ -86,7 +97,9 @@ def test_gguf_metadata_and_shapes_follow_llama_cpp_lora_format(random_adapter: t
     assert list(tensors["blk.0.attn_k.weight.lora_b"].shape) == [4, 32]
 
 
-def test_llama_cpp_matches_peft_with_the_exported_adapter(tiny_model: Any, random_adapter: tuple[Any, Any, Path]) -> None:
+def test_llama_cpp_matches_peft_with_the_exported_adapter(
+    tiny_model: Any, random_adapter: tuple[Any, Any, Path]
+) -> None:
     import torch
 
     model, tok, folder = random_adapter
@@ -109,22 +122,35 @@ def test_llama_cpp_matches_peft_with_the_exported_adapter(tiny_model: Any, rando
         assert np.abs(cpp_adapter - hf_adapter).max() < 0.05
         prompt = ids[:40]
         with torch.no_grad():
-            hf_gen = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                    max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+            hf_gen = model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=32,
+                min_new_tokens=32,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
         cpp_gen = _llama_greedy(llm, prompt, 32)
         assert cpp_gen == hf_gen
         with torch.no_grad(), model.disable_adapter():
-            hf_base_gen = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                         max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                                         eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+            hf_base_gen = model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=32,
+                min_new_tokens=32,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
         assert hf_base_gen != hf_gen
     finally:
         llm.close()
 
 
-def test_export_without_q_k_permutation_would_break_parity(tiny_model: Any, random_adapter: tuple[Any, Any, Path],
-                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_without_q_k_permutation_would_break_parity(
+    tiny_model: Any, random_adapter: tuple[Any, Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Guards the parity test itself: an export that skips the llama q/k permutation must be caught by it."""
     import torch
 

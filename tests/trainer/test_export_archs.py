@@ -46,8 +46,9 @@ def arch_adapter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     base = AutoModelForCausalLM.from_pretrained(tiny.hf_dir, dtype=torch.float32, attn_implementation="eager")
     targets = lora_targets(base.config.model_type, DEFAULT_TARGETS)
     torch.manual_seed(1)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
-                                            task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM")
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
@@ -68,8 +69,12 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return fields, {t.name: np.array(t.data) for t in reader.tensors}
 
 
-def test_export_matches_llama_cpp_converter(arch_adapter: dict[str, Any], converter: Path, tmp_path: Path) -> None:
-    ref_path = reference.convert_lora(converter, arch_adapter["tiny"].hf_dir, arch_adapter["adapter"], tmp_path / "ref.gguf")
+def test_export_matches_llama_cpp_converter(
+    arch_adapter: dict[str, Any], converter: Path, tmp_path: Path
+) -> None:
+    ref_path = reference.convert_lora(
+        converter, arch_adapter["tiny"].hf_dir, arch_adapter["adapter"], tmp_path / "ref.gguf"
+    )
     ref_kv, ref_t = _read(ref_path)
     our_kv, our_t = _read(arch_adapter["adapter"] / "adapter.gguf")
     for key in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha"):
@@ -106,11 +111,21 @@ def _hf_greedy(model: Any, prompt: list[int], steps: int) -> tuple[list[int], in
     import torch
 
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=steps, min_new_tokens=steps, do_sample=False, eos_token_id=None,
-                             pad_token_id=0, return_dict_in_generate=True, output_scores=True)  # fmt: skip
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
     gaps = [float(top[0] - top[1]) for top in (s[0].topk(2).values for s in out.scores)]
-    return out.sequences[0, len(prompt):].tolist(), next((i for i, g in enumerate(gaps) if g < 0.01), len(gaps))
+    return out.sequences[0, len(prompt) :].tolist(), next(
+        (i for i, g in enumerate(gaps) if g < 0.01), len(gaps)
+    )
 
 
 def test_llama_cpp_applies_the_adapter_as_peft_does(arch_adapter: dict[str, Any]) -> None:
@@ -123,8 +138,15 @@ def test_llama_cpp_applies_the_adapter_as_peft_does(arch_adapter: dict[str, Any]
         hf = model(torch.tensor([ids])).logits[0].numpy()
         with model.disable_adapter():
             hf_base = model(torch.tensor([ids])).logits[0].numpy()
-    llm = Llama(model_path=str(arch_adapter["tiny"].gguf_path), lora_path=str(arch_adapter["adapter"] / "adapter.gguf"),
-                n_ctx=512, logits_all=True, n_threads=1, verbose=False, seed=0)
+    llm = Llama(
+        model_path=str(arch_adapter["tiny"].gguf_path),
+        lora_path=str(arch_adapter["adapter"] / "adapter.gguf"),
+        n_ctx=512,
+        logits_all=True,
+        n_threads=1,
+        verbose=False,
+        seed=0,
+    )
     try:
         assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == ids
         cpp = _logits(llm, ids)
@@ -145,8 +167,9 @@ def test_llama_cpp_applies_the_adapter_as_peft_does(arch_adapter: dict[str, Any]
         llm.close()
 
 
-def test_llama_permutation_on_another_architecture_would_break_parity(arch_adapter: dict[str, Any], tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_llama_permutation_on_another_architecture_would_break_parity(
+    arch_adapter: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Guards the parity test: q/k rows permuted as for llama, where the converter does not, must be caught."""
     import torch
     from llama_cpp import Llama
@@ -158,13 +181,20 @@ def test_llama_permutation_on_another_architecture_would_break_parity(arch_adapt
         pytest.skip(f"{arch}: not applicable")
     monkeypatch.setattr(export_gguf, "PERMUTED_ARCHS", {arch})
     model = arch_adapter["model"]
-    export_gguf.export_lora_gguf(arch_adapter["adapter"], tmp_path / "wrong.gguf",
-                                 export_gguf.BaseInfo.from_hf_config(model.config))
+    export_gguf.export_lora_gguf(
+        arch_adapter["adapter"], tmp_path / "wrong.gguf", export_gguf.BaseInfo.from_hf_config(model.config)
+    )
     ids = arch_adapter["tok"](TEXT, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         hf = model(torch.tensor([ids])).logits[0].numpy()
-    llm = Llama(model_path=str(arch_adapter["tiny"].gguf_path), lora_path=str(tmp_path / "wrong.gguf"), n_ctx=512,
-                logits_all=True, n_threads=1, verbose=False)
+    llm = Llama(
+        model_path=str(arch_adapter["tiny"].gguf_path),
+        lora_path=str(tmp_path / "wrong.gguf"),
+        n_ctx=512,
+        logits_all=True,
+        n_threads=1,
+        verbose=False,
+    )
     try:
         assert np.abs(_logits(llm, ids) - hf).max() > 0.1
     finally:

@@ -17,12 +17,18 @@ pytestmark = pytest.mark.timeout(400)
 
 
 def _env(home: Path) -> dict[str, str]:
-    return {**os.environ, "DOPPEL_HOME": str(home), "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
-            "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1"}  # fmt: skip
+    return {
+        **os.environ,
+        "DOPPEL_HOME": str(home),
+        "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
+        "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
+    }
 
 
 @fx.run_async
-async def test_failed_export_keeps_the_adapter_and_doppel_eval_converts_it(doppel_home: Path, tiny_model: Any) -> None:
+async def test_failed_export_keeps_the_adapter_and_doppel_eval_converts_it(
+    doppel_home: Path, tiny_model: Any
+) -> None:
     from data.store import Store
     from doppel.core.settings import Settings
     from trainer.supervisor import Supervisor
@@ -33,15 +39,23 @@ async def test_failed_export_keeps_the_adapter_and_doppel_eval_converts_it(doppe
     sup = Supervisor(store, settings)
     await sup.start()
     try:
-        job = await sup.submit(fx.PERSONA_ID, requested_by="admin",
-                               **fx.tiny_overrides(tiny_model, simulate_export_failure=True, eval_fidelity=False))
+        job = await sup.submit(
+            fx.PERSONA_ID,
+            requested_by="admin",
+            **fx.tiny_overrides(tiny_model, simulate_export_failure=True, eval_fidelity=False),
+        )
         done = await sup.wait(job.id)
         assert done.status.value == "succeeded", (done.error, done.exit_detail)
-        assert done.error is not None and done.error.startswith("export failed: GGUF export failed"), done.error
+        assert done.error is not None and done.error.startswith("export failed: GGUF export failed"), (
+            done.error
+        )
         version = await sup.registry.get(done.adapter_id)
         assert version.status == "candidate" and version.version == 1
         assert version.metrics["export"] == "failed" and "simulated" in version.metrics["export_error"]
-        assert version.metrics["gate_reason"].startswith("export failed: ") and "doppel eval" in version.metrics["gate_reason"]
+        assert (
+            version.metrics["gate_reason"].startswith("export failed: ")
+            and "doppel eval" in version.metrics["gate_reason"]
+        )
         folder = Path(version.path)
         assert (folder / "adapter_model.safetensors").is_file() and (folder / "adapter_config.json").is_file()
         assert not version.gguf_path.exists(), "no half-written GGUF is kept"
@@ -55,8 +69,13 @@ async def test_failed_export_keeps_the_adapter_and_doppel_eval_converts_it(doppe
         await sup.close()
         await store.close()
 
-    ran = subprocess.run([sys.executable, "-m", "doppel", "eval", fx.PERSONA_ID, "--json"], capture_output=True,
-                         text=True, env=_env(doppel_home), timeout=300)  # fmt: skip
+    ran = subprocess.run(
+        [sys.executable, "-m", "doppel", "eval", fx.PERSONA_ID, "--json"],
+        capture_output=True,
+        text=True,
+        env=_env(doppel_home),
+        timeout=300,
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
     result = json.loads(ran.stdout.strip().splitlines()[-1])
     assert result["reevaluated"] is True and result["adapter_id"] == version.id
@@ -72,4 +91,6 @@ async def test_failed_export_keeps_the_adapter_and_doppel_eval_converts_it(doppe
     assert again.status == ("active" if again.metrics["active"] else "candidate")
     folder_meta = json.loads((Path(again.path) / "meta.json").read_text())
     assert folder_meta["export"]["modules"] > 0 and folder_meta["metrics"]["evaluation"] == "done"
-    assert not [p for p in settings.jobs_dir.iterdir() if p.name.startswith("eval-")], "the eval folder is removed"
+    assert not [p for p in settings.jobs_dir.iterdir() if p.name.startswith("eval-")], (
+        "the eval folder is removed"
+    )

@@ -23,7 +23,9 @@ def test_rows_without_weight_are_kept_once() -> None:
     assert weighted_rows(rows, seed=1) == rows
 
 
-def test_preference_rows_fit_max_length_by_dropping_old_context(tiny_model: Any, tiny_chat_format: Any) -> None:
+def test_preference_rows_fit_max_length_by_dropping_old_context(
+    tiny_model: Any, tiny_chat_format: Any
+) -> None:
     from trainer.basemodel import load_tokenizer
     from trainer.jobdata import fit_pairs, fit_rows
     from trainer.synthetic import synthetic_rows
@@ -33,21 +35,41 @@ def test_preference_rows_fit_max_length_by_dropping_old_context(tiny_model: Any,
     def length(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    row = max(synthetic_rows(40, seed=4, chat_format=tiny_chat_format, long_tail=True), key=lambda r: len(r["prompt"]))
+    row = max(
+        synthetic_rows(40, seed=4, chat_format=tiny_chat_format, long_tail=True),
+        key=lambda r: len(r["prompt"]),
+    )
     system, *_, last = row["messages"]
     lines = last["content"].split("\n")
     assert len(lines) > 4  # other speakers' lines merged into one user turn, oldest first
     full = length(row["prompt"] + row["completion"])
     rejected = "no. " * 12 + tiny_chat_format.eos_token
-    pair = {"prompt": row["prompt"], "chosen": row["completion"], "rejected": rejected, "messages": row["messages"]}
+    pair = {
+        "prompt": row["prompt"],
+        "chosen": row["completion"],
+        "rejected": rejected,
+        "messages": row["messages"],
+    }
     longest = max(length(row["completion"]), length(rejected))
     limit = full - 40
 
-    (signal,), lost = fit_rows([{"prompt": row["prompt"], "completion": row["completion"], "label": True,
-                                 "messages": row["messages"]}], tokenizer, limit)
+    (signal,), lost = fit_rows(
+        [
+            {
+                "prompt": row["prompt"],
+                "completion": row["completion"],
+                "label": True,
+                "messages": row["messages"],
+            }
+        ],
+        tokenizer,
+        limit,
+    )
     assert lost == 0 and signal["label"] is True and signal["completion"] == row["completion"]
     assert length(signal["prompt"] + signal["completion"]) <= limit < full
-    assert system["content"] in signal["prompt"] and lines[-1] in signal["prompt"]  # system prompt, newest line
+    assert (
+        system["content"] in signal["prompt"] and lines[-1] in signal["prompt"]
+    )  # system prompt, newest line
     assert signal["prompt"].count(lines[0]) < row["prompt"].count(lines[0])  # the oldest line went first
 
     (fitted,), lost = fit_pairs([pair], tokenizer, limit)

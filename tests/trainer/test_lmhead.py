@@ -21,8 +21,16 @@ def _trainer(tiny_model: Any, chat_format: Any, tmp_path: Path, batching: str) -
     from trainer.recipes.sft import lora_config, sft_args
 
     torch.manual_seed(0)
-    cfg = TrainConfig(base_model=str(tiny_model.hf_dir), max_steps=2, micro_batch_size=4, lora_r=8, lora_alpha=16,
-                      lora_dropout=0.0, batching=batching, max_length=256).validate()
+    cfg = TrainConfig(
+        base_model=str(tiny_model.hf_dir),
+        max_steps=2,
+        micro_batch_size=4,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        batching=batching,
+        max_length=256,
+    ).validate()
     base = load_base(tiny_model.hf_dir, quantize_4bit=False)
     model = get_peft_model(base.model, lora_config(cfg))
     # LoRA B starts at zero; random B makes the adapter's gradient path non-trivial to compare.
@@ -31,8 +39,12 @@ def _trainer(tiny_model: Any, chat_format: Any, tmp_path: Path, batching: str) -
             torch.nn.init.normal_(p, std=0.05)
     rows = synthetic_rows(8, seed=3, chat_format=chat_format, long_tail=True)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-    return PersonaSFTTrainer(model=model, args=sft_args(cfg, tmp_path, micro=4, accum=1, device="cpu"),
-                             train_dataset=dataset, processing_class=base.tokenizer)
+    return PersonaSFTTrainer(
+        model=model,
+        args=sft_args(cfg, tmp_path, micro=4, accum=1, device="cpu"),
+        train_dataset=dataset,
+        processing_class=base.tokenizer,
+    )
 
 
 def _loss_and_grads(compute: Any, trainer: Any, batch: dict[str, Any]) -> tuple[float, dict[str, Any]]:
@@ -45,8 +57,9 @@ def _loss_and_grads(compute: Any, trainer: Any, batch: dict[str, Any]) -> tuple[
 
 
 @pytest.mark.parametrize("batching", ["padding_free", "length_grouped"])
-def test_compact_loss_equals_trls_fused_head(tiny_model: Any, tiny_chat_format: Any, tmp_path: Path,
-                                              batching: str) -> None:
+def test_compact_loss_equals_trls_fused_head(
+    tiny_model: Any, tiny_chat_format: Any, tmp_path: Path, batching: str
+) -> None:
     from trl import SFTTrainer
 
     from trainer.lmhead import PersonaSFTTrainer, compact_loss_applies
@@ -71,7 +84,9 @@ def test_compact_loss_equals_trls_fused_head(tiny_model: Any, tiny_chat_format: 
     assert metrics["entropy"][0] == pytest.approx(metrics["entropy"][1], rel=1e-4)
 
 
-def test_batch_without_labels_is_a_differentiable_zero(tiny_model: Any, tiny_chat_format: Any, tmp_path: Path) -> None:
+def test_batch_without_labels_is_a_differentiable_zero(
+    tiny_model: Any, tiny_chat_format: Any, tmp_path: Path
+) -> None:
     trainer = _trainer(tiny_model, tiny_chat_format, tmp_path, "padding_free")
     trainer.model.train()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
@@ -79,4 +94,3 @@ def test_batch_without_labels_is_a_differentiable_zero(tiny_model: Any, tiny_cha
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
     assert float(loss.detach()) == 0.0
-

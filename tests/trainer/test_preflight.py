@@ -36,7 +36,9 @@ def test_job_that_cannot_fit_is_refused_with_the_fix(settings: Any) -> None:
     require(ok)
     assert {c.name for c in ok} >= {"device", "base model", "memory", "disk"}
     huge = _config(settings, micro_batch_size=4096, max_length=8192)
-    with pytest.raises(PreflightError, match=r"memory: needs about .* GiB.*fix: lower micro_batch_size \(now 4096\)"):
+    with pytest.raises(
+        PreflightError, match=r"memory: needs about .* GiB.*fix: lower micro_batch_size \(now 4096\)"
+    ):
         require(job_checks(settings, huge, "cpu"))
     with pytest.raises(PreflightError, match="device cuda:7 is not available"):
         require(job_checks(settings, _config(settings), "cuda:7"))
@@ -45,7 +47,9 @@ def test_job_that_cannot_fit_is_refused_with_the_fix(settings: Any) -> None:
 def test_disk_check_refuses_when_the_floor_is_not_met(settings: Any) -> None:
     from trainer.preflight import disk_check
 
-    greedy = dataclasses.replace(settings, training=dataclasses.replace(settings.training, min_free_disk_mb=10**12))
+    greedy = dataclasses.replace(
+        settings, training=dataclasses.replace(settings.training, min_free_disk_mb=10**12)
+    )
     check = disk_check(greedy)
     assert check.status == "fail" and "min_free_disk_mb" in check.fix
     assert disk_check(settings).status == "ok"
@@ -55,7 +59,9 @@ def test_configured_devices_are_the_queues(settings: Any) -> None:
     from trainer.preflight import devices
 
     assert [d.name for d in devices(settings)][-1:] in (["cpu"], [d.name for d in devices(settings)][-1:])
-    pinned = dataclasses.replace(settings, training=dataclasses.replace(settings.training, devices=("cpu", "cuda:5")))
+    pinned = dataclasses.replace(
+        settings, training=dataclasses.replace(settings.training, devices=("cpu", "cuda:5"))
+    )
     found = {d.name: d for d in devices(pinned)}
     assert found["cpu"].total_bytes > 0 and found["cuda:5"].total_bytes == 0
 
@@ -66,13 +72,19 @@ def test_progress_state_bar_and_throttle() -> None:
     state = ProgressState()
     state.apply({"event": "started", "total": 10, "step": 4, "resumed_from_step": 4})
     assert (state.step, state.resumed_from, state.status) == (4, 4, "running")
-    state.apply({"event": "progress", "step": 5, "total": 10, "loss": 1.25, "tokens_per_s": 300.0, "eta_s": 65})
+    state.apply(
+        {"event": "progress", "step": 5, "total": 10, "loss": 1.25, "tokens_per_s": 300.0, "eta_s": 65}
+    )
     line = render_bar(state, width=10, fill="#", empty="-")
     assert line.startswith("#####----- ") and "50%" in line and "step 5/10" in line
     assert "loss 1.250" in line and "300 tok/s" in line and "ETA 1:05" in line
     assert ProgressState.from_dict(state.to_dict()) == state
     throttle = Throttle(5.0)
-    assert throttle.ready(state, now=0.0) and not throttle.ready(state, now=1.0) and throttle.ready(state, now=6.0)
+    assert (
+        throttle.ready(state, now=0.0)
+        and not throttle.ready(state, now=1.0)
+        and throttle.ready(state, now=6.0)
+    )
     state.apply({"event": "finished", "status": "succeeded"})
     assert throttle.ready(state, now=6.5), "a status change always redraws"
     assert state.fraction == 1.0 and "succeeded" in render_bar(state)

@@ -26,7 +26,9 @@ def _lora_state(folder: Path) -> dict[str, Any]:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
-def test_trained_tokens_are_the_reply_plus_one_end_of_turn_token(make_job: Callable[..., Path], tiny_model: Any) -> None:
+def test_trained_tokens_are_the_reply_plus_one_end_of_turn_token(
+    make_job: Callable[..., Path], tiny_model: Any
+) -> None:
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -42,13 +44,22 @@ def test_trained_tokens_are_the_reply_plus_one_end_of_turn_token(make_job: Calla
     rows, _ = fit_rows(load_job_data(job).train, tok, cfg.max_length)
     from datasets import Dataset
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model.hf_dir, dtype=torch.float32), lora_config(cfg))
-    trainer = SFTTrainer(model=model, args=sft_args(cfg, job, micro=2, accum=1, device="cpu"),
-                         train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]),
-                         processing_class=tok)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model.hf_dir, dtype=torch.float32), lora_config(cfg)
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_args(cfg, job, micro=2, accum=1, device="cpu"),
+        train_dataset=Dataset.from_list(
+            [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+        ),
+        processing_class=tok,
+    )
     eos = tok.eos_token_id
     for row, example in zip(rows, trainer.train_dataset, strict=True):
-        trained = [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
+        trained = [
+            t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100
+        ]
         assert tok.decode(trained) == row["target"] + "<|im_end|>"
         assert trained.count(eos) == 1 and trained[-1] == eos
         # Everything before the reply (system prompt, other members' turns, the assistant header) is masked.
@@ -56,7 +67,9 @@ def test_trained_tokens_are_the_reply_plus_one_end_of_turn_token(make_job: Calla
         assert all(label == -100 for label in example["labels"][:first])
 
 
-def test_fit_rows_drops_oldest_context_turns_not_the_reply(make_job: Callable[..., Path], tiny_model: Any) -> None:
+def test_fit_rows_drops_oldest_context_turns_not_the_reply(
+    make_job: Callable[..., Path], tiny_model: Any
+) -> None:
     from transformers import AutoTokenizer
 
     from trainer.jobdata import fit_rows, load_job_data
@@ -69,7 +82,9 @@ def test_fit_rows_drops_oldest_context_turns_not_the_reply(make_job: Callable[..
     assert dropped == 0
     user_turn = fitted[0]["messages"][-1]["content"]
     # The merged context turn lost its oldest speaker line, kept the latest one.
-    assert longest["messages"][-1]["content"].endswith(user_turn) and len(user_turn) < len(longest["messages"][-1]["content"])
+    assert longest["messages"][-1]["content"].endswith(user_turn) and len(user_turn) < len(
+        longest["messages"][-1]["content"]
+    )
     assert fitted[0]["messages"][0] == longest["messages"][0]
     assert fitted[0]["prompt"] != longest["prompt"]
     assert fitted[0]["completion"] == longest["completion"] and fitted[0]["n_tokens"] <= full - 1
@@ -85,11 +100,16 @@ def test_sft_run_lowers_loss_exports_and_reports(make_job: Callable[..., Path]) 
     assert kinds[0] == "phase" and "started" in kinds and kinds[-1] == "finished"
     # The adapter is saved and announced before evaluation (so a failure there cannot lose it), then again after.
     artifacts = [i for i, k in enumerate(kinds) if k == "artifact"]
-    assert len(artifacts) == 2 and artifacts[0] < kinds.index("metrics") < artifacts[1] < kinds.index("finished")
+    assert len(artifacts) == 2 and artifacts[0] < kinds.index("metrics") < artifacts[1] < kinds.index(
+        "finished"
+    )
     assert [ev.of("artifact")[i]["evaluated"] for i in (0, 1)] == [False, True]
     progress = ev.of("progress")
     assert [p["step"] for p in progress] == list(range(1, 9))
-    assert all(p["total"] == 8 and p["tokens_per_s"] > 0 and p["peak_mem_mb"] > 0 and p["eta_s"] >= 0 for p in progress)
+    assert all(
+        p["total"] == 8 and p["tokens_per_s"] > 0 and p["peak_mem_mb"] > 0 and p["eta_s"] >= 0
+        for p in progress
+    )
     assert progress[-1]["loss"] < progress[0]["loss"] - 0.5
     folder = Path(ev.of("artifact")[0]["path"])
     assert folder == job / "output" / "adapter"
@@ -117,16 +137,26 @@ def test_sft_run_lowers_loss_exports_and_reports(make_job: Callable[..., Path]) 
     assert any("lora_B" in k and float(v.abs().sum()) > 0 for k, v in state.items())
 
 
-def test_simulated_cuda_oom_halves_micro_batch_and_resumes_from_checkpoint(make_job: Callable[..., Path]) -> None:
-    job = make_job(max_steps=6, save_steps=2, micro_batch_size=4, simulate_oom_at_step=3, eval_samples=0,
-                   eval_fidelity=False)
+def test_simulated_cuda_oom_halves_micro_batch_and_resumes_from_checkpoint(
+    make_job: Callable[..., Path],
+) -> None:
+    job = make_job(
+        max_steps=6,
+        save_steps=2,
+        micro_batch_size=4,
+        simulate_oom_at_step=3,
+        eval_samples=0,
+        eval_fidelity=False,
+    )
     rc, ev = _run(job)
     assert rc == 0, ev.of("finished")
     retry = ev.of("oom_retry")
     assert retry == [{**retry[0], "micro_batch_size": 2, "grad_accum": 2, "resume_from_step": 2}]
     # The OOM hit inside step 3 (before it was logged); training resumed from checkpoint 2 at half the micro-batch.
     seq = [(e["event"], e.get("step")) for e in ev.events if e["event"] in ("progress", "oom_retry")]
-    assert seq == [("progress", 1), ("progress", 2), ("oom_retry", None)] + [("progress", s) for s in range(3, 7)]
+    assert seq == [("progress", 1), ("progress", 2), ("oom_retry", None)] + [
+        ("progress", s) for s in range(3, 7)
+    ]
     meta = json.loads((job / "output" / "adapter" / "meta.json").read_text())
     assert meta["training"]["sft"]["micro_batch_size"] == 2 and meta["training"]["sft"]["grad_accum"] == 2
     assert meta["training"]["sft"]["steps"] == 6
@@ -138,15 +168,21 @@ def test_bad_dataset_fails_with_one_line_and_writes_no_adapter(make_job: Callabl
     rc, ev = _run(job)
     assert rc == 1
     finished = ev.of("finished")[0]
-    assert finished["status"] == "failed" and finished["error"] == "train.jsonl:1: missing string field(s) completion"
+    assert (
+        finished["status"] == "failed"
+        and finished["error"] == "train.jsonl:1: missing string field(s) completion"
+    )
     assert not (job / "output").exists()
 
 
 @pytest.mark.parametrize("mode", ["sft+kto", "sft+dpo"])
-def test_preference_stage_runs_from_the_sft_adapter_and_changes_it(make_job: Callable[..., Path], mode: str) -> None:
+def test_preference_stage_runs_from_the_sft_adapter_and_changes_it(
+    make_job: Callable[..., Path], mode: str
+) -> None:
     sft_job = make_job("sft", max_steps=4, eval_samples=0, eval_fidelity=False, preference=True)
-    pref_job = make_job("pref", mode=mode, max_steps=4, pref_steps=3, eval_samples=0, eval_fidelity=False,
-                        preference=True)
+    pref_job = make_job(
+        "pref", mode=mode, max_steps=4, pref_steps=3, eval_samples=0, eval_fidelity=False, preference=True
+    )
     assert _run(sft_job)[0] == 0
     rc, ev = _run(pref_job)
     assert rc == 0, ev.of("finished")

@@ -53,8 +53,11 @@ def test_panel_is_the_member_and_the_most_active_others() -> None:
 
 def test_attribution_panel_and_chance_do_not_grow_with_the_community() -> None:
     rng = random.Random(3)
-    rows = [{"author_id": str(a), "text": f"{'!' * (a % 5)} {rng.choice(WORDS)} {a} {'x' * (a % 7)}"}
-            for a in range(300) for _ in range(30)]  # fmt: skip
+    rows = [
+        {"author_id": str(a), "text": f"{'!' * (a % 5)} {rng.choice(WORDS)} {a} {'x' * (a % 7)}"}
+        for a in range(300)
+        for _ in range(30)
+    ]
     rows += [{"author_id": ME, "text": f"omg {rng.choice(WORDS)} lol 😭"} for _ in range(400)]
     kept = panel_rows(rows, ME, seed=1)
     authors = {r["author_id"] for r in kept}
@@ -89,8 +92,11 @@ def test_dataset_files_are_unreadable_without_the_job_key(settings: Settings, tm
         async with Store.open(s) as store:
             async with store.write() as db:
                 for a in sorted({m.author_id for m in msgs}):
-                    await db.execute("INSERT INTO consent(member_id, scope, granted_at, actor, channel) "
-                                     "VALUES (?, 'train', 0, 'test', 'cli')", (a,))  # fmt: skip
+                    await db.execute(
+                        "INSERT INTO consent(member_id, scope, granted_at, actor, channel) "
+                        "VALUES (?, 'train', 0, 'test', 'cli')",
+                        (a,),
+                    )
             for a in sorted({m.author_id for m in msgs}):
                 await store.members.upsert(Member(a, f"m{a}", f"M{a}"))
             await store.messages.add_many(msgs)
@@ -112,7 +118,9 @@ def test_dataset_files_are_unreadable_without_the_job_key(settings: Settings, tm
         load_job_data(job, job_key_for(s, s.jobs_dir / "another-job"))
     key = job_key_for(s, job)
     data = load_job_data(job, key)
-    assert len(data.train) == meta["counts"]["train"] and len({r["author_id"] for r in data.attribution}) <= 17
+    assert (
+        len(data.train) == meta["counts"]["train"] and len({r["author_id"] for r in data.attribution}) <= 17
+    )
     # A file swapped for another job file does not open either (its name is bound into the seal).
     (job / "dataset" / "val.jsonl").write_bytes((job / "dataset" / "heldout.jsonl").read_bytes())
     with pytest.raises(JobConfigError, match="does not open"):

@@ -21,8 +21,12 @@ pytestmark = pytest.mark.timeout(300)
 def _settings(doppel_home: Path, **training: Any) -> Any:
     from doppel.core.settings import Settings
 
-    env = {"DOPPEL_HOME": str(doppel_home), "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
-           "DOPPEL_TRAINING__CANCEL_GRACE_S": "20", "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1"}  # fmt: skip
+    env = {
+        "DOPPEL_HOME": str(doppel_home),
+        "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
+        "DOPPEL_TRAINING__CANCEL_GRACE_S": "20",
+        "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
+    }
     env.update({f"DOPPEL_TRAINING__{k.upper()}": str(v) for k, v in training.items()})
     return Settings.load(env=env)
 
@@ -43,7 +47,9 @@ async def test_job_succeeds_and_publishes_a_version(doppel_home: Path, tiny_mode
     await fx.seed_member(settings)
     store, sup = await _open(settings)
     try:
-        job = await sup.submit(fx.PERSONA_ID, requested_by="admin", source="cli", **fx.tiny_overrides(tiny_model))
+        job = await sup.submit(
+            fx.PERSONA_ID, requested_by="admin", source="cli", **fx.tiny_overrides(tiny_model)
+        )
         assert job.status.value == "queued" and job.requested_by == "admin" and job.created_at > 0
         seen: list[str] = []
         done = await sup.wait(job.id, on_update=lambda j: seen.append(j.status.value))
@@ -69,7 +75,9 @@ async def test_sigkill_of_the_trainer_fails_the_job_and_cleans_up(doppel_home: P
     await fx.seed_member(settings)
     store, sup = await _open(settings)
     try:
-        job = await sup.submit(fx.PERSONA_ID, requested_by="admin", **fx.tiny_overrides(tiny_model, max_steps=400))
+        job = await sup.submit(
+            fx.PERSONA_ID, requested_by="admin", **fx.tiny_overrides(tiny_model, max_steps=400)
+        )
 
         async def running_pid() -> int | None:
             j = await sup.get(job.id)
@@ -99,7 +107,9 @@ async def test_cancel_queue_and_one_job_per_member(doppel_home: Path, tiny_model
     await fx.seed_member(settings, member_id="4004", exchanges=30)
     store, sup = await _open(settings)
     try:
-        first = await sup.submit(fx.PERSONA_ID, requested_by="a", **fx.tiny_overrides(tiny_model, max_steps=400))
+        first = await sup.submit(
+            fx.PERSONA_ID, requested_by="a", **fx.tiny_overrides(tiny_model, max_steps=400)
+        )
         with pytest.raises(JobConflictError, match="already has a"):
             await sup.submit(fx.PERSONA_ID, requested_by="b", **fx.tiny_overrides(tiny_model))
         second = await sup.submit("4004", requested_by="b", source="discord", **fx.tiny_overrides(tiny_model))
@@ -129,8 +139,6 @@ async def test_cancel_queue_and_one_job_per_member(doppel_home: Path, tiny_model
     assert fx.integrity(settings) == "ok"
 
 
-
-
 @pytest.mark.slow
 @fx.run_async
 async def test_supervisor_killed_mid_run_then_resume_continues_from_checkpoint(
@@ -138,11 +146,18 @@ async def test_supervisor_killed_mid_run_then_resume_continues_from_checkpoint(
 ) -> None:
     settings = _settings(doppel_home)
     await fx.seed_member(settings)
-    env = {"DOPPEL_HOME": str(doppel_home), "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
-           "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1", "DOPPEL_TRAINING__CANCEL_GRACE_S": "20"}  # fmt: skip
+    env = {
+        "DOPPEL_HOME": str(doppel_home),
+        "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
+        "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
+        "DOPPEL_TRAINING__CANCEL_GRACE_S": "20",
+    }
     overrides = fx.tiny_overrides(tiny_model, max_steps=30, save_steps=2)
-    proc = subprocess.Popen([sys.executable, "-c", fx.SUPERVISOR_SCRIPT, json.dumps(env), json.dumps(overrides), fx.PERSONA_ID],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", fx.SUPERVISOR_SCRIPT, json.dumps(env), json.dumps(overrides), fx.PERSONA_ID],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         job_id = proc.stdout.readline().strip()  # type: ignore[union-attr]
         from data.store import Store
@@ -154,7 +169,9 @@ async def test_supervisor_killed_mid_run_then_resume_continues_from_checkpoint(
             async def checkpointed() -> Any:
                 j = await jobs.get(job_id)
                 ckpt = Path(j.job_dir) / "checkpoints"
-                return j if j.progress.step >= 3 and ckpt.is_dir() and any(ckpt.glob("checkpoint-*")) else None
+                return (
+                    j if j.progress.step >= 3 and ckpt.is_dir() and any(ckpt.glob("checkpoint-*")) else None
+                )
 
             before = await fx.wait_for(checkpointed)
             proc.kill()
@@ -173,7 +190,9 @@ async def test_supervisor_killed_mid_run_then_resume_continues_from_checkpoint(
         assert job.status.value == "interrupted" and job.exit_detail == "lost at restart"
         assert "resume" in job.error
         # The orphaned trainer was stopped (it checkpoints on SIGTERM); a zombie awaiting its reaper counts as gone.
-        assert not psutil.pid_exists(trainer_pid) or psutil.Process(trainer_pid).status() == psutil.STATUS_ZOMBIE
+        assert (
+            not psutil.pid_exists(trainer_pid) or psutil.Process(trainer_pid).status() == psutil.STATUS_ZOMBIE
+        )
         assert any((Path(job.job_dir) / "checkpoints").glob("checkpoint-*")), "kept for resume"
         await sup.resume(job_id)
         done = await sup.wait(job_id)

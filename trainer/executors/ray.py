@@ -77,14 +77,18 @@ class RayRun:
         if status == "SUCCEEDED":
             return Outcome(returncode=0, stderr_tail=self.stderr.lines())
         if status == "STOPPED":
-            return Outcome(returncode=code, signal=15, stderr_tail=self.stderr.lines(), detail="stopped through Ray")
+            return Outcome(
+                returncode=code, signal=15, stderr_tail=self.stderr.lines(), detail="stopped through Ray"
+            )
         # The entrypoint is `exec`ed by a shell: a signal death shows up as a negative code or 128+N.
         if code is not None and code < 0:
             return Outcome(returncode=code, signal=-code, stderr_tail=self.stderr.lines())
         if code is not None and code > 128:
             return Outcome(returncode=code, signal=code - 128, stderr_tail=self.stderr.lines())
         detail = f"exit code {code}" if code is not None else f"ray: {info.message or 'failed'}"
-        return Outcome(returncode=code if code is not None else 1, stderr_tail=self.stderr.lines(), detail=detail)
+        return Outcome(
+            returncode=code if code is not None else 1, stderr_tail=self.stderr.lines(), detail=detail
+        )
 
     async def terminate(self, grace_s: float) -> None:
         # Ray's stop_job sends SIGTERM and escalates to SIGKILL itself (RAY_JOB_STOP_WAIT_TIME_S).
@@ -113,14 +117,16 @@ class RayExecutor:
         """The Job Submission client, connected once (its constructor does a blocking HTTP check)."""
         if self._client is None:
             if not self.address:
-                raise ExecutorError("the Ray executor needs [training] ray_address (e.g. http://127.0.0.1:8265)")
+                raise ExecutorError(
+                    "the Ray executor needs [training] ray_address (e.g. http://127.0.0.1:8265)"
+                )
             try:
                 from ray.job_submission import JobSubmissionClient
             except ImportError:
                 raise ExecutorError("the Ray executor needs ray: pip install 'doppel[ray]'") from None
             try:
                 self._client = await asyncio.to_thread(JobSubmissionClient, self.address)
-            except Exception as exc:  # noqa: BLE001 - connection errors come in many types; one line for the admin
+            except Exception as exc:
                 raise ExecutorError(f"cannot reach the Ray cluster at {self.address}: {exc}") from None
         return self._client
 
@@ -144,7 +150,7 @@ class RayExecutor:
                 entrypoint_num_gpus=gpus or None,
                 metadata={"doppel_job": job_id},
             )
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ExecutorError(f"Ray refused the job: {exc}") from None
         return RayRun(client, submission_id)
 

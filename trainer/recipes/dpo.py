@@ -13,8 +13,15 @@ from trainer.events import Emitter
 from trainer.recipes.sft import finish_job, setup_torch, train_sft
 
 
-def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Event, *,
-        resume: bool = False, key: bytes | None = None) -> dict[str, Any]:
+def run(
+    cfg: TrainConfig,
+    job_dir: Path,
+    emitter: Emitter,
+    cancel: threading.Event,
+    *,
+    resume: bool = False,
+    key: bytes | None = None,
+) -> dict[str, Any]:
     """SFT (resumable), then DPO from the SFT adapter, then evaluate and publish."""
     from trainer.basemodel import load_base
     from trainer.jobdata import fit_pairs, fit_rows, load_job_data
@@ -23,35 +30,64 @@ def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Eve
     setup_torch(cfg)
     data = load_job_data(job_dir, key)
     emitter.emit("phase", phase="loading base model")
-    base = load_base(Path(cfg.base_model), quantize_4bit=cfg.quantize_4bit,
-                     gradient_checkpointing=cfg.gradient_checkpointing,
-                     cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None)
+    base = load_base(
+        Path(cfg.base_model),
+        quantize_4bit=cfg.quantize_4bit,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None,
+    )
     rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length)
     if not rows:
         raise TrainingError(f"no training example fits max_length={cfg.max_length} tokens")
-    dpo_rows = [r for r in data.preference
-                if r.get("kind", "dpo") == "dpo" and isinstance(r.get("chosen"), str) and isinstance(r.get("rejected"), str)]
+    dpo_rows = [
+        r
+        for r in data.preference
+        if r.get("kind", "dpo") == "dpo"
+        and isinstance(r.get("chosen"), str)
+        and isinstance(r.get("rejected"), str)
+    ]
     # Fitted like the SFT rows (oldest context dropped): TRL's truncation would cut the system prompt or a reply.
     dpo_rows, dropped_pairs = fit_pairs(dpo_rows, base.tokenizer, cfg.max_length)
     pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in dpo_rows]
     # --- train: SFT
-    model, sft_stats = train_sft(cfg, job_dir, base.model, base.tokenizer, rows, emitter, cancel,
-                                 resume=resume, device=base.device)
-    sft_stats.update(examples=len(rows), dropped_too_long=dropped, device=base.device, quantized=base.quantized)
+    model, sft_stats = train_sft(
+        cfg, job_dir, base.model, base.tokenizer, rows, emitter, cancel, resume=resume, device=base.device
+    )
+    sft_stats.update(
+        examples=len(rows), dropped_too_long=dropped, device=base.device, quantized=base.quantized
+    )
     # --- train: DPO
     if not pairs:
         emitter.emit("phase", phase="dpo skipped: no preference pairs")
         dpo_stats: dict[str, Any] = {"skipped": "no preference pairs", "losses": []}
     else:
-        model, dpo_stats = _train_dpo(cfg, job_dir, model, base.tokenizer, pairs, emitter, cancel, base.device)
+        model, dpo_stats = _train_dpo(
+            cfg, job_dir, model, base.tokenizer, pairs, emitter, cancel, base.device
+        )
         dpo_stats["dropped_too_long"] = dropped_pairs
     # --- save
-    return finish_job(cfg, job_dir, model, base.tokenizer, data, emitter, stats=sft_stats,
-                      stages={"sft": sft_stats, "dpo": dpo_stats})
+    return finish_job(
+        cfg,
+        job_dir,
+        model,
+        base.tokenizer,
+        data,
+        emitter,
+        stats=sft_stats,
+        stages={"sft": sft_stats, "dpo": dpo_stats},
+    )
 
 
-def _train_dpo(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, pairs: list[dict[str, Any]],
-               emitter: Emitter, cancel: threading.Event, device: str) -> tuple[Any, dict[str, Any]]:
+def _train_dpo(
+    cfg: TrainConfig,
+    job_dir: Path,
+    model: Any,
+    tokenizer: Any,
+    pairs: list[dict[str, Any]],
+    emitter: Emitter,
+    cancel: threading.Event,
+    device: str,
+) -> tuple[Any, dict[str, Any]]:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -77,8 +113,13 @@ def _train_dpo(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, pair
     emitter.emit("started", stage="dpo", total=cfg.pref_steps, step=0, examples=len(pairs))
     callback = JobCallback(emitter, cancel, stage="dpo")
     # The SFT adapter is the policy; TRL copies it into a frozen "ref" adapter, so DPO's reference is the SFT model.
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
-                         processing_class=tokenizer, callbacks=[callback])
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
     t0 = time.monotonic()
     trainer.train()
     if callback.cancelled:

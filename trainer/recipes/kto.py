@@ -13,8 +13,15 @@ from trainer.events import Emitter
 from trainer.recipes.sft import finish_job, setup_torch, train_sft
 
 
-def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Event, *,
-        resume: bool = False, key: bytes | None = None) -> dict[str, Any]:
+def run(
+    cfg: TrainConfig,
+    job_dir: Path,
+    emitter: Emitter,
+    cancel: threading.Event,
+    *,
+    resume: bool = False,
+    key: bytes | None = None,
+) -> dict[str, Any]:
     """SFT (resumable), then KTO from the SFT adapter, then evaluate and publish."""
     from trainer.basemodel import load_base
     from trainer.jobdata import fit_rows, load_job_data
@@ -23,21 +30,32 @@ def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Eve
     setup_torch(cfg)
     data = load_job_data(job_dir, key)
     emitter.emit("phase", phase="loading base model")
-    base = load_base(Path(cfg.base_model), quantize_4bit=cfg.quantize_4bit,
-                     gradient_checkpointing=cfg.gradient_checkpointing,
-                     cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None)
+    base = load_base(
+        Path(cfg.base_model),
+        quantize_4bit=cfg.quantize_4bit,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None,
+    )
     rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length)
     if not rows:
         raise TrainingError(f"no training example fits max_length={cfg.max_length} tokens")
-    kto_rows = [r for r in data.preference
-                if r.get("kind", "kto") == "kto" and isinstance(r.get("completion"), str) and "label" in r]
+    kto_rows = [
+        r
+        for r in data.preference
+        if r.get("kind", "kto") == "kto" and isinstance(r.get("completion"), str) and "label" in r
+    ]
     # Fitted like the SFT rows (oldest context dropped): TRL's truncation would cut the system prompt or the reply.
     kto_rows, dropped_signals = fit_rows(kto_rows, base.tokenizer, cfg.max_length)
-    signals = [{"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"])} for r in kto_rows]
+    signals = [
+        {"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"])} for r in kto_rows
+    ]
     # --- train: SFT
-    model, sft_stats = train_sft(cfg, job_dir, base.model, base.tokenizer, rows, emitter, cancel,
-                                 resume=resume, device=base.device)
-    sft_stats.update(examples=len(rows), dropped_too_long=dropped, device=base.device, quantized=base.quantized)
+    model, sft_stats = train_sft(
+        cfg, job_dir, base.model, base.tokenizer, rows, emitter, cancel, resume=resume, device=base.device
+    )
+    sft_stats.update(
+        examples=len(rows), dropped_too_long=dropped, device=base.device, quantized=base.quantized
+    )
     # --- train: KTO (needs both kinds of signal: KTO contrasts desirable against undesirable completions)
     labels = {s["label"] for s in signals}
     if labels != {True, False}:
@@ -45,15 +63,33 @@ def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Eve
         emitter.emit("phase", phase=f"kto skipped: {reason}")
         kto_stats: dict[str, Any] = {"skipped": reason, "losses": []}
     else:
-        model, kto_stats = _train_kto(cfg, job_dir, model, base.tokenizer, signals, emitter, cancel, base.device)
+        model, kto_stats = _train_kto(
+            cfg, job_dir, model, base.tokenizer, signals, emitter, cancel, base.device
+        )
         kto_stats["dropped_too_long"] = dropped_signals
     # --- save
-    return finish_job(cfg, job_dir, model, base.tokenizer, data, emitter, stats=sft_stats,
-                      stages={"sft": sft_stats, "kto": kto_stats})
+    return finish_job(
+        cfg,
+        job_dir,
+        model,
+        base.tokenizer,
+        data,
+        emitter,
+        stats=sft_stats,
+        stages={"sft": sft_stats, "kto": kto_stats},
+    )
 
 
-def _train_kto(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, signals: list[dict[str, Any]],
-               emitter: Emitter, cancel: threading.Event, device: str) -> tuple[Any, dict[str, Any]]:
+def _train_kto(
+    cfg: TrainConfig,
+    job_dir: Path,
+    model: Any,
+    tokenizer: Any,
+    signals: list[dict[str, Any]],
+    emitter: Emitter,
+    cancel: threading.Event,
+    device: str,
+) -> tuple[Any, dict[str, Any]]:
     from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
 
@@ -80,8 +116,13 @@ def _train_kto(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, sign
     emitter.emit("started", stage="kto", total=cfg.pref_steps, step=0, examples=len(signals))
     callback = JobCallback(emitter, cancel, stage="kto")
     # The SFT adapter is the policy; TRL copies it into a frozen "ref" adapter, so KTO's reference is the SFT model.
-    trainer = KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(signals),
-                         processing_class=tokenizer, callbacks=[callback])
+    trainer = KTOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(signals),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
     t0 = time.monotonic()
     trainer.train()
     if callback.cancelled:

@@ -14,8 +14,15 @@ from trainer.errors import EvaluationError, ExportError, JobCancelled, TrainingE
 from trainer.events import Emitter
 
 
-def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Event, *,
-        resume: bool = False, key: bytes | None = None) -> dict[str, Any]:
+def run(
+    cfg: TrainConfig,
+    job_dir: Path,
+    emitter: Emitter,
+    cancel: threading.Event,
+    *,
+    resume: bool = False,
+    key: bytes | None = None,
+) -> dict[str, Any]:
     """Train the persona adapter, evaluate it, and publish the adapter folder; returns the artifact summary."""
     from trainer.basemodel import load_base
     from trainer.jobdata import fit_rows, load_job_data, weighted_rows
@@ -24,9 +31,12 @@ def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Eve
     setup_torch(cfg)
     data = load_job_data(job_dir, key)
     emitter.emit("phase", phase="loading base model")
-    base = load_base(Path(cfg.base_model), quantize_4bit=cfg.quantize_4bit,
-                     gradient_checkpointing=cfg.gradient_checkpointing,
-                     cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None)
+    base = load_base(
+        Path(cfg.base_model),
+        quantize_4bit=cfg.quantize_4bit,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None,
+    )
     rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length)
     # Reaction weighting works by sampling, so the loss stays TRL's own (completion-only, EOS included).
     rows = weighted_rows(rows, cfg.seed)
@@ -35,8 +45,9 @@ def run(cfg: TrainConfig, job_dir: Path, emitter: Emitter, cancel: threading.Eve
     if cancel.is_set():
         raise JobCancelled("cancelled before training started")
     # --- train
-    model, stats = train_sft(cfg, job_dir, base.model, base.tokenizer, rows, emitter, cancel,
-                             resume=resume, device=base.device)
+    model, stats = train_sft(
+        cfg, job_dir, base.model, base.tokenizer, rows, emitter, cancel, resume=resume, device=base.device
+    )
     stats.update(examples=len(rows), dropped_too_long=dropped, device=base.device, quantized=base.quantized)
     # --- save
     return finish_job(cfg, job_dir, model, base.tokenizer, data, emitter, stats=stats, stages={"sft": stats})
@@ -59,8 +70,14 @@ def lora_config(cfg: TrainConfig, model: Any = None) -> Any:
     from trainer.export_gguf import lora_targets
 
     arch = str(getattr(getattr(model, "config", None), "model_type", "") or "")
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=lora_targets(arch, cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=lora_targets(arch, cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def sft_args(cfg: TrainConfig, job_dir: Path, *, micro: int, accum: int, device: str) -> Any:
@@ -104,8 +121,18 @@ def sft_args(cfg: TrainConfig, job_dir: Path, *, micro: int, accum: int, device:
     )
 
 
-def train_sft(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, rows: list[dict[str, Any]],
-              emitter: Emitter, cancel: threading.Event, *, resume: bool, device: str) -> tuple[Any, dict[str, Any]]:
+def train_sft(
+    cfg: TrainConfig,
+    job_dir: Path,
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    emitter: Emitter,
+    cancel: threading.Event,
+    *,
+    resume: bool,
+    device: str,
+) -> tuple[Any, dict[str, Any]]:
     """Run SFT with checkpoints, resume and the CUDA OOM fallback; returns the PEFT model and stats."""
     import torch
     from datasets import Dataset
@@ -121,19 +148,37 @@ def train_sft(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, rows:
     micro, accum = cfg.micro_batch_size, cfg.grad_accum
     checkpoint = last_checkpoint(job_dir / "checkpoints") if resume else None
     resumed_from = int(checkpoint.name.split("-")[1]) if checkpoint else 0
-    emitter.emit("started", stage="sft", total=cfg.max_steps, step=resumed_from, resumed_from_step=resumed_from,
-                 examples=len(rows), device=device, micro_batch_size=micro, grad_accum=accum)
+    emitter.emit(
+        "started",
+        stage="sft",
+        total=cfg.max_steps,
+        step=resumed_from,
+        resumed_from_step=resumed_from,
+        examples=len(rows),
+        device=device,
+        micro_batch_size=micro,
+        grad_accum=accum,
+    )
     t0 = time.monotonic()
     # Inside trainer.train() only (dataset preparation is not training throughput); CPU time as well as wall time,
     # since on a shared CPU machine wall time mostly measures the neighbours.
     train_s = cpu_s = 0.0
     real_tokens = 0
     while True:
-        callback = JobCallback(emitter, cancel, stage="sft", oom_at_step=cfg.simulate_oom_at_step,
-                               oom_marker=job_dir / "checkpoints" / ".oom-simulated")
-        trainer = PersonaSFTTrainer(model=peft_model,
-                                    args=sft_args(cfg, job_dir, micro=micro, accum=accum, device=device),
-                                    train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
+        callback = JobCallback(
+            emitter,
+            cancel,
+            stage="sft",
+            oom_at_step=cfg.simulate_oom_at_step,
+            oom_marker=job_dir / "checkpoints" / ".oom-simulated",
+        )
+        trainer = PersonaSFTTrainer(
+            model=peft_model,
+            args=sft_args(cfg, job_dir, micro=micro, accum=accum, device=device),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[callback],
+        )
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
         t_train, c_train = time.monotonic(), time.process_time()
@@ -143,7 +188,9 @@ def train_sft(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, rows:
             break
         except torch.cuda.OutOfMemoryError:
             if micro == 1:
-                raise TrainingError("CUDA out of memory even with micro-batch 1: lower max_length or lora_r") from None
+                raise TrainingError(
+                    "CUDA out of memory even with micro-batch 1: lower max_length or lora_r"
+                ) from None
             del trainer
             gc.collect()
             if torch.cuda.is_available():
@@ -156,8 +203,12 @@ def train_sft(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, rows:
             checkpoint = last_checkpoint(job_dir / "checkpoints")
             if checkpoint is None:
                 peft_model.load_state_dict(initial, strict=False)
-            emitter.emit("oom_retry", micro_batch_size=micro, grad_accum=accum,
-                         resume_from_step=int(checkpoint.name.split("-")[1]) if checkpoint else 0)
+            emitter.emit(
+                "oom_retry",
+                micro_batch_size=micro,
+                grad_accum=accum,
+                resume_from_step=int(checkpoint.name.split("-")[1]) if checkpoint else 0,
+            )
     train_s += time.monotonic() - t_train
     cpu_s += time.process_time() - c_train
     real_tokens += counter.real
@@ -193,8 +244,17 @@ def base_gguf_for(cfg: TrainConfig) -> Path | None:
     return None
 
 
-def finish_job(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, data: Any, emitter: Emitter, *,
-               stats: dict[str, Any], stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def finish_job(
+    cfg: TrainConfig,
+    job_dir: Path,
+    model: Any,
+    tokenizer: Any,
+    data: Any,
+    emitter: Emitter,
+    *,
+    stats: dict[str, Any],
+    stages: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
     """Save and announce the adapter folder, then evaluate it (llama.cpp generates from its GGUF) and update it.
 
     The adapter is complete on disk and announced (`artifact` with `evaluated: false`) before evaluation starts:
@@ -214,21 +274,34 @@ def finish_job(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, data
     try:
         model.save_pretrained(str(staged.path), safe_serialization=True)
         try:
-            export = export_gguf(staged.path, staged.path / "adapter.gguf", BaseInfo.from_hf_config(model.config),
-                                 gguf_dtype=cfg.gguf_dtype, simulate_failure=cfg.simulate_export_failure)  # fmt: skip
+            export = export_gguf(
+                staged.path,
+                staged.path / "adapter.gguf",
+                BaseInfo.from_hf_config(model.config),
+                gguf_dtype=cfg.gguf_dtype,
+                simulate_failure=cfg.simulate_export_failure,
+            )
         except ExportError as exc:
             # The training is done and its PEFT files are saved: keep them (a candidate, "export failed: <why>");
             # `doppel eval` converts and evaluates them later. Users report GGUF export failures often.
             export_error, export = str(exc), {"error": str(exc)}
         loss_series = [(name, s.get("losses", [])) for name, s in stages.items() if name != "sft"]
-        loss_png(staged.path / "loss.png", stats.get("losses", []), title=f"{cfg.persona_name or cfg.member_id} ({cfg.mode})",
-                 stages=loss_series)
+        loss_png(
+            staged.path / "loss.png",
+            stats.get("losses", []),
+            title=f"{cfg.persona_name or cfg.member_id} ({cfg.mode})",
+            stages=loss_series,
+        )
         meta = {
             "member": cfg.member_id or None,
             "persona_name": cfg.persona_name,
             "mode": cfg.mode,
-            "base_model": {"name": cfg.base_name, "path": cfg.base_model, "sha256": file_sha256(Path(cfg.base_model)),
-                           "gguf": str(base_gguf_for(cfg) or "")},
+            "base_model": {
+                "name": cfg.base_name,
+                "path": cfg.base_model,
+                "sha256": file_sha256(Path(cfg.base_model)),
+                "gguf": str(base_gguf_for(cfg) or ""),
+            },
             "training_config": cfg.to_dict(),
             "data": {k: data.meta.get(k) for k in ("window", "counts", "lineage", "member")},
             "lineage": list(data.meta.get("lineage") or []),
@@ -245,22 +318,40 @@ def finish_job(cfg: TrainConfig, job_dir: Path, model: Any, tokenizer: Any, data
         staged.discard()
         raise
     if export_error is not None:
-        emitter.emit("artifact", kind="adapter", path=str(path), gguf=None, evaluated=False, export_error=export_error)
+        emitter.emit(
+            "artifact", kind="adapter", path=str(path), gguf=None, evaluated=False, export_error=export_error
+        )
         raise ExportError(export_error)
     emitter.emit("artifact", kind="adapter", path=str(path), gguf=str(path / "adapter.gguf"), evaluated=False)
     emitter.emit("phase", phase="evaluating")
     simulate_eval_failure(cfg.simulate_eval_failure)
-    metrics = report.evaluate(model, tokenizer, cfg, data, adapter_gguf=path / "adapter.gguf", base_gguf=base_gguf_for(cfg))
+    metrics = report.evaluate(
+        model, tokenizer, cfg, data, adapter_gguf=path / "adapter.gguf", base_gguf=base_gguf_for(cfg)
+    )
     metrics["evaluation"] = "done"
     # ru_maxrss is the peak of the whole life of the process: read after training, then after evaluation.
-    metrics["resources"] = {"train_peak_rss_mb": train_peak, "peak_rss_mb": peak_rss_mb(),
-                            "estimate_mb": estimate_mb(cfg, str(stats.get("device") or "cpu"))}
+    metrics["resources"] = {
+        "train_peak_rss_mb": train_peak,
+        "peak_rss_mb": peak_rss_mb(),
+        "estimate_mb": estimate_mb(cfg, str(stats.get("device") or "cpu")),
+    }
     update_meta(path, metrics=metrics)
     emitter.emit("metrics", **{k: v for k, v in metrics.items()})
-    emitter.emit("artifact", kind="adapter", path=str(path), gguf=str(path / "adapter.gguf"), evaluated=True,
-                 active=metrics.get("active"), gate_reason=metrics.get("gate_reason"))
-    return {"adapter": str(path), "metrics": metrics, "training": meta["training"],
-            "peak_rss_mb": metrics["resources"]["peak_rss_mb"]}
+    emitter.emit(
+        "artifact",
+        kind="adapter",
+        path=str(path),
+        gguf=str(path / "adapter.gguf"),
+        evaluated=True,
+        active=metrics.get("active"),
+        gate_reason=metrics.get("gate_reason"),
+    )
+    return {
+        "adapter": str(path),
+        "metrics": metrics,
+        "training": meta["training"],
+        "peak_rss_mb": metrics["resources"]["peak_rss_mb"],
+    }
 
 
 def _chat_format_record(cfg: TrainConfig) -> dict[str, str] | None:
@@ -268,7 +359,7 @@ def _chat_format_record(cfg: TrainConfig) -> dict[str, str] | None:
 
     try:
         return dict(ChatFormat.for_config(cfg.to_dict()).to_dict())
-    except Exception:  # noqa: BLE001 - the record is informative; the dataset was already rendered with it
+    except Exception:
         return None
 
 
@@ -304,7 +395,7 @@ def estimate_mb(cfg: TrainConfig, device: str) -> dict[str, float] | None:
         return None
     try:
         phases = memory_breakdown(read_shape(gguf), cfg, device)
-    except Exception:  # noqa: BLE001 - an estimate is informative only; the job must not fail for it
+    except Exception:
         return None
     return {k: round(v / 2**20, 1) for k, v in phases.items()}
 
@@ -318,8 +409,9 @@ def peak_rss_mb() -> float:
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
-def reevaluate(cfg: TrainConfig, job_dir: Path, adapter_dir: Path, emitter: Emitter, *,
-               key: bytes | None = None) -> dict[str, Any]:
+def reevaluate(
+    cfg: TrainConfig, job_dir: Path, adapter_dir: Path, emitter: Emitter, *, key: bytes | None = None
+) -> dict[str, Any]:
     """Evaluate a saved adapter folder again (its first evaluation failed); the metrics go out as an event only.
 
     The child writes nothing into the adapter folder: the parent records the metrics through the registry.
@@ -335,8 +427,12 @@ def reevaluate(cfg: TrainConfig, job_dir: Path, adapter_dir: Path, emitter: Emit
     if not (adapter_dir / "adapter_config.json").is_file():
         raise TrainingError(f"{adapter_dir}: not an adapter folder (adapter_config.json missing)")
     emitter.emit("phase", phase="loading base model")
-    base = load_base(Path(cfg.base_model), quantize_4bit=cfg.quantize_4bit, gradient_checkpointing=False,
-                     cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None)
+    base = load_base(
+        Path(cfg.base_model),
+        quantize_4bit=cfg.quantize_4bit,
+        gradient_checkpointing=False,
+        cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None,
+    )
     model = PeftModel.from_pretrained(base.model, str(adapter_dir))
     loaded_peak = peak_rss_mb()
     gguf = adapter_dir / "adapter.gguf"
@@ -348,11 +444,15 @@ def reevaluate(cfg: TrainConfig, job_dir: Path, adapter_dir: Path, emitter: Emit
         emitter.emit("phase", phase="exporting")
         gguf = job_dir / "output" / "adapter.gguf"
         gguf.parent.mkdir(parents=True, exist_ok=True)
-        export = export_gguf(adapter_dir, gguf, BaseInfo.from_hf_config(model.config), gguf_dtype=cfg.gguf_dtype)
+        export = export_gguf(
+            adapter_dir, gguf, BaseInfo.from_hf_config(model.config), gguf_dtype=cfg.gguf_dtype
+        )
         emitter.emit("artifact", kind="gguf", path=str(gguf), export=export)
     emitter.emit("phase", phase="evaluating")
     simulate_eval_failure(cfg.simulate_eval_failure)
-    metrics = report.evaluate(model, base.tokenizer, cfg, data, adapter_gguf=gguf, base_gguf=base_gguf_for(cfg))
+    metrics = report.evaluate(
+        model, base.tokenizer, cfg, data, adapter_gguf=gguf, base_gguf=base_gguf_for(cfg)
+    )
     metrics["evaluation"] = "done"
     metrics["resources"] = {"loaded_peak_rss_mb": loaded_peak, "peak_rss_mb": peak_rss_mb()}
     emitter.emit("metrics", **{k: v for k, v in metrics.items()})
