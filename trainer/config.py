@@ -21,12 +21,14 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # one with 30,000, and no preset runs past its stated time. Chosen on `doppel bench fidelity` (BENCHMARKS.md).
 # Times: SmolLM2-135M at ~110 trained tokens per example, CPU ~200 tokens/s on 2 cores (measured, `bench train`);
 # GPU: an estimate for a 0.5-3B QLoRA base (not measured on this project's machines).
+# 8 examples a step as 4 x 2 accumulated: the same update as one batch of 8 (the loss is normalised over the
+# step's tokens), at half the activation and logits memory, so the default job fits a 16 GB machine.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "epochs": 1.0,
         "max_steps_cap": 60,
-        "micro_batch_size": 8,
-        "grad_accum": 1,
+        "micro_batch_size": 4,
+        "grad_accum": 2,
         "learning_rate": 3e-4,
         "lora_r": 16,
         "lora_alpha": 32,
@@ -34,8 +36,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "good": {
         "epochs": 1.0,
         "max_steps_cap": 120,
-        "micro_batch_size": 8,
-        "grad_accum": 1,
+        "micro_batch_size": 4,
+        "grad_accum": 2,
         "learning_rate": 3e-4,
         "lora_r": 16,
         "lora_alpha": 32,
@@ -43,8 +45,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "best": {
         "epochs": 2.0,
         "max_steps_cap": 600,
-        "micro_batch_size": 8,
-        "grad_accum": 1,
+        "micro_batch_size": 4,
+        "grad_accum": 2,
         "learning_rate": 2e-4,
         "lora_r": 32,
         "lora_alpha": 64,
@@ -100,8 +102,8 @@ class TrainConfig:
     epochs: float = _f(1.0, "Epochs over the training examples when max_steps is 0.")
     max_steps_cap: int = _f(150, "Most steps derived from the data when max_steps is 0 (0: no cap).")
     min_steps: int = _f(20, "Fewest steps derived from the data when max_steps is 0.")
-    micro_batch_size: int = _f(8, "Examples per forward pass; halved automatically on CUDA out-of-memory.")
-    grad_accum: int = _f(1, "Micro-batches per optimizer step; doubled when the micro-batch is halved.")
+    micro_batch_size: int = _f(4, "Examples per forward pass; halved automatically on CUDA out-of-memory.")
+    grad_accum: int = _f(2, "Micro-batches per optimizer step; doubled when the micro-batch is halved.")
     learning_rate: float = _f(3e-4, "Peak learning rate of the LoRA weights.")
     lr_scheduler: str = _f("cosine", "transformers learning-rate schedule name.")
     warmup_steps: int = _f(0, "Linear warm-up steps.")

@@ -84,7 +84,13 @@ def test_steps_follow_the_data_within_the_preset_bounds(tmp_path: Path) -> None:
     from trainer.config import PRESETS, TrainConfig
 
     cfg = TrainConfig(
-        base_model="m.gguf", max_steps=0, epochs=1.0, micro_batch_size=8, max_steps_cap=150, min_steps=20
+        base_model="m.gguf",
+        max_steps=0,
+        epochs=1.0,
+        micro_batch_size=4,
+        grad_accum=2,
+        max_steps_cap=150,
+        min_steps=20,
     )
     assert cfg.steps_for(800) == 100 and cfg.steps_for(50_000) == 150 and cfg.steps_for(40) == 20
     assert TrainConfig(base_model="m.gguf", max_steps=7).steps_for(50_000) == 7

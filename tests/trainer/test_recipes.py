@@ -144,6 +144,7 @@ def test_simulated_cuda_oom_halves_micro_batch_and_resumes_from_checkpoint(
         max_steps=6,
         save_steps=2,
         micro_batch_size=4,
+        grad_accum=1,
         simulate_oom_at_step=3,
         eval_samples=0,
         eval_fidelity=False,
