@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from doppel.core.chatformat import ChatFormat
 from trainer.errors import JobConfigError
 
 SEALED_MAGIC = b"DOPPEL-SEALED-1\n"
@@ -147,16 +148,25 @@ def load_job_data(job_dir: Path, key: bytes | None = None, *, need_train: bool =
     )
 
 
-def fit_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> tuple[list[dict[str, Any]], int]:
+def job_format(cfg: Any) -> ChatFormat | None:
+    """The chat format the job's dataset was rendered with (the base's, or the one chosen at add-base)."""
+    try:
+        return ChatFormat.for_config(cfg.to_dict())
+    except (ValueError, OSError):
+        return None
+
+
+def fit_rows(
+    rows: list[dict[str, Any]], tokenizer: Any, max_length: int, fmt: ChatFormat | None = None
+) -> tuple[list[dict[str, Any]], int]:
     """Rows whose prompt+completion fit `max_length` tokens, dropping the oldest context turns where needed.
 
     Truncating the token sequence instead would cut either the system prompt or the reply's end-of-turn token;
-    re-rendering with fewer context turns keeps both. Returns (fitted rows, number dropped as unfittable).
+    re-rendering with fewer context turns keeps both. `fmt` is the job's chat format (`job_format`), so a base
+    without a template of its own is re-rendered in the format it was trained and is served in; without it the
+    tokenizer's template is used. Returns (fitted rows, number dropped as unfittable).
     """
-    from doppel.core.chatformat import ChatFormat
-
-    fmt: ChatFormat | None = None
-    if getattr(tokenizer, "chat_template", None):
+    if fmt is None and getattr(tokenizer, "chat_template", None):
         fmt = ChatFormat.from_tokenizer(tokenizer)
     out: list[dict[str, Any]] = []
     dropped = 0
@@ -175,7 +185,7 @@ def fit_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> tup
 
 
 def fit_pairs(
-    pairs: list[dict[str, Any]], tokenizer: Any, max_length: int
+    pairs: list[dict[str, Any]], tokenizer: Any, max_length: int, fmt: ChatFormat | None = None
 ) -> tuple[list[dict[str, Any]], int]:
     """DPO pairs fitted like `fit_rows`, by the longer of the two replies: both must fit under one prompt."""
     fitted: list[dict[str, Any]] = []
@@ -185,7 +195,7 @@ def fit_pairs(
             (pair["chosen"], pair["rejected"]),
             key=lambda c: len(tokenizer(c, add_special_tokens=False)["input_ids"]),
         )
-        rows, lost = fit_rows([{**pair, "completion": longer}], tokenizer, max_length)
+        rows, lost = fit_rows([{**pair, "completion": longer}], tokenizer, max_length, fmt)
         dropped += lost
         fitted.extend({k: v for k, v in row.items() if k != "completion"} for row in rows)
     return fitted, dropped

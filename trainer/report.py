@@ -58,9 +58,12 @@ def evaluate(
     base_replies: list[str] = []
     if rows and cfg.eval_samples > 0 and adapter_gguf is not None and base_gguf is not None:
         from doppel.core.chatformat import ChatFormat
+        from trainer.jobdata import job_format
 
         picked = rows[: cfg.eval_samples]
-        stop = ChatFormat.from_tokenizer(tokenizer).stop if tokenizer.chat_template else [tokenizer.eos_token]
+        # Stop where the job's own format ends a turn (a base without a template was trained in the default one).
+        fmt = job_format(cfg) or (ChatFormat.from_tokenizer(tokenizer) if tokenizer.chat_template else None)
+        stop = fmt.stop if fmt is not None else [tokenizer.eos_token]
         prompts = [r["prompt"] for r in picked]
         gen: dict[str, Any] = {
             "max_new_tokens": cfg.eval_max_new_tokens,

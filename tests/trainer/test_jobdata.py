@@ -78,3 +78,26 @@ def test_preference_rows_fit_max_length_by_dropping_old_context(
     assert "completion" not in fitted
     # A limit below the system prompt and the last turn cannot be met: the pair is dropped, not truncated.
     assert fit_pairs([pair], tokenizer, 8) == ([], 1)
+
+
+def test_rows_are_refitted_in_the_jobs_own_format_not_the_tokenizers(tiny_model: Any) -> None:
+    from doppel.core.chatformat import ChatFormat
+    from trainer.basemodel import load_tokenizer
+    from trainer.jobdata import fit_rows
+    from trainer.synthetic import synthetic_rows
+
+    tokenizer = load_tokenizer(tiny_model.hf_dir)
+    # As for a base trained in the default "plain" format chosen at add-base: not the tokenizer's own template.
+    plain = ChatFormat.from_gguf(tiny_model.gguf_path, template="plain")
+    own = ChatFormat.from_tokenizer(tokenizer)
+    row = max(synthetic_rows(40, seed=4, chat_format=plain, long_tail=True), key=lambda r: len(r["prompt"]))
+    marker = own.prompt([{"role": "user", "content": "x"}]).split("x")[0]
+    assert marker and marker not in row["prompt"], (
+        "the two formats must differ for this test to mean anything"
+    )
+    full = len(tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"])
+
+    (fitted,), lost = fit_rows([row], tokenizer, full - 30, plain)
+    assert lost == 0 and fitted["prompt"] != row["prompt"], "older context was dropped"
+    assert fitted["prompt"] == plain.prompt(fitted["messages"]), "re-rendered in the job's format"
+    assert marker not in fitted["prompt"]

@@ -24,7 +24,7 @@ def run(
 ) -> dict[str, Any]:
     """SFT (resumable), then DPO from the SFT adapter, then evaluate and publish."""
     from trainer.basemodel import load_base
-    from trainer.jobdata import fit_pairs, fit_rows, load_job_data
+    from trainer.jobdata import fit_pairs, fit_rows, job_format, load_job_data
 
     # --- setup
     setup_torch(cfg)
@@ -36,7 +36,10 @@ def run(
         gradient_checkpointing=cfg.gradient_checkpointing,
         cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None,
     )
-    rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length)
+    fmt = job_format(
+        cfg
+    )  # the format the dataset was rendered in: context is dropped by re-rendering with it
+    rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length, fmt)
     if not rows:
         raise TrainingError(f"no training example fits max_length={cfg.max_length} tokens")
     dpo_rows = [
@@ -47,7 +50,7 @@ def run(
         and isinstance(r.get("rejected"), str)
     ]
     # Fitted like the SFT rows (oldest context dropped): TRL's truncation would cut the system prompt or a reply.
-    dpo_rows, dropped_pairs = fit_pairs(dpo_rows, base.tokenizer, cfg.max_length)
+    dpo_rows, dropped_pairs = fit_pairs(dpo_rows, base.tokenizer, cfg.max_length, fmt)
     pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in dpo_rows]
     # --- train: SFT
     model, sft_stats = train_sft(

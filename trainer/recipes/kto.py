@@ -24,7 +24,7 @@ def run(
 ) -> dict[str, Any]:
     """SFT (resumable), then KTO from the SFT adapter, then evaluate and publish."""
     from trainer.basemodel import load_base
-    from trainer.jobdata import fit_rows, load_job_data
+    from trainer.jobdata import fit_rows, job_format, load_job_data
 
     # --- setup
     setup_torch(cfg)
@@ -36,7 +36,10 @@ def run(
         gradient_checkpointing=cfg.gradient_checkpointing,
         cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None,
     )
-    rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length)
+    fmt = job_format(
+        cfg
+    )  # the format the dataset was rendered in: context is dropped by re-rendering with it
+    rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length, fmt)
     if not rows:
         raise TrainingError(f"no training example fits max_length={cfg.max_length} tokens")
     kto_rows = [
@@ -45,7 +48,7 @@ def run(
         if r.get("kind", "kto") == "kto" and isinstance(r.get("completion"), str) and "label" in r
     ]
     # Fitted like the SFT rows (oldest context dropped): TRL's truncation would cut the system prompt or the reply.
-    kto_rows, dropped_signals = fit_rows(kto_rows, base.tokenizer, cfg.max_length)
+    kto_rows, dropped_signals = fit_rows(kto_rows, base.tokenizer, cfg.max_length, fmt)
     signals = [
         {"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"])} for r in kto_rows
     ]

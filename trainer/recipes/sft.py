@@ -25,7 +25,7 @@ def run(
 ) -> dict[str, Any]:
     """Train the persona adapter, evaluate it, and publish the adapter folder; returns the artifact summary."""
     from trainer.basemodel import load_base
-    from trainer.jobdata import fit_rows, load_job_data, weighted_rows
+    from trainer.jobdata import fit_rows, job_format, load_job_data, weighted_rows
 
     # --- setup
     setup_torch(cfg)
@@ -37,7 +37,7 @@ def run(
         gradient_checkpointing=cfg.gradient_checkpointing,
         cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None,
     )
-    rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length)
+    rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length, job_format(cfg))
     # Reaction weighting works by sampling, so the loss stays TRL's own (completion-only, EOS included).
     rows = weighted_rows(rows, cfg.seed)
     if not rows:
