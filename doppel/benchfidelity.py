@@ -53,6 +53,7 @@ PLAIN_PEFT = {
     "overrides": {
         "max_steps": 120,
         "micro_batch_size": 8,
+        "grad_accum": 1,
         "learning_rate": 3e-4,
         "lora_r": 16,
         "lora_alpha": 32,
@@ -65,6 +66,7 @@ PRODUCT_V1 = {
     "overrides": {
         "max_steps": 150,
         "micro_batch_size": 4,
+        "grad_accum": 1,
         "learning_rate": 2e-4,
         "lora_r": 16,
         "lora_alpha": 32,

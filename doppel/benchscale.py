@@ -30,7 +30,7 @@ QUICK_SIZES = "40x4000"
 MAX_RATIO = 1.5
 PHASES = ("generate", "consent", "import", "train", "chat", "forget")
 # A short training that fits beside other work: the point is the trainer's memory, not the persona's quality.
-TRAIN_SET = {"micro_batch_size": 2, "max_length": 256}
+TRAIN_SET = {"micro_batch_size": 2, "grad_accum": 1, "max_length": 256}
 QUICK_SET = {"eval_max_examples": 8, "eval_samples": 1, "eval_max_new_tokens": 8}
 CHAT_MESSAGE = "anyone up for the raid tonight?"
 

@@ -21,7 +21,13 @@ PROMPTS = [
     "i'm so tired of exams honestly",
 ]
 # A short CPU run: about 5 minutes of training on 2 cores for the bundled 135M model.
-DEMO_TRAINING = {"max_steps": 60, "micro_batch_size": 4, "eval_samples": 4, "eval_max_examples": 32}
+DEMO_TRAINING = {
+    "max_steps": 60,
+    "micro_batch_size": 4,
+    "grad_accum": 1,
+    "eval_samples": 4,
+    "eval_max_examples": 32,
+}
 
 
 def say(text: str = "") -> None:

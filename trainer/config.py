@@ -103,7 +103,7 @@ class TrainConfig:
     max_steps_cap: int = _f(150, "Most steps derived from the data when max_steps is 0 (0: no cap).")
     min_steps: int = _f(20, "Fewest steps derived from the data when max_steps is 0.")
     micro_batch_size: int = _f(4, "Examples per forward pass; halved automatically on CUDA out-of-memory.")
-    grad_accum: int = _f(2, "Micro-batches per optimizer step; doubled when the micro-batch is halved.")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step; doubled when the micro-batch is halved.")
     learning_rate: float = _f(3e-4, "Peak learning rate of the LoRA weights.")
     lr_scheduler: str = _f("cosine", "transformers learning-rate schedule name.")
     warmup_steps: int = _f(0, "Linear warm-up steps.")

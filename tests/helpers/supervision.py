@@ -98,6 +98,7 @@ def tiny_overrides(tiny_model: Any, **extra: Any) -> dict[str, Any]:
         "base_name": "tiny",
         "max_steps": 6,
         "micro_batch_size": 4,
+        "grad_accum": 1,
         "learning_rate": 5e-3,
         "lora_r": 8,
         "lora_alpha": 16,

@@ -59,6 +59,7 @@ def make_job(tmp_path: Path, tiny_model: Any, tiny_chat_format: Any) -> Callable
             "base_name": "tiny",
             "max_steps": 6,
             "micro_batch_size": 4,
+            "grad_accum": 1,
             "learning_rate": 5e-3,
             "lora_r": 8,
             "lora_alpha": 16,
