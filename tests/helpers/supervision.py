@@ -90,6 +90,17 @@ async def seed_member(settings: Any, member_id: str = PERSONA_ID, exchanges: int
         await store.messages.add_many(messages)
 
 
+def control_env(home: Path, **training: Any) -> dict[str, str]:
+    """DOPPEL_* variables of a control-plane test: its home, a fast heartbeat, no disk reserve, [training] overrides."""
+    env = {
+        "DOPPEL_HOME": str(home),
+        "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
+        "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
+    }
+    env.update({f"DOPPEL_TRAINING__{k.upper()}": str(v) for k, v in training.items()})
+    return env
+
+
 def tiny_overrides(tiny_model: Any, **extra: Any) -> dict[str, Any]:
     """TrainConfig fields that train the tiny model in seconds on one thread."""
     cfg = {

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.supervision import tiny_overrides
 from trainer.synthetic import PERSONA, PERSONA_ID, synthetic_rows
 
 
@@ -52,26 +53,15 @@ def make_job(tmp_path: Path, tiny_model: Any, tiny_chat_format: Any) -> Callable
         job = tmp_path / name
         (job / "dataset").mkdir(parents=True)
         cfg = {
+            **tiny_overrides(tiny_model),
             "member_id": PERSONA_ID,
             "persona_name": PERSONA,
-            "base_model": str(tiny_model.hf_dir),
-            "base_gguf": str(tiny_model.gguf_path),
-            "base_name": "tiny",
-            "max_steps": 6,
-            "micro_batch_size": 4,
-            "grad_accum": 1,
-            "learning_rate": 5e-3,
-            "lora_r": 8,
-            "lora_alpha": 16,
-            "lora_dropout": 0.0,
-            "save_steps": 3,
-            "threads": 1,
-            "max_length": 256,
             "eval_samples": 2,
             "eval_max_new_tokens": 12,
             "pref_steps": 3,
             "pref_learning_rate": 5e-3,
         }
+        del cfg["eval_max_examples"]  # a job folder made here evaluates every held-out row it has
         cfg.update(overrides)
         TrainConfig.from_dict(cfg).to_json(job / "config.json")
         rows = synthetic_rows(n_train + n_heldout, seed=7, chat_format=tiny_chat_format)

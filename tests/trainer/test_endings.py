@@ -21,13 +21,7 @@ GIB = 1024**3
 def _settings(doppel_home: Path) -> Any:
     from doppel.core.settings import Settings
 
-    return Settings.load(
-        env={
-            "DOPPEL_HOME": str(doppel_home),
-            "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
-            "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
-        }
-    )
+    return Settings.load(env=fx.control_env(doppel_home))
 
 
 async def _run_and_end(settings: Any, tiny_model: Any, signum: int | None, **extra: Any) -> Any:

@@ -17,12 +17,7 @@ pytestmark = pytest.mark.timeout(400)
 
 
 def _env(home: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "DOPPEL_HOME": str(home),
-        "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
-        "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
-    }
+    return {**os.environ, **fx.control_env(home)}
 
 
 @fx.run_async

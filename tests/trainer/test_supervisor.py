@@ -21,14 +21,7 @@ pytestmark = pytest.mark.timeout(300)
 def _settings(doppel_home: Path, **training: Any) -> Any:
     from doppel.core.settings import Settings
 
-    env = {
-        "DOPPEL_HOME": str(doppel_home),
-        "DOPPEL_TRAINING__HEARTBEAT_S": "0.5",
-        "DOPPEL_TRAINING__CANCEL_GRACE_S": "20",
-        "DOPPEL_TRAINING__MIN_FREE_DISK_MB": "1",
-    }
-    env.update({f"DOPPEL_TRAINING__{k.upper()}": str(v) for k, v in training.items()})
-    return Settings.load(env=env)
+    return Settings.load(env=fx.control_env(doppel_home, **{"cancel_grace_s": 20, **training}))
 
 
 async def _open(settings: Any) -> tuple[Any, Any]:
