@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from tests.helpers import supervision as fx
@@ -75,18 +74,6 @@ def _wait_for_training(settings: Any, min_step: int, timeout: float = 240) -> di
     raise AssertionError(f"the job never reached step {min_step}: {_job_row(settings)}")
 
 
-def _gone_within(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 def test_the_trainer_ends_with_its_cli_and_the_job_resumes(
     doppel_home: Path, settings: Any, tiny_model: Any, signum: int
@@ -105,7 +92,7 @@ def test_the_trainer_ends_with_its_cli_and_the_job_resumes(
         child, killed_at = int(row["pid"]), json.loads(row["progress_json"])["step"]
         cli.send_signal(signum)
         cli.wait(timeout=60)
-        assert _gone_within(child, 10), "the trainer child outlived its supervisor"
+        assert fx.process_gone(child, within=10), "the trainer child outlived its supervisor"
     finally:
         if cli.poll() is None:
             cli.kill()

@@ -155,6 +155,21 @@ def adapter_versions(settings: Any) -> list[Path]:
     )
 
 
+def process_gone(pid: int, within: float) -> bool:
+    """Whether process `pid` exits (or is a zombie awaiting its parent) within `within` seconds."""
+    import psutil
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def run_async(fn: Any) -> Any:
     """Run an async test body in a fresh event loop (the project does not use a pytest asyncio plugin)."""
 

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from doppel.core.settings import Settings, bundled_base_gguf
@@ -191,18 +190,6 @@ def _job_rows(home: Path) -> list[tuple[Any, ...]]:
         return []
 
 
-def _gone(pid: int, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_kill9_during_training(tmp_path: Path, tiny_model: Any, fx: Any) -> None:
     from data.store import Store
     from trainer.supervisor import Supervisor
@@ -276,7 +263,7 @@ def test_kill9_during_training(tmp_path: Path, tiny_model: Any, fx: Any) -> None
                 )
         if orphan is not None:
             # recover() sends SIGKILL after the grace period and returns; give the kernel a moment to deliver it.
-            assert _gone(orphan, within=5.0), (
+            assert fx.process_gone(orphan, within=5.0), (
                 f"{where}: the orphaned trainer {orphan} still runs after the restart"
             )
         assert_sound(home, where)
