@@ -448,12 +448,13 @@ def _score(model: Any, member: str, texts: Sequence[str]) -> dict[str, Any]:
 async def _own_vs_other(
     settings: Settings, panel: Sequence[str], trained: Mapping[str, tuple[str, Any, int, str]]
 ) -> dict[str, Any]:
-    """The last configuration's recipe trained for another panel member (same steps, same prompt style); held-out
-    perplexity of the member's replies under the base, the member's own adapter and the other member's adapter.
-    A persona that learned the member (not just chat in general) is clearly best with its own adapter."""
+    """The product's defaults (else the last configuration) trained for another panel member (same steps, same
+    prompt style); held-out perplexity of the member's replies under the base, the member's own adapter and the
+    other member's adapter. A persona that learned the member (not just chat in general) is best with its own."""
     from doppel.core.chatformat import use_style
 
-    name, (own_folder, style, steps, base_model) = list(trained.items())[-1]
+    name = "defaults" if "defaults" in trained else list(trained)[-1]
+    own_folder, style, steps, base_model = trained[name]
     other = panel[1]
     with use_style(style):
         overrides = {**CONFIGS[name]["overrides"], "max_steps": steps}
