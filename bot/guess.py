@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import random
 import re
 from collections import deque
@@ -20,6 +19,7 @@ from bot.errors import NotAllowed, NotAvailable
 from bot.services import Services
 from bot.text import clip, neutralise
 from doppel.core.chatformat import Utterance
+from models.errors import AdapterNotFoundError
 
 NONE = discord.AllowedMentions.none()
 QUOTE_CHARS = 300
@@ -126,10 +126,9 @@ async def _heldout_from(services: Services, adapter_id: str | None) -> float | N
     """When the adapter's held-out window starts (replies from then on were never trained on), if recorded."""
     if adapter_id is None:
         return None
-    row = await services.store.adapters.get(adapter_id)
     try:
-        meta = json.loads((row or {}).get("meta_json") or "{}")
-    except json.JSONDecodeError:
+        meta = (await services.registry.get(adapter_id)).meta
+    except AdapterNotFoundError:
         return None
     for holder in (meta.get("data") or {}, meta):
         value = (holder.get("window") or {}).get("heldout_from")
@@ -236,9 +235,9 @@ async def fidelity_text(services: Services, member_id: str, name: str) -> str:
     persona = next(iter(await services.personas(member_id=member_id)), None)
     if persona is None:
         raise NotAvailable(f"{name} has no trained persona yet (`/persona train`)")
-    blind = await services.blind_results(member_id, adapter_id=persona["id"])
-    report = format_report(persona["metrics"], blind=blind)
-    header = f"**{neutralise(name)}'s persona** v{persona['version']} on {persona['base_model']}"
+    blind = await services.blind_results(member_id, adapter_id=persona.id)
+    report = format_report(persona.metrics, blind=blind)
+    header = f"**{neutralise(name)}'s persona** v{persona.version} on {persona.base_model}"
     return clip(f"{header}\n```\n{report.replace('```', '')}\n```")
 
 

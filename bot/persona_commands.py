@@ -182,15 +182,16 @@ async def persona_list_text(services: Services, limit: int = LIST_LIMIT) -> str:
     """`/persona list`: the newest personas and the members readiest to train, each capped, with how many more."""
     personas = await services.personas(limit=limit)
     ready = await services.trainable_members(limit=limit, untrained=True)
-    names = await services.member_names([p["member_id"] for p in personas] + [*ready])
-    chat = await services.chat_allowed([p["member_id"] for p in personas])
+    owners = [p.member_id for p in personas if p.member_id is not None]
+    names = await services.member_names([*owners, *ready])
+    chat = await services.chat_allowed(owners)
 
     def name(member_id: str) -> str:
         return neutralise(names.get(member_id, member_id)[:40])
 
     trained = [
-        f"• {name(p['member_id'])}: v{p['version']} on {p['base_model']} "
-        f"({'chat on' if p['member_id'] in chat else 'chat not allowed'})"
+        f"• {name(str(p.member_id))}: v{p.version} on {p.base_model} "
+        f"({'chat on' if p.member_id in chat else 'chat not allowed'})"
         for p in personas
     ]
     waiting = [f"• {name(m)}: {n} messages" for m, n in ready.items()]

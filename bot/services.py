@@ -8,12 +8,32 @@ import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.errors import BadUpload
 from data.records import Member, Message
 from doppel.core.chatformat import Utterance
 from doppel.core.settings import Settings
+from models.registry import AdapterVersion, Registry
+from trainer.jobs import Job, JobTable
+
+if TYPE_CHECKING:
+    from consent.service import ConsentService
+    from data.store import Store
+    from inference.requests import GenParams, PersonaRequest
+    from trainer.supervisor import Supervisor
+
+
+class PersonaEngine(Protocol):
+    """What the bot needs of the inference engine (`inference.engine.Engine`; a scripted one in tests)."""
+
+    def reply(
+        self, persona: PersonaRequest, context: Sequence[Utterance], params: GenParams | None = None
+    ) -> AsyncIterator[str]: ...
+
+    def forget(self, member_id: str) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -34,15 +54,21 @@ class GuildConfig:
 
 @dataclass
 class Services:
-    """Store, consent, supervisor, engine and registry, built once and shared by every handler."""
+    """Store, consent, supervisor, engine, registry and jobs, built once and shared by every handler."""
 
     settings: Settings
-    store: Any
-    consent: Any
-    supervisor: Any = None
-    engine: Any = None
-    registry: Any = None
+    store: Store
+    consent: ConsentService
+    supervisor: Supervisor | None = None
+    engine: PersonaEngine | None = None
+    registry: Registry = field(init=False)
+    jobs: JobTable = field(init=False)
     _owned: list[Any] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        # The owners of `adapters` and `jobs`: the bot reads and writes those tables through them only.
+        self.registry = Registry(self.store, self.settings)
+        self.jobs = JobTable(self.store)
 
     @classmethod
     async def open(
@@ -66,9 +92,10 @@ class Services:
             from inference.retrieval import Retriever
 
             # The retriever serves the 'retrieval' and 'adapter+retrieval' persona modes from the member's messages.
-            services.engine = Engine(settings, retriever=Retriever(store, settings))
-            await services.engine.start()
-            services._owned.append(services.engine)
+            engine = Engine(settings, retriever=Retriever(store, settings))
+            await engine.start()
+            services.engine = engine
+            services._owned.append(engine)
         return services
 
     async def close(self) -> None:
@@ -131,9 +158,8 @@ class Services:
 
     def drop_cached(self, member_id: str) -> None:
         """Make the engine drop what it holds in memory about a member (retrieval vectors, saved KV states)."""
-        forget = getattr(self.engine, "forget", None)
-        if callable(forget):
-            forget(member_id)
+        if self.engine is not None:
+            self.engine.forget(member_id)
 
     async def upsert_member(self, member: Member) -> None:
         """Remember a member's names and avatar."""
@@ -189,9 +215,9 @@ class Services:
 
     async def export_member(self, member_id: str) -> dict[str, Any]:
         """Everything stored about a member (the same export as `doppel export-data`)."""
-        from data.export import member_export
+        from consent.export import member_export
 
-        return dict(await member_export(self.store, member_id))
+        return await member_export(self.store, member_id)
 
     async def forget(self, member_id: str, actor: str) -> dict[str, Any]:
         """Run the erasure cascade and return what was removed."""
@@ -249,45 +275,18 @@ class Services:
     # -- personas and training --------------------------------------------------------------------------------
     async def persona_adapter(self, member_id: str) -> tuple[str, Path] | None:
         """The member's active adapter: its id and llama.cpp GGUF file, or None when none is servable."""
-        row = await self.store.fetchone(
-            "SELECT id, path FROM adapters WHERE member_id = ? AND status = 'active' ORDER BY version DESC LIMIT 1",
-            (member_id,),
-        )
-        if row is None or not row[1]:
+        active = await self.registry.active(member_id)
+        if active is None or not active.path or not active.gguf_path.exists():
             return None
-        gguf = Path(row[1]) / "adapter.gguf"
-        return (str(row[0]), gguf) if gguf.exists() else None
+        return active.id, active.gguf_path
 
-    async def personas(self, member_id: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-        """Active adapters, newest version per member (of one member; the newest `limit`), with their metrics."""
-        where, params = ("AND a.member_id = ?", (member_id,)) if member_id else ("", ())
-        rows = await self.store.fetchall(
-            "SELECT a.id, a.member_id, a.version, a.base_model, a.metrics_json, a.created_at FROM adapters a "
-            "WHERE a.status = 'active' AND a.member_id IS NOT NULL "
-            + where
-            + " AND a.version = (SELECT MAX(b.version) "
-            "FROM adapters b WHERE b.member_id = a.member_id AND b.status = 'active') "
-            "ORDER BY a.created_at DESC, a.member_id" + (" LIMIT ?" if limit is not None else ""),
-            (*params, *((limit,) if limit is not None else ())),
-        )
-        return [
-            {
-                "id": r[0],
-                "member_id": r[1],
-                "version": r[2],
-                "base_model": r[3],
-                "metrics": json.loads(r[4] or "{}"),
-                "created_at": r[5],
-            }
-            for r in rows
-        ]
+    async def personas(self, member_id: str | None = None, limit: int | None = None) -> list[AdapterVersion]:
+        """Active personas, newest first (of one member; the newest `limit`), with their metrics."""
+        return await self.registry.active_personas(member_id, limit=limit)
 
     async def persona_count(self) -> int:
         """How many members have an active persona."""
-        row = await self.store.fetchone(
-            "SELECT COUNT(DISTINCT member_id) FROM adapters WHERE status = 'active' AND member_id IS NOT NULL"
-        )
-        return int(row[0]) if row else 0
+        return await self.registry.count_personas()
 
     async def trainable_members(self, limit: int | None = None, *, untrained: bool = False) -> dict[str, int]:
         """Members with `train` consent and at least `training.min_examples` stored messages, with their counts.
@@ -339,8 +338,18 @@ class Services:
         """Which of `member_ids` allowed chat with their persona (one query)."""
         return set(await self.store.with_scope("chat", [str(m) for m in member_ids]))
 
-    def reply(self, persona: Any, context: Sequence[Utterance], params: Any) -> AsyncIterator[str]:
+    def trainer(self) -> Supervisor:
+        """The training supervisor (a bot started without one cannot train)."""
+        if self.supervisor is None:
+            raise RuntimeError("the bot was started without the training supervisor")
+        return self.supervisor
+
+    def reply(
+        self, persona: PersonaRequest, context: Sequence[Utterance], params: GenParams
+    ) -> AsyncIterator[str]:
         """Stream a persona's reply from the engine."""
+        if self.engine is None:
+            raise RuntimeError("the bot was started without a persona engine")
         return self.engine.reply(persona, context, params)
 
 
@@ -354,50 +363,37 @@ def _as_dict(report: Any) -> dict[str, Any]:
 
 async def submit_training(services: Services, member_id: str, requested_by: str, mode: str) -> str:
     """Queue a training job through the supervisor (the same one the CLI uses); returns the job id."""
-    job = await services.supervisor.submit(member_id, requested_by=requested_by, source="discord", mode=mode)
-    return str(getattr(job, "id", job))
+    job = await services.trainer().submit(member_id, requested_by=requested_by, source="discord", mode=mode)
+    return job.id
 
 
 async def cancel_training(services: Services, job_id: str, by: str) -> None:
     """Ask the supervisor to cancel a job."""
-    await services.supervisor.cancel(job_id, actor=by)
+    await services.trainer().cancel(job_id, actor=by)
 
 
-async def job_state(services: Services, job_id: str) -> Any | None:
-    """The job as `trainer.jobs.Job`, read from the jobs table, or None."""
-    from trainer.jobs import Job
-
-    row = await services.store.jobs.get(job_id)
-    return None if row is None else Job.from_row(row)
+async def job_state(services: Services, job_id: str) -> Job | None:
+    """The job, or None."""
+    return await services.jobs.get(job_id)
 
 
 async def remember_progress_message(
     services: Services, job_id: str, channel_id: int, message_id: int
 ) -> None:
     """Record where a job's progress message is (ids only), so a restarted bot can go on editing it."""
-    await services.store.jobs.update(
+    await services.jobs.update(
         job_id, progress_channel_id=str(channel_id), progress_message_id=str(message_id)
     )
 
 
-async def watched_jobs(services: Services) -> list[tuple[Any, int, int]]:
+async def watched_jobs(services: Services) -> list[tuple[Job, int, int]]:
     """Active jobs that have a progress message: (job, channel id, message id)."""
-    from trainer.jobs import ACTIVE, Job
-
-    found = []
-    for row in await services.store.jobs.list(status=ACTIVE):
-        if row.get("progress_channel_id") and row.get("progress_message_id"):
-            found.append(
-                (Job.from_row(row), int(row["progress_channel_id"]), int(row["progress_message_id"]))
-            )
-    return found
+    return await services.jobs.with_progress_message()
 
 
-async def active_jobs(services: Services, member_id: str | None = None) -> list[Any]:
+async def active_jobs(services: Services, member_id: str | None = None) -> list[Job]:
     """Queued, running and interrupted jobs (of one member), oldest first."""
-    from trainer.jobs import ACTIVE, Job
-
-    return [Job.from_row(r) for r in await services.store.jobs.list(member_id=member_id, status=ACTIVE)]
+    return await services.jobs.active(member_id)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from pathlib import Path
@@ -16,6 +15,7 @@ from bot.errorhook import reports_errors
 from bot.errors import NotAllowed, NotAvailable
 from bot.services import Services, cancel_training, job_state
 from bot.text import clip
+from models.errors import AdapterNotFoundError
 
 log = logging.getLogger("doppel.bot.training")
 NONE = discord.AllowedMentions.none()
@@ -65,12 +65,12 @@ async def adapter_files(services: Services, adapter_id: str | None) -> tuple[dic
     """An adapter's metrics and its loss plot, if present."""
     if not adapter_id:
         return {}, None
-    row = await services.store.adapters.get(adapter_id)
-    if row is None:
+    try:
+        adapter = await services.registry.get(adapter_id)
+    except AdapterNotFoundError:
         return {}, None
-    metrics = json.loads(row.get("metrics_json") or "{}")
-    plot = Path(row["path"]) / "loss.png" if row.get("path") else None
-    return metrics, plot if plot is not None and plot.exists() else None
+    plot = Path(adapter.path) / "loss.png" if adapter.path else None
+    return adapter.metrics, plot if plot is not None and plot.exists() else None
 
 
 async def watch(

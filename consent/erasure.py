@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from consent.errors import ErasureError
@@ -17,8 +20,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Modules whose import registers erasure parts. A component that stores member data adds its module here.
-PART_MODULES: tuple[str, ...] = ("consent.parts",)
+# Modules whose import registers erasure parts: each part lives beside the data it erases (the job folders beside
+# the jobs table's owner, the adapters beside the registry). Named, not imported: the parts of higher layers
+# depend on this module, never the other way round. A component that stores member data adds its module here.
+PART_MODULES: tuple[str, ...] = ("consent.parts", "trainer.erasure", "models.erasure")
+_META_KEYS = ("member", "member_id", "lineage", "contains", "members")
 
 
 @dataclass
@@ -33,6 +39,40 @@ class ErasureContext:
     retired_adapters: list[dict[str, Any]] = field(default_factory=list)
     cancelled_jobs: list[str] = field(default_factory=list)
     files_deleted: int = 0
+
+    def remove(self, path: Path) -> None:
+        """Delete a file or folder under DOPPEL_HOME (never outside it), counting files."""
+        if not path.exists() and not path.is_symlink():
+            return
+        try:
+            path.resolve().relative_to(self.settings.home.resolve())
+        except ValueError:
+            raise PermissionError(f"refusing to delete {path}: outside DOPPEL_HOME") from None
+        if path.is_dir() and not path.is_symlink():
+            self.files_deleted += sum(1 for p in path.rglob("*") if not p.is_dir())
+            shutil.rmtree(path)
+        else:
+            self.files_deleted += 1
+            path.unlink()
+
+
+def meta_mentions(meta_path: Path, member_id: str) -> bool:
+    """Whether a meta.json names the member (as owner, in lineage, or anywhere in its data)."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        # Unreadable metadata: the folder may hold anyone's text; the raw bytes decide.
+        try:
+            return member_id.encode() in meta_path.read_bytes()
+        except OSError:
+            return False
+    if not isinstance(meta, dict):
+        return False
+    for key in _META_KEYS:
+        value = meta.get(key)
+        if value == member_id or (isinstance(value, list) and member_id in [str(v) for v in value]):
+            return True
+    return False
 
 
 PartFn = Callable[[ErasureContext], Awaitable[Any]]
@@ -70,11 +110,15 @@ class ErasureReport:
         return asdict(self)
 
 
+ExportFn = Callable[["Store", str], Awaitable[Any]]
+
+
 class _Registry:
-    """Parts by name; filled at import time by `@erasure_part` (static wiring, not runtime state)."""
+    """Parts and export sections by name; filled at import time by the decorators (static wiring, not state)."""
 
     def __init__(self) -> None:
         self.parts: dict[str, ErasurePart] = {}
+        self.exports: dict[str, ExportFn] = {}
 
     def add(self, part: ErasurePart) -> None:
         existing = self.parts.get(part.name)
@@ -101,6 +145,26 @@ def erasure_part(
         return fn
 
     return register
+
+
+def export_part(name: str) -> Callable[[ExportFn], ExportFn]:
+    """Register `async def section(store, member_id)`: what the member's data export holds under `name`."""
+
+    def register(fn: ExportFn) -> ExportFn:
+        existing = REGISTRY.exports.get(name)
+        if existing is not None and existing is not fn:
+            raise ValueError(f"export section {name!r} registered twice")
+        REGISTRY.exports[name] = fn
+        return fn
+
+    return register
+
+
+def registered_exports() -> dict[str, ExportFn]:
+    """Every export section of the part modules, by name."""
+    for module in PART_MODULES:
+        importlib.import_module(module)
+    return dict(sorted(REGISTRY.exports.items()))
 
 
 def registered_parts() -> list[ErasurePart]:

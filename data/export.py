@@ -1,4 +1,4 @@
-"""Member data export: everything stored about one member, decrypted, as a JSON-able dict; written atomically."""
+"""The store's sections of a member's data export and the atomic writer; `consent.export` adds jobs and adapters."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ FORMAT = "doppel-member-export/1"
 
 
 async def member_export(store: Store, member_id: str) -> dict[str, Any]:
-    """Profile, consent + audit, messages (decrypted), embeddings, feedback, persona replies, blind tests, jobs, adapters."""
+    """The store's sections: profile, consent + audit, messages (decrypted), embeddings, feedback, persona replies,
+    blind tests (`consent.export` adds jobs and adapters from their owners)."""
     member_id = check_member_id(member_id)
     member = await store.members.get(member_id)
     scopes = await store.fetchall(
@@ -45,9 +46,6 @@ async def member_export(store: Store, member_id: str) -> dict[str, Any]:
         ]
         for model in models
     }
-    adapters = []
-    for row in await store.adapters.touching(member_id):
-        adapters.append(row | {"lineage": await store.adapters.lineage(row["id"])})
     guilds = await store.fetchall(
         "SELECT guild_id, acknowledged_at FROM guild_settings WHERE acknowledged_by = ?", (member_id,)
     )
@@ -64,8 +62,6 @@ async def member_export(store: Store, member_id: str) -> dict[str, Any]:
         "embeddings": embeddings,
         "feedback_on_persona": await store.feedback.for_persona(member_id),
         "feedback_given": await store.feedback.given_by(member_id),
-        "jobs": await store.jobs.list(member_id=member_id),
-        "adapters": adapters,
         "persona_replies": await store.persona_replies.for_persona(member_id),
         "blind_tests_of_persona": await store.blind_tests.results(member_id),
         "blind_votes_given": await store.blind_tests.given_by(member_id),

@@ -74,11 +74,10 @@ class _Opening:
 
 
 class Store:
-    """Async access to the database; repositories: members, messages, embeddings, feedback, guilds, jobs, adapters."""
+    """Async access to the database; repositories of the store's tables (jobs: `trainer.jobs`; adapters: `models`)."""
 
     def __init__(self, settings: Settings, db: aiosqlite.Connection, keyring: Keyring) -> None:
         from data.blindtests import BlindTestRepo
-        from data.control import AdapterRepo, JobRepo
         from data.embeddings import EmbeddingRepo, FeedbackRepo
         from data.guilds import GuildRepo
         from data.members import KeyRepo, MemberRepo
@@ -97,8 +96,6 @@ class Store:
         self.embeddings = EmbeddingRepo(self)
         self.feedback = FeedbackRepo(self)
         self.guilds = GuildRepo(self)
-        self.jobs = JobRepo(self)
-        self.adapters = AdapterRepo(self)
         self.blind_tests = BlindTestRepo(self)
         self.persona_replies = PersonaReplyRepo(self)
 

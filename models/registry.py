@@ -9,6 +9,7 @@ retired but kept on disk, so `activate` can roll back to it.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from doppel.core.settings import Settings
 from models.errors import (
@@ -27,11 +28,28 @@ from models.errors import (
     UnknownBaseModelError,
 )
 
+if TYPE_CHECKING:
+    from data.database import Database
+
 BASES_FILE = "base_models.json"
 MULTI_DIR = "_multi"
 REQUIRED_FILES = ("adapter.gguf", "meta.json")
 # What a version whose GGUF conversion failed still has: the trained PEFT weights.
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "meta.json")
+# The columns of `adapters`; the registry is the one reader and writer of that table and of `adapter_lineage`.
+COLUMNS = (
+    "id",
+    "member_id",
+    "base_model",
+    "base_sha256",
+    "version",
+    "status",
+    "path",
+    "metrics_json",
+    "meta_json",
+    "created_at",
+    "job_id",
+)
 # Below this share of generated samples that end with the end-of-turn token, the persona would "never stop".
 MIN_EOS_RATE = 0.5
 
@@ -141,7 +159,7 @@ def file_sha256(path: Path) -> str:
 class Registry:
     """Base models and adapter versions; one per process, built from the store and the settings."""
 
-    def __init__(self, store: Any, settings: Settings) -> None:
+    def __init__(self, store: Database, settings: Settings) -> None:
         self.store = store
         self.settings = settings
 
@@ -271,16 +289,22 @@ class Registry:
 
     # -- adapters ---------------------------------------------------------------------------------------------
     async def _rows(
-        self, where: str, params: tuple[Any, ...], *, limit: int | None = None, offset: int = 0
+        self,
+        where: str,
+        params: tuple[Any, ...],
+        *,
+        order: str = "a.member_id, a.version",
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[AdapterVersion]:
         # One query: each row's lineage comes along as a group_concat, not as one more query per row.
-        cols = await self.store.adapters.columns()
+        cols = COLUMNS
         page = f" LIMIT {int(limit)} OFFSET {max(0, int(offset))}" if limit is not None else ""
         select = ", ".join(f"a.{c}" for c in cols)
         rows = await self.store.fetchall(
             f"SELECT {select}, (SELECT group_concat(member_id, ',') FROM "
             "(SELECT l.member_id FROM adapter_lineage l WHERE l.adapter_id = a.id ORDER BY l.member_id)) "
-            f"FROM adapters a WHERE {where} ORDER BY a.member_id, a.version{page}",
+            f"FROM adapters a WHERE {where} ORDER BY {order}{page}",
             params,
         )
         out = []
@@ -332,6 +356,22 @@ class Registry:
         """The member's active adapter (None for `member_id=None` means the multi-persona one)."""
         found = await self._rows("a.member_id IS ? AND a.status = 'active'", (member_id,))
         return found[-1] if found else None
+
+    async def active_personas(
+        self, member_id: str | None = None, *, limit: int | None = None
+    ) -> builtins.list[AdapterVersion]:
+        """Active member personas (multi-persona adapters excepted), newest first; the newest `limit` of them."""
+        where, params = "a.status = 'active' AND a.member_id IS NOT NULL", tuple[str, ...]()
+        if member_id is not None:
+            where, params = where + " AND a.member_id = ?", (member_id,)
+        return await self._rows(where, params, order="a.created_at DESC, a.member_id", limit=limit)
+
+    async def count_personas(self) -> int:
+        """How many members have an active persona."""
+        row = await self.store.fetchone(
+            "SELECT COUNT(DISTINCT member_id) FROM adapters WHERE status = 'active' AND member_id IS NOT NULL"
+        )
+        return int(row[0]) if row else 0
 
     async def publish(
         self,
@@ -388,6 +428,7 @@ class Registry:
                         "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters WHERE member_id IS ?", (member,)
                     )
                 ).fetchone()
+                assert row is not None  # an aggregate always returns one row
                 version = int(row[0])
                 promote, reason = gate(metrics)
                 final = folder / str(version)
@@ -523,6 +564,48 @@ class Registry:
                 "UPDATE adapters SET status = 'active' WHERE id = ? AND status != 'erased'", (target.id,)
             )
         return await self.get(target.id)
+
+    # -- erasure and export of a member (models.erasure, the member's data export) ----------------------------
+    async def touching(self, member_id: str) -> builtins.list[AdapterVersion]:
+        """Versions of the member and versions trained on their messages (lineage), erased ones included."""
+        return await self._rows(
+            "a.member_id = ? OR a.id IN (SELECT adapter_id FROM adapter_lineage WHERE member_id = ?)",
+            (member_id, member_id),
+        )
+
+    async def erase(self, adapter_id: str, *, drop_row: bool) -> None:
+        """After its files are deleted: drop the row (the member's own version) or keep it marked `erased`."""
+        async with self.store.write() as db:
+            if drop_row:
+                await db.execute("DELETE FROM adapter_lineage WHERE adapter_id = ?", (adapter_id,))
+                await db.execute("DELETE FROM adapters WHERE id = ?", (adapter_id,))
+            else:
+                # meta_json copies the deleted meta.json, lineage included: it goes with the files.
+                await db.execute(
+                    "UPDATE adapters SET status = 'erased', path = NULL, meta_json = NULL WHERE id = ?",
+                    (adapter_id,),
+                )
+
+    async def drop_lineage(self, member_id: str) -> None:
+        """Remove the member from every version's lineage (the versions themselves were erased first)."""
+        async with self.store.write() as db:
+            await db.execute("DELETE FROM adapter_lineage WHERE member_id = ?", (member_id,))
+
+    async def rows_of(self, member_id: str) -> builtins.list[dict[str, Any]]:
+        """The rows `touching` finds, as stored, each with its lineage (the member's data export)."""
+        rows = await self.store.fetchall(
+            f"SELECT {', '.join(COLUMNS)} FROM adapters WHERE member_id = ? OR id IN "
+            "(SELECT adapter_id FROM adapter_lineage WHERE member_id = ?) ORDER BY created_at, id",
+            (member_id, member_id),
+        )
+        out = []
+        for r in rows:
+            row = dict(zip(COLUMNS, r, strict=True))
+            lineage = await self.store.fetchall(
+                "SELECT member_id FROM adapter_lineage WHERE adapter_id = ? ORDER BY member_id", (row["id"],)
+            )
+            out.append(row | {"lineage": [x[0] for x in lineage]})
+        return out
 
 
 def evaluation_failed(metrics: dict[str, Any], why: str) -> dict[str, Any]:

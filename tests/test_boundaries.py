@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ PLACES = {
     "trainer.preflight": "control",
     "trainer.endings": "control",
     "trainer.reevaluate": "control",
+    "trainer.erasure": "control",
     "models": "registry",
     "trainer.dataset": "registry",
     "trainer.preference": "registry",
@@ -184,3 +186,29 @@ def test_every_module_uses_postponed_annotations() -> None:
         and "from __future__ import annotations" not in path.read_text(encoding="utf-8")
     ]
     assert missing == []
+
+
+# One owner per table: only these modules write these tables (migrations create them).
+OWNERS = {
+    "jobs": "trainer/jobs.py",
+    "adapters": "models/registry.py",
+    "adapter_lineage": "models/registry.py",
+}
+_WRITE = re.compile(r"\b(?:INSERT(?:\s+OR\s+\w+)?\s+INTO|UPDATE|DELETE\s+FROM)\s+(\w+)\b", re.I)
+
+
+def table_writers(root: Path = ROOT) -> dict[str, set[str]]:
+    """Table -> the project files whose SQL writes it."""
+    writers: dict[str, set[str]] = {}
+    for path in _modules(root).values():
+        rel = path.relative_to(root).as_posix()
+        if rel == "data/migrations.py":
+            continue
+        for table in _WRITE.findall(path.read_text(encoding="utf-8")):
+            writers.setdefault(table.lower(), set()).add(rel)
+    return writers
+
+
+def test_each_control_table_has_one_writer() -> None:
+    writers = table_writers()
+    assert {t: writers.get(t, set()) for t in OWNERS} == {t: {owner} for t, owner in OWNERS.items()}

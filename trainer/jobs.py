@@ -1,4 +1,4 @@
-"""Training jobs: their lifecycle states, the row as a dataclass, and the queries the supervisor runs on `jobs`."""
+"""Training jobs: their lifecycle states, the row as a dataclass, and `JobTable`, the one owner of the `jobs` table."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainer.progress import ProgressState
+
+if TYPE_CHECKING:
+    from data.database import Database
 
 
 class JobStatus(StrEnum):
@@ -55,6 +58,8 @@ COLUMNS = (
     "executor_ref",
     "cancel_requested_by",
     "resume",
+    "progress_channel_id",
+    "progress_message_id",
 )
 
 
@@ -144,9 +149,9 @@ class Job:
 
 
 class JobTable:
-    """The supervisor's queries on the store's `jobs` table; every state change is one compare-and-set statement."""
+    """The one reader and writer of `jobs` (supervisor, bot, CLI, erasure); every state change is a compare-and-set."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Database) -> None:
         self.store = store
 
     async def _write(self, sql: str, params: Any) -> int:
@@ -222,6 +227,47 @@ class JobTable:
         return await self._many(
             f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY created_at, id", statuses
         )
+
+    async def active(self, member_id: str | None = None) -> list[Job]:
+        """Queued, running and interrupted jobs (of one member when given), oldest first."""
+        if member_id is None:
+            return await self.with_status(*ACTIVE)
+        return await self._many(
+            "SELECT * FROM jobs WHERE member_id = ? AND status IN (?, ?, ?) ORDER BY created_at, id",
+            (member_id, *ACTIVE),
+        )
+
+    async def everything(self) -> list[Job]:
+        """Every job, oldest first (erasure looks through other members' job folders too)."""
+        return await self._many("SELECT * FROM jobs ORDER BY created_at, id", ())
+
+    async def rows_of(self, member_id: str) -> list[dict[str, Any]]:
+        """The member's job rows as stored, oldest first (their data export)."""
+        rows = await self.store.fetchall(
+            f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE member_id = ? ORDER BY created_at, id", (member_id,)
+        )
+        return [dict(zip(COLUMNS, r, strict=True)) for r in rows]
+
+    async def with_progress_message(self) -> list[tuple[Job, int, int]]:
+        """Active jobs that have a progress message in Discord: (job, channel id, message id)."""
+        async with self.store.db.execute(
+            "SELECT * FROM jobs WHERE status IN (?, ?, ?) AND progress_channel_id IS NOT NULL "
+            "AND progress_message_id IS NOT NULL ORDER BY created_at, id",
+            ACTIVE,
+        ) as cur:
+            rows = await cur.fetchall()
+            names = [d[0] for d in cur.description]
+        found = []
+        for r in rows:
+            row = dict(zip(names, r, strict=True))
+            found.append(
+                (Job.from_row(row), int(row["progress_channel_id"]), int(row["progress_message_id"]))
+            )
+        return found
+
+    async def delete(self, job_id: str) -> bool:
+        """Drop a job's row (erasure of its member); True if there was one."""
+        return bool(await self._write("DELETE FROM jobs WHERE id = ?", (job_id,)))
 
     async def update(self, job_id: str, **values: Any) -> None:
         """Set columns unconditionally (progress, heartbeat, pid)."""

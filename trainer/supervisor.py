@@ -12,17 +12,14 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
-from doppel.core.errors import UserFacingError
 from doppel.core.settings import Settings
 from trainer.errors import JobConflictError, JobNotFoundError, SupervisorError
+from trainer.executors import alive, stop_trainer
 from trainer.executors.base import Executor, Run
 from trainer.jobs import Job, JobStatus, JobTable, new_job_id
 
@@ -32,15 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 RUNNING = (JobStatus.RUNNING,)
 POLL_S = 1.0
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 class Supervisor:
@@ -128,13 +116,13 @@ class Supervisor:
         for job in await self.jobs.with_status(JobStatus.QUEUED, JobStatus.RUNNING):
             if job.id in self._tasks:
                 continue
-            owner_alive = job.supervisor_pid != self.pid and _alive(job.supervisor_pid)
+            owner_alive = job.supervisor_pid != self.pid and alive(job.supervisor_pid)
             if owner_alive and job.status == JobStatus.RUNNING and job.heartbeat_at is not None:
                 owner_alive = time.time() - job.heartbeat_at < stale_after
             if owner_alive:
                 continue
             if job.status == JobStatus.RUNNING:
-                await self._stop_orphan(job)
+                await stop_trainer(job, self.settings)
                 why = f"the supervisor stopped while the job ran (last step {job.progress.step}); resume to continue"
             else:
                 why = "the supervisor stopped before the job started"
@@ -151,36 +139,6 @@ class Supervisor:
             ):
                 found.append(await self._get(job.id))
         return found
-
-    async def _stop_orphan(self, job: Job) -> None:
-        """A trainer nobody reads any more: stop it so it checkpoints and frees the device."""
-        if job.executor == "ray" and job.executor_ref:
-            from trainer.executors.ray import RayExecutor
-
-            with contextlib.suppress(UserFacingError):
-                await RayExecutor(self.settings).stop(job.executor_ref)
-            return
-        if not _alive(job.pid):
-            return
-        try:
-            cmdline = " ".join(psutil.Process(job.pid).cmdline())
-        except psutil.Error:
-            return
-        if job.job_dir not in cmdline:  # the pid was reused by an unrelated process
-            return
-        from trainer.executors.local import kill_group
-
-        assert job.pid is not None
-        kill_group(job.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.training.cancel_grace_s
-        while _alive(job.pid) and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        if _alive(job.pid):
-            kill_group(job.pid, signal.SIGKILL)
-            # Wait for it to be gone: a restarted job must not share the checkpoint folder with a dying one.
-            deadline = time.monotonic() + 5.0
-            while _alive(job.pid) and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
 
     # -- requests ---------------------------------------------------------------------------------------------
     async def submit(
@@ -302,7 +260,7 @@ class Supervisor:
             await run.terminate(self.settings.training.cancel_grace_s)
         elif job_id not in self._tasks:
             # Followed by another supervisor process: signal its trainer; that supervisor records `cancelled`.
-            await self._stop_orphan(job)
+            await stop_trainer(job, self.settings)
         return await self.wait(job_id)
 
     async def cancel_member(self, member_id: str, actor: str) -> list[Job]:

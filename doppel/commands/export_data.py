@@ -21,7 +21,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    from data.export import member_export
+    from consent.export import member_export
     from data.members import check_member_id
     from data.store import Store
 

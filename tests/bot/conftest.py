@@ -14,6 +14,8 @@ import discord
 import pytest
 from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 
+from tests.helpers.rows import seed_adapter
+
 GUILD, TEXT, OTHER, PERSONA_CH, APP = 1000, 2000, 2001, 2002, 9000
 ADMIN_PERMS = str(discord.Permissions.all().value)
 MEMBER_PERMS = str(
@@ -244,7 +246,8 @@ class Harness:
         )  # inside DOPPEL_HOME, where erasure may delete it
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "adapter.gguf").write_bytes(b"GGUF")  # the engine is scripted: the file only has to exist
-        await services.store.adapters.insert(
+        await seed_adapter(
+            services.store,
             id=f"a{uid}",
             member_id=str(uid),
             base_model="smollm2-135m",
@@ -408,6 +411,7 @@ class FakeEngine:
     def __init__(self) -> None:
         self.queue: list[list[str]] = []
         self.requests: list[tuple[Any, Any, Any]] = []
+        self.forgotten: list[str] = []
 
     def enqueue(self, chunks: Sequence[str]) -> None:
         self.queue.append(list(chunks))
@@ -416,6 +420,9 @@ class FakeEngine:
         self.requests.append((persona, list(context), params))
         for chunk in self.queue.pop(0) if self.queue else ["..."]:
             yield chunk
+
+    def forget(self, member_id: str) -> None:
+        self.forgotten.append(member_id)
 
     async def close(self) -> None:
         return None

@@ -145,12 +145,12 @@ def test_persona_train_permissions_consent_and_defer_order(bot_world: Any) -> No
             )
             first_callback = next(i for i, e in enumerate(h.fake.events) if "/callback" in e)
             assert first_callback < h.fake.events.index("submit")
-            (job,) = await services.store.jobs.list(member_id=str(ALICE))
-            assert job["requested_by"] == str(ADMIN) and job["source"] == "discord"
+            (job,) = await services.jobs.recent(member_id=str(ALICE))
+            assert job.requested_by == str(ADMIN) and job.source == "discord"
             progress = [
                 c for c in h.responses() if c.payload and "Training User111" in str(c.payload.get("content"))
             ]
-            assert progress and f"doppel:job:cancel:{job['id']}" in str(progress[-1].payload["components"])
+            assert progress and f"doppel:job:cancel:{job.id}" in str(progress[-1].payload["components"])
             # The progress message is the second followup (public); the first one, private, says it was queued.
             followups = [
                 c for c in h.responses() if c.method == "POST" and c.path.startswith(f"/webhooks/{h.APP}/tok")
@@ -158,10 +158,10 @@ def test_persona_train_permissions_consent_and_defer_order(bot_world: Any) -> No
             assert "queued" in followups[-2].payload["content"] and followups[-2].payload["flags"] == 64
             assert followups[-1] is progress[-1] and not followups[-1].payload.get("flags")
             # The cancel button (a dynamic item: works after restarts too) refuses bystanders, accepts the member.
-            await h.click(f"doppel:job:cancel:{job['id']}", BOB)
+            await h.click(f"doppel:job:cancel:{job.id}", BOB)
             assert "only the member" in h.sent_texts()[-1]
-            await h.click(f"doppel:job:cancel:{job['id']}", ALICE)
-            assert (await services.store.jobs.get(job["id"]))["status"] == "cancelled"
+            await h.click(f"doppel:job:cancel:{job.id}", ALICE)
+            assert (await services.jobs.get(job.id)).status == "cancelled"
             group = h.bot.tree.get_command("persona")
             assert isinstance(group, PersonaCommands)
             await asyncio.wait_for(asyncio.gather(*group._watchers.values()), timeout=10)

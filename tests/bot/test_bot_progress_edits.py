@@ -43,13 +43,13 @@ def test_progress_message_is_edited_only_on_change(bot_world: Any) -> None:
             await polls()
             assert len(edits()) == 1, "the first poll shows the state; the polls after it have nothing new"
             progress = {"status": "running", "step": 3, "total": 10, "loss": 2.5}
-            await services.store.jobs.update(job_id, status="running", progress_json=json.dumps(progress))
+            await services.jobs.update(job_id, status="running", progress_json=json.dumps(progress))
             await polls()
             assert len(edits()) == 2 and "step 3/10" in edits()[-1]
-            await services.store.jobs.update(job_id, progress_json=json.dumps({**progress, "step": 4}))
+            await services.jobs.update(job_id, progress_json=json.dumps({**progress, "step": 4}))
             await polls()
             assert len(edits()) == 3 and "step 4/10" in edits()[-1]
-            await services.store.jobs.update(job_id, status="cancelled")
+            await services.jobs.update(job_id, status="cancelled")
             await asyncio.wait_for(task, timeout=10)
             assert len(edits()) == 4 and "cancelled" in edits()[-1]
 

@@ -7,6 +7,8 @@ import dataclasses
 import time
 from typing import Any
 
+from tests.helpers.rows import seed_adapter
+
 MEMBERS = 1500
 PER_MEMBER = 3
 
@@ -29,7 +31,8 @@ async def _community(services: Any) -> list[str]:
     ]
     await services.store.messages.add_many(messages)
     for i, mid in enumerate(ids[::2]):
-        await services.store.adapters.insert(
+        await seed_adapter(
+            services.store,
             id=f"a{mid}",
             member_id=mid,
             base_model="smollm2-135m",

@@ -62,18 +62,18 @@ def test_finished_job_posts_results_and_loss_plot(bot_world: Any, tmp_path: Path
             await h.command(
                 "persona train", ADMIN, perms=h.ADMIN, member=(6, str(ALICE)), resolved=h.resolved(ALICE)
             )
-            (job,) = await services.store.jobs.list(member_id=str(ALICE))
+            (job,) = await services.jobs.recent(member_id=str(ALICE))
             group = h.bot.tree.get_command("persona")
             assert isinstance(group, PersonaCommands) and len(group._watchers) == 1
             progress = [c for c in h.fake.calls if c.response and "Training User111" in c.response["content"]]
             mid = progress[-1].response["id"]
 
-            await services.store.jobs.update(job["id"], status="running", started_at=time.time())
+            await services.jobs.update(job.id, status="running", started_at=time.time())
             adapter = await Registry(services.store, services.settings).publish(
-                _adapter_folder(tmp_path, str(ALICE)), job_id=job["id"], member_id=str(ALICE)
+                _adapter_folder(tmp_path, str(ALICE)), job_id=job.id, member_id=str(ALICE)
             )
-            await services.store.jobs.update(
-                job["id"], status="succeeded", adapter_id=adapter.id, finished_at=time.time()
+            await services.jobs.update(
+                job.id, status="succeeded", adapter_id=adapter.id, finished_at=time.time()
             )
             await asyncio.wait_for(asyncio.gather(*group._watchers.values()), timeout=15)
 
@@ -98,13 +98,13 @@ def test_failed_job_posts_the_reason_without_a_plot(bot_world: Any) -> None:
             services.supervisor = Supervisor(services.store, services.settings)
             await h.click("doppel:consent:train", ALICE)
             await h.command("persona train", ALICE, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
-            (job,) = await services.store.jobs.list(member_id=str(ALICE))
+            (job,) = await services.jobs.recent(member_id=str(ALICE))
             group = h.bot.tree.get_command("persona")
             assert isinstance(group, PersonaCommands)
             progress = [c for c in h.fake.calls if c.response and "Training User111" in c.response["content"]]
             mid = progress[-1].response["id"]
-            await services.store.jobs.update(
-                job["id"],
+            await services.jobs.update(
+                job.id,
                 status="failed",
                 finished_at=time.time(),
                 error="no training example fits max_length=512 tokens",
@@ -128,18 +128,18 @@ def test_a_restarted_bot_goes_on_editing_the_progress_message(bot_world: Any) ->
             # A member being trained has recorded messages, so the store knows their display name.
             await services.store.members.upsert(Member(str(ALICE), "user111", "User111"))
             await h.command("persona train", ALICE, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
-            (job,) = await services.store.jobs.list(member_id=str(ALICE))
+            ((job, channel_id, message_id),) = await services.jobs.with_progress_message()
             progress = [c for c in h.fake.calls if c.response and "Training User111" in c.response["content"]]
             mid = progress[-1].response["id"]
-            assert job["progress_message_id"] == mid and job["progress_channel_id"] == str(h.TEXT)
+            assert str(message_id) == str(mid) and channel_id == int(h.TEXT)
         # The bot process stops (its watcher with it) while the job runs on; a new one connects.
         async with bot_world() as (h, services):
-            await services.store.jobs.update(job["id"], status="running", started_at=time.time())
+            await services.jobs.update(job.id, status="running", started_at=time.time())
             await h.bot.on_ready()
             await h.bot.on_ready()  # the gateway reconnects: still one watcher for the job
             assert len(h.bot.persona._watchers) == 1
-            await services.store.jobs.update(
-                job["id"], status="cancelled", finished_at=time.time(), error=f"cancelled by {ALICE}"
+            await services.jobs.update(
+                job.id, status="cancelled", finished_at=time.time(), error=f"cancelled by {ALICE}"
             )
             await asyncio.wait_for(asyncio.gather(*h.bot.persona._watchers.values()), timeout=15)
             final = _patches(h, mid)[-1]

@@ -12,6 +12,7 @@ from consent.service import ConsentService, parse_scopes
 from data.records import Message
 from data.store import Store
 from doppel.core.settings import Settings
+from tests.helpers.rows import seed_adapter
 
 A, B = "100000000000000001", "100000000000000002"
 
@@ -83,10 +84,10 @@ def test_revoking_train_erases_content_but_keeps_chat(settings: Settings) -> Non
                     Message("2", None, "c", "c", B, "b", 1.0, "theirs"),
                 ]
             )
-            adapter = await store.adapters.insert(member_id=B, base_model="smol", lineage=[A])
+            adapter = await seed_adapter(store, member_id=B, lineage=[A])
             out = await svc.revoke([A], "train", "A", "command")
             assert out["erased"][A]["parts"]["messages"] == 1
-            assert [a["id"] for a in out["erased"][A]["adapters_retired"]] == [adapter["id"]]
+            assert [a["id"] for a in out["erased"][A]["adapters_retired"]] == [adapter.id]
             assert await store.messages.count(A) == 0 and await store.messages.count(B) == 1
             assert not await store.keys.exists(A)
             assert await svc.scopes(A) == {"chat"}

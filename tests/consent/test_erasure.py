@@ -24,6 +24,10 @@ from consent.service import ConsentService
 from data.records import Message
 from data.store import Store
 from doppel.core.settings import Settings
+from models.errors import AdapterNotFoundError
+from models.registry import Registry
+from tests.helpers.rows import seed_adapter, seed_job
+from trainer.jobs import JobTable
 
 M, OTHER, THIRD = "300000000000000001", "300000000000000002", "300000000000000003"
 # Tables that hold no member data (framework bookkeeping).
@@ -70,12 +74,15 @@ def test_a_new_uncovered_folder_is_detected(settings: Settings) -> None:
     assert parts.index("member_key") < parts.index("messages") < parts.index("member")
 
 
-def _spawn_job_process() -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+def _spawn_job_process(job_dir: Path) -> subprocess.Popen[bytes]:
+    """A stand-in trainer: erasure checks a pid's command line names the job's folder before it signals it."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", str(job_dir)], start_new_session=True
+    )
 
 
 def test_forget_cascades_through_jobs_adapters_files(settings: Settings) -> None:
-    proc = _spawn_job_process()
+    proc = _spawn_job_process(settings.home / "jobs" / "own")
     try:
         report = asyncio.run(_cascade(settings, proc.pid))
         assert proc.wait(timeout=10) == -signal.SIGTERM
@@ -119,8 +126,8 @@ async def _cascade(settings: Settings, pid: int) -> dict[str, object]:
             (job_dir / "dataset").mkdir(parents=True)
             (job_dir / "dataset" / "train.jsonl").write_text('{"prompt": "x"}\n')
             (job_dir / "dataset" / "meta.json").write_text(json.dumps({"member": owner, "lineage": contains}))
-            jobs[name] = await store.jobs.insert(
-                member_id=owner, status=status, job_dir=str(job_dir), pid=pid if name == "own" else None
+            jobs[name] = await seed_job(
+                store, owner, status, job_dir=str(job_dir), pid=pid if name == "own" else None
             )
         orphan = home / "jobs" / "orphan"
         (orphan / "dataset").mkdir(parents=True)
@@ -130,9 +137,7 @@ async def _cascade(settings: Settings, pid: int) -> dict[str, object]:
             path = home / "adapters" / owner / name
             path.mkdir(parents=True)
             (path / "adapter.gguf").write_bytes(b"GGUF")
-            adapters[name] = await store.adapters.insert(
-                member_id=owner, base_model="smol", lineage=lineage, path=str(path), status="active"
-            )
+            adapters[name] = await seed_adapter(store, member_id=owner, lineage=lineage, path=str(path))
         (home / "cache").mkdir()
         (home / "cache" / f"kv-{M}.bin").write_bytes(b"state")
         (home / "cache" / f"kv-{OTHER}.bin").write_bytes(b"state")
@@ -146,17 +151,21 @@ async def _cascade(settings: Settings, pid: int) -> dict[str, object]:
         assert not await store.keys.exists(M) and await store.members.get(M) is None
         assert await ConsentService(store).scopes(M) == set()
         assert (await ConsentService(store).audit(M))[-1]["action"] == "forgotten"
-        assert await store.jobs.get(jobs["own"]["id"]) is None
-        other_job = await store.jobs.get(jobs["other"]["id"])
-        assert other_job is not None and other_job["status"] == "cancelled"
-        assert (await store.jobs.get(jobs["unrelated"]["id"]))["status"] == "succeeded"
+        table, registry = JobTable(store), Registry(store, settings)
+        assert await table.get(jobs["own"].id) is None
+        other_job = await table.get(jobs["other"].id)
+        assert other_job is not None and other_job.status == "cancelled"
+        assert other_job.error == "cancelled: a member's data was erased"
+        unrelated_job = await table.get(jobs["unrelated"].id)
+        assert unrelated_job is not None and unrelated_job.status == "succeeded"
         assert not (home / "jobs" / "own").exists() and not (home / "jobs" / "other").exists()
         assert not orphan.exists() and (home / "jobs" / "unrelated" / "dataset" / "train.jsonl").exists()
-        assert await store.adapters.get(adapters["own"]["id"]) is None
-        assert (await store.adapters.get(adapters["other"]["id"]))["status"] == "erased"
-        assert not Path(adapters["other"]["path"]).exists() and not (home / "adapters" / M).exists()
-        assert (await store.adapters.get(adapters["unrelated"]["id"]))["status"] == "active"
-        assert Path(adapters["unrelated"]["path"]).exists()
+        with pytest.raises(AdapterNotFoundError):
+            await registry.get(adapters["own"].id)
+        assert (await registry.get(adapters["other"].id)).status == "erased"
+        assert not Path(adapters["other"].path).exists() and not (home / "adapters" / M).exists()
+        assert (await registry.get(adapters["unrelated"].id)).status == "active"
+        assert Path(adapters["unrelated"].path).exists()
         assert await store.fetchall("SELECT * FROM adapter_lineage WHERE member_id = ?", (M,)) == []
         assert not (home / "cache" / f"kv-{M}.bin").exists() and (home / "cache" / f"kv-{OTHER}.bin").exists()
         assert (home / "logs" / "doppel.log").read_text() == "line one\nline three\n"
@@ -185,16 +194,3 @@ def test_a_failing_part_does_not_stop_the_others(settings: Settings, monkeypatch
         asyncio.run(go())
     finally:
         erasure.REGISTRY.parts.pop("exploding_test_part", None)
-
-
-def test_stop_never_signals_our_own_process_group() -> None:
-    from consent.parts import _stop
-
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # same process group as us
-    try:
-        assert _stop(proc.pid) is True
-        assert proc.wait(timeout=10) == -signal.SIGTERM
-        assert _stop(proc.pid) is False  # gone
-    finally:
-        if proc.poll() is None:
-            proc.kill()

@@ -152,7 +152,6 @@ def test_registry_lists_a_page_in_one_query(settings: Settings, monkeypatch: pyt
                 return await original(sql, params)
 
             monkeypatch.setattr(store, "fetchall", counted)
-            await store.adapters.columns()
             calls.clear()
             page = await registry.list(limit=100)
             assert len(page) == 100 and len(calls) == 1, calls

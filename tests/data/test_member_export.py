@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from consent.export import member_export
 from consent.service import ConsentService
-from data.export import member_export
 from data.store import Store
 from doppel.core.settings import Settings
 
@@ -36,5 +36,27 @@ def test_export_includes_persona_replies_and_blind_tests(settings: Settings) -> 
             bob = await member_export(store, BOB)
             assert bob["persona_replies"] == []
             assert [(v["test_id"], v["picked_real"]) for v in bob["blind_votes_given"]] == [(test_id, True)]
+
+    asyncio.run(scenario())
+
+
+def test_export_includes_jobs_and_adapters_from_their_owners(settings: Settings) -> None:
+    from tests.helpers.rows import seed_adapter, seed_job
+
+    async def scenario() -> None:
+        async with Store.open(settings) as store:
+            job = await seed_job(store, ALICE, "succeeded")
+            own = await seed_adapter(store, member_id=ALICE, job_id=job.id)
+            trained_on_alice = await seed_adapter(store, member_id=BOB, lineage=[ALICE])
+            await seed_adapter(store, member_id=BOB, version=2)
+
+            alice = await member_export(store, ALICE)
+            assert [j["id"] for j in alice["jobs"]] == [job.id] and alice["jobs"][0]["status"] == "succeeded"
+            assert {a["id"]: a["lineage"] for a in alice["adapters"]} == {
+                own.id: [ALICE],
+                trained_on_alice.id: sorted([ALICE, BOB]),
+            }
+            bob = await member_export(store, BOB)
+            assert bob["jobs"] == [] and len(bob["adapters"]) == 2
 
     asyncio.run(scenario())

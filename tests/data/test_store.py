@@ -173,27 +173,6 @@ def test_members_guilds_feedback(settings: Settings) -> None:
     asyncio.run(go())
 
 
-def test_jobs_and_adapters_crud(settings: Settings) -> None:
-    async def go() -> None:
-        async with Store.open(settings) as store:
-            job = await store.jobs.insert(member_id=ALICE, status="queued")
-            assert await store.jobs.update(job["id"], status="running", pid=123)
-            assert (await store.jobs.get(job["id"]))["status"] == "running"
-            assert [j["id"] for j in await store.jobs.list(member_id=ALICE, status=["running"])] == [
-                job["id"]
-            ]
-            with pytest.raises(ValueError, match="unknown jobs column"):
-                await store.jobs.update(job["id"], nope=1)
-            a1 = await store.adapters.insert(member_id=ALICE, base_model="smol", lineage=[BOB])
-            a2 = await store.adapters.insert(member_id=ALICE, base_model="smol")
-            assert (a1["version"], a2["version"]) == (1, 2)
-            assert await store.adapters.lineage(a1["id"]) == [ALICE, BOB]
-            assert [a["id"] for a in await store.adapters.touching(BOB)] == [a1["id"]]
-            assert await store.adapters.next_version(ALICE) == 3
-
-    asyncio.run(go())
-
-
 def test_failed_write_rolls_back_and_forgets_new_key(settings: Settings) -> None:
     async def go() -> None:
         async with Store.open(settings) as store:

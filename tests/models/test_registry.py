@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.rows import seed_job
+
 
 def _artifact(
     root: Path, name: str, *, member: str = "1001", active: bool = True, lineage: tuple[str, ...] = ()
@@ -60,7 +62,7 @@ def test_publish_versions_gate_retire_and_rollback(settings: Any, tmp_path: Path
     async def go() -> None:
         async with Store.open(settings) as store:
             reg = Registry(store, settings)
-            await store.jobs.insert(id="j1", member_id="1001", status="running")
+            await seed_job(store, "1001", "running", id="j1")
             v1 = await reg.publish(_artifact(tmp_path, "a1", lineage=("2002",)), job_id="j1")
             assert (v1.version, v1.status) == (1, "active")
             assert v1.lineage == ["1001", "2002"]
@@ -201,8 +203,8 @@ def test_an_erased_or_cancelled_job_publishes_nothing(settings: Any, tmp_path: P
         async with Store.open(settings) as store:
             reg = Registry(store, settings)
             await store.members.upsert(Member("2002", "friend", "Friend"))
-            await store.jobs.insert(id="own", member_id="1001", status="running")
-            await store.jobs.insert(id="theirs", member_id="3003", status="cancelled")
+            await seed_job(store, "1001", "running", id="own")
+            await seed_job(store, "3003", "cancelled", id="theirs")
             with pytest.raises(ArtifactError, match="job theirs is cancelled"):
                 await reg.publish(_artifact(tmp_path, "c", member="3003"), job_id="theirs")
             # The owner is forgotten while the job runs: the cascade deletes the job row, then the trainer finishes.

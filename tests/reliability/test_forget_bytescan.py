@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 from doppel.core.settings import Settings, bundled_base_gguf, bundled_embedding_model
+from tests.helpers.rows import seed_job
+from trainer.jobs import JobTable
 
 pytestmark = [
     pytest.mark.skipif(
@@ -115,17 +117,10 @@ async def _populate(settings: Settings, staging: Path) -> dict[str, Any]:
             assert await store.embeddings.count(SECRET) == 60
         jobs = {}
         for member in (SECRET, FRIEND):
-            job = await store.jobs.insert(
-                member_id=member,
-                requested_by="admin",
-                source="cli",
-                mode="sft",
-                status="interrupted",
-                device="cpu",
-            )
-            job_dir = settings.jobs_dir / job["id"]
+            job = await seed_job(store, member, "interrupted")
+            job_dir = settings.jobs_dir / job.id
             await materialize(store, settings, member, job_dir, chat, "sft")
-            await store.jobs.update(job["id"], job_dir=str(job_dir))
+            await JobTable(store).update(job.id, job_dir=str(job_dir))
             jobs[member] = job_dir
         friend_meta = json.loads((jobs[FRIEND] / "dataset" / "meta.json").read_text(encoding="utf-8"))
         assert SECRET in friend_meta["lineage"], "the friend's examples quote the secret member"

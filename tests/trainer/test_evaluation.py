@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from doppel.core.settings import bundled_embedding_model
+from tests.helpers.rows import seed_adapter
 from trainer.errors import EvaluationError
 from trainer.evaluation import (
     fidelity_report,
@@ -179,7 +180,8 @@ def _add_adapter(settings: Any, tmp_path: Any, version: int, status: str, metric
 
     async def go() -> None:
         async with Store.open(settings) as store:
-            await store.adapters.insert(
+            await seed_adapter(
+                store,
                 lineage=["100", "200"],
                 member_id="100",
                 base_model="smollm2-135m",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -124,3 +126,45 @@ async def test_ray_executor_runs_the_trainer_and_brings_the_adapter_back(
         finally:
             await sup.close()
     assert fx.integrity(settings) == "ok"
+
+
+def test_stop_never_signals_our_own_process_group() -> None:
+    from trainer.executors import signal_trainer
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # same process group as us
+    try:
+        assert signal_trainer(proc.pid, signal.SIGTERM) is True
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+        assert signal_trainer(proc.pid, signal.SIGTERM) is False  # gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_stop_trainer_leaves_a_pid_alone_unless_it_runs_the_jobs_folder(
+    settings: Any, tmp_path: Path
+) -> None:
+    from trainer.executors import stop_trainer
+    from trainer.jobs import Job
+
+    job_dir = tmp_path / "jobs" / "j1"
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)", str(job_dir)], start_new_session=True
+    )
+    try:
+        # The row's pid now belongs to another program (pid reuse after a crash): it must survive.
+        reused = Job(
+            id="j1", member_id="1", requested_by="t", source="cli", job_dir=str(job_dir), pid=stranger.pid
+        )
+        assert asyncio.run(stop_trainer(reused, settings)) is False
+        assert stranger.poll() is None
+        job = Job(
+            id="j1", member_id="1", requested_by="t", source="cli", job_dir=str(job_dir), pid=trainer.pid
+        )
+        assert asyncio.run(stop_trainer(job, settings)) is True
+        assert trainer.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        for proc in (stranger, trainer):
+            if proc.poll() is None:
+                proc.kill()

@@ -2,9 +2,88 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+import psutil
+
+from doppel.core.errors import UserFacingError
 from trainer.executors.base import Executor, Outcome, Run, parse_event
 
-__all__ = ["Executor", "Outcome", "Run", "parse_event", "make_executor"]
+if TYPE_CHECKING:
+    from doppel.core.settings import Settings
+    from trainer.jobs import Job
+
+__all__ = [
+    "Executor",
+    "Outcome",
+    "Run",
+    "alive",
+    "make_executor",
+    "parse_event",
+    "signal_trainer",
+    "stop_trainer",
+]
+
+
+def alive(pid: int | None) -> bool:
+    """Whether a process runs (a zombie does not count)."""
+    if not pid:
+        return False
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def signal_trainer(pid: int, signum: int) -> bool:
+    """Signal a trainer and what it spawned (its process group when it leads one, never ours); False when gone."""
+    try:
+        pgid = os.getpgid(pid)
+        if pgid == pid and pgid != os.getpgrp():
+            os.killpg(pgid, signum)
+        else:
+            os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+async def stop_trainer(job: Job, settings: Settings) -> bool:
+    """Stop a job's trainer that no run of this process follows (SIGTERM, grace, SIGKILL); True if one was signalled.
+
+    Used for a dead supervisor's orphans and by erasure: the trainer checkpoints on SIGTERM and frees the device.
+    """
+    if job.executor == "ray" and job.executor_ref:
+        from trainer.executors.ray import RayExecutor
+
+        with contextlib.suppress(UserFacingError):
+            await RayExecutor(settings).stop(job.executor_ref)
+            return True
+        return False
+    if job.pid is None or not alive(job.pid):
+        return False
+    try:
+        cmdline = " ".join(psutil.Process(job.pid).cmdline())
+    except psutil.Error:
+        return False
+    if not job.job_dir or job.job_dir not in cmdline:  # the pid was reused by an unrelated process
+        return False
+    signal_trainer(job.pid, signal.SIGTERM)
+    deadline = time.monotonic() + settings.training.cancel_grace_s
+    while alive(job.pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    if alive(job.pid):
+        signal_trainer(job.pid, signal.SIGKILL)
+        # Wait for it to be gone: a restarted job must not share the checkpoint folder with a dying one.
+        deadline = time.monotonic() + 5.0
+        while alive(job.pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    return True
 
 
 def make_executor(kind: str, settings: object) -> Executor:
