@@ -125,7 +125,7 @@ class Engine:
         self._started = True
 
     def _load(self, path: Path) -> None:
-        from models.registry import template_for_path
+        from models.catalog import template_for_path
 
         # The template chosen for this GGUF at add-base, if any: the one its adapters were trained with.
         self.base = BaseModel(path, *template_for_path(self.settings, path))

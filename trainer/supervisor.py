@@ -162,7 +162,9 @@ class Supervisor:
         existing = await self.jobs.active_for_member(member_id)
         if existing is not None:
             raise JobConflictError(_conflict_message(existing))
-        model = self.registry.base(base)
+        from models.catalog import Catalog
+
+        model = Catalog(self.settings).base(base)
         fields: dict[str, Any] = {
             "member_id": member_id or "",
             "mode": mode,

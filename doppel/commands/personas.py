@@ -57,12 +57,14 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
 
 async def _run(args: argparse.Namespace, settings: Settings) -> Any:
     from data.store import Store
+    from models.catalog import Catalog
     from models.registry import Registry
 
     async with Store.open(settings) as store:
         registry = Registry(store, settings)
         if args.action == "bases":
-            bases = [registry.describe(b) for b in registry.bases()]
+            catalog = Catalog(settings)
+            bases = [catalog.describe(b) for b in catalog.bases()]
             if not args.json:
                 for b in bases:
                     size = f"{b['params'] / 1e9:.2f}B" if b["params"] else "?"
@@ -82,7 +84,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> Any:
                 from models.bases import from_hub
 
                 gguf = await asyncio.to_thread(from_hub, args.from_hub, args.file)
-            base = registry.add_base(args.name, gguf, template=args.template, hf=args.hf)
+            base = Catalog(settings).add_base(args.name, gguf, template=args.template, hf=args.hf)
             if not args.json:
                 trained = f", trained on {base.hf_path}" if base.hf_path else ""
                 print(

@@ -121,34 +121,6 @@ def test_publish_is_all_or_nothing(settings: Any, tmp_path: Path) -> None:
     run(go())
 
 
-def test_base_models_bundled_and_user_added(settings: Any, tmp_path: Path) -> None:
-    from data.store import Store
-    from doppel.core.settings import bundled_base_gguf
-    from models.errors import ModelFileError, UnknownBaseModelError
-    from models.registry import Registry
-
-    if bundled_base_gguf() is None:
-        pytest.skip("bundled base model not installed")
-
-    async def go() -> None:
-        async with Store.open(settings) as store:
-            reg = Registry(store, settings)
-            default = reg.base()
-            assert default.name == settings.model.base_name and default.source == "bundled"
-            added = reg.add_base("second", bundled_base_gguf())
-            assert added.sha256 and len(added.sha256) == 64
-            assert [b.name for b in reg.bases()] == [settings.model.base_name, "second"]
-            assert reg.base("second").path == str(bundled_base_gguf().resolve())
-            with pytest.raises(UnknownBaseModelError, match="known: smollm2-135m, second"):
-                reg.base("nope")
-            junk = tmp_path / "junk.gguf"
-            junk.write_bytes(b"not a gguf at all")
-            with pytest.raises(ModelFileError, match="not a readable GGUF"):
-                reg.add_base("junk", junk)
-
-    run(go())
-
-
 def test_gguf_header_reader_matches_the_gguf_package() -> None:
     from doppel.core.ggufinfo import read_shape
     from doppel.core.settings import bundled_base_gguf
