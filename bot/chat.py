@@ -221,7 +221,7 @@ class PersonaChat:
         self.remember(message_id, reply)
         try:
             reply = await self.consented(reply)
-            await self.services.remember_reply(
+            await self.services.store.persona_replies.add(
                 str(message_id),
                 reply.persona_id,
                 adapter_id=reply.adapter_id,
@@ -237,7 +237,7 @@ class PersonaChat:
         """A persona reply by message id: from memory, else from the store (replies sent before a restart)."""
         reply = self.replies.get(message_id)
         if reply is None:
-            row = await self.services.persona_reply(str(message_id))
+            row = await self.services.store.persona_replies.get(str(message_id))
             if row is not None:
                 reply = reply_from_row(row)
                 self.remember(message_id, reply)
@@ -326,7 +326,7 @@ class PersonaChat:
         if await self.services.rated(str(payload.message_id), str(payload.user_id)):
             return False
         reply = await self.consented(reply)
-        await self.services.add_feedback(
+        await self.services.store.feedback.add(
             persona_member_id=reply.persona_id,
             rater_id=str(payload.user_id),
             value=value,

@@ -209,7 +209,7 @@ async def post_guess(
     real_label = rng.choice(("A", "B"))
     fake_label = "B" if real_label == "A" else "A"
     answers = {real_label: sample.real_text, fake_label: generated}
-    test_id = await services.create_blind_test(
+    test_id = await services.store.blind_tests.create(
         member_id,
         sample.real_message_id,
         real_label,
@@ -232,10 +232,10 @@ async def fidelity_text(services: Services, member_id: str, name: str) -> str:
     """The active persona's fidelity report (the same table as `doppel eval`) with its blind-test votes."""
     from trainer.evaluation import format_report
 
-    persona = next(iter(await services.personas(member_id=member_id)), None)
+    persona = next(iter(await services.registry.active_personas(member_id)), None)
     if persona is None:
         raise NotAvailable(f"{name} has no trained persona yet (`/persona train`)")
-    blind = await services.blind_results(member_id, adapter_id=persona.id)
+    blind = await services.store.blind_tests.results(member_id, adapter_id=persona.id)
     report = format_report(persona.metrics, blind=blind)
     header = f"**{neutralise(name)}'s persona** v{persona.version} on {persona.base_model}"
     return clip(f"{header}\n```\n{report.replace('```', '')}\n```")
@@ -268,16 +268,16 @@ class GuessVoteButton(
     async def callback(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         services = services_of(interaction)
-        test = await services.blind_test(self.test_id)
+        test = await services.store.blind_tests.get(self.test_id)
         if test is None:
             raise NotAvailable("this blind test was deleted (its member erased their data)")
         if str(interaction.user.id) == test["member_id"]:
             raise NotAllowed("you wrote the real one: your own vote would not tell us anything")
-        right = await services.blind_vote(self.test_id, str(interaction.user.id), self.label)
+        right = await services.store.blind_tests.vote(self.test_id, str(interaction.user.id), self.label)
         if right is None:
             await interaction.followup.send("You already voted on this test (one vote each).", ephemeral=True)
             return
-        totals = await services.blind_results(test["member_id"], adapter_id=test["adapter_id"])
+        totals = await services.store.blind_tests.results(test["member_id"], adapter_id=test["adapter_id"])
         verdict = "right: that one is real" if right else f"fooled: {test['real_label']} was the real one"
         await interaction.followup.send(
             f"Vote recorded. You were {verdict}.\n{results_line(totals)}", ephemeral=True

@@ -15,7 +15,7 @@ from bot.chat import NONE, PersonaChat
 from bot.doppel_commands import require_guild
 from bot.errors import ConsentMissing, NotAllowed
 from bot.guess import fidelity_text, post_guess
-from bot.services import Services, active_jobs, remember_progress_message, submit_training, watched_jobs
+from bot.services import Services
 from bot.text import MESSAGE_LIMIT, clip, neutralise
 from bot.training import progress_text, watch
 from doppel.core.chatformat import Utterance
@@ -56,8 +56,11 @@ class PersonaCommands(app_commands.Group):
         await interaction.response.defer(ephemeral=True, thinking=True)
         if "train" not in await self.services.scopes(str(member.id)):
             raise ConsentMissing(f"{member.display_name} has not opted in to training (`/doppel consent`)")
-        job_id = await submit_training(self.services, str(member.id), str(interaction.user.id), mode)
-        job = await _job(self.services, job_id)
+        submitted = await self.services.trainer().submit(
+            str(member.id), requested_by=str(interaction.user.id), source="discord", mode=mode
+        )
+        job_id = submitted.id
+        job = await self.services.jobs.get(job_id)
         view = discord.ui.View(timeout=None)
         from bot.training import CancelJobButton
 
@@ -72,13 +75,18 @@ class PersonaCommands(app_commands.Group):
         message = await interaction.followup.send(body, view=view, wait=True, allowed_mentions=NONE)
         # Interaction tokens expire after 15 minutes; a long job's message is edited through the channel instead.
         channel_message = await _as_channel_message(interaction, message)
-        await remember_progress_message(self.services, job_id, channel_message.channel.id, channel_message.id)
+        # Where the progress message is (ids only): a restarted bot goes on editing it.
+        await self.services.jobs.update(
+            job_id,
+            progress_channel_id=str(channel_message.channel.id),
+            progress_message_id=str(channel_message.id),
+        )
         self._start_watch(channel_message, job_id, member.display_name, shown=body)
 
     async def resume_watchers(self, client: discord.Client) -> int:
         """After a restart: go on editing the progress messages of jobs that are still active; returns how many."""
         started = 0
-        for job, channel_id, message_id in await watched_jobs(self.services):
+        for job, channel_id, message_id in await self.services.jobs.with_progress_message():
             if job.id in self._watchers:
                 continue  # on_ready fires again on every reconnect
             names = await self.services.member_names([job.member_id] if job.member_id else [])
@@ -110,7 +118,7 @@ class PersonaCommands(app_commands.Group):
     @app_commands.command(name="status", description="Training jobs that are queued or running")
     async def status(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        jobs = await active_jobs(self.services)
+        jobs = await self.services.jobs.active()
         if not jobs:
             await interaction.followup.send("No training job is queued or running.", ephemeral=True)
             return
@@ -180,7 +188,7 @@ LIST_LIMIT = 15  # per section of /persona list: the community can be thousands,
 
 async def persona_list_text(services: Services, limit: int = LIST_LIMIT) -> str:
     """`/persona list`: the newest personas and the members readiest to train, each capped, with how many more."""
-    personas = await services.personas(limit=limit)
+    personas = await services.registry.active_personas(limit=limit)
     ready = await services.trainable_members(limit=limit, untrained=True)
     owners = [p.member_id for p in personas if p.member_id is not None]
     names = await services.member_names([*owners, *ready])
@@ -198,7 +206,7 @@ async def persona_list_text(services: Services, limit: int = LIST_LIMIT) -> str:
     need = services.settings.training.min_examples
     half = MESSAGE_LIMIT // 2 - 10  # each section fits its half, "…and N more" included
     return clip(
-        _section("**Trained personas**", trained, await services.persona_count(), half, "none yet")
+        _section("**Trained personas**", trained, await services.registry.count_personas(), half, "none yet")
         + "\n\n"
         + _section(
             f"**Ready to train** (opted in, at least {need} messages)",
@@ -225,12 +233,6 @@ def _section(title: str, lines: Sequence[str], total: int, budget: int, empty: s
     elif total > shown:
         out.append(f"…and {total - shown} more")
     return "\n".join(out)
-
-
-async def _job(services: Services, job_id: str) -> Any:
-    from bot.services import job_state
-
-    return await job_state(services, job_id)
 
 
 async def _as_channel_message(interaction: discord.Interaction, message: discord.Message) -> discord.Message:

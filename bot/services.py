@@ -1,8 +1,8 @@
-"""The services the bot adapts to Discord, held in one dataclass; every call into another package goes through here."""
+"""What the bot adapts to Discord, built once: the owners it calls (store, consent, jobs, registry, supervisor,
+engine) and the few rules and queries of its own (live recording, uploads, the "ready to train" list)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -14,8 +14,8 @@ from bot.errors import BadUpload
 from data.records import Member, Message
 from doppel.core.chatformat import Utterance
 from doppel.core.settings import Settings
-from models.registry import AdapterVersion, Registry
-from trainer.jobs import Job, JobTable
+from models.registry import Registry
+from trainer.jobs import JobTable
 
 if TYPE_CHECKING:
     from consent.service import ConsentService
@@ -228,15 +228,11 @@ class Services:
         finally:
             # Even a partly failed cascade must not leave the member's words in the engine's caches.
             self.drop_cached(member_id)
-        return _as_dict(report)
+        return report.to_dict()
 
     async def count_messages(self, member_id: str) -> int:
         """How many consented messages are stored for a member."""
         return int(await self.store.messages.count(author_id=member_id))
-
-    async def add_feedback(self, persona_member_id: str, rater_id: str, value: int, **fields: Any) -> None:
-        """Record a 👍/👎 on a persona reply (prompt and reply are sealed with the persona member's key)."""
-        await self.store.feedback.add(persona_member_id, rater_id, value, **fields)
 
     async def rated(self, message_id: str, rater_id: str) -> bool:
         """Whether `rater_id` already rated the persona reply `message_id` (survives restarts)."""
@@ -245,33 +241,6 @@ class Services:
         )
         return row is not None
 
-    async def remember_reply(self, message_id: str, persona_member_id: str, **fields: Any) -> None:
-        """Keep a posted persona reply (context and text sealed) so feedback on it counts after a restart."""
-        await self.store.persona_replies.add(message_id, persona_member_id, **fields)
-
-    async def persona_reply(self, message_id: str) -> dict[str, Any] | None:
-        """A persona reply posted earlier (also before a restart), or None."""
-        return await self.store.persona_replies.get(message_id)
-
-    # -- blind tests ------------------------------------------------------------------------------------------
-    async def create_blind_test(
-        self, member_id: str, real_message_id: str, real_label: str, **fields: Any
-    ) -> str:
-        """Record a blind test (the real message by id, no text); returns its id."""
-        return await self.store.blind_tests.create(member_id, real_message_id, real_label, **fields)
-
-    async def blind_test(self, test_id: str) -> dict[str, Any] | None:
-        """A blind test row, or None once erased."""
-        return await self.store.blind_tests.get(test_id)
-
-    async def blind_vote(self, test_id: str, voter_id: str, picked: str) -> bool | None:
-        """Record a vote; None when the voter already voted, else whether they found the real message."""
-        return await self.store.blind_tests.vote(test_id, voter_id, picked)
-
-    async def blind_results(self, member_id: str, adapter_id: str | None = None) -> dict[str, Any]:
-        """Votes on a persona's blind tests (of one adapter version when given)."""
-        return dict(await self.store.blind_tests.results(member_id, adapter_id=adapter_id))
-
     # -- personas and training --------------------------------------------------------------------------------
     async def persona_adapter(self, member_id: str) -> tuple[str, Path] | None:
         """The member's active adapter: its id and llama.cpp GGUF file, or None when none is servable."""
@@ -279,14 +248,6 @@ class Services:
         if active is None or not active.path or not active.gguf_path.exists():
             return None
         return active.id, active.gguf_path
-
-    async def personas(self, member_id: str | None = None, limit: int | None = None) -> list[AdapterVersion]:
-        """Active personas, newest first (of one member; the newest `limit`), with their metrics."""
-        return await self.registry.active_personas(member_id, limit=limit)
-
-    async def persona_count(self) -> int:
-        """How many members have an active persona."""
-        return await self.registry.count_personas()
 
     async def trainable_members(self, limit: int | None = None, *, untrained: bool = False) -> dict[str, int]:
         """Members with `train` consent and at least `training.min_examples` stored messages, with their counts.
@@ -351,49 +312,6 @@ class Services:
         if self.engine is None:
             raise RuntimeError("the bot was started without a persona engine")
         return self.engine.reply(persona, context, params)
-
-
-def _as_dict(report: Any) -> dict[str, Any]:
-    if isinstance(report, dict):
-        return report
-    if dataclasses.is_dataclass(report) and not isinstance(report, type):
-        return dataclasses.asdict(report)
-    return json.loads(json.dumps(report, default=str))
-
-
-async def submit_training(services: Services, member_id: str, requested_by: str, mode: str) -> str:
-    """Queue a training job through the supervisor (the same one the CLI uses); returns the job id."""
-    job = await services.trainer().submit(member_id, requested_by=requested_by, source="discord", mode=mode)
-    return job.id
-
-
-async def cancel_training(services: Services, job_id: str, by: str) -> None:
-    """Ask the supervisor to cancel a job."""
-    await services.trainer().cancel(job_id, actor=by)
-
-
-async def job_state(services: Services, job_id: str) -> Job | None:
-    """The job, or None."""
-    return await services.jobs.get(job_id)
-
-
-async def remember_progress_message(
-    services: Services, job_id: str, channel_id: int, message_id: int
-) -> None:
-    """Record where a job's progress message is (ids only), so a restarted bot can go on editing it."""
-    await services.jobs.update(
-        job_id, progress_channel_id=str(channel_id), progress_message_id=str(message_id)
-    )
-
-
-async def watched_jobs(services: Services) -> list[tuple[Job, int, int]]:
-    """Active jobs that have a progress message: (job, channel id, message id)."""
-    return await services.jobs.with_progress_message()
-
-
-async def active_jobs(services: Services, member_id: str | None = None) -> list[Job]:
-    """Queued, running and interrupted jobs (of one member), oldest first."""
-    return await services.jobs.active(member_id)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import discord
 from bot.components import services_of
 from bot.errorhook import reports_errors
 from bot.errors import NotAllowed, NotAvailable
-from bot.services import Services, cancel_training, job_state
+from bot.services import Services
 from bot.text import clip
 from models.errors import AdapterNotFoundError
 
@@ -91,7 +91,7 @@ async def watch(
     view = discord.ui.View(timeout=None)
     view.add_item(CancelJobButton(job_id))
     while True:
-        job = await job_state(services, job_id)
+        job = await services.jobs.get(job_id)
         if job is None:
             await message.edit(content=f"Training job `{job_id}` was removed.", view=None)
             return
@@ -140,7 +140,7 @@ class CancelJobButton(
     async def callback(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         services = services_of(interaction)
-        job = await job_state(services, self.job_id)
+        job = await services.jobs.get(self.job_id)
         if job is None:
             raise NotAvailable("that training job no longer exists")
         who = str(interaction.user.id)
@@ -149,5 +149,5 @@ class CancelJobButton(
         if job.status.final:
             await interaction.followup.send(f"That job already ended ({job.status.value}).", ephemeral=True)
             return
-        await cancel_training(services, self.job_id, by=who)
+        await services.trainer().cancel(self.job_id, actor=who)
         await interaction.followup.send("Cancelling the training job…", ephemeral=True)

@@ -81,7 +81,7 @@ def test_guess_posts_a_blind_test_and_counts_one_vote_per_member(
             ids = [c["custom_id"] for row in post["components"] for c in row["components"]]
             assert len(ids) == 2 and ids[0].endswith(":A") and ids[1].endswith(":B")
             test_id = ids[0].split(":")[2]
-            test = await services.blind_test(test_id)
+            test = await services.store.blind_tests.get(test_id)
             assert test["real_message_id"] == alice_ids[-1] and test["adapter_id"] == f"a{ALICE}"
             # Which line is real is decided at random; the stored label must match the text shown.
             real_line = next(line for line in text.splitlines() if "alice answer number" in line)
@@ -160,7 +160,7 @@ def test_erasure_removes_blind_tests_and_votes(bot_world: Any) -> None:
             confirm = h.responses()[-1].payload["data"]
             await h.click(confirm["components"][0]["components"][0]["custom_id"], ALICE, ephemeral=True)
             assert "Your data was deleted" in h.sent_texts()[-1]
-            assert await services.blind_test(test_id) is None
+            assert await services.store.blind_tests.get(test_id) is None
             assert await services.store.fetchone("SELECT COUNT(*) FROM blind_votes") == (0,)
             await h.click(f"doppel:guess:{test_id}:A", BOB)
             assert "was deleted" in h.sent_texts()[-1]

@@ -11,7 +11,6 @@ ALICE = 111
 
 
 def test_progress_message_is_edited_only_on_change(bot_world: Any) -> None:
-    from bot.services import submit_training
     from bot.training import watch
     from trainer.supervisor import Supervisor
 
@@ -25,7 +24,11 @@ def test_progress_message_is_edited_only_on_change(bot_world: Any) -> None:
                 services.store, services.settings
             )  # not started: the test moves the job
             await services.grant(str(ALICE), ["train"], actor="t", channel="cli")
-            job_id = await submit_training(services, str(ALICE), str(ALICE), "sft")
+            job_id = (
+                await services.trainer().submit(
+                    str(ALICE), requested_by=str(ALICE), source="discord", mode="sft"
+                )
+            ).id
             message = h.bot.get_partial_messageable(h.TEXT).get_partial_message(4242)
             task = asyncio.create_task(watch(services, message, job_id, "Alice", poll_s=0.01))
 

@@ -58,8 +58,8 @@ def test_lists_stay_bounded_for_a_large_community(bot_world: Any) -> None:
             assert await services.trainable_count() == MEMBERS
             assert await services.trainable_count(untrained=True) == MEMBERS // 2
             assert (
-                len(await services.personas(limit=25)) == 25
-                and await services.persona_count() == MEMBERS // 2
+                len(await services.registry.active_personas(limit=25)) == 25
+                and await services.registry.count_personas() == MEMBERS // 2
             )
             assert (
                 len(await services.member_names(ids)) == MEMBERS
