@@ -81,6 +81,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "plain_recipe_persona_prompt": {"overrides": PLAIN_PEFT["overrides"], "style": "persona"},
     # Whatever TrainConfig and chatformat default to now.
     "defaults": {"overrides": {}, "style": None},
+    # The defaults trained the way the hybrid persona is served: 4 of the member's replies shown in every prompt.
+    "defaults_shots": {"overrides": {"example_shots": 4}, "style": None},
 }
 # Fast evaluation inside the job: the harness measures fidelity itself, the job only its perplexity.
 JOB_EVAL = {"eval_fidelity": False, "eval_samples": 0, "eval_max_examples": 48}

@@ -5,11 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from doppel.core.chatformat import ChatFormat, Utterance, build_messages
+from doppel.core.chatformat import ChatFormat, Utterance, build_messages, with_examples
 from inference.errors import RequestError
-
-# Retrieval examples are short samples of style, not content to quote at length.
-EXAMPLE_CHARS = 240
 
 
 @dataclass(frozen=True)
@@ -22,23 +19,8 @@ class Prompt:
     speakers: tuple[str, ...]
 
 
-# The partner's side of a few-shot exchange: the member's past messages are shown as their own earlier turns, not
-# quoted inside an instruction (a small instruct model answers instructions in its assistant voice, and copies
-# the style of the turns it already "wrote").
-EXAMPLE_CUE = "…"
 # Sampling penalty on repeated tokens when examples are in the prompt (unless the caller chose one).
 RETRIEVAL_REPEAT_PENALTY = 1.15
-
-
-def with_examples(messages: Sequence[dict[str, str]], examples: Sequence[str]) -> list[dict[str, str]]:
-    """Put the member's own past messages before the conversation as earlier turns of theirs (most similar last)."""
-    lines = [" ".join(e.split())[:EXAMPLE_CHARS] for e in examples if e.strip()]
-    if not lines:
-        return list(messages)
-    shots: list[dict[str, str]] = []
-    for line in reversed(lines):  # the closest example sits right before the conversation
-        shots += [{"role": "user", "content": EXAMPLE_CUE}, {"role": "assistant", "content": line}]
-    return [messages[0], *shots, *messages[1:]]
 
 
 def build_prompt(

@@ -119,6 +119,11 @@ class TrainConfig:
         "attention kept apart by position ids), 'length_grouped' (shuffled length buckets) or 'random'.",
         BATCHING,
     )
+    example_shots: int = _f(
+        0,
+        "Train the way the hybrid persona is served: show N of the member's other replies as their earlier turns "
+        "in each training prompt (0: off; 4 matches [inference] retrieval_k).",
+    )
     seed: int = _f(1234, "Seed for LoRA init, data order and sampling.")
     save_steps: int = _f(50, "Write a checkpoint every N steps (resume continues from the last one).")
     save_total_limit: int = _f(2, "Checkpoints kept on disk.")

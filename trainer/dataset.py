@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from data.records import Message
-from doppel.core.chatformat import ChatFormat, Utterance, build_messages
+from doppel.core.chatformat import ChatFormat, Utterance, build_messages, with_examples
 from doppel.core.settings import DatasetSettings, Settings
 from trainer.attribution import PANEL_OTHERS, PANEL_PER_AUTHOR, choose_panel
 from trainer.cleaning import Cleaner, normalize
@@ -256,6 +256,44 @@ def split_by_time(
     return train, val, heldout
 
 
+def with_shots(
+    examples: Sequence[Example], pool: Sequence[Example], k: int, chat_format: ChatFormat, seed: int
+) -> list[Example]:
+    """Train the way the hybrid persona is served: each prompt also shows `k` other replies of the same member as
+    their own earlier turns, in the engine's retrieval shape (`with_examples`).
+
+    The shots come from `pool` (the training split: a held-out reply is never shown), never the example's own
+    reply. The engine retrieves the most similar past messages; a seeded random pick is used here, so the adapter
+    learns to write like the shown turns rather than to copy a near-duplicate of the answer.
+    """
+    if k <= 0:
+        return list(examples)
+    by_member: dict[str, list[str]] = defaultdict(list)
+    for ex in pool:
+        by_member[ex.member_id].append(ex.target)
+    rng = random.Random(f"{seed}:shots")
+    out = []
+    for ex in examples:
+        own = by_member.get(ex.member_id, [])
+        picks: list[str] = []
+        for _ in range(min(len(own), 4 * k)):
+            candidate = own[rng.randrange(len(own))]
+            if candidate != ex.target and candidate not in picks:
+                picks.append(candidate)
+                if len(picks) == k:
+                    break
+        messages = with_examples(ex.messages, picks)
+        out.append(
+            replace(
+                ex,
+                messages=tuple(messages),
+                prompt=chat_format.prompt(messages),
+                completion=chat_format.completion(messages, ex.target),
+            )
+        )
+    return out
+
+
 def _portion(n: int, fraction: float) -> int:
     # At least one example whenever the fraction is positive and two or more remain, so every split can be measured.
     if fraction <= 0 or n < 2:
@@ -346,8 +384,13 @@ def build_dataset(
     allowed: set[str] | None = None,
     feedback: Iterable[Mapping[str, Any]] = (),
     reaction_weighting: bool = False,
+    shots: int = 0,
 ) -> Dataset:
-    """All of a job's data from (stored, consenting) messages; `multi` builds every author's examples."""
+    """All of a job's data from (stored, consenting) messages; `multi` builds every author's examples.
+
+    `shots`: train and validation prompts also show that many of the member's other training replies (`with_shots`);
+    held-out prompts stay plain, so perplexity is comparable across jobs.
+    """
     if mode not in MODES:  # declared once, in TrainConfig's `mode` field
         raise DatasetError(f"unknown training mode {mode!r} (choose from {', '.join(MODES)})")
     ds = settings.dataset
@@ -376,6 +419,10 @@ def build_dataset(
     train, val, heldout = split_by_time(examples, ds.heldout_fraction, ds.validation_fraction, ds.seed)
     if multi:
         train = cap_share(train, ds.multi_persona_cap, ds.seed)
+    if shots > 0:
+        pool = list(train)
+        train = with_shots(train, pool, shots, chat_format, ds.seed)
+        val = with_shots(val, pool, shots, chat_format, ds.seed + 1)
     need = settings.training.min_examples
     if len(train) + len(val) + len(heldout) < need or not train:
         who = "the consenting members have" if multi else f"member {member_id} has"
@@ -458,6 +505,7 @@ async def materialize(
     multi: bool = False,
     *,
     reaction_weighting: bool = False,
+    shots: int = 0,
     encrypt: bool = True,
 ) -> dict[str, Any]:
     """Read the member's channels from the store, build the dataset off the event loop, write it atomically.
@@ -501,6 +549,7 @@ async def materialize(
         allowed=allowed,
         feedback=feedback,
         reaction_weighting=reaction_weighting,
+        shots=shots,
     )
     from data.crypto import job_key_for
 

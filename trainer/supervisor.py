@@ -323,6 +323,7 @@ class Supervisor:
             job.mode,
             multi,
             reaction_weighting=self.settings.dataset.reaction_weighting,
+            shots=int(config.get("example_shots") or 0),
         )
 
     # -- what a JobRunner may ask of its host (trainer.runner.JobHost) ---------------------------------------------

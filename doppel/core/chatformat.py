@@ -85,6 +85,26 @@ def system_prompt(
     )
 
 
+# The member's own past messages shown to the persona (retrieval when serving; `example_shots` when training) are
+# short samples of style, not content to quote at length.
+EXAMPLE_CHARS = 240
+# The partner's side of a few-shot exchange: the member's past messages are shown as their own earlier turns, not
+# quoted inside an instruction (a small instruct model answers instructions in its assistant voice, and copies
+# the style of the turns it already "wrote").
+EXAMPLE_CUE = "…"
+
+
+def with_examples(messages: Sequence[dict[str, str]], examples: Sequence[str]) -> list[dict[str, str]]:
+    """Put the member's own past messages before the conversation as earlier turns of theirs (most similar last)."""
+    lines = [" ".join(e.split())[:EXAMPLE_CHARS] for e in examples if e.strip()]
+    if not lines:
+        return list(messages)
+    shots: list[dict[str, str]] = []
+    for line in reversed(lines):  # the closest example sits right before the conversation
+        shots += [{"role": "user", "content": EXAMPLE_CUE}, {"role": "assistant", "content": line}]
+    return [messages[0], *shots, *messages[1:]]
+
+
 def build_messages(
     persona_id: str,
     persona_name: str,

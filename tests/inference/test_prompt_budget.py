@@ -80,7 +80,7 @@ def test_budget_below_the_system_prompt_is_a_clear_error() -> None:
 
 
 def test_examples_are_the_members_own_earlier_turns_not_an_instruction() -> None:
-    from inference.prompting import EXAMPLE_CUE, with_examples
+    from doppel.core.chatformat import EXAMPLE_CUE, with_examples
 
     messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "bob: hi"}]
     got = with_examples(messages, ["closest  one", "second", "  "])

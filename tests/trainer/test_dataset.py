@@ -182,6 +182,32 @@ def test_split_is_by_time_per_member_and_reproducible(settings: Settings) -> Non
     assert {ex.ts for ex in other[2]} == {ex.ts for ex in held}
 
 
+def test_shots_show_other_training_replies_as_own_turns_and_never_a_heldout_one(settings: Settings) -> None:
+    from doppel.core.chatformat import EXAMPLE_CUE
+
+    s = _tuned(settings, heldout_fraction=0.1, validation_fraction=0.1, seed=7)
+    msgs = _conversation(50).msgs
+    plain = build_dataset(msgs, ME, s, FMT, names=NAMES)
+    shot = build_dataset(msgs, ME, s, FMT, names=NAMES, shots=3)
+    train_targets = {ex.target for ex in plain.train}
+    held_targets = {ex.target for ex in plain.heldout}
+    assert [ex.prompt for ex in shot.heldout] == [
+        ex.prompt for ex in plain.heldout
+    ]  # perplexity stays comparable
+    for ex in [*shot.train, *shot.val]:
+        # system, then (cue, own reply) x 3, then the conversation as before
+        assert [m["content"] for m in ex.messages[1:7:2]] == [EXAMPLE_CUE] * 3
+        shown = [m["content"] for m in ex.messages[2:8:2]]
+        assert all(m["role"] == "assistant" for m in ex.messages[2:8:2])
+        assert len(set(shown)) == 3 and ex.target not in shown
+        assert set(shown) <= train_targets and not set(shown) & held_targets
+        assert all(line in ex.prompt for line in shown) and ex.completion.startswith(ex.target)
+    # Same examples and order, only the prompts grew; seeded, so a rebuild is identical.
+    assert [ex.target for ex in shot.train] == [ex.target for ex in plain.train]
+    again = build_dataset(msgs, ME, s, FMT, names=NAMES, shots=3)
+    assert [ex.prompt for ex in again.train] == [ex.prompt for ex in shot.train]
+
+
 def test_multi_persona_cap_limits_any_members_share() -> None:
     def fake(member: str, i: int) -> Example:
         return Example(member, "c", (), "t", "p", "c", (member,), float(i))

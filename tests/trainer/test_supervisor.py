@@ -198,3 +198,30 @@ async def test_supervisor_killed_mid_run_then_resume_continues_from_checkpoint(
         await sup.close()
         await store.close()
     assert fx.integrity(settings) == "ok"
+
+
+@fx.run_async
+async def test_example_shots_reach_the_jobs_dataset(doppel_home: Path, tiny_model: Any) -> None:
+    """A job asking to train as the hybrid persona is served gets those prompts written in its folder."""
+    from data.crypto import job_key_for
+    from doppel.core.chatformat import EXAMPLE_CUE
+    from trainer.jobdata import load_job_data
+    from trainer.jobs import Job
+
+    settings = _settings(doppel_home)
+    await fx.seed_member(settings)
+    store, sup = await _open(settings)
+    try:
+        config = fx.tiny_overrides(tiny_model, example_shots=2)
+        job = Job(id="jshots", member_id=fx.PERSONA_ID, requested_by="t", source="cli")
+        written = {}
+        for shots in (0, 2):
+            job_dir = doppel_home / "jobs" / f"shots{shots}"
+            await sup.materialize(job, job_dir, {**config, "example_shots": shots})
+            written[shots] = load_job_data(job_dir, job_key_for(settings, job_dir))
+        assert all(EXAMPLE_CUE not in row["prompt"] for row in written[0].train)
+        assert all(row["prompt"].count(EXAMPLE_CUE) == 2 for row in written[2].train)
+        assert [r["prompt"] for r in written[2].heldout] == [r["prompt"] for r in written[0].heldout]
+    finally:
+        await sup.close()
+        await store.close()
