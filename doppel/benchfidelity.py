@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -492,6 +493,20 @@ def fidelity(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """The harness in a home of its own (a whole public corpus imported with consent), deleted afterwards."""
+    home = Path(tempfile.mkdtemp(prefix="doppel-bench-fidelity-"))
+    keep = bool(getattr(args, "keep_home", False))
+    try:
+        result = await _run(dataclasses.replace(settings, home=home), args)
+    finally:
+        if not keep:
+            shutil.rmtree(home, ignore_errors=True)
+    if keep:
+        result["home"] = str(home)
+    return result
+
+
+async def _run(bench: Settings, args: argparse.Namespace) -> dict[str, Any]:
     from doppel.core.chatformat import STYLES, current_style, use_style
 
     quick = bool(getattr(args, "quick", False))
@@ -508,9 +523,6 @@ async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str
     logs_all = load_logs(Path(getattr(args, "data", "") or DATA))
     panel = choose_panel(logs_all, panel_size, getattr(args, "member", None))
     logs = select_logs(logs_all, panel, 40 if quick else 0)
-    home = Path(tempfile.mkdtemp(prefix="doppel-bench-fidelity-"))
-    # Its own home: the harness imports a whole public corpus with consent, never into the user's store.
-    bench = dataclasses.replace(settings, home=home)
     bench.home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TQDM_DISABLE", "1")
     t0 = time.monotonic()
@@ -605,5 +617,4 @@ async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str
         result["own_vs_other"] = await _own_vs_other(bench, panel, trained_folders)
         say(f"own vs other adapter on {panel[0]}'s held-out replies: {result['own_vs_other']}")
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
-    result["home"] = str(home)
     return result

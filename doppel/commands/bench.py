@@ -41,6 +41,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "--member", default=None, help="fidelity: the member (an IRC nick; default the most active)"
     )
     p.add_argument(
+        "--keep-home",
+        action="store_true",
+        help="fidelity: keep the benchmark's own DOPPEL_HOME (store, adapters; ~0.5 GB) for inspection",
+    )
+    p.add_argument(
         "--no-own-vs-other",
         action="store_true",
         help="fidelity: skip training another member's adapter to compare perplexities",

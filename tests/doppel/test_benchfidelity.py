@@ -185,7 +185,19 @@ def test_the_harness_runs_end_to_end_on_the_tiny_model(
         data=str(_tiny_logs(tmp_path / "logs.jsonl.gz")),
         no_own_vs_other=False,
     )
+    homes: list[str] = []
+    real_mkdtemp = bf.tempfile.mkdtemp
+
+    def mkdtemp(suffix: Any = None, prefix: Any = None, dir: Any = None) -> str:
+        if prefix != "doppel-bench-fidelity-":
+            return real_mkdtemp(suffix, prefix, dir)
+        homes.append(real_mkdtemp(prefix=prefix, dir=tmp_path))
+        return homes[-1]
+
+    monkeypatch.setattr(bf.tempfile, "mkdtemp", mkdtemp)
     out = asyncio.run(bf.run_fidelity(settings, args))
+    # The harness's own store (a corpus imported with consent, adapters, the base cache) does not outlive it.
+    assert homes and not Path(homes[0]).exists() and "home" not in out
     assert out["panel"][0] == "alice" and out["chance"] == pytest.approx(1 / 3, abs=1e-3)
     n = out["openings"]
     assert 1 <= n <= 3 and 0.0 <= out["ceiling"]["share"] <= 1.0
