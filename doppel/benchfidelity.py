@@ -82,6 +82,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "plain_recipe_persona_prompt": {"overrides": PLAIN_PEFT["overrides"], "style": "persona"},
     # Whatever TrainConfig and chatformat default to now.
     "defaults": {"overrides": {}, "style": None},
+    # The defaults' recipe with the short nameless system prompt but speaker names kept (group chat needs them).
+    "plain_names": {"overrides": {}, "style": "plain+names"},
     # The defaults trained the way the hybrid persona is served: 4 of the member's replies shown in every prompt.
     "defaults_shots": {"overrides": {"example_shots": 4}, "style": None},
 }
