@@ -52,10 +52,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lora_alpha": 64,
     },
 }
+# Measured with `doppel bench fidelity` on real chat (BENCHMARKS.md): 120 steps x 8 examples of ~180-225 tokens
+# trained in 820-1,120 s on 2 cores of an AMD EPYC; short demo messages train about twice as fast. No GPU was
+# available to measure: the GPU column is an estimate.
 PRESET_TIMES = {
-    "quick": "at most 60 steps x 8 examples: ~4-5 min on a 2-core CPU (135M); ~1 min on a GPU (estimate)",
-    "good": "at most 120 steps x 8 examples: ~9-10 min on a 2-core CPU (135M); ~2 min on a GPU (estimate)",
-    "best": "2 epochs, at most 600 steps x 8 examples: ~50 min on a 2-core CPU (135M); ~10 min on a GPU (estimate)",
+    "quick": "at most 60 steps x 8 examples: ~7-10 min of real chat on a 2-core CPU (135M); ~1 min on a GPU (estimate)",
+    "good": "at most 120 steps x 8 examples: ~14-19 min of real chat on a 2-core CPU (135M); ~2 min on a GPU (estimate)",
+    "best": "2 epochs, at most 600 steps x 8 examples: up to ~70-95 min on a 2-core CPU (135M); ~10 min on a GPU (estimate)",
 }
 DEFAULT_PRESET = "good"
 
