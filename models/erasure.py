@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,5 +46,5 @@ async def erase_adapters(ctx: ErasureContext) -> dict[str, int]:
 
 @export_part("adapters")
 async def export_adapters(store: Store, member_id: str) -> list[dict[str, Any]]:
-    """The member's adapter rows and those trained on their messages, each with its lineage."""
-    return await Registry(store, store.settings).rows_of(member_id)
+    """The member's adapter versions and those trained on their messages, each with its lineage and metrics."""
+    return [asdict(version) for version in await Registry(store, store.settings).touching(member_id)]

@@ -437,22 +437,6 @@ class Registry:
         async with self.store.write() as db:
             await db.execute("DELETE FROM adapter_lineage WHERE member_id = ?", (member_id,))
 
-    async def rows_of(self, member_id: str) -> builtins.list[dict[str, Any]]:
-        """The rows `touching` finds, as stored, each with its lineage (the member's data export)."""
-        rows = await self.store.fetchall(
-            f"SELECT {', '.join(COLUMNS)} FROM adapters WHERE member_id = ? OR id IN "
-            "(SELECT adapter_id FROM adapter_lineage WHERE member_id = ?) ORDER BY created_at, id",
-            (member_id, member_id),
-        )
-        out = []
-        for r in rows:
-            row = dict(zip(COLUMNS, r, strict=True))
-            lineage = await self.store.fetchall(
-                "SELECT member_id FROM adapter_lineage WHERE adapter_id = ? ORDER BY member_id", (row["id"],)
-            )
-            out.append(row | {"lineage": [x[0] for x in lineage]})
-        return out
-
 
 def evaluation_failed(metrics: dict[str, Any], why: str) -> dict[str, Any]:
     """Metrics of a trained adapter whose evaluation did not complete: never active, and the reason says why."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,5 +62,5 @@ async def erase_jobs(ctx: ErasureContext) -> dict[str, int]:
 
 @export_part("jobs")
 async def export_jobs(store: Store, member_id: str) -> list[dict[str, Any]]:
-    """The member's job rows."""
-    return await JobTable(store).rows_of(member_id)
+    """The member's jobs, with their decoded config and progress."""
+    return [asdict(job) for job in await JobTable(store).of_member(member_id)]

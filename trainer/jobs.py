@@ -95,6 +95,8 @@ class Job:
     executor_ref: str | None = None
     cancel_requested_by: str | None = None
     resume: bool = False
+    progress_channel_id: str | None = None  # where the bot posts the job's progress (ids only)
+    progress_message_id: str | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-able view for `--json`, the bot and logs (no config noise)."""
@@ -145,6 +147,8 @@ class Job:
             executor_ref=data.get("executor_ref"),
             cancel_requested_by=data.get("cancel_requested_by"),
             resume=bool(data.get("resume")),
+            progress_channel_id=data.get("progress_channel_id"),
+            progress_message_id=data.get("progress_message_id"),
         )
 
 
@@ -241,29 +245,20 @@ class JobTable:
         """Every job, oldest first (erasure looks through other members' job folders too)."""
         return await self._many("SELECT * FROM jobs ORDER BY created_at, id", ())
 
-    async def rows_of(self, member_id: str) -> list[dict[str, Any]]:
-        """The member's job rows as stored, oldest first (their data export)."""
-        rows = await self.store.fetchall(
-            f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE member_id = ? ORDER BY created_at, id", (member_id,)
+    async def of_member(self, member_id: str) -> list[Job]:
+        """Every job of the member, oldest first (their data export)."""
+        return await self._many(
+            "SELECT * FROM jobs WHERE member_id = ? ORDER BY created_at, id", (member_id,)
         )
-        return [dict(zip(COLUMNS, r, strict=True)) for r in rows]
 
     async def with_progress_message(self) -> list[tuple[Job, int, int]]:
         """Active jobs that have a progress message in Discord: (job, channel id, message id)."""
-        async with self.store.db.execute(
+        jobs = await self._many(
             "SELECT * FROM jobs WHERE status IN (?, ?, ?) AND progress_channel_id IS NOT NULL "
             "AND progress_message_id IS NOT NULL ORDER BY created_at, id",
             ACTIVE,
-        ) as cur:
-            rows = await cur.fetchall()
-            names = [d[0] for d in cur.description]
-        found = []
-        for r in rows:
-            row = dict(zip(names, r, strict=True))
-            found.append(
-                (Job.from_row(row), int(row["progress_channel_id"]), int(row["progress_message_id"]))
-            )
-        return found
+        )
+        return [(j, int(j.progress_channel_id or 0), int(j.progress_message_id or 0)) for j in jobs]
 
     async def delete(self, job_id: str) -> bool:
         """Drop a job's row (erasure of its member); True if there was one."""
