@@ -13,23 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from doppel.core.errors import GGUFFileError
-from doppel.core.ggufinfo import ModelShape, read_metadata, read_shape
+from doppel.core.ggufinfo import HF_TO_GGUF_ARCH, SUPPORTED_ARCHS, ModelShape, read_metadata, read_shape
 from models.errors import ModelFileError
 
-# Architectures whose LoRA export follows llama.cpp's converter and is tested end to end
-# (tests/trainer/test_export_archs.py). Kept in step with trainer.export_gguf.SUPPORTED_ARCHS, which a test checks;
-# spelled out here so that `add-base` does not import the trainer (and torch).
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
-HF_TO_GGUF_ARCH = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "gemma2": "gemma2",
-    "gemma3_text": "gemma3",
-    "gemma3": "gemma3",
-    "phi3": "phi3",
-}
 # Why some architectures people try are refused (others get the generic reason).
 REFUSED = {
     "gemma": "Gemma 1's LoRA export is not verified; use a Gemma 2 or Gemma 3 model",

@@ -10,26 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from doppel.core.ggufinfo import HF_TO_GGUF_ARCH
 from trainer.errors import ExportError
 
 # Architectures whose converter permutes q/k rows (HF rotary layout -> GGML's interleaved one). Only the llama
 # family: qwen2/qwen3/gemma2/gemma3/phi3 use NEOX-style rotary in llama.cpp, which is the HF layout already.
 PERMUTED_ARCHS = {"llama"}
-# transformers `model_type` -> llama.cpp architecture, as convert_hf_to_gguf.py registers the HF classes
-# (Mistral is converted as llama; the text-only Gemma 3 config is `gemma3_text`).
-HF_TO_GGUF_ARCH = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "gemma2": "gemma2",
-    "gemma3_text": "gemma3",
-    "gemma3": "gemma3",
-    "phi3": "phi3",
-}
-# Architectures whose whole path (training, export, llama.cpp applying the LoRA) is tested end to end
-# (tests/trainer/test_export_archs.py); anything else is refused when a base model is added.
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 # LoRA target modules per architecture. Phi-3 fuses q/k/v and gate/up into one Linear each, and llama.cpp keeps
 # them fused (attn_qkv, ffn_up), so the adapter goes on the fused modules, as the converter maps them.
 FUSED_TARGETS = {

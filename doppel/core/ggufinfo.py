@@ -10,6 +10,24 @@ from typing import IO, Any
 from doppel.core.errors import GGUFFileError
 
 GGUF_MAGIC = b"GGUF"
+
+# Both `add-base` (models.bases, which must not load the trainer) and the LoRA exporter (trainer.export_gguf)
+# decide by the next two tables, so they are declared once, here.
+# transformers `model_type` -> llama.cpp architecture, as convert_hf_to_gguf.py registers the HF classes
+# (Mistral is converted as llama; the text-only Gemma 3 config is `gemma3_text`).
+HF_TO_GGUF_ARCH = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+    "phi3": "phi3",
+}
+# Architectures whose whole path (training, export, llama.cpp applying the LoRA) is tested end to end
+# (tests/trainer/test_export_archs.py); anything else is refused when a base model is added.
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 # GGUF value types -> struct format of the scalar ones (8 = string, 9 = array are handled apart).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
