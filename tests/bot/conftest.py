@@ -14,42 +14,16 @@ import discord
 import pytest
 from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 
+from tests.helpers.discord_payloads import MEMBER_PERMS, member, user
 from tests.helpers.rows import seed_adapter
 
 GUILD, TEXT, OTHER, PERSONA_CH, APP = 1000, 2000, 2001, 2002, 9000
 ADMIN_PERMS = str(discord.Permissions.all().value)
-MEMBER_PERMS = str(
-    discord.Permissions(send_messages=True, read_message_history=True, view_channel=True).value
-)
 _ids = itertools.count(10_000_000)
 
 
 def snowflake() -> str:
     return str(next(_ids) << 22)
-
-
-def user(uid: int, name: str, bot: bool = False) -> dict[str, Any]:
-    return {
-        "id": str(uid),
-        "username": name,
-        "global_name": name.title(),
-        "discriminator": "0",
-        "avatar": None,
-        "bot": bot,
-    }
-
-
-def member(uid: int, name: str, perms: str = MEMBER_PERMS, bot: bool = False) -> dict[str, Any]:
-    return {
-        "user": user(uid, name, bot),
-        "roles": [],
-        "joined_at": "2024-01-01T00:00:00+00:00",
-        "deaf": False,
-        "mute": False,
-        "flags": 0,
-        "permissions": perms,
-        "nick": None,
-    }
 
 
 def channel(cid: int, name: str) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.helpers.discord_payloads import member, user
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 APP, GUILD, CHANNEL, ADMIN, ALICE = 9000, 1000, 2000, 333, 1001
@@ -30,30 +32,6 @@ discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(base.replace("http",
 from doppel.cli import main
 sys.exit(main(["run", "--no-sync", "--no-engine"]))
 """
-
-
-def _user(uid: int, name: str, bot: bool = False) -> dict[str, Any]:
-    return {
-        "id": str(uid),
-        "username": name,
-        "global_name": name,
-        "discriminator": "0",
-        "avatar": None,
-        "bot": bot,
-    }
-
-
-def _member(uid: int, name: str, perms: str) -> dict[str, Any]:
-    return {
-        "user": _user(uid, name),
-        "roles": [],
-        "joined_at": "2024-01-01T00:00:00+00:00",
-        "deaf": False,
-        "mute": False,
-        "flags": 0,
-        "permissions": perms,
-        "nick": None,
-    }
 
 
 class StandIn:
@@ -86,7 +64,7 @@ class StandIn:
         body = await request.text()
         self.posts.append(f"{method} {path} {body[:300]}")
         if path == "/users/@me":
-            return json_response(_user(APP, "doppel", bot=True))
+            return json_response(user(APP, "doppel", bot=True))
         if path == "/oauth2/applications/@me":
             return json_response(
                 {
@@ -96,7 +74,7 @@ class StandIn:
                     "icon": None,
                     "bot_public": False,
                     "bot_require_code_grant": False,
-                    "owner": _user(1, "owner"),
+                    "owner": user(1, "owner"),
                     "verify_key": "00",
                     "flags": 0,
                 }
@@ -109,7 +87,7 @@ class StandIn:
                     "id": str(int(time.time() * 1000) << 22),
                     "channel_id": str(CHANNEL),
                     "content": "",
-                    "author": _user(APP, "doppel", True),
+                    "author": user(APP, "doppel", True),
                     "timestamp": "2024-05-01T12:00:00+00:00",
                     "edited_timestamp": None,
                     "tts": False,
@@ -156,7 +134,7 @@ class StandIn:
                     0,
                     {
                         "v": 10,
-                        "user": _user(APP, "doppel", True),
+                        "user": user(APP, "doppel", True),
                         "guilds": [],
                         "session_id": "s1",
                         "resume_gateway_url": "ws://unused",
@@ -209,7 +187,7 @@ class StandIn:
 
     async def persona_train(self, admin_perms: str) -> None:
         """An admin runs `/persona train member:@alice`."""
-        alice = _member(ALICE, "alice", "0")
+        alice = member(ALICE, "alice", "0")
         data = {
             "id": "1",
             "name": "persona",
@@ -232,7 +210,7 @@ class StandIn:
                 "version": 1,
                 "guild_id": str(GUILD),
                 "channel_id": str(CHANNEL),
-                "member": _member(ADMIN, "admin", admin_perms),
+                "member": member(ADMIN, "admin", admin_perms),
                 "app_permissions": admin_perms,
                 "locale": "en-US",
                 "guild_locale": "en-US",
