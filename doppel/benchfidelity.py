@@ -12,8 +12,9 @@ imported into a fresh store with every author consenting, and then, per configur
 - report held-out perplexity (base → adapter) and the wall time of training.
 
 The retrieval persona is served with the held-out replies excluded from its examples (otherwise it could quote
-the very answer it is scored on). Configurations differ in recipe (`overrides`, TrainConfig fields) and in prompt
-shape (`style`, `doppel.core.chatformat.STYLES`), so the recipe and the prompt can be told apart.
+the very answer it is scored on). Configurations are TrainConfig overrides: the recipe and the prompt
+shape (`prompt_style`, `doppel.core.chatformat.STYLES`) alike, so the recipe and the prompt can be told apart; each
+adapter is served with the prompt style it was trained with, as in the product.
 """
 
 from __future__ import annotations
@@ -51,41 +52,40 @@ _ADDRESS = re.compile(r"^([^\s:,]{1,32})[:,]\s")
 # The plain PEFT reference recipe of issue 14: r16 all-linear, lr 3e-4, 8 examples a step length-grouped, 120 steps,
 # a nameless system prompt, up to 6 previous turns, own turns as assistant.
 PLAIN_PEFT = {
-    "overrides": {
-        "max_steps": 120,
-        "micro_batch_size": 8,
-        "grad_accum": 1,
-        "learning_rate": 3e-4,
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "batching": "length_grouped",
-    },
-    "style": "plain",
+    "max_steps": 120,
+    "micro_batch_size": 8,
+    "grad_accum": 1,
+    "learning_rate": 3e-4,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "batching": "length_grouped",
+    "prompt_style": "plain",
 }
 # The product's recipe before issue 14 (150 steps x 4 examples at 2e-4, the named persona prompt).
 PRODUCT_V1 = {
-    "overrides": {
-        "max_steps": 150,
-        "micro_batch_size": 4,
-        "grad_accum": 1,
-        "learning_rate": 2e-4,
-        "lora_r": 16,
-        "lora_alpha": 32,
-    },
-    "style": "persona",
+    "max_steps": 150,
+    "micro_batch_size": 4,
+    "grad_accum": 1,
+    "learning_rate": 2e-4,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "prompt_style": "persona",
 }
+# Each configuration is TrainConfig overrides on top of the preset (recipe and prompt shape alike).
 CONFIGS: dict[str, dict[str, Any]] = {
     "product_v1": PRODUCT_V1,
     "plain_peft": PLAIN_PEFT,
     # The 2x2 that separates the suspects: each recipe with the other's prompt shape.
-    "v1_recipe_plain_prompt": {"overrides": PRODUCT_V1["overrides"], "style": "plain"},
-    "plain_recipe_persona_prompt": {"overrides": PLAIN_PEFT["overrides"], "style": "persona"},
-    # Whatever TrainConfig and chatformat default to now.
-    "defaults": {"overrides": {}, "style": None},
-    # The defaults' recipe with the short nameless system prompt but speaker names kept (group chat needs them).
-    "plain_names": {"overrides": {}, "style": "plain+names"},
+    "v1_recipe_plain_prompt": {**PRODUCT_V1, "prompt_style": "plain"},
+    "plain_recipe_persona_prompt": {**PLAIN_PEFT, "prompt_style": "persona"},
+    # Whatever TrainConfig defaults to now.
+    "defaults": {},
+    # The defaults with the named persona prompt (the default before run D).
+    "persona_prompt": {"prompt_style": "persona"},
+    # The defaults with the short nameless system prompt and no speaker names.
+    "plain_prompt": {"prompt_style": "plain"},
     # The defaults trained the way the hybrid persona is served: 4 of the member's replies shown in every prompt.
-    "defaults_shots": {"overrides": {"example_shots": 4}, "style": None},
+    "defaults_shots": {"example_shots": 4},
 }
 # Fast evaluation inside the job: the harness measures fidelity itself, the job only its perplexity.
 JOB_EVAL = {"eval_fidelity": False, "eval_samples": 0, "eval_max_examples": 48}
@@ -210,14 +210,24 @@ class _Heldout:
         self.inner.forget(member_id)
 
 
-def _scaled(settings: Settings, overrides: Mapping[str, Any], scale: float, n_train: int) -> dict[str, Any]:
-    """`overrides` with its steps multiplied by `scale`; data-derived steps (max_steps 0) are resolved first."""
+def _scaled(settings: Settings, overrides: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    """`overrides` with its steps multiplied by `scale`: a fixed `max_steps`, or every bound of data-derived steps
+    (epochs, cap, floor, token budget), which the trainer resolves from the tokenized data as it always does."""
     from trainer.config import TrainConfig
 
     out = dict(overrides)
-    if scale != 1.0:
-        cfg = TrainConfig.from_settings(settings, base_model="-", **out)
-        out["max_steps"] = max(2, round(cfg.steps_for(n_train) * scale))
+    if scale == 1.0:
+        return out
+    cfg = TrainConfig.from_settings(settings, base_model="-", **out)
+    if cfg.max_steps > 0:
+        out["max_steps"] = max(2, round(cfg.max_steps * scale))
+        return out
+    out["epochs"] = cfg.epochs * scale
+    out["min_steps"] = max(2, round(cfg.min_steps * scale))
+    if cfg.max_steps_cap:
+        out["max_steps_cap"] = max(2, round(cfg.max_steps_cap * scale))
+    if cfg.token_budget:
+        out["token_budget"] = max(1, round(cfg.token_budget * scale))
     return out
 
 
@@ -288,8 +298,8 @@ async def _openings(settings: Settings, member: str, n: int) -> dict[str, Any]:
     return {"pairs": pairs, "heldout": [ex.target for ex in ds.heldout], "train_examples": len(ds.train)}
 
 
-async def _heldout_rows(settings: Settings, member: str, limit: int) -> list[dict[str, str]]:
-    """The member's held-out replies as perplexity rows, rendered in the prompt style in force (oldest first)."""
+async def _heldout_rows(settings: Settings, member: str, limit: int, style: str) -> list[dict[str, str]]:
+    """The member's held-out replies as perplexity rows, rendered in prompt style `style` (oldest first)."""
     from data.store import Store
     from doppel.core.chatformat import ChatFormat
     from trainer.dataset import build_dataset
@@ -299,7 +309,7 @@ async def _heldout_rows(settings: Settings, member: str, limit: int) -> list[dic
     async with Store.open(settings) as store:
         channels = await store.messages.channels_of(mid)
         messages = [m async for m in store.messages.iter_channels(sorted(channels))]
-    held = sorted(build_dataset(messages, mid, settings, fmt).heldout, key=lambda e: e.ts)
+    held = sorted(build_dataset(messages, mid, settings, fmt, style=style).heldout, key=lambda e: e.ts)
     return [{"prompt": e.prompt, "completion": e.completion} for e in held[: limit or len(held)]]
 
 
@@ -369,6 +379,8 @@ async def _train(settings: Settings, member: str, overrides: Mapping[str, Any]) 
             raise UserFacingError(f"training failed: {job.error or job.status}")
         adapter = await Registry(store, settings).get(job.adapter_id)
     metrics = dict(adapter.metrics or (adapter.meta or {}).get("metrics") or {})
+    trained_config = dict((adapter.meta or {}).get("training_config") or job.config)
+    sft = dict(((adapter.meta or {}).get("training") or {}).get("sft") or {})
     return {
         "adapter": str(adapter.gguf_path),
         "folder": str(adapter.path),
@@ -376,8 +388,9 @@ async def _train(settings: Settings, member: str, overrides: Mapping[str, Any]) 
         "base_model": str(job.config.get("base_model") or ""),
         "train_s": round((job.finished_at or 0) - (job.started_at or 0), 1),
         "metrics": metrics,
+        # As trained: steps resolved from the data (and the preset's token budget), the prompt style.
         "config": {
-            k: job.config.get(k)
+            k: trained_config.get(k)
             for k in (
                 "max_steps",
                 "micro_batch_size",
@@ -387,6 +400,19 @@ async def _train(settings: Settings, member: str, overrides: Mapping[str, Any]) 
                 "lora_alpha",
                 "target_modules",
                 "batching",
+                "token_budget",
+                "prompt_style",
+            )
+        },
+        "training": {
+            k: sft.get(k)
+            for k in (
+                "steps",
+                "real_tokens",
+                "train_seconds",
+                "cpu_seconds",
+                "tokens_per_s",
+                "padding_fraction",
             )
         },
     }
@@ -451,20 +477,17 @@ def _score(model: Any, member: str, texts: Sequence[str]) -> dict[str, Any]:
 
 
 async def _own_vs_other(
-    settings: Settings, panel: Sequence[str], trained: Mapping[str, tuple[str, Any, int, str]]
+    settings: Settings, panel: Sequence[str], trained: Mapping[str, tuple[str, str, int, str]]
 ) -> dict[str, Any]:
     """The product's defaults (else the last configuration) trained for another panel member (same steps, same
     prompt style); held-out perplexity of the member's replies under the base, the member's own adapter and the
     other member's adapter. A persona that learned the member (not just chat in general) is best with its own."""
-    from doppel.core.chatformat import use_style
-
     name = "defaults" if "defaults" in trained else list(trained)[-1]
     own_folder, style, steps, base_model = trained[name]
     other = panel[1]
-    with use_style(style):
-        overrides = {**CONFIGS[name]["overrides"], "max_steps": steps}
-        theirs = await _train(settings, other, overrides)
-        rows = await _heldout_rows(settings, panel[0], JOB_EVAL["eval_max_examples"])
+    overrides = {**CONFIGS[name], "max_steps": steps, "prompt_style": style}
+    theirs = await _train(settings, other, overrides)
+    rows = await _heldout_rows(settings, panel[0], JOB_EVAL["eval_max_examples"], style)
     ppl = await asyncio.to_thread(
         cross_perplexity,
         settings,
@@ -509,7 +532,7 @@ async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str
 
 
 async def _run(bench: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    from doppel.core.chatformat import STYLES, current_style, use_style
+    from doppel.core.chatformat import DEFAULT_STYLE
 
     quick = bool(getattr(args, "quick", False))
     names = [c for c in str(getattr(args, "configs", "") or "").split(",") if c] or list(CONFIGS)
@@ -553,7 +576,7 @@ async def _run(bench: Settings, args: argparse.Namespace) -> dict[str, Any]:
         "steps_scale": scale,
         "temperature": 0.7,
         "max_tokens": max_tokens,
-        "default_style": dataclasses.asdict(current_style()),
+        "default_style": DEFAULT_STYLE,
         "ceiling": _score(judge, panel[0], [p["reply"] for p in pairs]),
         "ceiling_all_heldout": round(judge.share(sorted(banned), author_id(panel[0])), 3),
         "systems": {},
@@ -563,37 +586,36 @@ async def _run(bench: Settings, args: argparse.Namespace) -> dict[str, Any]:
             texts = await _replies(bench, panel[0], mode, None, pairs, banned, max_tokens)
             result["systems"][mode] = {**_score(judge, panel[0], texts), "samples": texts[:4]}
             say(f"{mode}: {json.dumps(result['systems'][mode])}")
-    trained_folders: dict[str, tuple[str, Any, int, str]] = {}
+    trained_folders: dict[str, tuple[str, str, int, str]] = {}
     for name in names:
         if name not in CONFIGS:
             continue
         cfg = CONFIGS[name]
-        style = cfg["style"] or current_style()
-        with use_style(style):
-            trained = await _train(
-                bench, panel[0], _scaled(bench, cfg["overrides"], scale, opening["train_examples"])
-            )
-            m = trained["metrics"]
-            base_ppl, ppl = m.get("ppl_base"), m.get("ppl_adapter")
-            entry: dict[str, Any] = {
-                "style": dataclasses.asdict(STYLES[style] if isinstance(style, str) else style),
-                "config": trained["config"],
-                "train_wall_s": trained["wall_s"],
-                "train_s": trained["train_s"],
-                "ppl_base": base_ppl,
-                "ppl_adapter": ppl,
-                "ppl_change": (
-                    round((ppl - base_ppl) / base_ppl, 3)
-                    if isinstance(base_ppl, (int, float))
-                    and isinstance(ppl, (int, float))
-                    and base_ppl
-                    and math.isfinite(ppl)
-                    else None
-                ),
-            }
-            for mode in ("adapter", "adapter+retrieval"):
-                texts = await _replies(bench, panel[0], mode, trained["adapter"], pairs, banned, max_tokens)
-                entry[mode] = {**_score(judge, panel[0], texts), "samples": texts[:4]}
+        trained = await _train(bench, panel[0], _scaled(bench, cfg, scale))
+        m = trained["metrics"]
+        base_ppl, ppl = m.get("ppl_base"), m.get("ppl_adapter")
+        style = str(trained["config"]["prompt_style"] or DEFAULT_STYLE)
+        entry: dict[str, Any] = {
+            "style": style,
+            "config": trained["config"],
+            "training": trained["training"],
+            "train_wall_s": trained["wall_s"],
+            "train_s": trained["train_s"],
+            "ppl_base": base_ppl,
+            "ppl_adapter": ppl,
+            "ppl_change": (
+                round((ppl - base_ppl) / base_ppl, 3)
+                if isinstance(base_ppl, (int, float))
+                and isinstance(ppl, (int, float))
+                and base_ppl
+                and math.isfinite(ppl)
+                else None
+            ),
+        }
+        # Served as the product serves it: the engine reads the adapter's trained prompt style from its meta.json.
+        for mode in ("adapter", "adapter+retrieval"):
+            texts = await _replies(bench, panel[0], mode, trained["adapter"], pairs, banned, max_tokens)
+            entry[mode] = {**_score(judge, panel[0], texts), "samples": texts[:4]}
         result["systems"][name] = entry
         trained_folders[name] = (
             trained["folder"],

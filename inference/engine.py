@@ -17,7 +17,7 @@ from doppel.core.settings import Settings
 from inference.adapters import AdapterCache
 from inference.cleaning import StreamCleaner
 from inference.errors import EngineClosedError, InferenceError, RetrievalError
-from inference.prompting import RETRIEVAL_REPEAT_PENALTY, build_prompt
+from inference.prompting import RETRIEVAL_REPEAT_PENALTY, build_prompt, trained_style
 from inference.requests import GenParams, PersonaRequest
 from inference.runtime import BaseModel, GenStats, KVStates, Session, default_threads
 from inference.scheduler import Job, Scheduler
@@ -111,6 +111,8 @@ class Engine:
         self._running: set[Job] = set()
         # The last generations' costs, for the benchmark and for operators (bounded: never grows with traffic).
         self.recent: deque[GenStats] = deque(maxlen=256)
+        # Each adapter set's trained prompt style, by its key (paths + mtimes: a retrained file is read again).
+        self._styles: dict[tuple[tuple[str, int, float], ...], str] = {}
 
     async def start(self) -> None:
         """Load the base model and start the worker threads (model loading runs off the event loop)."""
@@ -231,6 +233,12 @@ class Engine:
         assert self.base is not None
         p = job.persona
         budget = min(self.cfg.prompt_token_budget, session.n_ctx - job.params.max_tokens - 1)
+        style = self._styles.get(job.key)
+        if style is None:
+            style = trained_style(p.adapters if p.uses_adapters else ())
+            if len(self._styles) > 256:  # bounded: retrained adapters get new keys
+                self._styles.clear()
+            self._styles[job.key] = style
         prompt = build_prompt(
             self.base.format,
             self.base.tokenize,
@@ -240,6 +248,7 @@ class Engine:
             context=job.context,
             budget=budget,
             examples=job.examples,
+            style=style,
         )
         cleaner = StreamCleaner(p.name, prompt.speakers)
 

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from doppel.core.chatformat import ChatFormat, Utterance, build_messages, with_examples
-from inference.errors import RequestError
+from doppel.core.chatformat import (
+    DEFAULT_STYLE,
+    LEGACY_STYLE,
+    STYLES,
+    ChatFormat,
+    Utterance,
+    build_messages,
+    with_examples,
+)
+from inference.errors import AdapterError, RequestError
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,32 @@ class Prompt:
 RETRIEVAL_REPEAT_PENALTY = 1.15
 
 
+def trained_style(adapters: Sequence[tuple[str, float]]) -> str:
+    """The prompt style the persona's adapters were trained with (meta.json beside the GGUF; in a blend the heaviest).
+
+    A persona is served in the shape it learned: the same system prompt and speaker names as its training examples.
+    No adapter, or a bare GGUF without a meta.json: the default style.
+    """
+    if not adapters:
+        return DEFAULT_STYLE
+    path = Path(max(adapters, key=lambda a: abs(a[1]))[0])
+    try:
+        meta = json.loads((path.parent / "meta.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return DEFAULT_STYLE
+    except (OSError, ValueError) as exc:
+        raise AdapterError(
+            f"{path.parent / 'meta.json'}: unreadable ({exc}); retrain or re-export the adapter"
+        ) from None
+    config = meta.get("training_config") if isinstance(meta, dict) else None
+    style = str((config or {}).get("prompt_style") or LEGACY_STYLE)
+    if style not in STYLES:
+        raise AdapterError(
+            f"adapter {path.parent.name} was trained with prompt style {style!r}, unknown to this version"
+        )
+    return style
+
+
 def build_prompt(
     fmt: ChatFormat,
     tokenize: Callable[[str], list[int]],
@@ -33,12 +69,13 @@ def build_prompt(
     context: Sequence[Utterance],
     budget: int,
     examples: Sequence[str] = (),
+    style: str = DEFAULT_STYLE,
 ) -> Prompt:
     """Render the prompt for the persona's next turn, dropping the oldest context until it fits `budget` tokens."""
     context = list(context)
 
     def render(ctx: Sequence[Utterance], ex: Sequence[str]) -> tuple[str, list[int]]:
-        messages = with_examples(build_messages(persona_id, persona_name, channel_name, ctx), ex)
+        messages = with_examples(build_messages(persona_id, persona_name, channel_name, ctx, style=style), ex)
         text = fmt.prompt(messages)
         return text, tokenize(text)
 

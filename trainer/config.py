@@ -6,10 +6,12 @@ import dataclasses
 import json
 import math
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from doppel.core.chatformat import DEFAULT_STYLE, STYLES
 from trainer.errors import JobConfigError
 
 MODES = ("sft", "sft+kto", "sft+dpo")
@@ -18,17 +20,20 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 # Recipes a user picks by the time they will spend. Steps follow the member's data (`epochs` over the training
 # examples, at least `min_steps`, at most `max_steps_cap`), so a member with 300 replies is not trained as long as
-# one with 30,000, and no preset runs past its stated time. Chosen on `doppel bench fidelity` (BENCHMARKS.md).
-# Times: SmolLM2-135M at ~110 trained tokens per example, CPU ~200 tokens/s on 2 cores (measured, `bench train`);
-# GPU: an estimate for a 0.5-3B QLoRA base (not measured on this project's machines).
-# 8 examples a step as 4 x 2 accumulated: the same update as one batch of 8 (the loss is normalised over the
-# step's tokens), at half the activation and logits memory, so the default job fits a 16 GB machine.
+# one with 30,000; `token_budget` caps the tokens trained, so long messages (real chat's examples are twice the
+# demo's) do not double the time either. Chosen on `doppel bench fidelity` (BENCHMARKS.md).
+# Times: training costs per token: ~200 tokens/s for SmolLM2-135M on 2 CPU cores (measured, `bench train` and
+# `bench fidelity`); GPU: an estimate for a 0.5-3B QLoRA base (not measured on this project's machines).
+# 8 examples a step in one micro-batch: ~5% less CPU per token than 4 x 2 accumulated (measured, BENCHMARKS.md).
+# Where the device has less free memory than the job's estimate, pre-flight halves the micro-batch and doubles the
+# accumulation (`trainer.preflight.fit_micro_batch`): the same update, as the loss is normalised over the step.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "epochs": 1.0,
         "max_steps_cap": 60,
-        "micro_batch_size": 4,
-        "grad_accum": 2,
+        "token_budget": 80_000,
+        "micro_batch_size": 8,
+        "grad_accum": 1,
         "learning_rate": 3e-4,
         "lora_r": 16,
         "lora_alpha": 32,
@@ -36,8 +41,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "good": {
         "epochs": 1.0,
         "max_steps_cap": 120,
-        "micro_batch_size": 4,
-        "grad_accum": 2,
+        "token_budget": 160_000,
+        "micro_batch_size": 8,
+        "grad_accum": 1,
         "learning_rate": 3e-4,
         "lora_r": 16,
         "lora_alpha": 32,
@@ -45,20 +51,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "best": {
         "epochs": 2.0,
         "max_steps_cap": 600,
-        "micro_batch_size": 4,
-        "grad_accum": 2,
+        "token_budget": 720_000,
+        "micro_batch_size": 8,
+        "grad_accum": 1,
         "learning_rate": 2e-4,
         "lora_r": 32,
         "lora_alpha": 64,
     },
 }
-# Measured with `doppel bench fidelity` on real chat (BENCHMARKS.md): 120 steps x 8 examples of ~180-225 tokens
-# trained in 820-1,120 s on 2 cores of an AMD EPYC; short demo messages train about twice as fast. No GPU was
-# available to measure: the GPU column is an estimate.
+# The budget at ~190-215 tokens/s (`doppel bench fidelity` on real chat, 2 cores of an AMD EPYC, BENCHMARKS.md);
+# a member with little data finishes sooner. No GPU was available to measure: the GPU column is an estimate.
 PRESET_TIMES = {
-    "quick": "at most 60 steps x 8 examples: ~7-10 min of real chat on a 2-core CPU (135M); ~1 min on a GPU (estimate)",
-    "good": "at most 120 steps x 8 examples: ~14-19 min of real chat on a 2-core CPU (135M); ~2 min on a GPU (estimate)",
-    "best": "2 epochs, at most 600 steps x 8 examples: up to ~70-95 min on a 2-core CPU (135M); ~10 min on a GPU (estimate)",
+    "quick": "at most 60 steps x 8 examples, 80k tokens: up to ~7 min on a 2-core CPU (135M); ~1 min on a GPU (estimate)",
+    "good": "at most 120 steps x 8 examples, 160k tokens: up to ~13 min on a 2-core CPU (135M); ~2 min on a GPU (estimate)",
+    "best": "2 epochs, at most 600 steps x 8 examples, 720k tokens: up to ~60 min on a 2-core CPU (135M); ~8 min on a GPU (estimate)",
 }
 DEFAULT_PRESET = "good"
 
@@ -105,6 +111,11 @@ class TrainConfig:
     epochs: float = _f(1.0, "Epochs over the training examples when max_steps is 0.")
     max_steps_cap: int = _f(150, "Most steps derived from the data when max_steps is 0 (0: no cap).")
     min_steps: int = _f(20, "Fewest steps derived from the data when max_steps is 0.")
+    token_budget: int = _f(
+        0,
+        "Most tokens trained when steps derive from the data (0: no budget): bounds a preset's time whatever "
+        "the length of the member's messages.",
+    )
     micro_batch_size: int = _f(4, "Examples per forward pass; halved automatically on CUDA out-of-memory.")
     grad_accum: int = _f(1, "Micro-batches per optimizer step; doubled when the micro-batch is halved.")
     learning_rate: float = _f(3e-4, "Peak learning rate of the LoRA weights.")
@@ -126,6 +137,13 @@ class TrainConfig:
         0,
         "Train the way the hybrid persona is served: show N of the member's other replies as their earlier turns "
         "in each training prompt (0: off; 4 matches [inference] retrieval_k).",
+    )
+    prompt_style: str = _f(
+        DEFAULT_STYLE,
+        "How each example's prompt is framed: 'persona' (a system prompt naming the member and channel), 'plain' "
+        "(a short nameless one, no speaker names) or 'plain+names' (short, other speakers named). Recorded in the "
+        "adapter's meta.json; the engine serves the adapter with the same.",
+        tuple(STYLES),
     )
     seed: int = _f(1234, "Seed for LoRA init, data order and sampling.")
     save_steps: int = _f(50, "Write a checkpoint every N steps (resume continues from the last one).")
@@ -193,15 +211,27 @@ class TrainConfig:
         """A field's help text, for the CLI and the bot."""
         return str(next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("help", ""))
 
-    def steps_for(self, n_train: int) -> int:
-        """Optimizer steps for `n_train` training examples: `max_steps`, or derived from the data when it is 0."""
+    def steps_for(self, n_train: int, tokens_per_example: float = 0.0) -> int:
+        """Optimizer steps for `n_train` training examples: `max_steps`, or derived from the data when it is 0.
+
+        Derived: `epochs` over the examples, at most `max_steps_cap`, and at most `token_budget` tokens when the
+        examples' mean length is known (the trainer knows it once they are tokenized); at least `min_steps`.
+        """
         if self.max_steps > 0:
             return self.max_steps
         per_step = self.micro_batch_size * self.grad_accum
         steps = math.ceil(self.epochs * max(0, n_train) / per_step)
         if self.max_steps_cap:
             steps = min(steps, self.max_steps_cap)
+        if self.token_budget and tokens_per_example > 0:
+            steps = min(steps, int(self.token_budget // (tokens_per_example * per_step)))
         return max(1, self.min_steps, steps) if n_train > 0 else max(1, self.min_steps)
+
+    def for_rows(self, rows: Sequence[Mapping[str, Any]]) -> TrainConfig:
+        """This config with its steps resolved for the fitted training rows (their `n_tokens` feed the budget)."""
+        lengths = [int(r["n_tokens"]) for r in rows if r.get("n_tokens")]
+        mean = sum(lengths) / len(lengths) if lengths else 0.0
+        return dataclasses.replace(self, max_steps=self.steps_for(len(rows), mean))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -235,13 +265,8 @@ class TrainConfig:
             raise JobConfigError(f"{path}: not found") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise JobConfigError(f"{path}: invalid JSON: {exc}") from None
-        cfg = cls.from_dict(data)
-        if cfg.max_steps == 0:
-            # Steps from the data: the job folder's dataset/meta.json (written before the child starts) counts it.
-            n_train = _train_count(path.parent / "dataset" / "meta.json")
-            if n_train is not None:
-                cfg.max_steps = cfg.steps_for(n_train)
-        return cfg
+        # max_steps 0 stays 0 here: the recipe resolves it from the tokenized data (`for_rows`).
+        return cls.from_dict(data)
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> TrainConfig:
@@ -271,14 +296,6 @@ class TrainConfig:
     def help(cls) -> dict[str, str]:
         """Field name -> help text (for docs and `--help`-style listings)."""
         return {f.name: str(f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
-
-
-def _train_count(meta_path: Path) -> int | None:
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        return int(meta["counts"]["train"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _coerce(kind: Any, value: Any, name: str) -> Any:

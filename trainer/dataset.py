@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from data.records import Message
-from doppel.core.chatformat import ChatFormat, Utterance, build_messages, with_examples
+from doppel.core.chatformat import DEFAULT_STYLE, ChatFormat, Utterance, build_messages, with_examples
 from doppel.core.settings import DatasetSettings, Settings
 from trainer.attribution import PANEL_OTHERS, PANEL_PER_AUTHOR, choose_panel
 from trainer.cleaning import Cleaner, normalize
@@ -170,6 +170,7 @@ def build_examples(
     names: Mapping[str, str] | None = None,
     multi: bool = False,
     dropped: Counter[str] | None = None,
+    style: str = DEFAULT_STYLE,
 ) -> list[Example]:
     """One example per turn of `member_id`: the preceding turns of its channel (capped by count and time) as context."""
     dropped = Counter() if dropped is None else dropped
@@ -207,7 +208,9 @@ def build_examples(
                 Utterance(t.author_id, names.get(t.author_id, t.author_name), cleaner.clip(t.text))
                 for t in context
             ]
-            messages = build_messages(member_id, member_name, turn.channel_name, utterances, multi=multi)
+            messages = build_messages(
+                member_id, member_name, turn.channel_name, utterances, multi=multi, style=style
+            )
             examples.append(
                 Example(
                     member_id=member_id,
@@ -385,6 +388,7 @@ def build_dataset(
     feedback: Iterable[Mapping[str, Any]] = (),
     reaction_weighting: bool = False,
     shots: int = 0,
+    style: str = DEFAULT_STYLE,
 ) -> Dataset:
     """All of a job's data from (stored, consenting) messages; `multi` builds every author's examples.
 
@@ -413,6 +417,7 @@ def build_dataset(
             names=names,
             multi=multi,
             dropped=dropped,
+            style=style,
         )
     if reaction_weighting:
         examples = weight_by_reactions(examples)
@@ -506,6 +511,7 @@ async def materialize(
     *,
     reaction_weighting: bool = False,
     shots: int = 0,
+    style: str = DEFAULT_STYLE,
     encrypt: bool = True,
 ) -> dict[str, Any]:
     """Read the member's channels from the store, build the dataset off the event loop, write it atomically.
@@ -536,7 +542,9 @@ async def materialize(
     if mode != "sft":
         for persona in sorted(allowed) if multi else [member_id]:
             items = await store.feedback.for_persona(persona)
-            feedback += feedback_rows(items, persona, names.get(persona, persona), chat_format, multi=multi)
+            feedback += feedback_rows(
+                items, persona, names.get(persona, persona), chat_format, multi=multi, style=style
+            )
     dataset = await asyncio.to_thread(
         build_dataset,
         messages,
@@ -550,6 +558,7 @@ async def materialize(
         feedback=feedback,
         reaction_weighting=reaction_weighting,
         shots=shots,
+        style=style,
     )
     from data.crypto import job_key_for
 

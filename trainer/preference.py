@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from doppel.core.chatformat import ChatFormat, build_messages
+from doppel.core.chatformat import DEFAULT_STYLE, ChatFormat, build_messages
 
 if TYPE_CHECKING:
     from trainer.example import Example
@@ -98,10 +98,11 @@ def feedback_rows(
     chat_format: ChatFormat,
     *,
     multi: bool = False,
+    style: str = DEFAULT_STYLE,
 ) -> list[dict[str, Any]]:
     """👍/👎 on persona replies as KTO inputs: the reply under a context-free prompt, closed by end-of-turn."""
     # The conversation a rated reply answered may quote people who never consented to training: it is not used.
-    prompt = chat_format.prompt(build_messages(member_id, name, None, [], multi=multi))
+    prompt = chat_format.prompt(build_messages(member_id, name, None, [], multi=multi, style=style))
     rows = []
     for item in items:
         reply, value = item.get("reply"), int(item.get("value") or 0)

@@ -6,18 +6,22 @@ the memory need is an estimate from the GGUF header (`trainer.memory`), delibera
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from doppel.core.settings import Settings
 from trainer.errors import PreflightError
 from trainer.memory import GIB, MIB, estimate_memory, memory_breakdown
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,32 @@ def memory_estimate(config: Any, device: str) -> int | None:
         return None
 
 
+def fit_to_memory(settings: Settings, config: TrainConfig, device: str) -> TrainConfig:
+    """The job fitted to `device`'s free memory now (`fit_micro_batch`)."""
+    free = next((d.free_bytes for d in devices(settings) if d.name == device), 0)
+    return fit_micro_batch(config, device, free)
+
+
+def fit_micro_batch(config: TrainConfig, device: str, free_bytes: int) -> TrainConfig:
+    """The job with its micro-batch halved (accumulation doubled: the same optimizer step) until its estimate fits
+    `free_bytes`; unchanged when it fits or cannot be estimated. `job_checks` then judges the result."""
+    from doppel.core.errors import GGUFFileError
+    from doppel.core.ggufinfo import read_shape
+
+    base = _shape_source(config)
+    if free_bytes <= 0 or base.suffix != ".gguf":
+        return config
+    try:
+        shape = read_shape(base)
+    except GGUFFileError:
+        return config  # job_checks reports the unreadable base
+    while config.micro_batch_size % 2 == 0 and estimate_memory(shape, config, device) > free_bytes:
+        config = dataclasses.replace(
+            config, micro_batch_size=config.micro_batch_size // 2, grad_accum=config.grad_accum * 2
+        )
+    return config
+
+
 def job_checks(settings: Settings, config: Any, device: str) -> list[Check]:
     """Everything that decides whether this job can start on `device`."""
     from doppel.core.errors import GGUFFileError
@@ -167,10 +197,10 @@ def job_checks(settings: Settings, config: Any, device: str) -> list[Check]:
     need = phases["peak"]
     split = f"training {_gib(phases['training'])}, evaluation {_gib(phases['evaluation'])}"
     if need > dev.free_bytes:
-        fix = (
-            f"lower micro_batch_size (now {config.micro_batch_size}) or max_length (now {config.max_length}), "
-            "or train a smaller base with --base"
+        smaller = (
+            f"micro_batch_size (now {config.micro_batch_size}) or " if config.micro_batch_size > 1 else ""
         )
+        fix = f"lower {smaller}max_length (now {config.max_length}), or train a smaller base with --base"
         if device.startswith("cuda") and not config.quantize_4bit:
             fix = "enable quantize_4bit, or " + fix
         checks.append(

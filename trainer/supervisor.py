@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from doppel.core.chatformat import DEFAULT_STYLE
 from doppel.core.settings import Settings
 from trainer.errors import JobConflictError, JobNotFoundError, SupervisorError
 from trainer.executors import alive, stop_trainer
@@ -155,7 +156,7 @@ class Supervisor:
     ) -> Job:
         """Queue a job for a member after pre-flight; `overrides` are TrainConfig fields (max_steps, epochs...)."""
         from trainer.config import TrainConfig
-        from trainer.preflight import job_checks, memory_estimate, require
+        from trainer.preflight import fit_to_memory, job_checks, memory_estimate, require
 
         if member_id is None and not multi:
             raise SupervisorError("name a member to train, or ask for the multi-persona adapter")
@@ -182,6 +183,8 @@ class Supervisor:
             fields["persona_name"] = (member.display_name or member.name) if member is not None else member_id
         config = TrainConfig.from_settings(self.settings, **{**fields, **overrides})
         device = device or await self._pick_device()
+        # A host with less memory trains the same steps in smaller micro-batches rather than refusing the job.
+        config = await asyncio.to_thread(fit_to_memory, self.settings, config, device)
         require(job_checks(self.settings, config, device))
         job_id = new_job_id()
         job = Job(
@@ -324,6 +327,7 @@ class Supervisor:
             multi,
             reaction_weighting=self.settings.dataset.reaction_weighting,
             shots=int(config.get("example_shots") or 0),
+            style=str(config.get("prompt_style") or DEFAULT_STYLE),
         )
 
     # -- what a JobRunner may ask of its host (trainer.runner.JobHost) ---------------------------------------------

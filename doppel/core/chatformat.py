@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -24,7 +23,7 @@ class Utterance:
 
 @dataclass(frozen=True)
 class PromptStyle:
-    """How a persona's turn is framed; one style serves training and inference alike (see `use_style`).
+    """How a persona's turn is framed; an adapter is served with the style it was trained with.
 
     `system`: "persona" names the member and the community; "plain" is a short instruction without a name
     (a named system prompt on a small instruct model invites its assistant voice: "I am happy to help").
@@ -39,27 +38,26 @@ class PromptStyle:
             raise ValueError(f"unknown system prompt style {self.system!r}")
 
 
-PERSONA_STYLE = PromptStyle("persona", True)
-PLAIN_STYLE = PromptStyle("plain", False)
-STYLES = {"persona": PERSONA_STYLE, "plain": PLAIN_STYLE, "plain+names": PromptStyle("plain", True)}
-_style: PromptStyle = PERSONA_STYLE
+# Named prompt shapes; a job records the name it trained with (TrainConfig.prompt_style, the adapter's meta.json) and
+# the engine serves that adapter with the same one.
+STYLES = {
+    "persona": PromptStyle("persona", True),
+    "plain": PromptStyle("plain", False),
+    "plain+names": PromptStyle("plain", True),
+}
+# Chosen on `doppel bench fidelity` (BENCHMARKS.md): attribution tied with the named persona prompt, 12% fewer
+# tokens per example, and group chat keeps who said what.
+DEFAULT_STYLE = "plain+names"
+# Adapters from before the style was recorded were trained with the named persona prompt.
+LEGACY_STYLE = "persona"
 
 
-def current_style() -> PromptStyle:
-    """The prompt style in force (the product's default unless a benchmark switched it with `use_style`)."""
-    return _style
-
-
-@contextmanager
-def use_style(style: PromptStyle | str) -> Iterator[PromptStyle]:
-    """Render with `style` inside the block: datasets built and prompts served there agree on it."""
-    global _style
-    previous = _style
-    _style = STYLES[style] if isinstance(style, str) else style
+def style_named(name: str) -> PromptStyle:
+    """The prompt style called `name` (one of STYLES)."""
     try:
-        yield _style
-    finally:
-        _style = previous
+        return STYLES[name]
+    except KeyError:
+        raise ValueError(f"unknown prompt style {name!r} (choose from {', '.join(STYLES)})") from None
 
 
 def system_prompt(
@@ -67,17 +65,16 @@ def system_prompt(
     channel_name: str | None = None,
     *,
     multi: bool = False,
-    style: PromptStyle | None = None,
+    style: str = DEFAULT_STYLE,
 ) -> str:
-    """The persona's system prompt; `multi` is the multi-persona adapter's 'respond as' instruction."""
-    style = style or _style
+    """The persona's system prompt in prompt style `style`; `multi` is the multi-persona adapter's 'respond as' one."""
     where = f" in #{channel_name}" if channel_name else ""
     if multi:
         return (
             f"Respond as {persona_name}, a member of this Discord community chatting{where}. "
             f"Write only {persona_name}'s next message, in their own style."
         )
-    if style.system == "plain":
+    if style_named(style).system == "plain":
         return "You are chatting with a stranger. Reply in your own style."
     return (
         f"You are {persona_name}, a member of this Discord community, chatting{where}. "
@@ -112,12 +109,11 @@ def build_messages(
     context: Sequence[Utterance],
     *,
     multi: bool = False,
-    style: PromptStyle | None = None,
+    style: str = DEFAULT_STYLE,
 ) -> list[dict[str, str]]:
     """Chat messages for a persona's next turn: others become user turns ("Name: text"), the persona's own assistant turns."""
-    style = style or _style
     # The multi-persona adapter must know who says what; a single persona's style may drop the names.
-    names = style.speaker_names or multi
+    names = style_named(style).speaker_names or multi
     messages = [
         {"role": "system", "content": system_prompt(persona_name, channel_name, multi=multi, style=style)}
     ]

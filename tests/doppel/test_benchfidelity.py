@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 from doppel import benchfidelity as bf
-from doppel.core.chatformat import PLAIN_STYLE, Utterance, build_messages, current_style, use_style
+from doppel.core.chatformat import DEFAULT_STYLE, STYLES, Utterance, build_messages
 
 
 def test_the_shipped_corpus_is_real_multi_speaker_chat_with_active_members() -> None:
@@ -67,17 +68,31 @@ def test_the_retrieval_persona_never_sees_a_heldout_reply() -> None:
     assert got == ["other one", "third"]
 
 
-def test_prompt_styles_render_the_same_for_training_and_serving() -> None:
+def test_prompt_styles_frame_the_conversation_as_declared() -> None:
     ctx = [Utterance("2", "Bob", "hey"), Utterance("1", "Ann", "yo"), Utterance("2", "Bob", "sup")]
-    named = build_messages("1", "Ann", "general", ctx)
+    named = build_messages("1", "Ann", "general", ctx, style="persona")
     assert "You are Ann" in named[0]["content"] and named[1]["content"] == "Bob: hey"
-    with use_style("plain"):
-        assert current_style() == PLAIN_STYLE
-        plain = build_messages("1", "Ann", "general", ctx)
-        multi = build_messages("1", "Ann", "general", ctx, multi=True)
-    assert current_style().system == "persona", "the style is restored after the block"
+    plain = build_messages("1", "Ann", "general", ctx, style="plain")
     assert "Ann" not in plain[0]["content"] and [m["content"] for m in plain[1:]] == ["hey", "yo", "sup"]
+    short = build_messages("1", "Ann", "general", ctx, style="plain+names")
+    assert short[0] == plain[0] and [m["content"] for m in short[1:]] == ["Bob: hey", "yo", "Bob: sup"]
+    assert build_messages("1", "Ann", "general", ctx) == build_messages(
+        "1", "Ann", "general", ctx, style=DEFAULT_STYLE
+    )
+    multi = build_messages("1", "Ann", "general", ctx, multi=True, style="plain")
     assert multi[1]["content"] == "Bob: hey", "the multi-persona adapter always needs speaker names"
+    with pytest.raises(ValueError, match="unknown prompt style"):
+        build_messages("1", "Ann", "general", ctx, style="fancy")
+
+
+def test_a_job_trains_in_the_prompt_style_it_names(settings: Any) -> None:
+    from trainer.config import TrainConfig
+    from trainer.errors import JobConfigError
+
+    cfg = TrainConfig.from_settings(settings, base_model="m.gguf")
+    assert cfg.prompt_style == DEFAULT_STYLE and TrainConfig.choices("prompt_style") == tuple(STYLES)
+    with pytest.raises(JobConfigError, match="prompt_style must be one of"):
+        TrainConfig.from_settings(settings, base_model="m.gguf", prompt_style="fancy")
 
 
 def test_steps_follow_the_data_within_the_preset_bounds(tmp_path: Path) -> None:
@@ -94,12 +109,33 @@ def test_steps_follow_the_data_within_the_preset_bounds(tmp_path: Path) -> None:
     )
     assert cfg.steps_for(800) == 100 and cfg.steps_for(50_000) == 150 and cfg.steps_for(40) == 20
     assert TrainConfig(base_model="m.gguf", max_steps=7).steps_for(50_000) == 7
+    rows = [{"prompt": "p", "completion": "c", "n_tokens": 200}] * 400
+    assert cfg.for_rows(rows).max_steps == 50, "without a budget, epochs over the rows"
+    budgeted = dataclasses.replace(cfg, token_budget=48_000)
+    # 48,000 tokens / (200 tokens x 8 examples a step) = 30 steps, not the 50 an epoch would take.
+    assert budgeted.for_rows(rows).max_steps == 30
+    assert budgeted.for_rows(rows[:80]).max_steps == 20, "a small member stays at min_steps"
+    assert budgeted.steps_for(400) == 50, "the budget needs the examples' length, known once tokenized"
     job = tmp_path / "job"
-    (job / "dataset").mkdir(parents=True)
-    (job / "dataset" / "meta.json").write_text(json.dumps({"counts": {"train": 400}}))
+    job.mkdir()
     cfg.to_json(job / "config.json")
-    assert TrainConfig.from_json(job / "config.json").max_steps == 50
+    assert TrainConfig.from_json(job / "config.json").max_steps == 0, "resolved by the recipe, from the data"
     assert set(PRESETS) == {"quick", "good", "best"}
+    assert all(p["token_budget"] > 0 for p in PRESETS.values()), "every preset bounds its time"
+
+
+def test_a_steps_scale_scales_what_the_trainer_resolves(settings: Any) -> None:
+    from trainer.config import TrainConfig
+
+    rows = [{"prompt": "p", "completion": "c", "n_tokens": 200}] * 2000
+
+    def steps(overrides: dict[str, Any]) -> int:
+        return TrainConfig.from_settings(settings, base_model="m.gguf", **overrides).for_rows(rows).max_steps
+
+    # The preset `good`: 2,000 examples would be 250 steps, capped at 120, and 160k tokens / (200 x 8) = 100.
+    assert steps(bf._scaled(settings, {}, 1.0)) == 100
+    assert steps(bf._scaled(settings, {}, 0.5)) == 50, "the token budget scales with the steps"
+    assert steps(bf._scaled(settings, {"max_steps": 120}, 0.25)) == 30
 
 
 def test_presets_apply_unless_the_operator_changed_a_setting(settings: Any) -> None:
@@ -173,7 +209,7 @@ def test_the_harness_runs_end_to_end_on_the_tiny_model(
         "threads": 1,
         "max_length": 256,
     }
-    monkeypatch.setitem(bf.CONFIGS, "tiny", {"overrides": overrides, "style": "plain"})
+    monkeypatch.setitem(bf.CONFIGS, "tiny", {**overrides, "prompt_style": "plain"})
     monkeypatch.setattr(bf, "JOB_EVAL", {**bf.JOB_EVAL, "eval_max_examples": 8})
     args = argparse.Namespace(
         configs="tiny",
@@ -202,11 +238,13 @@ def test_the_harness_runs_end_to_end_on_the_tiny_model(
     n = out["openings"]
     assert 1 <= n <= 3 and 0.0 <= out["ceiling"]["share"] <= 1.0
     tiny_entry = out["systems"]["tiny"]
-    assert tiny_entry["config"]["max_steps"] == 4 and tiny_entry["style"]["system"] == "plain"
+    assert tiny_entry["config"]["max_steps"] == 4 and tiny_entry["style"] == "plain"
+    assert tiny_entry["training"]["steps"] == 4 and tiny_entry["training"]["real_tokens"] > 0
     for mode in ("adapter", "adapter+retrieval"):
         assert tiny_entry[mode]["n"] == n and 0.0 <= tiny_entry[mode]["share"] <= 1.0
     own = out["own_vs_other"]
     assert own["member"] == "alice" and own["other"] in out["panel"][1:] and own["ppl"]["rows"] > 0
+    assert own["steps"] == 4, "the other member trains as many steps as the member"
     assert all(own["ppl"][k] > 0 for k in ("base", "own_adapter", "other_adapter"))
 
 

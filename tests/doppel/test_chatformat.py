@@ -23,7 +23,7 @@ def _ctx() -> list[Utterance]:
 
 
 def test_other_speakers_are_user_turns_and_persona_is_assistant() -> None:
-    msgs = build_messages("1", "Alice", "general", _ctx())
+    msgs = build_messages("1", "Alice", "general", _ctx(), style="persona")
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
     assert msgs[1]["content"] == "Bob: hi all\nCy: yo"
     assert msgs[2]["content"] == "heyy"
@@ -58,6 +58,6 @@ def test_persona_speaking_last_gets_a_valid_turn_order() -> None:
 def test_bundled_model_template_matches_chatml_shape() -> None:
     cf = ChatFormat.from_gguf(bundled_base_gguf())  # type: ignore[arg-type]
     assert cf.eos_token == "<|im_end|>"
-    msgs = build_messages("1", "Alice", "general", _ctx())
+    msgs = build_messages("1", "Alice", "general", _ctx(), style="persona")
     assert cf.completion(msgs, "ok") == "ok<|im_end|>"
     assert cf.prompt(msgs).startswith("<|im_start|>system\nYou are Alice")

@@ -141,3 +141,59 @@ def test_blend_naming_one_adapter_twice_is_refused(small_settings, base_gguf, lo
                 await say(engine, persona(((lora_paths[0], 0.5), (lora_paths[0], 0.5))))
 
     asyncio.run(run())
+
+
+def test_an_adapter_is_served_in_the_prompt_style_it_was_trained_with(
+    small_settings, base_gguf, lora_paths, tmp_path
+) -> None:
+    import json
+    import shutil
+
+    from doppel.core.chatformat import DEFAULT_STYLE
+    from inference.prompting import build_prompt, trained_style
+
+    metas = {
+        "plain": {"training_config": {"prompt_style": "plain"}},
+        "legacy": {"training_config": {"lora_r": 16}},  # trained before the style was recorded
+        "bare": None,  # a GGUF without its adapter folder
+        "unknown": {"training_config": {"prompt_style": "fancy"}},
+    }
+    files = {}
+    for name, meta in metas.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(lora_paths[0], folder / "adapter.gguf")
+        if meta is not None:
+            (folder / "meta.json").write_text(json.dumps(meta))
+        files[name] = str(folder / "adapter.gguf")
+    assert trained_style([(files["plain"], 1.0)]) == "plain"
+    assert trained_style([(files["legacy"], 1.0)]) == "persona"
+    assert trained_style([(files["bare"], 1.0)]) == DEFAULT_STYLE == trained_style([])
+    assert trained_style([(files["bare"], 0.3), (files["plain"], 1.0)]) == "plain", "the heaviest decides"
+    with pytest.raises(AdapterError, match="fancy"):
+        trained_style([(files["unknown"], 1.0)])
+
+    async def run() -> tuple[dict[str, int], dict[str, int]]:
+        async with Engine(small_settings, base_gguf) as engine:
+            assert engine.base is not None
+            seen, expected = {}, {}
+            for name, style in (("plain", "plain"), ("legacy", "persona")):
+                await say(engine, persona(((files[name], 1.0),)))
+                seen[name] = engine.recent[-1].prompt_tokens
+                prompt = build_prompt(
+                    engine.base.format,
+                    engine.base.tokenize,
+                    persona_id="10",
+                    persona_name="Alice",
+                    channel_name="general",
+                    context=CONTEXT,
+                    budget=400,
+                    style=style,
+                )
+                expected[name] = len(prompt.tokens)
+            with pytest.raises(AdapterError, match="fancy"):
+                await say(engine, persona(((files["unknown"], 1.0),)))
+            return seen, expected
+
+    seen, expected = asyncio.run(run())
+    assert seen == expected and seen["plain"] < seen["legacy"]

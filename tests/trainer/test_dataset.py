@@ -116,7 +116,13 @@ def test_rendering_uses_the_chat_format_and_ends_with_end_of_turn(settings: Sett
     (ex,) = _examples(settings, chat.msgs)
     assert ex.prompt.endswith("<|im_start|>assistant\n")
     assert ex.completion == "hi bob, mail me at [email]<|im_end|>"
-    assert "bob: hello @alice" in ex.prompt and "#memes" in ex.prompt and "You are alice" in ex.prompt
+    # The default style: a short nameless system prompt, other speakers named.
+    assert "bob: hello @alice" in ex.prompt and "You are alice" not in ex.prompt
+    (named,) = _examples(settings, chat.msgs, style="persona")
+    assert (
+        "bob: hello @alice" in named.prompt and "#memes" in named.prompt and "You are alice" in named.prompt
+    )
+    assert named.completion == ex.completion
     full = FMT.render(
         [*ex.messages, {"role": "assistant", "content": ex.target}], add_generation_prompt=False
     )
@@ -347,7 +353,8 @@ async def _materialize_scenario(s: Settings, tmp_path: Path) -> None:
         files = sorted((tmp_path / "job" / "dataset").glob("*.jsonl"))
         assert files and all(is_sealed(p) for p in files)  # encrypted at rest, opened with the job's key
         text = "".join(open_bytes(p, key).decode() for p in files)
-        assert "never asked" not in text and "Alice" in text  # display names from the members table
+        # Display names from the members table: "Bob: ..." in every prompt (the default style names the others).
+        assert "never asked" not in text and "Bob: bob asks" in text
         pref_text = open_bytes(tmp_path / "job" / "dataset" / "preference.jsonl", key).decode()
         pref = [json.loads(x) for x in pref_text.splitlines()]
         assert any(r["source"] == "feedback" and r["completion"] == "great answer<|im_end|>" for r in pref)

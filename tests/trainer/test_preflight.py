@@ -40,8 +40,30 @@ def test_job_that_cannot_fit_is_refused_with_the_fix(settings: Any) -> None:
         PreflightError, match=r"memory: needs about .* GiB.*fix: lower micro_batch_size \(now 4096\)"
     ):
         require(job_checks(settings, huge, "cpu"))
+    with pytest.raises(PreflightError, match=r"fix: lower max_length \(now 65536\)"):
+        require(job_checks(settings, _config(settings, micro_batch_size=1, max_length=65536), "cpu"))
     with pytest.raises(PreflightError, match="device cuda:7 is not available"):
         require(job_checks(settings, _config(settings), "cuda:7"))
+
+
+def test_a_job_too_big_for_the_memory_trains_the_same_step_in_smaller_micro_batches(settings: Any) -> None:
+    from doppel.core.ggufinfo import read_shape
+    from trainer.preflight import estimate_memory, fit_micro_batch
+
+    cfg = _config(settings, micro_batch_size=8, grad_accum=1, max_length=512)
+    shape = read_shape(settings.base_gguf_path())
+    need = {
+        m: estimate_memory(shape, dataclasses.replace(cfg, micro_batch_size=m), "cpu") for m in (8, 4, 2, 1)
+    }
+    assert need[8] > need[4] > need[2] > need[1]
+    assert fit_micro_batch(cfg, "cpu", need[8]) == cfg, "a job that fits is left alone"
+    fitted = fit_micro_batch(cfg, "cpu", need[4] + 1)
+    assert (fitted.micro_batch_size, fitted.grad_accum) == (4, 2), "the largest micro-batch that fits"
+    assert dataclasses.replace(fitted, micro_batch_size=8, grad_accum=1) == cfg, "nothing else changes"
+    floor = fit_micro_batch(cfg, "cpu", need[1] // 2)
+    assert (floor.micro_batch_size, floor.grad_accum) == (1, 8), "job_checks then refuses it with the fix"
+    odd = dataclasses.replace(cfg, micro_batch_size=3)
+    assert fit_micro_batch(odd, "cpu", 1) == odd, "only even micro-batches split into equal halves"
 
 
 def test_disk_check_refuses_when_the_floor_is_not_met(settings: Any) -> None:

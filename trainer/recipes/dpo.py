@@ -40,6 +40,7 @@ def run(
         cfg
     )  # the format the dataset was rendered in: context is dropped by re-rendering with it
     rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length, fmt)
+    cfg = cfg.for_rows(rows)  # steps from the member's data: its size and, under a token budget, its length
     if not rows:
         raise TrainingError(f"no training example fits max_length={cfg.max_length} tokens")
     dpo_rows = [

@@ -38,6 +38,7 @@ def run(
         cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None,
     )
     rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length, job_format(cfg))
+    cfg = cfg.for_rows(rows)  # steps from the member's data: its size and, under a token budget, its length
     # Reaction weighting works by sampling, so the loss stays TRL's own (completion-only, EOS included).
     rows = weighted_rows(rows, cfg.seed)
     if not rows:
