@@ -20,7 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from doppel.core.chatformat import LEGACY_STYLE
 from doppel.core.settings import Settings
+from trainer.config import TrainConfig
 from trainer.errors import EvaluationError
 
 # Dataset files an evaluation does not read: removed before the child starts (least plaintext, even sealed).
@@ -34,33 +36,45 @@ _RESET = {
 }
 
 
+def evaluation_config(adapter_id: str, meta: dict[str, Any]) -> TrainConfig:
+    """The adapter's training config as recorded in its meta.json, test hooks off, for evaluating it again."""
+    config = dict(meta.get("training_config") or {})
+    if not config:
+        raise EvaluationError(
+            f"adapter {adapter_id} has no training configuration in its meta.json to evaluate with"
+        )
+    config.update({k: v for k, v in _RESET.items() if k in config})
+    # Evaluated in the prompt shape it was trained with; adapters from before the field used the persona prompt.
+    config.setdefault("prompt_style", LEGACY_STYLE)
+    # An adapter trained by another release may carry fields this one does not know; evaluation needs none of them.
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig.from_dict({k: v for k, v in config.items() if k in known})
+
+
 async def reevaluate(
     store: Any, settings: Settings, version: Any, on_event: Callable[[dict[str, Any]], Any] | None = None
 ) -> Any:
     """Evaluate `version` (a registry AdapterVersion) again; returns the updated version."""
     from models.registry import Registry
-    from trainer.config import TrainConfig
     from trainer.dataset import materialize
     from trainer.supervisor import chat_format_for
 
-    meta = dict(version.meta or {})
-    config = dict(meta.get("training_config") or {})
-    if not config:
-        raise EvaluationError(
-            f"adapter {version.id} has no training configuration in its meta.json to evaluate with"
-        )
-    config.update({k: v for k, v in _RESET.items() if k in config})
-    # An adapter trained by another release may carry fields this one does not know; evaluation needs none of them.
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = {k: v for k, v in config.items() if k in known}
-    cfg = TrainConfig.from_dict(config)
+    cfg = evaluation_config(version.id, dict(version.meta or {}))
+    config = cfg.to_dict()
     job_dir = settings.jobs_dir / f"eval-{version.member_id or 'multi'}-{uuid.uuid4().hex[:12]}"
     try:
         job_dir.mkdir(parents=True)
         cfg.to_json(job_dir / "config.json")
         chat = await asyncio.to_thread(chat_format_for, config)
         await materialize(
-            store, settings, version.member_id or "", job_dir, chat, "sft", multi=version.member_id is None
+            store,
+            settings,
+            version.member_id or "",
+            job_dir,
+            chat,
+            "sft",
+            multi=version.member_id is None,
+            style=cfg.prompt_style,
         )
         for name in _NOT_NEEDED:
             (job_dir / "dataset" / name).unlink(missing_ok=True)
