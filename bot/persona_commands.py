@@ -19,11 +19,16 @@ from bot.services import Services
 from bot.text import MESSAGE_LIMIT, clip, neutralise
 from bot.training import progress_text, watch
 from doppel.core.chatformat import Utterance
-from trainer.config import TrainConfig
+from trainer.config import PRESET_TIMES, TrainConfig
 
 log = logging.getLogger("doppel.bot.persona")
 # The training modes are declared once, in TrainConfig's `mode` field; the slash command offers exactly those.
 MODE_CHOICES = [app_commands.Choice(name=mode, value=mode) for mode in TrainConfig.choices("mode")]
+# The presets likewise (TrainConfig's `preset` field), each shown with the time it states (Discord allows 100 chars).
+PRESET_CHOICES = [
+    app_commands.Choice(name=f"{preset}: {PRESET_TIMES[preset]}"[:100], value=preset)
+    for preset in TrainConfig.choices("preset")
+]
 
 
 def may_train(interaction: discord.Interaction, member: discord.abc.User) -> None:
@@ -44,10 +49,18 @@ class PersonaCommands(app_commands.Group):
     @app_commands.command(
         name="train", description="Train a member's persona (the member themself or an admin)"
     )
-    @app_commands.describe(member="whose persona", mode=TrainConfig.help_of("mode")[:100])
-    @app_commands.choices(mode=MODE_CHOICES)
+    @app_commands.describe(
+        member="whose persona",
+        mode=TrainConfig.help_of("mode")[:100],
+        preset="how long to train (the server's [training] preset when left out)",
+    )
+    @app_commands.choices(mode=MODE_CHOICES, preset=PRESET_CHOICES)
     async def train(
-        self, interaction: discord.Interaction, member: discord.Member, mode: str = "sft"
+        self,
+        interaction: discord.Interaction,
+        member: discord.Member,
+        mode: str = "sft",
+        preset: str | None = None,
     ) -> None:
         require_guild(interaction)
         may_train(interaction, member)
@@ -56,8 +69,9 @@ class PersonaCommands(app_commands.Group):
         await interaction.response.defer(ephemeral=True, thinking=True)
         if "train" not in await self.services.scopes(str(member.id)):
             raise ConsentMissing(f"{member.display_name} has not opted in to training (`/doppel consent`)")
+        chosen = {"preset": preset} if preset else {}
         submitted = await self.services.trainer().submit(
-            str(member.id), requested_by=str(interaction.user.id), source="discord", mode=mode
+            str(member.id), requested_by=str(interaction.user.id), source="discord", mode=mode, **chosen
         )
         job_id = submitted.id
         job = await self.services.jobs.get(job_id)

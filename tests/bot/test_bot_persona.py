@@ -106,8 +106,12 @@ def test_reply_to_persona_in_persona_channel_gets_an_answer(bot_world: Any) -> N
 
 
 def test_persona_train_permissions_consent_and_defer_order(bot_world: Any) -> None:
-    from bot.persona_commands import PersonaCommands
+    from bot.persona_commands import PRESET_CHOICES, PersonaCommands
+    from trainer.config import PRESETS
     from trainer.supervisor import Supervisor
+
+    # The presets are offered as declared, each with its stated time.
+    assert [c.value for c in PRESET_CHOICES] == list(PRESETS) and all("min" in c.name for c in PRESET_CHOICES)
 
     async def scenario() -> None:
         async with bot_world() as (h, services):
@@ -141,12 +145,21 @@ def test_persona_train_permissions_consent_and_defer_order(bot_world: Any) -> No
             await h.click("doppel:consent:train", ALICE)
             h.fake.events.clear()
             await h.command(
-                "persona train", ADMIN, perms=h.ADMIN, member=(6, str(ALICE)), resolved=h.resolved(ALICE)
+                "persona train",
+                ADMIN,
+                perms=h.ADMIN,
+                member=(6, str(ALICE)),
+                preset=(3, "quick"),
+                resolved=h.resolved(ALICE),
             )
             first_callback = next(i for i, e in enumerate(h.fake.events) if "/callback" in e)
             assert first_callback < h.fake.events.index("submit")
             (job,) = await services.jobs.recent(member_id=str(ALICE))
             assert job.requested_by == str(ADMIN) and job.source == "discord"
+            assert (
+                job.config["preset"] == "quick"
+                and job.config["token_budget"] == PRESETS["quick"]["token_budget"]
+            )
             progress = [
                 c for c in h.responses() if c.payload and "Training User111" in str(c.payload.get("content"))
             ]
