@@ -52,7 +52,7 @@ class PersonaCommands(app_commands.Group):
     @app_commands.describe(
         member="whose persona",
         mode=TrainConfig.help_of("mode")[:100],
-        preset="how long to train (the server's [training] preset when left out)",
+        preset="how long to train (default: the server's [training] preset, else good)",
     )
     @app_commands.choices(mode=MODE_CHOICES, preset=PRESET_CHOICES)
     async def train(
@@ -69,7 +69,7 @@ class PersonaCommands(app_commands.Group):
         await interaction.response.defer(ephemeral=True, thinking=True)
         if "train" not in await self.services.scopes(str(member.id)):
             raise ConsentMissing(f"{member.display_name} has not opted in to training (`/doppel consent`)")
-        chosen = {"preset": preset} if preset else {}
+        chosen: dict[str, Any] = {"preset": preset} if preset else {}
         submitted = await self.services.trainer().submit(
             str(member.id), requested_by=str(interaction.user.id), source="discord", mode=mode, **chosen
         )

@@ -80,10 +80,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "plain_recipe_persona_prompt": {**PLAIN_PEFT, "prompt_style": "persona"},
     # Whatever TrainConfig defaults to now.
     "defaults": {},
-    # The defaults with the named persona prompt (the default before run D).
+    # The defaults with another prompt style: the named persona prompt (the default until run C), and the short
+    # system prompt with speaker names (the default in run D).
     "persona_prompt": {"prompt_style": "persona"},
-    # The defaults with the short nameless system prompt and no speaker names.
-    "plain_prompt": {"prompt_style": "plain"},
+    "names_prompt": {"prompt_style": "plain+names"},
     # The defaults trained the way the hybrid persona is served: 4 of the member's replies shown in every prompt.
     "defaults_shots": {"example_shots": 4},
 }

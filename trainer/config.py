@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from doppel.core.chatformat import DEFAULT_STYLE, STYLES
+from doppel.core.settings import Settings
 from trainer.errors import JobConfigError
 
 MODES = ("sft", "sft+kto", "sft+dpo")
@@ -269,10 +270,10 @@ class TrainConfig:
         return cls.from_dict(data)
 
     @classmethod
-    def from_settings(cls, settings: Any, **overrides: Any) -> TrainConfig:
+    def from_settings(cls, settings: Settings, **overrides: Any) -> TrainConfig:
         """The preset's recipe, then `[training]` values an operator changed, then `overrides` (member_id, max_steps...)."""
         t = settings.training
-        preset = str(overrides.pop("preset", None) or getattr(t, "preset", "") or DEFAULT_PRESET)
+        preset = str(overrides.pop("preset", None) or t.preset or DEFAULT_PRESET)
         if preset not in PRESETS:
             raise JobConfigError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
         base: dict[str, Any] = {
@@ -287,6 +288,8 @@ class TrainConfig:
             value = getattr(t, key)
             if value != getattr(shipped, key):
                 base[key] = value
+        if t.prompt_style:
+            base["prompt_style"] = t.prompt_style
         if "base_model" not in overrides:
             base["base_model"] = str(settings.base_gguf_path())
         base.update(overrides)

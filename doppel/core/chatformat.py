@@ -45,9 +45,11 @@ STYLES = {
     "plain": PromptStyle("plain", False),
     "plain+names": PromptStyle("plain", True),
 }
-# Chosen on `doppel bench fidelity` (BENCHMARKS.md): attribution tied with the named persona prompt, 12% fewer
-# tokens per example, and group chat keeps who said what.
-DEFAULT_STYLE = "plain+names"
+# Chosen on `doppel bench fidelity` (BENCHMARKS.md, runs A, C, D): on real chat the nameless prompt's adapter was
+# attributed to the member 63% of the time against 49% for the named ones (120 and 160 openings), at the same
+# hybrid share and 7% fewer tokens per example. Group chat loses who said what: `plain+names` keeps it, per job or
+# per server (`[training] prompt_style`).
+DEFAULT_STYLE = "plain"
 # Adapters from before the style was recorded were trained with the named persona prompt.
 LEGACY_STYLE = "persona"
 

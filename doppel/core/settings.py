@@ -82,6 +82,8 @@ class TrainingSettings:
     jobs_per_device: int = 1
     cancel_grace_s: float = 10.0
     heartbeat_s: float = 5.0
+    preset: str = ""  # "": trainer/config.py DEFAULT_PRESET; quick, good or best (PRESETS)
+    prompt_style: str = ""  # "": doppel/core/chatformat.py DEFAULT_STYLE; persona, plain or plain+names
     max_steps: int = 0  # 0: steps derived from the member's data by the preset (trainer/config.py PRESETS)
     epochs: float = 1.0
     lora_r: int = 16

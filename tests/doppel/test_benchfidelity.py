@@ -151,6 +151,18 @@ def test_presets_apply_unless_the_operator_changed_a_setting(settings: Any) -> N
     assert TrainConfig.from_settings(tuned, base_model="m.gguf").learning_rate == 1e-4
     with pytest.raises(JobConfigError):
         TrainConfig.from_settings(settings, base_model="m.gguf", preset="fastest")
+    # A server's own preset and prompt style ([training] preset / prompt_style); a job's choice still wins.
+    server = dataclasses.replace(
+        settings, training=dataclasses.replace(settings.training, preset="best", prompt_style="plain+names")
+    )
+    chosen = TrainConfig.from_settings(server, base_model="m.gguf")
+    assert chosen.preset == "best" and chosen.prompt_style == "plain+names"
+    assert TrainConfig.from_settings(server, base_model="m.gguf", preset="quick").preset == "quick"
+    broken = dataclasses.replace(
+        settings, training=dataclasses.replace(settings.training, prompt_style="fancy")
+    )
+    with pytest.raises(JobConfigError, match="prompt_style must be one of"):
+        TrainConfig.from_settings(broken, base_model="m.gguf")
 
 
 def _tiny_logs(path: Path) -> Path:

@@ -116,8 +116,8 @@ def test_rendering_uses_the_chat_format_and_ends_with_end_of_turn(settings: Sett
     (ex,) = _examples(settings, chat.msgs)
     assert ex.prompt.endswith("<|im_start|>assistant\n")
     assert ex.completion == "hi bob, mail me at [email]<|im_end|>"
-    # The default style: a short nameless system prompt, other speakers named.
-    assert "bob: hello @alice" in ex.prompt and "You are alice" not in ex.prompt
+    # The default style: a short nameless system prompt, the others' lines without their names.
+    assert "\nhello @alice" in ex.prompt and "bob:" not in ex.prompt and "You are alice" not in ex.prompt
     (named,) = _examples(settings, chat.msgs, style="persona")
     assert (
         "bob: hello @alice" in named.prompt and "#memes" in named.prompt and "You are alice" in named.prompt
@@ -346,14 +346,14 @@ async def _materialize_scenario(s: Settings, tmp_path: Path) -> None:
         chat.say(ME, t + 5, "cat is quiet today", reactions={"🐱": 2})
         assert await store.messages.add_many(chat.msgs) == 61
         await store.feedback.add(ME, BOB, 1, prompt="bob: secret context of a chat", reply="great answer")
-        meta = await materialize(store, s, ME, tmp_path / "job", FMT, mode="sft+kto")
+        meta = await materialize(store, s, ME, tmp_path / "job", FMT, mode="sft+kto", style="plain+names")
         assert meta["lineage"] == [ME, BOB] and meta["member"] == ME
         assert meta["counts"]["train"] + meta["counts"]["val"] + meta["counts"]["heldout"] == 31
         key = job_key_for(s, tmp_path / "job")
         files = sorted((tmp_path / "job" / "dataset").glob("*.jsonl"))
         assert files and all(is_sealed(p) for p in files)  # encrypted at rest, opened with the job's key
         text = "".join(open_bytes(p, key).decode() for p in files)
-        # Display names from the members table: "Bob: ..." in every prompt (the default style names the others).
+        # Display names from the members table: "Bob: ..." in every prompt of a style that names the others.
         assert "never asked" not in text and "Bob: bob asks" in text
         pref_text = open_bytes(tmp_path / "job" / "dataset" / "preference.jsonl", key).decode()
         pref = [json.loads(x) for x in pref_text.splitlines()]
