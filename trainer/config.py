@@ -60,12 +60,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lora_alpha": 64,
     },
 }
-# The budget at ~190-215 tokens/s (`doppel bench fidelity` on real chat, 2 cores of an AMD EPYC, BENCHMARKS.md);
-# a member with little data finishes sooner. No GPU was available to measure: the GPU column is an estimate.
+# The budget at ~210 tokens/s (`doppel bench fidelity` run D on real chat, 2 cores of an AMD EPYC: 160k tokens in
+# 761 s), plus a minute of loading and evaluation; a member with little data finishes sooner. No GPU was available
+# to measure: the GPU figures are estimates.
 PRESET_TIMES = {
-    "quick": "at most 60 steps x 8 examples, 80k tokens: up to ~7 min on a 2-core CPU (135M); ~1 min on a GPU (estimate)",
-    "good": "at most 120 steps x 8 examples, 160k tokens: up to ~13 min on a 2-core CPU (135M); ~2 min on a GPU (estimate)",
-    "best": "2 epochs, at most 600 steps x 8 examples, 720k tokens: up to ~60 min on a 2-core CPU (135M); ~8 min on a GPU (estimate)",
+    "quick": "<=60 steps of 8, <=80k tokens: ~7 min on 2 CPU cores (135M), ~1 min on a GPU (est.)",
+    "good": "<=120 steps of 8, <=160k tokens: ~13 min on 2 CPU cores (135M), ~2 min on a GPU (est.)",
+    "best": "2 epochs, <=600 steps of 8, <=720k tokens: ~1 h on 2 CPU cores (135M), ~8 min on a GPU (est.)",
 }
 DEFAULT_PRESET = "good"
 

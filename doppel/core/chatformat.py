@@ -46,8 +46,8 @@ STYLES = {
     "plain+names": PromptStyle("plain", True),
 }
 # Chosen on `doppel bench fidelity` (BENCHMARKS.md, runs A, C, D): on real chat the nameless prompt's adapter was
-# attributed to the member 63% of the time against 49% for the named ones (120 and 160 openings), at the same
-# hybrid share and 7% fewer tokens per example. Group chat loses who said what: `plain+names` keeps it, per job or
+# attributed to the member 63% of the time against 50% for the named ones (120 and 240 replies), at the same
+# hybrid share and 6% fewer tokens per example. Group chat loses who said what: `plain+names` keeps it, per job or
 # per server (`[training] prompt_style`).
 DEFAULT_STYLE = "plain"
 # Adapters from before the style was recorded were trained with the named persona prompt.

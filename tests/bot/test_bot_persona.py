@@ -107,11 +107,14 @@ def test_reply_to_persona_in_persona_channel_gets_an_answer(bot_world: Any) -> N
 
 def test_persona_train_permissions_consent_and_defer_order(bot_world: Any) -> None:
     from bot.persona_commands import PRESET_CHOICES, PersonaCommands
-    from trainer.config import PRESETS
+    from trainer.config import PRESET_TIMES, PRESETS
     from trainer.supervisor import Supervisor
 
     # The presets are offered as declared, each with its stated time.
-    assert [c.value for c in PRESET_CHOICES] == list(PRESETS) and all("min" in c.name for c in PRESET_CHOICES)
+    assert [c.value for c in PRESET_CHOICES] == list(PRESETS)
+    assert all(c.name == f"{c.value}: {PRESET_TIMES[c.value]}" for c in PRESET_CHOICES), (
+        "whole, within 100 chars"
+    )
 
     async def scenario() -> None:
         async with bot_world() as (h, services):
