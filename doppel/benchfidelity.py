@@ -472,8 +472,41 @@ _ASSISTANT = re.compile(
 
 
 def _score(model: Any, member: str, texts: Sequence[str]) -> dict[str, Any]:
-    share = model.share(texts, author_id(member))
-    return {"share": round(share, 3), "n": len(texts), **_style_stats(texts)}
+    """The member's share of `texts`, and which ones (`hits`, one 1/0 per opening, for paired comparisons)."""
+    mid = author_id(member)
+    hits = [p == mid for p in model.predict(texts)]
+    share = sum(hits) / len(hits) if hits else 0.0
+    return {
+        "share": round(share, 3),
+        "n": len(texts),
+        "hits": "".join("1" if h else "0" for h in hits),
+        **_style_stats(texts),
+    }
+
+
+def paired(a: str, b: str) -> dict[str, Any]:
+    """System a's share minus system b's over the same openings, with the paired difference's standard error."""
+    if len(a) != len(b) or not a:
+        raise ValueError("paired comparison needs the same openings on both sides")
+    d = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / len(d)
+    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return {"difference": round(mean, 3), "se": round(se, 3), "n": len(d)}
+
+
+def comparisons(systems: Mapping[str, Mapping[str, Any]], reference: str = "plain_peft") -> dict[str, Any]:
+    """Every trained system against the reference recipe, paired over the same openings (adapter and hybrid)."""
+    ref = systems.get(reference)
+    if not ref:
+        return {}
+    out: dict[str, Any] = {}
+    for name, entry in systems.items():
+        if name == reference or "adapter" not in entry:
+            continue
+        out[f"{name} - {reference}"] = {
+            mode: paired(entry[mode]["hits"], ref[mode]["hits"]) for mode in ("adapter", "adapter+retrieval")
+        }
+    return out
 
 
 async def _own_vs_other(
@@ -640,5 +673,6 @@ async def _run(bench: Settings, args: argparse.Namespace) -> dict[str, Any]:
     if trained_folders and not getattr(args, "no_own_vs_other", False) and len(panel) > 1:
         result["own_vs_other"] = await _own_vs_other(bench, panel, trained_folders)
         say(f"own vs other adapter on {panel[0]}'s held-out replies: {result['own_vs_other']}")
+    result["comparisons"] = comparisons(result["systems"])
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
     return result

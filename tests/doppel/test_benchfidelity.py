@@ -124,6 +124,25 @@ def test_steps_follow_the_data_within_the_preset_bounds(tmp_path: Path) -> None:
     assert all(p["token_budget"] > 0 for p in PRESETS.values()), "every preset bounds its time"
 
 
+def test_systems_are_compared_with_the_reference_over_the_same_openings() -> None:
+    same = bf.paired("1100", "1100")
+    assert same == {"difference": 0.0, "se": 0.0, "n": 4}
+    better = bf.paired("1110", "0100")
+    assert better["difference"] == 0.5 and better["se"] == pytest.approx(0.289, abs=1e-3)
+    with pytest.raises(ValueError, match="same openings"):
+        bf.paired("11", "110")
+    systems = {
+        "base": {"share": 0.0, "hits": "0000"},
+        "plain_peft": {"adapter": {"hits": "1100"}, "adapter+retrieval": {"hits": "1111"}},
+        "defaults": {"adapter": {"hits": "1000"}, "adapter+retrieval": {"hits": "1111"}},
+    }
+    got = bf.comparisons(systems)
+    assert list(got) == ["defaults - plain_peft"]
+    assert got["defaults - plain_peft"]["adapter"]["difference"] == -0.25
+    assert got["defaults - plain_peft"]["adapter+retrieval"]["difference"] == 0.0
+    assert bf.comparisons({"defaults": systems["defaults"]}) == {}, "no reference, no comparison"
+
+
 def test_a_steps_scale_scales_what_the_trainer_resolves(settings: Any) -> None:
     from trainer.config import TrainConfig
 
@@ -254,6 +273,8 @@ def test_the_harness_runs_end_to_end_on_the_tiny_model(
     assert tiny_entry["training"]["steps"] == 4 and tiny_entry["training"]["real_tokens"] > 0
     for mode in ("adapter", "adapter+retrieval"):
         assert tiny_entry[mode]["n"] == n and 0.0 <= tiny_entry[mode]["share"] <= 1.0
+        assert len(tiny_entry[mode]["hits"]) == n
+        assert tiny_entry[mode]["share"] == pytest.approx(tiny_entry[mode]["hits"].count("1") / n, abs=1e-3)
     own = out["own_vs_other"]
     assert own["member"] == "alice" and own["other"] in out["panel"][1:] and own["ppl"]["rows"] > 0
     assert own["steps"] == 4, "the other member trains as many steps as the member"
