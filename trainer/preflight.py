@@ -12,10 +12,12 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import psutil
 
+from doppel.core.errors import GGUFFileError
+from doppel.core.ggufinfo import ModelShape, read_shape
 from doppel.core.settings import Settings
 from trainer.errors import PreflightError
 from trainer.memory import GIB, MIB, estimate_memory, memory_breakdown
@@ -107,46 +109,62 @@ def disk_check(settings: Settings, need_bytes: int = 0) -> Check:
     return Check("disk", "ok", f"{_gib(free)} free under {home}")
 
 
-def _shape_source(config: Any) -> Path:
+def _shape_source(config: TrainConfig) -> Path:
     base = Path(config.base_model)
     if base.suffix != ".gguf" and str(config.base_gguf).endswith(".gguf"):
         base = Path(config.base_gguf)  # a HF folder trained for a GGUF it is served on: same shape
     return base
 
 
-def memory_estimate(config: Any, device: str) -> int | None:
-    """The pre-flight memory estimate for a job (bytes), or None when the base's shape cannot be read."""
-    from doppel.core.errors import GGUFFileError
-    from doppel.core.ggufinfo import read_shape
+@dataclass(frozen=True)
+class JobPlan:
+    """A job fitted to its device: the config to run, what pre-flight found, and the memory it is estimated at."""
 
-    base = _shape_source(config)
-    if base.suffix != ".gguf":
-        return None
-    try:
-        return estimate_memory(read_shape(base), config, device)
-    except GGUFFileError:
-        return None
+    config: TrainConfig
+    checks: list[Check]
+    mem_bytes: int | None
 
 
-def fit_to_memory(settings: Settings, config: TrainConfig, device: str) -> TrainConfig:
-    """The job fitted to `device`'s free memory now (`fit_micro_batch`)."""
-    free = next((d.free_bytes for d in devices(settings) if d.name == device), 0)
-    return fit_micro_batch(config, device, free)
+def plan_job(settings: Settings, config: TrainConfig, device: str) -> JobPlan:
+    """The job fitted to `device`'s free memory now (`fit_micro_batch`), its checks and estimate.
+
+    Devices are listed and the base's header is read once (`nvidia-smi` is a subprocess on a GPU host)."""
+    known = {d.name: d for d in devices(settings)}
+    base, shape, problem = _base_shape(config)
+    dev = known.get(device)
+    if shape is not None and dev is not None:
+        config = _fit(config, shape, device, dev.free_bytes)
+    mem = estimate_memory(shape, config, device) if shape is not None else None
+    return JobPlan(config, _checks(settings, config, device, known, base, shape, problem), mem)
 
 
 def fit_micro_batch(config: TrainConfig, device: str, free_bytes: int) -> TrainConfig:
     """The job with its micro-batch halved (accumulation doubled: the same optimizer step) until its estimate fits
-    `free_bytes`; unchanged when it fits or cannot be estimated. `job_checks` then judges the result."""
-    from doppel.core.errors import GGUFFileError
-    from doppel.core.ggufinfo import read_shape
+    `free_bytes`; unchanged when it fits or cannot be estimated. The checks then judge the result."""
+    _, shape, _ = _base_shape(config)
+    return config if shape is None else _fit(config, shape, device, free_bytes)
 
+
+def job_checks(settings: Settings, config: TrainConfig, device: str) -> list[Check]:
+    """Everything that decides whether this job can start on `device`, as it is (`plan_job` fits it first)."""
+    known = {d.name: d for d in devices(settings)}
+    return _checks(settings, config, device, known, *_base_shape(config))
+
+
+def _base_shape(config: TrainConfig) -> tuple[Path, ModelShape | None, GGUFFileError | None]:
+    """The file the job's memory is estimated from, its shape when it is a readable GGUF, else why not."""
     base = _shape_source(config)
-    if free_bytes <= 0 or base.suffix != ".gguf":
-        return config
+    if base.suffix != ".gguf":
+        return base, None, None
     try:
-        shape = read_shape(base)
-    except GGUFFileError:
-        return config  # job_checks reports the unreadable base
+        return base, read_shape(base), None
+    except GGUFFileError as exc:
+        return base, None, exc
+
+
+def _fit(config: TrainConfig, shape: ModelShape, device: str, free_bytes: int) -> TrainConfig:
+    if free_bytes <= 0:
+        return config
     while config.micro_batch_size % 2 == 0 and estimate_memory(shape, config, device) > free_bytes:
         config = dataclasses.replace(
             config, micro_batch_size=config.micro_batch_size // 2, grad_accum=config.grad_accum * 2
@@ -154,13 +172,16 @@ def fit_micro_batch(config: TrainConfig, device: str, free_bytes: int) -> TrainC
     return config
 
 
-def job_checks(settings: Settings, config: Any, device: str) -> list[Check]:
-    """Everything that decides whether this job can start on `device`."""
-    from doppel.core.errors import GGUFFileError
-    from doppel.core.ggufinfo import read_shape
-
+def _checks(
+    settings: Settings,
+    config: TrainConfig,
+    device: str,
+    known: dict[str, Device],
+    base: Path,
+    shape: ModelShape | None,
+    problem: GGUFFileError | None,
+) -> list[Check]:
     checks: list[Check] = []
-    known = {d.name: d for d in devices(settings)}
     dev = known.get(device)
     if dev is None or (dev.total_bytes == 0 and device != "cpu"):
         checks.append(
@@ -173,8 +194,10 @@ def job_checks(settings: Settings, config: Any, device: str) -> list[Check]:
         )
         return checks
     checks.append(Check("device", "ok", f"{device} ({dev.label})" if dev.label else device))
-    base = _shape_source(config)
-    if base.suffix != ".gguf":
+    if problem is not None:
+        checks.append(Check("base model", "fail", str(problem), "check [model] base_gguf or --base"))
+        return checks
+    if shape is None:
         checks.append(
             Check(
                 "base model",
@@ -184,11 +207,6 @@ def job_checks(settings: Settings, config: Any, device: str) -> list[Check]:
             )
         )
         checks.append(disk_check(settings))
-        return checks
-    try:
-        shape = read_shape(base)
-    except GGUFFileError as exc:
-        checks.append(Check("base model", "fail", str(exc), "check [model] base_gguf or --base"))
         return checks
     checks.append(
         Check("base model", "ok", f"{base.name}: {shape.architecture}, {shape.params / 1e6:.0f}M parameters")
@@ -246,8 +264,6 @@ def host_checks(settings: Settings) -> list[Check]:
         )
     try:
         base = settings.base_gguf_path()
-        from doppel.core.ggufinfo import read_shape
-
         shape = read_shape(base)
         checks.append(
             Check(

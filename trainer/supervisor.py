@@ -156,7 +156,7 @@ class Supervisor:
     ) -> Job:
         """Queue a job for a member after pre-flight; `overrides` are TrainConfig fields (max_steps, epochs...)."""
         from trainer.config import TrainConfig
-        from trainer.preflight import fit_to_memory, job_checks, memory_estimate, require
+        from trainer.preflight import plan_job, require
 
         if member_id is None and not multi:
             raise SupervisorError("name a member to train, or ask for the multi-persona adapter")
@@ -184,8 +184,9 @@ class Supervisor:
         config = TrainConfig.from_settings(self.settings, **{**fields, **overrides})
         device = device or await self._pick_device()
         # A host with less memory trains the same steps in smaller micro-batches rather than refusing the job.
-        config = await asyncio.to_thread(fit_to_memory, self.settings, config, device)
-        require(job_checks(self.settings, config, device))
+        plan = await asyncio.to_thread(plan_job, self.settings, config, device)
+        require(plan.checks)
+        config = plan.config
         job_id = new_job_id()
         job = Job(
             id=job_id,
@@ -198,7 +199,7 @@ class Supervisor:
             config={
                 **config.to_dict(),
                 "_multi": multi,
-                "_preflight_mem_bytes": memory_estimate(config, device),
+                "_preflight_mem_bytes": plan.mem_bytes,
             },
             created_at=time.time(),
             supervisor_pid=self.pid,

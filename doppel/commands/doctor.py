@@ -33,7 +33,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Any:
-    from trainer.preflight import Check, host_checks, job_checks
+    from trainer.preflight import Check, host_checks, plan_job
 
     checks = host_checks(settings)
     try:
@@ -42,11 +42,22 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
 
         config = TrainConfig.from_settings(settings)
         first = devices(settings)[0].name
+        plan = plan_job(settings, config, first)
         checks += [
             Check(f"default job: {c.name}", c.status, c.detail, c.fix)
-            for c in job_checks(settings, config, first)
+            for c in plan.checks
             if c.name in ("memory",)
         ]
+        fitted = plan.config
+        if fitted.micro_batch_size != config.micro_batch_size:
+            checks.append(
+                Check(
+                    "default job: micro-batch",
+                    "ok",
+                    f"{config.micro_batch_size} examples a step run as {fitted.grad_accum} micro-batches of "
+                    f"{fitted.micro_batch_size} to fit {first}'s free memory (the same update, slower)",
+                )
+            )
     except UserFacingError as exc:
         checks.append(Check("default job", "fail", str(exc), "fix [training] / [model] settings"))
     checks += engine_checks(settings)

@@ -66,6 +66,28 @@ def test_a_job_too_big_for_the_memory_trains_the_same_step_in_smaller_micro_batc
     assert fit_micro_batch(odd, "cpu", 1) == odd, "only even micro-batches split into equal halves"
 
 
+def test_the_plan_fits_the_job_to_this_host_and_checks_and_estimates_what_it_will_run(settings: Any) -> None:
+    from doppel.core.ggufinfo import read_shape
+    from trainer.preflight import estimate_memory, plan_job, require
+
+    shape = read_shape(settings.base_gguf_path())
+    small = _config(settings, micro_batch_size=2, grad_accum=1, max_length=128)
+    plan = plan_job(settings, small, "cpu")
+    assert plan.config == small, "a job that fits is left alone"
+    require(plan.checks)
+    assert plan.mem_bytes == estimate_memory(shape, small, "cpu")
+    # 4096 examples of 8192 tokens a micro-batch cannot fit 24 GiB; the plan splits the step as far as it can.
+    huge = _config(settings, micro_batch_size=4096, grad_accum=1, max_length=8192)
+    fitted = plan_job(settings, huge, "cpu")
+    assert fitted.config.micro_batch_size < 4096
+    assert fitted.config.micro_batch_size * fitted.config.grad_accum == 4096, "the same optimizer step"
+    assert fitted.mem_bytes == estimate_memory(shape, fitted.config, "cpu"), "the estimate of what will run"
+    memory = next(c for c in fitted.checks if c.name == "memory")
+    assert memory.status == "ok" or "max_length (now 8192)" in memory.fix
+    folder = dataclasses.replace(small, base_model=str(settings.home), base_gguf="")
+    assert plan_job(settings, folder, "cpu").mem_bytes is None, "no GGUF shape, no estimate"
+
+
 def test_disk_check_refuses_when_the_floor_is_not_met(settings: Any) -> None:
     from trainer.preflight import disk_check
 
