@@ -22,32 +22,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import gzip
-import hashlib
 import json
 import math
 import os
-import re
 import shutil
-import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from doppel.benchcorpus import BOTS, DATA, GUILD, author_id, choose_panel, load_logs, select_logs, to_exports
+from doppel.benchscore import classifier, comparisons, score
 from doppel.core.errors import UserFacingError
 from doppel.core.settings import Settings
-
-DATA = Path(__file__).parent / "benchdata" / "ubuntu_irc.jsonl.gz"
-# Channel bots answer with canned factoids: never a panel member, never a persona.
-BOTS = frozenset({"ubottu", "ubotu", "ubot5", "ubot2", "ubot3", "ubot4", "ubuntulog", "ubuntu-bot"})
-GUILD = "300000000000000000"
-CHANNEL_BASE = 3_000_000_000_000_000_000
-_ADDRESS = re.compile(r"^([^\s:,]{1,32})[:,]\s")
 
 # The plain PEFT reference recipe of issue 14: r16 all-linear, lr 3e-4, 8 examples a step length-grouped, 120 steps,
 # a nameless system prompt, up to 6 previous turns, own turns as assistant.
@@ -92,110 +81,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 # Fast evaluation inside the job: the harness measures fidelity itself, the job only its perplexity.
 JOB_EVAL = {"eval_fidelity": False, "eval_samples": 0, "eval_max_examples": 48}
-
-
-def load_logs(path: Path = DATA) -> list[dict[str, Any]]:
-    """The shipped logs: one record per log file, lines as [minute of day, nick, text]."""
-    if not path.is_file():
-        raise UserFacingError(f"benchmark data missing: {path}")
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def author_id(nick: str) -> str:
-    """A stable snowflake-sized numeric id for an IRC nick."""
-    return str(10**17 + int(hashlib.sha1(nick.encode()).hexdigest()[:14], 16) % (9 * 10**17))
-
-
-def to_exports(logs: Sequence[Mapping[str, Any]], folder: Path) -> list[Path]:
-    """DiscordChatExporter JSON, one channel per log; "nick: ..." addressing becomes a Discord reply."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k, log in enumerate(logs):
-        channel_id = str(CHANNEL_BASE + k * 10_000_000)
-        day = datetime.fromisoformat(str(log["date"])).replace(tzinfo=UTC)
-        messages: list[dict[str, Any]] = []
-        last_by_nick: dict[str, str] = {}
-        prev_minute, day_offset, in_minute = -1, 0, 0
-        for n, (minute, nick, text) in enumerate(log["lines"]):
-            if minute < prev_minute - 60:
-                day_offset += 1  # the log crossed midnight
-            in_minute = in_minute + 1 if minute == prev_minute else 0
-            prev_minute = minute
-            ts = day + timedelta(days=day_offset, minutes=minute, seconds=min(59, in_minute * 2))
-            msg_id = str(int(channel_id) + n + 1)
-            m = _ADDRESS.match(text)
-            ref = last_by_nick.get(m.group(1)) if m else None
-            messages.append(
-                {
-                    "id": msg_id,
-                    "type": "Reply" if ref else "Default",
-                    "timestamp": ts.isoformat(timespec="milliseconds"),
-                    "timestampEdited": None,
-                    "isPinned": False,
-                    "content": text,
-                    "author": {
-                        "id": author_id(nick),
-                        "name": nick,
-                        "discriminator": "0000",
-                        "nickname": nick,
-                        "isBot": nick in BOTS,
-                        "roles": [],
-                        "avatarUrl": "",
-                    },
-                    "attachments": [],
-                    "embeds": [],
-                    "stickers": [],
-                    "reactions": [],
-                    "mentions": [],
-                    "inlineEmojis": [],
-                    **(
-                        {"reference": {"messageId": ref, "channelId": channel_id, "guildId": GUILD}}
-                        if ref
-                        else {}
-                    ),
-                }
-            )
-            last_by_nick[nick] = msg_id
-        export = {
-            "guild": {"id": GUILD, "name": "Ubuntu IRC", "iconUrl": ""},
-            "channel": {
-                "id": channel_id,
-                "type": "GuildTextChat",
-                "categoryId": "1",
-                "category": "IRC",
-                "name": "ubuntu",
-                "topic": None,
-            },
-            "dateRange": {"after": None, "before": None},
-            "exportedAt": "2026-11-30T00:00:00+00:00",
-            "messages": messages,
-            "messageCount": len(messages),
-        }
-        path = folder / f"ubuntu-{log['log']}.json"
-        path.write_text(json.dumps(export, ensure_ascii=False), encoding="utf-8")
-        paths.append(path)
-    return paths
-
-
-def choose_panel(logs: Sequence[Mapping[str, Any]], size: int, member: str | None = None) -> list[str]:
-    """The member (default: the most active human) and the next most active humans: `size` nicks, member first."""
-    counts = Counter(nick for log in logs for _, nick, _ in log["lines"] if nick not in BOTS)
-    ranked = [n for n, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
-    member = member or ranked[0]
-    if member not in counts:
-        raise UserFacingError(f"{member!r} never speaks in the benchmark data")
-    return [member, *[n for n in ranked if n != member][: size - 1]]
-
-
-def select_logs(
-    logs: Sequence[Mapping[str, Any]], panel: Sequence[str], max_logs: int
-) -> list[dict[str, Any]]:
-    """The logs where the member speaks most (all of them when `max_logs` is 0)."""
-    member = panel[0]
-    scored = [(sum(1 for _, n, _ in log["lines"] if n == member), i) for i, log in enumerate(logs)]
-    keep = sorted(i for c, i in sorted(scored, reverse=True)[: max_logs or len(logs)] if c > 0)
-    return [dict(logs[i]) for i in keep]
 
 
 class _Heldout:
@@ -341,26 +226,6 @@ def cross_perplexity(
     return out
 
 
-def _classifier(logs: Sequence[Mapping[str, Any]], panel: Sequence[str], banned: set[str], seed: int) -> Any:
-    """The fixed judge: hashed char n-grams + linear SVM over the panel's real messages, held-out replies excluded."""
-    import random
-
-    from trainer.attribution import train_authorship
-
-    rows: list[dict[str, Any]] = []
-    norm_banned = {" ".join(b.split()) for b in banned}
-    for nick in panel:
-        texts = [
-            t
-            for log in logs
-            for _, n, t in log["lines"]
-            if n == nick and " ".join(t.split()) not in norm_banned
-        ]
-        rng = random.Random(f"{seed}:{nick}")
-        rows += [{"author_id": author_id(nick), "text": t} for t in rng.sample(texts, min(600, len(texts)))]
-    return train_authorship(rows, seed=seed)
-
-
 async def _train(settings: Settings, member: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     from data.store import Store
     from models.registry import Registry
@@ -454,64 +319,6 @@ async def _replies(
     return out
 
 
-def _style_stats(texts: Sequence[str]) -> dict[str, Any]:
-    """Surface style, to read next to attribution: the assistant voice is long, capitalised and punctuated."""
-    texts = [t for t in texts if t.strip()] or [""]
-    words = [len(t.split()) for t in texts]
-    return {
-        "mean_words": round(statistics.fmean(words), 1),
-        "starts_upper": round(sum(t[:1].isupper() for t in texts) / len(texts), 3),
-        "ends_punct": round(sum(t.rstrip()[-1:] in ".!?" for t in texts) / len(texts), 3),
-        "assistant_phrases": round(sum(bool(_ASSISTANT.search(t)) for t in texts) / len(texts), 3),
-        "empty": sum(1 for t in texts if not t.strip()),
-    }
-
-
-_ASSISTANT = re.compile(
-    r"\b(i'?m (a|an) (chatbot|ai|assistant|language model)|happy to help|i can help|"
-    r"as an ai|how can i (help|assist))\b",
-    re.I,
-)
-
-
-def _score(model: Any, member: str, texts: Sequence[str]) -> dict[str, Any]:
-    """The member's share of `texts`, and which ones (`hits`, one 1/0 per opening, for paired comparisons)."""
-    mid = author_id(member)
-    hits = [p == mid for p in model.predict(texts)]
-    share = sum(hits) / len(hits) if hits else 0.0
-    return {
-        "share": round(share, 3),
-        "n": len(texts),
-        "hits": "".join("1" if h else "0" for h in hits),
-        **_style_stats(texts),
-    }
-
-
-def paired(a: str, b: str) -> dict[str, Any]:
-    """System a's share minus system b's over the same openings, with the paired difference's standard error."""
-    if len(a) != len(b) or not a:
-        raise ValueError("paired comparison needs the same openings on both sides")
-    d = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
-    mean = sum(d) / len(d)
-    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return {"difference": round(mean, 3), "se": round(se, 3), "n": len(d)}
-
-
-def comparisons(systems: Mapping[str, Mapping[str, Any]], reference: str = "plain_peft") -> dict[str, Any]:
-    """Every trained system against the reference recipe, paired over the same openings (adapter and hybrid)."""
-    ref = systems.get(reference)
-    if not ref:
-        return {}
-    out: dict[str, Any] = {}
-    for name, entry in systems.items():
-        if name == reference or "adapter" not in entry:
-            continue
-        out[f"{name} - {reference}"] = {
-            mode: paired(entry[mode]["hits"], ref[mode]["hits"]) for mode in ("adapter", "adapter+retrieval")
-        }
-    return out
-
-
 async def _own_vs_other(
     settings: Settings, panel: Sequence[str], trained: Mapping[str, tuple[str, str, int, str]]
 ) -> dict[str, Any]:
@@ -592,7 +399,7 @@ async def _run(bench: Settings, args: argparse.Namespace) -> dict[str, Any]:
     opening = await _openings(bench, panel[0], n_open)
     pairs = opening["pairs"]
     banned = set(opening["heldout"])
-    judge = _classifier(logs, panel, banned, seed=0)
+    judge = classifier(logs, panel, banned, seed=0)
     chance = 1.0 / len(judge.authors)
     result: dict[str, Any] = {
         "data": {
@@ -613,14 +420,14 @@ async def _run(bench: Settings, args: argparse.Namespace) -> dict[str, Any]:
         "temperature": 0.7,
         "max_tokens": max_tokens,
         "default_style": DEFAULT_STYLE,
-        "ceiling": _score(judge, panel[0], [p["reply"] for p in pairs]),
+        "ceiling": score(judge, panel[0], [p["reply"] for p in pairs]),
         "ceiling_all_heldout": round(judge.share(sorted(banned), author_id(panel[0])), 3),
         "systems": {},
     }
     for mode in ("base", "retrieval"):
         if mode in names or not getattr(args, "configs", ""):
             texts = await _replies(bench, panel[0], mode, None, pairs, banned, max_tokens)
-            result["systems"][mode] = {**_score(judge, panel[0], texts), "samples": texts[:4]}
+            result["systems"][mode] = {**score(judge, panel[0], texts), "samples": texts[:4]}
             say(f"{mode}: {json.dumps(result['systems'][mode])}")
     trained_folders: dict[str, tuple[str, str, int, str]] = {}
     for name in names:
@@ -651,7 +458,7 @@ async def _run(bench: Settings, args: argparse.Namespace) -> dict[str, Any]:
         # Served as the product serves it: the engine reads the adapter's trained prompt style from its meta.json.
         for mode in ("adapter", "adapter+retrieval"):
             texts = await _replies(bench, panel[0], mode, trained["adapter"], pairs, banned, max_tokens)
-            entry[mode] = {**_score(judge, panel[0], texts), "samples": texts[:4]}
+            entry[mode] = {**score(judge, panel[0], texts), "samples": texts[:4]}
         result["systems"][name] = entry
         trained_folders[name] = (
             trained["folder"],

@@ -14,49 +14,6 @@ from doppel import benchfidelity as bf
 from doppel.core.chatformat import DEFAULT_STYLE, STYLES, Utterance, build_messages
 
 
-def test_the_shipped_corpus_is_real_multi_speaker_chat_with_active_members() -> None:
-    logs = bf.load_logs()
-    assert len(logs) > 100
-    panel = bf.choose_panel(logs, 5)
-    assert len(panel) == 5 and not set(panel) & bf.BOTS
-    counts = {n: sum(1 for log in logs for _, nick, _ in log["lines"] if nick == n) for n in panel}
-    assert min(counts.values()) >= 400, (
-        counts
-    )  # enough real messages per author for a persona and a classifier
-    assert counts[panel[0]] == max(counts.values())
-
-
-def test_exports_turn_addressing_into_replies_and_import_into_a_store(tmp_path: Path, settings: Any) -> None:
-    logs = [
-        {
-            "log": "x",
-            "date": "2008-01-02",
-            "lines": [
-                [600, "alice", "anyone know how to mount an iso?"],
-                [601, "bob", "alice: sudo mount -o loop file.iso /mnt"],
-                [601, "alice", "thanks bob"],
-                [2, "bob", "after midnight"],
-            ],
-        }
-    ]
-    [path] = bf.to_exports(logs, tmp_path / "exports")
-    msgs = json.loads(path.read_text())["messages"]
-    assert msgs[1]["reference"]["messageId"] == msgs[0]["id"] and "reference" not in msgs[0]
-    assert msgs[1]["timestamp"] < msgs[2]["timestamp"] < msgs[3]["timestamp"], "order kept, midnight crossed"
-    assert msgs[0]["author"]["id"] == bf.author_id("alice") != bf.author_id("bob")
-    prep = asyncio.run(bf._prepare(settings, ["alice", "bob"], logs))
-    assert prep == {"authors": 2, "stored": 4, "read": 4}
-
-
-def test_select_logs_keeps_those_where_the_member_speaks_most() -> None:
-    logs = [
-        {"log": str(i), "date": "2008-01-02", "lines": [[0, "m", "hi"]] * i + [[0, "o", "x"]]}
-        for i in range(4)
-    ]
-    assert [log["log"] for log in bf.select_logs(logs, ["m"], 2)] == ["2", "3"]
-    assert len(bf.select_logs(logs, ["m"], 0)) == 3  # the one without the member is never needed
-
-
 def test_the_retrieval_persona_never_sees_a_heldout_reply() -> None:
     class Inner:
         async def examples(self, member_id: str, context: Any, k: int) -> list[str]:
@@ -122,25 +79,6 @@ def test_steps_follow_the_data_within_the_preset_bounds(tmp_path: Path) -> None:
     assert TrainConfig.from_json(job / "config.json").max_steps == 0, "resolved by the recipe, from the data"
     assert set(PRESETS) == {"quick", "good", "best"}
     assert all(p["token_budget"] > 0 for p in PRESETS.values()), "every preset bounds its time"
-
-
-def test_systems_are_compared_with_the_reference_over_the_same_openings() -> None:
-    same = bf.paired("1100", "1100")
-    assert same == {"difference": 0.0, "se": 0.0, "n": 4}
-    better = bf.paired("1110", "0100")
-    assert better["difference"] == 0.5 and better["se"] == pytest.approx(0.289, abs=1e-3)
-    with pytest.raises(ValueError, match="same openings"):
-        bf.paired("11", "110")
-    systems = {
-        "base": {"share": 0.0, "hits": "0000"},
-        "plain_peft": {"adapter": {"hits": "1100"}, "adapter+retrieval": {"hits": "1111"}},
-        "defaults": {"adapter": {"hits": "1000"}, "adapter+retrieval": {"hits": "1111"}},
-    }
-    got = bf.comparisons(systems)
-    assert list(got) == ["defaults - plain_peft"]
-    assert got["defaults - plain_peft"]["adapter"]["difference"] == -0.25
-    assert got["defaults - plain_peft"]["adapter+retrieval"]["difference"] == 0.0
-    assert bf.comparisons({"defaults": systems["defaults"]}) == {}, "no reference, no comparison"
 
 
 def test_a_steps_scale_scales_what_the_trainer_resolves(settings: Any) -> None:
