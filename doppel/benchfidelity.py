@@ -75,9 +75,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "names_prompt": {"prompt_style": "plain+names"},
     # The defaults trained the way the hybrid persona is served: 4 of the member's replies shown in every prompt.
     "defaults_shots": {"example_shots": 4},
-    # The defaults taking twice the step size: the adapters still start replies upper-case 4-5x as often as the
-    # member does after the budget's steps, so a larger step may learn the style within the same compute.
-    "defaults_lr6e-4": {"learning_rate": 6e-4},
+    # The defaults at the reference's learning rate (the default until run F, which chose 6e-4: under the
+    # budget's steps the adapter underfits, and twice the step learned more within the same compute).
+    "defaults_lr3e-4": {"learning_rate": 3e-4},
 }
 # Fast evaluation inside the job: the harness measures fidelity itself, the job only its perplexity.
 JOB_EVAL = {"eval_fidelity": False, "eval_samples": 0, "eval_max_examples": 48}

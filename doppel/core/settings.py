@@ -85,11 +85,12 @@ class TrainingSettings:
     preset: str = ""  # "": trainer/config.py DEFAULT_PRESET; quick, good or best (PRESETS)
     prompt_style: str = ""  # "": doppel/core/chatformat.py DEFAULT_STYLE; persona, plain or plain+names
     max_steps: int = 0  # 0: steps derived from the member's data by the preset (trainer/config.py PRESETS)
-    epochs: float = 1.0
-    lora_r: int = 16
-    lora_alpha: int = 32
+    # 0: the preset's value (trainer/config.py PRESETS); any other value an operator sets wins over every preset.
+    epochs: float = 0.0
+    lora_r: int = 0
+    lora_alpha: int = 0
     lora_dropout: float = 0.05
-    learning_rate: float = 3e-4
+    learning_rate: float = 0.0
     min_free_disk_mb: int = 1024
     min_examples: int = 20
 

@@ -114,6 +114,14 @@ def test_presets_apply_unless_the_operator_changed_a_setting(settings: Any) -> N
     )
     chosen = TrainConfig.from_settings(server, base_model="m.gguf")
     assert chosen.preset == "best" and chosen.prompt_style == "plain+names"
+    assert (chosen.lora_r, chosen.learning_rate) == (
+        PRESETS["best"]["lora_r"],
+        PRESETS["best"]["learning_rate"],
+    )
+    # A value the operator set wins even where it equals another preset's (the good preset's rank under best).
+    pinned = dataclasses.replace(server, training=dataclasses.replace(server.training, lora_r=16, epochs=1.0))
+    assert (TrainConfig.from_settings(pinned, base_model="m.gguf").lora_r, chosen.lora_r) == (16, 32)
+    assert TrainConfig.from_settings(pinned, base_model="m.gguf").epochs == 1.0 != chosen.epochs
     assert TrainConfig.from_settings(server, base_model="m.gguf", preset="quick").preset == "quick"
     broken = dataclasses.replace(
         settings, training=dataclasses.replace(settings.training, prompt_style="fancy")

@@ -126,13 +126,22 @@ def test_train_config_round_trips_and_rejects_bad_fields(tmp_path: Path) -> None
 
 
 def test_config_from_settings_takes_training_defaults(settings: Any) -> None:
-    from trainer.config import TrainConfig
+    import dataclasses
+
+    from trainer.config import DEFAULT_PRESET, PRESETS, TrainConfig
 
     cfg = TrainConfig.from_settings(settings, member_id="42", base_model="/m.gguf", max_steps=5)
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.max_steps, cfg.member_id) == (
-        settings.training.lora_r,
-        settings.training.lora_alpha,
+    preset = PRESETS[DEFAULT_PRESET]
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.learning_rate, cfg.max_steps, cfg.member_id) == (
+        preset["lora_r"],
+        preset["lora_alpha"],
+        preset["learning_rate"],
         5,
         "42",
+    ), "settings left at 0 take the preset's recipe"
+    ranked = dataclasses.replace(
+        settings, training=dataclasses.replace(settings.training, lora_r=8, lora_alpha=8)
     )
+    mine = TrainConfig.from_settings(ranked, member_id="42", base_model="/m.gguf")
+    assert (mine.lora_r, mine.lora_alpha) == (8, 8), "an operator's [training] values win"
     assert cfg.base_cache_dir == str(settings.cache_dir / "base-models")
