@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from doppel import dceformat as dce
 from doppel.core.errors import UserFacingError
 
 DATA = Path(__file__).parent / "benchdata" / "ubuntu_irc.jsonl.gz"
@@ -54,52 +55,14 @@ def to_exports(logs: Sequence[Mapping[str, Any]], folder: Path) -> list[Path]:
             msg_id = str(int(channel_id) + n + 1)
             m = _ADDRESS.match(text)
             ref = last_by_nick.get(m.group(1)) if m else None
-            messages.append(
-                {
-                    "id": msg_id,
-                    "type": "Reply" if ref else "Default",
-                    "timestamp": ts.isoformat(timespec="milliseconds"),
-                    "timestampEdited": None,
-                    "isPinned": False,
-                    "content": text,
-                    "author": {
-                        "id": author_id(nick),
-                        "name": nick,
-                        "discriminator": "0000",
-                        "nickname": nick,
-                        "isBot": nick in BOTS,
-                        "roles": [],
-                        "avatarUrl": "",
-                    },
-                    "attachments": [],
-                    "embeds": [],
-                    "stickers": [],
-                    "reactions": [],
-                    "mentions": [],
-                    "inlineEmojis": [],
-                    **(
-                        {"reference": {"messageId": ref, "channelId": channel_id, "guildId": GUILD}}
-                        if ref
-                        else {}
-                    ),
-                }
-            )
+            by = dce.author(author_id(nick), nick, is_bot=nick in BOTS)
+            reply_to = (ref, channel_id, GUILD) if ref else None
+            messages.append(dce.message(msg_id, ts, text, by, reply_to=reply_to))
             last_by_nick[nick] = msg_id
-        export = {
-            "guild": {"id": GUILD, "name": "Ubuntu IRC", "iconUrl": ""},
-            "channel": {
-                "id": channel_id,
-                "type": "GuildTextChat",
-                "categoryId": "1",
-                "category": "IRC",
-                "name": "ubuntu",
-                "topic": None,
-            },
-            "dateRange": {"after": None, "before": None},
-            "exportedAt": "2026-11-30T00:00:00+00:00",
-            "messages": messages,
-            "messageCount": len(messages),
-        }
+        head = dce.header(
+            GUILD, "Ubuntu IRC", channel_id, "ubuntu", "IRC", datetime(2026, 11, 30, tzinfo=UTC)
+        )
+        export = dce.export(head, messages)
         path = folder / f"ubuntu-{log['log']}.json"
         path.write_text(json.dumps(export, ensure_ascii=False), encoding="utf-8")
         paths.append(path)

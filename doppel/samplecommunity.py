@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from doppel import dceformat as dce
+
 TOPICS = [
     "the raid tonight",
     "pizza",
@@ -120,16 +122,7 @@ BOT_ID = "100000000000000099"
 
 
 def _author(m: SampleMember) -> dict[str, Any]:
-    return {
-        "id": m.id,
-        "name": m.name,
-        "discriminator": "0000",
-        "nickname": m.nickname,
-        "color": None,
-        "isBot": False,
-        "roles": [],
-        "avatarUrl": "https://cdn.discordapp.com/embed/avatars/0.png",
-    }
+    return dce.author(m.id, m.name, m.nickname, avatar_url="https://cdn.discordapp.com/embed/avatars/0.png")
 
 
 def generate_export(channel_name: str, channel_id: str, n_messages: int, seed: int) -> dict[str, Any]:
@@ -153,94 +146,33 @@ def generate_export(channel_name: str, channel_id: str, n_messages: int, seed: i
             msg_id = str(next_id)
             next_id += 1
             reply = rng.random() < 0.25 and last_id is not None
+            content = m.style(rng, topic)
+            reactions = [dce.reaction("😂", "joy", rng.randint(1, 4))] if rng.random() < 0.2 else []
             messages.append(
-                {
-                    "id": msg_id,
-                    "type": "Reply" if reply else "Default",
-                    "timestamp": t.isoformat(timespec="milliseconds"),
-                    "timestampEdited": None,
-                    "callEndedTimestamp": None,
-                    "isPinned": False,
-                    "content": m.style(rng, topic),
-                    "author": _author(m),
-                    "attachments": [],
-                    "embeds": [],
-                    "stickers": [],
-                    "reactions": (
-                        [
-                            {
-                                "emoji": {
-                                    "id": "",
-                                    "name": "😂",
-                                    "code": "joy",
-                                    "isAnimated": False,
-                                    "imageUrl": "",
-                                },
-                                "count": rng.randint(1, 4),
-                            }
-                        ]
-                        if rng.random() < 0.2
-                        else []
-                    ),
-                    "mentions": [],
-                    "inlineEmojis": [],
-                    **(
-                        {
-                            "reference": {
-                                "messageId": last_id,
-                                "channelId": channel_id,
-                                "guildId": "100000000000000000",
-                            }
-                        }
-                        if reply
-                        else {}
-                    ),
-                }
+                dce.message(
+                    msg_id,
+                    t,
+                    content,
+                    _author(m),
+                    reply_to=(last_id, channel_id, GUILD_ID) if reply and last_id else None,
+                    reactions=reactions,
+                )
             )
             last_id = msg_id
         if rng.random() < 0.05:
             t += timedelta(seconds=5)
-            messages.append(
-                {
-                    "id": str(next_id),
-                    "type": "Default",
-                    "timestamp": t.isoformat(timespec="milliseconds"),
-                    "timestampEdited": None,
-                    "isPinned": False,
-                    "content": "Reminder: server event on Friday!",
-                    "author": {
-                        "id": BOT_ID,
-                        "name": "EventBot",
-                        "discriminator": "0000",
-                        "nickname": "EventBot",
-                        "isBot": True,
-                        "roles": [],
-                        "avatarUrl": "",
-                    },
-                    "attachments": [],
-                    "embeds": [],
-                    "stickers": [],
-                    "reactions": [],
-                    "mentions": [],
-                    "inlineEmojis": [],
-                }
-            )
+            bot = dce.author(BOT_ID, "EventBot", is_bot=True)
+            messages.append(dce.message(str(next_id), t, "Reminder: server event on Friday!", bot))
             next_id += 1
-    return {
-        "guild": {"id": "100000000000000000", "name": "Doppel Demo Server", "iconUrl": ""},
-        "channel": {
-            "id": channel_id,
-            "type": "GuildTextChat",
-            "categoryId": "1",
-            "category": "Text Channels",
-            "name": channel_name,
-            "topic": None,
-        },
-        "dateRange": {"after": None, "before": None},
-        "exportedAt": datetime(2026, 11, 1, tzinfo=UTC).isoformat(),
-        "messages": messages,
-        "messageCount": len(messages),
-    }
+    head = dce.header(
+        GUILD_ID,
+        "Doppel Demo Server",
+        channel_id,
+        channel_name,
+        "Text Channels",
+        datetime(2026, 11, 1, tzinfo=UTC),
+    )
+    return dce.export(head, messages)
 
 
 def write_community(folder: Path, n_messages: int = 3000, seed: int = 7) -> list[Path]:
@@ -381,19 +313,14 @@ def write_large_community(
         last_id: str | None = None
         t = t0
         with tmp.open("w", encoding="utf-8") as fh:
-            header = {
-                "guild": {"id": GUILD_ID, "name": "Doppel Scale Server", "iconUrl": ""},
-                "channel": {
-                    "id": channel_id,
-                    "type": "GuildTextChat",
-                    "categoryId": "1",
-                    "category": "Text Channels",
-                    "name": name,
-                    "topic": None,
-                },
-                "dateRange": {"after": None, "before": None},
-                "exportedAt": datetime(2026, 11, 1, tzinfo=UTC).isoformat(),
-            }
+            header = dce.header(
+                GUILD_ID,
+                "Doppel Scale Server",
+                channel_id,
+                name,
+                "Text Channels",
+                datetime(2026, 11, 1, tzinfo=UTC),
+            )
             fh.write(json.dumps(header, ensure_ascii=False)[:-1] + ', "messages": [\n')
             while written < per_channel:
                 topic = rng.choice(TOPICS)
@@ -413,49 +340,16 @@ def write_large_community(
                     msg_id = str(next_id)
                     next_id += 1
                     reply = rng.random() < 0.2 and last_id is not None
-                    msg: dict[str, Any] = {
-                        "id": msg_id,
-                        "type": "Reply" if reply else "Default",
-                        "timestamp": t.isoformat(timespec="milliseconds"),
-                        "timestampEdited": None,
-                        "isPinned": False,
-                        "content": m.say(rng, topic),
-                        "author": {
-                            "id": m.id,
-                            "name": m.name,
-                            "discriminator": "0000",
-                            "nickname": m.nickname,
-                            "isBot": False,
-                            "roles": [],
-                            "avatarUrl": "",
-                        },
-                        "attachments": [],
-                        "embeds": [],
-                        "stickers": [],
-                        "reactions": (
-                            [
-                                {
-                                    "emoji": {
-                                        "id": "",
-                                        "name": "😂",
-                                        "code": "joy",
-                                        "isAnimated": False,
-                                        "imageUrl": "",
-                                    },
-                                    "count": rng.randint(1, 4),
-                                }
-                            ]
-                            if rng.random() < 0.15
-                            else []
-                        ),
-                        "mentions": [],
-                    }
-                    if reply:
-                        msg["reference"] = {
-                            "messageId": last_id,
-                            "channelId": channel_id,
-                            "guildId": GUILD_ID,
-                        }
+                    content = m.say(rng, topic)
+                    reactions = [dce.reaction("😂", "joy", rng.randint(1, 4))] if rng.random() < 0.15 else []
+                    msg = dce.message(
+                        msg_id,
+                        t,
+                        content,
+                        dce.author(m.id, m.name, m.nickname),
+                        reply_to=(last_id, channel_id, GUILD_ID) if reply and last_id else None,
+                        reactions=reactions,
+                    )
                     fh.write(("," if written else "") + json.dumps(msg, ensure_ascii=False) + "\n")
                     counts[m.id] = counts.get(m.id, 0) + 1
                     written += 1

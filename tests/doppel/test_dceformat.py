@@ -1,0 +1,71 @@
+"""Built exports: the shape DiscordChatExporter writes, and they import with replies and reactions kept."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from consent.service import ConsentService
+from data.dce_import import import_exports
+from data.records import Message
+from data.store import Store
+from doppel import dceformat as dce
+from doppel.core.settings import Settings
+
+GUILD, CHANNEL, ALICE, BOB, BOT = (
+    "900000000000000000",
+    "900000000000000001",
+    "900000000000000002",
+    "900000000000000003",
+    "900000000000000004",
+)
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def _export() -> dict:
+    first = dce.message("910000000000000001", T0, "anyone around?", dce.author(ALICE, "alice"))
+    reply = dce.message(
+        "910000000000000002",
+        T0 + timedelta(seconds=30),
+        "yep",
+        dce.author(BOB, "bob", "Bobby"),
+        reply_to=(first["id"], CHANNEL, GUILD),
+        reactions=[dce.reaction("😂", "joy", 2)],
+    )
+    bot = dce.message(
+        "910000000000000003", T0 + timedelta(minutes=1), "beep", dce.author(BOT, "bot", is_bot=True)
+    )
+    head = dce.header(GUILD, "Guild", CHANNEL, "general", "Text Channels", T0)
+    return dce.export(head, [first, reply, bot])
+
+
+def test_built_exports_have_every_field_a_real_export_has(dce_dir: Path) -> None:
+    real = json.loads(
+        (dce_dir / "dcef-Example_guild_-_Text_Channels_-_general__1012224565567721552_.json").read_text()
+    )
+    built = _export()
+    assert set(real) <= set(built)
+    assert set(real["channel"]) <= set(built["channel"])
+    assert set(real["messages"][0]) <= set(built["messages"][0])
+    assert set(real["messages"][0]["author"]) <= set(built["messages"][0]["author"])
+    assert built["messages"][1]["type"] == "Reply" and built["messages"][0]["type"] == "Default"
+    assert built["messageCount"] == 3
+
+
+def test_built_exports_import_with_the_reply_and_reaction_kept(settings: Settings, tmp_path: Path) -> None:
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(_export(), ensure_ascii=False), encoding="utf-8")
+
+    async def scenario() -> tuple[dict, Message | None]:
+        async with Store.open(settings) as store:
+            await ConsentService(store).grant([ALICE, BOB], ["train"], actor="test", channel="cli")
+            total = (await import_exports(store, [path]))["total"]
+            return total, await store.messages.get("910000000000000002")
+
+    total, reply = asyncio.run(scenario())
+    assert total["stored"] == 2 and total["skipped"].get("bot") == 1
+    assert reply is not None
+    assert (reply.reply_to, reply.reactions, reply.content) == ("910000000000000001", {"😂": 2}, "yep")
+    assert reply.created_at == (T0 + timedelta(seconds=30)).timestamp()
