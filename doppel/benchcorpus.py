@@ -36,6 +36,11 @@ def author_id(nick: str) -> str:
     return str(10**17 + int(hashlib.sha1(nick.encode()).hexdigest()[:14], 16) % (9 * 10**17))
 
 
+def same_text(text: str) -> str:
+    """A message as the held-out check compares it: whitespace runs folded, so a retrieved or sampled copy matches."""
+    return " ".join(text.split())
+
+
 def to_exports(logs: Sequence[Mapping[str, Any]], folder: Path) -> list[Path]:
     """DiscordChatExporter JSON, one channel per log; "nick: ..." addressing becomes a Discord reply."""
     folder.mkdir(parents=True, exist_ok=True)

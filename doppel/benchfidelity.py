@@ -33,7 +33,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from doppel.benchcorpus import BOTS, DATA, GUILD, author_id, choose_panel, load_logs, select_logs, to_exports
+from doppel.benchcorpus import (
+    BOTS,
+    DATA,
+    GUILD,
+    author_id,
+    choose_panel,
+    load_logs,
+    same_text,
+    select_logs,
+    to_exports,
+)
 from doppel.benchscore import classifier, comparisons, score
 from doppel.core.errors import UserFacingError
 from doppel.core.settings import Settings
@@ -88,11 +98,11 @@ class _Heldout:
 
     def __init__(self, inner: Any, banned: set[str]) -> None:
         self.inner = inner
-        self.banned = {" ".join(b.split()) for b in banned}
+        self.banned = {same_text(b) for b in banned}
 
     async def examples(self, member_id: str, context: Sequence[Any], k: int) -> list[str]:
         got = await self.inner.examples(member_id, context, k + 8)
-        return [e for e in got if " ".join(e.split()) not in self.banned][:k]
+        return [e for e in got if same_text(e) not in self.banned][:k]
 
     def forget(self, member_id: str) -> None:
         self.inner.forget(member_id)

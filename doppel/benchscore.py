@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from doppel.benchcorpus import author_id
+from doppel.benchcorpus import author_id, same_text
 
 
 def classifier(logs: Sequence[Mapping[str, Any]], panel: Sequence[str], banned: set[str], seed: int) -> Any:
@@ -17,13 +17,10 @@ def classifier(logs: Sequence[Mapping[str, Any]], panel: Sequence[str], banned: 
     from trainer.attribution import train_authorship
 
     rows: list[dict[str, Any]] = []
-    norm_banned = {" ".join(b.split()) for b in banned}
+    norm_banned = {same_text(b) for b in banned}
     for nick in panel:
         texts = [
-            t
-            for log in logs
-            for _, n, t in log["lines"]
-            if n == nick and " ".join(t.split()) not in norm_banned
+            t for log in logs for _, n, t in log["lines"] if n == nick and same_text(t) not in norm_banned
         ]
         rng = random.Random(f"{seed}:{nick}")
         rows += [{"author_id": author_id(nick), "text": t} for t in rng.sample(texts, min(600, len(texts)))]
