@@ -7,12 +7,17 @@ import random
 import re
 import statistics
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from doppel.benchcorpus import author_id, same_text
 
+if TYPE_CHECKING:
+    from trainer.attribution import AuthorshipModel
 
-def classifier(logs: Sequence[Mapping[str, Any]], panel: Sequence[str], banned: set[str], seed: int) -> Any:
+
+def classifier(
+    logs: Sequence[Mapping[str, Any]], panel: Sequence[str], banned: set[str], seed: int
+) -> AuthorshipModel:
     """The fixed judge: hashed char n-grams + linear SVM over the panel's real messages, held-out replies excluded."""
     from trainer.attribution import train_authorship
 
@@ -47,7 +52,7 @@ _ASSISTANT = re.compile(
 )
 
 
-def score(model: Any, member: str, texts: Sequence[str]) -> dict[str, Any]:
+def score(model: AuthorshipModel, member: str, texts: Sequence[str]) -> dict[str, Any]:
     """The member's share of `texts`, and which ones (`hits`, one 1/0 per opening, for paired comparisons)."""
     mid = author_id(member)
     hits = [p == mid for p in model.predict(texts)]
