@@ -131,18 +131,39 @@ class Store:
         """One write transaction at a time on this connection; rolled back whole on any error."""
         async with self._write_lock:
             self.created_keys.clear()
-            await self.db.execute("BEGIN IMMEDIATE")
             try:
+                await self._settle("BEGIN IMMEDIATE")
                 yield self.db
-                await self.db.execute("COMMIT")
+                await self._settle("COMMIT")
             except BaseException:
                 if self.db.in_transaction:
-                    await self.db.execute("ROLLBACK")
+                    await self._settle("ROLLBACK")
                 for member_id in self.created_keys:
                     self.keyring.evict(member_id)
                 raise
             finally:
                 self.created_keys.clear()
+
+    async def _settle(self, sql: str) -> None:
+        """Run a transaction boundary to its end even if the caller is cancelled meanwhile, then re-raise that."""
+
+        # aiosqlite's worker thread runs a statement whether or not its awaiter is still there: a task cancelled while
+        # BEGIN waits (a heartbeat stopped as its job ends) would otherwise leave the shared connection inside a
+        # transaction nobody closes, and every later write fails "cannot start a transaction within a transaction".
+        async def statement() -> None:
+            await self.db.execute(sql)
+
+        task = asyncio.ensure_future(statement())
+        cancelled = False
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            task.exception()  # retrieved here: the cancellation, not the statement's own error, is what propagates
+            raise asyncio.CancelledError
+        task.result()
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row | tuple[Any, ...]]:
         """All rows of a query."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -185,5 +186,67 @@ def test_failed_write_rolls_back_and_forgets_new_key(settings: Settings) -> None
             assert store.keyring.cached(ALICE) is None
             assert await store.messages.add_many([msg("1", ALICE, "ok")]) == 1
             assert (await store.messages.get("1")).content == "ok"
+
+    asyncio.run(go())
+
+
+def test_a_write_cancelled_while_begin_waits_leaves_no_open_transaction(settings: Settings) -> None:
+    # A job's heartbeat is cancelled whenever its trainer ends; if that lands while its BEGIN waits for the file lock,
+    # the statement still runs in aiosqlite's thread, and the connection must not be left inside that transaction.
+    async def go() -> None:
+        async with Store.open(settings) as store:
+            async with store.write() as db:
+                await db.execute("CREATE TABLE scratch (x INTEGER)")
+            other = sqlite3.connect(settings.db_path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # another process holds the write lock: our BEGIN waits
+
+            async def heartbeat() -> None:
+                async with store.write() as db:
+                    await db.execute("INSERT INTO scratch VALUES (1)")
+
+            task = asyncio.create_task(heartbeat())
+            await asyncio.sleep(0.3)
+            task.cancel()
+            await asyncio.sleep(0.1)
+            other.execute("COMMIT")
+            other.close()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not store.db.in_transaction
+            async with store.write() as db:
+                await db.execute("INSERT INTO scratch VALUES (2)")
+            assert [r[0] for r in await store.fetchall("SELECT x FROM scratch")] == [2]
+
+    asyncio.run(go())
+
+
+def test_writes_cancelled_at_any_point_are_whole_or_absent(settings: Settings) -> None:
+    async def go() -> None:
+        async with Store.open(settings) as store:
+            async with store.write() as db:
+                await db.execute("CREATE TABLE scratch (x INTEGER, y INTEGER)")
+
+            async def pair(n: int) -> None:
+                async with store.write() as db:
+                    await db.execute("INSERT INTO scratch VALUES (?, 1)", (n,))
+                    await db.execute("INSERT INTO scratch VALUES (?, 2)", (n,))
+
+            outcomes = set()
+            for n in range(60):
+                task = asyncio.create_task(pair(n))
+                for _ in range(n % 15):  # cancel at successive points: before BEGIN, in it, the body, COMMIT
+                    await asyncio.sleep(0)
+                task.cancel()
+                try:
+                    await task
+                    outcomes.add("done")
+                except asyncio.CancelledError:
+                    outcomes.add("cancelled")
+                assert not store.db.in_transaction, f"cancelled after {n % 15} loop steps"
+            rows = await store.fetchall("SELECT x, COUNT(*) FROM scratch GROUP BY x")
+            assert all(count == 2 for _, count in rows), "a cancelled write is rolled back whole"
+            assert "cancelled" in outcomes
+            async with store.write() as db:
+                await db.execute("INSERT INTO scratch VALUES (99, 1)")
 
     asyncio.run(go())
