@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -93,7 +94,19 @@ class JobRunner:
                 job, JobStatus.FAILED, f"supervisor error: {type(exc).__name__}: {exc}", "not started"
             )
             return
-        await self._conclude(job, outcome)
+        try:
+            await self._conclude(job, outcome)
+        except Exception as exc:
+            # The trainer ran; what failed is ours (publishing, the store). The job must still end, or every
+            # waiter (the bot's progress post, `doppel train`) follows a job that stays "running" forever.
+            error_id = uuid.uuid4().hex[:8]
+            log.exception("job %s: concluding failed (error id %s)", job.id, error_id)
+            await self._finish(
+                job,
+                JobStatus.FAILED,
+                f"the supervisor failed after training (error id {error_id} in its log): {type(exc).__name__}: {exc}",
+                outcome.describe,
+            )
 
     async def _prepare(self, job: Job, job_dir: Path) -> bool:
         """Write config.json and the dataset (parent side); True when the trainer should resume a checkpoint."""

@@ -382,6 +382,19 @@ class Supervisor:
 
         try:
             await JobRunner(self, job_id).run()
+        except Exception:
+            # Last resort (the runner ends its job itself): a crashed follower must not leave it "running".
+            log.exception("following job %s failed", job_id)
+            with contextlib.suppress(Exception):
+                if await self.jobs.transition(
+                    job_id,
+                    (JobStatus.RUNNING,),
+                    JobStatus.FAILED,
+                    error="the supervisor lost track of this job; see its log",
+                    finished_at=time.time(),
+                ):
+                    # The folder holds the member's plaintext dataset: a failed job keeps none of it.
+                    shutil.rmtree((await self._get(job_id)).job_dir, ignore_errors=True)
         finally:
             self._tasks.pop(job_id, None)
             self._runs.pop(job_id, None)

@@ -92,6 +92,39 @@ async def test_sigkill_of_the_trainer_fails_the_job_and_cleans_up(doppel_home: P
 
 
 @fx.run_async
+async def test_a_failure_after_training_ends_the_job_instead_of_leaving_it_running(
+    doppel_home: Path, tiny_model: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = _settings(doppel_home)
+    await fx.seed_member(settings)
+    # Not a user-facing error: publishing cannot create the member's adapter folder (a file sits at that path).
+    settings.adapters_dir.mkdir(parents=True, exist_ok=True)
+    (settings.adapters_dir / fx.PERSONA_ID).write_text("in the way")
+    store, sup = await _open(settings)
+    try:
+        job = await sup.submit(fx.PERSONA_ID, requested_by="admin", **fx.tiny_overrides(tiny_model))
+        done = await sup.wait(job.id)
+        assert done.status.value == "failed"
+        assert done.error.startswith("the supervisor failed after training (error id "), done.error
+        assert "FileExistsError" in done.error and done.finished_at
+        error_id = done.error.split("error id ")[1][:8]
+        assert any(error_id in r.getMessage() and r.exc_info for r in caplog.records), (
+            "the log has the traceback"
+        )
+        assert done.adapter_id is None and not Path(job.job_dir).exists()
+        # The store is still usable: the next job is accepted and recorded.
+        (settings.adapters_dir / fx.PERSONA_ID).unlink()
+        again = await sup.wait(
+            (await sup.submit(fx.PERSONA_ID, requested_by="admin", **fx.tiny_overrides(tiny_model))).id
+        )
+        assert again.status.value == "succeeded", (again.error, again.exit_detail)
+    finally:
+        await sup.close()
+        await store.close()
+    assert fx.integrity(settings) == "ok"
+
+
+@fx.run_async
 async def test_cancel_queue_and_one_job_per_member(doppel_home: Path, tiny_model: Any) -> None:
     from trainer.errors import JobConflictError
 
