@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -384,13 +385,14 @@ class Supervisor:
             await JobRunner(self, job_id).run()
         except Exception:
             # Last resort (the runner ends its job itself): a crashed follower must not leave it "running".
-            log.exception("following job %s failed", job_id)
+            error_id = uuid.uuid4().hex[:8]
+            log.exception("following job %s failed (error id %s)", job_id, error_id)
             with contextlib.suppress(Exception):
                 if await self.jobs.transition(
                     job_id,
                     (JobStatus.RUNNING,),
                     JobStatus.FAILED,
-                    error="the supervisor lost track of this job; see its log",
+                    error=f"the supervisor lost track of this job (error id {error_id} in its log)",
                     finished_at=time.time(),
                 ):
                     # The folder holds the member's plaintext dataset: a failed job keeps none of it.
