@@ -168,3 +168,24 @@ def test_stop_trainer_leaves_a_pid_alone_unless_it_runs_the_jobs_folder(
         for proc in (stranger, trainer):
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_stop_trainer_recognises_a_trainer_the_moment_it_starts(settings: Any, tmp_path: Path) -> None:
+    """Erasure can race a job start: a child still inside exec reads an empty command line, which means "not yet"."""
+    from trainer.executors import stop_trainer
+    from trainer.jobs import Job
+
+    job_dir = tmp_path / "jobs" / "j2"
+    for _ in range(10):
+        trainer = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(30)", str(job_dir)], start_new_session=True
+        )
+        try:
+            job = Job(
+                id="j2", member_id="1", requested_by="t", source="cli", job_dir=str(job_dir), pid=trainer.pid
+            )
+            assert asyncio.run(stop_trainer(job, settings)) is True
+            assert trainer.wait(timeout=10) == -signal.SIGTERM
+        finally:
+            if trainer.poll() is None:
+                trainer.kill()

@@ -65,13 +65,9 @@ async def stop_trainer(job: Job, settings: Settings) -> bool:
             await RayExecutor(settings).stop(job.executor_ref)
             return True
         return False
-    if job.pid is None or not alive(job.pid):
+    if job.pid is None or not job.job_dir or not alive(job.pid):
         return False
-    try:
-        cmdline = " ".join(psutil.Process(job.pid).cmdline())
-    except psutil.Error:
-        return False
-    if not job.job_dir or job.job_dir not in cmdline:  # the pid was reused by an unrelated process
+    if job.job_dir not in await _cmdline(job.pid):  # the pid was reused by an unrelated process
         return False
     signal_trainer(job.pid, signal.SIGTERM)
     deadline = time.monotonic() + settings.training.cancel_grace_s
@@ -84,6 +80,21 @@ async def stop_trainer(job: Job, settings: Settings) -> bool:
         while alive(job.pid) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
     return True
+
+
+async def _cmdline(pid: int, settle_s: float = 2.0) -> str:
+    """A live process's command line; waits while it reads empty, as it does while the process is still in exec."""
+    # A trainer started a moment ago by another process (erasure can race a job start) may be caught between the
+    # kernel releasing its parent and writing its arguments: an empty line then means "not yet", not "a stranger".
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            cmdline = " ".join(psutil.Process(pid).cmdline())
+        except psutil.Error:
+            return ""
+        if cmdline or time.monotonic() >= deadline:
+            return cmdline
+        await asyncio.sleep(0.02)
 
 
 def make_executor(kind: str, settings: object) -> Executor:
