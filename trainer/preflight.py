@@ -47,6 +47,7 @@ class Device:
     total_bytes: int
     free_bytes: int
     label: str = ""
+    freed_bytes: int = 0  # of free_bytes, what running jobs hold now and release before the job's turn
 
 
 def gpus() -> list[Device]:
@@ -93,6 +94,13 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
+def _free(dev: Device) -> str:
+    if dev.freed_bytes:
+        now = dev.free_bytes - dev.freed_bytes
+        return f"{_gib(dev.free_bytes)} free once the jobs ahead end ({_gib(now)} now)"
+    return f"{_gib(dev.free_bytes)} free"
+
+
 def disk_check(settings: Settings, need_bytes: int = 0) -> Check:
     """Free space under DOPPEL_HOME against `[training] min_free_disk_mb` plus what the job will write."""
     home = settings.home
@@ -125,11 +133,17 @@ class JobPlan:
     mem_bytes: int | None
 
 
-def plan_job(settings: Settings, config: TrainConfig, device: str) -> JobPlan:
-    """The job fitted to `device`'s free memory now (`fit_micro_batch`), its checks and estimate.
+def plan_job(settings: Settings, config: TrainConfig, device: str, freed_bytes: int = 0) -> JobPlan:
+    """The job fitted to `device`'s free memory (`fit_micro_batch`), its checks and estimate.
 
+    `freed_bytes`: memory the jobs ahead of it on the device hold now and will have released when its turn comes.
     Devices are listed and the base's header is read once (`nvidia-smi` is a subprocess on a GPU host)."""
     known = {d.name: d for d in devices(settings)}
+    now = known.get(device)
+    if freed_bytes > 0 and now is not None:
+        known[device] = dataclasses.replace(
+            now, free_bytes=now.free_bytes + freed_bytes, freed_bytes=freed_bytes
+        )
     base, shape, problem = _base_shape(config)
     dev = known.get(device)
     if shape is not None and dev is not None:
@@ -225,7 +239,7 @@ def _checks(
             Check(
                 "memory",
                 "fail",
-                f"needs about {_gib(need)} ({split}), {device} has {_gib(dev.free_bytes)} free",
+                f"needs about {_gib(need)} ({split}), {device} has {_free(dev)}",
                 fix,
             )
         )
@@ -234,7 +248,7 @@ def _checks(
             Check(
                 "memory",
                 "ok",
-                f"needs about {_gib(need)} ({split}) of {_gib(dev.free_bytes)} free on {device}",
+                f"needs about {_gib(need)} ({split}) of {_free(dev)} on {device}",
             )
         )
     lora_bytes = shape.layers * len(config.target_modules) * config.lora_r * 5 * shape.hidden * 4

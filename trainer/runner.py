@@ -17,6 +17,7 @@ from trainer.progress import ProgressState
 
 if TYPE_CHECKING:
     from models.registry import Registry
+    from trainer.config import TrainConfig
     from trainer.executors.base import Executor, Outcome, Run
 
 log = logging.getLogger(__name__)
@@ -116,14 +117,38 @@ class JobRunner:
         checkpoints = job_dir / "checkpoints"
         has_checkpoint = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
         if job.resume and has_checkpoint and (job_dir / "dataset" / "train.jsonl").exists():
-            return True
+            return True  # the checkpoint's micro-batch stays: refitting would change what resumes
+        train_config = await self._fit_now(job, TrainConfig.from_dict(config))
         job_dir.mkdir(parents=True, exist_ok=True)
-        TrainConfig.from_dict(config).to_json(job_dir / "config.json")
+        train_config.to_json(job_dir / "config.json")
         self.state.phase = "building the dataset"
         await self._write_progress(force=True)
         await self.sup.materialize(job, job_dir, config)
         self.state.phase = ""
         return False
+
+    async def _fit_now(self, job: Job, config: TrainConfig) -> TrainConfig:
+        """Pre-flight again now that the job has its slot: memory was judged when it was queued, for its turn.
+
+        Raises `PreflightError` (the job fails, not started) when it cannot fit what this host has free now;
+        a smaller micro-batch that fits is recorded on the job (`job.config` too) and run."""
+        from trainer.preflight import plan_job, require
+
+        if self.sup.executor.name != "local":
+            return config  # a Ray worker's memory is not this host's
+        plan = await asyncio.to_thread(plan_job, self.sup.settings, config, job.device)
+        require(plan.checks)
+        if plan.config != config:
+            job.config.update({**plan.config.to_dict(), "_preflight_mem_bytes": plan.mem_bytes})
+            await self.sup.jobs.update(job.id, config_json=job.config)
+            log.info(
+                "job %s: micro-batch %d -> %d to fit %s now",
+                job.id,
+                config.micro_batch_size,
+                plan.config.micro_batch_size,
+                job.device,
+            )
+        return plan.config
 
     async def _follow(self, run: Run) -> Outcome:
         beat = asyncio.create_task(self._heartbeat())

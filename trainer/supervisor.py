@@ -185,7 +185,10 @@ class Supervisor:
         config = TrainConfig.from_settings(self.settings, **{**fields, **overrides})
         device = device or await self._pick_device()
         # A host with less memory trains the same steps in smaller micro-batches rather than refusing the job.
-        plan = await asyncio.to_thread(plan_job, self.settings, config, device)
+        # Judged for when its turn comes (the runner judges again then): a job queued behind another on a busy
+        # GPU is not refused for the memory that job holds now.
+        freed = await self._freed_before_turn(device)
+        plan = await asyncio.to_thread(plan_job, self.settings, config, device, freed)
         require(plan.checks)
         config = plan.config
         job_id = new_job_id()
@@ -354,6 +357,16 @@ class Supervisor:
     def _poke(self) -> None:
         self._pulse.set()
         self._pulse = asyncio.Event()
+
+    async def _freed_before_turn(self, device: str) -> int:
+        """Estimated memory that running jobs on `device` hold now and will have released when a new job starts."""
+        held = sorted(
+            int(job.config.get("_preflight_mem_bytes") or 0)
+            for job in await self.jobs.with_status(JobStatus.RUNNING)
+            if job.device == device
+        )
+        # It starts when fewer than `jobs_per_device` run; the ones still running then may be the largest.
+        return sum(held[: max(0, len(held) - self.settings.training.jobs_per_device + 1)])
 
     async def _pick_device(self) -> str:
         load = {d: 0 for d in self.devices()}

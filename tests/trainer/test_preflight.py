@@ -88,6 +88,28 @@ def test_the_plan_fits_the_job_to_this_host_and_checks_and_estimates_what_it_wil
     assert plan_job(settings, folder, "cpu").mem_bytes is None, "no GGUF shape, no estimate"
 
 
+def test_memory_the_jobs_ahead_will_release_counts_and_is_named(settings: Any) -> None:
+    from doppel.core.ggufinfo import read_shape
+    from trainer.errors import PreflightError
+    from trainer.preflight import cpu_device, estimate_memory, plan_job, require
+
+    shape = read_shape(settings.base_gguf_path())
+    hi = 1
+    config = _config(settings, micro_batch_size=1, max_length=2048)
+    free = cpu_device().free_bytes
+    while estimate_memory(shape, config, "cpu") < 1.3 * free:  # an odd micro-batch just over what is free
+        hi *= 2
+        config = dataclasses.replace(config, micro_batch_size=hi + 1)
+    need = estimate_memory(shape, config, "cpu")
+    with pytest.raises(PreflightError, match=r"memory: needs about .* GiB free \(fix: "):
+        require(plan_job(settings, config, "cpu").checks)
+    later = plan_job(settings, config, "cpu", freed_bytes=need)
+    require(later.checks)
+    memory = next(c for c in later.checks if c.name == "memory")
+    assert "free once the jobs ahead end" in memory.detail and "now)" in memory.detail
+    assert later.config == config and later.mem_bytes == need
+
+
 def test_disk_check_refuses_when_the_floor_is_not_met(settings: Any) -> None:
     from trainer.preflight import disk_check
 

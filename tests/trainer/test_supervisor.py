@@ -165,6 +165,74 @@ async def test_cancel_queue_and_one_job_per_member(doppel_home: Path, tiny_model
     assert fx.integrity(settings) == "ok"
 
 
+def _sized(settings: Any, tiny_model: Any, share: float, odd: bool, **extra: Any) -> dict[str, Any]:
+    """Tiny-model overrides whose memory estimate is about `share` of the RAM free now (by micro-batch size)."""
+    from doppel.core.ggufinfo import read_shape
+    from trainer.config import TrainConfig
+    from trainer.memory import estimate_memory
+    from trainer.preflight import cpu_device
+
+    shape, target = read_shape(tiny_model.gguf_path), share * cpu_device().free_bytes
+
+    def estimate(b: int) -> int:
+        config = TrainConfig.from_settings(settings, **fx.tiny_overrides(tiny_model, micro_batch_size=b))
+        return estimate_memory(shape, config, "cpu")
+
+    lo, hi = 1, 2
+    while estimate(hi) < target:
+        lo, hi = hi, hi * 2
+    while hi - lo > 2:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if estimate(mid) < target else (lo, mid)
+    # An odd micro-batch cannot be split in halves, so the pre-flight can only accept or refuse it.
+    size = hi + (hi % 2 == 0) if odd else hi + hi % 2
+    return fx.tiny_overrides(tiny_model, micro_batch_size=size, **extra)
+
+
+@fx.run_async
+async def test_a_queued_job_is_judged_for_its_turn_and_fitted_again_when_it_starts(
+    doppel_home: Path, tiny_model: Any
+) -> None:
+    settings = _settings(doppel_home, devices="cpu", jobs_per_device=1)
+    for member, exchanges in ((fx.PERSONA_ID, 48), ("4004", 30), ("5005", 30)):
+        await fx.seed_member(settings, member_id=member, exchanges=exchanges)
+    store, sup = await _open(settings)
+    try:
+        first = await sup.submit(
+            fx.PERSONA_ID, requested_by="a", **_sized(settings, tiny_model, 0.55, odd=True, max_steps=400)
+        )
+
+        async def first_training() -> bool:
+            return (await sup.get(first.id)).progress.step >= 1
+
+        await fx.wait_for(first_training)
+        # Each needs more than is free while the first runs, and less than will be free once it has ended:
+        # queued, not refused (a consumer GPU shared by two members' jobs is this case).
+        halvable = _sized(settings, tiny_model, 1.3, odd=False)
+        second = await sup.submit("4004", requested_by="b", **halvable)
+        assert second.config["micro_batch_size"] == halvable["micro_batch_size"], "fits its turn as asked"
+        third = await sup.submit("5005", requested_by="c", **_sized(settings, tiny_model, 1.3, odd=True))
+        assert (await sup.get(third.id)).status.value == "queued"
+
+        await sup.cancel(first.id, actor="admin")
+        # When its turn comes the RAM free is what it is: the second runs in half-size micro-batches (the same
+        # optimizer step), the third cannot fit at all and fails before anything is written.
+        done = await sup.wait(second.id)
+        assert done.status.value == "succeeded", (done.error, done.exit_detail)
+        assert done.config["micro_batch_size"] < halvable["micro_batch_size"]
+        assert done.config["micro_batch_size"] * done.config["grad_accum"] == halvable["micro_batch_size"]
+        refused = await sup.wait(third.id)
+        assert refused.status.value == "failed" and refused.exit_detail == "not started"
+        assert refused.error.startswith("memory: needs about "), refused.error
+        assert "cpu has" in refused.error and "once the jobs ahead end" not in refused.error
+        assert "(fix: lower micro_batch_size (now " in refused.error
+        assert refused.adapter_id is None and not Path(refused.job_dir).exists()
+    finally:
+        await sup.close()
+        await store.close()
+    assert fx.integrity(settings) == "ok"
+
+
 @pytest.mark.slow
 @fx.run_async
 async def test_supervisor_killed_mid_run_then_resume_continues_from_checkpoint(
