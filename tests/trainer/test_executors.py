@@ -148,44 +148,24 @@ def test_stop_trainer_leaves_a_pid_alone_unless_it_runs_the_jobs_folder(
     from trainer.jobs import Job
 
     job_dir = tmp_path / "jobs" / "j1"
-    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
-    trainer = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(30)", str(job_dir)], start_new_session=True
-    )
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def job(pid: int) -> Job:
+        return Job(id="j1", member_id="1", requested_by="t", source="cli", job_dir=str(job_dir), pid=pid)
+
     try:
         # The row's pid now belongs to another program (pid reuse after a crash): it must survive.
-        reused = Job(
-            id="j1", member_id="1", requested_by="t", source="cli", job_dir=str(job_dir), pid=stranger.pid
-        )
-        assert asyncio.run(stop_trainer(reused, settings)) is False
+        procs.append(stranger := subprocess.Popen(sleeper, start_new_session=True))
+        assert asyncio.run(stop_trainer(job(stranger.pid), settings)) is False
         assert stranger.poll() is None
-        job = Job(
-            id="j1", member_id="1", requested_by="t", source="cli", job_dir=str(job_dir), pid=trainer.pid
-        )
-        assert asyncio.run(stop_trainer(job, settings)) is True
-        assert trainer.wait(timeout=10) == -signal.SIGTERM
+        # Each trainer is signalled the moment it is spawned: erasure can race a job start, and a child still
+        # inside exec reads an empty command line, which means "not yet", not "a stranger".
+        for _ in range(10):
+            procs.append(trainer := subprocess.Popen([*sleeper, str(job_dir)], start_new_session=True))
+            assert asyncio.run(stop_trainer(job(trainer.pid), settings)) is True
+            assert trainer.wait(timeout=10) == -signal.SIGTERM
     finally:
-        for proc in (stranger, trainer):
+        for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-
-
-def test_stop_trainer_recognises_a_trainer_the_moment_it_starts(settings: Any, tmp_path: Path) -> None:
-    """Erasure can race a job start: a child still inside exec reads an empty command line, which means "not yet"."""
-    from trainer.executors import stop_trainer
-    from trainer.jobs import Job
-
-    job_dir = tmp_path / "jobs" / "j2"
-    for _ in range(10):
-        trainer = subprocess.Popen(
-            [sys.executable, "-c", "import time; time.sleep(30)", str(job_dir)], start_new_session=True
-        )
-        try:
-            job = Job(
-                id="j2", member_id="1", requested_by="t", source="cli", job_dir=str(job_dir), pid=trainer.pid
-            )
-            assert asyncio.run(stop_trainer(job, settings)) is True
-            assert trainer.wait(timeout=10) == -signal.SIGTERM
-        finally:
-            if trainer.poll() is None:
-                trainer.kill()
