@@ -23,8 +23,15 @@ TEXT = (
 
 
 @pytest.fixture(scope="module")
-def converter(request: pytest.FixtureRequest) -> Path:
-    return reference.converter_tree(Path(request.config.cache.mkdir("llama-cpp-converter")))
+def converter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Kept in pytest's cache between runs; a run with the cache plugin off (`-p no:cacheprovider`) builds it anew.
+    cache = getattr(request.config, "cache", None)
+    root = (
+        Path(cache.mkdir("llama-cpp-converter"))
+        if cache is not None
+        else tmp_path_factory.mktemp("converter")
+    )
+    return reference.converter_tree(root)
 
 
 @pytest.fixture(scope="module", params=ARCHS)
