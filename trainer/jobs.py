@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainer.progress import ProgressState
@@ -29,6 +31,12 @@ class JobStatus(StrEnum):
     def final(self) -> bool:
         """True when nothing will happen to the job any more without a person asking."""
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+def remove_job_dir(job_dir: str | Path) -> None:
+    """Delete a job's folder (the member's plaintext dataset, checkpoints); nothing when the job has none."""
+    if job_dir:
+        shutil.rmtree(job_dir, ignore_errors=True)
 
 
 # A member holds at most one of these at a time; `interrupted` counts because resuming it is the way forward.

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from doppel.core.errors import UserFacingError
 from doppel.core.settings import Settings
-from trainer.jobs import Job, JobStatus, JobTable
+from trainer.jobs import Job, JobStatus, JobTable, remove_job_dir
 from trainer.progress import ProgressState
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ class JobRunner:
             detail += "\n" + "\n".join(outcome.stderr_tail[-15:])
         if row.status != JobStatus.RUNNING:
             # Someone else ended it (the erasure cascade cancels jobs that involve an erased member).
-            _remove_dir(job.job_dir)
+            remove_job_dir(job.job_dir)
             return
         actor = self.sup.cancelled_by(job.id) or row.cancel_requested_by
         if actor:
@@ -271,12 +271,5 @@ class JobRunner:
         )
         if status != JobStatus.INTERRUPTED:
             # Dataset (member plaintext) and checkpoints go with the folder; only a resumable job keeps them.
-            _remove_dir(job.job_dir)
+            remove_job_dir(job.job_dir)
         self.sup.changed()
-
-
-def _remove_dir(job_dir: str) -> None:
-    import shutil
-
-    if job_dir:
-        shutil.rmtree(job_dir, ignore_errors=True)

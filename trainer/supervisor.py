@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +22,7 @@ from doppel.core.settings import Settings
 from trainer.errors import JobConflictError, JobNotFoundError, SupervisorError
 from trainer.executors import alive, stop_trainer
 from trainer.executors.base import Executor, Run
-from trainer.jobs import Job, JobStatus, JobTable, new_job_id
+from trainer.jobs import Job, JobStatus, JobTable, new_job_id, remove_job_dir
 
 if TYPE_CHECKING:
     from models.registry import Registry
@@ -257,7 +256,7 @@ class Supervisor:
                 error=f"cancelled by {actor}",
                 cancel_requested_by=actor,
             ):
-                _remove(job.job_dir)
+                remove_job_dir(job.job_dir)
                 self._poke()
                 return await self._get(job_id)
             job = await self._get(job_id)
@@ -409,7 +408,7 @@ class Supervisor:
                     finished_at=time.time(),
                 ):
                     # The folder holds the member's plaintext dataset: a failed job keeps none of it.
-                    shutil.rmtree((await self._get(job_id)).job_dir, ignore_errors=True)
+                    remove_job_dir((await self._get(job_id)).job_dir)
         finally:
             self._tasks.pop(job_id, None)
             self._runs.pop(job_id, None)
@@ -425,11 +424,6 @@ def _conflict_message(job: Job) -> str:
             f"`doppel train {job.member_id or ''} --resume` or cancel it with `doppel train --cancel {job.id}`"
         )
     return f"{who} already has a {job.status.value} job {job.id} (requested by {job.requested_by})"
-
-
-def _remove(job_dir: str | Path) -> None:
-    if job_dir:
-        shutil.rmtree(job_dir, ignore_errors=True)
 
 
 def chat_format_for(config: dict[str, Any]) -> Any:
