@@ -90,17 +90,31 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
         raise UserFacingError("train: name the member to train (USER_ID), or use --jobs / --job / --cancel")
     if args.user_id is not None and not args.user_id.strip().isdigit():
         raise UserFacingError(f"train: {args.user_id!r} is not a Discord user id")
-    # SIGTERM (systemd, Docker, `kill`) takes the same path as Ctrl-C: asyncio cancels the command, the supervisor
-    # asks the trainer to checkpoint and stop, and the job is left `interrupted`, resumable with --resume.
-    previous = signal.signal(signal.SIGTERM, _term_as_interrupt)
+    # SIGTERM (systemd, Docker, `kill`) takes the same path as Ctrl-C: the command's task is cancelled, the
+    # supervisor asks the trainer to checkpoint and stop, and the job is left `interrupted`, resumable with --resume.
+    # The handler cancels the task itself rather than re-raising SIGINT: a background job of a non-interactive shell
+    # (`doppel train ... &` in a script, some service managers) inherits SIGINT as ignored, and then nothing happens.
     try:
-        return asyncio.run(_run(args, settings))
+        return asyncio.run(_run_stoppable(args, settings))
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
+
+
+async def _run_stoppable(args: argparse.Namespace, settings: Settings) -> Any:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def stop() -> None:
+        # Once: a second SIGTERM takes the default action (the trainer child then stops itself, see lifeline).
+        loop.remove_signal_handler(signal.SIGTERM)
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    try:
+        return await _run(args, settings)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _term_as_interrupt(signum: int, frame: Any) -> None:
-    signal.raise_signal(signal.SIGINT)
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> Any:

@@ -74,29 +74,53 @@ def _wait_for_training(settings: Any, min_step: int, timeout: float = 240) -> di
     raise AssertionError(f"the job never reached step {min_step}: {_job_row(settings)}")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def _start_cli(args: list[str], env: dict[str, str], background: bool, err: Path) -> tuple[int, Any]:
+    """The CLI started directly, or as a shell script's `cmd &` does (SIGINT then inherited as ignored)."""
+    argv = [sys.executable, "-m", "doppel", *args]
+    if not background:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=err.open("w"), text=True)
+        return proc.pid, proc
+    # A non-interactive shell has no job control: its background jobs ignore SIGINT (and SIGQUIT).
+    script = '"$@" 2>"$0" >/dev/null & echo $!; wait $!'
+    shell = subprocess.Popen(
+        ["bash", "-c", script, str(err), *argv], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert shell.stdout is not None
+    return int(shell.stdout.readline()), shell
+
+
+def _sigint_ignored(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    return False
+
+
+@pytest.mark.parametrize(
+    ("signum", "background"),
+    [(signal.SIGTERM, False), (signal.SIGKILL, False), (signal.SIGTERM, True)],
+    ids=["sigterm", "sigkill", "sigterm-from-a-script's-&"],
+)
 def test_the_trainer_ends_with_its_cli_and_the_job_resumes(
-    doppel_home: Path, settings: Any, tiny_model: Any, signum: int
+    doppel_home: Path, settings: Any, tiny_model: Any, signum: int, background: bool, tmp_path: Path
 ) -> None:
     asyncio.run(fx.seed_member(settings))
+    err_file = tmp_path / "cli.err"
     # Slow enough steps (many of them) that the kill lands mid-training, after a checkpoint.
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "doppel", *_train_args(tiny_model, 120)],
-        env=_env(doppel_home),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    pid, cli = _start_cli(_train_args(tiny_model, 120), _env(doppel_home), background, err_file)
     try:
+        if background:
+            assert _sigint_ignored(pid), "the shell did not start the CLI with SIGINT ignored"
         row = _wait_for_training(settings, min_step=3)
         child, killed_at = int(row["pid"]), json.loads(row["progress_json"])["step"]
-        cli.send_signal(signum)
+        os.kill(pid, signum)
         cli.wait(timeout=60)
         assert fx.process_gone(child, within=10), "the trainer child outlived its supervisor"
     finally:
         if cli.poll() is None:
+            os.kill(pid, signal.SIGKILL)
             cli.kill()
-    err = cli.stderr.read() if cli.stderr else ""
+    err = err_file.read_text()
     if signum == signal.SIGTERM:
         assert cli.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
         assert _job_row(settings)["status"] == "interrupted"  # type: ignore[index]
