@@ -42,6 +42,10 @@ ASSISTANT_PHRASES = tuple(
 )
 # A sentence or line the persona already wrote, starting again: the small base model looping.
 _SENTENCE_END = re.compile(r"[.!?\n]+")
+# A phrase said again right after itself, with no sentence mark between ("i think i have a few more i think i have
+# a few more ..."): at least this many words, of which at least PHRASE_DISTINCT differ ("ha ha ha ha" is a laugh).
+PHRASE_MIN_WORDS, PHRASE_MAX_WORDS, PHRASE_DISTINCT = 4, 16, 3
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 
 
 def neutralise_mentions(text: str) -> str:
@@ -135,9 +139,9 @@ class StreamCleaner:
         said = self._said
         full = (said + text).replace("\u2019", "'").lower()
         cut = _first_boilerplate(full, len(said))
-        loop = _first_repeat(full, len(said), final)
-        if loop is not None and (cut is None or loop < cut):
-            cut = loop
+        for loop in (_first_repeat(full, len(said), final), _first_phrase_loop(full, len(said))):
+            if loop is not None and (cut is None or loop < cut):
+                cut = loop
         if cut is not None:
             self.stopped = True
             return text[: max(0, cut - len(said))].rstrip().rstrip(",;:-\u2014").rstrip()
@@ -245,6 +249,42 @@ def _first_repeat(full: str, start: int, final: bool = False) -> int | None:
     return None
 
 
+def _words(full: str) -> list[tuple[int, str]]:
+    return [(m.start(), m.group(0)) for m in _WORD.finditer(full)]
+
+
+def _is_phrase(words: list[str]) -> bool:
+    return len(words) >= PHRASE_MIN_WORDS and len(set(words)) >= PHRASE_DISTINCT
+
+
+def _first_phrase_loop(full: str, start: int) -> int | None:
+    """Where a phrase that repeats the one right before it begins, when that repeat is complete after `start`."""
+    found = _words(full)
+    words = [w for _, w in found]
+    for i in range(len(words)):
+        for n in range(PHRASE_MIN_WORDS, min(PHRASE_MAX_WORDS, i) + 1):
+            if i + n > len(words) or not _is_phrase(words[i - n : i]):
+                continue
+            end = found[i + n - 1][0] + len(words[i + n - 1])
+            if words[i : i + n] == words[i - n : i] and end > start:
+                return found[i][0]
+    return None
+
+
+def _could_repeat_phrase(words: list[str], i: int, open_end: bool) -> bool:
+    """Whether the words from `i` on could still grow into a repeat of the phrase just before them.
+
+    `open_end`: the text stops inside its last word, which may still grow ("thin" -> "think")."""
+    rest = words[i:]
+    for n in range(max(PHRASE_MIN_WORDS, len(rest)), min(PHRASE_MAX_WORDS, i) + 1):
+        before = words[i - n : i - n + len(rest)]
+        if not _is_phrase(words[i - n : i]) or before[:-1] != rest[:-1]:
+            continue
+        if before[-1] == rest[-1] or (open_end and before[-1].startswith(rest[-1])):
+            return True
+    return False
+
+
 def _pending_tail(full: str, start: int) -> int | None:
     """The earliest word start at or after `start` whose rest may still grow into an assistant phrase or a repeat."""
     sentences = _sentences(full)
@@ -252,6 +292,11 @@ def _pending_tail(full: str, start: int) -> int | None:
     last_end = 0
     for m in _SENTENCE_END.finditer(full):
         last_end = m.end()
+    found = _words(full)
+    words = [w for _, w in found]
+    open_end = bool(found) and found[-1][0] + len(found[-1][1]) == len(full)
+    phrase_from = len(found) - PHRASE_MAX_WORDS
+    phrase_at = {pos: k for k, (pos, _) in enumerate(found) if k >= phrase_from}
     for i in _word_starts(full, start):
         rest = " ".join(full[i:].split())
         if not rest:
@@ -259,5 +304,7 @@ def _pending_tail(full: str, start: int) -> int | None:
         if any(p.startswith(rest) for p in ASSISTANT_PHRASES):
             return i
         if i >= last_end and any(d.startswith(rest) for d in done):
+            return i
+        if i in phrase_at and _could_repeat_phrase(words, phrase_at[i], open_end):
             return i
     return None

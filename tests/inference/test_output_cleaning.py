@@ -86,3 +86,24 @@ def test_assistant_boilerplate_and_loops_end_the_reply(size: int) -> None:
     assert clean("use gparted. use gparted. use gparted.") == "use gparted."
     assert clean("try sudo apt update\ntry sudo apt update\n") == "try sudo apt update"
     assert clean("ok. ok. ok") == "ok. ok. ok", "short words may repeat"
+
+
+@pytest.mark.parametrize("size", [1, 4, 100])
+def test_a_phrase_looping_without_sentence_marks_stops_at_its_first_repeat(size: int) -> None:
+    """One of the trainer's own samples on real chat repeated "i think i have a few more" six times."""
+
+    def clean(text: str) -> tuple[str, str]:
+        cleaner = StreamCleaner("Alice", ["Bob"])
+        shown = "".join(cleaner.feed(text[i : i + size]) for i in range(0, len(text), size))
+        return shown, shown + cleaner.finish()
+
+    loop = " ".join(["i think i have a few more"] * 6)
+    shown, final = clean(loop)
+    assert final == "i think i have a few more"
+    assert shown == final, "the start of the repeat is held back while streaming, never shown"
+    assert clean("so we go there and then we go there and then we go home")[1] == "so we go there and then"
+    # Laughs and short repeats are the member's, not a loop; nor is a phrase said again later.
+    assert clean("ha ha ha ha ha ha ha ha that was good")[1] == "ha ha ha ha ha ha ha ha that was good"
+    assert clean("no no no no no")[1] == "no no no no no"
+    text = "i want pizza tonight, then later i want pizza tonight again"
+    assert clean(text)[1] == text
