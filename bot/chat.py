@@ -36,6 +36,7 @@ class PersonaReply:
     channel_name: str | None
     context: tuple[Utterance, ...]
     text: str
+    mode: str | None = None  # the persona mode that made it (inference.requests.MODES); None for old rows
 
 
 def reply_payload(reply: PersonaReply) -> dict[str, Any]:
@@ -60,6 +61,7 @@ def reply_from_row(row: dict[str, Any]) -> PersonaReply:
         channel_name=payload.get("channel_name"),
         context=tuple(Utterance(str(a), str(n), str(t)) for a, n, t in payload.get("context") or []),
         text=str(payload.get("text") or ""),
+        mode=row.get("mode"),
     )
 
 
@@ -97,7 +99,7 @@ class PersonaChat:
     # -- the gate ---------------------------------------------------------------------------------------------
     async def persona_request(self, member: discord.abc.User, channel: Any) -> tuple[Any, str | None]:
         """The engine request for `member`'s persona, if they allowed chat and have a trained persona."""
-        from inference.requests import PersonaRequest
+        from inference.requests import PersonaRequest, resolve_mode
 
         if member.bot:
             raise NotAvailable("bots have no persona")
@@ -108,12 +110,16 @@ class PersonaChat:
         if adapter is None:
             raise NotAvailable(f"{member.display_name} has no trained persona yet (`/persona train`)")
         adapter_id, gguf = adapter
+        has_messages = await self.services.store.messages.count(member_id) > 0
+        mode = resolve_mode(
+            self.services.settings.bot.persona_mode, has_adapter=True, has_messages=has_messages
+        )
         request = PersonaRequest(
             member_id=member_id,
             name=member.display_name,
             channel_name=getattr(channel, "name", None),
-            mode=self.services.settings.bot.persona_mode,  # type: ignore[arg-type]
-            adapters=((str(gguf), 1.0),),
+            mode=mode,
+            adapters=((str(gguf), 1.0),) if mode.startswith("adapter") else (),
             guild_id=str(channel.guild.id) if getattr(channel, "guild", None) else None,
         )
         return request, adapter_id
@@ -212,6 +218,7 @@ class PersonaChat:
                 channel_name=getattr(channel, "name", None),
                 context=tuple(context),
                 text=final,
+                mode=request.mode,
             ),
         )
         return sent
@@ -225,6 +232,7 @@ class PersonaChat:
                 str(message_id),
                 reply.persona_id,
                 adapter_id=reply.adapter_id,
+                mode=reply.mode,
                 guild_id=reply.guild_id,
                 channel_id=reply.channel_id,
                 context_members=[u.author_id for u in reply.context],

@@ -228,8 +228,8 @@ async def post_guess(
     return test_id
 
 
-async def fidelity_text(services: Services, member_id: str, name: str) -> str:
-    """The active persona's fidelity report (the same table as `doppel eval`) with its blind-test votes."""
+async def fidelity_text(services: Services, member_id: str, name: str, guild_id: str | None = None) -> str:
+    """The active persona's fidelity report (the same table as `doppel eval`), blind-test votes, the mode served."""
     from trainer.evaluation import format_report
 
     persona = next(iter(await services.registry.active_personas(member_id)), None)
@@ -238,7 +238,22 @@ async def fidelity_text(services: Services, member_id: str, name: str) -> str:
     blind = await services.store.blind_tests.results(member_id, adapter_id=persona.id)
     report = format_report(persona.metrics, blind=blind)
     header = f"**{neutralise(name)}'s persona** v{persona.version} on {persona.base_model}"
-    return clip(f"{header}\n```\n{report.replace('```', '')}\n```")
+    return clip(
+        f"{header}\n{await served_text(services, member_id, guild_id)}\n```\n{report.replace('```', '')}\n```"
+    )
+
+
+async def served_text(services: Services, member_id: str, guild_id: str | None) -> str:
+    """Which persona mode this server serves, and which modes the persona's kept replies were made with."""
+    setting = services.settings.bot.persona_mode
+    meaning = (
+        " (the adapter plus the member's own messages most like the conversation)"
+        if setting == "auto"
+        else ""
+    )
+    modes = await services.store.persona_replies.modes(member_id, guild_id)
+    made = ", ".join(f"{n} {mode}" for mode, n in modes.items()) or "none yet"
+    return f"Served as `{setting}`{meaning}. Replies kept here, by mode: {made}."
 
 
 class GuessVoteButton(

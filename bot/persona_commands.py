@@ -193,7 +193,8 @@ class PersonaCommands(app_commands.Group):
     @app_commands.describe(member="whose persona")
     async def report(self, interaction: discord.Interaction, member: discord.Member) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        text = await fidelity_text(self.services, str(member.id), member.display_name)
+        guild = str(interaction.guild_id) if interaction.guild_id else None
+        text = await fidelity_text(self.services, str(member.id), member.display_name, guild)
         await interaction.followup.send(text, ephemeral=True, allowed_mentions=NONE)
 
 

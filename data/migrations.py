@@ -212,11 +212,17 @@ async def m004_job_progress_message(db: aiosqlite.Connection) -> None:
     )
 
 
+async def m005_persona_reply_mode(db: aiosqlite.Connection) -> None:
+    """Which persona mode made each posted reply (adapter, adapter+retrieval, ...): what a server really serves."""
+    await run_script(db, "ALTER TABLE persona_replies ADD COLUMN mode TEXT;")
+
+
 MIGRATIONS: list[Migration] = [
     m001_initial,
     m002_job_supervision,
     m003_blind_tests,
     m004_job_progress_message,
+    m005_persona_reply_mode,
 ]
 
 

@@ -34,6 +34,7 @@ class PersonaReplyRepo:
         persona_member_id: str,
         *,
         adapter_id: str | None,
+        mode: str | None = None,
         guild_id: str | None,
         channel_id: str | None,
         context_members: Sequence[str],
@@ -49,12 +50,13 @@ class PersonaReplyRepo:
                 aead, json.dumps(payload, ensure_ascii=False).encode(), _ad(persona_member_id, message_id)
             )
             await db.execute(
-                "INSERT OR REPLACE INTO persona_replies(message_id, persona_member_id, adapter_id, guild_id, channel_id, "
-                "context_members_json, payload, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO persona_replies(message_id, persona_member_id, adapter_id, mode, guild_id, "
+                "channel_id, context_members_json, payload, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     message_id,
                     persona_member_id,
                     adapter_id,
+                    mode,
                     guild_id,
                     channel_id,
                     json.dumps(sorted(set(context_members))),
@@ -67,8 +69,8 @@ class PersonaReplyRepo:
     async def get(self, message_id: str) -> dict[str, Any] | None:
         """A remembered reply with its payload decrypted, or None (unknown, pruned, erased or key shredded)."""
         row = await self._s.fetchone(
-            "SELECT persona_member_id, adapter_id, guild_id, channel_id, context_members_json, payload, created_at "
-            "FROM persona_replies WHERE message_id = ?",
+            "SELECT persona_member_id, adapter_id, guild_id, channel_id, context_members_json, payload, created_at, "
+            "mode FROM persona_replies WHERE message_id = ?",
             (message_id,),
         )
         if row is None:
@@ -88,8 +90,21 @@ class PersonaReplyRepo:
             "channel_id": row[3],
             "context_members": json.loads(row[4]),
             "created_at": row[6],
+            "mode": row[7],
             "payload": payload,
         }
+
+    async def modes(self, persona_member_id: str, guild_id: str | None = None) -> dict[str, int]:
+        """How many kept replies each persona mode made (of one persona, in one server when given)."""
+        where, args = "persona_member_id = ?", [persona_member_id]
+        if guild_id is not None:
+            where, args = where + " AND guild_id = ?", [*args, guild_id]
+        rows = await self._s.fetchall(
+            f"SELECT COALESCE(mode, 'unrecorded'), COUNT(*) FROM persona_replies WHERE {where} GROUP BY 1 "
+            "ORDER BY 2 DESC",
+            tuple(args),
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
 
     async def for_persona(self, persona_member_id: str) -> list[dict[str, Any]]:
         """Every kept reply of one persona, decrypted (for the member's data export)."""

@@ -10,10 +10,10 @@ from typing import Any
 from doppel.core.errors import UserFacingError
 from doppel.core.settings import Settings
 
-MODES = ("auto", "base", "adapter", "adapter+retrieval", "retrieval")
-
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
+    from inference.requests import CHOICES
+
     p = sub.add_parser("chat", help="talk to a member's persona (one reply, or a REPL without --message)")
     p.add_argument("user_id", help="Discord id of the member whose persona answers")
     p.add_argument("--message", "-m", help="one message to answer (no REPL)")
@@ -22,7 +22,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="reply length limit in tokens")
     p.add_argument(
         "--mode",
-        choices=MODES,
+        choices=CHOICES,
         default="auto",
         help="auto: the active adapter with retrieval of the member's messages if any are stored, else retrieval, else base",
     )
@@ -39,6 +39,7 @@ async def _resolve(store: Any, settings: Settings, user_id: str, mode: str) -> t
     """(display name, mode, adapter path) for the member, refusing without `chat` consent."""
     from consent.service import ConsentService
     from inference.errors import ChatNotAllowedError
+    from inference.requests import resolve_mode
     from inference.retrieval import MODEL_NAME  # noqa: F401 - fails early if the inference extra is missing
 
     if "chat" not in await ConsentService(store).scopes(user_id):
@@ -55,13 +56,7 @@ async def _resolve(store: Any, settings: Settings, user_id: str, mode: str) -> t
     except ImportError:
         adapter = None
     has_messages = await store.messages.count(user_id) > 0
-    if mode == "auto":
-        # Style from the adapter, memory from the member's own messages: the hybrid measured best on real chat
-        # (issue 14: 32% attributed to the member against 18% for the adapter alone, chance 20%).
-        if adapter:
-            mode = "adapter+retrieval" if has_messages else "adapter"
-        else:
-            mode = "retrieval" if has_messages else "base"
+    mode = resolve_mode(mode, has_adapter=adapter is not None, has_messages=has_messages)
     if mode.startswith("adapter") and adapter is None:
         raise UserFacingError(
             f"member {user_id} has no active adapter yet: train one or use --mode retrieval/base"

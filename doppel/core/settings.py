@@ -128,7 +128,8 @@ class BotSettings:
     persona_rate_per_channel_s: float = 5.0
     stream_edit_interval_s: float = 1.2
     progress_edit_interval_s: float = 5.0
-    persona_mode: str = "adapter"
+    # `auto`: the hybrid (adapter + the member's retrieved messages) where both exist; or one of inference's MODES.
+    persona_mode: str = "auto"
     backfill_pause_s: float = 1.0
     upload_max_mb: int = 25
     sync_commands: bool = True

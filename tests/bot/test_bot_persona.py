@@ -222,3 +222,50 @@ def test_a_refused_mention_never_says_in_public_why(bot_world: Any) -> None:
             ]
 
     asyncio.run(scenario())
+
+
+def test_the_default_persona_is_the_hybrid_and_each_reply_records_its_mode(bot_world: Any) -> None:
+    """Issue 22: the bot serves what measured best (adapter + the member's messages) and says so."""
+    from data.records import Message
+
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            await h.click("doppel:consent:train", ALICE)
+            await h.click("doppel:consent:chat", ALICE)
+            gguf = str(await h.active_adapter(services, ALICE))
+            await h.active_adapter(services, BOB)
+            await h.click("doppel:consent:chat", BOB)
+            assert services.settings.bot.persona_mode == "auto"
+            # Alice has stored messages; Bob does not, so his persona can only be the adapter alone.
+            await services.store.messages.add_many(
+                [
+                    Message(f"m{i}", str(h.GUILD), "c1", "general", str(ALICE), "alice", 1e9 + i, f"hi {i}")
+                    for i in range(3)
+                ]
+            )
+            services.engine.enqueue(["sure thing"])
+            await h.command(
+                "persona chat", ADMIN, member=(6, str(ALICE)), message="hi", resolved=h.resolved(ALICE)
+            )
+            services.engine.enqueue(["nah"])
+            h.bot.chat.per_member.interval_s = h.bot.chat.per_channel.interval_s = 0.0  # not what this tests
+            await h.command(
+                "persona chat", ADMIN, member=(6, str(BOB)), message="yo", resolved=h.resolved(BOB)
+            )
+            (alice, _, _), (bob, _, _) = services.engine.requests
+            assert alice.mode == "adapter+retrieval" and alice.adapters == ((gguf, 1.0),)
+            assert bob.mode == "adapter"
+            hooks = [c for c in h.fake.calls if c.path.startswith("/webhooks/7777/") and c.response]
+            kept = {
+                row["persona_member_id"]: row["mode"]
+                for row in [await services.store.persona_replies.get(str(c.response["id"])) for c in hooks]
+                if row is not None
+            }
+            assert kept == {str(ALICE): "adapter+retrieval", str(BOB): "adapter"}
+            assert await services.store.persona_replies.modes(str(ALICE)) == {"adapter+retrieval": 1}
+            # /persona report names the server's mode and the modes its kept replies were made with.
+            await h.command("persona report", ADMIN, member=(6, str(ALICE)), resolved=h.resolved(ALICE))
+            report = h.sent_texts()[-1]
+            assert "Served as `auto`" in report and "1 adapter+retrieval" in report, report
+
+    asyncio.run(scenario())
