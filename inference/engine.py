@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from doppel.core.chatformat import Utterance
 from doppel.core.errors import UserFacingError
+from doppel.core.hostshare import ServingMarks
 from doppel.core.settings import Settings
 from inference.adapters import AdapterCache
 from inference.cleaning import StreamCleaner
@@ -113,6 +114,8 @@ class Engine:
         self.recent: deque[GenStats] = deque(maxlen=256)
         # Each adapter set's trained prompt style, by its key (paths + mtimes: a retrained file is read again).
         self._styles: dict[tuple[tuple[str, int, float], ...], str] = {}
+        # Tells trainers on this host when a reply is being made, so they leave the cores to it (hostshare).
+        self.marks = ServingMarks(settings.share_dir, default_threads(self.cfg.n_threads))
 
     async def start(self) -> None:
         """Load the base model and start the worker threads (model loading runs off the event loop)."""
@@ -120,6 +123,7 @@ class Engine:
             return
         path = self.base_path or self.settings.base_gguf_path()
         await asyncio.to_thread(self._load, path)
+        self.marks.open()
         for i, session in enumerate(self.sessions):
             t = threading.Thread(target=self._work, args=(session,), name=f"doppel-infer-{i}", daemon=True)
             t.start()
@@ -161,6 +165,7 @@ class Engine:
         if self.base is not None:
             self.base.close()
             self.base = None
+        self.marks.close()
         self._started = False
 
     async def __aenter__(self) -> Engine:
@@ -200,7 +205,8 @@ class Engine:
         if persona.uses_retrieval:
             if self.retriever is None:
                 raise RetrievalError("the retrieval persona is not available (no embedding index configured)")
-            examples = await self.retriever.examples(persona.member_id, context, self.cfg.retrieval_k)
+            with self.marks.generating():  # the query's encoding is part of the reply's time to first token
+                examples = await self.retriever.examples(persona.member_id, context, self.cfg.retrieval_k)
             if examples and params.repeat_penalty == 1.0:
                 # The member's examples sit in the prompt: without a penalty a small base copies or loops on them.
                 params = dataclasses.replace(params, repeat_penalty=RETRIEVAL_REPEAT_PENALTY)
@@ -220,7 +226,9 @@ class Engine:
                 continue
             self._running.add(job)
             try:
-                job.send("done", self._serve(session, job))
+                with self.marks.generating():
+                    stats = self._serve(session, job)
+                job.send("done", stats)
             except UserFacingError as exc:
                 job.send("error", exc)
             except Exception as exc:

@@ -11,7 +11,16 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from doppel.core.hostshare import ThreadGovernor
+from trainer.config import TrainConfig
 from trainer.events import Emitter
+
+
+def governor_for(cfg: TrainConfig) -> ThreadGovernor:
+    """The job's thread governor: at most `threads` (0: every usable core), fewer while the host is busy."""
+    return ThreadGovernor(
+        Path(cfg.share_dir) if cfg.share_dir else None, cfg.threads, adapt=cfg.adapt_threads
+    )
 
 
 def peak_mem_mb() -> float:
@@ -36,8 +45,10 @@ class JobCallback(TrainerCallback):
         stage: str = "sft",
         oom_at_step: int = 0,
         oom_marker: Path | None = None,
+        governor: ThreadGovernor | None = None,
     ) -> None:
         self.emitter = emitter
+        self.governor = governor
         self.cancel = cancel
         self.stage = stage
         self.oom_at_step = oom_at_step
@@ -51,6 +62,17 @@ class JobCallback(TrainerCallback):
         self._t0 = time.monotonic()
         self._step0 = state.global_step
         self._tokens0 = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.governor is None:
+            return
+        import torch
+
+        # Serving and other jobs come and go: each step runs on the cores free now (the step itself yields to
+        # them at once through the trainer's scheduling class; this keeps its threads from waiting on each other).
+        threads = self.governor.choose()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.oom_at_step and state.global_step == self.oom_at_step and not self._oom_fired():
@@ -93,8 +115,14 @@ class JobCallback(TrainerCallback):
             tokens_per_s=round(tokens / elapsed, 1) if tokens else None,
             eta_s=round(elapsed / done * remaining, 1),
             peak_mem_mb=peak_mem_mb(),
+            threads=self._threads(),
             **extra,
         )
+
+    def _threads(self) -> int:
+        import torch
+
+        return int(torch.get_num_threads())
 
 
 def loss_points(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:

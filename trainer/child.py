@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from doppel.core.errors import UserFacingError
+from doppel.core.hostshare import apply_priority
 from trainer.config import TrainConfig
 from trainer.errors import JobCancelled
 from trainer.events import Emitter, stdout_emitter
@@ -41,6 +42,8 @@ def run_job(
     """Run one job folder to completion (or only evaluate the adapter `evaluate`); always ends with `finished`."""
     try:
         cfg = TrainConfig.from_json(job_dir / "config.json")
+        # Before torch starts its thread pools (they inherit it): training is background work on a shared host.
+        emitter.emit("phase", phase="starting", priority=apply_priority(cfg.priority))
         if evaluate is not None:
             from trainer.recipes.sft import reevaluate
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from doppel.core.chatformat import DEFAULT_STYLE, STYLES
+from doppel.core.hostshare import PRIORITIES
 from doppel.core.settings import Settings
 from trainer.errors import JobConfigError
 
@@ -155,7 +156,18 @@ class TrainConfig:
     logging_steps: int = _f(1, "Emit a progress event every N steps.")
     quantize_4bit: bool = _f(True, "On CUDA: load the base in 4-bit NF4 (QLoRA). Ignored on CPU.")
     gradient_checkpointing: bool = _f(True, "On CUDA: trade compute for memory. Ignored on CPU.")
-    threads: int = _f(0, "CPU threads for torch (0: torch's default).")
+    threads: int = _f(0, "CPU threads for torch at most (0: the usable cores).")
+    priority: str = _f(
+        "idle",
+        "The trainer's scheduling class: 'idle' yields the CPU at once to persona replies and anything else, "
+        "'low' is nice 19, 'normal' leaves it as started.",
+        PRIORITIES,
+    )
+    adapt_threads: bool = _f(
+        True,
+        "Before each step, take only the cores nobody else uses now (a persona generating, another job).",
+    )
+    share_dir: str = _f("", "The host's share folder, where engines mark that they generate ('': none).")
     tensorboard: bool = _f(False, "Also log the training scalars to JOB_DIR/tensorboard.")
     eval_batch_size: int = _f(4, "Batch size for held-out perplexity.")
     eval_max_examples: int = _f(64, "Held-out examples scored for perplexity (0: all).")
@@ -284,6 +296,9 @@ class TrainConfig:
             "preset": preset,
             "base_name": settings.model.base_name,
             "base_cache_dir": str(settings.cache_dir / "base-models"),
+            "priority": t.trainer_priority,
+            "adapt_threads": t.adapt_threads,
+            "share_dir": str(settings.share_dir),
         }
         # 0 leaves the preset's value; any other value is the operator's and wins (even one equal to a preset's:
         # `lora_r = 16` must hold under `best`, whose rank is 32).

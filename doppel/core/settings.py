@@ -93,6 +93,11 @@ class TrainingSettings:
     learning_rate: float = 0.0
     min_free_disk_mb: int = 1024
     min_examples: int = 20
+    # The trainer child's scheduling class (doppel/core/hostshare.py PRIORITIES): `idle` yields the CPU at once to
+    # persona replies and everything else on the host; `low` is nice 19; `normal` leaves it as started.
+    trainer_priority: str = "idle"
+    # Before each step the trainer takes the cores nobody else uses now (a persona generating, another job).
+    adapt_threads: bool = True
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,11 @@ class Settings:
     @property
     def cache_dir(self) -> Path:
         return self.home / "cache"
+
+    @property
+    def share_dir(self) -> Path:
+        """Where engines say they serve and while they generate, for trainers on this host (hostshare)."""
+        return self.home / "run"
 
     def base_gguf_path(self) -> Path:
         """The base GGUF to serve and train: the configured file or the bundled SmolLM2."""

@@ -1,0 +1,73 @@
+"""The host's share folder and the trainer's thread choice (doppel.core.hostshare)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from doppel.core.hostshare import ServingMarks, apply_priority, serving_now, trainer_threads
+
+
+def test_threads_are_the_cores_nobody_else_uses_never_fewer_than_one() -> None:
+    assert trainer_threads(cores=8, ceiling=0, busy_serving=0, others=None) == 8
+    assert trainer_threads(cores=8, ceiling=4, busy_serving=0, others=0.1) == 4
+    assert trainer_threads(cores=8, ceiling=0, busy_serving=2, others=None) == 6
+    # The larger of what engines announce and what the host measured: another job, a test suite.
+    assert trainer_threads(cores=8, ceiling=0, busy_serving=2, others=5.2) == 3
+    assert trainer_threads(cores=2, ceiling=0, busy_serving=2, others=0.0) == 1
+    assert trainer_threads(cores=2, ceiling=0, busy_serving=0, others=1.6) == 1
+    assert trainer_threads(cores=2, ceiling=0, busy_serving=0, others=0.3) == 2
+
+
+def test_marks_say_who_serves_and_who_generates_now(tmp_path: Path) -> None:
+    marks = ServingMarks(tmp_path / "run", threads=3)
+    marks.open()
+    assert serving_now(tmp_path / "run").engines == 1
+    assert serving_now(tmp_path / "run").busy_threads == 0
+    inside = threading.Event()
+    release = threading.Event()
+
+    def worker() -> None:
+        with marks.generating():
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    inside.wait(10)
+    with marks.generating():  # two workers at once: still one engine's threads, counted once
+        assert serving_now(tmp_path / "run").busy_threads == 3
+    assert serving_now(tmp_path / "run").busy_threads == 3, "the other worker still generates"
+    release.set()
+    t.join()
+    assert serving_now(tmp_path / "run").busy_threads == 0
+    marks.close()
+    assert serving_now(tmp_path / "run").engines == 0
+
+
+def test_marks_of_a_process_that_died_are_ignored_and_removed(tmp_path: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)
+    (tmp_path / f"{pid}.serving").write_text("2")
+    (tmp_path / f"{pid}.busy").write_text("2")
+    (tmp_path / "notes.txt").write_text("not a mark")
+    assert serving_now(tmp_path).busy_threads == serving_now(tmp_path).engines == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert serving_now(tmp_path / "missing").engines == 0
+
+
+def test_a_lowered_priority_is_what_the_process_then_runs_with() -> None:
+    code = (
+        "import os; from doppel.core.hostshare import apply_priority as a; "
+        "print(a('idle'), os.sched_getscheduler(0) == os.SCHED_IDLE)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["idle", "True"]
+    assert apply_priority("normal") == "normal" and os.sched_getscheduler(0) != os.SCHED_IDLE
