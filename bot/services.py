@@ -81,18 +81,23 @@ class Services:
         store = await Store.open(settings)
         services = cls(settings=settings, store=store, consent=ConsentService(store))
         services._owned.append(store)
+        retriever = None
+        if with_engine:
+            from inference.retrieval import Retriever
+
+            # Serves the 'retrieval' and 'adapter+retrieval' persona modes from the member's messages; the supervisor
+            # builds a new persona's index with it as the adapter is published (one embedding model in memory).
+            retriever = Retriever(store, settings)
         if with_supervisor:
             from trainer.supervisor import Supervisor
 
-            services.supervisor = Supervisor(store, settings)
+            services.supervisor = Supervisor(store, settings, serving=retriever)
             await services.supervisor.start()
             services._owned.append(services.supervisor)
         if with_engine:
             from inference.engine import Engine
-            from inference.retrieval import Retriever
 
-            # The retriever serves the 'retrieval' and 'adapter+retrieval' persona modes from the member's messages.
-            engine = Engine(settings, retriever=Retriever(store, settings))
+            engine = Engine(settings, retriever=retriever)
             await engine.start()
             services.engine = engine
             services._owned.append(engine)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from doppel.core.chatformat import Utterance
+from doppel.core.hostshare import in_background
 from doppel.core.settings import Settings, bundled_embedding_model
 from inference.errors import RetrievalError
 
@@ -63,7 +65,17 @@ class Retriever:
         self.encoded += len(texts)
         return np.asarray(vecs, dtype=np.float32)
 
-    async def _index(self, member_id: str) -> _Index:
+    async def prepare(self, member_id: str) -> dict[str, float | int]:
+        """Embed now what the member's first hybrid reply needs (at background priority); what it cost."""
+        t0, before = time.monotonic(), self.encoded
+        index = await self._index(member_id, background=True)
+        return {
+            "messages": len(index.texts),
+            "embedded": self.encoded - before,
+            "seconds": round(time.monotonic() - t0, 2),
+        }
+
+    async def _index(self, member_id: str, *, background: bool = False) -> _Index:
         import numpy as np
 
         count = await self.store.messages.count(member_id)
@@ -80,7 +92,13 @@ class Retriever:
         stored = dict(await self.store.embeddings.get(member_id, MODEL_NAME, [m.id for m in messages]))
         missing = [m for m in messages if m.id not in stored]
         if missing:
-            vecs = await asyncio.to_thread(self._encode, [m.content for m in missing])
+            texts = [m.content for m in missing]
+            # Publishing prepares the index as background work (a reply waiting on it is interactive).
+            vecs = await (
+                in_background(lambda: self._encode(texts))
+                if background
+                else asyncio.to_thread(self._encode, texts)
+            )
             items = [(m.id, v.tobytes()) for m, v in zip(missing, vecs, strict=True)]
             await self.store.embeddings.put(member_id, MODEL_NAME, items)
             stored.update(items)

@@ -23,6 +23,10 @@ class ProgressState:
     eta_s: float | None = None
     phase: str = ""
     resumed_from: int = 0
+    threads: int = 0
+    priority: str = ""
+    # What publishing prepared for serving (the retrieval index), and what it cost.
+    serving: dict[str, Any] = field(default_factory=dict)
     updated_at: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)
 
@@ -50,6 +54,7 @@ class ProgressState:
             self.loss = _number(event.get("loss"), self.loss)
             self.tokens_per_s = _number(event.get("tokens_per_s"), self.tokens_per_s)
             self.eta_s = _number(event.get("eta_s"), self.eta_s)
+            self.threads = int(event.get("threads") or self.threads)
             if self.loss is not None and (not self.losses or self.losses[-1][0] != self.step):
                 self.losses.append((self.step, self.loss))
                 if len(self.losses) > MAX_LOSS_POINTS:
@@ -59,6 +64,7 @@ class ProgressState:
                     )
         elif kind in ("phase", "export", "evaluating"):
             self.phase = str(event.get("phase") or event.get("name") or kind)
+            self.priority = str(event.get("priority") or self.priority)
         elif kind == "finished":
             self.status = str(event.get("status") or "failed")
             if self.status == "succeeded":

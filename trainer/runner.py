@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 RUNNING = (JobStatus.RUNNING,)
 
 
+class ServingPrep(Protocol):
+    """What publishing needs of serving: build what a persona's first reply would otherwise wait for."""
+
+    async def prepare(self, member_id: str) -> dict[str, float | int]: ...
+
+
 class JobHost(Protocol):
     """What a runner needs from the supervisor that claimed its job: the narrow seam, no private state."""
 
@@ -48,6 +54,8 @@ class JobHost(Protocol):
     def attach(self, job_id: str, run: Run) -> None: ...
 
     def changed(self) -> None: ...
+
+    async def prepare_serving(self, member_id: str | None) -> dict[str, Any]: ...
 
 
 class JobRunner:
@@ -224,6 +232,10 @@ class JobRunner:
             if self.artifact is None:
                 status, error = JobStatus.FAILED, "the trainer finished without announcing an adapter"
             else:
+                # Before the persona goes live: its first reply then finds the retrieval index built, not embedding
+                # thousands of messages while the member waits. The cost is part of the job's result.
+                self.state.phase = "preparing serving"
+                self.state.serving = await self.sup.prepare_serving(job.member_id)
                 try:
                     adapter = await self.sup.registry.publish(
                         self.artifact, job_id=job.id, member_id=job.member_id

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from doppel.core.chatformat import DEFAULT_STYLE
+from doppel.core.errors import UserFacingError
 from doppel.core.settings import Settings
 from trainer.errors import JobConflictError, JobNotFoundError, SupervisorError
 from trainer.executors import alive, stop_trainer
@@ -26,6 +27,7 @@ from trainer.jobs import Job, JobStatus, JobTable, new_job_id, remove_job_dir
 
 if TYPE_CHECKING:
     from models.registry import Registry
+    from trainer.runner import ServingPrep
 
 log = logging.getLogger(__name__)
 RUNNING = (JobStatus.RUNNING,)
@@ -41,6 +43,7 @@ class Supervisor:
         settings: Settings,
         executor: Executor | None = None,
         registry: Registry | None = None,
+        serving: ServingPrep | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -48,6 +51,7 @@ class Supervisor:
         self.pid = os.getpid()
         self._executor = executor
         self._registry = registry
+        self._serving = serving
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._runs: dict[str, Run] = {}
         self._cancelled: dict[str, str] = {}
@@ -351,6 +355,23 @@ class Supervisor:
     def changed(self) -> None:
         """Wake the watchers and the queue: a job's row changed."""
         self._poke()
+
+    async def prepare_serving(self, member_id: str | None) -> dict[str, Any]:
+        """Build the new persona's retrieval index before it goes live; its cost, or why it was not built."""
+        if not member_id:
+            return {}
+        try:
+            if self._serving is None:
+                from inference.retrieval import Retriever
+
+                self._serving = Retriever(self.store, self.settings)
+            return dict(await self._serving.prepare(member_id))
+        except ImportError as exc:
+            return {"error": f"the retrieval persona is not installed ({exc.name})"}
+        except UserFacingError as exc:
+            # The persona still publishes: the adapter serves alone, and the index is built on its first reply.
+            log.warning("serving preparation for %s failed: %s", member_id, exc)
+            return {"error": str(exc)}
 
     # -- queue ------------------------------------------------------------------------------------------------
     def _poke(self) -> None:
