@@ -116,6 +116,7 @@ class JobCallback(TrainerCallback):
             eta_s=round(elapsed / done * remaining, 1),
             peak_mem_mb=peak_mem_mb(),
             threads=self._threads(),
+            tokens_seen=int(getattr(state, "num_input_tokens_seen", 0) or 0),
             **extra,
         )
 

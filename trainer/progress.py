@@ -24,6 +24,7 @@ class ProgressState:
     phase: str = ""
     resumed_from: int = 0
     threads: int = 0
+    tokens_seen: int = 0  # trained tokens so far (a window's throughput is the difference of two readings)
     priority: str = ""
     # What publishing prepared for serving (the retrieval index), and what it cost.
     serving: dict[str, Any] = field(default_factory=dict)
@@ -55,6 +56,7 @@ class ProgressState:
             self.tokens_per_s = _number(event.get("tokens_per_s"), self.tokens_per_s)
             self.eta_s = _number(event.get("eta_s"), self.eta_s)
             self.threads = int(event.get("threads") or self.threads)
+            self.tokens_seen = int(event.get("tokens_seen") or self.tokens_seen)
             if self.loss is not None and (not self.losses or self.losses[-1][0] != self.step):
                 self.losses.append((self.step, self.loss))
                 if len(self.losses) > MAX_LOSS_POINTS:

@@ -18,6 +18,7 @@ BENCHES = {
     "inference": "doppel.benchinference:inference",
     "fidelity": "doppel.benchfidelity:fidelity",
     "scale": "doppel.benchscale:scale",
+    "colocated": "doppel.benchcolocated:colocated",
 }
 
 
@@ -54,8 +55,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Any:
-    # fidelity and scale train personas (tens of minutes on a CPU): run them by name, not in `all`.
-    names = [n for n in BENCHES if n not in ("fidelity", "scale")] if args.name == "all" else [args.name]
+    # fidelity, scale and colocated train personas (minutes to tens of minutes on a CPU): by name, not in `all`.
+    long = ("fidelity", "scale", "colocated")
+    names = [n for n in BENCHES if n not in long] if args.name == "all" else [args.name]
     results: dict[str, Any] = {}
     for name in names:
         module_name, func = BENCHES[name].split(":")
