@@ -65,7 +65,9 @@ async def _bench(settings: Settings, window_s: float, quick: bool) -> dict[str, 
         "persona_mode": "adapter+retrieval",
     }
     for label, priority, adapt in (("after", "idle", True), ("before", "normal", False)):
-        training = dataclasses.replace(settings.training, trainer_priority=priority, adapt_threads=adapt)
+        training = dataclasses.replace(
+            settings.training, trainer_priority=priority, adapt_threads=adapt, yield_to_serving=adapt
+        )
         result[label] = await _policy(
             dataclasses.replace(settings, training=training),
             contexts,
@@ -162,10 +164,10 @@ async def _policy(
     async with Store.open(settings) as store:
         retriever = Retriever(store, settings)
         async with Engine(settings, retriever=retriever) as engine:
-            turns = iter(contexts * 4)
 
-            async def stream(duration: float) -> dict[str, Any]:
-                stats, t_end = [], time.monotonic() + duration
+            async def stream(duration: float, first: int = 1) -> dict[str, Any]:
+                # Every phase answers the same conversations in the same order: equal prompts, equal work.
+                stats, t_end, turns = [], time.monotonic() + duration, iter(contexts[first:] * 4)
                 while time.monotonic() < t_end:
                     t0 = time.monotonic()
                     reply = engine.reply(persona, next(turns), params)
@@ -175,8 +177,8 @@ async def _policy(
                     await asyncio.sleep(max(0.0, spacing_s - (time.monotonic() - t0)))
                 return _reply_figures(stats)
 
-            # Warm: the engine's model, the adapter, the retriever's encoder, off the clock.
-            await stream(spacing_s)
+            # Warm: the engine's model, the adapter, the retriever's encoder, off the clock (its own conversation).
+            await stream(spacing_s, first=0)
             if replies_alone:
                 out["replies_alone"] = await stream(window_s)
             sup = Supervisor(store, settings, serving=retriever)
@@ -214,6 +216,7 @@ def _reply_figures(stats: list[Any]) -> dict[str, Any]:
         "ttft_s_max": round(max(ttft), 3) if ttft else None,
         "decode_tokens_per_s_median": round(statistics.median(decode), 1) if decode else None,
         "generated_tokens": sum(s.generated for s in stats),
+        "prompt_tokens_median": statistics.median(s.prompt_tokens for s in stats) if stats else None,
     }
 
 

@@ -11,16 +11,35 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from doppel.core.hostshare import ThreadGovernor
+from doppel.core.hostshare import ServingPause, ThreadGovernor
 from trainer.config import TrainConfig
 from trainer.events import Emitter
 
 
-def governor_for(cfg: TrainConfig) -> ThreadGovernor:
-    """The job's thread governor: at most `threads` (0: every usable core), fewer while the host is busy."""
-    return ThreadGovernor(
-        Path(cfg.share_dir) if cfg.share_dir else None, cfg.threads, adapt=cfg.adapt_threads
-    )
+def host_share(cfg: TrainConfig) -> dict[str, Any]:
+    """JobCallback's share of the host: its thread governor, and its pause for persona replies (when enabled)."""
+    folder = Path(cfg.share_dir) if cfg.share_dir else None
+    return {
+        "governor": ThreadGovernor(folder, cfg.threads, adapt=cfg.adapt_threads),
+        "pause": ServingPause(folder) if folder is not None and cfg.yield_to_serving else None,
+    }
+
+
+def pause_between_layers(model: Any, pause: ServingPause) -> list[Any]:
+    """Hooks that let `pause` sleep after each transformer block, forward and backward; returns their handles."""
+    import torch
+
+    def backward(grad: Any) -> None:
+        pause.wait()  # returns None: the gradient is untouched
+
+    def forward(module: Any, args: Any, output: Any) -> None:
+        pause.wait()
+        first = output[0] if isinstance(output, (tuple, list)) and output else output
+        if isinstance(first, torch.Tensor) and first.requires_grad:
+            first.register_hook(backward)
+
+    blocks = [child for m in model.modules() if isinstance(m, torch.nn.ModuleList) for child in m]
+    return [block.register_forward_hook(forward) for block in blocks]
 
 
 def peak_mem_mb() -> float:
@@ -46,9 +65,12 @@ class JobCallback(TrainerCallback):
         oom_at_step: int = 0,
         oom_marker: Path | None = None,
         governor: ThreadGovernor | None = None,
+        pause: ServingPause | None = None,
     ) -> None:
         self.emitter = emitter
         self.governor = governor
+        self.pause = pause
+        self._hooks: list[Any] = []
         self.cancel = cancel
         self.stage = stage
         self.oom_at_step = oom_at_step
@@ -62,6 +84,15 @@ class JobCallback(TrainerCallback):
         self._t0 = time.monotonic()
         self._step0 = state.global_step
         self._tokens0 = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        model = kwargs.get("model")
+        if self.pause is not None and model is not None and not self._hooks:
+            # Inside each step, not only between steps: a step takes seconds, a reply's prefill a fraction of one.
+            self._hooks = pause_between_layers(model, self.pause)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.governor is None:
@@ -117,6 +148,7 @@ class JobCallback(TrainerCallback):
             peak_mem_mb=peak_mem_mb(),
             threads=self._threads(),
             tokens_seen=int(getattr(state, "num_input_tokens_seen", 0) or 0),
+            paused_s=round(self.pause.paused_s, 2) if self.pause is not None else None,
             **extra,
         )
 

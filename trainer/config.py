@@ -167,6 +167,9 @@ class TrainConfig:
         True,
         "Before each step, take only the cores nobody else uses now (a persona generating, another job).",
     )
+    yield_to_serving: bool = _f(
+        True, "Sleep between two layers while a persona reply is being made on this host (see share_dir)."
+    )
     share_dir: str = _f("", "The host's share folder, where engines mark that they generate ('': none).")
     tensorboard: bool = _f(False, "Also log the training scalars to JOB_DIR/tensorboard.")
     eval_batch_size: int = _f(4, "Batch size for held-out perplexity.")
@@ -298,6 +301,7 @@ class TrainConfig:
             "base_cache_dir": str(settings.cache_dir / "base-models"),
             "priority": t.trainer_priority,
             "adapt_threads": t.adapt_threads,
+            "yield_to_serving": t.yield_to_serving,
             "share_dir": str(settings.share_dir),
         }
         # 0 leaves the preset's value; any other value is the operator's and wins (even one equal to a preset's:

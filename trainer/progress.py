@@ -25,6 +25,7 @@ class ProgressState:
     resumed_from: int = 0
     threads: int = 0
     tokens_seen: int = 0  # trained tokens so far (a window's throughput is the difference of two readings)
+    paused_s: float = 0.0  # time the trainer stepped aside for persona replies
     priority: str = ""
     # What publishing prepared for serving (the retrieval index), and what it cost.
     serving: dict[str, Any] = field(default_factory=dict)
@@ -57,6 +58,7 @@ class ProgressState:
             self.eta_s = _number(event.get("eta_s"), self.eta_s)
             self.threads = int(event.get("threads") or self.threads)
             self.tokens_seen = int(event.get("tokens_seen") or self.tokens_seen)
+            self.paused_s = _number(event.get("paused_s"), self.paused_s) or 0.0
             if self.loss is not None and (not self.losses or self.losses[-1][0] != self.step):
                 self.losses.append((self.step, self.loss))
                 if len(self.losses) > MAX_LOSS_POINTS:

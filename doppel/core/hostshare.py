@@ -166,6 +166,52 @@ def serving_now(folder: Path) -> Serving:
     return Serving(engines, busy)
 
 
+def generating_now(folder: Path) -> bool:
+    """Whether a live process on this host is making a persona reply (cheaper than `serving_now`)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return any(
+        name.endswith(BUSY_SUFFIX)
+        and name[: -len(BUSY_SUFFIX)].isdigit()
+        and _alive(int(name[: -len(BUSY_SUFFIX)]))
+        for name in names
+    )
+
+
+class ServingPause:
+    """Lets a trainer step aside between two layers while a persona reply is being made on this host.
+
+    A lower scheduling class is not enough (measured, BENCHMARKS.md: a single SCHED_IDLE training thread still cut
+    llama.cpp's decode from ~100 to ~15-20 tokens/s on 2 cores): a trainer thread that is merely runnable keeps the
+    engine's threads from spreading over the cores. Sleeping is what frees them.
+    """
+
+    def __init__(self, folder: Path, *, check_every_s: float = 0.005, max_wait_s: float = 10.0) -> None:
+        self.folder = folder
+        self.check_every_s = check_every_s
+        # A server that never stops talking must not starve the job: after this long it takes a layer's turn.
+        self.max_wait_s = max_wait_s
+        self.paused_s = 0.0
+        self.pauses = 0
+        self._checked = 0.0
+
+    def wait(self) -> None:
+        """Return at once when nobody generates (checked at most every `check_every_s`), else sleep until done."""
+        now = time.monotonic()
+        if now - self._checked < self.check_every_s:
+            return
+        self._checked = now
+        if not generating_now(self.folder):
+            return
+        self.pauses += 1
+        while time.monotonic() - now < self.max_wait_s and generating_now(self.folder):
+            time.sleep(0.004)
+        self._checked = time.monotonic()
+        self.paused_s += self._checked - now
+
+
 class CpuMeter:
     """CPU time other processes used since the last reading, in cores (from /proc/stat and our own usage)."""
 

@@ -98,6 +98,8 @@ class TrainingSettings:
     trainer_priority: str = "idle"
     # Before each step the trainer takes the cores nobody else uses now (a persona generating, another job).
     adapt_threads: bool = True
+    # While a persona reply is being made on this host, the trainer sleeps between two layers.
+    yield_to_serving: bool = True
 
 
 @dataclass(frozen=True)

@@ -71,3 +71,30 @@ def test_a_lowered_priority_is_what_the_process_then_runs_with() -> None:
     ).stdout.split()
     assert out == ["idle", "True"]
     assert apply_priority("normal") == "normal" and os.sched_getscheduler(0) != os.SCHED_IDLE
+
+
+def test_a_trainer_pauses_while_a_reply_is_made_and_never_longer_than_its_bound(tmp_path: Path) -> None:
+    import time
+
+    from doppel.core.hostshare import ServingPause
+
+    marks = ServingMarks(tmp_path, threads=2)
+    pause = ServingPause(tmp_path, check_every_s=0.0, max_wait_s=5.0)
+    pause.wait()
+    assert pause.pauses == 0, "nobody generates: no pause"
+    done = threading.Event()
+
+    def reply() -> None:
+        with marks.generating():
+            time.sleep(0.3)
+        done.set()
+
+    threading.Thread(target=reply).start()
+    time.sleep(0.05)
+    pause.wait()
+    assert done.is_set() and pause.pauses == 1 and pause.paused_s >= 0.2
+    bounded = ServingPause(tmp_path, check_every_s=0.0, max_wait_s=0.2)
+    with marks.generating():  # a server that never stops talking does not starve the job
+        t0 = time.monotonic()
+        bounded.wait()
+        assert 0.2 <= time.monotonic() - t0 < 2.0

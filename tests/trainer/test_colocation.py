@@ -77,6 +77,8 @@ async def test_the_trainer_yields_its_threads_while_the_engine_generates_and_tak
             lambda: progress(lambda p: p.threads == max(1, cores - serving.n_threads)), timeout=180
         )
         assert busy.progress.step > quiet.progress.step
+        # And inside its steps it slept between layers while a reply was being made.
+        await fx.wait_for(lambda: progress(lambda p: p.paused_s > 0), timeout=120)
         generating.clear()
         await talker
         assert serving_now(settings.share_dir).busy_threads == 0
@@ -136,3 +138,32 @@ async def test_a_published_persona_is_ready_and_its_first_reply_embeds_nothing(
     finally:
         await sup.close()
         await store.close()
+
+
+def test_the_pause_hooks_leave_the_gradients_exactly_as_they_were(tiny_model: Any, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from doppel.core.hostshare import ServingMarks, ServingPause
+    from trainer.callbacks import pause_between_layers
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model.hf_dir))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+
+    def grads() -> list[Any]:
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = grads()
+    marks = ServingMarks(tmp_path, threads=1)
+    pause = ServingPause(tmp_path, check_every_s=0.0, max_wait_s=0.01)
+    hooks = pause_between_layers(model, pause)
+    assert len(hooks) == model.config.num_hidden_layers
+    with marks.generating():  # every layer, forward and backward, waits its (short) bound
+        hooked = grads()
+    for h in hooks:
+        h.remove()
+    assert pause.pauses == 2 * model.config.num_hidden_layers
+    assert all(torch.equal(a, b) for a, b in zip(plain, hooked, strict=True))

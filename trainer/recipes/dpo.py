@@ -95,7 +95,7 @@ def _train_dpo(
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from trainer.callbacks import JobCallback, governor_for, loss_points
+    from trainer.callbacks import JobCallback, host_share, loss_points
 
     args = DPOConfig(
         output_dir=str(job_dir / "checkpoints-dpo"),
@@ -115,7 +115,7 @@ def _train_dpo(
         gradient_checkpointing=device == "cuda" and cfg.gradient_checkpointing,
     )
     emitter.emit("started", stage="dpo", total=cfg.pref_steps, step=0, examples=len(pairs))
-    callback = JobCallback(emitter, cancel, stage="dpo", governor=governor_for(cfg))
+    callback = JobCallback(emitter, cancel, stage="dpo", **host_share(cfg))
     # The SFT adapter is the policy; TRL copies it into a frozen "ref" adapter, so DPO's reference is the SFT model.
     trainer = DPOTrainer(
         model=model,

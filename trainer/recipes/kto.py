@@ -97,7 +97,7 @@ def _train_kto(
     from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
 
-    from trainer.callbacks import JobCallback, governor_for, loss_points
+    from trainer.callbacks import JobCallback, host_share, loss_points
 
     args = KTOConfig(
         output_dir=str(job_dir / "checkpoints-kto"),
@@ -118,7 +118,7 @@ def _train_kto(
         gradient_checkpointing=device == "cuda" and cfg.gradient_checkpointing,
     )
     emitter.emit("started", stage="kto", total=cfg.pref_steps, step=0, examples=len(signals))
-    callback = JobCallback(emitter, cancel, stage="kto", governor=governor_for(cfg))
+    callback = JobCallback(emitter, cancel, stage="kto", **host_share(cfg))
     # The SFT adapter is the policy; TRL copies it into a frozen "ref" adapter, so KTO's reference is the SFT model.
     trainer = KTOTrainer(
         model=model,

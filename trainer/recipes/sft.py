@@ -140,7 +140,7 @@ def train_sft(
     from peft import get_peft_model
 
     from trainer.attention import segments_for
-    from trainer.callbacks import CountingCollator, JobCallback, governor_for, last_checkpoint, loss_points
+    from trainer.callbacks import CountingCollator, JobCallback, host_share, last_checkpoint, loss_points
     from trainer.lmhead import PersonaSFTTrainer
 
     peft_model = get_peft_model(model, lora_config(cfg, model))
@@ -172,7 +172,7 @@ def train_sft(
             stage="sft",
             oom_at_step=cfg.simulate_oom_at_step,
             oom_marker=job_dir / "checkpoints" / ".oom-simulated",
-            governor=governor_for(cfg),
+            **host_share(cfg),
         )
         trainer = PersonaSFTTrainer(
             model=peft_model,
