@@ -168,14 +168,22 @@ async def _policy(
             async def stream(duration: float, first: int = 1) -> dict[str, Any]:
                 # Every phase answers the same conversations in the same order: equal prompts, equal work.
                 stats, t_end, turns = [], time.monotonic() + duration, iter(contexts[first:] * 4)
+                stalled = 0
                 while time.monotonic() < t_end:
                     t0 = time.monotonic()
                     reply = engine.reply(persona, next(turns), params)
-                    await reply.text()
-                    if reply.stats is not None:
-                        stats.append(reply.stats)
+                    seen = len(engine.recent)
+                    try:
+                        # A reply still running past the window (a stalled host) is cut there and counted.
+                        await asyncio.wait_for(reply.text(), timeout=max(5.0, t_end - t0) + 5.0)
+                    except TimeoutError:
+                        stalled += 1
+                        await reply.aclose()
+                        await _settled(engine, seen)
+                    if len(engine.recent) > seen:
+                        stats.append(engine.recent[-1])
                     await asyncio.sleep(max(0.0, spacing_s - (time.monotonic() - t0)))
-                return _reply_figures(stats)
+                return {**_reply_figures(stats), "cut_at_window_end": stalled}
 
             # Warm: the engine's model, the adapter, the retriever's encoder, off the clock (its own conversation).
             await stream(spacing_s, first=0)
@@ -207,8 +215,16 @@ async def _policy(
     return out
 
 
+async def _settled(engine: Any, seen: int, timeout: float = 30.0) -> None:
+    """Wait until a cancelled reply's worker stopped and recorded what it did."""
+    deadline = time.monotonic() + timeout
+    while len(engine.recent) <= seen and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
 def _reply_figures(stats: list[Any]) -> dict[str, Any]:
-    ttft = [s.first_token - s.started for s in stats if s.first_token]
+    # A reply cut before its first token counts with the time it had run (a lower bound of its wait).
+    ttft = [(s.first_token or s.finished) - s.started for s in stats]
     decode = [s.decode_tokens_per_s for s in stats if s.decode_tokens_per_s > 0]
     return {
         "replies": len(stats),
