@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from doppel.core.errors import GGUFFileError
+from doppel.core.errors import GGUFFileError, UserFacingError
 from doppel.core.ggufinfo import ModelShape, read_shape
+from doppel.core.hostshare import serving_now
 from doppel.core.settings import Settings
 from trainer.errors import PreflightError
 from trainer.memory import GIB, MIB, estimate_memory, memory_breakdown
@@ -48,6 +49,54 @@ class Device:
     free_bytes: int
     label: str = ""
     freed_bytes: int = 0  # of free_bytes, what running jobs hold now and release before the job's turn
+    reserved_bytes: int = 0  # taken off free_bytes: what persona serving will need here and does not hold yet
+
+
+# llama.cpp's compute buffers beside the weights and the KV cache (generous for the bases Doppel serves).
+SERVING_COMPUTE_BYTES = 256 * MIB
+SERVING_GPU = "cuda:0"  # llama.cpp's main GPU (main_gpu 0): where a CUDA build puts every layer by default
+
+
+def serving_reserve(settings: Settings) -> int:
+    """GPU memory the persona engine on this host needs and does not hold yet: a reply is never refused for a job.
+
+    `[inference] gpu_reserve_mb`: -1 estimates it (only for a llama.cpp build that offloads to a GPU), 0 reserves
+    nothing, any other value is taken as it is. An engine already running holds its memory: nvidia-smi's free
+    figure excludes it, so nothing more is reserved."""
+    cfg = settings.inference
+    if cfg.gpu_reserve_mb == 0 or serving_now(settings.share_dir).engines:
+        return 0
+    if cfg.gpu_reserve_mb > 0:
+        return cfg.gpu_reserve_mb * MIB
+    if not _llama_offloads():
+        return 0
+    try:
+        shape = read_shape(settings.base_gguf_path())
+    except (GGUFFileError, OSError, UserFacingError):
+        return 0
+    # f16 keys and values for every layer at the full context, per worker (no GQA assumed: on the generous side).
+    kv = cfg.n_ctx * shape.layers * 2 * shape.hidden * 2 * max(1, cfg.workers)
+    return shape.file_bytes + kv + SERVING_COMPUTE_BYTES + cfg.adapter_budget_mb * MIB
+
+
+def _llama_offloads() -> bool:
+    try:
+        import llama_cpp
+    except ImportError:
+        return False
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def reserve_for_serving(found: list[Device], reserve: int) -> list[Device]:
+    """The devices with `reserve` bytes of the serving GPU's free memory kept for the engine."""
+    if reserve <= 0:
+        return found
+    return [
+        dataclasses.replace(d, free_bytes=max(0, d.free_bytes - reserve), reserved_bytes=reserve)
+        if d.name == SERVING_GPU
+        else d
+        for d in found
+    ]
 
 
 def gpus() -> list[Device]:
@@ -83,7 +132,10 @@ def cpu_device() -> Device:
 
 def devices(settings: Settings) -> list[Device]:
     """The devices jobs are queued on: `[training] devices` if set, else every GPU, else the CPU."""
-    found = {d.name: d for d in [*gpus(), cpu_device()]}
+    gpu_list = gpus()
+    if gpu_list:
+        gpu_list = reserve_for_serving(gpu_list, serving_reserve(settings))
+    found = {d.name: d for d in [*gpu_list, cpu_device()]}
     if settings.training.devices:
         return [found.get(name) or Device(name, 0, 0, "not present") for name in settings.training.devices]
     gpu_list = [d for d in found.values() if d.name != "cpu"]
@@ -95,10 +147,11 @@ def _gib(n: float) -> str:
 
 
 def _free(dev: Device) -> str:
+    kept = f", {_gib(dev.reserved_bytes)} kept for persona serving" if dev.reserved_bytes else ""
     if dev.freed_bytes:
         now = dev.free_bytes - dev.freed_bytes
-        return f"{_gib(dev.free_bytes)} free once the jobs ahead end ({_gib(now)} now)"
-    return f"{_gib(dev.free_bytes)} free"
+        return f"{_gib(dev.free_bytes)} free once the jobs ahead end ({_gib(now)} now{kept})"
+    return f"{_gib(dev.free_bytes)} free{kept.replace(', ', ' (', 1) + ')' if kept else ''}"
 
 
 def disk_check(settings: Settings, need_bytes: int = 0) -> Check:

@@ -117,6 +117,9 @@ class InferenceSettings:
     prompt_token_budget: int = 1024
     retrieval_k: int = 4
     kv_states_kept: int = 4
+    # GPU memory kept free of training jobs for the engine (MiB): -1 estimates it from the base when llama.cpp
+    # offloads to a GPU, 0 keeps nothing (trainer/preflight.py serving_reserve).
+    gpu_reserve_mb: int = -1
 
 
 @dataclass(frozen=True)

@@ -154,3 +154,31 @@ def test_progress_state_bar_and_throttle() -> None:
     state.apply({"event": "finished", "status": "succeeded"})
     assert throttle.ready(state, now=6.5), "a status change always redraws"
     assert state.fraction == 1.0 and "succeeded" in render_bar(state)
+
+
+def test_the_serving_gpu_keeps_what_the_engine_will_need(settings: Any) -> None:
+    """Issue 22: on a GPU host a job never takes the memory the persona engine needs to answer."""
+    from doppel.core.hostshare import ServingMarks
+    from trainer.memory import GIB
+    from trainer.preflight import Device, _free, reserve_for_serving, serving_reserve
+
+    two = [Device("cuda:0", 24 * GIB, 20 * GIB, "GPU 0"), Device("cuda:1", 24 * GIB, 20 * GIB, "GPU 1")]
+    kept = reserve_for_serving(two, 3 * GIB)
+    assert [d.free_bytes for d in kept] == [17 * GIB, 20 * GIB], "only llama.cpp's main GPU is reserved"
+    assert "3.0 GiB kept for persona serving" in _free(kept[0]) and "kept" not in _free(kept[1])
+    assert reserve_for_serving(two, 0) == two
+    explicit = dataclasses.replace(
+        settings, inference=dataclasses.replace(settings.inference, gpu_reserve_mb=2048)
+    )
+    assert serving_reserve(explicit) == 2 * GIB
+    off = dataclasses.replace(settings, inference=dataclasses.replace(settings.inference, gpu_reserve_mb=0))
+    assert serving_reserve(off) == 0
+    # This CPU build of llama.cpp offloads nothing: the estimate reserves nothing for it.
+    assert serving_reserve(settings) == 0
+    # An engine already running holds its memory (nvidia-smi's free figure excludes it): nothing more is kept.
+    marks = ServingMarks(settings.share_dir, threads=1)
+    marks.open()
+    try:
+        assert serving_reserve(explicit) == 0
+    finally:
+        marks.close()
