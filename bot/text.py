@@ -13,6 +13,8 @@ _TAG = re.compile(r"<(@[!&]?|#)(\d+)>")
 SCOPE_TEXT = {
     "train": "your messages are recorded and may train your persona",
     "chat": "other members may chat with your persona",
+    "join": "your persona may join conversations unprompted, at your own pace, in channels the admins opened to it "
+    "(needs chat too; never while you are writing there; `/join silence` mutes it)",
 }
 
 

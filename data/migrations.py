@@ -212,11 +212,47 @@ async def m004_job_progress_message(db: aiosqlite.Connection) -> None:
     )
 
 
+async def m005_join_in(db: aiosqlite.Connection) -> None:
+    """Personas joining conversations: the `join` consent scope, admins' per-channel switch, members' silences."""
+    # SQLite cannot widen a CHECK constraint in place: the consent table is rebuilt with the new scope allowed.
+    await run_script(
+        db,
+        """
+        CREATE TABLE consent_new (
+            member_id TEXT NOT NULL,
+            scope TEXT NOT NULL CHECK (scope IN ('train', 'chat', 'join')),
+            granted_at REAL NOT NULL,
+            actor TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            PRIMARY KEY (member_id, scope)
+        );
+        INSERT INTO consent_new(member_id, scope, granted_at, actor, channel)
+            SELECT member_id, scope, granted_at, actor, channel FROM consent;
+        DROP TABLE consent;
+        ALTER TABLE consent_new RENAME TO consent;
+        CREATE TABLE join_channels (
+            channel_id TEXT PRIMARY KEY,
+            guild_id TEXT NOT NULL,
+            level TEXT NOT NULL,
+            set_by TEXT,
+            set_at REAL NOT NULL
+        );
+        CREATE TABLE join_silences (
+            member_id TEXT NOT NULL,
+            channel_id TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (member_id, channel_id)
+        );
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     m001_initial,
     m002_job_supervision,
     m003_blind_tests,
     m004_job_progress_message,
+    m005_join_in,
 ]
 
 
