@@ -101,13 +101,15 @@ class ConsentPanel(discord.ui.View):
         await self._change(interaction, ["chat"], [])
 
     @discord.ui.button(
-        label="Let my persona join in unprompted",
+        label="Let my persona join in (press again to stop)",
         style=discord.ButtonStyle.primary,
         custom_id=CUSTOM_IDS["join"],
     )
     async def allow_join(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
-        # Its own opt-in: speaking unprompted is more than answering when asked, so `chat` never implies it.
-        await self._change(interaction, ["join"], [])
+        # Its own opt-in: speaking unprompted is more than answering when asked, so `chat` never implies it. A toggle:
+        # pressed again it withdraws `join` alone (the next unprompted message is checked against it and not sent).
+        held = "join" in await self.services.scopes(str(interaction.user.id))
+        await self._change(interaction, [] if held else ["join"], ["join"] if held else [])
 
     @discord.ui.button(
         label="Opt out (deletes my stored messages)",

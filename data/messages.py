@@ -225,6 +225,17 @@ class MessageRepo:
         out.reverse()
         return out
 
+    async def others_before(self, member_id: str, limit: int, window_s: float) -> dict[str, float | None]:
+        """For the member's latest `limit` messages: when someone else last wrote in that channel within `window_s`
+        before each (timestamps only, no content), by message id."""
+        rows = await self._s.fetchall(
+            "SELECT m.id, (SELECT MAX(p.created_at) FROM messages p WHERE p.channel_id = m.channel_id "
+            "AND p.created_at < m.created_at AND p.created_at >= m.created_at - ? AND p.author_id != m.author_id) "
+            "FROM messages m WHERE m.author_id = ? ORDER BY m.created_at DESC LIMIT ?",
+            (window_s, member_id, limit),
+        )
+        return {str(r[0]): (float(r[1]) if r[1] is not None else None) for r in rows}
+
     async def for_member(self, member_id: str) -> list[Message]:
         """Every stored message of one member, decrypted, by time."""
         rows = await self._s.fetchall(
