@@ -169,6 +169,14 @@ class JoinSettings:
     )
     converse_max_turns: int = field(default=12, metadata={"help": "hard maximum of a persona conversation"})
 
+    def __post_init__(self) -> None:
+        if self.default_level not in JOIN_LEVELS:
+            raise ConfigError(
+                f"[join] default_level must be one of {', '.join(JOIN_LEVELS)}, got {self.default_level!r}"
+            )
+        if not 1 <= self.converse_turns <= self.converse_max_turns:
+            raise ConfigError("[join] converse_turns must be between 1 and converse_max_turns")
+
 
 @dataclass(frozen=True)
 class Settings:

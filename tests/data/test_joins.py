@@ -86,3 +86,12 @@ def test_levels_silences_erasure_and_export(settings: Settings) -> None:
             assert await joins.silenced([BOB], "50") == {BOB}, "other members' silences stay"
 
     asyncio.run(scenario())
+
+
+def test_join_settings_refuse_an_unknown_level(doppel_home: object) -> None:
+    from doppel.core.errors import ConfigError
+
+    env = {"DOPPEL_HOME": str(doppel_home), "DOPPEL_JOIN__DEFAULT_LEVEL": "chatty"}
+    with pytest.raises(ConfigError, match="default_level must be one of quiet, normal, lively"):
+        Settings.load(env=env)
+    assert Settings.load(env={**env, "DOPPEL_JOIN__DEFAULT_LEVEL": "lively"}).join.default_level == "lively"
