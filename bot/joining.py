@@ -92,11 +92,13 @@ class JoinIn:
         return await self.services.persona_adapter(member_id) is not None
 
     async def candidates(self, guild_id: str, channel_id: str) -> list[str]:
-        """Members whose persona may join in here: both consents, not silenced, with a trained persona."""
+        """Members of this server whose persona may join in here: both consents, not silenced, a trained persona."""
         store = self.services.store
         ids = await store.with_scope("join")
         ids &= await store.with_scope("chat", ids)
         ids -= await store.joins.silenced(sorted(ids), channel_id)
+        # Consent is per member, not per server: only members with stored messages here are this server's personas.
+        ids = await store.messages.authors_in_guild(guild_id, sorted(ids))
         return [m for m in sorted(ids) if await self.services.persona_adapter(m) is not None]
 
     # -- gateway events ---------------------------------------------------------------------------------------

@@ -225,6 +225,19 @@ class MessageRepo:
         out.reverse()
         return out
 
+    async def authors_in_guild(self, guild_id: str, member_ids: Sequence[str]) -> set[str]:
+        """Which of `member_ids` have stored messages on this server (one query per 500 ids)."""
+        found: set[str] = set()
+        ids = sorted(set(member_ids))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            rows = await self._s.fetchall(
+                f"SELECT DISTINCT author_id FROM messages WHERE guild_id = ? AND author_id IN ({', '.join('?' * len(chunk))})",
+                (guild_id, *chunk),
+            )
+            found |= {str(r[0]) for r in rows}
+        return found
+
     async def others_before(self, member_id: str, limit: int, window_s: float) -> dict[str, float | None]:
         """For the member's latest `limit` messages: when someone else last wrote in that channel within `window_s`
         before each (timestamps only, no content), by message id."""

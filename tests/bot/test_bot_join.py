@@ -24,7 +24,7 @@ def settings(settings: Any) -> Any:
     return dataclasses.replace(settings, join=join)
 
 
-async def _persona(h: Any, services: Any, uid: int, name: str, topic: str) -> None:
+async def _persona(h: Any, services: Any, uid: int, name: str, topic: str, guild: str | None = None) -> None:
     """A member who opted in to everything, with a trained persona and messages of their own on `topic`."""
     for scope in ("train", "chat", "join"):
         await h.click(f"doppel:consent:{scope}", uid)
@@ -35,7 +35,7 @@ async def _persona(h: Any, services: Any, uid: int, name: str, topic: str) -> No
         [
             Message(
                 id=snowflake(),
-                guild_id=str(h.GUILD),
+                guild_id=guild or str(h.GUILD),
                 channel_id=str(h.TEXT),
                 channel_name="general",
                 author_id=str(uid),
@@ -92,6 +92,10 @@ def test_persona_joins_when_named_without_a_mention_typing_first_and_pings_nobod
             assert "<@222>" not in final and "@everyone" not in final
             await h.say(BOB, "nice weather today")
             assert len(services.engine.requests) == 1, "not named, nothing on her topic: she stays out"
+            # Consent is per member: someone whose messages are all on another server is not this server's persona.
+            await _persona(h, services, CAROL, "Carol", "engines", guild="999")
+            await h.say(BOB, "what would carol think of engines?")
+            assert len(services.engine.requests) == 1
 
     asyncio.run(scenario())
 
