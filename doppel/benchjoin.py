@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import random
 import statistics
 import time
@@ -93,9 +94,8 @@ def own_messages(lines: Sequence[Line]) -> dict[str, list[OwnMessage]]:
         elif last[0] != line.nick:
             prev_other = last[1]
         else:
-            prev_other = last[
-                2
-            ]  # the same speaker again: someone else last spoke where their previous line saw
+            # The same speaker again: someone else last spoke where their previous line saw it.
+            prev_other = last[2]
         if line.nick not in BOTS:
             out.setdefault(line.nick, []).append(OwnMessage(CHANNEL, line.at, line.text, prev_other))
         last = (line.nick, line.at, prev_other)
@@ -139,7 +139,9 @@ class Scored:
     positives: int = 0
     gates: dict[str, Tally] | None = None
     named: Tally | None = None
-    eligible_sizes: list[int] | None = None
+    eligible_sizes: list[tuple[int, int]] | None = (
+        None  # per message: members considered, how many really spoke
+    )
     real_delays: list[float] | None = None
     model_delays: list[float] | None = None
     real_bursts: list[int] | None = None
@@ -163,8 +165,6 @@ def score_window(
     max_burst: int,
 ) -> None:
     """Every human line of one window against every member the gate may consider, at every level."""
-    import bisect
-
     assert out.gates is not None and out.named is not None and out.eligible_sizes is not None
     df = document_frequency(habits)
     known = {h.member_id for h in habits}
@@ -186,7 +186,7 @@ def score_window(
             out.messages += 1
             out.pairs += len(pool)
             out.positives += sum(truth.values())
-            out.eligible_sizes.append(len(pool))
+            out.eligible_sizes.append((len(pool), sum(truth.values())))
             for level in JOIN_LEVELS:
                 pick = choose(
                     habits, moment, memory, level, quiet_s=quiet_s, df=df, allowed=[h.member_id for h in pool]
@@ -214,11 +214,14 @@ def score_window(
 
 
 def random_gate(
-    scored: Scored, rate: float, sizes: Sequence[int], base: float, rng: random.Random
+    scored: Scored, rate: float, sizes: Sequence[tuple[int, int]], rng: random.Random
 ) -> dict[str, Any]:
-    """A gate that speaks at `rate` for a random eligible member: its precision is the base rate, by construction."""
-    spoke = sum(1 for n in sizes if n and rng.random() < rate)
-    right = sum(1 for _ in range(spoke) if rng.random() < base)
+    """A gate that speaks after a message at `rate`, for one of the members considered there, drawn at random."""
+    spoke = right = 0
+    for pool, positives in sizes:
+        if pool and rng.random() < rate:
+            spoke += 1
+            right += rng.randrange(pool) < positives  # the drawn member is one of those who really spoke
     return Tally(spoke, right).row(scored.positives, scored.messages)
 
 
@@ -280,7 +283,7 @@ def evaluate(
     levels = {}
     for level in JOIN_LEVELS:
         row = out.gates[level].row(out.positives, out.messages)
-        row["random_same_rate"] = random_gate(out, row["speak_rate"], out.eligible_sizes, base, rng)
+        row["random_same_rate"] = random_gate(out, row["speak_rate"], out.eligible_sizes, rng)
         row["threshold"] = LEVELS[level].threshold
         levels[level] = row
     default = settings.join.default_level
