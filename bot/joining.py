@@ -46,6 +46,17 @@ class Conversation:
     spoken: list[str] = field(default_factory=list)  # member ids, in turn order
 
 
+async def type_for(channel: Any, seconds: float) -> None:
+    """Show the typing indicator for `seconds` (Discord shows it about 10 s per trigger, so it is renewed)."""
+    while True:
+        await channel.typing()
+        step = min(seconds, 8.0)
+        await asyncio.sleep(step)
+        seconds -= step
+        if seconds <= 0:
+            return
+
+
 class JoinIn:
     """The gate's wiring: channel memories, pending turns, budgets, the members' habits (cached)."""
 
@@ -144,7 +155,7 @@ class JoinIn:
         )
         if pick is None:
             return
-        turn = asyncio.create_task(self._turn(message, pick.member_id, memory.humans, level))
+        turn = asyncio.create_task(self._turn(message, pick.member_id, memory.humans))
         self.pending[channel.id] = turn
         turn.add_done_callback(self._done)
 
@@ -173,7 +184,7 @@ class JoinIn:
         return bool(ref and ref.message_id and await self.chat.known(ref.message_id))
 
     # -- one unprompted turn ----------------------------------------------------------------------------------
-    async def _turn(self, trigger: discord.Message, member_id: str, serial: int, level: str) -> None:
+    async def _turn(self, trigger: discord.Message, member_id: str, serial: int) -> None:
         channel = trigger.channel
         memory = self.memories[channel.id]
         try:
@@ -192,10 +203,7 @@ class JoinIn:
             for k in range(pieces):
                 if not await self._still(member_id, channel, memory, serial):
                     return
-                await channel.typing()
-                await asyncio.sleep(
-                    typing if k == 0 else typing_s(habits, habits.median_chars, self.settings.max_typing_s)
-                )
+                await type_for(channel, typing)
                 if not await self._still(member_id, channel, memory, serial):
                     return
                 if k == 0:
@@ -254,9 +262,9 @@ class JoinIn:
                 scopes = await self.services.scopes(speaker)
                 if conversation.stopped or not all(s in scopes for s in NEEDS):
                     break
-                await conversation.channel.typing()
-                await asyncio.sleep(
-                    typing_s(habits[speaker], habits[speaker].median_chars, self.settings.max_typing_s)
+                await type_for(
+                    conversation.channel,
+                    typing_s(habits[speaker], habits[speaker].median_chars, self.settings.max_typing_s),
                 )
                 if conversation.stopped:
                     break
