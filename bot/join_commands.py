@@ -149,6 +149,8 @@ class JoinCommands(app_commands.Group):
             scopes = await self.services.scopes(str(m.id))
             if not all(s in scopes for s in NEEDS):
                 raise ConsentMissing(f"{m.display_name} has not allowed their persona to join conversations")
+            if await self.services.store.joins.silenced([str(m.id)], str(interaction.channel_id)):
+                raise NotAllowed(f"{m.display_name} has silenced their persona here")
             if await self.services.persona_adapter(str(m.id)) is None:
                 raise NotAvailable(f"{m.display_name} has no trained persona yet (`/persona train`)")
         settings = self.services.settings.join

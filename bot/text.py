@@ -83,6 +83,7 @@ WHAT_IS_STORED = (
     "• edits and deletions are mirrored; messages of members who did not opt in are never stored;\n"
     "• your name, display name and avatar link, your consent choices and their history (audit);\n"
     "• personas (LoRA adapters) trained on your messages, and 👍/👎 feedback on persona replies.\n"
+    "• where you silenced your persona's joining in (`/join silence`), and channels you opened to it as an admin.\n"
     "`/doppel mydata` sends you all of it; `/doppel forget` deletes all of it, including any persona "
     "trained on your messages."
 )

@@ -256,9 +256,15 @@ def test_stop_ends_a_conversation_and_consent_is_required(bot_world: Any) -> Non
                 first=(6, str(ALICE)),
                 second=(6, str(BOB)),
                 topic="hello",
-                resolved={**h.resolved(ALICE)},
+                resolved={k: {**h.resolved(ALICE)[k], **h.resolved(BOB)[k]} for k in ("users", "members")},
             )
             assert services.engine.requests == []
+            assert "has not allowed their persona" in h.sent_texts()[-1]
+            await h.command("join silence", CAROL)  # in this channel
+            _converse(h, BOB, first=ALICE, second=CAROL, topic="roses and engines", turns=8)
+            await h.settle()
+            assert services.engine.requests == [] and "silenced their persona here" in h.sent_texts()[-1]
+            await h.command("join silence", CAROL, silent=False)
             _converse(h, BOB, first=ALICE, second=CAROL, topic="roses and engines", turns=8)
             await asyncio.sleep(0.6)
             (running,) = h.bot.join.conversations.values()
