@@ -70,6 +70,7 @@ class JoinIn:
         self.conversations: dict[str, Conversation] = {}
         self._habits: dict[str, tuple[float, Habits]] = {}
         self._rng = random.Random()
+        self._in_guild: dict[str, tuple[tuple[str, frozenset[str]], float, set[str]]] = {}
 
     # -- habits -----------------------------------------------------------------------------------------------
     async def habits(self, member_id: str) -> Habits:
@@ -109,7 +110,13 @@ class JoinIn:
         ids &= await store.with_scope("chat", ids)
         ids -= await store.joins.silenced(sorted(ids), channel_id)
         # Consent is per member, not per server: only members with stored messages here are this server's personas.
-        ids = await store.messages.authors_in_guild(guild_id, sorted(ids))
+        # Cached (that changes rarely; consent and silences above are read afresh for every message).
+        key = (guild_id, frozenset(ids))
+        cached = self._in_guild.get(guild_id)
+        if cached is None or cached[0] != key or time.monotonic() - cached[1] > self.settings.profile_ttl_s:
+            cached = (key, time.monotonic(), await store.messages.authors_in_guild(guild_id, sorted(ids)))
+            self._in_guild[guild_id] = cached
+        ids = set(cached[2])
         return [m for m in sorted(ids) if await self.services.persona_adapter(m) is not None]
 
     # -- gateway events ---------------------------------------------------------------------------------------

@@ -232,8 +232,9 @@ class MessageRepo:
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             rows = await self._s.fetchall(
-                f"SELECT DISTINCT author_id FROM messages WHERE guild_id = ? AND author_id IN ({', '.join('?' * len(chunk))})",
-                (guild_id, *chunk),
+                f"SELECT id FROM members WHERE id IN ({', '.join('?' * len(chunk))}) AND EXISTS "
+                "(SELECT 1 FROM messages WHERE author_id = members.id AND guild_id = ?)",
+                (*chunk, guild_id),
             )
             found |= {str(r[0]) for r in rows}
         return found
