@@ -49,16 +49,26 @@ class DoppelBot(discord.Client):
         self.chat = PersonaChat(self.services, self)
         self.persona = PersonaCommands(self.services, self.chat)
         self.tree.add_command(self.persona)
+        self._join_setup()
+
+    def _join_setup(self) -> None:
+        from bot.join_commands import JoinCommands
+        from bot.joining import JoinIn
+
+        self.join = JoinIn(self.services, self.chat)
+        self.services.forgetters.append(self.join.forget)  # erasure reaches the cached habits too
+        self.tree.add_command(JoinCommands(self.services, self.join))
 
     async def setup_hook(self) -> None:
         """Register persistent views and dynamic buttons so old messages' buttons keep working; sync commands."""
         from bot.guess import GuessVoteButton
+        from bot.join_commands import StopButton
         from bot.training import CancelJobButton
 
         # Every component the bot sends is one of these: a press on any message, however old, reaches a handler.
         self.add_view(ConsentPanel(self.services))
         self.add_view(SetupView(self.services))
-        self.add_dynamic_items(CancelJobButton, GuessVoteButton, ForgetButton, UploadButton)
+        self.add_dynamic_items(CancelJobButton, GuessVoteButton, ForgetButton, UploadButton, StopButton)
         if self.services.settings.bot.sync_commands:
             await self.tree.sync()
 
@@ -76,6 +86,7 @@ class DoppelBot(discord.Client):
     async def on_message(self, message: discord.Message) -> None:
         await self.recorder.on_message(message)
         await self.chat.on_message(message)
+        await self.join.on_message(message)
 
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         await self.recorder.on_raw_edit(payload)

@@ -17,6 +17,7 @@ NONE = discord.AllowedMentions.none()
 CUSTOM_IDS = {
     "train": "doppel:consent:train",
     "chat": "doppel:consent:chat",
+    "join": "doppel:consent:join",
     "optout": "doppel:consent:optout",
     "forget": "doppel:consent:forget",
     "info": "doppel:consent:info",
@@ -64,7 +65,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 class ConsentPanel(discord.ui.View):
-    """Opt in, allow chat, opt out, delete, what is stored; each button acts on whoever presses it."""
+    """Opt in, allow chat, allow joining in, opt out, delete, what is stored; each button acts on whoever presses it."""
 
     def __init__(self, services: Services) -> None:
         super().__init__(timeout=None)
@@ -100,12 +101,23 @@ class ConsentPanel(discord.ui.View):
         await self._change(interaction, ["chat"], [])
 
     @discord.ui.button(
+        label="Let my persona join in (press again to stop)",
+        style=discord.ButtonStyle.primary,
+        custom_id=CUSTOM_IDS["join"],
+    )
+    async def allow_join(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
+        # Its own opt-in: speaking unprompted is more than answering when asked, so `chat` never implies it. A toggle:
+        # pressed again it withdraws `join` alone (the next unprompted message is checked against it and not sent).
+        held = "join" in await self.services.scopes(str(interaction.user.id))
+        await self._change(interaction, [] if held else ["join"], ["join"] if held else [])
+
+    @discord.ui.button(
         label="Opt out (deletes my stored messages)",
         style=discord.ButtonStyle.secondary,
         custom_id=CUSTOM_IDS["optout"],
     )
     async def opt_out(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
-        await self._change(interaction, [], ["train", "chat"])
+        await self._change(interaction, [], ["train", "chat", "join"])
 
     @discord.ui.button(
         label="Delete my data", style=discord.ButtonStyle.danger, custom_id=CUSTOM_IDS["forget"]

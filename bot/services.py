@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -64,6 +64,8 @@ class Services:
     registry: Registry = field(init=False)
     jobs: JobTable = field(init=False)
     _owned: list[Any] = field(default_factory=list, repr=False)
+    # Called with a member id whenever the engine forgets them (in-memory copies elsewhere, e.g. joining-in habits).
+    forgetters: list[Callable[[str], None]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         # The owners of `adapters` and `jobs`: the bot reads and writes those tables through them only.
@@ -165,6 +167,8 @@ class Services:
         """Make the engine drop what it holds in memory about a member (retrieval vectors, saved KV states)."""
         if self.engine is not None:
             self.engine.forget(member_id)
+        for forget in self.forgetters:
+            forget(member_id)
 
     async def upsert_member(self, member: Member) -> None:
         """Remember a member's names and avatar."""

@@ -13,6 +13,8 @@ _TAG = re.compile(r"<(@[!&]?|#)(\d+)>")
 SCOPE_TEXT = {
     "train": "your messages are recorded and may train your persona",
     "chat": "other members may chat with your persona",
+    "join": "your persona may join conversations unprompted, at your own pace, in channels the admins opened to it "
+    "(needs chat too; never while you are writing there; `/join silence` mutes it)",
 }
 
 
@@ -81,6 +83,7 @@ WHAT_IS_STORED = (
     "• edits and deletions are mirrored; messages of members who did not opt in are never stored;\n"
     "• your name, display name and avatar link, your consent choices and their history (audit);\n"
     "• personas (LoRA adapters) trained on your messages, and 👍/👎 feedback on persona replies.\n"
+    "• where you silenced your persona's joining in (`/join silence`), and channels you opened to it as an admin.\n"
     "`/doppel mydata` sends you all of it; `/doppel forget` deletes all of it, including any persona "
     "trained on your messages."
 )

@@ -1,13 +1,16 @@
 """The erasure parts of the store's tables and the home's plain folders: key, embeddings, feedback, messages, cache,
-logs, consent, member. Jobs and adapters are erased beside their owners (`trainer.erasure`, `models.erasure`)."""
+logs, join-in silences, consent, member. Jobs and adapters are erased beside their owners (`trainer.erasure`, `models.erasure`)."""
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from consent.erasure import ErasureContext, erasure_part
+from consent.erasure import ErasureContext, erasure_part, export_part
+
+if TYPE_CHECKING:
+    from data.store import Store
 
 
 @erasure_part("member_key", order=5, tables=("member_keys",))
@@ -38,6 +41,18 @@ async def erase_blind_tests(ctx: ErasureContext) -> dict[str, int]:
 async def erase_persona_replies(ctx: ErasureContext) -> int:
     """Delete the member's remembered persona replies and those whose context quotes the member."""
     return await ctx.store.persona_replies.delete_member(ctx.member_id)
+
+
+@erasure_part("join_silences", order=36, tables=("join_silences",))
+async def erase_join_silences(ctx: ErasureContext) -> int:
+    """Delete where the member silenced their persona (it cannot join in without them anyway)."""
+    return await ctx.store.joins.delete_member(ctx.member_id)
+
+
+@export_part("join_in")
+async def export_join_in(store: Store, member_id: str) -> dict[str, Any]:
+    """The member's silences and the channels they opened to personas joining in."""
+    return await store.joins.for_member(member_id)
 
 
 @erasure_part("messages", order=40, tables=("messages",))
@@ -88,6 +103,12 @@ async def erase_logs(ctx: ErasureContext) -> int:
 async def erase_guild_mentions(ctx: ErasureContext) -> int:
     """Remove the member's id from guild acknowledgements."""
     return await ctx.store.guilds.forget_member(ctx.member_id)
+
+
+@erasure_part("join_channels", order=61, tables=("join_channels",), identity=True)
+async def erase_join_openers(ctx: ErasureContext) -> int:
+    """Remove the member's id from the channels they opened to personas (the switch stays)."""
+    return await ctx.store.joins.forget_member(ctx.member_id)
 
 
 @erasure_part("consent", order=80, tables=("consent", "consent_audit"), identity=True)

@@ -13,12 +13,13 @@ from data.members import check_member_id
 if TYPE_CHECKING:
     from data.store import Store
 
-SCOPES = ("train", "chat")
+# `join` (a persona speaking unprompted) is its own opt-in: a `chat` grant never implies it.
+SCOPES = ("train", "chat", "join")
 CHANNELS = ("button", "command", "cli", "upload")
 
 
 def parse_scopes(scopes: Iterable[str] | str) -> list[str]:
-    """Validate scope names ('train', 'chat'; comma-separated text accepted)."""
+    """Validate scope names ('train', 'chat', 'join'; comma-separated text accepted)."""
     items = scopes.split(",") if isinstance(scopes, str) else list(scopes)
     clean = sorted({s.strip().lower() for s in items if s.strip()})
     unknown = [s for s in clean if s not in SCOPES]

@@ -225,6 +225,31 @@ class MessageRepo:
         out.reverse()
         return out
 
+    async def authors_in_guild(self, guild_id: str, member_ids: Sequence[str]) -> set[str]:
+        """Which of `member_ids` have stored messages on this server (one query per 500 ids)."""
+        found: set[str] = set()
+        ids = sorted(set(member_ids))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            rows = await self._s.fetchall(
+                f"SELECT id FROM members WHERE id IN ({', '.join('?' * len(chunk))}) AND EXISTS "
+                "(SELECT 1 FROM messages WHERE author_id = members.id AND guild_id = ?)",
+                (*chunk, guild_id),
+            )
+            found |= {str(r[0]) for r in rows}
+        return found
+
+    async def others_before(self, member_id: str, limit: int, window_s: float) -> dict[str, float | None]:
+        """For the member's latest `limit` messages: when someone else last wrote in that channel within `window_s`
+        before each (timestamps only, no content), by message id."""
+        rows = await self._s.fetchall(
+            "SELECT m.id, (SELECT MAX(p.created_at) FROM messages p WHERE p.channel_id = m.channel_id "
+            "AND p.created_at < m.created_at AND p.created_at >= m.created_at - ? AND p.author_id != m.author_id) "
+            "FROM messages m WHERE m.author_id = ? ORDER BY m.created_at DESC LIMIT ?",
+            (window_s, member_id, limit),
+        )
+        return {str(r[0]): (float(r[1]) if r[1] is not None else None) for r in rows}
+
     async def for_member(self, member_id: str) -> list[Message]:
         """Every stored message of one member, decrypted, by time."""
         rows = await self._s.fetchall(

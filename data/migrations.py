@@ -212,7 +212,42 @@ async def m004_job_progress_message(db: aiosqlite.Connection) -> None:
     )
 
 
-async def m005_persona_reply_mode(db: aiosqlite.Connection) -> None:
+async def m005_join_in(db: aiosqlite.Connection) -> None:
+    """Personas joining conversations: the `join` consent scope, admins' per-channel switch, members' silences."""
+    # SQLite cannot widen a CHECK constraint in place: the consent table is rebuilt with the new scope allowed.
+    await run_script(
+        db,
+        """
+        CREATE TABLE consent_new (
+            member_id TEXT NOT NULL,
+            scope TEXT NOT NULL CHECK (scope IN ('train', 'chat', 'join')),
+            granted_at REAL NOT NULL,
+            actor TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            PRIMARY KEY (member_id, scope)
+        );
+        INSERT INTO consent_new(member_id, scope, granted_at, actor, channel)
+            SELECT member_id, scope, granted_at, actor, channel FROM consent;
+        DROP TABLE consent;
+        ALTER TABLE consent_new RENAME TO consent;
+        CREATE TABLE join_channels (
+            channel_id TEXT PRIMARY KEY,
+            guild_id TEXT NOT NULL,
+            level TEXT NOT NULL,
+            set_by TEXT,
+            set_at REAL NOT NULL
+        );
+        CREATE TABLE join_silences (
+            member_id TEXT NOT NULL,
+            channel_id TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (member_id, channel_id)
+        );
+        """,
+    )
+
+
+async def m006_persona_reply_mode(db: aiosqlite.Connection) -> None:
     """Which persona mode made each posted reply (adapter, adapter+retrieval, ...): what a server really serves."""
     await run_script(db, "ALTER TABLE persona_replies ADD COLUMN mode TEXT;")
 
@@ -222,7 +257,8 @@ MIGRATIONS: list[Migration] = [
     m002_job_supervision,
     m003_blind_tests,
     m004_job_progress_message,
-    m005_persona_reply_mode,
+    m005_join_in,
+    m006_persona_reply_mode,
 ]
 
 

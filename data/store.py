@@ -80,6 +80,7 @@ class Store:
         from data.blindtests import BlindTestRepo
         from data.embeddings import EmbeddingRepo, FeedbackRepo
         from data.guilds import GuildRepo
+        from data.joins import JoinRepo
         from data.members import KeyRepo, MemberRepo
         from data.messages import MessageRepo
         from data.personareplies import PersonaReplyRepo
@@ -98,6 +99,7 @@ class Store:
         self.guilds = GuildRepo(self)
         self.blind_tests = BlindTestRepo(self)
         self.persona_replies = PersonaReplyRepo(self)
+        self.joins = JoinRepo(self)
 
     @classmethod
     def open(cls, settings: Settings) -> _Opening:

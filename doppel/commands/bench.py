@@ -19,11 +19,12 @@ BENCHES = {
     "fidelity": "doppel.benchfidelity:fidelity",
     "scale": "doppel.benchscale:scale",
     "colocated": "doppel.benchcolocated:colocated",
+    "join": "doppel.benchjoin:join",
 }
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("bench", help="run a benchmark (ingest, dataset, train, inference, all)")
+    p = sub.add_parser("bench", help="run a benchmark (ingest, dataset, train, inference, join, all)")
     p.add_argument("name", choices=[*BENCHES, "all"])
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.add_argument("-o", "--output", help="also write the JSON result to this file")
@@ -50,6 +51,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "--no-own-vs-other",
         action="store_true",
         help="fidelity: skip training another member's adapter to compare perplexities",
+    )
+    p.add_argument(
+        "--split",
+        default="heldout",
+        choices=("heldout", "validation"),
+        help="join: score the held-out windows (default) or the validation windows used to tune the method",
     )
     return p
 

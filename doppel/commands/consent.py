@@ -1,4 +1,4 @@
-"""`doppel consent grant|revoke USER_ID... [--scope train,chat]` and `doppel consent list` (operator-side, audited)."""
+"""`doppel consent grant|revoke USER_ID... [--scope train,chat,join]` and `doppel consent list` (operator-side, audited)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         a = actions.add_parser(name, help=f"{verb} consent scopes for one or many members")
         a.add_argument("member_ids", nargs="+", metavar="USER_ID", help="Discord user id(s)")
         a.add_argument(
-            "--scope", default="train,chat", help="comma-separated scopes: train, chat (default: both)"
+            "--scope",
+            default="train,chat",
+            help="comma-separated scopes: train, chat, join (speaking unprompted; never implied) (default: train,chat)",
         )
         a.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ls = actions.add_parser("list", help="members holding any scope")

@@ -146,6 +146,49 @@ class BotSettings:
     guess_context_messages: int = 4
 
 
+# Personas joining conversations: the chattiness levels, declared once (the bot's choices and the gate derive from it).
+JOIN_LEVELS = ("quiet", "normal", "lively")
+
+
+@dataclass(frozen=True)
+class JoinSettings:
+    """Personas that join a conversation unprompted (the member's `join` consent, an admin's per-channel switch)."""
+
+    default_level: str = field(
+        default="quiet",
+        metadata={"help": "chattiness of a channel opened without a level", "choices": JOIN_LEVELS},
+    )
+    member_quiet_s: float = field(
+        default=300.0,
+        metadata={"help": "a persona stays silent this long after its member wrote in the channel"},
+    )
+    max_wait_s: float = field(
+        default=90.0,
+        metadata={"help": "the longest a persona waits before answering (its member's own delays, capped)"},
+    )
+    max_typing_s: float = field(
+        default=20.0, metadata={"help": "the longest a persona shows the typing indicator before one message"}
+    )
+    max_burst: int = field(default=3, metadata={"help": "at most this many messages in one unprompted turn"})
+    profile_messages: int = field(
+        default=1000,
+        metadata={"help": "how many of the member's latest stored messages describe their habits"},
+    )
+    profile_ttl_s: float = field(default=900.0, metadata={"help": "how long a member's habits are cached"})
+    converse_turns: int = field(
+        default=6, metadata={"help": "turns of a persona conversation unless asked otherwise"}
+    )
+    converse_max_turns: int = field(default=12, metadata={"help": "hard maximum of a persona conversation"})
+
+    def __post_init__(self) -> None:
+        if self.default_level not in JOIN_LEVELS:
+            raise ConfigError(
+                f"[join] default_level must be one of {', '.join(JOIN_LEVELS)}, got {self.default_level!r}"
+            )
+        if not 1 <= self.converse_turns <= self.converse_max_turns:
+            raise ConfigError("[join] converse_turns must be between 1 and converse_max_turns")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, built once by `Settings.load` and passed down."""
@@ -159,6 +202,7 @@ class Settings:
     bot: BotSettings = field(default_factory=BotSettings)
     discord_token: str | None = field(default=None, repr=False)
     master_key: str | None = field(default=None, repr=False)
+    join: JoinSettings = field(default_factory=JoinSettings)
 
     @property
     def db_path(self) -> Path:

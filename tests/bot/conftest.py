@@ -144,6 +144,9 @@ class FakeDiscord:
                     _Resp(403), {"code": 50007, "message": "Cannot send messages to this user"}
                 )
             return {"id": "5555", "type": 1, "recipients": [user(int(payload["recipient_id"]), "someone")]}
+        if path.endswith("/members/{member_id}") and method == "GET":
+            uid = int(route.url.rsplit("/", 1)[-1])
+            return member(uid, f"user{uid}")
         if "/commands" in path:
             return []
         return None

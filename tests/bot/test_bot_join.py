@@ -1,0 +1,277 @@
+"""Personas joining in, the bot as it runs: named without a mention, budgets, never over their member, no chains,
+typing first, consent and the channel switch checked right before each message, persona conversations capped and
+stoppable, and nobody pinged."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any
+
+import pytest
+
+from data.records import Member, Message
+from tests.bot.conftest import snowflake
+
+ALICE, BOB, CAROL, ADMIN = 111, 222, 444, 333
+
+
+@pytest.fixture
+def settings(settings: Any) -> Any:
+    """No waiting in tests: the member's delay and typing are capped at zero unless a test asks for them."""
+    join = dataclasses.replace(settings.join, max_wait_s=0.0, max_typing_s=0.0)
+    return dataclasses.replace(settings, join=join)
+
+
+async def _persona(h: Any, services: Any, uid: int, name: str, topic: str, guild: str | None = None) -> None:
+    """A member who opted in to everything, with a trained persona and messages of their own on `topic`."""
+    for scope in ("train", "chat", "join"):
+        await h.click(f"doppel:consent:{scope}", uid)
+    await h.active_adapter(services, uid)
+    await services.upsert_member(Member(str(uid), name.lower(), name))
+    now = time.time()
+    await services.add_messages(
+        [
+            Message(
+                id=snowflake(),
+                guild_id=guild or str(h.GUILD),
+                channel_id=str(h.TEXT),
+                channel_name="general",
+                author_id=str(uid),
+                author_name=name,
+                created_at=now - 7200 + k * 120,
+                content=f"my {topic} again, number {k}",
+                source="live",
+            )
+            for k in range(40)
+        ]
+    )
+
+
+async def _open(h: Any, level: str = "quiet", cid: int | None = None) -> None:
+    """An admin opens a channel with /join channel."""
+    cid = cid or h.TEXT
+    resolved = {
+        "channels": {str(cid): {"id": str(cid), "type": 0, "name": "general", "permissions": h.ADMIN}}
+    }
+    await h.command(
+        "join channel", ADMIN, perms=h.ADMIN, channel=(7, str(cid)), level=(3, level), resolved=resolved
+    )
+
+
+def _hooks(h: Any) -> list[Any]:
+    return [c for c in h.fake.calls if c.path.startswith("/webhooks/7777/") and c.method == "POST"]
+
+
+def _persona_posts(h: Any) -> list[str]:
+    return [c.payload["username"] for c in _hooks(h)]
+
+
+def test_persona_joins_when_named_without_a_mention_typing_first_and_pings_nobody(bot_world: Any) -> None:
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            await _persona(h, services, ALICE, "Alice", "roses")
+            await h.say(BOB, "what would alice say about the roses?")
+            assert services.engine.requests == [], "the channel is not open to personas yet"
+            await _open(h)
+            assert await services.store.joins.level(str(h.TEXT)) == "quiet"
+            h.fake.events.clear()
+            services.engine.enqueue(["Roses need sun, <@222> @everyone"])
+            await h.say(BOB, "what would alice say about the roses?")
+            assert len(services.engine.requests) == 1
+            persona, context, _ = services.engine.requests[0]
+            assert persona.member_id == str(ALICE) and context[-1].text.startswith("what would alice")
+            typing = next(i for i, e in enumerate(h.fake.events) if e.endswith("/typing"))
+            posted = next(i for i, e in enumerate(h.fake.events) if e.startswith("http POST /webhooks/7777/"))
+            assert typing < posted, "the typing indicator comes before the message"
+            for call in h.fake.calls:
+                if isinstance(call.payload, dict) and "allowed_mentions" in call.payload:
+                    assert call.payload["allowed_mentions"] == {"parse": []}
+            final = [c for c in h.fake.calls if c.path.startswith("/webhooks/7777/")][-1].payload["content"]
+            assert "<@222>" not in final and "@everyone" not in final
+            await h.say(BOB, "nice weather today")
+            assert len(services.engine.requests) == 1, "not named, nothing on her topic: she stays out"
+            # Consent is per member: someone whose messages are all on another server is not this server's persona.
+            await _persona(h, services, CAROL, "Carol", "engines", guild="999")
+            await h.say(BOB, "what would carol think of engines?")
+            assert len(services.engine.requests) == 1
+
+    asyncio.run(scenario())
+
+
+def test_budget_quiet_member_and_no_chains(bot_world: Any) -> None:
+    from inference.joingate import LEVELS
+
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            await _persona(h, services, ALICE, "Alice", "roses")
+            await _persona(h, services, CAROL, "Carol", "engines")
+            await _open(h)
+            for k in range(LEVELS["quiet"].persona_per_hour + 2):
+                await h.say(BOB, f"what would alice say about the roses? ({k})")
+            assert len(services.engine.requests) == LEVELS["quiet"].persona_per_hour, "within her budget"
+            # A persona's (webhook) message naming another persona never makes that one answer: no chains.
+            before = len(services.engine.requests)
+            await h.say(ALICE, "what would carol think of engines?", webhook=True)
+            await h.say(9999, "what would carol think of engines?", bot=True)
+            assert len(services.engine.requests) == before
+            # A human naming Carol does.
+            await h.say(BOB, "what would carol think of engines?")
+            assert len(services.engine.requests) == before + 1
+            assert services.engine.requests[-1][0].member_id == str(CAROL)
+
+    asyncio.run(scenario())
+
+
+def test_says_nothing_while_its_member_is_active(bot_world: Any) -> None:
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            await _persona(h, services, ALICE, "Alice", "roses")
+            await _open(h, "lively")
+            await h.say(ALICE, "I'm here myself")
+            await h.say(BOB, "what would alice say about the roses?")
+            assert services.engine.requests == [], (
+                "her person is in the channel: the persona does not talk over her"
+            )
+            # Elsewhere she was not writing: her persona may join there (once that channel is open too).
+            await _open(h, "lively", h.OTHER)
+            await h.say(BOB, "what would alice say about the roses?", cid=h.OTHER)
+            assert len(services.engine.requests) == 1
+            # Silenced by the member herself (everywhere): nothing more.
+            await h.command("join silence", ALICE, where=(3, "all"))
+            await h.say(BOB, "would alice like the roses again?", cid=h.OTHER)
+            assert len(services.engine.requests) == 1
+
+    asyncio.run(scenario())
+
+
+def _dispatch(h: Any, uid: int, content: str, cid: int) -> None:
+    """A MESSAGE_CREATE without waiting for its handlers (to act while a persona is still waiting)."""
+    from tests.helpers.discord_payloads import member, user
+
+    data = h.fake.message(content, str(cid), author=user(uid, f"user{uid}", False))
+    data["guild_id"] = str(h.GUILD)
+    data["member"] = {k: v for k, v in member(uid, f"user{uid}").items() if k != "user"}
+    h.state.parse_message_create(data)
+
+
+@pytest.mark.parametrize("how", ["revoke", "channel_off", "human_first"])
+def test_a_waiting_persona_is_stopped_before_its_next_message(bot_world: Any, how: str) -> None:
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            services.settings = dataclasses.replace(
+                services.settings, join=dataclasses.replace(services.settings.join, max_wait_s=1.0)
+            )
+            h.bot.join.settings = services.settings.join
+            await _persona(h, services, ALICE, "Alice", "roses")
+            await _open(h, "lively")
+            _dispatch(h, BOB, "what would alice say about the roses?", h.TEXT)
+            await asyncio.sleep(0.3)  # the gate chose her; she is "reading" (her delay, 1 s here)
+            assert h.bot.join.pending, "a turn is waiting"
+            if how == "revoke":
+                await h.click("doppel:consent:join", ALICE)  # pressed again: `join` withdrawn
+                assert "join" not in await services.scopes(str(ALICE))
+            elif how == "channel_off":
+                await _open(h, "off")
+            else:
+                await h.say(CAROL, "I can answer that: full sun")
+            await h.settle()
+            assert services.engine.requests == [] and _hooks(h) == []
+
+    asyncio.run(scenario())
+
+
+def _converse(h: Any, uid: int, **options: Any) -> None:
+    """Invoke /join converse without waiting for it to finish."""
+    from tests.bot.conftest import snowflake as sf
+
+    types = {int: 4, str: 3}
+    opts = []
+    resolved: dict[str, Any] = {"users": {}, "members": {}}
+    for name, value in options.items():
+        if name in ("first", "second", "third"):
+            opts.append({"type": 6, "name": name, "value": str(value)})
+            block = h.resolved(value)
+            resolved["users"].update(block["users"])
+            resolved["members"].update(block["members"])
+        else:
+            opts.append({"type": types[type(value)], "name": name, "value": value})
+    data = {
+        "id": sf(),
+        "name": "join",
+        "type": 1,
+        "options": [{"type": 1, "name": "converse", "options": opts}],
+        "resolved": resolved,
+    }
+    h.state.parse_interaction_create(h._interaction(2, data, uid, "0"))
+
+
+def test_two_personas_converse_until_the_cap(bot_world: Any) -> None:
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            await _persona(h, services, ALICE, "Alice", "roses")
+            await _persona(h, services, CAROL, "Carol", "engines")
+            await _open(h)
+            _converse(h, BOB, first=ALICE, second=CAROL, topic="roses and engines", turns=100)
+            await h.settle()
+            cap = services.settings.join.converse_max_turns
+            speakers = [r[0].member_id for r in services.engine.requests]
+            assert len(speakers) == cap, "asked for 100, capped by the hard maximum"
+            assert all(a != b for a, b in zip(speakers, speakers[1:], strict=False)), (
+                "never the same persona twice in a row"
+            )
+            assert set(speakers) == {str(ALICE), str(CAROL)}
+            assert "ended after" in h.sent_texts()[-1]
+            # Anyone may press Stop on an ended conversation: it says so.
+            start = next(c for c in h.responses() if c.payload and "doppel:join:stop:" in str(c.payload))
+            custom_id = str(start.payload).split("doppel:join:stop:", 1)[1].split("'", 1)[0]
+            await h.click(f"doppel:join:stop:{custom_id}", BOB)
+            assert "already ended" in h.sent_texts()[-1]
+            for call in h.fake.calls:
+                body = (
+                    call.payload.get("data")
+                    if isinstance(call.payload, dict) and "data" in call.payload
+                    else call.payload
+                )
+                if isinstance(body, dict) and "allowed_mentions" in body:
+                    assert body["allowed_mentions"] == {"parse": []}
+
+    asyncio.run(scenario())
+
+
+def test_stop_ends_a_conversation_and_consent_is_required(bot_world: Any) -> None:
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            services.settings = dataclasses.replace(
+                services.settings, join=dataclasses.replace(services.settings.join, max_typing_s=0.25)
+            )
+            h.bot.join.settings = services.settings.join
+            await _persona(h, services, ALICE, "Alice", "roses")
+            await _persona(h, services, CAROL, "Carol", "engines")
+            await _open(h)
+            await h.command(
+                "join converse",
+                BOB,
+                first=(6, str(ALICE)),
+                second=(6, str(BOB)),
+                topic="hello",
+                resolved={k: {**h.resolved(ALICE)[k], **h.resolved(BOB)[k]} for k in ("users", "members")},
+            )
+            assert services.engine.requests == []
+            assert "has not allowed their persona" in h.sent_texts()[-1]
+            await h.command("join silence", CAROL)  # in this channel
+            _converse(h, BOB, first=ALICE, second=CAROL, topic="roses and engines", turns=8)
+            await h.settle()
+            assert services.engine.requests == [] and "silenced their persona here" in h.sent_texts()[-1]
+            await h.command("join silence", CAROL, silent=False)
+            _converse(h, BOB, first=ALICE, second=CAROL, topic="roses and engines", turns=8)
+            await asyncio.sleep(0.6)
+            (running,) = h.bot.join.conversations.values()
+            await h.click(f"doppel:join:stop:{running.id}", ADMIN)
+            await h.settle()
+            assert 1 <= len(services.engine.requests) < 8
+            assert any("Stopped by" in t for t in h.sent_texts())
+            assert "stopped after" in h.sent_texts()[-1]
+
+    asyncio.run(scenario())

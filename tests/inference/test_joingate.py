@@ -1,0 +1,96 @@
+"""The join gate and the member's timing, pure: named without a mention, the quiet minutes, pings, one persona at
+most, budgets, and delays, bursts and typing speed read from the member's own messages."""
+
+from __future__ import annotations
+
+import random
+
+from inference.joingate import (
+    LEVELS,
+    Budget,
+    ChannelMemory,
+    Moment,
+    choose,
+    document_frequency,
+    probability,
+)
+from inference.joinhabits import OwnMessage, build_habits, sample_burst, sample_delay, typing_s
+
+CH = "c1"
+T0 = 1_700_000_000.0
+
+
+def _habits(member: str, name: str, topic: str, start: float = T0 - 86400.0) -> object:
+    own = []
+    for k in range(60):
+        at = start + k * 300.0
+        # Replies 20-40 s after someone else, some turns of two messages 10 s apart (40 characters: 4 chars/s).
+        own.append(
+            OwnMessage(CH, at, f"{topic} thoughts number {k:02d} about {topic}", at - 20.0 - (k % 3) * 10.0)
+        )
+        if k % 4 == 0:
+            own.append(OwnMessage(CH, at + 10.0, "x" * 40, at - 20.0 - (k % 3) * 10.0))
+    return build_habits(member, [name], own)
+
+
+def test_habits_read_the_members_own_delays_bursts_and_typing() -> None:
+    h = _habits("1", "Alice", "gardening")
+    assert sorted(set(h.delays)) == [20.0, 30.0, 40.0]
+    assert sorted(set(h.bursts)) == [1, 2] and h.bursts.count(2) == 15
+    assert h.cps == 4.0
+    rng = random.Random(3)
+    draws = [sample_delay(h, rng, cap_s=35.0) for _ in range(200)]
+    assert all(20.0 <= d <= 35.0 for d in draws) and 22.0 < sum(draws) / len(draws) < 30.0
+    assert {sample_burst(h, rng, cap=3) for _ in range(200)} == {1, 2}
+    assert typing_s(h, 20, cap_s=3.0) == 3.0 and typing_s(h, 8, cap_s=3.0) == 2.0
+
+
+def test_named_member_is_chosen_and_only_one() -> None:
+    alice, bob = _habits("1", "Alice", "gardening"), _habits("2", "Bob", "gardening")
+    members = [alice, bob]
+    df = document_frequency(members)
+    memory = ChannelMemory()
+    memory.note("1", T0 - 900.0, human=True)  # Alice was here a quarter of an hour ago
+    memory.note("2", T0 - 900.0, human=True)
+    moment = Moment(CH, T0, "9", "what would alice say about the roses?")
+    pick = choose(members, moment, memory, "quiet", quiet_s=300.0, df=df)
+    assert pick is not None and pick.member_id == "1" and pick.named
+    unnamed = Moment(CH, T0, "9", "what about the roses?")
+    assert probability(alice, unnamed, memory, df, 2)[0] < probability(alice, moment, memory, df, 2)[0]
+    assert choose(members, unnamed, memory, "quiet", quiet_s=300.0, df=df) is None
+
+
+def test_never_while_the_member_is_here_nor_when_pinged_nor_for_the_author() -> None:
+    alice = _habits("1", "Alice", "gardening")
+    df = document_frequency([alice])
+    memory = ChannelMemory()
+    memory.note("1", T0 - 60.0, human=True)
+    moment = Moment(CH, T0, "9", "alice: roses?")
+    assert choose([alice], moment, memory, "lively", quiet_s=300.0, df=df) is None, "she wrote a minute ago"
+    memory = ChannelMemory()
+    memory.note("1", T0 - 900.0, human=True)
+    assert choose([alice], moment, memory, "lively", quiet_s=300.0, df=df) is not None
+    pinged = Moment(CH, T0, "9", "alice: roses?", pinged=frozenset({"1"}))
+    assert choose([alice], pinged, memory, "lively", quiet_s=300.0, df=df) is None, "her person was called"
+    own = Moment(CH, T0, "1", "alice: roses?")
+    assert choose([alice], own, memory, "lively", quiet_s=300.0, df=df) is None
+
+
+def test_persona_messages_never_count_as_the_member_nor_move_the_conversation() -> None:
+    memory = ChannelMemory()
+    memory.note("9", T0, human=True)
+    memory.note("1", T0 + 1, human=False)  # Alice's persona spoke: not Alice
+    assert memory.seen == {"9": T0} and memory.humans == 1 and not memory.last_human
+
+
+def test_budgets_per_channel_and_per_persona() -> None:
+    budget = Budget()
+    level = "quiet"
+    for k in range(LEVELS[level].persona_per_hour):
+        assert budget.persona_allowed("1", level, T0 + k)
+        budget.spend(CH, "1", T0 + k)
+    assert not budget.persona_allowed("1", level, T0 + 10)
+    assert budget.persona_allowed("1", level, T0 + 3700), "an hour later the budget is back"
+    for k in range(LEVELS[level].channel_per_hour):
+        budget.spend(CH, str(10 + k), T0 + k)
+    assert not budget.allowed(CH, level, T0 + 100) and budget.allowed("other", level, T0 + 100)
