@@ -108,6 +108,15 @@ def engine_checks(settings: Settings) -> list[Check]:
         args = " ".join(str(a) for a in flags if str(a).endswith("=ON")) if isinstance(flags, list) else ""
         checks.append(Check("llama.cpp build", "ok", f"portable build {wanted}: {args or 'baseline'}"))
     checks.append(engine_probe(settings))
+    checks.append(
+        Check(
+            "served bases",
+            "ok",
+            f"each persona is served on the base it was trained on; up to "
+            f"{settings.inference.base_budget_mb} MiB of base GGUFs stay loaded, least recently used unloaded first "
+            "([inference] base_budget_mb)",
+        )
+    )
     return checks
 
 

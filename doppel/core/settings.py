@@ -110,6 +110,9 @@ class InferenceSettings:
     prompt_token_budget: int = 1024
     retrieval_k: int = 4
     kv_states_kept: int = 4
+    # Bases loaded at once (each persona is served on the base it was trained on): the GGUF bytes kept loaded; past
+    # it the least recently used idle base is unloaded (the bases serving a reply always stay).
+    base_budget_mb: int = 4096
 
 
 @dataclass(frozen=True)
