@@ -88,11 +88,12 @@ class Services:
             await services.supervisor.start()
             services._owned.append(services.supervisor)
         if with_engine:
-            from inference.engine import Engine
             from inference.retrieval import Retriever
+            from inference.server import make_engine
 
-            # The retriever serves the 'retrieval' and 'adapter+retrieval' persona modes from the member's messages.
-            engine = Engine(settings, retriever=Retriever(store, settings))
+            # The retriever serves the 'retrieval' and 'adapter+retrieval' persona modes from the member's messages;
+            # [inference] backend picks llama.cpp in this process or a persona server.
+            engine = make_engine(settings, retriever=Retriever(store, settings))
             await engine.start()
             services.engine = engine
             services._owned.append(engine)

@@ -117,7 +117,27 @@ def engine_checks(settings: Settings) -> list[Check]:
             "([inference] base_budget_mb)",
         )
     )
+    if settings.inference.backend != "process":
+        checks.append(server_check(settings))
     return checks
+
+
+def server_check(settings: Settings) -> Check:
+    """[inference] backend = server: the persona server answers (and, for llama-server, lists its adapters)."""
+    import asyncio
+
+    from inference.server import ServerEngine, check_choices
+    from trainer.preflight import Check
+
+    async def probe() -> str:
+        async with ServerEngine(settings) as engine:
+            return await engine.check()
+
+    try:
+        check_choices(settings)
+        return Check("persona server", "ok", asyncio.run(probe()))
+    except UserFacingError as exc:
+        return Check("persona server", "fail", str(exc), "start the server or fix [inference] server_url")
 
 
 def engine_probe(settings: Settings, command: list[str] | None = None) -> Check:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 
@@ -16,33 +15,10 @@ from inference.engine import Engine
 from inference.errors import AdapterError
 from inference.requests import GenParams, PersonaRequest
 from models.catalog import file_sha256
+from tests.helpers.adapters import adapter_on
 
 CONTEXT = [Utterance("20", "Bob", "anyone up for pizza tonight?"), Utterance("30", "Carol", "yes! where?")]
 GREEDY = GenParams(max_tokens=12, temperature=0.0)
-
-
-def adapter_on(base: Path, folder: Path, seed: int, *, name: str, sha: str | None = None) -> str:
-    """A published-like adapter folder: a random LoRA for `base` and a meta.json recording that base."""
-    from inference.synthetic import write_random_lora
-
-    folder.mkdir(parents=True, exist_ok=True)
-    gguf = write_random_lora(base, folder / "adapter.gguf", seed=seed, strength=0.3)
-    meta = {
-        "base_model": {"name": name, "path": str(base), "sha256": sha or file_sha256(base), "gguf": str(base)}
-    }
-    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-    return str(gguf)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A second, tiny random llama base (its own tokenizer and shapes), as a GGUF llama.cpp loads."""
-    import torch
-
-    from trainer.tinymodel import build_tiny
-
-    torch.set_num_threads(1)
-    return build_tiny(tmp_path_factory.mktemp("tinybase"), hidden=64, layers=2).gguf_path
 
 
 def persona(member: str, name: str, adapter: str) -> PersonaRequest:
