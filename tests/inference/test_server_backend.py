@@ -19,6 +19,9 @@ from inference.requests import GenParams, PersonaRequest
 from inference.server import ServerEngine, adapter_name
 from tests.helpers.llama_server import free_port, running_server, server_binary
 
+# The first test here may build llama-server (about 8 minutes on 2 cores, once; cached after): past the default 900 s.
+pytestmark = pytest.mark.timeout(2700)
+
 CONTEXT = [Utterance("20", "Bob", "anyone up for pizza tonight?"), Utterance("30", "Carol", "yes! where?")]
 GREEDY = GenParams(max_tokens=12, temperature=0.0)
 
