@@ -97,9 +97,10 @@ class Services:
             await services.supervisor.start()
             services._owned.append(services.supervisor)
         if with_engine:
-            from inference.engine import Engine
+            from inference.server import make_engine
 
-            engine = Engine(settings, retriever=retriever)
+            # [inference] backend picks llama.cpp in this process or a persona server.
+            engine = make_engine(settings, retriever=retriever)
             await engine.start()
             services.engine = engine
             services._owned.append(engine)

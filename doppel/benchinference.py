@@ -172,6 +172,7 @@ async def _bench(settings: Settings, quick: bool) -> dict[str, Any]:
             "raw_alternating_full_prefill": {"ttft_s": _median([r[0] for r in raw_alt])},
             "ttft_ratio": alt_ttft / same_ttft if same_ttft else 0.0,
         }
+        result["server"] = await _server_section(settings, engine, loras, persona, context, params, runs)
     worst = min(result["base"]["throughput_ratio"], result["adapter"]["throughput_ratio"])
     result["targets"] = {
         "engine_vs_raw_throughput": {
@@ -186,6 +187,69 @@ async def _bench(settings: Settings, quick: bool) -> dict[str, Any]:
         },
     }
     return result
+
+
+async def _server_run(
+    engine: Any, persona: Any, context: list[Utterance], params: Any
+) -> tuple[float, float, int]:
+    """(visible ttft, decode chunks/s, chunks) of one reply streamed from the persona server."""
+    t0 = time.perf_counter()
+    first, n = 0.0, 0
+    async for _ in engine.reply(persona, context, params):
+        n += 1
+        if not first:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return (first or end) - t0, (n - 1) / (end - first) if n > 1 and end > first else 0.0, n
+
+
+async def _server_section(
+    settings: Settings,
+    engine: Any,
+    loras: list[Path],
+    persona: Any,
+    context: list[Utterance],
+    params: Any,
+    runs: int,
+) -> dict[str, Any]:
+    """The same prompts through llama.cpp's llama-server (the server backend), interleaved with the engine."""
+    from doppel.llamaserver import cached_binary, running_server
+    from inference.runtime import default_threads
+    from inference.server import ServerEngine
+
+    binary = cached_binary()
+    if binary is None:
+        return {
+            "skipped": "no llama-server built for this CPU: run `python doppel/llamaserver.py` (about 8 minutes)"
+        }
+    threads = default_threads(settings.inference.n_threads)
+    out: dict[str, Any] = {"binary": str(binary)}
+    base = settings.base_gguf_path()
+    with running_server(
+        binary, base, [str(p) for p in loras], n_ctx=settings.inference.n_ctx, threads=threads
+    ) as url:
+        async with ServerEngine(settings, url=url, flavour="llama.cpp") as server:
+            for label, lora in (("base", None), ("adapter", loras[0])):
+                srv, eng = [], []
+                for _ in range(runs):
+                    # Interleaved so both see the same machine load (the idle one only holds memory).
+                    srv.append(await _server_run(server, persona(lora), context, params))
+                    eng.append(await _engine_run(engine, persona(lora), context, params))
+                srv_ttft, eng_ttft = _median([s[0] for s in srv]), _median([e[0] for e in eng])
+                out[label] = {
+                    "server": {"ttft_s": srv_ttft, "decode_chunks_per_s": _median([s[1] for s in srv])},
+                    "engine": {"ttft_s": eng_ttft, "decode_tokens_per_s": _median([e[2] for e in eng])},
+                    "ttft_ratio_server_vs_engine": srv_ttft / eng_ttft if eng_ttft else 0.0,
+                }
+            alt = [await _server_run(server, persona(loras[i % 2]), context, params) for i in range(2 * runs)]
+            same = [await _server_run(server, persona(loras[0]), context, params) for _ in range(runs)]
+            alt_ttft, same_ttft = _median([a[0] for a in alt]), _median([s[0] for s in same])
+            out["alternating"] = {
+                "server_one_persona_ttft_s": same_ttft,
+                "server_alternating_ttft_s": alt_ttft,
+                "ttft_ratio": alt_ttft / same_ttft if same_ttft else 0.0,
+            }
+    return out
 
 
 def inference(settings: Settings, args: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The persona engine: async API over llama.cpp worker threads (one base model, adapters swapped per request)."""
+"""The persona engine: async API over llama.cpp worker threads (bases loaded per persona, adapters swapped per request)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from doppel.core.errors import UserFacingError
 from doppel.core.hostshare import ServingMarks
 from doppel.core.settings import Settings
 from inference.adapters import AdapterCache
+from inference.bases import BasePool, WorkerSlot
 from inference.cleaning import StreamCleaner
 from inference.errors import EngineClosedError, InferenceError, RetrievalError
 from inference.prompting import RETRIEVAL_REPEAT_PENALTY, build_prompt, trained_style
@@ -102,10 +103,10 @@ class Engine:
         self.cfg = settings.inference
         self.base_path = Path(base_gguf) if base_gguf else None
         self.retriever = retriever
-        self.base: BaseModel | None = None
-        self.adapters: AdapterCache | None = None
-        self.states = KVStates(self.cfg.kv_states_kept)
-        self.sessions: list[Session] = []
+        # Every base this engine has loaded (each persona is served on the base its adapter was trained on).
+        self.pool: BasePool | None = None
+        self.slots: list[WorkerSlot] = []
+        self._idle_states = KVStates(self.cfg.kv_states_kept)
         self._scheduler = Scheduler(self.cfg.queue_size)
         self._threads: list[threading.Thread] = []
         self._started = False
@@ -124,25 +125,41 @@ class Engine:
         path = self.base_path or self.settings.base_gguf_path()
         await asyncio.to_thread(self._load, path)
         self.marks.open()
-        for i, session in enumerate(self.sessions):
-            t = threading.Thread(target=self._work, args=(session,), name=f"doppel-infer-{i}", daemon=True)
+        for i, slot in enumerate(self.slots):
+            t = threading.Thread(target=self._work, args=(slot,), name=f"doppel-infer-{i}", daemon=True)
             t.start()
             self._threads.append(t)
         self._started = True
 
     def _load(self, path: Path) -> None:
-        from models.catalog import template_for_path
+        self.pool = BasePool(self.settings, path)
+        self.pool.preload()
+        self.slots = [WorkerSlot(self.pool, i) for i in range(max(1, self.cfg.workers))]
+        for slot in self.slots:
+            slot.bind(None)  # each worker's context on the default base is made now, not at the first reply
 
-        # The template chosen for this GGUF at add-base, if any: the one its adapters were trained with.
-        self.base = BaseModel(path, *template_for_path(self.settings, path))
-        self.adapters = AdapterCache(
-            self.base.model.model, self.cfg.max_adapters, self.cfg.adapter_budget_mb * 2**20
-        )
-        threads = default_threads(self.cfg.n_threads)
-        self.sessions = [
-            Session(self.base, self.adapters, self.states, self.cfg.n_ctx, threads)
-            for _ in range(max(1, self.cfg.workers))
-        ]
+    @property
+    def base(self) -> BaseModel | None:
+        """The default base model (loaded while the engine runs)."""
+        held = self.pool.get(self.pool.default) if self.pool is not None else None
+        return held.base if held is not None else None
+
+    @property
+    def adapters(self) -> AdapterCache | None:
+        """The default base's loaded adapters."""
+        held = self.pool.get(self.pool.default) if self.pool is not None else None
+        return held.adapters if held is not None else None
+
+    @property
+    def states(self) -> KVStates:
+        """The default base's saved KV states."""
+        held = self.pool.get(self.pool.default) if self.pool is not None else None
+        return held.states if held is not None else self._idle_states
+
+    @property
+    def sessions(self) -> list[Session]:
+        """The workers' current sessions."""
+        return [slot.session for slot in self.slots if slot.session is not None]
 
     async def close(self) -> None:
         """Fail what is still queued, stop the workers, free contexts, adapters and the model."""
@@ -156,15 +173,12 @@ class Engine:
         for t in self._threads:
             await asyncio.to_thread(t.join)
         self._threads = []
-        for s in self.sessions:
-            s.close()
-        self.sessions = []
-        if self.adapters is not None:
-            self.adapters.close()
-        self.states.clear()
-        if self.base is not None:
-            self.base.close()
-            self.base = None
+        for slot in self.slots:
+            slot.unbind()
+        self.slots = []
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
         self.marks.close()
         self._started = False
 
@@ -192,15 +206,16 @@ class Engine:
         if self.retriever is not None:
             self.retriever.forget(member_id)
         # KV states encode whole channel contexts, which may quote the member: simplest correct thing is all of them.
-        self.states.clear()
-        for s in self.sessions:
-            s.flush_requested = True
+        self._idle_states.clear()
+        if self.pool is not None:
+            self.pool.forget()
 
     async def _submit(self, persona: PersonaRequest, context: Sequence[Utterance], params: GenParams) -> Job:
-        if not self._started or self.base is None:
+        if not self._started or self.pool is None:
             raise EngineClosedError("the persona engine is not running")
         persona.validate()
         params.validate()
+        base = self.pool.resolve(persona.adapters if persona.uses_adapters else ())
         examples: list[str] = []
         if persona.uses_retrieval:
             if self.retriever is None:
@@ -211,13 +226,14 @@ class Engine:
                 # The member's examples sit in the prompt: without a penalty a small base copies or loops on them.
                 params = dataclasses.replace(params, repeat_penalty=RETRIEVAL_REPEAT_PENALTY)
         job = Job(persona, context, params, examples, persona.adapter_key(), asyncio.get_running_loop())
+        job.base = base
         self._scheduler.submit(job)
         return job
 
     def _discard(self, job: Job) -> None:
         self._scheduler.discard(job)
 
-    def _work(self, session: Session) -> None:
+    def _work(self, session: WorkerSlot) -> None:
         while True:
             job = self._scheduler.take(session.key)
             if job is None:
@@ -227,7 +243,7 @@ class Engine:
             self._running.add(job)
             try:
                 with self.marks.generating():
-                    stats = self._serve(session, job)
+                    stats = self._serve(session.bind(job.base), job)
                 job.send("done", stats)
             except UserFacingError as exc:
                 job.send("error", exc)
@@ -238,7 +254,6 @@ class Engine:
                 self._running.discard(job)
 
     def _serve(self, session: Session, job: Job) -> GenStats:
-        assert self.base is not None
         p = job.persona
         budget = min(self.cfg.prompt_token_budget, session.n_ctx - job.params.max_tokens - 1)
         style = self._styles.get(job.key)
@@ -248,8 +263,8 @@ class Engine:
                 self._styles.clear()
             self._styles[job.key] = style
         prompt = build_prompt(
-            self.base.format,
-            self.base.tokenize,
+            session.base.format,
+            session.base.tokenize,
             persona_id=p.member_id,
             persona_name=p.name,
             channel_name=p.channel_name,

@@ -29,5 +29,9 @@ class RetrievalError(UserFacingError):
     """The retrieval persona cannot be built (no embedding model, no stored messages)."""
 
 
+class ServerError(UserFacingError):
+    """The persona server is down, too slow, lacks an adapter or refused a request ([inference] backend = server)."""
+
+
 class ChatNotAllowedError(UserFacingError):
     """The member has not given `chat` consent: nobody may talk to their persona."""

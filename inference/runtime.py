@@ -31,7 +31,12 @@ class BaseModel:
     """The base GGUF, loaded once; its chat format is the one training used (see `ChatFormat.from_gguf`)."""
 
     def __init__(
-        self, path: Path, chat_template: str | None = None, template_source: str | None = None
+        self,
+        path: Path,
+        chat_template: str | None = None,
+        template_source: str | None = None,
+        *,
+        vocab_only: bool = False,
     ) -> None:
         import llama_cpp
         from llama_cpp import _internals
@@ -44,6 +49,8 @@ class BaseModel:
         _logger.set_verbose(False)
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
+        # A client of a persona server needs the tokenizer and chat format only: the weights live on the server.
+        params.vocab_only = vocab_only
         self.path = path
         self.model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
         self.metadata: dict[str, str] = self.model.metadata()

@@ -7,12 +7,15 @@ import itertools
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from doppel.core.chatformat import Utterance
 from inference.adapters import AdapterKey
 from inference.errors import BusyError, EngineClosedError
 from inference.requests import GenParams, PersonaRequest
+
+if TYPE_CHECKING:
+    from inference.bases import BaseRef
 
 # How far into a guild's queue a worker looks for a request of the persona it already has loaded, and how often
 # one request may be passed over that way: grouping saves swaps, the bound keeps it from starving anyone.
@@ -46,6 +49,7 @@ class Job:
         self.cancel_event = threading.Event()
         self.skips = 0
         self.stats: Any = None
+        self.base: BaseRef | None = None  # the base its adapters were trained on (None: the engine's default)
 
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()

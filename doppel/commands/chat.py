@@ -69,9 +69,9 @@ async def _resolve(store: Any, settings: Settings, user_id: str, mode: str) -> t
 async def _chat(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from data.store import Store
     from doppel.core.chatformat import Utterance
-    from inference.engine import Engine
     from inference.requests import GenParams, PersonaRequest
     from inference.retrieval import Retriever
+    from inference.server import make_engine
 
     async with Store.open(settings) as store:
         name, mode, adapter = await _resolve(store, settings, args.user_id, args.mode)
@@ -93,7 +93,8 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         history: list[Utterance] = []
         replies: list[str] = []
         stream_out = not getattr(args, "json", False)
-        async with Engine(settings, retriever=Retriever(store, settings)) as engine:
+        # [inference] backend: llama.cpp in this process, or a persona server (inference/server.py).
+        async with make_engine(settings, retriever=Retriever(store, settings)) as engine:
             messages = [args.message] if args.message is not None else None
             if messages is None and stream_out:
                 print(f"chatting with {name} ({mode}); an empty line or Ctrl-D ends", file=sys.stderr)

@@ -108,7 +108,36 @@ def engine_checks(settings: Settings) -> list[Check]:
         args = " ".join(str(a) for a in flags if str(a).endswith("=ON")) if isinstance(flags, list) else ""
         checks.append(Check("llama.cpp build", "ok", f"portable build {wanted}: {args or 'baseline'}"))
     checks.append(engine_probe(settings))
+    checks.append(
+        Check(
+            "served bases",
+            "ok",
+            f"each persona is served on the base it was trained on; up to "
+            f"{settings.inference.base_budget_mb} MiB of base GGUFs stay loaded, least recently used unloaded first "
+            "([inference] base_budget_mb)",
+        )
+    )
+    if settings.inference.backend != "process":
+        checks.append(server_check(settings))
     return checks
+
+
+def server_check(settings: Settings) -> Check:
+    """[inference] backend = server: the persona server answers (and, for llama-server, lists its adapters)."""
+    import asyncio
+
+    from inference.server import ServerEngine, check_choices
+    from trainer.preflight import Check
+
+    async def probe() -> str:
+        async with ServerEngine(settings) as engine:
+            return await engine.check()
+
+    try:
+        check_choices(settings)
+        return Check("persona server", "ok", asyncio.run(probe()))
+    except UserFacingError as exc:
+        return Check("persona server", "fail", str(exc), "start the server or fix [inference] server_url")
 
 
 def engine_probe(settings: Settings, command: list[str] | None = None) -> Check:

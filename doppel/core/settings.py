@@ -120,6 +120,15 @@ class InferenceSettings:
     # GPU memory kept free of training jobs for the engine (MiB): -1 estimates it from the base when llama.cpp
     # offloads to a GPU, 0 keeps nothing (trainer/preflight.py serving_reserve).
     gpu_reserve_mb: int = -1
+    # Bases loaded at once (each persona is served on the base it was trained on): the GGUF bytes kept loaded; past
+    # it the least recently used idle base is unloaded (the bases serving a reply always stay).
+    base_budget_mb: int = 4096
+    # Where replies are generated: "process" (llama.cpp inside this process) or "server" (inference/server.py).
+    backend: str = "process"
+    server_url: str = ""  # http://host:port of the persona server
+    server_flavour: str = "llama.cpp"  # llama.cpp (llama-server) | vllm | sglang
+    server_timeout_s: float = 60.0  # longest silence from the server while it streams a reply
+    server_model: str = ""  # vLLM/SGLang: the served base model's name ("": the first the server lists)
 
 
 @dataclass(frozen=True)

@@ -421,9 +421,8 @@ def bot_world(settings: Any) -> Any:
     @contextlib.asynccontextmanager
     async def world(**extra: Any) -> AsyncIterator[tuple[Harness, Services]]:
         store = await Store.open(fast)
-        services = Services(
-            settings=fast, store=store, consent=ConsentService(store), engine=FakeEngine(), **extra
-        )
+        engine = extra.pop("engine", None) or FakeEngine()  # a real engine where a test passes one
+        services = Services(settings=fast, store=store, consent=ConsentService(store), engine=engine, **extra)
         fake = FakeDiscord()
         token = async_context.set(RecordingAdapter(fake))
         bot = DoppelBot(services)

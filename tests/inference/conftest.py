@@ -29,6 +29,17 @@ def lora_paths(base_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> lis
     ]
 
 
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, tiny random llama base (its own tokenizer and shapes), as a GGUF llama.cpp loads."""
+    import torch
+
+    from trainer.tinymodel import build_tiny
+
+    torch.set_num_threads(1)
+    return build_tiny(tmp_path_factory.mktemp("tinybase")).gguf_path
+
+
 @pytest.fixture
 def small_settings(settings: Settings) -> Settings:
     """Engine settings sized for tests: small context, one thread, short replies."""

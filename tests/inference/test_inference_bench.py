@@ -8,9 +8,12 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2700)  # may build llama-server first (about 8 minutes on 2 cores, once)
 def test_quick_bench_reports_engine_next_to_raw(tune, base_gguf) -> None:
     from doppel.benchinference import inference
+    from tests.helpers.llama_server import server_binary
 
+    server_binary()  # built once (cached): the bench then runs the server backend beside the engine
     settings = tune(n_ctx=512, n_threads=1)
     result = inference(settings, argparse.Namespace(quick=True))
     for label in ("base", "adapter"):
@@ -22,3 +25,7 @@ def test_quick_bench_reports_engine_next_to_raw(tune, base_gguf) -> None:
     assert alt["engine_alternating"]["kv_restores"] >= 2
     assert set(result["targets"]) == {"engine_vs_raw_throughput", "alternating_vs_one_persona_ttft"}
     assert (settings.cache_dir / "bench" / "bench_a.gguf").is_file()
+    served = result["server"]
+    for label in ("base", "adapter"):
+        assert served[label]["server"]["ttft_s"] > 0 and served[label]["server"]["decode_chunks_per_s"] > 0
+    assert served["alternating"]["server_alternating_ttft_s"] > 0

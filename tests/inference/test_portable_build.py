@@ -133,6 +133,7 @@ def test_doctor_proves_the_engine_and_words_a_crash(settings: object, base_gguf:
     assert checks["engine"].status == "ok" and "with an adapter on" in checks["engine"].detail, checks[
         "engine"
     ]
+    assert f"{settings.inference.base_budget_mb} MiB of base GGUFs" in checks["served bases"].detail  # type: ignore[attr-defined]
     # A probe that really dies by SIGILL (as a build with instructions this CPU lacks does) fails in words.
     sigill = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
     failed = engine_probe(settings, command=sigill)  # type: ignore[arg-type]

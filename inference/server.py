@@ -1,0 +1,431 @@
+"""Serving through a separate server: llama.cpp's llama-server (adapters given at its start, chosen per request)
+or vLLM / SGLang (adapters loaded at run time under a stable versioned name), with the in-process engine's interface.
+
+The prompt is the project's own, rendered here exactly as in process (chat format, trained style, the retrieval
+persona's examples) and sent as a raw completion, so the server never applies a chat template of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from doppel.core.chatformat import Utterance
+from doppel.core.settings import Settings
+from inference.bases import BaseRef, resolve_base
+from inference.cleaning import StreamCleaner
+from inference.errors import RequestError, RetrievalError, ServerError
+from inference.prompting import RETRIEVAL_REPEAT_PENALTY, Prompt, build_prompt, trained_style
+from inference.requests import GenParams, PersonaRequest
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from inference.engine import Engine, ExampleSource
+    from inference.runtime import BaseModel
+
+log = logging.getLogger(__name__)
+
+# [inference] backend and server_flavour: the one place their choices are declared.
+BACKENDS = ("process", "server")
+FLAVOURS = ("llama.cpp", "vllm", "sglang")
+
+
+def check_choices(settings: Settings) -> None:
+    """Raise ServerError for a backend or flavour this version does not know, or a server backend without a URL."""
+    cfg = settings.inference
+    if cfg.backend not in BACKENDS:
+        raise ServerError(f"[inference] backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    if cfg.backend == "server":
+        if cfg.server_flavour not in FLAVOURS:
+            raise ServerError(
+                f"[inference] server_flavour must be one of {', '.join(FLAVOURS)}, got {cfg.server_flavour!r}"
+            )
+        if not cfg.server_url.startswith(("http://", "https://")):
+            raise ServerError("[inference] backend = 'server' needs server_url (http://host:port)")
+
+
+def make_engine(settings: Settings, *, retriever: ExampleSource | None = None) -> Engine | ServerEngine:
+    """The engine `[inference] backend` names: llama.cpp in this process, or a client of a persona server."""
+    check_choices(settings)
+    if settings.inference.backend == "server":
+        return ServerEngine(settings, retriever=retriever)
+    from inference.engine import Engine
+
+    return Engine(settings, retriever=retriever)
+
+
+def adapter_name(path: str, digest: str) -> str:
+    """A published adapter's name on a vLLM/SGLang server: member, version and content hash (a changed file is a
+    new name, never new weights under an old one)."""
+    parts = Path(path).parts
+    member, version = (parts[-3], parts[-2]) if len(parts) >= 3 else ("adapter", Path(path).stem)
+    return f"doppel-{member}-v{version}-{digest[:12]}"
+
+
+class ServerEngine:
+    """Persona replies from a server: `await start()`, `reply(...)`, `forget(member)`, `await close()`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        retriever: ExampleSource | None = None,
+        url: str | None = None,
+        flavour: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cfg = settings.inference
+        self.url = (url or self.cfg.server_url).rstrip("/")
+        self.flavour = flavour or self.cfg.server_flavour
+        self.retriever = retriever
+        self.default = settings.base_gguf_path().expanduser().resolve()
+        self._http: aiohttp.ClientSession | None = None
+        self._vocabs: dict[Path, BaseModel] = {}
+        self._lora_ids: dict[
+            str, int
+        ] = {}  # llama.cpp: adapter path -> id given by the server's --lora order
+        self._loaded: dict[str, str] = {}  # vLLM/SGLang: adapter name -> member id
+        self._digests: dict[tuple[str, int, int], str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Open the HTTP client (the server may come up later: each reply says so while it is down)."""
+        import aiohttp
+
+        if self._http is None:
+            timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=self.cfg.server_timeout_s)
+            # A fresh connection per request: llama-server drops idle keep-alive connections, and a reused one
+            # fails its next write ("Can not write request body").
+            self._http = aiohttp.ClientSession(
+                timeout=timeout, connector=aiohttp.TCPConnector(force_close=True)
+            )
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            await asyncio.gather(task, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+        for vocab in self._vocabs.values():
+            vocab.close()
+        self._vocabs.clear()
+
+    async def __aenter__(self) -> ServerEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    # -- the engine interface ---------------------------------------------------------------------------------
+    def reply(
+        self, persona: PersonaRequest, context: Sequence[Utterance], params: GenParams | None = None
+    ) -> AsyncIterator[str]:
+        """Stream the persona's next message; closing the iterator closes the request (the server stops)."""
+        if params is None:
+            params = GenParams(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature)
+        return self._stream(persona, tuple(context), params)
+
+    def forget(self, member_id: str) -> None:
+        """Drop the member's retrieval cache and unload their adapters from the server (vLLM/SGLang)."""
+        if self.retriever is not None:
+            self.retriever.forget(member_id)
+        names = [name for name, member in self._loaded.items() if member == member_id]
+        for name in names:
+            del self._loaded[name]
+        if names and self._http is not None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop, so no client either: nothing is running to unload from
+                return
+            task = loop.create_task(self._unload(names))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if self.flavour == "llama.cpp" and any(Path(p).parts[-3:-2] == (member_id,) for p in self._lora_ids):
+            # llama-server cannot drop an adapter while running; the file is erased, the process still holds it.
+            log.warning(
+                "llama-server at %s still holds member %s's adapter in memory: restart it without that --lora",
+                self.url,
+                member_id,
+            )
+
+    async def check(self) -> str:
+        """One line on the server's state (for `doppel doctor`); ServerError when it is down or not a server."""
+        path = "/health" if self.flavour == "llama.cpp" else "/v1/models"
+        await self._json("GET", path)
+        if self.flavour == "llama.cpp":
+            adapters = await self._json("GET", "/lora-adapters")
+            return f"llama.cpp server at {self.url} is up with {len(adapters)} adapter(s)"
+        return f"{self.flavour} server at {self.url} is up"
+
+    # -- one reply --------------------------------------------------------------------------------------------
+    async def _stream(
+        self, persona: PersonaRequest, context: tuple[Utterance, ...], params: GenParams
+    ) -> AsyncIterator[str]:
+        persona.validate()
+        params.validate()
+        base = resolve_base(self.settings, self.default, persona.adapters if persona.uses_adapters else ())
+        vocab = await self._vocab(base)
+        examples: list[str] = []
+        if persona.uses_retrieval:
+            if self.retriever is None:
+                raise RetrievalError("the retrieval persona is not available (no embedding index configured)")
+            examples = await self.retriever.examples(persona.member_id, context, self.cfg.retrieval_k)
+            if examples and params.repeat_penalty == 1.0:
+                params = dataclasses.replace(params, repeat_penalty=RETRIEVAL_REPEAT_PENALTY)
+        adapters = persona.adapters if persona.uses_adapters else ()
+        prompt = build_prompt(
+            vocab.format,
+            vocab.tokenize,
+            persona_id=persona.member_id,
+            persona_name=persona.name,
+            channel_name=persona.channel_name,
+            context=context,
+            budget=min(self.cfg.prompt_token_budget, self.cfg.n_ctx - params.max_tokens - 1),
+            examples=examples,
+            style=trained_style(adapters),
+        )
+        stops = [s for s in (*vocab.format.stop, *params.stop) if s]
+        if self.flavour == "llama.cpp":
+            path, body, field = (
+                "/completion",
+                await self._llama_body(prompt, params, adapters, stops),
+                "content",
+            )
+        else:
+            path, body, field = (
+                "/v1/completions",
+                await self._openai_body(persona, prompt, params, stops, vocab.stop_ids),
+                "text",
+            )
+        cleaner = StreamCleaner(persona.name, prompt.speakers)
+        async for text in self._sse(path, body, field, vocab.stop_ids):
+            safe = cleaner.feed(text)
+            if safe:
+                yield safe
+            if cleaner.stopped:
+                return
+        rest = cleaner.finish()
+        if rest:
+            yield rest
+
+    async def _llama_body(
+        self, prompt: Prompt, params: GenParams, adapters: Sequence[tuple[str, float]], stops: list[str]
+    ) -> dict[str, Any]:
+        wanted = {str(Path(p).resolve()): float(w) for p, w in adapters}
+        if any(p not in self._lora_ids for p in wanted):
+            await self._refresh_loras()
+        missing = [p for p in wanted if p not in self._lora_ids]
+        if missing:
+            raise ServerError(
+                f"the llama.cpp server at {self.url} was not started with adapter {missing[0]}: it loads adapters "
+                f"only at its start (add `--lora {missing[0]}` and restart it)"
+            )
+        body: dict[str, Any] = {
+            # The project's tokens as they are: the server applies no template and adds no second BOS.
+            "prompt": prompt.tokens,
+            "n_predict": params.max_tokens,
+            "stream": True,
+            "stop": stops,
+            # The ids come back with each chunk: a turn marker that is no end-of-generation token for llama.cpp
+            # (ChatML's <|im_start|>) renders as no text, so only its id shows that the persona's turn is over.
+            "return_tokens": True,
+            # Every adapter the server holds is listed: one left out would keep its start-up scale.
+            "lora": [{"id": i, "scale": wanted.get(p, 0.0)} for p, i in sorted(self._lora_ids.items())],
+            **self._sampling(params),
+            "repeat_penalty": params.repeat_penalty,
+            "repeat_last_n": 64,
+        }
+        return body
+
+    async def _openai_body(
+        self,
+        persona: PersonaRequest,
+        prompt: Prompt,
+        params: GenParams,
+        stops: list[str],
+        stop_ids: frozenset[int],
+    ) -> dict[str, Any]:
+        model = self.cfg.server_model or await self._first_model()
+        if persona.uses_adapters:
+            if len(persona.adapters) > 1:
+                raise RequestError(f"a {self.flavour} server serves one adapter per request, not a blend")
+            name = await self._ensure_loaded(persona.member_id, persona.adapters[0][0])
+            model = name if self.flavour == "vllm" else f"{model}:{name}"
+        return {
+            "model": model,
+            "prompt": prompt.text,
+            "max_tokens": params.max_tokens,
+            "stream": True,
+            "stop": stops,
+            "stop_token_ids": sorted(stop_ids),
+            **self._sampling(params),
+            "repetition_penalty": params.repeat_penalty,
+        }
+
+    @staticmethod
+    def _sampling(params: GenParams) -> dict[str, Any]:
+        body: dict[str, Any] = {"temperature": params.temperature}
+        if params.temperature > 0:
+            body.update(top_k=params.top_k, top_p=params.top_p, min_p=params.min_p)
+            if params.seed is not None:
+                body["seed"] = params.seed & 0xFFFFFFFF
+        else:
+            body.update(top_k=1)  # greedy: the same token the in-process engine picks
+        return body
+
+    # -- adapters on the server -------------------------------------------------------------------------------
+    async def _refresh_loras(self) -> None:
+        listed = await self._json("GET", "/lora-adapters")
+        self._lora_ids = {str(Path(a["path"]).resolve()): int(a["id"]) for a in listed}
+
+    async def _ensure_loaded(self, member_id: str, path: str) -> str:
+        folder = Path(path).parent
+        digest = await asyncio.to_thread(self._digest, path)
+        name = adapter_name(path, digest)
+        if name in self._loaded:
+            return name
+        endpoint = "/v1/load_lora_adapter" if self.flavour == "vllm" else "/load_lora_adapter"
+        try:
+            await self._json("POST", endpoint, {"lora_name": name, "lora_path": str(folder)})
+        except ServerError as exc:
+            if "already" not in str(exc).lower():
+                raise ServerError(
+                    f"the {self.flavour} server at {self.url} could not load {name}: {exc}"
+                ) from None
+        self._loaded[name] = member_id
+        return name
+
+    async def _unload(self, names: list[str]) -> None:
+        endpoint = "/v1/unload_lora_adapter" if self.flavour == "vllm" else "/unload_lora_adapter"
+        for name in names:
+            try:
+                await self._json("POST", endpoint, {"lora_name": name})
+            except ServerError as exc:
+                log.warning("could not unload %s from %s: %s", name, self.url, exc)
+
+    def _digest(self, path: str) -> str:
+        st = Path(path).stat()
+        key = (path, st.st_size, st.st_mtime_ns)
+        if key not in self._digests:
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            self._digests[key] = digest.hexdigest()
+        return self._digests[key]
+
+    async def _first_model(self) -> str:
+        listed = await self._json("GET", "/v1/models")
+        data = listed.get("data") if isinstance(listed, dict) else None
+        if not data:
+            raise ServerError(f"the server at {self.url} lists no model; set [inference] server_model")
+        return str(data[0]["id"])
+
+    async def _vocab(self, base: BaseRef) -> BaseModel:
+        """The base's tokenizer and chat format (its vocabulary only: the weights live on the server)."""
+        vocab = self._vocabs.get(base.path)
+        if vocab is None:
+            from inference.runtime import BaseModel
+            from models.catalog import template_for_path
+
+            vocab = await asyncio.to_thread(
+                BaseModel, base.path, *template_for_path(self.settings, base.path), vocab_only=True
+            )
+            self._vocabs[base.path] = vocab
+        return vocab
+
+    # -- HTTP -------------------------------------------------------------------------------------------------
+    def _client(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            raise ServerError("the persona engine is not running")
+        return self._http
+
+    async def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        import aiohttp
+
+        try:
+            async with self._client().request(method, self.url + path, json=body) as resp:
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise ServerError(self._said(resp.status, text))
+                return json.loads(text) if text.strip() else {}
+        except aiohttp.ClientError as exc:
+            raise ServerError(self._down(exc)) from None
+        except TimeoutError:
+            raise ServerError(self._slow()) from None
+        except ValueError:
+            raise ServerError(
+                f"the server at {self.url} answered {path} with something that is not JSON"
+            ) from None
+
+    async def _sse(
+        self, path: str, body: dict[str, Any], field: str, stop_ids: frozenset[int] = frozenset()
+    ) -> AsyncIterator[str]:
+        """The streamed text of one completion; leaving early closes the connection (the server stops on it)."""
+        import aiohttp
+
+        try:
+            async with self._client().post(self.url + path, json=body) as resp:
+                if resp.status >= 400:
+                    raise ServerError(self._said(resp.status, await resp.text()))
+                try:
+                    async for text in self._events(resp, field, stop_ids):
+                        yield text
+                finally:
+                    # Abandoned or done: the connection is dropped, never reused mid-stream; llama-server and
+                    # vLLM stop generating when their client goes away.
+                    resp.close()
+        except aiohttp.ClientError as exc:
+            raise ServerError(self._down(exc)) from None
+        except TimeoutError:
+            raise ServerError(self._slow()) from None
+
+    async def _events(
+        self, resp: aiohttp.ClientResponse, field: str, stop_ids: frozenset[int]
+    ) -> AsyncIterator[str]:
+        async for raw in resp.content:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            event = json.loads(data)
+            if "error" in event:
+                raise ServerError(self._said(500, data))
+            if field == "text":
+                choices = event.get("choices") or [{}]
+                text = choices[0].get("text") or ""
+                done = choices[0].get("finish_reason") is not None
+            else:
+                if stop_ids.intersection(event.get("tokens") or ()):
+                    return  # the turn is over; leaving closes the stream and the server stops
+                text, done = event.get("content") or "", bool(event.get("stop"))
+            if text:
+                yield text
+            if done:
+                return
+
+    def _down(self, exc: Exception) -> str:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"the persona server at {self.url} is not reachable ({reason}); start it or fix [inference] server_url"
+
+    def _slow(self) -> str:
+        return f"the persona server at {self.url} did not answer within {self.cfg.server_timeout_s:g} s"
+
+    def _said(self, status: int, text: str) -> str:
+        try:
+            err = json.loads(text).get("error")
+            message = err.get("message") if isinstance(err, dict) else err
+        except (ValueError, AttributeError):
+            message = None
+        detail = " ".join(str(message or text or "no detail").split())[:300]
+        return f"the persona server at {self.url} refused the request (HTTP {status}): {detail}"
