@@ -25,6 +25,9 @@ def host_share(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
+PAUSE_ATTR = "_doppel_serving_pause"
+
+
 def pause_between_layers(model: Any, pause: ServingPause) -> list[Any]:
     """Hooks that let `pause` sleep after each transformer block, forward and backward; returns their handles."""
     import torch
@@ -70,7 +73,6 @@ class JobCallback(TrainerCallback):
         self.emitter = emitter
         self.governor = governor
         self.pause = pause
-        self._hooks: list[Any] = []
         self.cancel = cancel
         self.stage = stage
         self.oom_at_step = oom_at_step
@@ -85,14 +87,15 @@ class JobCallback(TrainerCallback):
         self._step0 = state.global_step
         self._tokens0 = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         model = kwargs.get("model")
-        if self.pause is not None and model is not None and not self._hooks:
+        if self.pause is not None and model is not None:
             # Inside each step, not only between steps: a step takes seconds, a reply's prefill a fraction of one.
-            self._hooks = pause_between_layers(model, self.pause)
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+            # Once per model, and kept after training: the evaluation that follows yields the same way.
+            installed = getattr(model, PAUSE_ATTR, None)
+            if installed is None:
+                pause_between_layers(model, self.pause)
+                setattr(model, PAUSE_ATTR, self.pause)
+            else:
+                self.pause = installed
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.governor is None:
