@@ -38,25 +38,15 @@ def colocated(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         return asyncio.run(_bench(bench, window_s, quick))
 
 
-def cpu_name() -> str:
-    """The CPU's model name (the figures depend on it)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 async def _bench(settings: Settings, window_s: float, quick: bool) -> dict[str, Any]:
+    from doppel.benchscale import cpu_model
     from doppel.core.hostshare import usable_cores
 
     contexts, lora = await _seed(settings, 40 if quick else 200)
     spacing_s = 4.0  # one reply every few seconds: a busy channel (the bot's per-channel limit is 5 s)
     max_tokens = 64
     result: dict[str, Any] = {
-        "cpu": cpu_name(),
+        "cpu": cpu_model() or platform.machine(),
         "cores": usable_cores(),
         "model": settings.base_gguf_path().name,
         "window_s": window_s,
