@@ -239,8 +239,10 @@ class Settings:
 
     @property
     def share_dir(self) -> Path:
-        """Where engines say they serve and while they generate, for trainers on this host (hostshare)."""
-        return self.home / "run"
+        """Where engines say they serve and while they generate, for trainers on this host (hostshare).
+
+        Under the cache: pids and thread counts only, nothing of a member, and the cache's erasure part covers it."""
+        return self.cache_dir / "run"
 
     def base_gguf_path(self) -> Path:
         """The base GGUF to serve and train: the configured file or the bundled SmolLM2."""
