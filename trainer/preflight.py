@@ -147,11 +147,11 @@ def _gib(n: float) -> str:
 
 
 def _free(dev: Device) -> str:
-    kept = f", {_gib(dev.reserved_bytes)} kept for persona serving" if dev.reserved_bytes else ""
-    if dev.freed_bytes:
-        now = dev.free_bytes - dev.freed_bytes
-        return f"{_gib(dev.free_bytes)} free once the jobs ahead end ({_gib(now)} now{kept})"
-    return f"{_gib(dev.free_bytes)} free{kept.replace(', ', ' (', 1) + ')' if kept else ''}"
+    notes = [f"{_gib(dev.free_bytes - dev.freed_bytes)} now"] if dev.freed_bytes else []
+    if dev.reserved_bytes:
+        notes.append(f"{_gib(dev.reserved_bytes)} kept for persona serving")
+    ahead = " once the jobs ahead end" if dev.freed_bytes else ""
+    return f"{_gib(dev.free_bytes)} free{ahead}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def disk_check(settings: Settings, need_bytes: int = 0) -> Check:
