@@ -139,7 +139,8 @@ class StreamCleaner:
         said = self._said
         full = (said + text).replace("\u2019", "'").lower()
         cut = _first_boilerplate(full, len(said))
-        for loop in (_first_repeat(full, len(said), final), _first_phrase_loop(full, len(said))):
+        found = _words(full)  # read once: both the loop check and the hold-back use the words
+        for loop in (_first_repeat(full, len(said), final), _first_phrase_loop(found, len(said))):
             if loop is not None and (cut is None or loop < cut):
                 cut = loop
         if cut is not None:
@@ -147,7 +148,7 @@ class StreamCleaner:
             return text[: max(0, cut - len(said))].rstrip().rstrip(",;:-\u2014").rstrip()
         if final:
             return text
-        hold = _pending_tail(full, len(said))
+        hold = _pending_tail(full, len(said), found)
         if hold is None and text.rstrip(" \t,;:-\u2014") != text:
             hold = len(said) + len(text)  # a trailing comma waits: a cut right after it would drop it
         if hold is not None:
@@ -257,9 +258,8 @@ def _is_phrase(words: list[str]) -> bool:
     return len(words) >= PHRASE_MIN_WORDS and len(set(words)) >= PHRASE_DISTINCT
 
 
-def _first_phrase_loop(full: str, start: int) -> int | None:
+def _first_phrase_loop(found: list[tuple[int, str]], start: int) -> int | None:
     """Where a phrase that repeats the one right before it begins, when that repeat is complete after `start`."""
-    found = _words(full)
     words = [w for _, w in found]
     for i in range(len(words)):
         for n in range(PHRASE_MIN_WORDS, min(PHRASE_MAX_WORDS, i) + 1):
@@ -285,14 +285,13 @@ def _could_repeat_phrase(words: list[str], i: int, open_end: bool) -> bool:
     return False
 
 
-def _pending_tail(full: str, start: int) -> int | None:
+def _pending_tail(full: str, start: int, found: list[tuple[int, str]]) -> int | None:
     """The earliest word start at or after `start` whose rest may still grow into an assistant phrase or a repeat."""
     sentences = _sentences(full)
     done = {norm for _, norm in sentences if _loopable(norm)}
     last_end = 0
     for m in _SENTENCE_END.finditer(full):
         last_end = m.end()
-    found = _words(full)
     words = [w for _, w in found]
     open_end = bool(found) and found[-1][0] + len(found[-1][1]) == len(full)
     phrase_from = len(found) - PHRASE_MAX_WORDS
