@@ -14,7 +14,7 @@ from bot.errors import ConsentMissing, NotAllowed, NotAvailable, RateLimited
 from bot.ratelimit import Cooldown, Throttle
 from bot.services import Services
 from bot.text import clip, neutralise
-from doppel.core.chatformat import Utterance, build_messages
+from core.chatformat import Utterance, build_messages
 
 log = logging.getLogger("doppel.bot.chat")
 NONE = discord.AllowedMentions.none()

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import discord
 from discord import app_commands
 
-from doppel.core.errors import UserFacingError
+from core.errors import UserFacingError
 
 log = logging.getLogger("doppel.bot")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])

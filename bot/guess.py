@@ -18,7 +18,7 @@ from bot.errorhook import reports_errors
 from bot.errors import NotAllowed, NotAvailable
 from bot.services import Services
 from bot.text import clip, neutralise
-from doppel.core.chatformat import Utterance
+from core.chatformat import Utterance
 from models.errors import AdapterNotFoundError
 
 NONE = discord.AllowedMentions.none()

@@ -16,9 +16,9 @@ from bot.errors import ConsentMissing, NotAllowed, NotAvailable
 from bot.joining import NEEDS, Conversation, JoinIn
 from bot.services import Services
 from bot.text import clip, neutralise
+from core.chatformat import Utterance
+from core.settings import JOIN_LEVELS, JoinSettings
 from data.joins import EVERYWHERE
-from doppel.core.chatformat import Utterance
-from doppel.core.settings import JOIN_LEVELS, JoinSettings
 
 # The levels are declared once (JOIN_LEVELS, the [join] settings' choices); "off" closes the channel.
 LEVEL_CHOICES = [app_commands.Choice(name=level, value=level) for level in (*JOIN_LEVELS, "off")]

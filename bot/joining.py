@@ -17,7 +17,7 @@ import discord
 from bot.chat import PersonaChat, utterance
 from bot.errors import ConsentMissing, NotAllowed, NotAvailable
 from bot.services import Services
-from doppel.core.chatformat import Utterance
+from core.chatformat import Utterance
 from inference.joingate import Budget, ChannelMemory, Moment, decide, document_frequency, probability
 from inference.joinhabits import (
     REPLY_WINDOW_S,

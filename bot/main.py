@@ -13,7 +13,7 @@ import discord
 from bot.client import DoppelBot
 from bot.errors import BotError
 from bot.services import Services
-from doppel.core.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger("doppel.bot")
 DRAIN_S = 5.0  # how long in-flight command and button handlers may still finish once shutdown begins

@@ -18,7 +18,7 @@ from bot.guess import fidelity_text, post_guess
 from bot.services import Services
 from bot.text import MESSAGE_LIMIT, clip, neutralise
 from bot.training import progress_text, watch
-from doppel.core.chatformat import Utterance
+from core.chatformat import Utterance
 from trainer.config import PRESET_TIMES, TrainConfig
 
 log = logging.getLogger("doppel.bot.persona")

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.errors import BadUpload
+from core.chatformat import Utterance
+from core.settings import Settings
 from data.records import Member, Message
-from doppel.core.chatformat import Utterance
-from doppel.core.settings import Settings
 from models.registry import Registry
 from trainer.jobs import JobTable
 

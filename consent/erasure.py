@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from consent.errors import ErasureError
 
 if TYPE_CHECKING:
+    from core.settings import Settings
     from data.store import Store
-    from doppel.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from doppel.core.errors import UserFacingError
+from core.errors import UserFacingError
 
 
 class ConsentError(UserFacingError):

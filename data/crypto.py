@@ -10,8 +10,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from core.settings import Settings
 from data.errors import MasterKeyError
-from doppel.core.settings import Settings
 
 NONCE = 12
 KEY_BYTES = 32

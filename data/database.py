@@ -10,8 +10,8 @@ from typing import Any, Protocol
 import aiosqlite
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from core.settings import Settings
 from data.crypto import Keyring
-from doppel.core.settings import Settings
 
 
 class Ciphers(Protocol):

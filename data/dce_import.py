@@ -24,8 +24,8 @@ from data.records import Member
 from data.store import cipher_sync, connect_sync
 
 if TYPE_CHECKING:
+    from core.settings import Settings
     from data.store import Store
-    from doppel.core.settings import Settings
 
 # yajl2_c builds objects in C: several times faster than the pure-Python backend, and it streams.
 _IJSON = ijson.get_backend("yajl2_c")

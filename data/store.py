@@ -13,10 +13,10 @@ from typing import Any
 import aiosqlite
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from core.settings import Settings
 from data import migrations
 from data.crypto import Keyring, load_master_key
 from data.errors import StoreError
-from doppel.core.settings import Settings
 
 PRAGMAS = (
     "PRAGMA journal_mode=WAL",

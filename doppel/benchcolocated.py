@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from doppel.core.settings import Settings
+from core.settings import Settings
 
 TARGETS = {"ttft_ratio_max": 1.5, "decode_ratio_min": 0.7, "job_during_min": 0.5, "job_after_min": 0.9}
 TRAINEE, SPEAKER = 0, 1  # member indexes in the generated community: one trains, another's persona talks
@@ -39,8 +39,8 @@ def colocated(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _bench(settings: Settings, window_s: float, quick: bool) -> dict[str, Any]:
+    from core.hostshare import usable_cores
     from doppel.benchscale import cpu_model
-    from doppel.core.hostshare import usable_cores
 
     contexts, lora = await _seed(settings, 40 if quick else 200)
     spacing_s = 4.0  # one reply every few seconds: a busy channel (the bot's per-channel limit is 5 s)
@@ -96,10 +96,10 @@ def _ratio(a: float | None, b: float | None) -> float:
 async def _seed(settings: Settings, per_member_contexts: int) -> tuple[list[list[Any]], Path]:
     """A generated community in the store; conversation windows to answer; a LoRA for the speaking persona."""
     from consent.service import ConsentService
+    from core.chatformat import Utterance
     from data.records import Member
     from data.store import Store
     from doppel.benchtrain import _generate, _member_id
-    from doppel.core.chatformat import Utterance
     from inference.retrieval import Retriever
     from inference.synthetic import write_random_loras
 

@@ -12,8 +12,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from core.errors import UserFacingError
 from doppel import dceformat as dce
-from doppel.core.errors import UserFacingError
 
 DATA = Path(__file__).parent / "benchdata" / "ubuntu_irc.jsonl.gz"
 # Channel bots answer with canned factoids: never a panel member, never a persona.

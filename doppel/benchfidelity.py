@@ -13,7 +13,7 @@ imported into a fresh store with every author consenting, and then, per configur
 
 The retrieval persona is served with the held-out replies excluded from its examples (otherwise it could quote
 the very answer it is scored on). Configurations are TrainConfig overrides: the recipe and the prompt
-shape (`prompt_style`, `doppel.core.chatformat.STYLES`) alike, so the recipe and the prompt can be told apart; each
+shape (`prompt_style`, `core.chatformat.STYLES`) alike, so the recipe and the prompt can be told apart; each
 adapter is served with the prompt style it was trained with, as in the product.
 """
 
@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from core.errors import UserFacingError
+from core.settings import Settings
 from doppel.benchcorpus import (
     BOTS,
     DATA,
@@ -45,8 +47,6 @@ from doppel.benchcorpus import (
     to_exports,
 )
 from doppel.benchscore import classifier, comparisons, score
-from doppel.core.errors import UserFacingError
-from doppel.core.settings import Settings
 
 # The plain PEFT reference recipe of issue 14: r16 all-linear, lr 3e-4, 8 examples a step length-grouped, 120 steps,
 # a nameless system prompt, up to 6 previous turns, own turns as assistant.
@@ -151,8 +151,8 @@ async def _prepare(
 
 async def _openings(settings: Settings, member: str, n: int) -> dict[str, Any]:
     """The member's held-out replies (the product's own time split) and the message each one answered."""
+    from core.chatformat import ChatFormat
     from data.store import Store
-    from doppel.core.chatformat import ChatFormat
     from trainer.cleaning import Cleaner
     from trainer.dataset import build_dataset, build_turns
 
@@ -198,8 +198,8 @@ async def _openings(settings: Settings, member: str, n: int) -> dict[str, Any]:
 
 async def _heldout_rows(settings: Settings, member: str, limit: int, style: str) -> list[dict[str, str]]:
     """The member's held-out replies as perplexity rows, rendered in prompt style `style` (oldest first)."""
+    from core.chatformat import ChatFormat
     from data.store import Store
-    from doppel.core.chatformat import ChatFormat
     from trainer.dataset import build_dataset
 
     fmt = ChatFormat.from_gguf(settings.base_gguf_path())
@@ -305,8 +305,8 @@ async def _replies(
     banned: set[str],
     max_tokens: int,
 ) -> list[str]:
+    from core.chatformat import Utterance
     from data.store import Store
-    from doppel.core.chatformat import Utterance
     from inference.engine import Engine
     from inference.requests import GenParams, PersonaRequest
     from inference.retrieval import Retriever
@@ -385,7 +385,7 @@ async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str
 
 
 async def _run(bench: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    from doppel.core.chatformat import DEFAULT_STYLE
+    from core.chatformat import DEFAULT_STYLE
 
     quick = bool(getattr(args, "quick", False))
     names = [c for c in str(getattr(args, "configs", "") or "").split(",") if c] or list(CONFIGS)

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from doppel.core.chatformat import Utterance
-from doppel.core.settings import Settings
+from core.chatformat import Utterance
+from core.settings import Settings
 
 CHANNEL = [
     ("20", "Bob", "did anyone watch the launch yesterday?"),

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from doppel.core.settings import Settings
+from core.settings import Settings
 
 HEAVY = "100000000000000001"  # the member whose messages `forget` erases in the benchmark
 WORDS = (

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from core.errors import UserFacingError
+from core.settings import JOIN_LEVELS, Settings
 from doppel.benchcorpus import _ADDRESS, BOTS, load_logs
-from doppel.core.errors import UserFacingError
-from doppel.core.settings import JOIN_LEVELS, Settings
 from inference.joingate import (
     LEVELS,
     WINDOW_S,

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from doppel.core.errors import UserFacingError
-from doppel.core.settings import Settings
+from core.errors import UserFacingError
+from core.settings import Settings
 
 FULL_SIZES = "200x40000,1000x200000"
 QUICK_SIZES = "40x4000"

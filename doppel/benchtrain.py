@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from doppel.core.settings import Settings
+from core.settings import Settings
 
 # -- dataset ----------------------------------------------------------------------------------------------------
 _WORDS = (
@@ -141,7 +141,7 @@ def _generate(n: int, n_members: int, seed: int) -> list[Any]:
 
 
 def _format_and_tokenizer(settings: Settings) -> tuple[Any, Any, str]:
-    from doppel.core.chatformat import ChatFormat
+    from core.chatformat import ChatFormat
 
     try:
         path = settings.base_gguf_path()
@@ -213,7 +213,7 @@ def train(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from doppel.core.chatformat import ChatFormat
+    from core.chatformat import ChatFormat
     from trainer.basemodel import dequantized_folder, load_tokenizer
     from trainer.config import TrainConfig
     from trainer.events import Emitter

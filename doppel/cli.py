@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from doppel.core.errors import UserFacingError
-from doppel.core.settings import Settings
+from core.errors import UserFacingError
+from core.settings import Settings
 
 # Each module in doppel/commands registers one subcommand: `add_parser(subparsers)` and `run(args, settings)`.
 COMMANDS = (

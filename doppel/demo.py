@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from doppel.core.settings import Settings
+from core.settings import Settings
 from doppel.samplecommunity import MEMBERS
 
 # Who consents in the demo: everyone but Prof. Hale, whose messages must therefore never be stored.
@@ -128,7 +128,7 @@ async def _train(store: Any, settings: Settings, *, retrain: bool, max_steps: in
 
 
 async def _side_by_side(store: Any, settings: Settings, adapter: Any) -> list[dict[str, str]]:
-    from doppel.core.chatformat import Utterance
+    from core.chatformat import Utterance
     from inference.engine import Engine
     from inference.requests import GenParams, Mode, PersonaRequest
     from inference.retrieval import Retriever

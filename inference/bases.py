@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from doppel.core.settings import Settings
+from core.settings import Settings
 from inference.adapters import AdapterCache, AdapterKey
 from inference.errors import AdapterError, RequestError
 from inference.runtime import BaseModel, KVStates, Session, default_threads

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from doppel.core.chatformat import Utterance
-from doppel.core.errors import UserFacingError
-from doppel.core.hostshare import ServingMarks
-from doppel.core.settings import Settings
+from core.chatformat import Utterance
+from core.errors import UserFacingError
+from core.hostshare import ServingMarks
+from core.settings import Settings
 from inference.adapters import AdapterCache
 from inference.bases import BasePool, WorkerSlot
 from inference.cleaning import StreamCleaner

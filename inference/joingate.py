@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from doppel.core.settings import JOIN_LEVELS
+from core.settings import JOIN_LEVELS
 from inference.joinhabits import Habits, words
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from doppel.core.chatformat import (
+from core.chatformat import (
     DEFAULT_STYLE,
     LEGACY_STYLE,
     STYLES,

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from doppel.core.chatformat import Utterance
-from doppel.core.hostshare import in_background
-from doppel.core.settings import Settings, bundled_embedding_model
+from core.chatformat import Utterance
+from core.hostshare import in_background
+from core.settings import Settings, bundled_embedding_model
 from inference.errors import RetrievalError
 
 MODEL_NAME = "all-MiniLM-L6-v2"

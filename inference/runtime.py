@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from doppel.core.chatformat import ChatFormat
+from core.chatformat import ChatFormat
 from inference.adapters import AdapterCache, AdapterKey, as_arrays
 from inference.errors import InferenceError
 from inference.requests import GenParams

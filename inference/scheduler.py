@@ -9,7 +9,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from doppel.core.chatformat import Utterance
+from core.chatformat import Utterance
 from inference.adapters import AdapterKey
 from inference.errors import BusyError, EngineClosedError
 from inference.requests import GenParams, PersonaRequest

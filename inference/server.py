@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from doppel.core.chatformat import Utterance
-from doppel.core.settings import Settings
+from core.chatformat import Utterance
+from core.settings import Settings
 from inference.bases import BaseRef, resolve_base
 from inference.cleaning import StreamCleaner
 from inference.errors import RequestError, RetrievalError, ServerError

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from doppel.core.errors import GGUFFileError
-from doppel.core.ggufinfo import HF_TO_GGUF_ARCH, SUPPORTED_ARCHS, ModelShape, read_metadata, read_shape
+from core.errors import GGUFFileError
+from core.ggufinfo import HF_TO_GGUF_ARCH, SUPPORTED_ARCHS, ModelShape, read_metadata, read_shape
 from models.errors import ModelFileError
 
 # Why some architectures people try are refused (others get the generic reason).
@@ -48,7 +48,7 @@ def refusal(arch: str) -> str | None:
 
 def template_argument(value: str | None) -> tuple[str | None, str | None]:
     """`--template NAME|FILE` -> (template name or Jinja text, source label); (None, None) when not given."""
-    from doppel.core.chatformat import TEMPLATES
+    from core.chatformat import TEMPLATES
 
     if value is None:
         return None, None
@@ -70,7 +70,7 @@ def template_argument(value: str | None) -> tuple[str | None, str | None]:
 
 def check_gguf(path: Path, template: str | None = None, template_source: str | None = None) -> BaseCheck:
     """Validate a base GGUF up front: readable, a model, a supported architecture, a chat format that works."""
-    from doppel.core.chatformat import ChatFormat
+    from core.chatformat import ChatFormat
 
     try:
         shape = read_shape(path)

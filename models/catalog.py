@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from doppel.core.settings import Settings
+from core.settings import Settings
 from models.errors import RegistryError, UnknownBaseModelError
 
 BASES_FILE = "base_models.json"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from doppel.core.errors import GGUFFileError, UserFacingError
+from core.errors import GGUFFileError, UserFacingError
 
 
 class RegistryError(UserFacingError):

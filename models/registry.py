@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from doppel.core.settings import Settings
+from core.settings import Settings
 from models.catalog import write_json_atomic
 from models.errors import (
     AdapterNotFoundError,

@@ -25,7 +25,7 @@ def doppel_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def settings(doppel_home: Path):
-    from doppel.core.settings import Settings
+    from core.settings import Settings
 
     return Settings.load(env={"DOPPEL_HOME": str(doppel_home)})
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("doppel", "data", "consent", "trainer", "inference", "models", "bot")
+PACKAGES = ("core", "doppel", "data", "consent", "trainer", "inference", "models", "bot")
 
 # Top to bottom: a module may import its own layer and the layers below it, never one above.
 LAYERS = ("shell", "control", "registry", "consent", "store", "child", "core")
@@ -16,7 +16,7 @@ LAYERS = ("shell", "control", "registry", "consent", "store", "child", "core")
 PLACES = {
     "doppel": "shell",
     "bot": "shell",
-    "doppel.core": "core",
+    "core": "core",
     "inference": "control",
     "trainer.supervisor": "control",
     "trainer.runner": "control",
@@ -145,9 +145,9 @@ def test_every_module_has_a_layer() -> None:
 
 
 def test_the_checks_see_a_cycle_and_an_upward_import() -> None:
-    edges = {"data.a": {"data.b"}, "data.b": {"data.a"}, "doppel.core.x": {"data.a"}}
+    edges = {"data.a": {"data.b"}, "data.b": {"data.a"}, "core.x": {"data.a"}}
     assert cycles(edges) == [["data.a", "data.b"]]
-    assert upward_edges(edges) == ["doppel.core.x (core) -> data.a (store)"]
+    assert upward_edges(edges) == ["core.x (core) -> data.a (store)"]
 
 
 def test_only_bot_imports_discord() -> None:

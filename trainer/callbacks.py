@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from doppel.core.hostshare import ServingPause, ThreadGovernor
+from core.hostshare import ServingPause, ThreadGovernor
 from trainer.config import TrainConfig
 from trainer.events import Emitter
 

@@ -18,8 +18,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from doppel.core.errors import UserFacingError
-from doppel.core.hostshare import apply_priority
+from core.errors import UserFacingError
+from core.hostshare import apply_priority
 from trainer.config import TrainConfig
 from trainer.errors import JobCancelled
 from trainer.events import Emitter, stdout_emitter

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from doppel.core.chatformat import DEFAULT_STYLE, STYLES
-from doppel.core.hostshare import PRIORITIES
-from doppel.core.settings import Settings
+from core.chatformat import DEFAULT_STYLE, STYLES
+from core.hostshare import PRIORITIES
+from core.settings import Settings
 from trainer.errors import JobConfigError
 
 MODES = ("sft", "sft+kto", "sft+dpo")

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from core.chatformat import DEFAULT_STYLE, ChatFormat, Utterance, build_messages, with_examples
+from core.settings import DatasetSettings, Settings
 from data.records import Message
-from doppel.core.chatformat import DEFAULT_STYLE, ChatFormat, Utterance, build_messages, with_examples
-from doppel.core.settings import DatasetSettings, Settings
 from trainer.attribution import PANEL_OTHERS, PANEL_PER_AUTHOR, choose_panel
 from trainer.cleaning import Cleaner, normalize
 from trainer.config import MODES

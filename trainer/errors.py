@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from doppel.core.errors import DoppelError, UserFacingError
+from core.errors import DoppelError, UserFacingError
 
 
 class TrainerError(DoppelError):

@@ -9,7 +9,7 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from doppel.core.settings import bundled_embedding_model
+from core.settings import bundled_embedding_model
 from trainer.errors import EvaluationError
 
 _WORD_RE = re.compile(r"\w+", re.UNICODE)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from doppel.core.ggufinfo import HF_TO_GGUF_ARCH
+from core.ggufinfo import HF_TO_GGUF_ARCH
 from trainer.errors import ExportError
 
 # Architectures whose converter permutes q/k rows (HF rotary layout -> GGML's interleaved one). Only the llama
@@ -69,7 +69,7 @@ class BaseInfo:
     @classmethod
     def from_gguf(cls, path: Path) -> BaseInfo:
         """From a base model GGUF's metadata."""
-        from doppel.core.ggufinfo import read_metadata
+        from core.ggufinfo import read_metadata
 
         get = read_metadata(path).get
 

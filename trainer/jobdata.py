@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from doppel.core.chatformat import ChatFormat
+from core.chatformat import ChatFormat
 from trainer.errors import JobConfigError
 
 SEALED_MAGIC = b"DOPPEL-SEALED-1\n"

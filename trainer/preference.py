@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from doppel.core.chatformat import DEFAULT_STYLE, ChatFormat, build_messages
+from core.chatformat import DEFAULT_STYLE, ChatFormat, build_messages
 
 if TYPE_CHECKING:
     from trainer.example import Example

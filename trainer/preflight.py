@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from doppel.core.errors import GGUFFileError, UserFacingError
-from doppel.core.ggufinfo import ModelShape, read_shape
-from doppel.core.hostshare import serving_now
-from doppel.core.settings import Settings
+from core.errors import GGUFFileError, UserFacingError
+from core.ggufinfo import ModelShape, read_shape
+from core.hostshare import serving_now
+from core.settings import Settings
 from trainer.errors import PreflightError
 from trainer.memory import GIB, MIB, estimate_memory, memory_breakdown
 

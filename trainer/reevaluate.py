@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from doppel.core.chatformat import LEGACY_STYLE
-from doppel.core.settings import Settings
+from core.chatformat import LEGACY_STYLE
+from core.settings import Settings
 from trainer.config import TrainConfig
 from trainer.errors import EvaluationError
 

@@ -57,7 +57,7 @@ def evaluate(
     samples: list[dict[str, str]] = []
     base_replies: list[str] = []
     if rows and cfg.eval_samples > 0 and adapter_gguf is not None and base_gguf is not None:
-        from doppel.core.chatformat import ChatFormat
+        from core.chatformat import ChatFormat
         from trainer.jobdata import job_format
 
         picked = rows[: cfg.eval_samples]

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from doppel.core.chatformat import DEFAULT_STYLE
-from doppel.core.errors import UserFacingError
-from doppel.core.settings import Settings
+from core.chatformat import DEFAULT_STYLE
+from core.errors import UserFacingError
+from core.settings import Settings
 from trainer.errors import JobConflictError, JobNotFoundError, SupervisorError
 from trainer.executors import alive, stop_trainer
 from trainer.executors.base import Executor, Run
@@ -449,7 +449,7 @@ def _conflict_message(job: Job) -> str:
 
 def chat_format_for(config: dict[str, Any]) -> Any:
     """The chat format of the base being trained (`ChatFormat.for_config`); a bad base is a SupervisorError."""
-    from doppel.core.chatformat import ChatFormat
+    from core.chatformat import ChatFormat
 
     try:
         return ChatFormat.for_config(config)

@@ -41,7 +41,7 @@ def synthetic_rows(
     `long_tail` draws context sizes from a skewed distribution (most short, a few long), as real channels are:
     the case where random batching wastes most of its compute on padding.
     """
-    from doppel.core.chatformat import Utterance, build_messages
+    from core.chatformat import Utterance, build_messages
 
     rng = random.Random(seed)
     rows = []

@@ -7,8 +7,8 @@ import importlib
 import json
 from typing import Any
 
-from doppel.core.errors import UserFacingError
-from doppel.core.settings import Settings
+from core.errors import UserFacingError
+from core.settings import Settings
 
 # name -> "module:function"; each function takes (settings, args) and returns a JSON-able dict.
 BENCHES = {

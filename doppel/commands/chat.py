@@ -7,8 +7,8 @@ import asyncio
 import sys
 from typing import Any
 
-from doppel.core.errors import UserFacingError
-from doppel.core.settings import Settings
+from core.errors import UserFacingError
+from core.settings import Settings
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -67,8 +67,8 @@ async def _resolve(store: Any, settings: Settings, user_id: str, mode: str) -> t
 
 
 async def _chat(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from core.chatformat import Utterance
     from data.store import Store
-    from doppel.core.chatformat import Utterance
     from inference.requests import GenParams, PersonaRequest
     from inference.retrieval import Retriever
     from inference.server import make_engine

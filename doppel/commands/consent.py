@@ -7,8 +7,8 @@ import asyncio
 import getpass
 from typing import Any
 
-from doppel.core.errors import UserFacingError
-from doppel.core.settings import Settings
+from core.errors import UserFacingError
+from core.settings import Settings
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from doppel.core.errors import UserFacingError
-from doppel.core.settings import Settings
+from core.errors import UserFacingError
+from core.settings import Settings
 
 
 class NoAdapterError(UserFacingError):

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from doppel.core.settings import Settings
+from core.settings import Settings
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

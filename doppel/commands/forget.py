@@ -7,7 +7,7 @@ import asyncio
 import getpass
 from typing import Any
 
-from doppel.core.settings import Settings
+from core.settings import Settings
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

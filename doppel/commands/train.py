@@ -11,8 +11,8 @@ import sys
 import time
 from typing import Any
 
-from doppel.core.errors import UserFacingError
-from doppel.core.settings import Settings
+from core.errors import UserFacingError
+from core.settings import Settings
 
 
 class TrainingFailed(UserFacingError):

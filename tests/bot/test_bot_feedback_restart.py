@@ -131,8 +131,8 @@ def test_erasure_reaches_kept_replies_of_the_persona_and_of_those_quoted(bot_wor
 
 @pytest.mark.slow
 def test_forget_and_opt_out_clear_the_engine_caches(bot_world: Any) -> None:
+    from core.chatformat import Utterance
     from data.records import Message
-    from doppel.core.chatformat import Utterance
     from inference.engine import Engine
     from inference.retrieval import Retriever
 

@@ -237,9 +237,9 @@ class StandIn:
 async def _seed(home: Path) -> None:
     """Alice opted in, with enough messages to train."""
     from consent.service import ConsentService
+    from core.settings import Settings
     from data.records import Member, Message
     from data.store import Store
-    from doppel.core.settings import Settings
 
     settings = Settings.load(env={"DOPPEL_HOME": str(home)})
     async with Store.open(settings) as store:
@@ -374,7 +374,7 @@ def test_sigterm_stops_doppel_run_gracefully(doppel_home: Path, tmp_path: Path) 
             await runner.cleanup()
 
         from bot.main import grace_s
-        from doppel.core.settings import Settings
+        from core.settings import Settings
 
         grace = grace_s(
             Settings.load(env={"DOPPEL_HOME": str(doppel_home), "DOPPEL_TRAINING__CANCEL_GRACE_S": "3"})

@@ -16,10 +16,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from consent.erasure import forget
 from consent.service import ConsentService
+from core.settings import Settings
 from data.dce_import import import_exports
 from data.records import Message
 from data.store import Store
-from doppel.core.settings import Settings
 
 MEMBERS = ["400000000000000001", "400000000000000002", "400000000000000003"]
 members = st.sampled_from(MEMBERS)

@@ -9,9 +9,9 @@ import pytest
 
 from consent.errors import ConsentError
 from consent.service import ConsentService, parse_scopes
+from core.settings import Settings
 from data.records import Message
 from data.store import Store
-from doppel.core.settings import Settings
 from tests.helpers.rows import seed_adapter
 
 A, B = "100000000000000001", "100000000000000002"

@@ -21,9 +21,9 @@ from consent.erasure import (
 )
 from consent.errors import ErasureError
 from consent.service import ConsentService
+from core.settings import Settings
 from data.records import Message
 from data.store import Store
-from doppel.core.settings import Settings
 from models.errors import AdapterNotFoundError
 from models.registry import Registry
 from tests.helpers.rows import seed_adapter, seed_job

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from consent.erasure import forget
 from consent.service import ConsentService
+from core.settings import Settings
 from data.dce_import import import_exports
 from data.records import Message
 from data.store import Store
-from doppel.core.settings import Settings
 
 CANARY = "zebra-canary-7f3e91 quokka"
 SECRET_MEMBER, OTHER = "123456789012345678", "223456789012345678"

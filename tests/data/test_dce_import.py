@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from core.settings import Settings
 from data.dce_import import expand_paths, import_exports, utc_epoch
 from data.errors import ImportFileError
 from data.store import Store
-from doppel.core.settings import Settings
 
 ADAM, THOMAS, PATRICK, MLOMB = (
     "521486476985155645",

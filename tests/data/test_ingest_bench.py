@@ -6,10 +6,10 @@ import asyncio
 from pathlib import Path
 
 from consent.service import ConsentService
+from core.settings import Settings
 from data.dce_import import import_exports
 from data.store import Store
 from doppel.benchingest import HEAVY, write_export
-from doppel.core.settings import Settings
 
 
 def test_generated_export_imports_and_counts_add_up(settings: Settings, tmp_path: Path) -> None:

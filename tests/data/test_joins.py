@@ -13,10 +13,10 @@ from consent.erasure import forget
 from consent.errors import ConsentError
 from consent.export import member_export
 from consent.service import ConsentService
+from core.settings import Settings
 from data import migrations
 from data.joins import EVERYWHERE
 from data.store import Store
-from doppel.core.settings import Settings
 
 ALICE, BOB = "111111111111111111", "222222222222222222"
 
@@ -89,7 +89,7 @@ def test_levels_silences_erasure_and_export(settings: Settings) -> None:
 
 
 def test_join_settings_refuse_an_unknown_level(doppel_home: object) -> None:
-    from doppel.core.errors import ConfigError
+    from core.errors import ConfigError
 
     env = {"DOPPEL_HOME": str(doppel_home), "DOPPEL_JOIN__DEFAULT_LEVEL": "chatty"}
     with pytest.raises(ConfigError, match="default_level must be one of quiet, normal, lively"):

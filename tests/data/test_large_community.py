@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from consent.service import ConsentService
+from core.chatformat import ChatFormat
+from core.settings import Settings
 from data.dce_import import import_exports
 from data.messages import MessageRepo
 from data.store import Store
 from doppel.cli import main
-from doppel.core.chatformat import ChatFormat
-from doppel.core.settings import Settings
 from doppel.samplecommunity import write_large_community
 
 MEMBERS, MESSAGES, PERSONA_MESSAGES = 1500, 30_000, 300

@@ -6,8 +6,8 @@ import asyncio
 
 from consent.export import member_export
 from consent.service import ConsentService
+from core.settings import Settings
 from data.store import Store
-from doppel.core.settings import Settings
 
 ALICE, BOB = "111111111111111111", "222222222222222222"
 

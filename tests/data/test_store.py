@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import Settings
 from data.crypto import message_ad, unseal
 from data.errors import MasterKeyError
 from data.migrations import MIGRATIONS
 from data.records import Member, Message
 from data.store import Store
-from doppel.core.settings import Settings
 
 ALICE, BOB = "111111111111111111", "222222222222222222"
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from core.chatformat import DEFAULT_STYLE, STYLES, Utterance, build_messages
 from doppel import benchfidelity as bf
-from doppel.core.chatformat import DEFAULT_STYLE, STYLES, Utterance, build_messages
 
 
 def test_the_retrieval_persona_never_sees_a_heldout_reply() -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from core.settings import Settings
 from doppel import benchjoin
 from doppel.benchjoin import Line, ks, own_messages, timed
-from doppel.core.settings import Settings
 
 
 def test_timed_spreads_a_minute_and_crosses_midnight() -> None:

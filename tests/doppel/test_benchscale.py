@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import UserFacingError
 from doppel.benchscale import PHASES, parse_sizes
-from doppel.core.errors import UserFacingError
 from doppel.samplecommunity import large_members, write_large_community
 
 

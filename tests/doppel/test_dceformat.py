@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from consent.service import ConsentService
+from core.settings import Settings
 from data.dce_import import import_exports
 from data.records import Message
 from data.store import Store
 from doppel import dceformat as dce
-from doppel.core.settings import Settings
 
 GUILD, CHANNEL, ALICE, BOB, BOT = (
     "900000000000000000",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import bundled_base_gguf, bundled_embedding_model
 from doppel.cli import main
-from doppel.core.settings import bundled_base_gguf, bundled_embedding_model
 
 pytestmark = [
     pytest.mark.slow,

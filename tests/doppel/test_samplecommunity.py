@@ -8,9 +8,9 @@ from collections import Counter
 from pathlib import Path
 
 from consent.service import ConsentService
+from core.settings import Settings
 from data.dce_import import import_exports
 from data.store import Store
-from doppel.core.settings import Settings
 from doppel.samplecommunity import BOT_ID, MEMBERS, write_community
 
 

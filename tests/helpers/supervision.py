@@ -17,7 +17,7 @@ PERSONA_ID = "1001"
 SUPERVISOR_SCRIPT = textwrap.dedent(
     """
     import asyncio, json, sys
-    from doppel.core.settings import Settings
+    from core.settings import Settings
     from data.store import Store
     from trainer.supervisor import Supervisor
 

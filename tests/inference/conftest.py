@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from doppel.core.settings import Settings, bundled_base_gguf
+from core.settings import Settings, bundled_base_gguf
 
 
 @pytest.fixture(scope="session")

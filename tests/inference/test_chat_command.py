@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from core.settings import bundled_embedding_model
 from doppel.cli import main
-from doppel.core.settings import bundled_embedding_model
 
 
 def _seed(settings, scopes: list[str]) -> None:
@@ -73,8 +73,8 @@ def test_chat_serves_a_persona_trained_on_another_base(
     """`[model] base_gguf` stays the bundled model; the persona's adapter names the tiny base, which is served."""
     import dataclasses
 
+    from core.chatformat import Utterance
     from data.store import Store
-    from doppel.core.chatformat import Utterance
     from inference.engine import Engine
     from inference.requests import GenParams, PersonaRequest
     from tests.helpers.adapters import adapter_on

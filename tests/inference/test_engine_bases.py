@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from doppel.core.chatformat import Utterance
-from doppel.core.settings import Settings
+from core.chatformat import Utterance
+from core.settings import Settings
 from inference.engine import Engine
 from inference.errors import AdapterError
 from inference.requests import GenParams, PersonaRequest

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from doppel.core.chatformat import Utterance
+from core.chatformat import Utterance
 from inference.engine import Engine
 from inference.errors import AdapterError, RequestError
 from inference.requests import GenParams, PersonaRequest
@@ -149,7 +149,7 @@ def test_an_adapter_is_served_in_the_prompt_style_it_was_trained_with(
     import json
     import shutil
 
-    from doppel.core.chatformat import DEFAULT_STYLE
+    from core.chatformat import DEFAULT_STYLE
     from inference.prompting import build_prompt, trained_style
 
     metas = {

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from doppel.core.chatformat import Utterance
+from core.chatformat import Utterance
 from inference.engine import Engine
 from inference.errors import BusyError
 from inference.requests import GenParams, PersonaRequest

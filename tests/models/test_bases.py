@@ -56,7 +56,7 @@ def last_json(done: subprocess.CompletedProcess[str]) -> Any:
 
 
 def test_default_chat_format_of_a_gguf_without_template(plain_base: Any, tmp_path: Path) -> None:
-    from doppel.core.chatformat import CHATML_TEMPLATE, PLAIN_TEMPLATE, ChatFormat
+    from core.chatformat import CHATML_TEMPLATE, PLAIN_TEMPLATE, ChatFormat
 
     fmt = ChatFormat.from_gguf(plain_base.gguf_path)
     # The tiny vocabulary has <|im_start|> and <|im_end|>: ChatML, ended by <|im_end|>.
@@ -163,8 +163,8 @@ def test_base_without_template_trains_and_chats_with_the_recorded_format(
     doppel_home: Path, settings: Any, plain_base: Any
 ) -> None:
     """add-base (plain role-tagged turns chosen), train a few steps, chat: serving uses meta.json's format."""
-    from doppel.core.chatformat import PLAIN_TEMPLATE
-    from doppel.core.settings import Settings
+    from core.chatformat import PLAIN_TEMPLATE
+    from core.settings import Settings
     from inference.engine import Engine
 
     asyncio.run(fx.seed_member(settings))
@@ -241,7 +241,7 @@ def test_base_without_template_trains_and_chats_with_the_recorded_format(
 
 
 def test_registry_and_exporter_agree_on_architectures() -> None:
-    from doppel.core import ggufinfo
+    from core import ggufinfo
     from models import bases
     from trainer import export_gguf
     from trainer.tinymodel import ARCHS

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from doppel.core.settings import bundled_base_gguf
+from core.settings import bundled_base_gguf
 from models.catalog import Catalog, template_for_path
 from models.errors import ModelFileError, UnknownBaseModelError
 

@@ -122,8 +122,8 @@ def test_publish_is_all_or_nothing(settings: Any, tmp_path: Path) -> None:
 
 
 def test_gguf_header_reader_matches_the_gguf_package() -> None:
-    from doppel.core.ggufinfo import read_shape
-    from doppel.core.settings import bundled_base_gguf
+    from core.ggufinfo import read_shape
+    from core.settings import bundled_base_gguf
 
     path = bundled_base_gguf()
     if path is None:
@@ -134,7 +134,7 @@ def test_gguf_header_reader_matches_the_gguf_package() -> None:
     reader = gguf.GGUFReader(str(path))
     assert shape.params == sum(int(t.n_elements) for t in reader.tensors)
     assert (shape.architecture, shape.layers, shape.hidden, shape.vocab) == ("llama", 30, 576, 49152)
-    from doppel.core.ggufinfo import read_metadata
+    from core.ggufinfo import read_metadata
 
     meta = read_metadata(path, arrays=("tokenizer.ggml.tokens",))
     assert meta["tokenizer.ggml.tokens"] == reader.fields["tokenizer.ggml.tokens"].contents()

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from doppel.core.settings import Settings, bundled_base_gguf, bundled_embedding_model
+from core.settings import Settings, bundled_base_gguf, bundled_embedding_model
 from tests.helpers.rows import seed_job
 from trainer.jobs import JobTable
 
@@ -98,9 +98,9 @@ def _adapter_folder(root: Path, member: str, lineage: list[str], persona_name: s
 
 async def _populate(settings: Settings, staging: Path) -> dict[str, Any]:
     """Embeddings, job folders with datasets, adapters; returns the secret's sealed bytes to look for later."""
+    from core.chatformat import ChatFormat, Utterance
     from data.crypto import job_key_for
     from data.store import Store
-    from doppel.core.chatformat import ChatFormat, Utterance
     from models.registry import Registry
     from trainer.dataset import materialize
     from trainer.jobdata import open_bytes

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from doppel.core.errors import UserFacingError
-from doppel.core.settings import Settings
+from core.errors import UserFacingError
+from core.settings import Settings
 
 ADAM, THOMAS, MLOMB, DELETED_USER = (
     "521486476985155645",

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from doppel.core.settings import Settings, bundled_base_gguf
+from core.settings import Settings, bundled_base_gguf
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from doppel.core.chatformat import Utterance
-from doppel.core.settings import Settings, bundled_base_gguf, bundled_embedding_model
+from core.chatformat import Utterance
+from core.settings import Settings, bundled_base_gguf, bundled_embedding_model
 
 pytestmark = [
     pytest.mark.skipif(bundled_base_gguf() is None, reason="bundled SmolLM2 GGUF not installed"),

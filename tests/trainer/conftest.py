@@ -26,7 +26,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.fixture(scope="session")
 def tiny_chat_format(tiny_model: Any) -> Any:
-    from doppel.core.chatformat import ChatFormat
+    from core.chatformat import ChatFormat
 
     return ChatFormat.from_gguf(tiny_model.gguf_path)
 

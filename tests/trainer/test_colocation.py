@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(400)
 
 
 def _settings(doppel_home: Path) -> Any:
-    from doppel.core.settings import Settings
+    from core.settings import Settings
 
     return Settings.load(env=fx.control_env(doppel_home, cancel_grace_s=20))
 
@@ -26,10 +26,10 @@ def _settings(doppel_home: Path) -> Any:
 async def test_the_trainer_yields_its_threads_while_the_engine_generates_and_takes_them_back(
     doppel_home: Path, tiny_model: Any
 ) -> None:
+    from core.chatformat import Utterance
+    from core.hostshare import serving_now, usable_cores
+    from core.settings import bundled_base_gguf
     from data.store import Store
-    from doppel.core.chatformat import Utterance
-    from doppel.core.hostshare import serving_now, usable_cores
-    from doppel.core.settings import bundled_base_gguf
     from inference.engine import Engine
     from inference.requests import GenParams, PersonaRequest
     from trainer.supervisor import Supervisor
@@ -97,8 +97,8 @@ async def test_the_trainer_yields_its_threads_while_the_engine_generates_and_tak
 async def test_a_published_persona_is_ready_and_its_first_reply_embeds_nothing(
     doppel_home: Path, tiny_model: Any
 ) -> None:
+    from core.chatformat import Utterance
     from data.store import Store
-    from doppel.core.chatformat import Utterance
     from inference.engine import Engine
     from inference.requests import GenParams, PersonaRequest
     from inference.retrieval import Retriever
@@ -144,7 +144,7 @@ def test_the_pause_hooks_leave_the_gradients_exactly_as_they_were(tiny_model: An
     import torch
     from transformers import AutoModelForCausalLM
 
-    from doppel.core.hostshare import ServingMarks, ServingPause
+    from core.hostshare import ServingMarks, ServingPause
     from trainer.callbacks import pause_between_layers
 
     torch.manual_seed(0)

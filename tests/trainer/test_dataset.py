@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from core.chatformat import ChatFormat
+from core.settings import Settings
 from data.crypto import job_key_for
 from data.records import Message
-from doppel.core.chatformat import ChatFormat
-from doppel.core.settings import Settings
 from trainer.cleaning import Cleaner
 from trainer.dataset import (
     Example,
@@ -189,7 +189,7 @@ def test_split_is_by_time_per_member_and_reproducible(settings: Settings) -> Non
 
 
 def test_shots_show_other_training_replies_as_own_turns_and_never_a_heldout_one(settings: Settings) -> None:
-    from doppel.core.chatformat import EXAMPLE_CUE
+    from core.chatformat import EXAMPLE_CUE
 
     s = _tuned(settings, heldout_fraction=0.1, validation_fraction=0.1, seed=7)
     msgs = _conversation(50).msgs

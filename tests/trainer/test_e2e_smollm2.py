@@ -17,8 +17,8 @@ from trainer.events import Emitter
 def test_smollm2_persona_adapter_beats_base_and_serves_from_gguf(tmp_path: Path, persona_rows: Any) -> None:
     import torch
 
-    from doppel.core.chatformat import ChatFormat
-    from doppel.core.settings import bundled_base_gguf
+    from core.chatformat import ChatFormat
+    from core.settings import bundled_base_gguf
     from trainer.config import TrainConfig
 
     gguf = bundled_base_gguf()

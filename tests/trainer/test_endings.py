@@ -19,7 +19,7 @@ GIB = 1024**3
 
 
 def _settings(doppel_home: Path) -> Any:
-    from doppel.core.settings import Settings
+    from core.settings import Settings
 
     return Settings.load(env=fx.control_env(doppel_home))
 

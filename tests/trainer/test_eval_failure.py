@@ -24,8 +24,8 @@ def _env(home: Path) -> dict[str, str]:
 async def test_killed_evaluation_keeps_the_adapter_and_doppel_eval_completes_it(
     doppel_home: Path, tiny_model: Any
 ) -> None:
+    from core.settings import Settings
     from data.store import Store
-    from doppel.core.settings import Settings
     from trainer.supervisor import Supervisor
 
     settings = Settings.load(env=_env(doppel_home))

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from doppel.core.settings import bundled_embedding_model
+from core.settings import bundled_embedding_model
 from tests.helpers.rows import seed_adapter
 from trainer.errors import EvaluationError
 from trainer.evaluation import (

@@ -94,8 +94,8 @@ def ray_head() -> Iterator[str]:
 async def test_ray_executor_runs_the_trainer_and_brings_the_adapter_back(
     doppel_home: Path, tiny_model: Any, ray_head: str
 ) -> None:
+    from core.settings import Settings
     from data.store import Store
-    from doppel.core.settings import Settings
     from trainer.supervisor import Supervisor
 
     settings = Settings.load(

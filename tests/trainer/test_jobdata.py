@@ -81,7 +81,7 @@ def test_preference_rows_fit_max_length_by_dropping_old_context(
 
 
 def test_rows_are_refitted_in_the_jobs_own_format_not_the_tokenizers(tiny_model: Any) -> None:
-    from doppel.core.chatformat import ChatFormat
+    from core.chatformat import ChatFormat
     from trainer.basemodel import load_tokenizer
     from trainer.jobdata import fit_rows
     from trainer.synthetic import synthetic_rows

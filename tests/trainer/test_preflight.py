@@ -17,7 +17,7 @@ def _config(settings: Any, **overrides: Any) -> Any:
 
 
 def test_memory_estimate_grows_with_batch_and_length(settings: Any) -> None:
-    from doppel.core.ggufinfo import read_shape
+    from core.ggufinfo import read_shape
     from trainer.preflight import estimate_memory
 
     cfg = _config(settings)
@@ -47,7 +47,7 @@ def test_job_that_cannot_fit_is_refused_with_the_fix(settings: Any) -> None:
 
 
 def test_a_job_too_big_for_the_memory_trains_the_same_step_in_smaller_micro_batches(settings: Any) -> None:
-    from doppel.core.ggufinfo import read_shape
+    from core.ggufinfo import read_shape
     from trainer.preflight import estimate_memory, fit_micro_batch
 
     cfg = _config(settings, micro_batch_size=8, grad_accum=1, max_length=512)
@@ -67,7 +67,7 @@ def test_a_job_too_big_for_the_memory_trains_the_same_step_in_smaller_micro_batc
 
 
 def test_the_plan_fits_the_job_to_this_host_and_checks_and_estimates_what_it_will_run(settings: Any) -> None:
-    from doppel.core.ggufinfo import read_shape
+    from core.ggufinfo import read_shape
     from trainer.preflight import estimate_memory, plan_job, require
 
     shape = read_shape(settings.base_gguf_path())
@@ -89,7 +89,7 @@ def test_the_plan_fits_the_job_to_this_host_and_checks_and_estimates_what_it_wil
 
 
 def test_memory_the_jobs_ahead_will_release_counts_and_is_named(settings: Any) -> None:
-    from doppel.core.ggufinfo import read_shape
+    from core.ggufinfo import read_shape
     from trainer.errors import PreflightError
     from trainer.preflight import cpu_device, estimate_memory, plan_job, require
 
@@ -158,7 +158,7 @@ def test_progress_state_bar_and_throttle() -> None:
 
 def test_the_serving_gpu_keeps_what_the_engine_will_need(settings: Any) -> None:
     """Issue 22: on a GPU host a job never takes the memory the persona engine needs to answer."""
-    from doppel.core.hostshare import ServingMarks
+    from core.hostshare import ServingMarks
     from trainer.memory import GIB
     from trainer.preflight import Device, _free, reserve_for_serving, serving_reserve
 

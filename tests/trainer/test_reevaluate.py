@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from doppel.core.chatformat import DEFAULT_STYLE
+from core.chatformat import DEFAULT_STYLE
 from trainer.errors import EvaluationError
 from trainer.reevaluate import evaluation_config
 

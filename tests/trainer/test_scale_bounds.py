@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from core.chatformat import ChatFormat
+from core.settings import Settings
 from data.crypto import job_key, job_key_for
 from data.records import Member, Message
-from doppel.core.chatformat import ChatFormat
-from doppel.core.settings import Settings
 from trainer.attribution import PANEL_OTHERS, PANEL_PER_AUTHOR, attribution_report, choose_panel, panel_rows
 from trainer.dataset import build_dataset, materialize
 from trainer.errors import JobConfigError

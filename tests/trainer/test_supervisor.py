@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _settings(doppel_home: Path, **training: Any) -> Any:
-    from doppel.core.settings import Settings
+    from core.settings import Settings
 
     return Settings.load(env=fx.control_env(doppel_home, **{"cancel_grace_s": 20, **training}))
 
@@ -167,7 +167,7 @@ async def test_cancel_queue_and_one_job_per_member(doppel_home: Path, tiny_model
 
 def _sized(settings: Any, tiny_model: Any, share: float, odd: bool, **extra: Any) -> dict[str, Any]:
     """Tiny-model overrides whose memory estimate is about `share` of the RAM free now (by micro-batch size)."""
-    from doppel.core.ggufinfo import read_shape
+    from core.ggufinfo import read_shape
     from trainer.config import TrainConfig
     from trainer.memory import estimate_memory
     from trainer.preflight import cpu_device
@@ -304,8 +304,8 @@ async def test_supervisor_killed_mid_run_then_resume_continues_from_checkpoint(
 @fx.run_async
 async def test_example_shots_reach_the_jobs_dataset(doppel_home: Path, tiny_model: Any) -> None:
     """A job asking to train as the hybrid persona is served gets those prompts written in its folder."""
+    from core.chatformat import EXAMPLE_CUE
     from data.crypto import job_key_for
-    from doppel.core.chatformat import EXAMPLE_CUE
     from trainer.jobdata import load_job_data
     from trainer.jobs import Job
 

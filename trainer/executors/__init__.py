@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from doppel.core.errors import UserFacingError
+from core.errors import UserFacingError
 from trainer.executors.base import Executor, Outcome, Run, parse_event
 
 if TYPE_CHECKING:
-    from doppel.core.settings import Settings
+    from core.settings import Settings
     from trainer.jobs import Job
 
 __all__ = [

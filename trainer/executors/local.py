@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 
-from doppel.core.settings import Settings
+from core.settings import Settings
 from trainer.errors import ExecutorError
 from trainer.executors.base import Outcome, StderrTail, parse_event
 from trainer.lifeline import SUPERVISOR_PID_ENV

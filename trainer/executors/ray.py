@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from core.settings import Settings
 from data.crypto import job_key_for
-from doppel.core.settings import Settings
 from trainer.errors import ExecutorError
 from trainer.executors.base import Outcome, StderrTail, parse_event
 from trainer.jobdata import KEY_ENV

@@ -357,7 +357,7 @@ def finish_job(
 
 
 def _chat_format_record(cfg: TrainConfig) -> dict[str, str] | None:
-    from doppel.core.chatformat import ChatFormat
+    from core.chatformat import ChatFormat
 
     try:
         return dict(ChatFormat.for_config(cfg.to_dict()).to_dict())
@@ -389,7 +389,7 @@ def update_meta(folder: Path, **fields: Any) -> dict[str, Any]:
 
 def estimate_mb(cfg: TrainConfig, device: str) -> dict[str, float] | None:
     """The pre-flight's estimate for this job (training, evaluation, peak) in MiB, to compare with the measured peak."""
-    from doppel.core.ggufinfo import read_shape
+    from core.ggufinfo import read_shape
     from trainer.memory import memory_breakdown
 
     gguf = base_gguf_for(cfg)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from doppel.core.chatformat import ChatFormat, Utterance, build_messages
-from doppel.core.settings import bundled_base_gguf
+from core.chatformat import ChatFormat, Utterance, build_messages
+from core.settings import bundled_base_gguf
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"

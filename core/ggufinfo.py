@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from doppel.core.errors import GGUFFileError
+from core.errors import GGUFFileError
 
 GGUF_MAGIC = b"GGUF"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from doppel.core.errors import ConfigError
+from core.errors import ConfigError
 
 ENV_PREFIX = "DOPPEL_"
 # Secrets never come from the TOML file: it may be committed or shared; the environment is the only source.
@@ -83,7 +83,7 @@ class TrainingSettings:
     cancel_grace_s: float = 10.0
     heartbeat_s: float = 5.0
     preset: str = ""  # "": trainer/config.py DEFAULT_PRESET; quick, good or best (PRESETS)
-    prompt_style: str = ""  # "": doppel/core/chatformat.py DEFAULT_STYLE; persona, plain or plain+names
+    prompt_style: str = ""  # "": core/chatformat.py DEFAULT_STYLE; persona, plain or plain+names
     max_steps: int = 0  # 0: steps derived from the member's data by the preset (trainer/config.py PRESETS)
     # 0: the preset's value (trainer/config.py PRESETS); any other value an operator sets wins over every preset.
     epochs: float = 0.0
@@ -93,7 +93,7 @@ class TrainingSettings:
     learning_rate: float = 0.0
     min_free_disk_mb: int = 1024
     min_examples: int = 20
-    # The trainer child's scheduling class (doppel/core/hostshare.py PRIORITIES): `idle` yields the CPU at once to
+    # The trainer child's scheduling class (core/hostshare.py PRIORITIES): `idle` yields the CPU at once to
     # persona replies and everything else on the host; `low` is nice 19; `normal` leaves it as started.
     trainer_priority: str = "idle"
     # Before each step the trainer takes the cores nobody else uses now (a persona generating, another job).

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from doppel.core.errors import ConfigError
-from doppel.core.settings import Settings
+from core.errors import ConfigError
+from core.settings import Settings
 
 
 def test_defaults_live_under_doppel_home(tmp_path: Path) -> None:

@@ -309,7 +309,7 @@ class ChatFormat:
     def from_gguf(cls, path: Path, template: str | None = None, source: str | None = None) -> ChatFormat:
         """From the metadata of a GGUF model file (the template transformers reads from it, or the default)."""
         # The header reader skips tensor data: milliseconds, where gguf's GGUFReader maps every tensor (seconds).
-        from doppel.core.ggufinfo import read_metadata
+        from core.ggufinfo import read_metadata
 
         meta = read_metadata(path, arrays=("tokenizer.ggml.tokens",))
         tokens = meta.get("tokenizer.ggml.tokens")

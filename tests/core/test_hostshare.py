@@ -1,4 +1,4 @@
-"""The host's share folder and the trainer's thread choice (doppel.core.hostshare)."""
+"""The host's share folder and the trainer's thread choice (core.hostshare)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from doppel.core.hostshare import ServingMarks, apply_priority, serving_now, trainer_threads
+from core.hostshare import ServingMarks, apply_priority, serving_now, trainer_threads
 
 
 def test_threads_are_the_cores_nobody_else_uses_never_fewer_than_one() -> None:
@@ -63,7 +63,7 @@ def test_marks_of_a_process_that_died_are_ignored_and_removed(tmp_path: Path) ->
 
 def test_a_lowered_priority_is_what_the_process_then_runs_with() -> None:
     code = (
-        "import os; from doppel.core.hostshare import apply_priority as a; "
+        "import os; from core.hostshare import apply_priority as a; "
         "print(a('idle'), os.sched_getscheduler(0) == os.SCHED_IDLE)"
     )
     out = subprocess.run(
@@ -76,7 +76,7 @@ def test_a_lowered_priority_is_what_the_process_then_runs_with() -> None:
 def test_a_trainer_pauses_while_a_reply_is_made_and_never_longer_than_its_bound(tmp_path: Path) -> None:
     import time
 
-    from doppel.core.hostshare import ServingPause
+    from core.hostshare import ServingPause
 
     marks = ServingMarks(tmp_path, threads=2)
     pause = ServingPause(tmp_path, check_every_s=0.0, max_wait_s=5.0)
