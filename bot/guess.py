@@ -49,8 +49,8 @@ def candidates(
     heldout_from: float | None,
 ) -> list[Sample]:
     """The member's replies that answer someone (with their preceding channel turns), limited to held-out ones."""
+    from jobs.dataset import build_turns
     from trainer.cleaning import Cleaner
-    from trainer.dataset import build_turns
 
     ds = settings.dataset
     names = {m.author_id: m.author_name for m in messages}

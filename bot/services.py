@@ -14,14 +14,14 @@ from bot.errors import BadUpload
 from core.chatformat import Utterance
 from core.settings import Settings
 from data.records import Member, Message
+from jobs.table import JobTable
 from models.registry import Registry
-from trainer.jobs import JobTable
 
 if TYPE_CHECKING:
     from consent.service import ConsentService
     from data.store import Store
     from inference.requests import GenParams, PersonaRequest
-    from trainer.supervisor import Supervisor
+    from jobs.supervisor import Supervisor
 
 
 class PersonaEngine(Protocol):
@@ -91,7 +91,7 @@ class Services:
             # builds a new persona's index with it as the adapter is published (one embedding model in memory).
             retriever = Retriever(store, settings)
         if with_supervisor:
-            from trainer.supervisor import Supervisor
+            from jobs.supervisor import Supervisor
 
             services.supervisor = Supervisor(store, settings, serving=retriever)
             await services.supervisor.start()

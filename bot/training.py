@@ -22,7 +22,7 @@ NONE = discord.AllowedMentions.none()
 
 
 def progress_text(name: str, job: Any) -> str:
-    """The progress message body for a job (trainer.jobs.Job)."""
+    """The progress message body for a job (jobs.table.Job)."""
     from trainer.progress import render_bar
 
     job.progress.status = (

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # Modules whose import registers erasure parts: each part lives beside the data it erases (the job folders beside
 # the jobs table's owner, the adapters beside the registry). Named, not imported: the parts of higher layers
 # depend on this module, never the other way round. A component that stores member data adds its module here.
-PART_MODULES: tuple[str, ...] = ("consent.parts", "trainer.erasure", "models.erasure")
+PART_MODULES: tuple[str, ...] = ("consent.parts", "jobs.erasure", "models.erasure")
 _META_KEYS = ("member", "member_id", "lineage", "contains", "members")
 
 

@@ -1,5 +1,5 @@
 """The erasure parts of the store's tables and the home's plain folders: key, embeddings, feedback, messages, cache,
-logs, join-in silences, consent, member. Jobs and adapters are erased beside their owners (`trainer.erasure`, `models.erasure`)."""
+logs, join-in silences, consent, member. Jobs and adapters are erased beside their owners (`jobs.erasure`, `models.erasure`)."""
 
 from __future__ import annotations
 

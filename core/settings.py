@@ -118,7 +118,7 @@ class InferenceSettings:
     retrieval_k: int = 4
     kv_states_kept: int = 4
     # GPU memory kept free of training jobs for the engine (MiB): -1 estimates it from the base when llama.cpp
-    # offloads to a GPU, 0 keeps nothing (trainer/preflight.py serving_reserve).
+    # offloads to a GPU, 0 keeps nothing (jobs/preflight.py serving_reserve).
     gpu_reserve_mb: int = -1
     # Bases loaded at once (each persona is served on the base it was trained on): the GGUF bytes kept loaded; past
     # it the least recently used idle base is unloaded (the bases serving a reply always stay).

@@ -74,7 +74,7 @@ class _Opening:
 
 
 class Store:
-    """Async access to the database; repositories of the store's tables (jobs: `trainer.jobs`; adapters: `models`)."""
+    """Async access to the database; repositories of the store's tables (jobs: `jobs.table`; adapters: `models`)."""
 
     def __init__(self, settings: Settings, db: aiosqlite.Connection, keyring: Keyring) -> None:
         from data.blindtests import BlindTestRepo

@@ -139,7 +139,7 @@ async def _policy(
     from inference.engine import Engine
     from inference.requests import GenParams, PersonaRequest
     from inference.retrieval import Retriever
-    from trainer.supervisor import Supervisor
+    from jobs.supervisor import Supervisor
 
     persona = PersonaRequest(
         member_id=_member_id(SPEAKER),

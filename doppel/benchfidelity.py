@@ -153,8 +153,8 @@ async def _openings(settings: Settings, member: str, n: int) -> dict[str, Any]:
     """The member's held-out replies (the product's own time split) and the message each one answered."""
     from core.chatformat import ChatFormat
     from data.store import Store
+    from jobs.dataset import build_dataset, build_turns
     from trainer.cleaning import Cleaner
-    from trainer.dataset import build_dataset, build_turns
 
     fmt = ChatFormat.from_gguf(settings.base_gguf_path())
     mid = author_id(member)
@@ -200,7 +200,7 @@ async def _heldout_rows(settings: Settings, member: str, limit: int, style: str)
     """The member's held-out replies as perplexity rows, rendered in prompt style `style` (oldest first)."""
     from core.chatformat import ChatFormat
     from data.store import Store
-    from trainer.dataset import build_dataset
+    from jobs.dataset import build_dataset
 
     fmt = ChatFormat.from_gguf(settings.base_gguf_path())
     mid = author_id(member)
@@ -238,8 +238,8 @@ def cross_perplexity(
 
 async def _train(settings: Settings, member: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     from data.store import Store
+    from jobs.supervisor import Supervisor
     from models.registry import Registry
-    from trainer.supervisor import Supervisor
 
     async with Store.open(settings) as store:
         sup = Supervisor(store, settings)

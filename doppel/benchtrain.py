@@ -44,7 +44,7 @@ async def _dataset_bench(settings: Settings, n_messages: int, n_members: int) ->
     from data.crypto import job_key_for
     from data.records import Member
     from data.store import Store
-    from trainer.dataset import materialize
+    from jobs.dataset import materialize
 
     chat_format, tokenize, fmt_source = _format_and_tokenizer(settings)
     messages = _generate(n_messages, n_members, seed=settings.dataset.seed)

@@ -97,8 +97,8 @@ async def run_demo(
 
 async def _train(store: Any, settings: Settings, *, retrain: bool, max_steps: int | None) -> Any:
     from doppel.commands.train import _follow
+    from jobs.supervisor import Supervisor
     from models.registry import Registry
-    from trainer.supervisor import Supervisor
 
     registry = Registry(store, settings)
     versions = await registry.list(PERSONA.id)

@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The tiny model and job-folder factory, shared by tests/trainer (the child) and tests/jobs (the control plane).
+pytest_plugins = ("tests.helpers.jobfolders",)
+
 FIXTURES_DCE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "dce"
 
 

@@ -8,31 +8,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("core", "doppel", "data", "consent", "trainer", "inference", "models", "bot")
-
-# Top to bottom: a module may import its own layer and the layers below it, never one above.
+# Floors, top to bottom: a module may import its own floor and the floors below it, never one above. Each
+# top-level package lives on exactly one floor, so where a file is placed decides what it may import
+# (docs/architecture.md explains each floor).
 LAYERS = ("shell", "control", "registry", "consent", "store", "child", "core")
-# Module prefix -> layer; the longest matching prefix wins (docs/architecture.md explains each).
-PLACES = {
+FLOOR = {
     "doppel": "shell",
     "bot": "shell",
-    "core": "core",
+    "jobs": "control",
     "inference": "control",
-    "trainer.supervisor": "control",
-    "trainer.runner": "control",
-    "trainer.jobs": "control",
-    "trainer.executors": "control",
-    "trainer.preflight": "control",
-    "trainer.endings": "control",
-    "trainer.reevaluate": "control",
-    "trainer.erasure": "control",
     "models": "registry",
-    "trainer.dataset": "registry",
-    "trainer.preference": "registry",
     "consent": "consent",
     "data": "store",
     "trainer": "child",
+    "core": "core",
 }
+PACKAGES = tuple(FLOOR)
+# Folders at the top of the checkout that hold no product code.
+NOT_PACKAGES = {"tests", "scripts", "docs"}
 
 
 def _modules(root: Path = ROOT) -> dict[str, Path]:
@@ -59,9 +52,8 @@ def _imports(path: Path) -> set[str]:
 
 
 def layer_of(module: str) -> str:
-    """The layer a project module belongs to."""
-    best = max((p for p in PLACES if module == p or module.startswith(p + ".")), key=len)
-    return PLACES[best]
+    """The floor a project module lives on: its top-level package's."""
+    return FLOOR[module.partition(".")[0]]
 
 
 def graph(root: Path = ROOT) -> dict[str, set[str]]:
@@ -75,6 +67,16 @@ def graph(root: Path = ROOT) -> dict[str, set[str]]:
             if name and name != module:
                 edges[module].add(name)
     return edges
+
+
+def package_graph(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Top-level package -> the other top-level packages its modules import."""
+    packages: dict[str, set[str]] = {}
+    for a, targets in edges.items():
+        top = a.partition(".")[0]
+        packages.setdefault(top, set()).update(b.partition(".")[0] for b in targets)
+        packages[top].discard(top)
+    return packages
 
 
 def upward_edges(edges: dict[str, set[str]]) -> list[str]:
@@ -140,14 +142,44 @@ def test_no_import_cycles_between_modules() -> None:
     assert cycles(graph()) == []
 
 
-def test_every_module_has_a_layer() -> None:
-    assert {layer_of(m) for m in _modules()} <= set(LAYERS)
+def test_no_import_cycles_between_packages() -> None:
+    assert cycles(package_graph(graph())) == []
+
+
+def test_every_package_has_a_floor() -> None:
+    tops = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name not in NOT_PACKAGES}
+    assert tops == set(FLOOR)
+    assert set(FLOOR.values()) == set(LAYERS)
 
 
 def test_the_checks_see_a_cycle_and_an_upward_import() -> None:
     edges = {"data.a": {"data.b"}, "data.b": {"data.a"}, "core.x": {"data.a"}}
     assert cycles(edges) == [["data.a", "data.b"]]
     assert upward_edges(edges) == ["core.x (core) -> data.a (store)"]
+
+
+def test_the_checks_see_a_package_spanning_floors() -> None:
+    # The old layout: the control plane inside the trainer package, the registry gating on the trainer's evaluation.
+    edges = {
+        "trainer.supervisor": {"models.registry", "trainer.config"},
+        "models.registry": {"trainer.evaluation"},
+        "trainer.evaluation": set(),
+        "trainer.config": set(),
+    }
+    assert cycles(edges) == []
+    assert cycles(package_graph(edges)) == [["models", "trainer"]]
+    assert upward_edges(edges) == ["trainer.supervisor (child) -> models.registry (registry)"]
+
+
+def test_the_architecture_doc_draws_the_package_graph() -> None:
+    """docs/architecture.md's package graph is the code's: each line `package -> what it imports`."""
+    doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    block = doc.split("<!-- package-graph -->")[1].split("```")[1]
+    drawn = {
+        line.split("->")[0].strip(): set(line.split("->")[1].split()) if "->" in line else set()
+        for line in block.strip().splitlines()[1:]
+    }
+    assert drawn == package_graph(graph())
 
 
 def test_only_bot_imports_discord() -> None:
@@ -190,7 +222,7 @@ def test_every_module_uses_postponed_annotations() -> None:
 
 # One owner per table: only these modules write these tables (migrations create them).
 OWNERS = {
-    "jobs": "trainer/jobs.py",
+    "jobs": "jobs/table.py",
     "adapters": "models/registry.py",
     "adapter_lineage": "models/registry.py",
 }

@@ -1,7 +1,7 @@
 """Authorship attribution: a character n-gram classifier over a bounded panel of consenting members' real messages.
 
 Memory is bounded whatever the community size: the dataset builder sends a panel (the member plus at most
-`trainer.dataset.PANEL_OTHERS` comparison members, capped messages each), features are hashed into a fixed
+`jobs.dataset.PANEL_OTHERS` comparison members, capped messages each), features are hashed into a fixed
 `N_FEATURES` space (no vocabulary that grows with the text), and the linear SVM (liblinear) fits one class against
 the rest at a time, so it holds one weight vector per class and never the several classes x features copies that
 a multinomial lbfgs fit keeps.

@@ -30,7 +30,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # the reference's 3e-4 lowered held-out perplexity further (-53% vs -50%) at the same attribution or better (run F).
 # 8 examples a step in one micro-batch: ~5% less CPU per token than 4 x 2 accumulated (measured, BENCHMARKS.md).
 # Where the device has less free memory than the job's estimate, pre-flight halves the micro-batch and doubles the
-# accumulation (`trainer.preflight.fit_micro_batch`): the same update, as the loss is normalised over the step.
+# accumulation (`jobs.preflight.fit_micro_batch`): the same update, as the loss is normalised over the step.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "epochs": 1.0,

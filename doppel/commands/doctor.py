@@ -13,7 +13,7 @@ from core.errors import UserFacingError
 from core.settings import Settings
 
 if TYPE_CHECKING:
-    from trainer.preflight import Check
+    from jobs.preflight import Check
 
 # Loading a 135M model and generating 8 tokens takes seconds; a bigger base takes longer, a hang never ends.
 PROBE_TIMEOUT_S = 300
@@ -33,12 +33,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Any:
-    from trainer.preflight import Check, host_checks, plan_job
+    from jobs.preflight import Check, host_checks, plan_job
 
     checks = host_checks(settings)
     try:
+        from jobs.preflight import devices
         from trainer.config import TrainConfig
-        from trainer.preflight import devices
 
         config = TrainConfig.from_settings(settings)
         first = devices(settings)[0].name
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
 def engine_checks(settings: Settings) -> list[Check]:
     """The llama.cpp build matches this CPU, and it really generates: base + adapter, configured threads."""
     from doppel import llamabuild
-    from trainer.preflight import Check
+    from jobs.preflight import Check
 
     checks: list[Check] = []
     record = llamabuild.installed_info()
@@ -127,7 +127,7 @@ def server_check(settings: Settings) -> Check:
     import asyncio
 
     from inference.server import ServerEngine, check_choices
-    from trainer.preflight import Check
+    from jobs.preflight import Check
 
     async def probe() -> str:
         async with ServerEngine(settings) as engine:
@@ -143,9 +143,9 @@ def server_check(settings: Settings) -> Check:
 def engine_probe(settings: Settings, command: list[str] | None = None) -> Check:
     """Load the base model and an adapter and generate a few tokens in a subprocess; a crash is a failed check."""
     from inference.runtime import default_threads
-    from trainer.endings import explain
-    from trainer.executors.base import Outcome
-    from trainer.preflight import Check
+    from jobs.endings import explain
+    from jobs.executors.base import Outcome
+    from jobs.preflight import Check
 
     try:
         base = settings.base_gguf_path()

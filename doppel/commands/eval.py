@@ -95,7 +95,7 @@ async def _find(
         reran = False
         if rerun or needs_evaluation(dict(version.metrics or {})):
             # Saved before an evaluation that failed (or asked for): evaluate it now, in a trainer child.
-            from trainer.reevaluate import reevaluate
+            from jobs.reevaluate import reevaluate
 
             if show:
                 # A version whose GGUF export failed after training is converted first, by the same trainer child.

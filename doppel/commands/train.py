@@ -119,7 +119,7 @@ async def _run_stoppable(args: argparse.Namespace, settings: Settings) -> Any:
 
 async def _run(args: argparse.Namespace, settings: Settings) -> Any:
     from data.store import Store
-    from trainer.supervisor import Supervisor
+    from jobs.supervisor import Supervisor
 
     actor = f"cli:{getpass.getuser()}"
     async with Store.open(settings) as store:

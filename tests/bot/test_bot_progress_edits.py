@@ -12,7 +12,7 @@ ALICE = 111
 
 def test_progress_message_is_edited_only_on_change(bot_world: Any) -> None:
     from bot.training import watch
-    from trainer.supervisor import Supervisor
+    from jobs.supervisor import Supervisor
 
     async def scenario() -> None:
         async with bot_world() as (h, services):

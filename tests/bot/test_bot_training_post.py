@@ -50,8 +50,8 @@ def _patches(h: Any, mid: str) -> list[Any]:
 
 def test_finished_job_posts_results_and_loss_plot(bot_world: Any, tmp_path: Path) -> None:
     from bot.persona_commands import PersonaCommands
+    from jobs.supervisor import Supervisor
     from models.registry import Registry
-    from trainer.supervisor import Supervisor
 
     async def scenario() -> None:
         async with bot_world() as (h, services):
@@ -91,7 +91,7 @@ def test_finished_job_posts_results_and_loss_plot(bot_world: Any, tmp_path: Path
 
 def test_failed_job_posts_the_reason_without_a_plot(bot_world: Any) -> None:
     from bot.persona_commands import PersonaCommands
-    from trainer.supervisor import Supervisor
+    from jobs.supervisor import Supervisor
 
     async def scenario() -> None:
         async with bot_world() as (h, services):
@@ -119,7 +119,7 @@ def test_failed_job_posts_the_reason_without_a_plot(bot_world: Any) -> None:
 
 def test_a_restarted_bot_goes_on_editing_the_progress_message(bot_world: Any) -> None:
     from data.records import Member
-    from trainer.supervisor import Supervisor
+    from jobs.supervisor import Supervisor
 
     async def scenario() -> None:
         async with bot_world() as (h, services):

@@ -24,10 +24,10 @@ from consent.service import ConsentService
 from core.settings import Settings
 from data.records import Message
 from data.store import Store
+from jobs.table import JobTable
 from models.errors import AdapterNotFoundError
 from models.registry import Registry
 from tests.helpers.rows import seed_adapter, seed_job
-from trainer.jobs import JobTable
 
 M, OTHER, THIRD = "300000000000000001", "300000000000000002", "300000000000000003"
 # Tables that hold no member data (framework bookkeeping).

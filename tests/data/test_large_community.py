@@ -62,7 +62,7 @@ class _Decodes:
 def test_materialize_reads_the_members_conversations_not_the_server(
     settings: Settings, community: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trainer.dataset import build_dataset, materialize
+    from jobs.dataset import build_dataset, materialize
 
     s = replace(settings, training=replace(settings.training, min_examples=5))
     persona = community["members"][0]

@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from data.store import Store
+from jobs.table import Job, JobTable, new_job_id
 from models.registry import COLUMNS, AdapterVersion, Registry
-from trainer.jobs import Job, JobTable, new_job_id
 
 
 async def seed_job(store: Store, member_id: str | None, status: str = "queued", **fields: Any) -> Job:

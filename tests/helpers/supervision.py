@@ -19,7 +19,7 @@ SUPERVISOR_SCRIPT = textwrap.dedent(
     import asyncio, json, sys
     from core.settings import Settings
     from data.store import Store
-    from trainer.supervisor import Supervisor
+    from jobs.supervisor import Supervisor
 
     async def main():
         settings = Settings.load(env=json.loads(sys.argv[1]))

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from core.settings import Settings, bundled_base_gguf, bundled_embedding_model
+from jobs.table import JobTable
 from tests.helpers.rows import seed_job
-from trainer.jobs import JobTable
 
 pytestmark = [
     pytest.mark.skipif(
@@ -101,8 +101,8 @@ async def _populate(settings: Settings, staging: Path) -> dict[str, Any]:
     from core.chatformat import ChatFormat, Utterance
     from data.crypto import job_key_for
     from data.store import Store
+    from jobs.dataset import materialize
     from models.registry import Registry
-    from trainer.dataset import materialize
     from trainer.jobdata import open_bytes
 
     chat = ChatFormat.from_gguf(bundled_base_gguf())  # type: ignore[arg-type]

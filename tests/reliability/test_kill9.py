@@ -192,7 +192,7 @@ def _job_rows(home: Path) -> list[tuple[Any, ...]]:
 
 def test_kill9_during_training(tmp_path: Path, tiny_model: Any, fx: Any) -> None:
     from data.store import Store
-    from trainer.supervisor import Supervisor
+    from jobs.supervisor import Supervisor
 
     template = _template(tmp_path, {}, seed=fx.seed_member)
     env = {

@@ -32,7 +32,7 @@ async def test_the_trainer_yields_its_threads_while_the_engine_generates_and_tak
     from data.store import Store
     from inference.engine import Engine
     from inference.requests import GenParams, PersonaRequest
-    from trainer.supervisor import Supervisor
+    from jobs.supervisor import Supervisor
 
     cores = usable_cores()
     if cores < 2 or bundled_base_gguf() is None:
@@ -102,7 +102,7 @@ async def test_a_published_persona_is_ready_and_its_first_reply_embeds_nothing(
     from inference.engine import Engine
     from inference.requests import GenParams, PersonaRequest
     from inference.retrieval import Retriever
-    from trainer.supervisor import Supervisor
+    from jobs.supervisor import Supervisor
 
     settings = _settings(doppel_home)
     await fx.seed_member(settings)

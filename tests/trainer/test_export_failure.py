@@ -26,7 +26,7 @@ async def test_failed_export_keeps_the_adapter_and_doppel_eval_converts_it(
 ) -> None:
     from core.settings import Settings
     from data.store import Store
-    from trainer.supervisor import Supervisor
+    from jobs.supervisor import Supervisor
 
     settings = Settings.load(env=_env(doppel_home))
     await fx.seed_member(settings)

@@ -13,8 +13,8 @@ from core.chatformat import ChatFormat
 from core.settings import Settings
 from data.crypto import job_key, job_key_for
 from data.records import Member, Message
+from jobs.dataset import build_dataset, materialize
 from trainer.attribution import PANEL_OTHERS, PANEL_PER_AUTHOR, attribution_report, choose_panel, panel_rows
-from trainer.dataset import build_dataset, materialize
 from trainer.errors import JobConfigError
 from trainer.jobdata import is_sealed, load_job_data, open_bytes, read_jsonl, read_key
 

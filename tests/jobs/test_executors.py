@@ -19,7 +19,7 @@ from tests.helpers import supervision as fx
 
 
 def test_parse_event_keeps_only_event_objects() -> None:
-    from trainer.executors.base import parse_event
+    from jobs.executors.base import parse_event
 
     assert parse_event('{"event": "progress", "step": 3}\n') == {"event": "progress", "step": 3}
     assert parse_event("Some library printed this") is None
@@ -28,15 +28,15 @@ def test_parse_event_keeps_only_event_objects() -> None:
 
 
 def test_device_env_pins_one_gpu_or_none() -> None:
-    from trainer.executors.local import device_env
+    from jobs.executors.local import device_env
 
     assert device_env("cuda:1", {})["CUDA_VISIBLE_DEVICES"] == "1"
     assert device_env("cpu", {"CUDA_VISIBLE_DEVICES": "0"})["CUDA_VISIBLE_DEVICES"] == ""
 
 
 def test_classify_covers_every_ending() -> None:
-    from trainer.endings import classify
-    from trainer.executors.base import Outcome
+    from jobs.endings import classify
+    from jobs.executors.base import Outcome
 
     ok = {"event": "finished", "status": "succeeded"}
     assert classify(Outcome(0), ok)[0].value == "succeeded"
@@ -96,7 +96,7 @@ async def test_ray_executor_runs_the_trainer_and_brings_the_adapter_back(
 ) -> None:
     from core.settings import Settings
     from data.store import Store
-    from trainer.supervisor import Supervisor
+    from jobs.supervisor import Supervisor
 
     settings = Settings.load(
         env={
@@ -129,7 +129,7 @@ async def test_ray_executor_runs_the_trainer_and_brings_the_adapter_back(
 
 
 def test_stop_never_signals_our_own_process_group() -> None:
-    from trainer.executors import signal_trainer
+    from jobs.executors import signal_trainer
 
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # same process group as us
     try:
@@ -144,8 +144,8 @@ def test_stop_never_signals_our_own_process_group() -> None:
 def test_stop_trainer_leaves_a_pid_alone_unless_it_runs_the_jobs_folder(
     settings: Any, tmp_path: Path
 ) -> None:
-    from trainer.executors import stop_trainer
-    from trainer.jobs import Job
+    from jobs.executors import stop_trainer
+    from jobs.table import Job
 
     job_dir = tmp_path / "jobs" / "j1"
     sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]

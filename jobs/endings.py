@@ -10,8 +10,8 @@ from typing import Any
 
 import psutil
 
-from trainer.executors.base import Outcome, signal_name
-from trainer.jobs import JobStatus
+from jobs.executors.base import Outcome, signal_name
+from jobs.table import JobStatus
 
 GIB = 1024**3
 # A SIGKILL whose peak resident memory reached this share of the limit is most likely the kernel's OOM killer.

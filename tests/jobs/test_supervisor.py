@@ -26,7 +26,7 @@ def _settings(doppel_home: Path, **training: Any) -> Any:
 
 async def _open(settings: Any) -> tuple[Any, Any]:
     from data.store import Store
-    from trainer.supervisor import Supervisor
+    from jobs.supervisor import Supervisor
 
     store = await Store.open(settings)
     sup = Supervisor(store, settings)
@@ -168,9 +168,9 @@ async def test_cancel_queue_and_one_job_per_member(doppel_home: Path, tiny_model
 def _sized(settings: Any, tiny_model: Any, share: float, odd: bool, **extra: Any) -> dict[str, Any]:
     """Tiny-model overrides whose memory estimate is about `share` of the RAM free now (by micro-batch size)."""
     from core.ggufinfo import read_shape
+    from jobs.preflight import cpu_device
     from trainer.config import TrainConfig
     from trainer.memory import estimate_memory
-    from trainer.preflight import cpu_device
 
     shape, target = read_shape(tiny_model.gguf_path), share * cpu_device().free_bytes
 
@@ -255,7 +255,7 @@ async def test_supervisor_killed_mid_run_then_resume_continues_from_checkpoint(
     try:
         job_id = proc.stdout.readline().strip()  # type: ignore[union-attr]
         from data.store import Store
-        from trainer.jobs import JobTable
+        from jobs.table import JobTable
 
         async with Store.open(settings) as store:
             jobs = JobTable(store)
@@ -306,8 +306,8 @@ async def test_example_shots_reach_the_jobs_dataset(doppel_home: Path, tiny_mode
     """A job asking to train as the hybrid persona is served gets those prompts written in its folder."""
     from core.chatformat import EXAMPLE_CUE
     from data.crypto import job_key_for
+    from jobs.table import Job
     from trainer.jobdata import load_job_data
-    from trainer.jobs import Job
 
     settings = _settings(doppel_home)
     await fx.seed_member(settings)

@@ -27,7 +27,7 @@ def _settings(doppel_home: Path) -> Any:
 async def _run_and_end(settings: Any, tiny_model: Any, signum: int | None, **extra: Any) -> Any:
     """Train a real job on the tiny model; once a step is done, send `signum` to the trainer (None: let it end)."""
     from data.store import Store
-    from trainer.supervisor import Supervisor
+    from jobs.supervisor import Supervisor
 
     await fx.seed_member(settings)
     async with Store.open(settings) as store:
@@ -99,8 +99,8 @@ def test_a_python_error_in_the_trainer_is_its_message(doppel_home: Path, tiny_mo
 
 
 def test_memory_wording_tells_an_oom_kill_from_a_kill() -> None:
-    from trainer.endings import MemoryFacts, explain
-    from trainer.executors.base import Outcome
+    from jobs.endings import MemoryFacts, explain
+    from jobs.executors.base import Outcome
 
     killed = Outcome(-9, signal=9)
     oom = explain(killed, None, MemoryFacts(peak_rss=int(22.5 * GIB), limit=24 * GIB, estimate=3 * GIB))

@@ -13,8 +13,7 @@ from core.chatformat import ChatFormat
 from core.settings import Settings
 from data.crypto import job_key_for
 from data.records import Message
-from trainer.cleaning import Cleaner
-from trainer.dataset import (
+from jobs.dataset import (
     Example,
     build_dataset,
     build_examples,
@@ -25,9 +24,10 @@ from trainer.dataset import (
     weight_by_reactions,
     write_dataset,
 )
+from jobs.preference import preference_rows
+from trainer.cleaning import Cleaner
 from trainer.errors import DatasetError, NotEnoughExamplesError
 from trainer.jobdata import is_sealed, open_bytes
-from trainer.preference import preference_rows
 
 # SmolLM2-135M-Instruct's template, copied once from the bundled GGUF (reading the GGUF takes seconds).
 SMOL_TEMPLATE = (

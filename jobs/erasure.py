@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from consent.erasure import ErasureContext, erasure_part, export_part, meta_mentions
-from trainer.executors import stop_trainer
-from trainer.jobs import JobStatus, JobTable
+from jobs.executors import stop_trainer
+from jobs.table import JobStatus, JobTable
 
 if TYPE_CHECKING:
     from data.store import Store

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from core.chatformat import DEFAULT_STYLE
+from jobs.reevaluate import evaluation_config
 from trainer.errors import EvaluationError
-from trainer.reevaluate import evaluation_config
 
 TRAINED = {"base_model": "m.gguf", "member_id": "1", "max_steps": 7, "simulate_eval_failure": "crash"}
 

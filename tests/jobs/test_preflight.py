@@ -18,7 +18,7 @@ def _config(settings: Any, **overrides: Any) -> Any:
 
 def test_memory_estimate_grows_with_batch_and_length(settings: Any) -> None:
     from core.ggufinfo import read_shape
-    from trainer.preflight import estimate_memory
+    from jobs.preflight import estimate_memory
 
     cfg = _config(settings)
     shape = read_shape(settings.base_gguf_path())
@@ -29,8 +29,8 @@ def test_memory_estimate_grows_with_batch_and_length(settings: Any) -> None:
 
 
 def test_job_that_cannot_fit_is_refused_with_the_fix(settings: Any) -> None:
+    from jobs.preflight import job_checks, require
     from trainer.errors import PreflightError
-    from trainer.preflight import job_checks, require
 
     ok = job_checks(settings, _config(settings, micro_batch_size=1, max_length=128), "cpu")
     require(ok)
@@ -48,7 +48,7 @@ def test_job_that_cannot_fit_is_refused_with_the_fix(settings: Any) -> None:
 
 def test_a_job_too_big_for_the_memory_trains_the_same_step_in_smaller_micro_batches(settings: Any) -> None:
     from core.ggufinfo import read_shape
-    from trainer.preflight import estimate_memory, fit_micro_batch
+    from jobs.preflight import estimate_memory, fit_micro_batch
 
     cfg = _config(settings, micro_batch_size=8, grad_accum=1, max_length=512)
     shape = read_shape(settings.base_gguf_path())
@@ -68,7 +68,7 @@ def test_a_job_too_big_for_the_memory_trains_the_same_step_in_smaller_micro_batc
 
 def test_the_plan_fits_the_job_to_this_host_and_checks_and_estimates_what_it_will_run(settings: Any) -> None:
     from core.ggufinfo import read_shape
-    from trainer.preflight import estimate_memory, plan_job, require
+    from jobs.preflight import estimate_memory, plan_job, require
 
     shape = read_shape(settings.base_gguf_path())
     small = _config(settings, micro_batch_size=2, grad_accum=1, max_length=128)
@@ -90,8 +90,8 @@ def test_the_plan_fits_the_job_to_this_host_and_checks_and_estimates_what_it_wil
 
 def test_memory_the_jobs_ahead_will_release_counts_and_is_named(settings: Any) -> None:
     from core.ggufinfo import read_shape
+    from jobs.preflight import cpu_device, estimate_memory, plan_job, require
     from trainer.errors import PreflightError
-    from trainer.preflight import cpu_device, estimate_memory, plan_job, require
 
     shape = read_shape(settings.base_gguf_path())
     hi = 1
@@ -111,7 +111,7 @@ def test_memory_the_jobs_ahead_will_release_counts_and_is_named(settings: Any) -
 
 
 def test_disk_check_refuses_when_the_floor_is_not_met(settings: Any) -> None:
-    from trainer.preflight import disk_check
+    from jobs.preflight import disk_check
 
     greedy = dataclasses.replace(
         settings, training=dataclasses.replace(settings.training, min_free_disk_mb=10**12)
@@ -122,7 +122,7 @@ def test_disk_check_refuses_when_the_floor_is_not_met(settings: Any) -> None:
 
 
 def test_configured_devices_are_the_queues(settings: Any) -> None:
-    from trainer.preflight import devices
+    from jobs.preflight import devices
 
     assert [d.name for d in devices(settings)][-1:] in (["cpu"], [d.name for d in devices(settings)][-1:])
     pinned = dataclasses.replace(
@@ -159,8 +159,8 @@ def test_progress_state_bar_and_throttle() -> None:
 def test_the_serving_gpu_keeps_what_the_engine_will_need(settings: Any) -> None:
     """Issue 22: on a GPU host a job never takes the memory the persona engine needs to answer."""
     from core.hostshare import ServingMarks
+    from jobs.preflight import Device, _free, reserve_for_serving, serving_reserve
     from trainer.memory import GIB
-    from trainer.preflight import Device, _free, reserve_for_serving, serving_reserve
 
     two = [Device("cuda:0", 24 * GIB, 20 * GIB, "GPU 0"), Device("cuda:1", 24 * GIB, 20 * GIB, "GPU 1")]
     kept = reserve_for_serving(two, 3 * GIB)

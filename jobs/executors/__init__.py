@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 import psutil
 
 from core.errors import UserFacingError
-from trainer.executors.base import Executor, Outcome, Run, parse_event
+from jobs.executors.base import Executor, Outcome, Run, parse_event
 
 if TYPE_CHECKING:
     from core.settings import Settings
-    from trainer.jobs import Job
+    from jobs.table import Job
 
 __all__ = [
     "Executor",
@@ -59,7 +59,7 @@ async def stop_trainer(job: Job, settings: Settings) -> bool:
     Used for a dead supervisor's orphans and by erasure: the trainer checkpoints on SIGTERM and frees the device.
     """
     if job.executor == "ray" and job.executor_ref:
-        from trainer.executors.ray import RayExecutor
+        from jobs.executors.ray import RayExecutor
 
         with contextlib.suppress(UserFacingError):
             await RayExecutor(settings).stop(job.executor_ref)
@@ -102,11 +102,11 @@ def make_executor(kind: str, settings: object) -> Executor:
     from trainer.errors import SupervisorError
 
     if kind == "local":
-        from trainer.executors.local import LocalExecutor
+        from jobs.executors.local import LocalExecutor
 
         return LocalExecutor(settings)  # type: ignore[arg-type]
     if kind == "ray":
-        from trainer.executors.ray import RayExecutor
+        from jobs.executors.ray import RayExecutor
 
         return RayExecutor(settings)  # type: ignore[arg-type]
     raise SupervisorError(f"unknown executor {kind!r}: use `local` or `ray` in [training] executor")

@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 from core.chatformat import DEFAULT_STYLE
 from core.errors import UserFacingError
 from core.settings import Settings
+from jobs.executors import alive, stop_trainer
+from jobs.executors.base import Executor, Run
+from jobs.table import Job, JobStatus, JobTable, new_job_id, remove_job_dir
 from trainer.errors import JobConflictError, JobNotFoundError, SupervisorError
-from trainer.executors import alive, stop_trainer
-from trainer.executors.base import Executor, Run
-from trainer.jobs import Job, JobStatus, JobTable, new_job_id, remove_job_dir
 
 if TYPE_CHECKING:
+    from jobs.runner import ServingPrep
     from models.registry import Registry
-    from trainer.runner import ServingPrep
 
 log = logging.getLogger(__name__)
 RUNNING = (JobStatus.RUNNING,)
@@ -64,7 +64,7 @@ class Supervisor:
     @property
     def executor(self) -> Executor:
         if self._executor is None:
-            from trainer.executors import make_executor
+            from jobs.executors import make_executor
 
             self._executor = make_executor(self.settings.training.executor, self.settings)
         return self._executor
@@ -80,7 +80,7 @@ class Supervisor:
     def devices(self) -> list[str]:
         """Device queues: `[training] devices`, or every GPU nvidia-smi sees, or `cpu`."""
         if self._devices is None:
-            from trainer.preflight import devices
+            from jobs.preflight import devices
 
             self._devices = [d.name for d in devices(self.settings)]
         return self._devices
@@ -159,8 +159,8 @@ class Supervisor:
         **overrides: Any,
     ) -> Job:
         """Queue a job for a member after pre-flight; `overrides` are TrainConfig fields (max_steps, epochs...)."""
+        from jobs.preflight import plan_job, require
         from trainer.config import TrainConfig
-        from trainer.preflight import plan_job, require
 
         if member_id is None and not multi:
             raise SupervisorError("name a member to train, or ask for the multi-persona adapter")
@@ -321,7 +321,7 @@ class Supervisor:
 
     async def materialize(self, job: Job, job_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
         """Write the job's dataset into its folder (parent side: the child never opens the database)."""
-        from trainer.dataset import materialize
+        from jobs.dataset import materialize
 
         chat = await asyncio.to_thread(chat_format_for, config)
         multi = bool(job.config.get("_multi"))
@@ -338,7 +338,7 @@ class Supervisor:
             style=str(config.get("prompt_style") or DEFAULT_STYLE),
         )
 
-    # -- what a JobRunner may ask of its host (trainer.runner.JobHost) ---------------------------------------------
+    # -- what a JobRunner may ask of its host (jobs.runner.JobHost) ---------------------------------------------
     def cancelled_by(self, job_id: str) -> str | None:
         """Who asked to cancel `job_id` through this supervisor, if anyone."""
         return self._cancelled.get(job_id)
@@ -412,7 +412,7 @@ class Supervisor:
 
     # -- one job ----------------------------------------------------------------------------------------------
     async def _follow(self, job_id: str) -> None:
-        from trainer.runner import JobRunner
+        from jobs.runner import JobRunner
 
         try:
             await JobRunner(self, job_id).run()

@@ -1,4 +1,5 @@
-"""Trainer fixtures: the tiny model (HF folder + GGUF) built once, and a factory of job folders with a synthetic persona."""
+"""Job-folder fixtures (a pytest plugin of the root conftest): the tiny model (HF folder + GGUF) built once per session,
+and a factory of job folders with a synthetic persona, for the trainer child's tests and the control plane's alike."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def make_job(tmp_path: Path, tiny_model: Any, tiny_chat_format: Any) -> Callable
             with (job / "dataset" / f"{split}.jsonl").open("w", encoding="utf-8") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in split_rows)
         if preference:
-            # Rows in trainer.dataset's preference shape: unpaired KTO signals and DPO pairs.
+            # Rows in jobs.dataset's preference shape: unpaired KTO signals and DPO pairs.
             bad = "Thank you for your message. I will respond formally." + tiny_chat_format.eos_token
             with (job / "dataset" / "preference.jsonl").open("w", encoding="utf-8") as fh:
                 for r in rows[:12]:

@@ -55,9 +55,9 @@ async def reevaluate(
     store: Any, settings: Settings, version: Any, on_event: Callable[[dict[str, Any]], Any] | None = None
 ) -> Any:
     """Evaluate `version` (a registry AdapterVersion) again; returns the updated version."""
+    from jobs.dataset import materialize
+    from jobs.supervisor import chat_format_for
     from models.registry import Registry
-    from trainer.dataset import materialize
-    from trainer.supervisor import chat_format_for
 
     cfg = evaluation_config(version.id, dict(version.meta or {}))
     config = cfg.to_dict()
@@ -103,8 +103,8 @@ async def reevaluate(
 async def _run_child(
     settings: Settings, job_dir: Path, adapter: Path, on_event: Callable[[dict[str, Any]], Any] | None
 ) -> dict[str, Any]:
-    from trainer.executors.base import StderrTail, parse_event
-    from trainer.executors.local import STREAM_LIMIT, device_env, send_job_key
+    from jobs.executors.base import StderrTail, parse_event
+    from jobs.executors.local import STREAM_LIMIT, device_env, send_job_key
 
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from core.errors import UserFacingError
 from core.settings import Settings
-from trainer.jobs import Job, JobStatus, JobTable, remove_job_dir
+from jobs.table import Job, JobStatus, JobTable, remove_job_dir
 from trainer.progress import ProgressState
 
 if TYPE_CHECKING:
+    from jobs.executors.base import Executor, Outcome, Run
     from models.registry import Registry
     from trainer.config import TrainConfig
-    from trainer.executors.base import Executor, Outcome, Run
 
 log = logging.getLogger(__name__)
 RUNNING = (JobStatus.RUNNING,)
@@ -140,7 +140,7 @@ class JobRunner:
 
         Raises `PreflightError` (the job fails, not started) when it cannot fit what this host has free now;
         a smaller micro-batch that fits is recorded on the job (`job.config` too) and run."""
-        from trainer.preflight import plan_job, require
+        from jobs.preflight import plan_job, require
 
         if self.sup.executor.name != "local":
             return config  # a Ray worker's memory is not this host's
@@ -201,7 +201,7 @@ class JobRunner:
             )
 
     async def _conclude(self, job: Job, outcome: Outcome) -> None:
-        from trainer.endings import MemoryFacts, classify, memory_limit
+        from jobs.endings import MemoryFacts, classify, memory_limit
 
         row = await self.sup.get(job.id)
         detail = outcome.describe
