@@ -90,6 +90,10 @@ def _start_cli(args: list[str], env: dict[str, str], background: bool, err: Path
 
 
 def _sigint_ignored(pid: int) -> bool:
+    # `echo $!` can run before the forked shell has set SIGINT ignored and exec'd the CLI: read the mask after exec.
+    deadline = time.monotonic() + 10
+    while b"doppel" not in Path(f"/proc/{pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("SigIgn:"):
             return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
