@@ -61,7 +61,13 @@ def message(
         "inlineEmojis": [],
     }
     if reply_to:
-        msg["reference"] = {"messageId": reply_to[0], "channelId": reply_to[1], "guildId": reply_to[2]}
+        # DCE 2.47+ names the kind of reference ("Default" for a reply, "Forward" for a forwarded message).
+        msg["reference"] = {
+            "type": "Default",
+            "messageId": reply_to[0],
+            "channelId": reply_to[1],
+            "guildId": reply_to[2],
+        }
     return msg
 
 

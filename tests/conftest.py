@@ -14,8 +14,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tiny model and job-folder factory, shared by tests/trainer (the child) and tests/jobs (the control plane).
 pytest_plugins = ("tests.helpers.jobfolders",)
 
-FIXTURES_DCE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "dce"
-
 
 @pytest.fixture
 def doppel_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -31,10 +29,3 @@ def settings(doppel_home: Path):
     from core.settings import Settings
 
     return Settings.load(env={"DOPPEL_HOME": str(doppel_home)})
-
-
-@pytest.fixture
-def dce_dir() -> Path:
-    if not FIXTURES_DCE.is_dir():
-        pytest.skip("shared DiscordChatExporter fixtures not present")
-    return FIXTURES_DCE

@@ -244,3 +244,65 @@ def table_writers(root: Path = ROOT) -> dict[str, set[str]]:
 def test_each_control_table_has_one_writer() -> None:
     writers = table_writers()
     assert {t: writers.get(t, set()) for t in OWNERS} == {t: {owner} for t, owner in OWNERS.items()}
+
+
+def _levels_up(node: ast.AST) -> int | None:
+    """How many folders above `__file__` a `Path(__file__)[.resolve()].parents[n].parent...` chain reaches."""
+    levels = 0
+    while True:
+        if isinstance(node, ast.Attribute) and node.attr == "parent":
+            levels, node = levels + 1, node.value
+        elif (
+            isinstance(node, ast.Subscript)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "parents"
+            and isinstance(node.slice, ast.Constant)
+            and isinstance(node.slice.value, int)
+        ):
+            levels, node = levels + node.slice.value + 1, node.value.value
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "resolve"
+        ):
+            node = node.func.value
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "Path"
+            and [a.id for a in node.args if isinstance(a, ast.Name)] == ["__file__"]
+        ):
+            return levels or None
+        else:
+            return None
+
+
+def paths_above_the_checkout(path: Path, root: Path = ROOT) -> list[str]:
+    """`file:line` of each path built from `__file__` that climbs out of the checkout (e.g. to a sibling folder)."""
+    depth = len(path.relative_to(root).parts)  # the file itself is this many steps below the root
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        levels = _levels_up(node)
+        if levels is not None and levels > depth:
+            found.add(f"{path.relative_to(root).as_posix()}:{node.lineno}")
+    return sorted(found)
+
+
+def test_no_code_or_test_reads_outside_the_checkout() -> None:
+    """Fixtures live in the repo (tests/fixtures): a fresh clone's tests read nothing beside it."""
+    files = [p for top in (*PACKAGES, "tests", "scripts") for p in (ROOT / top).rglob("*.py")]
+    assert len(files) > 100
+    assert [hit for path in files for hit in paths_above_the_checkout(path)] == []
+
+
+def test_the_checkout_check_sees_a_sibling_folder(tmp_path: Path) -> None:
+    probe = tmp_path / "tests" / "conftest.py"
+    probe.parent.mkdir()
+    probe.write_text(
+        "from pathlib import Path\n"
+        "INSIDE = Path(__file__).resolve().parents[1] / 'tests' / 'fixtures'\n"
+        "OUTSIDE = Path(__file__).resolve().parents[1].parent / 'shared' / 'fixtures'\n"
+        "ALSO = Path(__file__).parent.parent.parent / 'shared'\n",
+        encoding="utf-8",
+    )
+    assert paths_above_the_checkout(probe, tmp_path) == ["tests/conftest.py:3", "tests/conftest.py:4"]

@@ -1,15 +1,16 @@
-"""`/doppel upload`: a real DiscordChatExporter export is checked, consent is asked with a button, only the uploader's
+"""`/doppel upload`: a DiscordChatExporter export is checked, consent is asked with a button, only the uploader's
 messages are kept, and a refused file changes nothing; `/doppel mydata` DMs a file."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Any
 
-GENERAL = "dcef-Example_guild_-_Text_Channels_-_general__1012224565567721552_.json"
-OWNER, OTHER_AUTHOR = 521486476985155645, 896568767994532880
+from tests.helpers.dce_fixtures import GENERAL, MAREN, TEO
+
+# Maren uploads tests/fixtures/dce/handmade/general.json, in which Teo also writes.
+OWNER, OTHER_AUTHOR = int(MAREN), int(TEO)
 
 
 def _button(payload: dict[str, Any], action: str) -> str:
@@ -32,9 +33,10 @@ def _attachment(name: str, size: int) -> dict[str, Any]:
     }
 
 
-def test_upload_stores_only_the_uploaders_messages(bot_world: Any, dce_dir: Path) -> None:
-    raw = (dce_dir / GENERAL).read_bytes()
+def test_upload_stores_only_the_uploaders_messages(bot_world: Any) -> None:
+    raw = GENERAL.read_bytes()
     own = sum(1 for m in json.loads(raw)["messages"] if m["author"]["id"] == str(OWNER))
+    assert own == 11
 
     async def scenario() -> None:
         async with bot_world() as (h, services):
@@ -56,7 +58,8 @@ def test_upload_stores_only_the_uploaders_messages(bot_world: Any, dce_dir: Path
             )
             await h.click(_button(ask, "import"), OWNER, ephemeral=True)
             stored = await services.store.messages.count(str(OWNER))
-            assert 0 < stored <= own
+            # Of her 11: a pin notice, "Started a thread.", a sticker-only and two attachment-only ones are not text.
+            assert stored == 6
             assert await services.store.messages.count(str(OTHER_AUTHOR)) == 0
             assert f"Imported **{stored}**" in h.sent_texts()[-1]
             audit = await services.consent.audit(str(OWNER))
@@ -103,10 +106,8 @@ def test_refused_uploads_leave_consent_audit_and_store_unchanged(bot_world: Any)
     asyncio.run(scenario())
 
 
-def test_upload_consent_covers_the_export_not_live_messages_unless_chosen(
-    bot_world: Any, dce_dir: Path
-) -> None:
-    raw = (dce_dir / GENERAL).read_bytes()
+def test_upload_consent_covers_the_export_not_live_messages_unless_chosen(bot_world: Any) -> None:
+    raw = GENERAL.read_bytes()
 
     async def scenario() -> None:
         async with bot_world() as (h, services):
@@ -127,7 +128,7 @@ def test_upload_consent_covers_the_export_not_live_messages_unless_chosen(
             )
             await h.click(_button(h.responses()[-1].payload, "import"), OWNER, ephemeral=True)
             imported = await services.store.messages.count(str(OWNER))
-            assert imported > 0 and "live messages are not recorded" in h.sent_texts()[-1]
+            assert imported == 6 and "live messages are not recorded" in h.sent_texts()[-1]
             await h.say(OWNER, "live, not recorded")
             assert await services.store.messages.count(str(OWNER)) == imported
             await h.command("doppel consent", OWNER)
@@ -145,8 +146,8 @@ def test_upload_consent_covers_the_export_not_live_messages_unless_chosen(
     asyncio.run(scenario())
 
 
-def test_upload_with_live_recording_chosen_and_expired_choice(bot_world: Any, dce_dir: Path) -> None:
-    raw = (dce_dir / GENERAL).read_bytes()
+def test_upload_with_live_recording_chosen_and_expired_choice(bot_world: Any) -> None:
+    raw = GENERAL.read_bytes()
 
     async def scenario() -> None:
         async with bot_world() as (h, services):
@@ -163,7 +164,7 @@ def test_upload_with_live_recording_chosen_and_expired_choice(bot_world: Any, dc
             assert await services.consent.scopes(str(OTHER_AUTHOR)) == set()
             await h.click(_button(ask, "live"), OWNER, ephemeral=True)
             imported = await services.store.messages.count(str(OWNER))
-            assert imported > 0 and "live messages in recorded channels too" in h.sent_texts()[-1]
+            assert imported == 6 and "live messages in recorded channels too" in h.sent_texts()[-1]
             await h.say(OWNER, "live and recorded")
             assert await services.store.messages.count(str(OWNER)) == imported + 1
             # A second press (or one after a restart, when nothing waits any more) imports nothing and says so.

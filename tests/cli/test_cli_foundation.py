@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 
 from doppel.cli import main
-
-ADAM, THOMAS = "521486476985155645", "896568767994532880"
-GENERAL = "dcef-Example_guild_-_Text_Channels_-_general__1012224565567721552_.json"
+from tests.helpers.dce_fixtures import GENERAL, MAREN, TEO
 
 
 def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
@@ -33,40 +31,41 @@ def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 
 
 def test_consent_import_export_forget_round_trip(
-    doppel_home: Path, dce_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    doppel_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    granted = _json(capsys, ["consent", "grant", ADAM, THOMAS, "--scope", "train"])
-    assert granted == {"granted": {ADAM: ["train"], THOMAS: ["train"]}}
+    granted = _json(capsys, ["consent", "grant", MAREN, TEO, "--scope", "train"])
+    assert granted == {"granted": {MAREN: ["train"], TEO: ["train"]}}
     listed = _json(capsys, ["consent", "list"])
-    assert [m["member_id"] for m in listed["members"]] == [ADAM, THOMAS]
-    imported = _json(capsys, ["import", str(dce_dir / GENERAL)])
-    assert imported["total"]["stored"] == 23 and imported["total"]["skipped"]["no_consent"] == 5
-    assert _json(capsys, ["import", str(dce_dir / GENERAL)])["total"]["stored"] == 0
+    assert [m["member_id"] for m in listed["members"]] == [MAREN, TEO]
+    imported = _json(capsys, ["import", str(GENERAL)])
+    # general.json: Maren's 6 and Teo's 4 messages with text; Juno's 3 and tallybot's 1 have no consent.
+    assert imported["total"]["stored"] == 10 and imported["total"]["skipped"]["no_consent"] == 4
+    assert _json(capsys, ["import", str(GENERAL)])["total"]["stored"] == 0
 
-    out = tmp_path / "thomas.json"
-    summary = _json(capsys, ["export-data", THOMAS, "-o", str(out)])
-    assert summary["messages"] == 7
+    out = tmp_path / "teo.json"
+    summary = _json(capsys, ["export-data", TEO, "-o", str(out)])
+    assert summary["messages"] == 4
     data = json.loads(out.read_text())
-    assert data["member_id"] == THOMAS and data["profile"]["name"] == "Thomas"
-    assert all(m["author_id"] == THOMAS and m["content"] for m in data["messages"])
+    assert data["member_id"] == TEO and data["profile"]["name"] == "teo"
+    assert all(m["author_id"] == TEO and m["content"] for m in data["messages"])
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
     assert [e["action"] for e in data["consent_audit"]] == ["grant"]
 
-    report = _json(capsys, ["forget", THOMAS])
-    assert report["parts"]["messages"] == 7 and report["parts"]["member_key"] == 1
-    after = _json(capsys, ["export-data", THOMAS])
+    report = _json(capsys, ["forget", TEO])
+    assert report["parts"]["messages"] == 4 and report["parts"]["member_key"] == 1
+    after = _json(capsys, ["export-data", TEO])
     assert after["messages"] == [] and after["profile"] is None
     assert [e["action"] for e in after["consent_audit"]] == ["grant", "forgotten"]
 
-    revoked = _json(capsys, ["consent", "revoke", ADAM, "--scope", "train"])
-    assert revoked["revoked"] == {ADAM: ["train"]} and revoked["erased"][ADAM]["parts"]["messages"] == 16
+    revoked = _json(capsys, ["consent", "revoke", MAREN, "--scope", "train"])
+    assert revoked["revoked"] == {MAREN: ["train"]} and revoked["erased"][MAREN]["parts"]["messages"] == 6
 
 
-def test_human_output_of_import(doppel_home: Path, dce_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["consent", "grant", ADAM]) == 0
-    assert main(["import", str(dce_dir / GENERAL)]) == 0
+def test_human_output_of_import(doppel_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["consent", "grant", MAREN]) == 0
+    assert main(["import", str(GENERAL)]) == 0
     out = capsys.readouterr().out
-    assert "stored 16" in out and "total (1 files)" in out
+    assert "stored 6" in out and "total (1 files)" in out
 
 
 @pytest.mark.parametrize(
@@ -88,17 +87,17 @@ def test_bad_input_is_one_line_and_nonzero(
 
 
 def test_failed_file_exits_nonzero_but_imports_the_others(
-    doppel_home: Path, dce_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    doppel_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bad = tmp_path / "broken.json"
-    bad.write_bytes((dce_dir / GENERAL).read_bytes()[:5000])
-    assert main(["consent", "grant", ADAM]) == 0
+    bad.write_bytes(GENERAL.read_bytes()[:5000])
+    assert main(["consent", "grant", MAREN]) == 0
     capsys.readouterr()
-    code = main(["--json", "import", str(bad), str(dce_dir / GENERAL)])
+    code = main(["--json", "import", str(bad), str(GENERAL)])
     captured = capsys.readouterr()
     assert code == 2
     result = json.loads(captured.out.strip().splitlines()[-1])
-    assert result["total"]["failed"] == 1 and result["total"]["stored"] == 16
+    assert result["total"]["failed"] == 1 and result["total"]["stored"] == 6
     assert (
         "broken.json" in captured.err and "truncated" in captured.err and len(captured.err.splitlines()) == 1
     )

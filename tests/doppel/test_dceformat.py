@@ -13,6 +13,7 @@ from data.dce_import import import_exports
 from data.records import Message
 from data.store import Store
 from doppel import dceformat as dce
+from tests.helpers.dce_fixtures import real_exports
 
 GUILD, CHANNEL, ALICE, BOB, BOT = (
     "900000000000000000",
@@ -41,15 +42,23 @@ def _export() -> dict:
     return dce.export(head, [first, reply, bot])
 
 
-def test_built_exports_have_every_field_a_real_export_has(dce_dir: Path) -> None:
-    real = json.loads(
-        (dce_dir / "dcef-Example_guild_-_Text_Channels_-_general__1012224565567721552_.json").read_text()
-    )
+def test_built_exports_have_every_field_a_real_export_has() -> None:
     built = _export()
-    assert set(real) <= set(built)
-    assert set(real["channel"]) <= set(built["channel"])
-    assert set(real["messages"][0]) <= set(built["messages"][0])
-    assert set(real["messages"][0]["author"]) <= set(built["messages"][0]["author"])
+    paths = real_exports()
+    assert len(paths) == 6  # DCE 2.47.1 and 2.48 captures, three channels each
+    for path in paths:
+        real = json.loads(path.read_text(encoding="utf-8"))
+        assert set(real) <= set(built), path.name
+        assert set(real["guild"]) <= set(built["guild"]), path.name
+        assert set(real["channel"]) <= set(built["channel"]), path.name
+        for msg in real["messages"]:
+            assert set(msg) - {"reference"} <= set(built["messages"][0]), (path.name, msg["id"])
+            assert set(msg["author"]) <= set(built["messages"][0]["author"]), (path.name, msg["id"])
+            if "reference" in msg:
+                assert set(msg["reference"]) <= set(built["messages"][1]["reference"]), (path.name, msg["id"])
+        # DCE writes exportedAt with the exporting machine's offset; the builder writes one too.
+        assert datetime.fromisoformat(real["exportedAt"]).utcoffset() == timedelta(hours=3), path.name
+    assert datetime.fromisoformat(built["exportedAt"]).utcoffset() == timedelta(0)
     assert built["messages"][1]["type"] == "Reply" and built["messages"][0]["type"] == "Default"
     assert built["messageCount"] == 3
 

@@ -1,4 +1,7 @@
-"""Fuzzer over the DiscordChatExporter importer: mutated real exports end in a clean import or one clear error."""
+"""Fuzzer over the DiscordChatExporter importer: mutated exports end in a clean import or one clear error.
+
+Seeds: the real DCE captures (bot-only) and the hand-made exports (human authors), both in tests/fixtures/dce.
+"""
 
 from __future__ import annotations
 
@@ -18,14 +21,9 @@ import pytest
 
 from core.errors import UserFacingError
 from core.settings import Settings
+from tests.helpers.dce_fixtures import DELETED_USER, FIXTURES, MAREN, ROS, TEO
 
-ADAM, THOMAS, MLOMB, DELETED_USER = (
-    "521486476985155645",
-    "896568767994532880",
-    "111111111111111111",
-    "555555555555555555",
-)
-CONSENTING = (ADAM, THOMAS, MLOMB, DELETED_USER)
+CONSENTING = (MAREN, TEO, ROS, DELETED_USER)
 SEED = int(os.environ.get("DOPPEL_FUZZ_SEED", "20240607"))
 CASES = int(os.environ.get("DOPPEL_FUZZ_CASES", "300"))
 
@@ -227,8 +225,10 @@ def mutate(rng: random.Random, original: bytes) -> bytes:
 
 
 # -- harness ----------------------------------------------------------------------------------------------------
-def _fixtures(dce_dir: Path) -> list[bytes]:
-    return [p.read_bytes() for p in sorted(dce_dir.glob("*.json"))]
+def _fixtures() -> list[bytes]:
+    seeds = [p.read_bytes() for p in sorted(FIXTURES.rglob("*.json"))]
+    assert len(seeds) == 13  # 6 real captures + 7 hand-made exports
+    return seeds
 
 
 async def _snapshot(store: Any) -> tuple[Any, ...]:
@@ -241,14 +241,12 @@ async def _snapshot(store: Any) -> tuple[Any, ...]:
     return tuple(map(tuple, msgs)), tuple(map(tuple, members)), tuple(map(tuple, keys))
 
 
-def test_mutated_exports_import_cleanly_or_fail_whole(
-    settings: Settings, dce_dir: Path, tmp_path: Path
-) -> None:
+def test_mutated_exports_import_cleanly_or_fail_whole(settings: Settings, tmp_path: Path) -> None:
     from consent.service import ConsentService
     from data.dce_import import import_exports
     from data.store import Store
 
-    originals = _fixtures(dce_dir)
+    originals = _fixtures()
     rng = random.Random(SEED)
     work = tmp_path / "fuzz"
     work.mkdir()
@@ -259,7 +257,7 @@ def test_mutated_exports_import_cleanly_or_fail_whole(
         async with Store.open(settings) as store:
             await ConsentService(store).grant(list(CONSENTING), "train", "fuzz", "cli")
             # Start from a populated store: a failed file must leave earlier imports exactly as they were.
-            await import_exports(store, [dce_dir])
+            await import_exports(store, [FIXTURES])
             for case in range(CASES):
                 data = mutate(rng, rng.choice(originals))
                 path = work / f"case-{case:04d}.json"
@@ -307,7 +305,7 @@ def _one_message_export(path: Path, **fields: Any) -> Path:
         "type": "Default",
         "timestamp": "2024-01-01T10:00:00.123+01:00",
         "content": "hello there",
-        "author": {"id": ADAM, "name": "adam", "isBot": False},
+        "author": {"id": MAREN, "name": "maren", "isBot": False},
         "attachments": [],
         "reactions": [],
     }
@@ -342,8 +340,8 @@ _DROP = object()
         {"id": ["4000"]},
         {"id": True},
         {"id": 4000.5},
-        {"author": {"id": {"id": ADAM}, "name": "adam"}},
-        {"author": {"id": [ADAM]}},
+        {"author": {"id": {"id": MAREN}, "name": "maren"}},
+        {"author": {"id": [MAREN]}},
         {"timestamp": 10**30},
         {"timestamp": "9999-12-31T23:59:59-14:00"},
         {"timestampEdited": {}},
@@ -366,24 +364,24 @@ def test_a_field_of_the_wrong_type_is_skipped_or_refused_cleanly(
 
     async def go() -> None:
         async with Store.open(settings) as store:
-            await ConsentService(store).grant([ADAM], "train", "fuzz", "cli")
+            await ConsentService(store).grant([MAREN], "train", "fuzz", "cli")
             report = (await import_exports(store, [path]))["files"][0]
             ids = [r[0] for r in await store.fetchall("SELECT id FROM messages")]
             if report["error"]:
                 assert str(path) in report["error"] and "\n" not in report["error"]
-                assert ids == [] and not await store.keys.exists(ADAM)
+                assert ids == [] and not await store.keys.exists(MAREN)
             else:
                 assert ids in ([], ["4000"]), ids
                 if ids:
                     stored = await store.messages.get("4000")
-                    assert stored is not None and stored.author_id == ADAM
+                    assert stored is not None and stored.author_id == MAREN
                     assert all(isinstance(v, int) and v >= 0 for v in stored.reactions.values())
 
     asyncio.run(go())
 
 
-def test_import_cli_on_mutated_exports_exits_0_or_2_with_one_line(dce_dir: Path, tmp_path: Path) -> None:
-    originals = _fixtures(dce_dir)
+def test_import_cli_on_mutated_exports_exits_0_or_2_with_one_line(tmp_path: Path) -> None:
+    originals = _fixtures()
     rng = random.Random(SEED + 1)
     home = tmp_path / "home"
     home.mkdir()
