@@ -349,9 +349,13 @@ class _FileImport:
                 rep.duplicates += 1
             elif mid in existing:
                 rowid, channel, edited_at = existing[mid]
-                if channel != row[2]:
-                    # Snowflakes are unique across Discord: the same id in another channel is a broken export.
+                if channel != row[2] and mid not in (channel, row[2]):
+                    # Snowflakes are unique across Discord: the same id in another channel is a broken export,
+                    # unless that channel is the thread started from this message (DCE 2.48 exports the starter
+                    # in the thread too, and the thread's id is the message's).
                     rep.skipped["id_conflict"] += 1
+                elif channel != row[2]:
+                    rep.already_stored += 1
                 elif rowid > self.start_rowid:
                     rep.duplicates += 1
                 else:
