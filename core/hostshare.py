@@ -238,6 +238,16 @@ class CpuMeter:
         return max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / wall)
 
 
+def encoder_threads(cores: int, llama_threads: int) -> int:
+    """Torch threads for an encoder in a process that also runs llama.cpp: the cores llama.cpp leaves, at least one.
+
+    Both run their thread pools on one libgomp in that process, and once libgomp manages more threads than there
+    are cores it cuts every spin-wait to 100 iterations: llama.cpp's threads then sleep at each of the hundreds of
+    barriers a token takes, and decode halves (76 -> 36 tokens/s on 2 cores after one 2-thread encode).
+    """
+    return max(1, cores - llama_threads)
+
+
 def trainer_threads(cores: int, ceiling: int, busy_serving: int, others: float | None) -> int:
     """Threads for a trainer: the cores nobody else uses now, never fewer than one, never more than `ceiling`."""
     want = min(ceiling, cores) if ceiling > 0 else cores

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from core.chatformat import Utterance
-from core.hostshare import in_background
+from core.hostshare import encoder_threads, in_background, usable_cores
 from core.settings import Settings, bundled_embedding_model
 from inference.errors import RetrievalError
+from inference.runtime import default_threads
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 # The most recent messages only: a member with years of history would otherwise embed forever on first use.
@@ -38,6 +39,8 @@ class Retriever:
         self.store = store
         self.settings = settings
         self.model_path = model_path or bundled_embedding_model()
+        # The engine in this process takes its llama.cpp threads first (see core.hostshare.encoder_threads).
+        self.threads = encoder_threads(usable_cores(), default_threads(settings.inference.n_threads))
         self._model: Any = None
         self._model_lock = threading.Lock()
         self._indexes: OrderedDict[str, _Index] = OrderedDict()
@@ -52,8 +55,10 @@ class Retriever:
                     )
                 # Never reach for the network at runtime: the model folder is all there is.
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                import torch
                 from sentence_transformers import SentenceTransformer
 
+                torch.set_num_threads(self.threads)
                 self._model = SentenceTransformer(str(self.model_path), device="cpu")
             return self._model
 

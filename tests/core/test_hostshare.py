@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from core.hostshare import ServingMarks, apply_priority, serving_now, trainer_threads
+from core.hostshare import ServingMarks, apply_priority, encoder_threads, serving_now, trainer_threads
 
 
 def test_threads_are_the_cores_nobody_else_uses_never_fewer_than_one() -> None:
@@ -20,6 +20,12 @@ def test_threads_are_the_cores_nobody_else_uses_never_fewer_than_one() -> None:
     assert trainer_threads(cores=2, ceiling=0, busy_serving=2, others=0.0) == 1
     assert trainer_threads(cores=2, ceiling=0, busy_serving=0, others=1.6) == 1
     assert trainer_threads(cores=2, ceiling=0, busy_serving=0, others=0.3) == 2
+
+
+def test_an_encoder_beside_llama_cpp_gets_the_cores_llama_cpp_leaves() -> None:
+    assert encoder_threads(cores=2, llama_threads=2) == 1
+    assert encoder_threads(cores=16, llama_threads=8) == 8
+    assert encoder_threads(cores=4, llama_threads=6) == 1
 
 
 def test_marks_say_who_serves_and_who_generates_now(tmp_path: Path) -> None:

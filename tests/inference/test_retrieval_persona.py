@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import pytest
@@ -88,3 +90,27 @@ def test_retrieval_mode_puts_examples_in_the_prompt_and_replies(small_settings, 
                     await engine.reply(PersonaRequest("99", "Nobody", None, "retrieval"), ctx, params).text()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("llama_threads", [0, 1])
+def test_the_encoder_takes_only_the_cores_the_engine_leaves(doppel_home, llama_threads: int) -> None:
+    # In its own process: torch's thread count is process-wide and the budget is set when the encoder loads.
+    script = f"""
+import dataclasses, torch
+from core.hostshare import usable_cores
+from core.settings import Settings
+from inference.retrieval import Retriever
+from inference.runtime import default_threads
+
+s = Settings.load(env={{"DOPPEL_HOME": {str(doppel_home)!r}}})
+s = dataclasses.replace(s, inference=dataclasses.replace(s.inference, n_threads={llama_threads}))
+before = torch.get_num_threads()
+Retriever(None, s)._encode(["where should we get pizza tonight?"])
+print(before, torch.get_num_threads(), usable_cores(), default_threads({llama_threads}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, check=True
+    )
+    before, after, cores, llama = map(int, out.stdout.split())
+    assert before == cores  # torch alone would take every core
+    assert after == max(1, cores - llama) and after + llama <= max(cores, llama + 1)
