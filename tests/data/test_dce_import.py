@@ -136,6 +136,17 @@ def _by_file(result: dict[str, Any], root: Path) -> dict[str, dict[str, Any]]:
     return {Path(f["path"]).relative_to(root).as_posix(): f for f in result["files"]}
 
 
+def _assert_counts(by_name: dict[str, dict[str, Any]], expected: dict[str, dict[str, Any]]) -> None:
+    """Each file's report is exactly what its expected row says (counts the row leaves out are zero)."""
+    assert set(by_name) == set(expected)
+    for name, want in expected.items():
+        got = by_name[name]
+        assert got["error"] is None, name
+        assert (got["read"], got["skipped"]) == (want["read"], want["skipped"]), name
+        for key in ("stored", "already_stored", "updated", "duplicates"):
+            assert got[key] == want.get(key, 0), (name, key)
+
+
 def test_real_exports_parse_whole_and_store_no_bot_message(settings: Settings) -> None:
     async def grant_only() -> None:
         async with Store.open(settings) as store:
@@ -144,12 +155,7 @@ def test_real_exports_parse_whole_and_store_no_bot_message(settings: Settings) -
     asyncio.run(grant_only())
     granted = _dump(settings)  # what the grant alone writes, to compare against
     result = _import(settings, [REAL], grant=(FERRY_BOT,))
-    by_name = _by_file(result, REAL)
-    assert set(by_name) == set(REAL_EXPECTED)
-    for name, want in REAL_EXPECTED.items():
-        got = by_name[name]
-        assert got["error"] is None, name
-        assert (got["read"], got["stored"], got["skipped"]) == (want["read"], 0, want["skipped"]), name
+    _assert_counts(_by_file(result, REAL), REAL_EXPECTED)
     assert result["total"]["read"] == 28 and result["total"]["stored"] == 0
     # A bot's messages leave nothing behind, even with its consent: no message, no member name, no key.
     assert _dump(settings) == granted
@@ -160,21 +166,7 @@ def test_real_exports_with_the_bot_flag_cleared_import_with_exact_counts(
 ) -> None:
     copy = humanised(tmp_path / "real")
     result = _import(settings, [copy], grant=(FERRY_BOT,))
-    by_name = _by_file(result, copy)
-    assert set(by_name) == set(HUMANISED_EXPECTED)
-    for name, want in HUMANISED_EXPECTED.items():
-        got = by_name[name]
-        assert got["error"] is None, name
-        assert (got["read"], got["stored"], got["skipped"]) == (
-            want["read"],
-            want["stored"],
-            want["skipped"],
-        ), name
-        assert (got["duplicates"], got["already_stored"], got["updated"]) == (
-            0,
-            want.get("already_stored", 0),
-            0,
-        ), name
+    _assert_counts(_by_file(result, copy), HUMANISED_EXPECTED)
     assert result["total"]["stored"] == 24 and result["total"]["read"] == 28
 
     async def check() -> None:
@@ -212,19 +204,7 @@ def test_real_exports_with_the_bot_flag_cleared_import_with_exact_counts(
 
 def test_handmade_exports_import_with_exact_counts(settings: Settings) -> None:
     result = _import(settings, [HANDMADE])
-    by_name = {Path(f["path"]).name: f for f in result["files"]}
-    assert set(by_name) == set(EXPECTED)
-    for name, want in EXPECTED.items():
-        got = by_name[name]
-        assert got["error"] is None, name
-        assert (got["read"], got["stored"], got["skipped"]) == (
-            want["read"],
-            want["stored"],
-            want["skipped"],
-        ), name
-        assert got["already_stored"] == want.get("already_stored", 0), name
-        assert got["updated"] == want.get("updated", 0), name
-        assert got["duplicates"] == 0, name
+    _assert_counts({Path(f["path"]).name: f for f in result["files"]}, EXPECTED)
     assert result["total"]["stored"] == 21 and result["total"]["read"] == 50
 
     async def check() -> None:
