@@ -185,8 +185,17 @@ class ServingPause:
     engine's threads from spreading over the cores. Sleeping is what frees them.
     """
 
-    def __init__(self, folder: Path, *, check_every_s: float = 0.005, max_wait_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        check_every_s: float = 0.005,
+        max_wait_s: float = 10.0,
+        meter: CpuMeter | None = None,
+    ) -> None:
         self.folder = folder
+        # The governor's meter: what the engine uses while we sleep is no contention, so it is left out there.
+        self.meter = meter
         self.check_every_s = check_every_s
         # A server that never stops talking must not starve the job: after this long it takes a layer's turn.
         self.max_wait_s = max_wait_s
@@ -203,10 +212,13 @@ class ServingPause:
         if not generating_now(self.folder):
             return
         self.pauses += 1
+        start = self.meter.sample() if self.meter is not None else None
         while time.monotonic() - now < self.max_wait_s and generating_now(self.folder):
             time.sleep(0.004)
         self._checked = time.monotonic()
         self.paused_s += self._checked - now
+        if self.meter is not None and start is not None:
+            self.meter.exclude(start, self.meter.sample())
 
 
 class CpuMeter:
@@ -214,9 +226,12 @@ class CpuMeter:
 
     def __init__(self) -> None:
         self._last: tuple[float, float, float] | None = None
+        # Others' CPU and the wall time of the stretches left out since the last reading (a trainer's pauses).
+        self._left_out = (0.0, 0.0)
 
     @staticmethod
-    def _sample() -> tuple[float, float, float] | None:
+    def sample() -> tuple[float, float, float] | None:
+        """(monotonic time, busy CPU seconds of the host, CPU seconds of this process), or None without /proc."""
         try:
             with open("/proc/stat", encoding="ascii") as f:
                 fields = [float(x) for x in f.readline().split()[1:]]
@@ -228,14 +243,27 @@ class CpuMeter:
         own = sum(os.times()[:2])
         return time.monotonic(), busy, own
 
+    def exclude(
+        self, start: tuple[float, float, float] | None, end: tuple[float, float, float] | None
+    ) -> None:
+        """Leave the stretch between two samples out of the next reading (others' CPU and its wall time)."""
+        if start is None or end is None:
+            return
+        cpu, wall = self._left_out
+        self._left_out = (cpu + (end[1] - start[1]) - (end[2] - start[2]), wall + end[0] - start[0])
+
     def others(self) -> float | None:
-        """Cores' worth of CPU that other processes used since the previous call (None on the first call)."""
-        now = self._sample()
+        """Cores of CPU other processes used since the last call, left-out stretches aside (None: cannot tell)."""
+        now = self.sample()
         last, self._last = self._last, now
-        if now is None or last is None or now[0] - last[0] < 0.05:
+        left_cpu, left_wall = self._left_out
+        self._left_out = (0.0, 0.0)
+        if now is None or last is None:
             return None
-        wall = now[0] - last[0]
-        return max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / wall)
+        wall = now[0] - last[0] - left_wall
+        if wall < 0.05:
+            return None
+        return max(0.0, ((now[1] - last[1]) - (now[2] - last[2]) - left_cpu) / wall)
 
 
 def encoder_threads(cores: int, llama_threads: int) -> int:
@@ -266,7 +294,7 @@ class ThreadGovernor:
         self.cores = usable_cores()
         self.ceiling = ceiling
         self.adapt = adapt
-        self._meter = CpuMeter()
+        self.meter = CpuMeter()
         self.current = trainer_threads(self.cores, ceiling, 0, None)
 
     def choose(self) -> int:
@@ -274,5 +302,5 @@ class ThreadGovernor:
         if not self.adapt:
             return self.current
         busy = serving_now(self.folder).busy_threads if self.folder is not None else 0
-        self.current = trainer_threads(self.cores, self.ceiling, busy, self._meter.others())
+        self.current = trainer_threads(self.cores, self.ceiling, busy, self.meter.others())
         return self.current

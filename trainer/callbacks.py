@@ -19,9 +19,14 @@ from trainer.events import Emitter
 def host_share(cfg: TrainConfig) -> dict[str, Any]:
     """JobCallback's share of the host: its thread governor, and its pause for persona replies (when enabled)."""
     folder = Path(cfg.share_dir) if cfg.share_dir else None
+    governor = ThreadGovernor(folder, cfg.threads, adapt=cfg.adapt_threads)
     return {
-        "governor": ThreadGovernor(folder, cfg.threads, adapt=cfg.adapt_threads),
-        "pause": ServingPause(folder) if folder is not None and cfg.yield_to_serving else None,
+        "governor": governor,
+        # The engine's CPU while the trainer sleeps is not contention: left out of what the governor measures,
+        # so the steps between replies get the cores back instead of sizing themselves to the replies.
+        "pause": ServingPause(folder, meter=governor.meter)
+        if folder is not None and cfg.yield_to_serving
+        else None,
     }
 
 

@@ -8,7 +8,16 @@ import sys
 import threading
 from pathlib import Path
 
-from core.hostshare import ServingMarks, apply_priority, encoder_threads, serving_now, trainer_threads
+import pytest
+
+from core.hostshare import (
+    CpuMeter,
+    ServingMarks,
+    apply_priority,
+    encoder_threads,
+    serving_now,
+    trainer_threads,
+)
 
 
 def test_threads_are_the_cores_nobody_else_uses_never_fewer_than_one() -> None:
@@ -26,6 +35,18 @@ def test_an_encoder_beside_llama_cpp_gets_the_cores_llama_cpp_leaves() -> None:
     assert encoder_threads(cores=2, llama_threads=2) == 1
     assert encoder_threads(cores=16, llama_threads=8) == 8
     assert encoder_threads(cores=4, llama_threads=6) == 1
+
+
+def test_what_others_use_while_the_trainer_sleeps_is_left_out_of_the_reading(monkeypatch) -> None:
+    # (time, host busy CPU s, own CPU s): the engine runs 2 cores for 3 s while we sleep, then 1 s of quiet.
+    samples = iter([(0.0, 10.0, 5.0), (1.0, 10.5, 5.4), (4.0, 16.5, 5.4), (5.0, 16.6, 5.5), (6.0, 18.6, 5.5)])
+    monkeypatch.setattr(CpuMeter, "sample", staticmethod(lambda: next(samples)))
+    meter = CpuMeter()
+    assert meter.others() is None  # the first reading has nothing to compare with
+    meter.exclude(meter.sample(), meter.sample())  # the pause, 1 s -> 4 s
+    # Over the 5 s the host was busy 6.6 s, 0.5 s of it ours: others 6.1 s, 6.0 inside the pause, 0.1 in the 2 s out.
+    assert meter.others() == pytest.approx((6.1 - 6.0) / 2.0)
+    assert meter.others() == pytest.approx(2.0)  # nothing left out: the next second counts whole
 
 
 def test_marks_say_who_serves_and_who_generates_now(tmp_path: Path) -> None:
