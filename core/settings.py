@@ -94,7 +94,8 @@ class TrainingSettings:
     min_free_disk_mb: int = 1024
     min_examples: int = 20
     # The trainer child's scheduling class (core/hostshare.py PRIORITIES): `idle` yields the CPU at once to
-    # persona replies and everything else on the host; `low` is nice 19; `normal` leaves it as started.
+    # persona replies and everything else on the host; `low` is nice 19; `normal` leaves it as started (on a host
+    # that also serves personas, `normal` stalls replies: 0.6 tokens/s beside a job on 2 cores, BENCHMARKS.md).
     trainer_priority: str = "idle"
     # Before each step the trainer takes the cores nobody else uses now (a persona generating, another job).
     adapt_threads: bool = True
