@@ -217,7 +217,7 @@ class ServingPause:
             time.sleep(0.004)
         self._checked = time.monotonic()
         self.paused_s += self._checked - now
-        if self.meter is not None and start is not None:
+        if self.meter is not None:
             self.meter.exclude(start, self.meter.sample())
 
 

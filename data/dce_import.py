@@ -354,8 +354,6 @@ class _FileImport:
                     # unless that channel is the thread started from this message (DCE 2.48 exports the starter
                     # in the thread too, and the thread's id is the message's).
                     rep.skipped["id_conflict"] += 1
-                elif channel != row[2]:
-                    rep.already_stored += 1
                 elif rowid > self.start_rowid:
                     rep.duplicates += 1
                 else:
