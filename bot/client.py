@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -37,6 +38,7 @@ class DoppelBot(discord.Client):
         self.services = services
         self.recorder = Recorder(services)
         self.draining = False  # set once shutdown begins: new commands are turned away
+        self._gateway_reader: asyncio.Task[Any] | None = None
         self.uploads = PendingUploads()
         self.tree = ErrorTree(self)
         self.tree.add_command(DoppelCommands(services, self.recorder, self.uploads))
@@ -71,6 +73,30 @@ class DoppelBot(discord.Client):
         self.add_dynamic_items(CancelJobButton, GuessVoteButton, ForgetButton, UploadButton, StopButton)
         if self.services.settings.bot.sync_commands:
             await self.tree.sync()
+
+    async def connect(self, *, reconnect: bool = True) -> None:
+        """discord.py's gateway loop; its task is kept so that `close` can stop it reading first."""
+        self._gateway_reader = asyncio.current_task()
+        try:
+            await super().connect(reconnect=reconnect)
+        finally:
+            self._gateway_reader = None
+
+    async def close(self) -> None:
+        """End the gateway session with close code 1000, so Discord shows the bot offline at once.
+
+        discord.py's close asks for 1000, but aiohttp hands a close to the read that is waiting for the next
+        frame, and discord.py's reader answers that by closing with 4000 (a resumable close: the bot stays
+        listed online until the session times out). With the reader stopped first, the 1000 goes out.
+        """
+        reader = self._gateway_reader
+        if reader is not None and reader is not asyncio.current_task() and not reader.done():
+            reader.cancel()
+            await asyncio.wait({reader})
+        was_open = self.ws is not None and self.ws.open
+        await super().close()
+        if was_open:
+            log.info("gateway session closed with code 1000 (the bot shows offline at once)")
 
     async def on_ready(self) -> None:
         log.info("connected as %s to %d server(s)", self.user, len(self.guilds))

@@ -203,8 +203,11 @@ class ServingPause:
         self.pauses = 0
         self._checked = 0.0
 
-    def wait(self) -> None:
-        """Return at once when nobody generates (checked at most every `check_every_s`), else sleep until done."""
+    def wait(self, until: Callable[[], bool] | None = None) -> None:
+        """Return at once when nobody generates (checked at most every `check_every_s`), else sleep until done.
+
+        `until`: a sleep also ends as soon as it returns True (a job told to stop must not sleep out a reply).
+        """
         now = time.monotonic()
         if now - self._checked < self.check_every_s:
             return
@@ -213,7 +216,11 @@ class ServingPause:
             return
         self.pauses += 1
         start = self.meter.sample() if self.meter is not None else None
-        while time.monotonic() - now < self.max_wait_s and generating_now(self.folder):
+        while (
+            time.monotonic() - now < self.max_wait_s
+            and generating_now(self.folder)
+            and not (until is not None and until())
+        ):
             time.sleep(0.004)
         self._checked = time.monotonic()
         self.paused_s += self._checked - now

@@ -1,4 +1,4 @@
-"""The transformers callback every recipe uses: progress events, cancellation at step boundaries, the OOM test hook."""
+"""The transformers callback every recipe uses: progress events, cancellation within a step, the OOM test hook."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 
 from core.hostshare import ServingPause, ThreadGovernor
 from trainer.config import TrainConfig
+from trainer.errors import StepAbandoned
 from trainer.events import Emitter
 
 
@@ -30,11 +31,39 @@ def host_share(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-PAUSE_ATTR = "_doppel_serving_pause"
+GATE_ATTR = "_doppel_layer_gate"
 
 
-def pause_between_layers(model: Any, pause: ServingPause) -> list[Any]:
-    """Hooks that let `pause` sleep after each transformer block, forward and backward; returns their handles."""
+class LayerGate:
+    """What runs after each transformer block, forward and backward: the serving pause, and a cancelled step's end.
+
+    A step takes seconds (about 8 s for SmolLM2-135M on 2 cores), longer than a stop may wait (`docker stop`: 10 s
+    for the whole process). The weights change only when the optimizer steps, which no hook runs inside, so at any
+    hook the model is exactly the last finished step's: the rest of the step can be dropped and that step saved.
+    """
+
+    def __init__(self, pause: ServingPause | None = None) -> None:
+        self.pause = pause
+        self.cancel: threading.Event | None = None
+        # Only inside trainer.train(): the evaluation after training runs through the same hooks and is not a step.
+        self.armed = False
+
+    def stopping(self) -> bool:
+        """Whether the current step is to be abandoned."""
+        return self.armed and self.cancel is not None and self.cancel.is_set()
+
+    def wait(self) -> None:
+        """Between two blocks: end the step when cancelled, else step aside while a persona reply is made."""
+        if self.stopping():
+            raise StepAbandoned("cancelled mid-step")
+        if self.pause is not None:
+            self.pause.wait(until=self.stopping)
+            if self.stopping():
+                raise StepAbandoned("cancelled mid-step")
+
+
+def pause_between_layers(model: Any, pause: ServingPause | LayerGate) -> list[Any]:
+    """Hooks that call `pause.wait()` after each transformer block, forward and backward; returns their handles."""
     import torch
 
     def backward(grad: Any) -> None:
@@ -62,7 +91,7 @@ def peak_mem_mb() -> float:
 
 
 class JobCallback(TrainerCallback):
-    """Reports progress as job events, stops at the next step when cancelled, and can simulate a CUDA OOM once."""
+    """Reports progress as job events, ends the step when cancelled (see `train`), and can simulate a CUDA OOM once."""
 
     def __init__(
         self,
@@ -83,24 +112,37 @@ class JobCallback(TrainerCallback):
         self.oom_at_step = oom_at_step
         self.oom_marker = oom_marker
         self.cancelled = False
+        self.gate: LayerGate | None = None
         self._t0 = 0.0
         self._step0 = 0
         self._tokens0 = 0
+        self._tokens_at_step = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._t0 = time.monotonic()
         self._step0 = state.global_step
-        self._tokens0 = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        self._tokens0 = self._tokens_at_step = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         model = kwargs.get("model")
-        if self.pause is not None and model is not None:
-            # Inside each step, not only between steps: a step takes seconds, a reply's prefill a fraction of one.
-            # Once per model, and kept after training: the evaluation that follows yields the same way.
-            installed = getattr(model, PAUSE_ATTR, None)
-            if installed is None:
-                pause_between_layers(model, self.pause)
-                setattr(model, PAUSE_ATTR, self.pause)
+        if model is not None:
+            # Inside each step, not only between steps: a step takes seconds, a reply's prefill or a stop's grace
+            # a fraction of one. Once per model, and kept after training: the evaluation that follows yields the
+            # same way (the gate is disarmed then: only a training step is ever abandoned).
+            gate = getattr(model, GATE_ATTR, None)
+            if gate is None:
+                gate = LayerGate(self.pause)
+                pause_between_layers(model, gate)
+                setattr(model, GATE_ATTR, gate)
+            elif gate.pause is None:
+                gate.pause = self.pause
             else:
-                self.pause = installed
+                self.pause = gate.pause
+            gate.cancel = self.cancel
+            gate.armed = True
+            self.gate = gate
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.gate is not None:
+            self.gate.armed = False
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.governor is None:
@@ -120,11 +162,38 @@ class JobCallback(TrainerCallback):
             import torch
 
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated by simulate_oom_at_step)")
+        self._tokens_at_step = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         if self.cancel.is_set():
             # Save so `--resume` continues from exactly here, then leave the loop at this step boundary.
             self.cancelled = True
             control.should_save = True
             control.should_training_stop = True
+
+    def train(self, trainer: Any, **kwargs: Any) -> None:
+        """`trainer.train(**kwargs)`, which a cancel ends at the next block, saved at the last finished step.
+
+        `self.cancelled` then says so, as it does for a cancel seen at a step boundary.
+        """
+        try:
+            trainer.train(**kwargs)
+        except StepAbandoned:
+            self.abandoned(trainer)
+        finally:
+            if self.gate is not None:
+                self.gate.armed = False
+
+    def abandoned(self, trainer: Any) -> None:
+        """The step under way was dropped (`StepAbandoned`): save the last finished step, as `--resume` expects."""
+        self.cancelled = True
+        state = trainer.state
+        folder = Path(trainer.args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.global_step == 0 or (folder / "trainer_state.json").exists():
+            return  # nothing trained yet, or that step was saved already: a resume starts from there
+        # The dropped step's micro-batches were counted as seen; the resume trains them again.
+        state.num_input_tokens_seen = self._tokens_at_step
+        # What the training loop itself calls at a save step (model, optimizer, scheduler, RNG, trainer state);
+        # transformers has no public call that writes a resumable checkpoint.
+        trainer._save_checkpoint(trainer.model, trial=None)
 
     def _oom_fired(self) -> bool:
         return self.oom_marker is not None and self.oom_marker.exists()

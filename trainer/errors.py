@@ -56,3 +56,7 @@ class TrainingError(UserFacingError):
 
 class JobCancelled(TrainerError):
     """The job was asked to stop (SIGTERM); a checkpoint was saved at the last step boundary."""
+
+
+class StepAbandoned(TrainerError):
+    """Raised between two transformer blocks of a cancelled job: the step is left unfinished, its weights untouched."""

@@ -91,8 +91,12 @@ def _start_cli(args: list[str], env: dict[str, str], background: bool, err: Path
 
 def _sigint_ignored(pid: int) -> bool:
     # `echo $!` can run before the forked shell has set SIGINT ignored and exec'd the CLI: read the mask after exec.
+    # Before exec the forked shell's argv is the shell's own, which names doppel too: wait for python's argv[0].
     deadline = time.monotonic() + 10
-    while b"doppel" not in Path(f"/proc/{pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+    while (
+        Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] != sys.executable.encode()
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("SigIgn:"):
@@ -145,3 +149,75 @@ def test_the_trainer_ends_with_its_cli_and_the_job_resumes(
     assert progress["resumed_from"] >= killed_at, (
         "resumed from the checkpoint written when the trainer stopped"
     )
+
+
+@pytest.fixture(scope="module")
+def slow_step_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A random llama wide enough that one optimizer step of the job below takes seconds on one thread."""
+    from trainer.tinymodel import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("wide"), hidden=512, layers=8, heads=8, kv_heads=2)
+
+
+def _checkpoints(settings: Any, job_id: str) -> list[int]:
+    folder = settings.jobs_dir / job_id / "checkpoints"
+    return sorted(
+        int(p.name[11:]) for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()
+    )
+
+
+def test_sigterm_mid_step_ends_the_step_and_resumes_from_the_last_finished_one(
+    doppel_home: Path, settings: Any, slow_step_model: Any, tmp_path: Path
+) -> None:
+    """`doppel train ... &` from a script, SIGTERM at a random point of a seconds-long step: gone within Docker's
+    10 s grace, without finishing the step (its checkpoint is the step before), and `--resume` ends in an adapter."""
+    import random
+
+    asyncio.run(fx.seed_member(settings, exchanges=144))
+    err_file = tmp_path / "cli.err"
+    # 36 micro-batches of 4 examples an optimizer step (about an epoch of this member's examples): seconds a step.
+    args = ["train", fx.PERSONA_ID, "--max-steps", "3"]
+    for key, value in fx.tiny_overrides(slow_step_model, save_steps=10_000, grad_accum=36).items():
+        if key != "max_steps":
+            args += ["--set", f"{key}={json.dumps(value)}"]
+    pid, cli = _start_cli(args, _env(doppel_home), True, err_file)
+    seed = random.randrange(2**32)
+    try:
+        assert _sigint_ignored(pid), "the shell did not start the CLI with SIGINT ignored"
+        row = _wait_for_training(settings, min_step=1)
+        progress = json.loads(row["progress_json"])
+        step_s = progress["eta_s"] / max(progress["total"] - progress["step"], 1)
+        # Anywhere in the first half of the next step, well clear of its end (the row may lag its event a little).
+        time.sleep(random.Random(seed).uniform(0.05, 0.5) * step_s)
+        killed_at = json.loads(_job_row(settings)["progress_json"])["step"]  # type: ignore[index]
+        child = int(row["pid"])
+        sent = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        child_gone = fx.process_gone(child, within=10)
+        child_s = time.monotonic() - sent
+        cli.wait(timeout=10)
+        cli_s = time.monotonic() - sent
+    finally:
+        if cli.poll() is None:
+            os.kill(pid, signal.SIGKILL)
+            cli.kill()
+    print(f"step {step_s:.1f} s, seed {seed}: trainer gone {child_s:.2f} s, CLI {cli_s:.2f} s after SIGTERM")
+    assert child_gone and cli_s <= 10, f"trainer {child_s:.1f} s, CLI {cli_s:.1f} s (seed {seed})"
+    err = err_file.read_text()
+    assert cli.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    job_id = str(row["id"])
+    assert _job_row(settings)["status"] == "interrupted"  # type: ignore[index]
+    # The step under way was dropped, not finished: the only checkpoint is the last finished step's.
+    assert _checkpoints(settings, job_id) == [killed_at], (_checkpoints(settings, job_id), killed_at, seed)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "doppel", "train", fx.PERSONA_ID, "--resume", "--json"],
+        env=_env(doppel_home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    result = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert result["job"]["id"] == job_id and result["job"]["status"] == "succeeded" and result["adapter_id"]
+    final = json.loads(_job_row(settings)["progress_json"])  # type: ignore[index]
+    assert final["resumed_from"] == killed_at and final["step"] == 3, final

@@ -125,3 +125,20 @@ def test_a_trainer_pauses_while_a_reply_is_made_and_never_longer_than_its_bound(
         t0 = time.monotonic()
         bounded.wait()
         assert 0.2 <= time.monotonic() - t0 < 2.0
+
+
+def test_a_pause_ends_as_soon_as_the_trainer_is_told_to_stop(tmp_path: Path) -> None:
+    import time
+
+    from core.hostshare import ServingPause
+
+    marks = ServingMarks(tmp_path, threads=2)
+    pause = ServingPause(tmp_path, check_every_s=0.0, max_wait_s=30.0)
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    # A reply that outlasts a stop's grace: the sleep ends with the stop, not with the reply.
+    with marks.generating():
+        t0 = time.monotonic()
+        pause.wait(until=stop.is_set)
+        waited = time.monotonic() - t0
+    assert stop.is_set() and pause.pauses == 1 and 0.15 <= waited < 5.0

@@ -59,7 +59,9 @@ def test_missing_job_folder_fails_cleanly(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_at_a_step_boundary_and_resume_continues(make_job: Callable[..., Path]) -> None:
+def test_sigterm_stops_with_the_last_finished_step_saved_and_resume_continues(
+    make_job: Callable[..., Path],
+) -> None:
     job = make_job(max_steps=40, save_steps=50, eval_samples=0, eval_fidelity=False, learning_rate=3e-3)
     proc = _spawn(job)
     assert proc.stdout is not None

@@ -167,3 +167,34 @@ def test_the_pause_hooks_leave_the_gradients_exactly_as_they_were(tiny_model: An
         h.remove()
     assert pause.pauses == 2 * model.config.num_hidden_layers
     assert all(torch.equal(a, b) for a, b in zip(plain, hooked, strict=True))
+
+
+def test_a_cancelled_step_ends_at_the_next_block_and_leaves_the_weights_alone(
+    tiny_model: Any, tmp_path: Path
+) -> None:
+    import threading
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from core.hostshare import ServingMarks, ServingPause
+    from trainer.callbacks import LayerGate, pause_between_layers
+    from trainer.errors import StepAbandoned
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model.hf_dir))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # Paused for a persona reply that would last longer than any stop may wait.
+    gate = LayerGate(ServingPause(tmp_path, check_every_s=0.0, max_wait_s=60.0))
+    gate.cancel = threading.Event()
+    pause_between_layers(model, gate)
+    model(input_ids=ids, labels=ids).loss.backward()  # not armed, not cancelled: a plain step
+    gate.armed = True
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    threading.Timer(0.3, gate.cancel.set).start()
+    with ServingMarks(tmp_path, threads=1).generating(), pytest.raises(StepAbandoned):
+        loss.backward()  # sleeps in the first backward hook until the cancel, then ends the step there
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    gate.armed = False  # outside trainer.train() (evaluation), a cancel never cuts a forward
+    model(input_ids=ids)

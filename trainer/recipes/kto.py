@@ -128,7 +128,7 @@ def _train_kto(
         callbacks=[callback],
     )
     t0 = time.monotonic()
-    trainer.train()
+    callback.train(trainer)  # a cancel ends it mid-step
     if callback.cancelled:
         raise JobCancelled(f"cancelled during KTO at step {trainer.state.global_step}")
     model = trainer.model

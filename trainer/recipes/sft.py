@@ -186,7 +186,7 @@ def train_sft(
         t_train, c_train = time.monotonic(), time.process_time()
         try:
             with segments_for(peft_model.get_base_model(), cfg.batching == "padding_free"):
-                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+                callback.train(trainer, resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             break
         except torch.cuda.OutOfMemoryError:
             if micro == 1:
