@@ -217,7 +217,10 @@ class JobRunner:
         if actor:
             await self._finish(job, JobStatus.CANCELLED, f"cancelled by {actor}", detail)
             return
-        if self.sup.closing and outcome.returncode != 0:
+        # Stopped after the trained adapter was saved and announced (during its evaluation): it is kept below as
+        # a candidate, as for any failure of the evaluation, rather than trained again by a resume.
+        kept = self.artifact is not None and self.artifact.is_dir()
+        if self.sup.closing and outcome.returncode != 0 and not kept:
             await self._finish(
                 job,
                 JobStatus.INTERRUPTED,

@@ -6,7 +6,7 @@ import math
 import os
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from core.settings import bundled_embedding_model
@@ -21,9 +21,17 @@ SYSTEMS = ("base", "adapter", "retrieval")
 
 
 def perplexity(
-    model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], batch_size: int = 4, max_length: int = 2048
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    batch_size: int = 4,
+    max_length: int = 2048,
+    check: Callable[[], None] | None = None,
 ) -> float:
-    """Per-token perplexity of each row's `completion` given its `prompt` (loss on completion tokens only)."""
+    """Per-token perplexity of each row's `completion` given its `prompt` (loss on completion tokens only).
+
+    `check` runs before each batch and may raise (a job told to stop must not finish its evaluation first).
+    """
     import torch
 
     seqs: list[tuple[list[int], int]] = []
@@ -48,6 +56,8 @@ def perplexity(
     try:
         with torch.no_grad():
             for start in range(0, len(seqs), max(1, batch_size)):
+                if check is not None:
+                    check()
                 batch = seqs[start : start + max(1, batch_size)]
                 width = max(len(ids) for ids, _ in batch)
                 input_ids = torch.full((len(batch), width), pad, dtype=torch.long)

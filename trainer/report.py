@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,12 @@ def generate_llama_cpp(
     stop: list[str],
     seed: int,
     threads: int = 0,
+    check: Callable[[], None] | None = None,
 ) -> list[str]:
-    """Greedy replies from llama.cpp, with the exported adapter (proves the GGUF loads and steers) or without."""
+    """Greedy replies from llama.cpp, with the exported adapter (proves the GGUF loads and steers) or without.
+
+    `check` runs before each prompt and may raise (a stop ends the evaluation there).
+    """
     from llama_cpp import Llama
 
     kwargs: dict[str, Any] = {"n_threads": threads} if threads else {}
@@ -29,6 +34,8 @@ def generate_llama_cpp(
     try:
         out = []
         for prompt in prompts:
+            if check is not None:
+                check()
             res = llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0, stop=stop)
             out.append(str(res["choices"][0]["text"]).strip())  # type: ignore[index]
         return out
@@ -44,16 +51,26 @@ def evaluate(
     *,
     adapter_gguf: Path | None,
     base_gguf: Path | None,
+    check: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Metrics for meta.json: perplexities, generations, fidelity report (if available) and the gate decision."""
+    """Metrics for meta.json: perplexities, generations, fidelity report (if available) and the gate decision.
+
+    `check` runs between batches, prompts and phases and may raise: a stop (SIGTERM) must not wait for the
+    whole evaluation, which takes minutes on a CPU; the adapter it evaluates is already saved.
+    """
+    check = check or (lambda: None)
     rows = list(data.heldout or [])
     if cfg.eval_max_examples:
         rows = rows[: cfg.eval_max_examples]
     metrics: dict[str, Any] = {"heldout_examples": len(rows)}
     if rows:
-        metrics["ppl_adapter"] = round(perplexity(model, tokenizer, rows, cfg.eval_batch_size), 4)
+        metrics["ppl_adapter"] = round(
+            perplexity(model, tokenizer, rows, cfg.eval_batch_size, check=check), 4
+        )
         with model.disable_adapter():
-            metrics["ppl_base"] = round(perplexity(model, tokenizer, rows, cfg.eval_batch_size), 4)
+            metrics["ppl_base"] = round(
+                perplexity(model, tokenizer, rows, cfg.eval_batch_size, check=check), 4
+            )
     samples: list[dict[str, str]] = []
     base_replies: list[str] = []
     if rows and cfg.eval_samples > 0 and adapter_gguf is not None and base_gguf is not None:
@@ -70,6 +87,7 @@ def evaluate(
             "stop": stop,
             "seed": cfg.seed,
             "threads": cfg.threads,
+            "check": check,
         }
         replies = generate_llama_cpp(base_gguf, adapter_gguf, prompts, **gen)
         base_replies = generate_llama_cpp(base_gguf, None, prompts, **gen)
@@ -81,6 +99,7 @@ def evaluate(
     # Only generations leave this function: the real held-out replies are member content, which must not be
     # copied into meta.json or job events (the adapter folder lives outside the job folder's dataset).
     metrics["samples"] = [{"generated": x["generated"], "base": x["base"]} for x in samples]
+    check()
     if cfg.eval_fidelity and samples:
         metrics["fidelity"] = fidelity_report(
             [s["generated"] for s in samples],

@@ -221,3 +221,66 @@ def test_sigterm_mid_step_ends_the_step_and_resumes_from_the_last_finished_one(
     assert result["job"]["id"] == job_id and result["job"]["status"] == "succeeded" and result["adapter_id"]
     final = json.loads(_job_row(settings)["progress_json"])  # type: ignore[index]
     assert final["resumed_from"] == killed_at and final["step"] == 3, final
+
+
+def _wait_for_phase(settings: Any, phases: tuple[str, ...], timeout: float = 240) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = _job_row(settings)
+        if row and row["pid"] and json.loads(row["progress_json"] or "{}").get("phase") in phases:
+            return row
+        time.sleep(0.02)
+    raise AssertionError(f"the job never reached {phases}: {_job_row(settings)}")
+
+
+@pytest.mark.parametrize("phase", ["exporting", "evaluating"])
+def test_sigterm_after_training_keeps_the_trained_adapter_and_the_trainer_is_gone_within_the_grace(
+    doppel_home: Path, settings: Any, slow_step_model: Any, phase: str, tmp_path: Path
+) -> None:
+    """SIGTERM once training is over (during the export, or the evaluation, which takes minutes on a real base):
+    the trainer does not finish the evaluation first; the trained adapter is kept as a candidate to evaluate later."""
+    asyncio.run(fx.seed_member(settings, exchanges=144))
+    err_file = tmp_path / "cli.err"
+    # An evaluation of many seconds: every held-out example scored one by one, twice, then generations.
+    slow_eval = {"eval_max_examples": 0, "eval_batch_size": 1, "eval_samples": 8, "eval_max_new_tokens": 64}
+    args = ["train", fx.PERSONA_ID, "--max-steps", "1"]
+    for key, value in fx.tiny_overrides(slow_step_model, **slow_eval).items():
+        if key != "max_steps":
+            args += ["--set", f"{key}={json.dumps(value)}"]
+    pid, cli = _start_cli(args, _env(doppel_home), True, err_file)
+    try:
+        assert _sigint_ignored(pid), "the shell did not start the CLI with SIGINT ignored"
+        # The export of a small adapter takes a moment: a signal meant for it may land early in the evaluation.
+        row = _wait_for_phase(settings, ("exporting", "evaluating") if phase == "exporting" else (phase,))
+        if phase == "evaluating":
+            time.sleep(1.0)  # well inside the evaluation
+        child = int(row["pid"])
+        sent = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        child_gone = fx.process_gone(child, within=10)
+        child_s = time.monotonic() - sent
+        cli.wait(timeout=10)
+        cli_s = time.monotonic() - sent
+    finally:
+        if cli.poll() is None:
+            os.kill(pid, signal.SIGKILL)
+            cli.kill()
+    print(f"{phase}: trainer gone {child_s:.2f} s, CLI {cli_s:.2f} s after SIGTERM")
+    assert child_gone and cli_s <= 10, f"trainer {child_s:.1f} s, CLI {cli_s:.1f} s"
+    err = err_file.read_text()
+    assert "Traceback" not in err, err[-2000:]
+    job = _job_row(settings)
+    assert job is not None and job["id"] == row["id"]
+    conn = sqlite3.connect(settings.db_path)
+    try:
+        adapters = conn.execute(
+            "SELECT status, metrics_json FROM adapters WHERE job_id = ?", (job["id"],)
+        ).fetchall()
+    finally:
+        conn.close()
+    # Kept, not lost and not trained again: a candidate whose evaluation is still to be done (`doppel eval`).
+    assert job["status"] == "succeeded" and len(adapters) == 1 and adapters[0][0] == "candidate", (
+        job,
+        adapters,
+    )
+    assert "stopped during evaluation" in (adapters[0][1] or "") + err, (adapters, err[-1000:])

@@ -79,6 +79,7 @@ def run(
         emitter,
         stats=sft_stats,
         stages={"sft": sft_stats, "dpo": dpo_stats},
+        cancel=cancel,
     )
 
 

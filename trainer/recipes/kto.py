@@ -81,6 +81,7 @@ def run(
         emitter,
         stats=sft_stats,
         stages={"sft": sft_stats, "kto": kto_stats},
+        cancel=cancel,
     )
 
 

@@ -6,6 +6,7 @@ import gc
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,9 @@ def run(
     )
     stats.update(examples=len(rows), dropped_too_long=dropped, device=base.device, quantized=base.quantized)
     # --- save
-    return finish_job(cfg, job_dir, model, base.tokenizer, data, emitter, stats=stats, stages={"sft": stats})
+    return finish_job(
+        cfg, job_dir, model, base.tokenizer, data, emitter, stats=stats, stages={"sft": stats}, cancel=cancel
+    )
 
 
 def setup_torch(cfg: TrainConfig) -> None:
@@ -256,6 +259,7 @@ def finish_job(
     *,
     stats: dict[str, Any],
     stages: dict[str, dict[str, Any]],
+    cancel: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Save and announce the adapter folder, then evaluate it (llama.cpp generates from its GGUF) and update it.
 
@@ -269,6 +273,8 @@ def finish_job(
     from trainer.export_gguf import BaseInfo
     from trainer.plot import loss_png
 
+    check = stop_check(cancel, "during evaluation: the trained adapter is kept, `doppel eval` evaluates it")
+    stop_check(cancel, "before the export: resume continues from the last checkpoint")()
     emitter.emit("phase", phase="exporting")
     train_peak = peak_rss_mb()
     staged = StagedAdapter(job_dir / "output" / "adapter")
@@ -327,8 +333,15 @@ def finish_job(
     emitter.emit("artifact", kind="adapter", path=str(path), gguf=str(path / "adapter.gguf"), evaluated=False)
     emitter.emit("phase", phase="evaluating")
     simulate_eval_failure(cfg.simulate_eval_failure)
+    # A stop from here on ends the evaluation at its next batch or prompt; the announced adapter is kept.
     metrics = report.evaluate(
-        model, tokenizer, cfg, data, adapter_gguf=path / "adapter.gguf", base_gguf=base_gguf_for(cfg)
+        model,
+        tokenizer,
+        cfg,
+        data,
+        adapter_gguf=path / "adapter.gguf",
+        base_gguf=base_gguf_for(cfg),
+        check=check,
     )
     metrics["evaluation"] = "done"
     # ru_maxrss is the peak of the whole life of the process: read after training, then after evaluation.
@@ -354,6 +367,16 @@ def finish_job(
         "training": meta["training"],
         "peak_rss_mb": metrics["resources"]["peak_rss_mb"],
     }
+
+
+def stop_check(cancel: threading.Event | None, where: str) -> Callable[[], None]:
+    """A check that raises `JobCancelled` ("stopped <where>") once `cancel` is set; the evaluation calls it often."""
+
+    def check() -> None:
+        if cancel is not None and cancel.is_set():
+            raise JobCancelled(f"stopped {where}")
+
+    return check
 
 
 def _chat_format_record(cfg: TrainConfig) -> dict[str, str] | None:
