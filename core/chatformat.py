@@ -159,6 +159,11 @@ PLAIN_TEMPLATE = (
 )
 TEMPLATES = {"chatml": CHATML_TEMPLATE, "plain": PLAIN_TEMPLATE}
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+# The labels PLAIN_TEMPLATE opens each turn with ("User:" on a line of its own), one per role build_messages writes.
+# Only a trained persona ends its turn with the end-of-sequence token: an untrained base (the retrieval persona, the
+# base-model fallback, a candidate that failed the gate) goes on to write the next turns, so a line starting with
+# one of these labels ends the reply too (ChatFormat.stop, and the stream cleaner through Prompt.speakers).
+PLAIN_LABELS = tuple(role.capitalize() for role in ("system", "user", "assistant"))
 
 
 @dataclass(frozen=True)
@@ -208,11 +213,18 @@ class ChatFormat:
         return tail[: end + len(self.eos_token)]
 
     @property
+    def turn_labels(self) -> tuple[str, ...]:
+        """The role labels that open a turn at a line start: the made-up plain format's; a model's own has none."""
+        return PLAIN_LABELS if self.template == PLAIN_TEMPLATE else ()
+
+    @property
     def stop(self) -> list[str]:
         """Stop strings for generation: the end-of-turn token and the start of a new turn."""
         stops = [self.eos_token]
         if "<|im_start|>" in self.template:
             stops.append("<|im_start|>")
+        # A label at the reply's very start has no newline before it: the stream cleaner catches that one.
+        stops += [f"\n{label}:" for label in self.turn_labels]
         return stops
 
     @classmethod

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from core.chatformat import PLAIN_LABELS
+
 ZWSP = "\u200b"
 # Every `@` followed by something other than whitespace could start a ping (@everyone, @here, <@id>, <@!id>,
 # <@&role>); a zero-width space right after it keeps the text readable and makes Discord ignore it.
@@ -78,6 +80,9 @@ class StreamCleaner:
         self.others = {o.strip().lower() for o in others if o.strip()} - {self.persona}
         self._prefix = _prefix_pattern([persona_name, *others])
         self._names = [n for n in {self.persona, *self.others} if n]
+        # The made-up format's role labels among the others ("User"), as the format writes them: ChatFormat.stop
+        # ends generation on them, case and all.
+        self._turns = tuple(t for t in (o.strip() for o in others) if t in PLAIN_LABELS)
         self._pending = ""
         self._line_start = True
         self._emitted_any = False
@@ -179,8 +184,18 @@ class StreamCleaner:
             return True
         if not final and "\n" not in self._pending and ":" not in head and self._could_be_label(head):
             return False
+        if final and self._seen_content and "\n" not in self._pending and self._partial_turn(head):
+            # The reply ran out of tokens inside the next turn's label ("\nUs"): it is dropped, as a server drops
+            # the part of a stop string it already holds back.
+            self._pending = ""
+            return True
         self._line_start = False
         return True
+
+    def _partial_turn(self, head: str) -> bool:
+        """Whether `head`, the last line, is the start of a role label cut short ("Us" of "User:")."""
+        text = head.strip(" \t")
+        return bool(text) and any(f"{label}:".startswith(text) for label in self._turns)
 
     def _could_be_label(self, head: str) -> bool:
         """Whether `head` may still grow into a "Name:" / "Name (AI):" label (only then is text held back)."""

@@ -26,6 +26,8 @@ class Prompt:
     text: str
     tokens: list[int]
     context_used: int
+    # The labels that, at a line start, end the persona's reply (the stream cleaner's `others`): the other members
+    # in the context, and the made-up format's role labels (ChatFormat.turn_labels).
     speakers: tuple[str, ...]
 
 
@@ -108,5 +110,7 @@ def build_prompt(
     if len(tokens) > budget:
         raise RequestError(f"the system prompt alone needs {len(tokens)} tokens, over the budget of {budget}")
     used = context[start:]
-    speakers = tuple(dict.fromkeys(u.name for u in used if u.author_id != persona_id))
+    # The format's role labels ("User:") open another turn as surely as another member's name does: the cleaner
+    # ends the reply on either at a line start.
+    speakers = tuple(dict.fromkeys([*(u.name for u in used if u.author_id != persona_id), *fmt.turn_labels]))
     return Prompt(text=text, tokens=tokens, context_used=len(used), speakers=speakers)

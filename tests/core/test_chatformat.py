@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.chatformat import ChatFormat, Utterance, build_messages
+from core.chatformat import PLAIN_LABELS, PLAIN_TEMPLATE, ChatFormat, Utterance, build_messages
 from core.settings import bundled_base_gguf
 
 CHATML = (
@@ -61,3 +61,44 @@ def test_bundled_model_template_matches_chatml_shape() -> None:
     msgs = build_messages("1", "Alice", "general", _ctx(), style="persona")
     assert cf.completion(msgs, "ok") == "ok<|im_end|>"
     assert cf.prompt(msgs).startswith("<|im_start|>system\nYou are Alice")
+
+
+def _turn_lines(fmt: ChatFormat) -> list[str]:
+    """The lines that open a turn in a rendered conversation (what a model reading the prompt may imitate)."""
+    msgs = build_messages("1", "Alice", "general", _ctx(), style="plain+names")
+    text = fmt.render([*msgs, {"role": "assistant", "content": "nm"}], add_generation_prompt=False)
+    return [line for line in text.split("\n") if line.endswith(":")]
+
+
+def test_the_plain_format_stops_at_every_turn_it_renders() -> None:
+    fmt = ChatFormat.from_vocab(["<s>", "</s>", "a"], eos_id=1, bos_id=0)
+    assert fmt.source == "default:plain" and fmt.template == PLAIN_TEMPLATE
+    labels = _turn_lines(fmt)
+    assert set(labels) == {"System:", "User:", "Assistant:"}
+    assert fmt.stop[0] == "</s>"
+    # Each turn the template writes starts at a line start: generation stops there, whichever role it is.
+    assert sorted(fmt.stop[1:]) == sorted(f"\n{label}" for label in set(labels))
+    assert fmt.turn_labels == PLAIN_LABELS
+    # An untrained base's reply that goes on into the next turn is cut where that turn starts.
+    reply = "hello?\nUser:\nhi?\nAssistant:\nHi"
+    assert min(reply.find(s) for s in fmt.stop if s in reply) == len("hello?")
+    # Chosen by name at add-base, or read back from an adapter's meta.json: the same stops.
+    assert ChatFormat.from_vocab(["<s>", "</s>"], 1, 0, template="plain").stop == fmt.stop
+    assert ChatFormat(**fmt.to_dict()).stop == fmt.stop
+
+
+def test_the_chatml_default_stops_at_the_next_turn_marker_as_a_string() -> None:
+    fmt = ChatFormat.from_vocab(["<s>", "</s>", "<|im_start|>", "<|im_end|>"], eos_id=1, bos_id=0)
+    assert fmt.source == "default:chatml"
+    assert fmt.stop == ["<|im_end|>", "<|im_start|>"]
+    assert fmt.turn_labels == ()
+    # Its turns open with the marker, never with a label a member could also write at a line start.
+    assert _turn_lines(fmt) == []
+
+
+def test_a_models_own_template_keeps_its_own_stops() -> None:
+    # A model's own template that happens to label turns "User:" is not the made-up one: no stops are added.
+    own = "{% for m in messages %}{{ m['role'] | capitalize }}:\n{{ m['content'] }}\n{% endfor %}Assistant:\n"
+    fmt = ChatFormat.from_vocab(["<s>", "</s>"], 1, 0, own=own)
+    assert fmt.source == "gguf" and fmt.stop == ["</s>"] and fmt.turn_labels == ()
+    assert ChatFormat(template=CHATML, eos_token="<|im_end|>").stop == ["<|im_end|>", "<|im_start|>"]
