@@ -11,6 +11,7 @@ from bot.components import services_of
 from bot.errorhook import reply_error, reports_errors
 from bot.services import Services
 from bot.text import WHAT_IS_STORED, clip, consent_summary
+from inference.places import place_words
 
 NONE = discord.AllowedMentions.none()
 # Fixed custom ids: a panel posted months ago still routes here once `client.add_view` registered the view.
@@ -59,6 +60,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"• training jobs cancelled: {len(report['jobs_cancelled'])}")
     if report.get("files_deleted"):
         lines.append(f"• files deleted: {report['files_deleted']}")
+    # Every process serving personas is named, also one that did not answer: the member can ask an admin to act.
+    for place in report.get("serving") or []:
+        lines.append(f"• {place['place']}: {place_words(place)}")
     if len(lines) == 1:
         lines.append("Nothing was stored about you.")
     return clip("\n".join(lines))

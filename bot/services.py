@@ -20,6 +20,7 @@ from models.registry import Registry
 if TYPE_CHECKING:
     from consent.service import ConsentService
     from data.store import Store
+    from inference.places import LetGo, ServingPlace
     from inference.requests import GenParams, PersonaRequest
     from jobs.supervisor import Supervisor
 
@@ -32,6 +33,8 @@ class PersonaEngine(Protocol):
     ) -> AsyncIterator[str]: ...
 
     def forget(self, member_id: str) -> None: ...
+
+    async def let_go(self, member_id: str, doomed: Callable[[str], bool]) -> LetGo: ...
 
     async def close(self) -> None: ...
 
@@ -66,6 +69,8 @@ class Services:
     _owned: list[Any] = field(default_factory=list, repr=False)
     # Called with a member id whenever the engine forgets them (in-memory copies elsewhere, e.g. joining-in habits).
     forgetters: list[Callable[[str], None]] = field(default_factory=list, repr=False)
+    # This process as a serving place: erasures from other processes (a shell's `doppel forget`) reach the engine.
+    place: ServingPlace | None = None
 
     def __post_init__(self) -> None:
         # The owners of `adapters` and `jobs`: the bot reads and writes those tables through them only.
@@ -104,7 +109,33 @@ class Services:
             await engine.start()
             services.engine = engine
             services._owned.append(engine)
+            await services.serve_as_place()
         return services
+
+    async def serve_as_place(self) -> None:
+        """Register this process's engine as a serving place (closed before the engine: newest first)."""
+        import os
+
+        from inference.places import ServingPlace
+
+        where = self.settings.inference
+        what = "in process" if where.backend == "process" else f"a client of {where.server_url}"
+        self.place = ServingPlace(
+            self.store, "engine", f"the bot's persona engine ({what}, pid {os.getpid()})", self
+        )
+        await self.place.start()
+        self._owned.append(self.place)
+
+    async def let_go(self, member_id: str, doomed: Callable[[str], bool]) -> LetGo:
+        """An erasure from any process: the engine lets go of the member's adapters, the bot of its copies."""
+        from inference.places import LetGo
+
+        answer = (
+            await self.engine.let_go(member_id, doomed) if self.engine is not None else LetGo(False, True)
+        )
+        for forget in self.forgetters:
+            forget(member_id)
+        return answer
 
     async def close(self) -> None:
         """Close what `open` started, newest first."""
@@ -318,10 +349,24 @@ class Services:
     def reply(
         self, persona: PersonaRequest, context: Sequence[Utterance], params: GenParams
     ) -> AsyncIterator[str]:
-        """Stream a persona's reply from the engine."""
+        """Stream a persona's reply from the engine, after acting on any erasure another process made."""
         if self.engine is None:
             raise RuntimeError("the bot was started without a persona engine")
-        return self.engine.reply(persona, context, params)
+        return self._checked_reply(self.engine, persona, context, params)
+
+    async def _checked_reply(
+        self, engine: PersonaEngine, persona: PersonaRequest, context: Sequence[Utterance], params: GenParams
+    ) -> AsyncIterator[str]:
+        if self.place is not None:
+            await self.place.sync()  # what erasure decided is read from the store when the reply is made
+        stream = engine.reply(persona, context, params)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 @dataclass(frozen=True)

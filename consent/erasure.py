@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # Modules whose import registers erasure parts: each part lives beside the data it erases (the job folders beside
 # the jobs table's owner, the adapters beside the registry). Named, not imported: the parts of higher layers
 # depend on this module, never the other way round. A component that stores member data adds its module here.
-PART_MODULES: tuple[str, ...] = ("consent.parts", "jobs.erasure", "models.erasure")
+PART_MODULES: tuple[str, ...] = ("consent.parts", "jobs.erasure", "models.erasure", "inference.erasure")
 _META_KEYS = ("member", "member_id", "lineage", "contains", "members")
 
 
@@ -39,6 +39,8 @@ class ErasureContext:
     retired_adapters: list[dict[str, Any]] = field(default_factory=list)
     cancelled_jobs: list[str] = field(default_factory=list)
     files_deleted: int = 0
+    # Each process serving personas, and whether it let go of what it held of the member (inference.erasure).
+    serving: list[dict[str, Any]] = field(default_factory=list)
 
     def remove(self, path: Path) -> None:
         """Delete a file or folder under DOPPEL_HOME (never outside it), counting files."""
@@ -101,6 +103,7 @@ class ErasureReport:
     adapters_retired: list[dict[str, Any]]
     jobs_cancelled: list[str]
     files_deleted: int
+    serving: list[dict[str, Any]]
     errors: dict[str, str]
     duration_s: float
     identity_kept: bool
@@ -213,6 +216,7 @@ async def forget(
         adapters_retired=ctx.retired_adapters,
         jobs_cancelled=ctx.cancelled_jobs,
         files_deleted=ctx.files_deleted,
+        serving=ctx.serving,
         errors=errors,
         duration_s=round(time.perf_counter() - started, 4),
         identity_kept=keep_identity,

@@ -16,7 +16,11 @@ from core.errors import ConfigError
 
 ENV_PREFIX = "DOPPEL_"
 # Secrets never come from the TOML file: it may be committed or shared; the environment is the only source.
-SECRET_ENV = {"discord_token": "DISCORD_TOKEN", "master_key": "DOPPEL_MASTER_KEY"}
+SECRET_ENV = {
+    "discord_token": "DISCORD_TOKEN",
+    "master_key": "DOPPEL_MASTER_KEY",
+    "server_api_key": "DOPPEL_SERVER_API_KEY",
+}
 
 
 def bundled_base_gguf() -> Path | None:
@@ -130,6 +134,10 @@ class InferenceSettings:
     server_flavour: str = "llama.cpp"  # llama.cpp (llama-server) | vllm | sglang
     server_timeout_s: float = 60.0  # longest silence from the server while it streams a reply
     server_model: str = ""  # vLLM/SGLang: the served base model's name ("": the first the server lists)
+    # A request that finds the server restarting (a persona published or erased) retries this long before failing.
+    server_restart_wait_s: float = 30.0
+    # How long `forget` waits for every serving process to say it let the member's adapters go.
+    erasure_wait_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -212,6 +220,8 @@ class Settings:
     bot: BotSettings = field(default_factory=BotSettings)
     discord_token: str | None = field(default=None, repr=False)
     master_key: str | None = field(default=None, repr=False)
+    # The persona server's key: `doppel serve` requires it of every request, the server backend sends it.
+    server_api_key: str | None = field(default=None, repr=False)
     join: JoinSettings = field(default_factory=JoinSettings)
 
     @property
@@ -292,6 +302,7 @@ class Settings:
             home=home.resolve(),
             discord_token=env.get("DISCORD_TOKEN") or None,
             master_key=env.get("DOPPEL_MASTER_KEY") or None,
+            server_api_key=env.get("DOPPEL_SERVER_API_KEY") or None,
             **sections,
         )
 

@@ -252,6 +252,38 @@ async def m006_persona_reply_mode(db: aiosqlite.Connection) -> None:
     await run_script(db, "ALTER TABLE persona_replies ADD COLUMN mode TEXT;")
 
 
+async def m007_serving_places(db: aiosqlite.Connection) -> None:
+    """Processes that serve personas, and erasure notices they acknowledge: forget reaches every one of them."""
+    await run_script(
+        db,
+        """
+        CREATE TABLE serving_places (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            label TEXT NOT NULL,
+            pid INTEGER,
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL
+        );
+        CREATE TABLE erasure_notices (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            member_id TEXT NOT NULL,
+            adapters_json TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE erasure_acks (
+            seq INTEGER NOT NULL REFERENCES erasure_notices(seq) ON DELETE CASCADE,
+            place_id TEXT NOT NULL,
+            held INTEGER NOT NULL,
+            released INTEGER NOT NULL,
+            detail TEXT NOT NULL DEFAULT '',
+            acked_at REAL NOT NULL,
+            PRIMARY KEY (seq, place_id)
+        );
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     m001_initial,
     m002_job_supervision,
@@ -259,6 +291,7 @@ MIGRATIONS: list[Migration] = [
     m004_job_progress_message,
     m005_join_in,
     m006_persona_reply_mode,
+    m007_serving_places,
 ]
 
 

@@ -84,6 +84,7 @@ class Store:
         from data.members import KeyRepo, MemberRepo
         from data.messages import MessageRepo
         from data.personareplies import PersonaReplyRepo
+        from data.serving import ServingRepo
 
         self.settings = settings
         self.db = db
@@ -100,6 +101,7 @@ class Store:
         self.blind_tests = BlindTestRepo(self)
         self.persona_replies = PersonaReplyRepo(self)
         self.joins = JoinRepo(self)
+        self.serving = ServingRepo(self)
 
     @classmethod
     def open(cls, settings: Settings) -> _Opening:

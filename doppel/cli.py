@@ -28,6 +28,7 @@ COMMANDS = (
     "personas",
     "demo",
     "run",
+    "serve",
     "bench",
     "doctor",
 )

@@ -142,11 +142,12 @@ def running_server(
     n_ctx: int = 512,
     threads: int = 1,
     log: Path | None = None,
+    port: int | None = None,
 ) -> Iterator[str]:
     """llama-server on `base` with `loras` (ids in order, none applied until a request asks), as the
     in-process engine runs: one slot, 512-token batches, flash attention off, and no RAM prompt cache (it could
     restore KV computed under another adapter, llama.cpp #26207)."""
-    port = free_port()
+    port = port or free_port()
     cmd = [str(binary), "-m", str(base), "--host", "127.0.0.1", "--port", str(port), "-c", str(n_ctx)]
     cmd += [
         "-np",

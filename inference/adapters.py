@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,9 @@ class AdapterCache:
         self.budget_bytes = max(1, budget_bytes)
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[str, int], _Loaded] = OrderedDict()
+        # Erased adapter files: never loaded again, freed as soon as no context has them set. Concrete paths, not
+        # the erasure's rule: a member who consents again and retrains gets a new folder that must load.
+        self._erased: set[str] = set()
         self.stats = CacheStats()
 
     def acquire(self, key: AdapterKey) -> list[tuple[Any, float]]:
@@ -69,6 +72,16 @@ class AdapterCache:
         with self._lock:
             return [e.path for e in self._entries.values()]
 
+    def drop(self, doomed: Callable[[str], bool]) -> list[str]:
+        """Free every unpinned adapter `doomed` names and refuse to load any again; returns the paths still held."""
+        with self._lock:
+            self._erased.update(e.path for e in self._entries.values() if doomed(e.path))
+            for k, entry in list(self._entries.items()):
+                if entry.path in self._erased and not entry.pins:
+                    del self._entries[k]
+                    self._free(entry)
+            return [e.path for e in self._entries.values() if doomed(e.path)]
+
     def used_bytes(self) -> int:
         with self._lock:
             return sum(e.size for e in self._entries.values())
@@ -84,6 +97,8 @@ class AdapterCache:
         import llama_cpp
 
         with self._lock:
+            if path in self._erased:
+                raise AdapterError(f"adapter {path} was erased")
             entry = self._entries.get((path, mtime))
             if entry is not None:
                 self._entries.move_to_end((path, mtime))
@@ -124,9 +139,13 @@ class AdapterCache:
             )
 
         for k in list(self._entries):
-            if not over():
-                break
             entry = self._entries[k]
+            if not entry.pins and entry.path in self._erased:
+                del self._entries[k]
+                self._free(entry)
+                continue
+            if not over():
+                continue
             if entry.pins:
                 continue
             del self._entries[k]

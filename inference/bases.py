@@ -171,6 +171,11 @@ class BasePool:
                 for session in held.sessions.values():
                     session.flush_requested = True
 
+    def held(self) -> list[LoadedBase]:
+        """The loaded bases (a snapshot)."""
+        with self._lock:
+            return list(self._loaded.values())
+
     def close(self) -> None:
         with self._lock:
             for held in self._loaded.values():
@@ -219,6 +224,8 @@ class WorkerSlot:
     def __init__(self, pool: BasePool, index: int) -> None:
         self.pool = pool
         self.index = index
+        # Held by the worker while it serves; erasure takes it to reset this slot's contexts between replies.
+        self.lock = threading.Lock()
         self.session: Session | None = None
         self._path: Path | None = None
 

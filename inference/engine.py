@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,10 +15,11 @@ from core.chatformat import Utterance
 from core.errors import UserFacingError
 from core.hostshare import ServingMarks
 from core.settings import Settings
-from inference.adapters import AdapterCache
+from inference.adapters import AdapterCache, AdapterKey
 from inference.bases import BasePool, WorkerSlot
 from inference.cleaning import StreamCleaner
-from inference.errors import EngineClosedError, InferenceError, RetrievalError
+from inference.errors import AdapterError, EngineClosedError, InferenceError, RetrievalError
+from inference.places import LetGo
 from inference.prompting import RETRIEVAL_REPEAT_PENALTY, build_prompt, trained_style
 from inference.requests import GenParams, PersonaRequest
 from inference.runtime import BaseModel, GenStats, KVStates, Session, default_threads
@@ -32,7 +33,7 @@ class ExampleSource(Protocol):
 
     async def examples(self, member_id: str, context: Sequence[Utterance], k: int) -> list[str]: ...
 
-    def forget(self, member_id: str) -> None: ...
+    def forget(self, member_id: str) -> bool | None: ...
 
 
 class ReplyStream:
@@ -210,6 +211,39 @@ class Engine:
         if self.pool is not None:
             self.pool.forget()
 
+    async def let_go(self, member_id: str, doomed: Callable[[str], bool]) -> LetGo:
+        """Erasure: stop replies using the doomed adapters, reset the contexts that have them set, free them."""
+        held = bool(self.retriever.forget(member_id)) if self.retriever is not None else False
+        self.forget(member_id)
+        if self.pool is None:
+            return LetGo(held, True)
+        held = await asyncio.to_thread(self._let_go, doomed) or held
+        still = [p for base in self.pool.held() for p in base.adapters.drop(doomed)]
+        if still:
+            return LetGo(True, False, f"still held after the replies using them stopped: {', '.join(still)}")
+        return LetGo(held, True)
+
+    def _let_go(self, doomed: Callable[[str], bool]) -> bool:
+        def uses(key: AdapterKey) -> bool:
+            return any(doomed(path) for path, _, _ in key)
+
+        erased = AdapterError("this persona's adapter was erased")
+        for job in list(self._running):
+            if uses(job.key):
+                job.send("error", erased)
+                job.cancel_event.set()
+        held = False
+        for slot in self.slots:
+            with slot.lock:  # the worker is between replies: its contexts are ours to reset
+                for base in self.pool.held() if self.pool is not None else []:
+                    session = base.sessions.get(slot.index)
+                    if session is not None and uses(session.key):
+                        held = True
+                        session.use(())
+        for base in self.pool.held() if self.pool is not None else []:
+            held = held or any(doomed(p) for p in base.adapters.loaded())
+        return held
+
     async def _submit(self, persona: PersonaRequest, context: Sequence[Utterance], params: GenParams) -> Job:
         if not self._started or self.pool is None:
             raise EngineClosedError("the persona engine is not running")
@@ -242,7 +276,7 @@ class Engine:
                 continue
             self._running.add(job)
             try:
-                with self.marks.generating():
+                with session.lock, self.marks.generating():
                     stats = self._serve(session.bind(job.base), job)
                 job.send("done", stats)
             except UserFacingError as exc:

@@ -33,5 +33,13 @@ class ServerError(UserFacingError):
     """The persona server is down, too slow, lacks an adapter or refused a request ([inference] backend = server)."""
 
 
+class ServerUnreachableError(ServerError):
+    """The persona server did not accept the connection (down, or restarting with a new adapter list)."""
+
+    def __init__(self, message: str, *, loading: bool = False) -> None:
+        super().__init__(message)
+        self.loading = loading  # it answered 503: up, still loading its model
+
+
 class ChatNotAllowedError(UserFacingError):
     """The member has not given `chat` consent: nobody may talk to their persona."""

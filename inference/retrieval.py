@@ -136,6 +136,7 @@ class Retriever:
                 break
         return out
 
-    def forget(self, member_id: str) -> None:
-        """Drop the member's in-memory index (texts and vectors); the store's rows go with the erasure cascade."""
-        self._indexes.pop(member_id, None)
+    def forget(self, member_id: str) -> bool:
+        """Drop the member's in-memory index (texts and vectors); True when there was one. The store's rows go
+        with the erasure cascade."""
+        return self._indexes.pop(member_id, None) is not None

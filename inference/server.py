@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,8 @@ from core.chatformat import Utterance
 from core.settings import Settings
 from inference.bases import BaseRef, resolve_base
 from inference.cleaning import StreamCleaner
-from inference.errors import RequestError, RetrievalError, ServerError
+from inference.errors import RequestError, RetrievalError, ServerError, ServerUnreachableError
+from inference.places import LetGo
 from inference.prompting import RETRIEVAL_REPEAT_PENALTY, Prompt, build_prompt, trained_style
 from inference.requests import GenParams, PersonaRequest
 
@@ -65,7 +66,9 @@ def adapter_name(path: str, digest: str) -> str:
     """A published adapter's name on a vLLM/SGLang server: member, version and content hash (a changed file is a
     new name, never new weights under an old one)."""
     parts = Path(path).parts
-    member, version = (parts[-3], parts[-2]) if len(parts) >= 3 else ("adapter", Path(path).stem)
+    member, version = (
+        (parts[-3], parts[-2].split("-")[0]) if len(parts) >= 3 else ("adapter", Path(path).stem)
+    )
     return f"doppel-{member}-v{version}-{digest[:12]}"
 
 
@@ -88,12 +91,14 @@ class ServerEngine:
         self.default = settings.base_gguf_path().expanduser().resolve()
         self._http: aiohttp.ClientSession | None = None
         self._vocabs: dict[Path, BaseModel] = {}
-        self._lora_ids: dict[
-            str, int
-        ] = {}  # llama.cpp: adapter path -> id given by the server's --lora order
+        # llama.cpp: adapter path -> id (its position in the server's --lora list), as the server listed it for
+        # the request being made: relearned before every request, since a restart can change the list and order.
+        self._lora_ids: dict[str, int] = {}
         self._loaded: dict[str, str] = {}  # vLLM/SGLang: adapter name -> member id
+        self._paths: dict[str, str] = {}  # vLLM/SGLang: adapter name -> the file it was loaded from
         self._digests: dict[tuple[str, int, int], str] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._answered = False  # this client has reached the server: a refused connection now means a restart
 
     async def start(self) -> None:
         """Open the HTTP client (the server may come up later: each reply says so while it is down)."""
@@ -103,8 +108,11 @@ class ServerEngine:
             timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=self.cfg.server_timeout_s)
             # A fresh connection per request: llama-server drops idle keep-alive connections, and a reused one
             # fails its next write ("Can not write request body").
+            key = self.settings.server_api_key
             self._http = aiohttp.ClientSession(
-                timeout=timeout, connector=aiohttp.TCPConnector(force_close=True)
+                timeout=timeout,
+                connector=aiohttp.TCPConnector(force_close=True),
+                headers={"Authorization": f"Bearer {key}"} if key else None,
             )
 
     async def close(self) -> None:
@@ -156,6 +164,41 @@ class ServerEngine:
                 member_id,
             )
 
+    async def let_go(self, member_id: str, doomed: Callable[[str], bool]) -> LetGo:
+        """Erasure from any process: drop the member's cached words, unload their adapters from a vLLM/SGLang
+        server, and for llama-server say whether it still holds one (it cannot unload; `doppel serve` restarts)."""
+        held = bool(self.retriever.forget(member_id)) if self.retriever is not None else False
+        names = [name for name, member in self._loaded.items() if member == member_id]
+        names += [n for n in self._paths if n not in names and doomed(self._paths[n])]
+        for name in names:
+            self._loaded.pop(name, None)
+        failed = await self._unload(names) if names and self._http is not None else []
+        if failed:
+            return LetGo(
+                True, False, f"the {self.flavour} server at {self.url} did not unload {', '.join(failed)}"
+            )
+        if self.flavour != "llama.cpp" or self._http is None:
+            return LetGo(held or bool(names), True)
+        # A managed server restarts without the adapter within moments; a hand-started one never lets it go.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(1.0, self.cfg.erasure_wait_s - 2.0)
+        while True:
+            try:
+                listed = [str(a["path"]) for a in await self._json("GET", "/lora-adapters")]
+            except ServerUnreachableError:
+                listed = []  # restarting, or stopped: either way it holds nothing it could serve
+            still = [p for p in listed if doomed(p)]
+            if not still:
+                return LetGo(held or bool(names), True)
+            if loop.time() >= deadline:
+                return LetGo(
+                    True,
+                    False,
+                    f"llama-server at {self.url} still holds {', '.join(still)}: it cannot unload an adapter; "
+                    "restart it without that --lora (`doppel serve` does so by itself)",
+                )
+            await asyncio.sleep(0.25)
+
     async def check(self) -> str:
         """One line on the server's state (for `doppel doctor`); ServerError when it is down or not a server."""
         path = "/health" if self.flavour == "llama.cpp" else "/v1/models"
@@ -194,11 +237,7 @@ class ServerEngine:
         )
         stops = [s for s in (*vocab.format.stop, *params.stop) if s]
         if self.flavour == "llama.cpp":
-            path, body, field = (
-                "/completion",
-                await self._llama_body(prompt, params, adapters, stops),
-                "content",
-            )
+            path, body, field = "/completion", {}, "content"
         else:
             path, body, field = (
                 "/v1/completions",
@@ -206,12 +245,29 @@ class ServerEngine:
                 "text",
             )
         cleaner = StreamCleaner(persona.name, prompt.speakers)
-        async for text in self._sse(path, body, field, vocab.stop_ids):
-            safe = cleaner.feed(text)
-            if safe:
-                yield safe
-            if cleaner.stopped:
-                return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, self.cfg.server_restart_wait_s)
+        while True:
+            started = False
+            try:
+                if self.flavour == "llama.cpp":
+                    # Learned again for this request: the ids of a restarted server are not the old ones.
+                    body = await self._llama_body(prompt, params, adapters, stops)
+                async for text in self._sse(path, body, field, vocab.stop_ids):
+                    started = True
+                    safe = cleaner.feed(text)
+                    if safe:
+                        yield safe
+                    if cleaner.stopped:
+                        return
+                break
+            except ServerUnreachableError as exc:
+                # A server restarting (a persona published or erased) refuses connections for a moment: a reply
+                # that has not started waits for it instead of failing; one cut mid-stream cannot be resumed. A
+                # server this client never reached is down, not restarting: that is said at once.
+                if started or loop.time() >= deadline or not (self._answered or exc.loading):
+                    raise
+                await asyncio.sleep(0.25)
         rest = cleaner.finish()
         if rest:
             yield rest
@@ -220,8 +276,7 @@ class ServerEngine:
         self, prompt: Prompt, params: GenParams, adapters: Sequence[tuple[str, float]], stops: list[str]
     ) -> dict[str, Any]:
         wanted = {str(Path(p).resolve()): float(w) for p, w in adapters}
-        if any(p not in self._lora_ids for p in wanted):
-            await self._refresh_loras()
+        await self._refresh_loras()
         missing = [p for p in wanted if p not in self._lora_ids]
         if missing:
             raise ServerError(
@@ -237,7 +292,8 @@ class ServerEngine:
             # The ids come back with each chunk: a turn marker that is no end-of-generation token for llama.cpp
             # (ChatML's <|im_start|>) renders as no text, so only its id shows that the persona's turn is over.
             "return_tokens": True,
-            # Every adapter the server holds is listed: one left out would keep its start-up scale.
+            # Every adapter the server holds is listed, also when the persona has none: llama-server applies an
+            # empty list as every adapter at its start-up scale (1.0), and one left out keeps that scale.
             "lora": [{"id": i, "scale": wanted.get(p, 0.0)} for p, i in sorted(self._lora_ids.items())],
             **self._sampling(params),
             "repeat_penalty": params.repeat_penalty,
@@ -301,15 +357,21 @@ class ServerEngine:
                     f"the {self.flavour} server at {self.url} could not load {name}: {exc}"
                 ) from None
         self._loaded[name] = member_id
+        self._paths[name] = path
         return name
 
-    async def _unload(self, names: list[str]) -> None:
+    async def _unload(self, names: list[str]) -> list[str]:
+        """Unload adapters by name; returns the names the server did not unload."""
         endpoint = "/v1/unload_lora_adapter" if self.flavour == "vllm" else "/unload_lora_adapter"
+        failed = []
         for name in names:
             try:
                 await self._json("POST", endpoint, {"lora_name": name})
+                self._paths.pop(name, None)
             except ServerError as exc:
                 log.warning("could not unload %s from %s: %s", name, self.url, exc)
+                failed.append(name)
+        return failed
 
     def _digest(self, path: str) -> str:
         st = Path(path).stat()
@@ -353,10 +415,13 @@ class ServerEngine:
 
         try:
             async with self._client().request(method, self.url + path, json=body) as resp:
+                self._answered = True
                 text = await resp.text()
                 if resp.status >= 400:
-                    raise ServerError(self._said(resp.status, text))
+                    raise self._refused(resp.status, text)
                 return json.loads(text) if text.strip() else {}
+        except aiohttp.ClientConnectionError as exc:
+            raise ServerUnreachableError(self._down(exc)) from None
         except aiohttp.ClientError as exc:
             raise ServerError(self._down(exc)) from None
         except TimeoutError:
@@ -374,8 +439,9 @@ class ServerEngine:
 
         try:
             async with self._client().post(self.url + path, json=body) as resp:
+                self._answered = True
                 if resp.status >= 400:
-                    raise ServerError(self._said(resp.status, await resp.text()))
+                    raise self._refused(resp.status, await resp.text())
                 try:
                     async for text in self._events(resp, field, stop_ids):
                         yield text
@@ -383,6 +449,8 @@ class ServerEngine:
                     # Abandoned or done: the connection is dropped, never reused mid-stream; llama-server and
                     # vLLM stop generating when their client goes away.
                     resp.close()
+        except aiohttp.ClientConnectionError as exc:
+            raise ServerUnreachableError(self._down(exc)) from None
         except aiohttp.ClientError as exc:
             raise ServerError(self._down(exc)) from None
         except TimeoutError:
@@ -420,6 +488,12 @@ class ServerEngine:
 
     def _slow(self) -> str:
         return f"the persona server at {self.url} did not answer within {self.cfg.server_timeout_s:g} s"
+
+    def _refused(self, status: int, text: str) -> ServerError:
+        # 503 is a server still loading its model (just restarted): worth the same wait as a refused connection.
+        if status == 503:
+            return ServerUnreachableError(self._said(status, text), loading=True)
+        return ServerError(self._said(status, text))
 
     def _said(self, status: int, text: str) -> str:
         try:

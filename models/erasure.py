@@ -28,6 +28,7 @@ async def erase_adapters(ctx: ErasureContext) -> dict[str, int]:
                 "version": adapter.version,
                 "previous_status": adapter.status,
                 "own": own,
+                "path": adapter.path,
             }
         )
         await registry.erase(adapter.id, drop_row=own)

@@ -1,6 +1,6 @@
 """Adapter registry: versioned persona adapters and their lineage (base models: `models.catalog`).
 
-Adapters live in DOPPEL_HOME/adapters/<member>/<version>/ (multi-persona adapters under `_multi`). A trained
+Adapters live in DOPPEL_HOME/adapters/<member>/<version>-<adapter id>/ (multi-persona adapters under `_multi`). A trained
 artifact is copied into a temporary folder beside its final place and renamed into it, and the row, its lineage
 and the status changes are one transaction, so a half-published version is never visible. The evaluation gate
 (`gate`) decides whether a new version becomes active or stays a candidate; the active version it replaces is
@@ -277,11 +277,10 @@ class Registry:
                 assert row is not None  # an aggregate always returns one row
                 version = int(row[0])
                 promote, reason = gate(metrics)
-                final = folder / str(version)
-                if (
-                    final.exists()
-                ):  # left by a crash between rename and commit: not in the table, so not visible
-                    shutil.rmtree(final)
+                # The folder carries the version's own id, so no path is ever used twice: erasure drops rows and
+                # versions count again from 1, and anything keyed by path (a server's --lora list, a client's
+                # cache, a process still holding the erased file) must never take an erased adapter for a new one.
+                final = folder / f"{version}-{adapter_id}"
                 os.replace(tmp, final)
                 if promote:
                     await db.execute(

@@ -10,6 +10,8 @@
 # The adapter folders (DOPPEL_HOME/adapters/<member>/<version>/, with adapter_config.json and
 # adapter_model.safetensors) must be readable on this machine at the same path as on the bot's host (a shared
 # mount): the bot names each one by member, version and content hash and posts that path to /v1/load_lora_adapter.
+# Listens on 127.0.0.1 unless HOST says otherwise; any other address needs DOPPEL_SERVER_API_KEY, which vLLM then
+# requires of every request (runtime adapter loading included) and the bot sends.
 # Environment: VLLM_VERSION (default 0.33.0), MAX_LORAS (adapters in one batch, default 8), MAX_CPU_LORAS (kept in
 # host memory, default 64), MAX_LORA_RANK (default 64), SERVED_NAME (default doppel-base; set it as
 # [inference] server_model).
@@ -30,10 +32,17 @@ if [ ! -x "$VENV/bin/vllm" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet "vllm==${VLLM_VERSION:-0.33.0}"
 fi
+HOST="${HOST:-127.0.0.1}"
+case "$HOST" in
+  127.*|localhost|::1) ;;
+  *) [ -n "${DOPPEL_SERVER_API_KEY:-}" ] || { echo "serve-vllm: refusing to serve on $HOST without DOPPEL_SERVER_API_KEY" >&2; exit 1; } ;;
+esac
+# vLLM reads VLLM_API_KEY from its environment: the key stays off the command line (ps).
+[ -n "${DOPPEL_SERVER_API_KEY:-}" ] && export VLLM_API_KEY="$DOPPEL_SERVER_API_KEY"
 # Adapters are loaded and unloaded while the server runs (erasure unloads a forgotten member's adapter).
 export VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
 exec "$VENV/bin/vllm" serve "$MODEL" \
-  --host 0.0.0.0 --port "$PORT" \
+  --host "$HOST" --port "$PORT" \
   --served-model-name "${SERVED_NAME:-doppel-base}" \
   --enable-lora \
   --max-loras "${MAX_LORAS:-8}" \

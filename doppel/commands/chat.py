@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from core.errors import UserFacingError
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from inference.engine import Engine
+    from inference.places import ServingPlace
+    from inference.requests import GenParams, PersonaRequest
+    from inference.server import ServerEngine
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -67,13 +75,14 @@ async def _resolve(store: Any, settings: Settings, user_id: str, mode: str) -> t
 
 
 async def _chat(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    from core.chatformat import Utterance
     from data.store import Store
+    from inference.places import ServingPlace
     from inference.requests import GenParams, PersonaRequest
     from inference.retrieval import Retriever
     from inference.server import make_engine
 
-    async with Store.open(settings) as store:
+    async def persona_now() -> tuple[PersonaRequest, str, str | None]:
+        # Read again before every reply: a `doppel forget` or a withdrawn consent elsewhere ends this chat.
         name, mode, adapter = await _resolve(store, settings, args.user_id, args.mode)
         persona = PersonaRequest(
             member_id=args.user_id,
@@ -83,6 +92,11 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
             adapters=((adapter, 1.0),) if adapter and mode.startswith("adapter") else (),
             guild_id="cli",
         )
+        return persona, mode, adapter
+
+    async with Store.open(settings) as store:
+        persona, mode, adapter = await persona_now()
+        name = persona.name
         cfg = settings.inference
         params = GenParams(
             max_tokens=args.max_tokens or cfg.max_tokens,
@@ -90,33 +104,16 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
             seed=args.seed,
         )
         params.validate()
-        history: list[Utterance] = []
         replies: list[str] = []
-        stream_out = not getattr(args, "json", False)
         # [inference] backend: llama.cpp in this process, or a persona server (inference/server.py).
         async with make_engine(settings, retriever=Retriever(store, settings)) as engine:
-            messages = [args.message] if args.message is not None else None
-            if messages is None and stream_out:
-                print(f"chatting with {name} ({mode}); an empty line or Ctrl-D ends", file=sys.stderr)
-            while True:
-                text = messages.pop(0) if messages else (None if messages is not None else _read_line())
-                if not text:
-                    break
-                history.append(Utterance("cli", "You", text))
-                chunks = []
-                if stream_out and args.message is None:
-                    print(f"{name}: ", end="", flush=True)
-                async for chunk in engine.reply(persona, history, params):
-                    chunks.append(chunk)
-                    if stream_out:
-                        print(chunk, end="", flush=True)
-                if stream_out:
-                    print(flush=True)
-                reply = "".join(chunks)
-                replies.append(reply)
-                history.append(Utterance(args.user_id, name, reply))
-                if args.message is not None:
-                    break
+            # This process serves a persona too: an erasure from another process reaches it (inference/places.py).
+            place = ServingPlace(store, "engine", f"doppel chat's persona engine (pid {os.getpid()})", engine)
+            await place.start()
+            try:
+                await _converse(args, engine, place, persona_now, params, replies)
+            finally:
+                await place.close()
     return {
         "member": args.user_id,
         "name": name,
@@ -125,6 +122,50 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         "reply": replies[-1] if replies else "",
         "replies": replies,
     }
+
+
+async def _converse(
+    args: argparse.Namespace,
+    engine: Engine | ServerEngine,
+    place: ServingPlace,
+    persona_now: Callable[[], Awaitable[tuple[PersonaRequest, str, str | None]]],
+    params: GenParams,
+    replies: list[str],
+) -> None:
+    """The REPL (or the one message): each reply after acting on erasures and reading consent again."""
+    from core.chatformat import Utterance
+
+    history: list[Utterance] = []
+    stream_out = not getattr(args, "json", False)
+    messages = [args.message] if args.message is not None else None
+    if messages is None and stream_out:
+        persona, mode, _ = await persona_now()
+        print(f"chatting with {persona.name} ({mode}); an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        if messages is not None:
+            text = messages.pop(0) if messages else None
+        else:
+            # In a thread: while the prompt waits, this process still answers erasures from elsewhere.
+            text = await asyncio.to_thread(_read_line)
+        if not text:
+            return
+        history.append(Utterance("cli", "You", text))
+        await place.sync()
+        persona, _, _ = await persona_now()
+        chunks = []
+        if stream_out and args.message is None:
+            print(f"{persona.name}: ", end="", flush=True)
+        async for chunk in engine.reply(persona, history, params):
+            chunks.append(chunk)
+            if stream_out:
+                print(chunk, end="", flush=True)
+        if stream_out:
+            print(flush=True)
+        reply = "".join(chunks)
+        replies.append(reply)
+        history.append(Utterance(args.user_id, persona.name, reply))
+        if args.message is not None:
+            return
 
 
 def _read_line() -> str | None:

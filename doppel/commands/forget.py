@@ -8,6 +8,7 @@ import getpass
 from typing import Any
 
 from core.settings import Settings
+from inference.places import place_words
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -41,4 +42,6 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
             print(f"  adapter {a['id']} ({whose}, v{a['version']}) erased")
         if result["jobs_cancelled"]:
             print(f"  jobs cancelled: {', '.join(result['jobs_cancelled'])}")
+        for place in result["serving"]:
+            print(f"  {place['place']}: {place_words(place)}")
     return result

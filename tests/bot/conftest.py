@@ -401,6 +401,12 @@ class FakeEngine:
     def forget(self, member_id: str) -> None:
         self.forgotten.append(member_id)
 
+    async def let_go(self, member_id: str, doomed: Any) -> Any:
+        from inference.places import LetGo
+
+        self.forgotten.append(member_id)
+        return LetGo(False, True)
+
     async def close(self) -> None:
         return None
 

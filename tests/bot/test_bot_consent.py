@@ -75,6 +75,7 @@ def test_panel_is_for_admins_only(bot_world: Any) -> None:
 def test_forget_needs_confirmation_then_reports(bot_world: Any) -> None:
     async def scenario() -> None:
         async with bot_world() as (h, services):
+            await services.serve_as_place()  # as `Services.open` does for a bot with an engine
             await h.click("doppel:consent:train", ALICE)
             from data.records import Message
 
@@ -90,7 +91,10 @@ def test_forget_needs_confirmation_then_reports(bot_world: Any) -> None:
             await h.click(view_ids[0], ALICE, ephemeral=True)
             assert await services.store.messages.count(str(ALICE)) == 0
             assert await services.consent.scopes(str(ALICE)) == set()
-            assert "Your data was deleted" in h.sent_texts()[-1]
+            said = h.sent_texts()[-1]
+            assert "Your data was deleted" in said
+            # The bot's own engine is a serving place and says what it did, as the CLI's forget does.
+            assert "the bot's persona engine" in said and "held nothing of the member" in said, said
 
     run(scenario())
 

@@ -66,7 +66,7 @@ def test_publish_versions_gate_retire_and_rollback(settings: Any, tmp_path: Path
             v1 = await reg.publish(_artifact(tmp_path, "a1", lineage=("2002",)), job_id="j1")
             assert (v1.version, v1.status) == (1, "active")
             assert v1.lineage == ["1001", "2002"]
-            assert Path(v1.path) == settings.adapters_dir / "1001" / "1"
+            assert Path(v1.path) == settings.adapters_dir / "1001" / f"1-{v1.id}"
             assert v1.gguf_path.read_bytes() == b"GGUFa1"
             v2 = await reg.publish(_artifact(tmp_path, "a2", active=False))
             assert (v2.version, v2.status) == (2, "candidate"), (
