@@ -13,8 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
+from core.hostshare import PRIORITIES
 
 ENV_PREFIX = "DOPPEL_"
+# Every choice a setting offers, declared once: the code that acts on one imports it from here, the CLI and the bot
+# offer these, and `Settings.load` refuses anything else in one line (a field's metadata "choices").
+PERSONA_AUTO = "auto"  # the mode that measured best for what the member has (inference.requests.resolve_mode)
+PERSONA_MODES: tuple[str, ...] = ("base", "adapter", "adapter+retrieval", "retrieval")
+PERSONA_CHOICES: tuple[str, ...] = (PERSONA_AUTO, *PERSONA_MODES)
+BACKENDS: tuple[str, ...] = ("process", "server")  # llama.cpp in this process, or a persona server
+SERVER_FLAVOURS: tuple[str, ...] = ("llama.cpp", "vllm", "sglang")
 # Secrets never come from the TOML file: it may be committed or shared; the environment is the only source.
 SECRET_ENV = {
     "discord_token": "DISCORD_TOKEN",
@@ -100,7 +108,7 @@ class TrainingSettings:
     # The trainer child's scheduling class (core/hostshare.py PRIORITIES): `idle` yields the CPU at once to
     # persona replies and everything else on the host; `low` is nice 19; `normal` leaves it as started (on a host
     # that also serves personas, `normal` stalls replies: 0.6 tokens/s beside a job on 2 cores, BENCHMARKS.md).
-    trainer_priority: str = "idle"
+    trainer_priority: str = field(default="idle", metadata={"choices": PRIORITIES})
     # Before each step the trainer takes the cores nobody else uses now (a persona generating, another job).
     adapt_threads: bool = True
     # While a persona reply is being made on this host, the trainer sleeps between two layers.
@@ -129,9 +137,9 @@ class InferenceSettings:
     # it the least recently used idle base is unloaded (the bases serving a reply always stay).
     base_budget_mb: int = 4096
     # Where replies are generated: "process" (llama.cpp inside this process) or "server" (inference/server.py).
-    backend: str = "process"
+    backend: str = field(default="process", metadata={"choices": BACKENDS})
     server_url: str = ""  # http://host:port of the persona server
-    server_flavour: str = "llama.cpp"  # llama.cpp (llama-server) | vllm | sglang
+    server_flavour: str = field(default="llama.cpp", metadata={"choices": SERVER_FLAVOURS})
     server_timeout_s: float = 60.0  # longest silence from the server while it streams a reply
     server_model: str = ""  # vLLM/SGLang: the served base model's name ("": the first the server lists)
     # A request that finds the server restarting (a persona published or erased) retries this long before failing.
@@ -157,7 +165,7 @@ class BotSettings:
     stream_edit_interval_s: float = 1.2
     progress_edit_interval_s: float = 5.0
     # `auto`: the hybrid (adapter + the member's retrieved messages) where both exist; or one of inference's MODES.
-    persona_mode: str = "auto"
+    persona_mode: str = field(default=PERSONA_AUTO, metadata={"choices": PERSONA_CHOICES})
     backfill_pause_s: float = 1.0
     upload_max_mb: int = 25
     sync_commands: bool = True
@@ -199,10 +207,6 @@ class JoinSettings:
     converse_max_turns: int = field(default=12, metadata={"help": "hard maximum of a persona conversation"})
 
     def __post_init__(self) -> None:
-        if self.default_level not in JOIN_LEVELS:
-            raise ConfigError(
-                f"[join] default_level must be one of {', '.join(JOIN_LEVELS)}, got {self.default_level!r}"
-            )
         if not 1 <= self.converse_turns <= self.converse_max_turns:
             raise ConfigError("[join] converse_turns must be between 1 and converse_max_turns")
 
@@ -313,7 +317,18 @@ def _build_section(section_cls: type, values: dict[str, Any], name: str) -> Any:
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown setting(s) in [{name}]: {', '.join(sorted(unknown))}")
-    return section_cls(**{k: _coerce(hints[k], v, f"{name}.{k}") for k, v in values.items()})
+    section = section_cls(**{k: _coerce(hints[k], v, f"{name}.{k}") for k, v in values.items()})
+    check_choices(section, name)
+    return section
+
+
+def check_choices(section: Any, name: str) -> None:
+    """Refuse, in one line, a value outside the choices a field declares (its metadata "choices")."""
+    for f in dataclasses.fields(section):
+        choices = f.metadata.get("choices")
+        value = getattr(section, f.name)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"[{name}] {f.name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _coerce(kind: Any, value: Any, where: str) -> Any:

@@ -6,13 +6,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from core.settings import PERSONA_AUTO, PERSONA_CHOICES, PERSONA_MODES
 from inference.errors import RequestError
 
 Mode = Literal["base", "adapter", "adapter+retrieval", "retrieval"]
-MODES: tuple[str, ...] = ("base", "adapter", "adapter+retrieval", "retrieval")
-# What a caller may ask for: a mode, or `auto`, the one that measured best for what the member has (resolve_mode).
-AUTO = "auto"
-CHOICES: tuple[str, ...] = (AUTO, *MODES)
+# Declared once in the settings ([bot] persona_mode offers them): the modes, and what a caller may ask for, a mode
+# or `auto`, the one that measured best for what the member has (resolve_mode).
+MODES: tuple[str, ...] = PERSONA_MODES
+AUTO = PERSONA_AUTO
+CHOICES: tuple[str, ...] = PERSONA_CHOICES
 
 
 def resolve_mode(requested: str, *, has_adapter: bool, has_messages: bool) -> Mode:

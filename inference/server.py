@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.chatformat import Utterance
-from core.settings import Settings
+from core.settings import BACKENDS, SERVER_FLAVOURS, Settings
 from inference.bases import BaseRef, resolve_base
 from inference.cleaning import StreamCleaner
 from inference.errors import RequestError, RetrievalError, ServerError, ServerUnreachableError
@@ -33,10 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# [inference] backend and server_flavour: the one place their choices are declared.
-BACKENDS = ("process", "server")
-FLAVOURS = ("llama.cpp", "vllm", "sglang")
-
 
 def check_choices(settings: Settings) -> None:
     """Raise ServerError for a backend or flavour this version does not know, or a server backend without a URL."""
@@ -44,9 +40,9 @@ def check_choices(settings: Settings) -> None:
     if cfg.backend not in BACKENDS:
         raise ServerError(f"[inference] backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     if cfg.backend == "server":
-        if cfg.server_flavour not in FLAVOURS:
+        if cfg.server_flavour not in SERVER_FLAVOURS:
             raise ServerError(
-                f"[inference] server_flavour must be one of {', '.join(FLAVOURS)}, got {cfg.server_flavour!r}"
+                f"[inference] server_flavour must be one of {', '.join(SERVER_FLAVOURS)}, got {cfg.server_flavour!r}"
             )
         if not cfg.server_url.startswith(("http://", "https://")):
             raise ServerError("[inference] backend = 'server' needs server_url (http://host:port)")

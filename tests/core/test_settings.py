@@ -64,3 +64,38 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
     s = Settings.load(env={"DOPPEL_HOME": str(tmp_path)})
     with pytest.raises(AttributeError):
         s.training.max_steps = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "message"),
+    [
+        ('[bot]\npersona_mode = "hybrid"\n', {}, "[bot] persona_mode must be one of auto, base, adapter"),
+        ("", {"DOPPEL_BOT__PERSONA_MODE": "Auto"}, "[bot] persona_mode must be one of auto"),
+        ('[inference]\nbackend = "remote"\n', {}, "[inference] backend must be one of process, server"),
+        ("", {"DOPPEL_INFERENCE__SERVER_FLAVOUR": "ollama"}, "server_flavour must be one of llama.cpp, vllm"),
+        ('[training]\ntrainer_priority = "high"\n', {}, "trainer_priority must be one of idle, low, normal"),
+        ('[join]\ndefault_level = "chatty"\n', {}, "[join] default_level must be one of quiet, normal"),
+    ],
+)
+def test_a_choice_outside_its_declared_list_stops_the_start_in_one_line(
+    tmp_path: Path, toml: str, env: dict[str, str], message: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "doppel.toml").write_text(toml)
+    with pytest.raises(ConfigError) as raised:
+        Settings.load(env={"DOPPEL_HOME": str(tmp_path), **env})
+    assert message in str(raised.value)
+    # The CLI (and so `doppel run`, the bot) refuses to start: one line on stderr, exit 2, no traceback.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DOPPEL_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "doppel", "personas"],
+        env={**clean, "DOPPEL_HOME": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
