@@ -375,7 +375,12 @@ async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str
     home = Path(tempfile.mkdtemp(prefix="doppel-bench-fidelity-"))
     keep = bool(getattr(args, "keep_home", False))
     try:
-        result = await _run(dataclasses.replace(settings, home=home), args)
+        if int(getattr(args, "members", 0) or 0) > 0:
+            from doppel.benchmembers import run_members
+
+            result = await run_members(dataclasses.replace(settings, home=home), args)
+        else:
+            result = await _run(dataclasses.replace(settings, home=home), args)
     finally:
         if not keep:
             shutil.rmtree(home, ignore_errors=True)

@@ -43,6 +43,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "--member", default=None, help="fidelity: the member (an IRC nick; default the most active)"
     )
     p.add_argument(
+        "--members",
+        type=int,
+        default=0,
+        help="fidelity: the honest run over this many members, each against its most similar writers, with "
+        "detectability and 95%% intervals (doppel/benchdetect.py; 5 and --openings 100 for the record)",
+    )
+    p.add_argument(
         "--keep-home",
         action="store_true",
         help="fidelity: keep the benchmark's own DOPPEL_HOME (store, adapters; ~0.5 GB) for inspection",

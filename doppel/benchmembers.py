@@ -1,0 +1,191 @@
+"""`doppel bench fidelity --members N`: the honest run of the fidelity benchmark over several real members.
+
+The protocol (panel, judge, detectability, split, sampling) is `doppel/benchdetect.py`'s and is copied into the
+result. Systems: the member's own held-out replies (the ceiling), the base model, the retrieval persona (what `auto`
+serves a member without an adapter), and for each training configuration asked for, the adapter alone and the
+hybrid (what `auto` serves once the member has one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from core.chatformat import Utterance
+from core.settings import Settings
+from doppel import benchdetect as bd
+from doppel.benchcorpus import DATA, author_id, load_logs
+from doppel.benchscore import classifier
+
+SEED = 0
+
+
+async def _contexts(settings: Settings, member: str, n: int) -> dict[str, Any]:
+    """The member's held-out replies with the turns before each, and every held-out reply (to keep from retrieval)."""
+    from core.chatformat import ChatFormat
+    from data.store import Store
+    from jobs.dataset import build_dataset, build_turns
+    from trainer.cleaning import Cleaner
+
+    fmt = ChatFormat.from_gguf(settings.base_gguf_path())
+    mid = author_id(member)
+    async with Store.open(settings) as store:
+        channels = await store.messages.channels_of(mid)
+        messages = [m async for m in store.messages.iter_channels(sorted(channels))]
+    ds = build_dataset(messages, mid, settings, fmt)
+    names = {m.author_id: m.author_name for m in messages}
+    turns = build_turns(
+        messages,
+        Cleaner(names, settings.dataset.min_chars, settings.dataset.max_chars),
+        settings.dataset.merge_gap_s,
+    )
+    return {
+        "contexts": bd.heldout_contexts(turns, ds.heldout, mid, n),
+        "banned": bd.banned_texts(ds.heldout),
+        "train_examples": len(ds.train),
+        "heldout": len(ds.heldout),
+    }
+
+
+async def _served(
+    settings: Settings,
+    member: str,
+    adapter: str | None,
+    contexts: Sequence[Mapping[str, Any]],
+    banned: set[str],
+    *,
+    with_messages: bool = True,
+) -> tuple[str, list[str]]:
+    """Replies as the bot makes them: `auto` for what the member has, the bot's temperature and length."""
+    from data.store import Store
+    from doppel.benchfidelity import _Heldout
+    from inference.engine import Engine
+    from inference.requests import GenParams, PersonaRequest, resolve_mode
+    from inference.retrieval import Retriever
+
+    mode = resolve_mode(
+        settings.bot.persona_mode, has_adapter=adapter is not None, has_messages=with_messages
+    )
+    persona = PersonaRequest(
+        member_id=author_id(member),
+        name=member,
+        channel_name="ubuntu",
+        mode=mode,
+        adapters=((adapter, 1.0),) if adapter else (),
+        guild_id="bench",
+    )
+    cfg = settings.inference
+    out = []
+    async with Store.open(settings) as store:
+        async with Engine(settings, retriever=_Heldout(Retriever(store, settings), banned)) as engine:
+            for i, c in enumerate(contexts):
+                params = GenParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=SEED + i)
+                context = [Utterance(a, name, text) for a, name, text in c["context"]]
+                out.append((await engine.reply(persona, context, params).text()).strip())
+    return mode, out
+
+
+async def run_members(bench: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """Every member: contexts, the similar panel and its judge, each system's replies judged the same way."""
+    from doppel.benchfidelity import CONFIGS, _prepare, _scaled, _train, say
+
+    k = int(getattr(args, "members", 0) or 5)
+    quick = bool(getattr(args, "quick", False))
+    n_open = int(getattr(args, "openings", 0) or (12 if quick else 100))
+    scale = float(getattr(args, "steps_scale", 0) or (0.1 if quick else 1.0))
+    names = [c for c in str(getattr(args, "configs", "") or "").split(",") if c]
+    trained_configs = [c for c in names if c in CONFIGS]
+    t0 = time.monotonic()
+    logs = load_logs(DATA)
+    members = bd.most_active(logs, k)
+    first = getattr(args, "member", None)
+    if first:
+        members = [first, *[m for m in members if m != first]][:k]
+    authors = bd.profiles(logs, bd.MIN_MESSAGES)
+    panels = {m: bd.similar_panel(authors, m, bd.PANEL, SEED) for m in members}
+    if quick:  # a smoke run: only the logs the first member speaks in most
+        from doppel.benchcorpus import select_logs
+
+        logs = select_logs(logs, [members[0]], 20)
+        members = members[:2]
+    else:
+        wanted = set(members)
+        logs = [log for log in logs if any(nick in wanted for _, nick, _ in log["lines"])]
+    bench.home.mkdir(parents=True, exist_ok=True)
+    panel_nicks = sorted({n for p in panels.values() for n in p})
+    prep = await _prepare(bench, panel_nicks, logs)
+    say(f"imported {prep['stored']} messages of {prep['authors']} authors; members {members}")
+    result: dict[str, Any] = {
+        "protocol": {
+            "corpus": "Ubuntu IRC #ubuntu (irc-disentanglement selection, CC-BY-4.0; logs public domain)",
+            "members": "the most active humans",
+            "panel": f"member + {bd.PANEL - 1} most similar by char 2-4-gram TF-IDF cosine "
+            f"(authors with >= {bd.MIN_MESSAGES} messages)",
+            "judge": "hashed char n-gram linear SVM over the panel, held-out replies excluded",
+            "detectability": f"{bd.FOLDS}-fold CV accuracy, char_wb 1-4-gram TF-IDF + logistic regression, "
+            "system replies vs the member's real replies to the same contexts",
+            "contexts": f"held-out replies (time split, heldout_fraction "
+            f"{bench.dataset.heldout_fraction}), up to {bd.DEPTH} turns before each",
+            "sampling": f"auto mode, temperature {bench.inference.temperature}, "
+            f"max_tokens {bench.inference.max_tokens}, seed = context index",
+            "intervals": "95%: Wilson for proportions, normal for means",
+            "seed": SEED,
+        },
+        "messages": prep["stored"],
+        "members": {},
+    }
+    for member in members:
+        got = await _contexts(bench, member, n_open)
+        contexts, banned = got["contexts"], got["banned"]
+        real = [c["reply"] for c in contexts]
+        judge = classifier(logs, panels[member], banned, seed=SEED)
+        mid = author_id(member)
+        entry: dict[str, Any] = {
+            "panel": panels[member],
+            "judge_accuracy": round(judge.accuracy, 3),
+            "contexts": len(contexts),
+            "train_examples": got["train_examples"],
+            "systems": {
+                "member": {"attribution": bd.attribution(judge, mid, real), "shape": bd.shape(real)},
+            },
+            "samples": {},
+        }
+        runs: list[tuple[str, str | None, bool]] = [("base", None, False), ("auto", None, True)]
+        for name in trained_configs:
+            trained = await _train(bench, member, _scaled(bench, CONFIGS[name], scale))
+            entry.setdefault("adapters", {})[name] = {
+                "ppl_base": trained["metrics"].get("ppl_base"),
+                "ppl_adapter": trained["metrics"].get("ppl_adapter"),
+                "train_s": trained["train_s"],
+            }
+            runs.append((name, trained["adapter"], True))
+        for label, adapter, with_messages in runs:
+            mode, texts = await _served(bench, member, adapter, contexts, banned, with_messages=with_messages)
+            key = mode if label in ("base", "auto") else f"{label}:{mode}"
+            entry["systems"][key] = bd.judged(judge, mid, texts, real, SEED)
+            entry["samples"][key] = texts[:3]
+        result["members"][member] = entry
+        say(f"{member}: " + ", ".join(f"{s}: {_brief(v)}" for s, v in entry["systems"].items()))
+    systems = sorted({s for e in result["members"].values() for s in e["systems"] if s != "member"})
+    result["pooled"] = {s: bd.pooled(result["members"], s) for s in systems}
+    result["pooled"]["member"] = bd.pooled(
+        {
+            m: {"systems": {"member": {**e["systems"]["member"], "detectability": _none()}}}
+            for m, e in result["members"].items()
+        },
+        "member",
+    )
+    result["elapsed_s"] = round(time.monotonic() - t0, 1)
+    return result
+
+
+def _none() -> dict[str, Any]:
+    return {"accuracy": None, "ci": None, "n": 0}
+
+
+def _brief(v: Mapping[str, Any]) -> str:
+    att = v["attribution"]["share"]
+    det = (v.get("detectability") or {}).get("accuracy")
+    return f"attr {att}" + (f" det {det}" if det is not None else "") + f" len {v['shape']['chars']['mean']}"
