@@ -104,6 +104,9 @@ class _Heldout:
         got = await self.inner.examples(member_id, context, k + 8)
         return [e for e in got if same_text(e) not in self.banned][:k]
 
+    async def shape(self, member_id: str) -> Any:
+        return await self.inner.shape(member_id)
+
     def forget(self, member_id: str) -> None:
         self.inner.forget(member_id)
 

@@ -152,7 +152,9 @@ async def run_members(bench: Settings, args: argparse.Namespace) -> dict[str, An
             },
             "samples": {},
         }
-        runs: list[tuple[str, str | None, bool]] = [("base", None, False), ("auto", None, True)]
+        # The untrained systems: both, unless --configs names one of them (`base`, `auto`).
+        asked = [s for s in ("base", "auto") if s in names] or ["base", "auto"]
+        runs: list[tuple[str, str | None, bool]] = [(s, None, s == "auto") for s in asked]
         for name in trained_configs:
             trained = await _train(bench, member, _scaled(bench, CONFIGS[name], scale))
             entry.setdefault("adapters", {})[name] = {

@@ -75,8 +75,12 @@ def strip_speaker_prefix(text: str, persona_name: str, others: Iterable[str] = (
 class StreamCleaner:
     """Incremental cleaner: feed raw chunks, get safe text; `stopped` turns true when another speaker's turn begins."""
 
-    def __init__(self, persona_name: str, others: Iterable[str] = ()) -> None:
+    def __init__(self, persona_name: str, others: Iterable[str] = (), max_lines: int = 0) -> None:
         self.persona = persona_name.strip().lower()
+        # A member who writes one line per message: the reply ends with its first line (0: any number of lines).
+        self.max_lines = max_lines
+        self._lines = 0
+        self._line_content = False
         self.others = {o.strip().lower() for o in others if o.strip()} - {self.persona}
         self._prefix = _prefix_pattern([persona_name, *others])
         self._names = [n for n in {self.persona, *self.others} if n]
@@ -120,6 +124,12 @@ class StreamCleaner:
             self._line_start = nl >= 0
             self._seen_content = self._seen_content or bool(piece.strip())
             out.append(piece)
+            self._line_content = self._line_content or bool(piece.strip())
+            if nl >= 0 and self._line_content:
+                self._lines += 1
+                self._line_content = False
+                if self.max_lines and self._lines >= self.max_lines:
+                    self.stopped = True  # the line break is dropped with what would follow it
         text = self._carry + "".join(out)
         self._carry = ""
         if not self._emitted_any:

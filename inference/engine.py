@@ -24,6 +24,7 @@ from inference.prompting import RETRIEVAL_REPEAT_PENALTY, build_prompt, trained_
 from inference.requests import GenParams, PersonaRequest
 from inference.runtime import BaseModel, GenStats, KVStates, Session, default_threads
 from inference.scheduler import Job, Scheduler
+from inference.shape import MessageShape, fitted
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class ExampleSource(Protocol):
     """What the engine needs from the retrieval persona: the member's own messages most like the context."""
 
     async def examples(self, member_id: str, context: Sequence[Utterance], k: int) -> list[str]: ...
+
+    async def shape(self, member_id: str) -> MessageShape | None: ...
 
     def forget(self, member_id: str) -> bool | None: ...
 
@@ -250,6 +253,7 @@ class Engine:
         persona.validate()
         params.validate()
         base = self.pool.resolve(persona.adapters if persona.uses_adapters else ())
+        params = await fitted(self.retriever, persona, params)
         examples: list[str] = []
         if persona.uses_retrieval:
             if self.retriever is None:
@@ -307,7 +311,7 @@ class Engine:
             examples=job.examples,
             style=style,
         )
-        cleaner = StreamCleaner(p.name, prompt.speakers)
+        cleaner = StreamCleaner(p.name, prompt.speakers, job.params.max_lines)
 
         def on_text(text: str) -> bool:
             safe = cleaner.feed(text)

@@ -93,6 +93,8 @@ class GenParams:
     repeat_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default=())
+    # At most this many lines (0: any): fitted to how the member writes (inference/shape.py).
+    max_lines: int = 0
 
     def validate(self) -> None:
         """Raise RequestError for parameters outside sane bounds."""

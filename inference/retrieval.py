@@ -17,6 +17,7 @@ from core.hostshare import encoder_threads, in_background, usable_cores
 from core.settings import Settings, bundled_embedding_model
 from inference.errors import RetrievalError
 from inference.runtime import default_threads
+from inference.shape import MessageShape, shape_of
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 # The most recent messages only: a member with years of history would otherwise embed forever on first use.
@@ -30,6 +31,7 @@ class _Index:
     count: int
     texts: list[str]
     matrix: Any  # numpy (n, d) float32, rows L2-normalised
+    shape: MessageShape | None = None
 
 
 class Retriever:
@@ -108,11 +110,19 @@ class Retriever:
             await self.store.embeddings.put(member_id, MODEL_NAME, items)
             stored.update(items)
         matrix = np.stack([np.frombuffer(stored[m.id], dtype=np.float32) for m in messages])
-        index = _Index(count, [m.content for m in messages], matrix)
+        texts = [m.content for m in messages]
+        index = _Index(count, texts, matrix, shape_of(texts))
         self._indexes[member_id] = index
         while len(self._indexes) > MEMBERS_CACHED:
             self._indexes.popitem(last=False)
         return index
+
+    async def shape(self, member_id: str) -> MessageShape | None:
+        """How the member's messages are shaped (None: no messages, or too few to say)."""
+        try:
+            return (await self._index(member_id)).shape
+        except RetrievalError:
+            return None
 
     async def examples(self, member_id: str, context: Sequence[Utterance], k: int) -> list[str]:
         """Up to `k` of the member's messages closest to the last turns of `context` (most similar first)."""

@@ -24,6 +24,7 @@ from inference.errors import RequestError, RetrievalError, ServerError, ServerUn
 from inference.places import LetGo
 from inference.prompting import RETRIEVAL_REPEAT_PENALTY, Prompt, build_prompt, trained_style
 from inference.requests import GenParams, PersonaRequest
+from inference.shape import fitted
 
 if TYPE_CHECKING:
     import aiohttp
@@ -212,6 +213,7 @@ class ServerEngine:
         params.validate()
         base = resolve_base(self.settings, self.default, persona.adapters if persona.uses_adapters else ())
         vocab = await self._vocab(base)
+        params = await fitted(self.retriever, persona, params)
         examples: list[str] = []
         if persona.uses_retrieval:
             if self.retriever is None:
@@ -240,7 +242,7 @@ class ServerEngine:
                 await self._openai_body(persona, prompt, params, stops, vocab.stop_ids),
                 "text",
             )
-        cleaner = StreamCleaner(persona.name, prompt.speakers)
+        cleaner = StreamCleaner(persona.name, prompt.speakers, params.max_lines)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, self.cfg.server_restart_wait_s)
         while True:

@@ -108,6 +108,9 @@ class MemberMessages:
     async def examples(self, member_id: str, context: Sequence[Utterance], k: int) -> list[str]:
         return list(LINES[:k])
 
+    async def shape(self, member_id: str) -> None:
+        return None  # unknown: the reply's length and lines are left to the format's stops under test
+
     def forget(self, member_id: str) -> bool:
         return False
 

