@@ -23,7 +23,7 @@ from inference.places import LetGo
 from inference.prompting import RETRIEVAL_REPEAT_PENALTY, build_prompt, trained_style
 from inference.requests import GenParams, PersonaRequest
 from inference.runtime import BaseModel, GenStats, KVStates, Session, default_threads
-from inference.scheduler import Job, Scheduler
+from inference.scheduler import QueuedReply, Scheduler
 from inference.shape import MessageShape, fitted
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class ReplyStream:
         self._persona = persona
         self._context = tuple(context)
         self._params = params
-        self._job: Job | None = None
+        self._job: QueuedReply | None = None
         self._done = False
         self.stats: GenStats | None = None
 
@@ -114,7 +114,7 @@ class Engine:
         self._scheduler = Scheduler(self.cfg.queue_size)
         self._threads: list[threading.Thread] = []
         self._started = False
-        self._running: set[Job] = set()
+        self._running: set[QueuedReply] = set()
         # The last generations' costs, for the benchmark and for operators (bounded: never grows with traffic).
         self.recent: deque[GenStats] = deque(maxlen=256)
         # Each adapter set's trained prompt style, by its key (paths + mtimes: a retrained file is read again).
@@ -247,7 +247,9 @@ class Engine:
             held = held or any(doomed(p) for p in base.adapters.loaded())
         return held
 
-    async def _submit(self, persona: PersonaRequest, context: Sequence[Utterance], params: GenParams) -> Job:
+    async def _submit(
+        self, persona: PersonaRequest, context: Sequence[Utterance], params: GenParams
+    ) -> QueuedReply:
         if not self._started or self.pool is None:
             raise EngineClosedError("the persona engine is not running")
         persona.validate()
@@ -263,12 +265,14 @@ class Engine:
             if examples and params.repeat_penalty == 1.0:
                 # The member's examples sit in the prompt: without a penalty a small base copies or loops on them.
                 params = dataclasses.replace(params, repeat_penalty=RETRIEVAL_REPEAT_PENALTY)
-        job = Job(persona, context, params, examples, persona.adapter_key(), asyncio.get_running_loop())
+        job = QueuedReply(
+            persona, context, params, examples, persona.adapter_key(), asyncio.get_running_loop()
+        )
         job.base = base
         self._scheduler.submit(job)
         return job
 
-    def _discard(self, job: Job) -> None:
+    def _discard(self, job: QueuedReply) -> None:
         self._scheduler.discard(job)
 
     def _work(self, session: WorkerSlot) -> None:
@@ -291,7 +295,7 @@ class Engine:
             finally:
                 self._running.discard(job)
 
-    def _serve(self, session: Session, job: Job) -> GenStats:
+    def _serve(self, session: Session, job: QueuedReply) -> GenStats:
         p = job.persona
         budget = min(self.cfg.prompt_token_budget, session.n_ctx - job.params.max_tokens - 1)
         style = self._styles.get(job.key)

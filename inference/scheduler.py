@@ -25,7 +25,7 @@ MAX_SKIPS = 4
 _ids = itertools.count(1)
 
 
-class Job:
+class QueuedReply:
     """One queued reply: its request, the channel back to the caller's event loop, and a cancel flag."""
 
     def __init__(
@@ -68,11 +68,11 @@ class Scheduler:
     def __init__(self, capacity: int) -> None:
         self.capacity = max(1, capacity)
         self._cond = threading.Condition()
-        self._guilds: OrderedDict[str, deque[Job]] = OrderedDict()
+        self._guilds: OrderedDict[str, deque[QueuedReply]] = OrderedDict()
         self._count = 0
         self._closed = False
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: QueuedReply) -> None:
         """Queue `job`, or raise BusyError when the queue is full (the caller hears it; nothing is dropped)."""
         with self._cond:
             if self._closed:
@@ -85,7 +85,7 @@ class Scheduler:
             self._count += 1
             self._cond.notify()
 
-    def discard(self, job: Job) -> bool:
+    def discard(self, job: QueuedReply) -> bool:
         """Remove a job whose caller went away; False when a worker already took it."""
         with self._cond:
             q = self._guilds.get(job.guild)
@@ -97,7 +97,7 @@ class Scheduler:
                 del self._guilds[job.guild]
             return True
 
-    def take(self, current: AdapterKey, timeout: float | None = None) -> Job | None:
+    def take(self, current: AdapterKey, timeout: float | None = None) -> QueuedReply | None:
         """Next job for a worker whose context holds adapter set `current`; None once closed and empty."""
         with self._cond:
             while not self._count:
@@ -116,7 +116,7 @@ class Scheduler:
             return job
 
     @staticmethod
-    def _pick(q: deque[Job], current: AdapterKey) -> Job:
+    def _pick(q: deque[QueuedReply], current: AdapterKey) -> QueuedReply:
         head = q[0]
         if head.key != current and head.skips < MAX_SKIPS:
             for job in itertools.islice(q, 1, GROUP_WINDOW):
@@ -132,7 +132,7 @@ class Scheduler:
         with self._cond:
             return self._count
 
-    def close(self) -> list[Job]:
+    def close(self) -> list[QueuedReply]:
         """Stop accepting; wake the workers; return what was still queued (the caller fails those jobs)."""
         with self._cond:
             self._closed = True

@@ -8,7 +8,7 @@ import pytest
 
 from inference.errors import BusyError, EngineClosedError
 from inference.requests import GenParams, PersonaRequest
-from inference.scheduler import MAX_SKIPS, Job, Scheduler
+from inference.scheduler import MAX_SKIPS, QueuedReply, Scheduler
 
 
 @pytest.fixture
@@ -18,12 +18,12 @@ def loop():
     loop.close()
 
 
-def job(loop, guild: str, key: str = "") -> Job:
+def job(loop, guild: str, key: str = "") -> QueuedReply:
     p = PersonaRequest("1", "A", None, "base", (), guild)
-    return Job(p, [], GenParams(), [], ((key, 0, 1.0),) if key else (), loop)
+    return QueuedReply(p, [], GenParams(), [], ((key, 0, 1.0),) if key else (), loop)
 
 
-def drain(s: Scheduler, current=()) -> list[Job]:
+def drain(s: Scheduler, current=()) -> list[QueuedReply]:
     out = []
     while s.pending():
         j = s.take(current, timeout=0)
