@@ -57,6 +57,14 @@ def results_text(name: str, job: Any, metrics: dict[str, Any]) -> str:
             f" (authorship panel of {attribution.get('members')} members, "
             f"chance {float(attribution.get('chance') or 0):.0%})"
         )
+        told = (attribution.get("detectability") or {}).get("adapter") or {}
+        if told.get("accuracy") is not None:
+            # How close the persona is: 50% means a classifier cannot tell it from the member's real replies.
+            low, high = told["ci"]
+            lines.append(
+                f"• told apart from {name}'s real replies: {told['accuracy']:.0%} "
+                f"(95% CI {low:.0%}–{high:.0%}, {told['n']} replies; 50% = indistinguishable)"
+            )
     lines.append("Talk to it with `/persona chat` once they allowed chat.")
     return clip("\n".join(lines))
 

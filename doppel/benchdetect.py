@@ -25,22 +25,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from doppel.benchcorpus import BOTS, same_text
+from trainer.attribution import Z95, detectability, wilson
 
 DEPTH = 6
 PANEL = 5
 MIN_MESSAGES = 300
-FOLDS = 5
-Z95 = 1.959964
-
-
-def wilson(k: int, n: int) -> list[float]:
-    """95% Wilson interval of a proportion k/n."""
-    if n == 0:
-        return [0.0, 1.0]
-    p = k / n
-    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
-    return [round(max(0.0, centre - half), 3), round(min(1.0, centre + half), 3)]
 
 
 def mean_interval(xs: Sequence[float]) -> dict[str, Any]:
@@ -106,30 +95,6 @@ def similar_panel(
     sims = (matrix @ matrix[names.index(member)].T).toarray().ravel()
     ranked = sorted((-float(s), n) for s, n in zip(sims, names, strict=True) if n != member)
     return [member, *[n for _, n in ranked[: size - 1]]]
-
-
-def detectability(system: Sequence[str], real: Sequence[str], seed: int = 0) -> dict[str, Any]:
-    """How often a classifier tells `system`'s replies from the member's `real` ones (cross-validated, 50% = not)."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-
-    texts = [t.strip() or "<empty>" for t in [*system, *real]]
-    labels = [1] * len(system) + [0] * len(real)
-    folds = min(FOLDS, len(system), len(real))
-    if folds < 2:
-        return {"accuracy": None, "ci": None, "n": len(texts)}
-    correct = 0
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(texts, labels):
-        model = make_pipeline(
-            TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True, lowercase=False),
-            LogisticRegression(C=4.0, max_iter=2000),
-        )
-        model.fit([texts[i] for i in train], [labels[i] for i in train])
-        got = model.predict([texts[i] for i in test])
-        correct += sum(int(g == labels[i]) for g, i in zip(got, test, strict=True))
-    return {"accuracy": round(correct / len(texts), 3), "ci": wilson(correct, len(texts)), "n": len(texts)}
 
 
 def attribution(judge: Any, member_id: str, texts: Sequence[str]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from core.settings import Settings
 from doppel import benchdetect as bd
 from doppel.benchcorpus import DATA, author_id, load_logs
 from doppel.benchscore import classifier
+from trainer.attribution import FOLDS
 
 SEED = 0
 
@@ -124,7 +125,7 @@ async def run_members(bench: Settings, args: argparse.Namespace) -> dict[str, An
             "panel": f"member + {bd.PANEL - 1} most similar by char 2-4-gram TF-IDF cosine "
             f"(authors with >= {bd.MIN_MESSAGES} messages)",
             "judge": "hashed char n-gram linear SVM over the panel, held-out replies excluded",
-            "detectability": f"{bd.FOLDS}-fold CV accuracy, char_wb 1-4-gram TF-IDF + logistic regression, "
+            "detectability": f"{FOLDS}-fold CV accuracy, char_wb 1-4-gram TF-IDF + logistic regression, "
             "system replies vs the member's real replies to the same contexts",
             "contexts": f"held-out replies (time split, heldout_fraction "
             f"{bench.dataset.heldout_fraction}), up to {bd.DEPTH} turns before each",

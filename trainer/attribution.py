@@ -9,6 +9,7 @@ a multinomial lbfgs fit keeps.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,9 @@ N_FEATURES = 2**18
 # big enough, and the fit costs the same for 20 members or 20,000.
 PANEL_OTHERS = 16
 PANEL_PER_AUTHOR = 200
+# Detectability: folds of the cross-validation, and the normal quantile of a 95% interval.
+FOLDS = 5
+Z95 = 1.959964
 
 
 def choose_panel(counts: Mapping[str, int], member_id: str | None, others: int = PANEL_OTHERS) -> list[str]:
@@ -122,6 +126,40 @@ def train_authorship(
     return AuthorshipModel(pipeline, tuple(authors), accuracy, len(test_y))
 
 
+def wilson(k: int, n: int) -> list[float]:
+    """95% Wilson interval of a proportion k/n."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = k / n
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
+    return [round(max(0.0, centre - half), 3), round(min(1.0, centre + half), 3)]
+
+
+def detectability(system: Sequence[str], real: Sequence[str], seed: int = 0) -> dict[str, Any]:
+    """How often a classifier tells `system`'s replies from the member's `real` ones (cross-validated, 50% = not)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+
+    texts = [t.strip() or "<empty>" for t in [*system, *real]]
+    labels = [1] * len(system) + [0] * len(real)
+    folds = min(FOLDS, len(system), len(real))
+    if folds < 2:
+        return {"accuracy": None, "ci": None, "n": len(texts)}
+    correct = 0
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(texts, labels):
+        model = make_pipeline(
+            TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True, lowercase=False),
+            LogisticRegression(C=4.0, max_iter=2000),
+        )
+        model.fit([texts[i] for i in train], [labels[i] for i in train])
+        got = model.predict([texts[i] for i in test])
+        correct += sum(int(g == labels[i]) for g, i in zip(got, test, strict=True))
+    return {"accuracy": round(correct / len(texts), 3), "ci": wilson(correct, len(texts)), "n": len(texts)}
+
+
 def attribution_report(
     rows: Sequence[Mapping[str, Any]],
     generated: Mapping[str, Sequence[str]] | Sequence[str],
@@ -156,7 +194,15 @@ def attribution_report(
         "share": share,
         "lift": {name: round(value / chance, 3) for name, value in share.items()},
     }
+    # Every share with its 95% interval: a job's few samples say less than they seem to.
+    report["share_ci"] = {
+        name: wilson(round(share[name] * len(texts)), len(texts)) for name, texts in systems.items() if texts
+    }
     if real_heldout:
         # The ceiling a perfect persona could reach: how often the member's own unseen replies are recognised.
         report["real_heldout_share"] = round(model.share(real_heldout, member_id), 4)
+        # How often a classifier tells the replies from the member's real ones (50%: it cannot).
+        report["detectability"] = {
+            name: detectability(texts, real_heldout, seed) for name, texts in systems.items() if texts
+        }
     return report

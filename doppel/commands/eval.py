@@ -62,6 +62,9 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
     }
     if attribution.get("available"):
         header += f"; authorship panel of {panel['members']} members, chance {panel['chance']:.2f}"
+        told = told_apart(attribution)
+        if told:
+            header += f"; {told}"
     else:
         header += "; authorship not measured"
     if not getattr(args, "json", False):
@@ -80,6 +83,18 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
         "report": report,
         "reevaluated": reran,
     }
+
+
+def told_apart(attribution: dict[str, Any], system: str = "adapter") -> str:
+    """How often a classifier told the persona's replies from the member's real ones, with its 95% interval."""
+    found = (attribution.get("detectability") or {}).get(system) or {}
+    if found.get("accuracy") is None:
+        return ""
+    low, high = found["ci"]
+    return (
+        f"told apart from the member's real replies {found['accuracy']:.0%} of the time "
+        f"(95% CI {low:.0%}-{high:.0%}, {found['n']} replies; 50% = indistinguishable)"
+    )
 
 
 async def _find(

@@ -36,6 +36,7 @@ def _adapter_folder(root: Path, member: str) -> Path:
                 "chance": 0.2,
                 "accuracy": 0.8,
                 "share": {"base": 0.1, "adapter": 0.45},
+                "detectability": {"adapter": {"accuracy": 0.625, "ci": [0.386, 0.815], "n": 16}},
             }
         },
     }
@@ -82,6 +83,7 @@ def test_finished_job_posts_results_and_loss_plot(bot_world: Any, tmp_path: Path
             assert "User111's persona is trained" in text and adapter.id in text
             assert "ppl adapter: 3.26" in text and "ppl base: 35.4" in text
             assert "attributed to User111: 45% of replies (authorship panel of 5 members, chance 20%)" in text
+            assert "told apart from User111's real replies: 62% (95% CI 39%–82%, 16 replies" in text, text
             assert final.files == 1, "the loss plot is attached"
             assert final.payload.get("components") == [], "the cancel button is gone"
             assert final.payload["allowed_mentions"]["parse"] == []

@@ -57,6 +57,13 @@ def test_report_compares_each_systems_share_with_chance() -> None:
     assert report["share"]["adapter"] > report["chance"] > report["share"]["base"]
     assert report["lift"]["adapter"] > 2
     assert report["real_heldout_share"] >= 0.9
+    # With intervals, and how often each system is told apart from the member's real replies (50%: never).
+    low, high = report["share_ci"]["adapter"]
+    assert low < report["share"]["adapter"] < high or report["share"]["adapter"] in (low, high)
+    told = report["detectability"]
+    assert told["adapter"]["n"] == 25 and told["base"]["n"] == 25
+    assert told["base"]["accuracy"] >= 0.9 > told["adapter"]["accuracy"], told
+    assert told["base"]["ci"][0] > 0.6 and told["adapter"]["ci"][0] < 0.6, told
 
 
 def test_attribution_needs_two_members_and_says_why() -> None:
