@@ -29,7 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -373,17 +373,18 @@ def fidelity(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     return asyncio.run(run_fidelity(settings, args))
 
 
-async def run_fidelity(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    """The harness in a home of its own (a whole public corpus imported with consent), deleted afterwards."""
+Runner = Callable[[Settings, argparse.Namespace], Awaitable[dict[str, Any]]]
+
+
+async def run_fidelity(
+    settings: Settings, args: argparse.Namespace, runner: Runner | None = None
+) -> dict[str, Any]:
+    """The harness (`runner`, default the single-member comparison of recipes) in a home of its own (a whole
+    public corpus imported with consent), deleted afterwards."""
     home = Path(tempfile.mkdtemp(prefix="doppel-bench-fidelity-"))
     keep = bool(getattr(args, "keep_home", False))
     try:
-        if int(getattr(args, "members", 0) or 0) > 0:
-            from doppel.benchmembers import run_members
-
-            result = await run_members(dataclasses.replace(settings, home=home), args)
-        else:
-            result = await _run(dataclasses.replace(settings, home=home), args)
+        result = await (runner or _run)(dataclasses.replace(settings, home=home), args)
     finally:
         if not keep:
             shutil.rmtree(home, ignore_errors=True)

@@ -9,6 +9,7 @@ hybrid (what `auto` serves once the member has one).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -86,6 +87,14 @@ async def _served(
                 context = [Utterance(a, name, text) for a, name, text in c["context"]]
                 out.append((await engine.reply(persona, context, params).text()).strip())
     return mode, out
+
+
+def fidelity(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """Entry point of `doppel bench fidelity`: the honest run with `--members N`, else the recipe comparison."""
+    from doppel.benchfidelity import run_fidelity
+
+    members = int(getattr(args, "members", 0) or 0)
+    return asyncio.run(run_fidelity(settings, args, run_members if members > 0 else None))
 
 
 async def run_members(bench: Settings, args: argparse.Namespace) -> dict[str, Any]:

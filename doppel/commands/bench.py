@@ -16,7 +16,7 @@ BENCHES = {
     "dataset": "doppel.benchtrain:dataset",
     "train": "doppel.benchtrain:train",
     "inference": "doppel.benchinference:inference",
-    "fidelity": "doppel.benchfidelity:fidelity",
+    "fidelity": "doppel.benchmembers:fidelity",
     "scale": "doppel.benchscale:scale",
     "colocated": "doppel.benchcolocated:colocated",
     "join": "doppel.benchjoin:join",
