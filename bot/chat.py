@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections import OrderedDict
@@ -15,6 +16,7 @@ from bot.ratelimit import Cooldown, Throttle
 from bot.services import Services
 from bot.text import clip, neutralise
 from core.chatformat import Utterance, build_messages
+from core.errors import UserFacingError
 
 log = logging.getLogger("doppel.bot.chat")
 NONE = discord.AllowedMentions.none()
@@ -181,20 +183,27 @@ class PersonaChat:
         name = persona_name(member)
         throttle = Throttle(self.services.settings.bot.stream_edit_interval_s)
         text, sent = "", None
-        async for chunk in self.services.reply(request, context, params):
-            text += chunk
-            if sent is None and text.strip():
-                throttle.ready()  # the first chunk goes out at once; edits follow at the throttled rate
-                sent = await webhook.send(
-                    clip(neutralise(text) + CURSOR),
-                    username=name,
-                    avatar_url=member.display_avatar.url,
-                    allowed_mentions=NONE,
-                    thread=thread,
-                    wait=True,
-                )
-            elif sent is not None and throttle.ready():
-                await sent.edit(content=clip(neutralise(text) + CURSOR), allowed_mentions=NONE)
+        try:
+            async for chunk in self.services.reply(request, context, params):
+                text += chunk
+                if sent is None and text.strip():
+                    throttle.ready()  # the first chunk goes out at once; edits follow at the throttled rate
+                    sent = await webhook.send(
+                        clip(neutralise(text) + CURSOR),
+                        username=name,
+                        avatar_url=member.display_avatar.url,
+                        allowed_mentions=NONE,
+                        thread=thread,
+                        wait=True,
+                    )
+                elif sent is not None and throttle.ready():
+                    await sent.edit(content=clip(neutralise(text) + CURSOR), allowed_mentions=NONE)
+        except BaseException:
+            # Failed or cancelled mid-stream: a half reply ending in the cursor would stay in the channel, never
+            # known as a persona message; it goes.
+            if sent is not None:
+                await _delete_quietly(sent)
+            raise
         final = clip(neutralise(text.strip())) or "…"
         if sent is None:
             sent = await webhook.send(
@@ -297,6 +306,14 @@ class PersonaChat:
                 await message.author.send(f"⚠️ {exc}", allowed_mentions=NONE)
             except discord.HTTPException:
                 pass  # DMs closed: the reaction is the whole answer
+        except UserFacingError as exc:  # the engine or its server: busy, down, slow, missing an adapter
+            await _answer_failed(message, target, str(exc))
+        except discord.HTTPException as exc:
+            log.warning("a persona reply could not be posted: %s", exc)
+            await _answer_failed(message, target, "Discord did not take the reply; try again in a moment")
+        except Exception:
+            log.exception("a summoned persona reply failed")
+            await _answer_failed(message, target, "something went wrong; try again in a moment")
 
     async def _addressed(self, message: discord.Message) -> discord.abc.User | None:
         ref = message.reference
@@ -349,6 +366,23 @@ class PersonaChat:
             reply=reply.text,
         )
         return True
+
+
+async def _delete_quietly(sent: discord.WebhookMessage) -> None:
+    """Delete a half-streamed persona message (best effort: it may be gone already)."""
+    try:
+        await asyncio.shield(sent.delete())
+    except (discord.HTTPException, asyncio.CancelledError):
+        pass
+
+
+async def _answer_failed(message: discord.Message, target: discord.abc.User, reason: str) -> None:
+    """The one-line answer to a summoned reply that failed: who could not answer and why; pings nobody."""
+    line = " ".join(f"⚠️ {target.display_name}'s persona could not answer: {reason}".split())
+    try:
+        await message.reply(clip(neutralise(line)), mention_author=False, allowed_mentions=NONE)
+    except discord.HTTPException:
+        await _react(message, "⚠️")
 
 
 async def _react(message: discord.Message, emoji: str) -> None:

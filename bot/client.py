@@ -111,8 +111,13 @@ class DoppelBot(discord.Client):
 
     async def on_message(self, message: discord.Message) -> None:
         await self.recorder.on_message(message)
+        # The join gate sees every human message first, whatever a summoned reply then does (it streams for
+        # seconds and may fail); the gate only decides here, a persona's turn runs as its own task.
+        try:
+            await self.join.on_message(message)
+        except Exception:
+            log.exception("the join gate failed on a message")
         await self.chat.on_message(message)
-        await self.join.on_message(message)
 
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         await self.recorder.on_raw_edit(payload)

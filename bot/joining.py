@@ -18,7 +18,7 @@ from bot.chat import PersonaChat, utterance
 from bot.errors import ConsentMissing, NotAllowed, NotAvailable
 from bot.services import Services
 from core.chatformat import Utterance
-from inference.joingate import Budget, ChannelMemory, Moment, decide, document_frequency, probability
+from inference.joingate import Budget, ChannelMemory, Moment, decide, probability, word_corpus
 from inference.joinhabits import (
     REPLY_WINDOW_S,
     Habits,
@@ -158,7 +158,7 @@ class JoinIn:
             memory,
             level,
             quiet_s=self.settings.member_quiet_s,
-            df=document_frequency(members),
+            corpus=word_corpus(members),
         )
         if pick is None:
             return
@@ -255,7 +255,7 @@ class JoinIn:
         try:
             members = {str(m.id): m for m in conversation.members}
             habits = {m: await self.habits(m) for m in members}
-            df = document_frequency(habits.values())
+            corpus = word_corpus(habits.values())
             for turn in range(conversation.turns):
                 last = conversation.spoken[-1] if conversation.spoken else None
                 moment = Moment(
@@ -263,7 +263,7 @@ class JoinIn:
                 )
                 ranked = sorted(
                     (m for m in members if m != last),
-                    key=lambda m: -probability(habits[m], moment, memory, df, len(habits))[0],
+                    key=lambda m: -probability(habits[m], moment, memory, corpus)[0],
                 )
                 speaker = ranked[0]
                 scopes = await self.services.scopes(speaker)

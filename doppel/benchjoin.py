@@ -6,7 +6,13 @@ windows before it (as the bot's stored history grows), never on the window score
 humans of those earlier windows. For each human message and each member the gate may consider (not the author,
 not active in the quiet minutes), the truth is whether the member wrote within the next WINDOW_S seconds.
 
-The windows before the held-out quarter tune the method (`--split validation` scores the last of them instead).
+The gate asks "would they answer if they were here", so it is also scored where that can be seen: moments where a
+member who was present (wrote in the last RECENT_S) was addressed or replied to and answered within the window;
+the gate is applied to them as if they were away, and the share it lets speak is the addressed recall.
+
+The windows before the held-out quarter tune the method: `python -m doppel.benchjoin fit` fits the gate's weights on
+the fit windows (present moments only), `--split validation` scores the validation windows between them and the
+held-out quarter.
 """
 
 from __future__ import annotations
@@ -27,15 +33,18 @@ from core.errors import UserFacingError
 from core.settings import JOIN_LEVELS, Settings
 from doppel.benchcorpus import _ADDRESS, BOTS, load_logs
 from inference.joingate import (
+    FEATURES,
     LEVELS,
+    RECENT_S,
     WINDOW_S,
     ChannelMemory,
     Moment,
-    choose,
     decide,
-    document_frequency,
     eligible,
+    features,
     is_named,
+    probability,
+    word_corpus,
 )
 from inference.joinhabits import (
     Habits,
@@ -48,6 +57,8 @@ from inference.joinhabits import (
 CHANNEL = "ubuntu"
 HELDOUT_FRACTION = 0.25
 VALIDATION_FRACTION = 0.15
+FIT_FRACTION = 0.26  # the fit windows: this share of all, just before the validation ones (60-105 of 173)
+L2 = 1.0  # the fit's ridge on the weights (not the bias): keeps rare signals from running away
 PANEL = 50  # members considered per window (the most active with enough history)
 MIN_HISTORY = 30
 KS_MAX = 0.2
@@ -138,9 +149,13 @@ class Scored:
     pairs: int = 0
     positives: int = 0
     gates: dict[str, Tally] | None = None
-    named: Tally | None = None
+    baselines: dict[str, Tally] | None = None
     eligible_sizes: list[tuple[int, int]] | None = (
         None  # per message: members considered, how many really spoke
+    )
+    addressed_answered: int = 0  # present members addressed or replied to who answered within the window
+    addressed_hits: dict[str, int] | None = (
+        None  # of those, how many the gate let speak as if away, per level
     )
     real_delays: list[float] | None = None
     model_delays: list[float] | None = None
@@ -156,6 +171,43 @@ def history_habits(history: Mapping[str, deque[OwnMessage]]) -> list[Habits]:
     return [build_habits(n, [n], list(history[n])) for n in ranked[:PANEL]]
 
 
+def present(memory: ChannelMemory, member_id: str, at: float, quiet_s: float = 0.0) -> bool:
+    """Whether the member was in the channel: they wrote there within RECENT_S (and not in the last `quiet_s`)."""
+    seen = memory.seen.get(member_id)
+    return seen is not None and quiet_s < at - seen <= RECENT_S
+
+
+def directed_at(habits: Habits, moment: Moment) -> bool:
+    """Whether the message addresses the member by name or replies to them."""
+    return habits.addressed_by(moment.text) or moment.reply_to_author == habits.member_id
+
+
+def wrote_within(times: Mapping[str, list[float]], member_id: str, at: float) -> bool:
+    """Whether the member wrote within WINDOW_S after `at`."""
+    ts = times.get(member_id, [])
+    k = bisect.bisect_right(ts, at)
+    return k < len(ts) and ts[k] <= at + WINDOW_S
+
+
+def answered(lines: Sequence[Line], k: int, member_id: str, called: bool) -> bool:
+    """Whether the member answered line `k`: wrote within WINDOW_S after it, to its author ("author: ...") or,
+    when the line addressed or named them, at all (an answer to someone who called you needs no address)."""
+    line = lines[k]
+    for later in lines[k + 1 :]:
+        if later.at > line.at + WINDOW_S:
+            return False
+        if later.nick == member_id and (called or addressee(later.text, {line.nick}) == line.nick):
+            return True
+    return False
+
+
+def _times(lines: Sequence[Line]) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {}
+    for line in lines:
+        times.setdefault(line.nick, []).append(line.at)
+    return times
+
+
 def score_window(
     lines: Sequence[Line],
     habits: Sequence[Habits],
@@ -165,12 +217,11 @@ def score_window(
     max_burst: int,
 ) -> None:
     """Every human line of one window against every member the gate may consider, at every level."""
-    assert out.gates is not None and out.named is not None and out.eligible_sizes is not None
-    df = document_frequency(habits)
-    known = {h.member_id for h in habits}
-    times: dict[str, list[float]] = {}
-    for line in lines:
-        times.setdefault(line.nick, []).append(line.at)
+    assert out.gates is not None and out.baselines is not None and out.eligible_sizes is not None
+    assert out.addressed_hits is not None
+    corpus = word_corpus(habits)
+    known = {line.nick for line in lines}  # anyone may be addressed, members or not
+    times = _times(lines)
     memory = ChannelMemory()
     for line in lines:
         human = line.nick not in BOTS
@@ -178,26 +229,43 @@ def score_window(
         if human:
             moment = Moment(CHANNEL, line.at, line.nick, line.text, reply_to_author=to)
             pool = [h for h in habits if eligible(h.member_id, moment, memory, quiet_s)]
-            truth = {}
-            for h in pool:
-                ts = times.get(h.member_id, [])
-                k = bisect.bisect_right(ts, line.at)
-                truth[h.member_id] = k < len(ts) and ts[k] <= line.at + WINDOW_S
+            truth = {h.member_id: wrote_within(times, h.member_id, line.at) for h in pool}
             out.messages += 1
             out.pairs += len(pool)
             out.positives += sum(truth.values())
             out.eligible_sizes.append((len(pool), sum(truth.values())))
+            # Each member's probability once; a level lets the likeliest speak if it reaches the threshold.
+            ps = {h.member_id: probability(h, moment, memory, corpus)[0] for h in pool}
+            top = max(ps, key=lambda m: ps[m], default=None)
             for level in JOIN_LEVELS:
-                pick = choose(
-                    habits, moment, memory, level, quiet_s=quiet_s, df=df, allowed=[h.member_id for h in pool]
-                )
-                if pick is not None:
+                if top is not None and ps[top] >= LEVELS[level].threshold:
                     out.gates[level].spoke += 1
-                    out.gates[level].right += int(truth[pick.member_id])
-            named = next((h for h in pool if is_named(h, line.text, df, len(habits))), None)
-            if named is not None:
-                out.named.spoke += 1
-                out.named.right += int(truth[named.member_id])
+                    out.gates[level].right += int(truth[top])
+            # The baselines, each choosing at most one of the members the rules allow.
+            picks = {
+                "named": next((h for h in pool if is_named(h, line.text, corpus)), None),
+                "addressed": next((h for h in pool if directed_at(h, moment)), None),
+                "recent_speaker": max(
+                    (h for h in pool if h.member_id in memory.seen),
+                    key=lambda h: memory.seen[h.member_id],
+                    default=None,
+                ),
+            }
+            for name, chosen in picks.items():
+                if chosen is not None:
+                    out.baselines[name].spoke += 1
+                    out.baselines[name].right += int(truth[chosen.member_id])
+            # The product's question where it can be seen: present, addressed, answered; scored as if away.
+            for h in habits:
+                if h.member_id == line.nick or not present(memory, h.member_id, line.at):
+                    continue
+                if not directed_at(h, moment) or not wrote_within(times, h.member_id, line.at):
+                    continue
+                out.addressed_answered += 1
+                mine = probability(h, moment, memory, corpus)[0]
+                rival = max((p for m, p in ps.items() if m != h.member_id), default=0.0)
+                for level in JOIN_LEVELS:
+                    out.addressed_hits[level] += int(mine >= LEVELS[level].threshold and mine > rival)
         memory.note(line.nick, line.at, human=human, addressed=to)
     # Timing: the members' real reply delays and burst sizes in this window against the persona's draws.
     real = own_messages(lines)
@@ -211,6 +279,90 @@ def score_window(
         out.model_delays += [sample_delay(h, rng) for _ in seen.delays]
         out.real_bursts += seen.bursts
         out.model_bursts += [sample_burst(h, rng, cap=max_burst) for _ in seen.bursts]
+
+
+def present_rows(
+    lines: Sequence[Line],
+    habits: Sequence[Habits],
+    quiet_s: float,
+    xs: list[tuple[float, ...]],
+    ys: list[int],
+) -> None:
+    """The fit's rows from one window: each human message against each member around then but not talking.
+
+    Around: they wrote here in the last RECENT_S. Not talking: not in the last `quiet_s`, the state in which the gate
+    acts (the talk-over rule); a member in the middle of their own exchange writes again whatever is said to them.
+    """
+    corpus = word_corpus(habits)
+    known = {line.nick for line in lines}  # anyone may be addressed, members or not
+    memory = ChannelMemory()
+    for k, line in enumerate(lines):
+        human = line.nick not in BOTS
+        to = addressee(line.text, known)
+        if human:
+            moment = Moment(CHANNEL, line.at, line.nick, line.text, reply_to_author=to)
+            for h in habits:
+                if h.member_id != line.nick and present(memory, h.member_id, line.at, quiet_s):
+                    signals = features(h, moment, memory, corpus)
+                    xs.append(signals)
+                    called = bool(signals[FEATURES.index("directed")] or signals[FEATURES.index("named")])
+                    ys.append(int(answered(lines, k, h.member_id, called)))
+        memory.note(line.nick, line.at, human=human, addressed=to)
+
+
+def logistic(xs: Sequence[Sequence[float]], ys: Sequence[int], l2: float = L2) -> tuple[float, list[float]]:
+    """A ridge logistic regression by Newton's method: (bias, weights)."""
+    import numpy as np
+
+    x = np.hstack([np.ones((len(xs), 1)), np.asarray(xs, dtype=np.float64)])
+    y = np.asarray(ys, dtype=np.float64)
+    ridge = np.full(x.shape[1], l2)
+    ridge[0] = 0.0  # the bias is not shrunk
+    w = np.zeros(x.shape[1])
+    for _ in range(50):
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        grad = x.T @ (y - p) - ridge * w
+        hess = (x * (p * (1.0 - p))[:, None]).T @ x + np.diag(ridge)
+        step = np.linalg.solve(hess, grad)
+        w += step
+        if float(np.abs(step).max()) < 1e-7:
+            break
+    return float(w[0]), [float(v) for v in w[1:]]
+
+
+def split_bounds(n: int) -> dict[str, tuple[int, int]]:
+    """Window ranges of the fit, validation and held-out parts (time order)."""
+    heldout_from = n - int(n * HELDOUT_FRACTION)
+    validation_from = heldout_from - int(n * VALIDATION_FRACTION)
+    fit_from = validation_from - int(n * FIT_FRACTION)
+    return {
+        "fit": (fit_from, validation_from),
+        "validation": (validation_from, heldout_from),
+        "heldout": (heldout_from, n),
+    }
+
+
+def fit(settings: Settings, logs: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The gate's weights from the fit windows' present moments (habits from the windows before each)."""
+    windows = ordered_windows(load_logs() if logs is None else logs)
+    first, stop = split_bounds(len(windows))["fit"]
+    xs: list[tuple[float, ...]] = []
+    ys: list[int] = []
+    history: dict[str, deque[OwnMessage]] = {}
+    for k, lines in enumerate(windows[:stop]):
+        if k >= first:
+            present_rows(lines, history_habits(history), settings.join.member_quiet_s, xs, ys)
+        for nick, msgs in own_messages(lines).items():
+            history.setdefault(nick, deque(maxlen=settings.join.profile_messages)).extend(msgs)
+    bias, weights = logistic(xs, ys)
+    return {
+        "split": "fit",
+        "windows": [first, stop],
+        "present_moments": len(ys),
+        "answer_rate_present": round(sum(ys) / len(ys), 4) if ys else 0.0,
+        "bias": round(bias, 3),
+        "weights": {name: round(w, 3) for name, w in zip(FEATURES, weights, strict=True)},
+    }
 
 
 def random_gate(
@@ -247,18 +399,13 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score the held-out (or validation) windows with habits fitted on every earlier window."""
     windows = ordered_windows(load_logs() if logs is None else logs)
-    n = len(windows)
-    heldout_from = n - int(n * HELDOUT_FRACTION)
-    first, stop = (
-        (heldout_from, n)
-        if split == "heldout"
-        else (heldout_from - int(n * VALIDATION_FRACTION), heldout_from)
-    )
+    first, stop = split_bounds(len(windows))[split]
     rng = random.Random(seed)
     out = Scored(
         gates={level: Tally() for level in JOIN_LEVELS},
-        named=Tally(),
+        baselines={name: Tally() for name in ("named", "recent_speaker", "addressed")},
         eligible_sizes=[],
+        addressed_hits=dict.fromkeys(JOIN_LEVELS, 0),
         real_delays=[],
         model_delays=[],
         real_bursts=[],
@@ -278,16 +425,21 @@ def evaluate(
             )
         for nick, msgs in own_messages(lines).items():
             history.setdefault(nick, deque(maxlen=keep)).extend(msgs)
-    assert out.gates is not None and out.named is not None and out.eligible_sizes is not None
+    assert out.gates is not None and out.baselines is not None and out.eligible_sizes is not None
+    assert out.addressed_hits is not None
     base = out.positives / out.pairs if out.pairs else 0.0
     levels = {}
     for level in JOIN_LEVELS:
         row = out.gates[level].row(out.positives, out.messages)
         row["random_same_rate"] = random_gate(out, row["speak_rate"], out.eligible_sizes, rng)
         row["threshold"] = LEVELS[level].threshold
+        row["addressed_recall"] = (
+            round(out.addressed_hits[level] / out.addressed_answered, 4) if out.addressed_answered else 0.0
+        )
         levels[level] = row
     default = settings.join.default_level
-    named = out.named.row(out.positives, out.messages)
+    baselines = {name: t.row(out.positives, out.messages) for name, t in out.baselines.items()}
+    named = baselines["named"]
     gate_p = levels[default]["precision"]
     delay_ks = ks(out.model_delays or [], out.real_delays or [])
     burst_ks = ks([float(b) for b in out.model_bursts or []], [float(b) for b in out.real_bursts or []])
@@ -310,12 +462,20 @@ def evaluate(
         "truth": f"the member wrote within {int(WINDOW_S)} s after the message",
         "levels": levels,
         "speak_when_named": named,
+        "baselines": baselines,
+        "addressed_answered_present": out.addressed_answered,
+        "addressed_truth": (
+            f"a member present (wrote in the last {int(RECENT_S)} s) was addressed by name or replied to and "
+            f"wrote within {int(WINDOW_S)} s; the gate applied to them as if they were away"
+        ),
         "default_level": default,
         "default_precision_vs_base": round(gate_p / base, 2) if base else None,
         "timing": timing,
         "checks": {
             "precision_at_least_3x_base": bool(base and gate_p >= 3 * base),
-            "precision_at_least_named": gate_p >= named["precision"],
+            "precision_at_least_every_baseline": all(gate_p >= b["precision"] for b in baselines.values()),
+            "addressed_recall_normal_at_least_0.5": levels["normal"]["addressed_recall"] >= 0.5,
+            "addressed_recall_quiet_at_least_0.3": levels["quiet"]["addressed_recall"] >= 0.3,
             "delay_ks_ok": delay_ks <= KS_MAX,
             "burst_ks_ok": burst_ks <= KS_MAX,
         },
@@ -331,7 +491,7 @@ async def loop_lag(settings: Settings, personas: int = 50, messages: int = 2000)
             history.setdefault(nick, deque(maxlen=settings.join.profile_messages)).extend(msgs)
     ranked = sorted(history, key=lambda n: -len(history[n]))[:personas]
     habits = await asyncio.to_thread(lambda: [build_habits(n, [n], list(history[n])) for n in ranked])
-    df = document_frequency(habits)
+    corpus = word_corpus(habits)
     feed = [line for lines in windows[len(windows) // 2 :] for line in lines if line.nick not in ranked][
         :messages
     ]
@@ -351,7 +511,7 @@ async def loop_lag(settings: Settings, personas: int = 50, messages: int = 2000)
     for line in feed:
         moment = Moment(CHANNEL, line.at, line.nick, line.text)
         t0 = time.perf_counter()
-        await decide(habits, moment, memory, "lively", quiet_s=settings.join.member_quiet_s, df=df)
+        await decide(habits, moment, memory, "lively", quiet_s=settings.join.member_quiet_s, corpus=corpus)
         decided.append((time.perf_counter() - t0) * 1000.0)
         memory.note(line.nick, line.at, human=True)
     stop.set()
@@ -378,12 +538,26 @@ async def loop_lag(settings: Settings, personas: int = 50, messages: int = 2000)
 def join(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """`doppel bench join`: the gate on held-out IRC windows, the timing's KS, and the loop lag with 50 personas."""
     split = getattr(args, "split", None) or "heldout"
-    if split not in ("heldout", "validation"):
-        raise UserFacingError(f"bench join: --split must be heldout or validation, got {split!r}")
+    if split not in ("heldout", "validation", "fit"):
+        raise UserFacingError(f"bench join: --split must be heldout, validation or fit, got {split!r}")
     started = time.perf_counter()
+    if split == "fit":
+        fitted = fit(settings)
+        fitted["wall_s"] = round(time.perf_counter() - started, 1)
+        return fitted
     result = evaluate(settings, split)
     result["loop"] = asyncio.run(loop_lag(settings, messages=500 if getattr(args, "quick", False) else 2000))
     result["checks"]["loop_p99_ok"] = result["loop"]["p99_ok"]
     result["source"] = "Ubuntu IRC #ubuntu (irc-disentanglement selection, CC-BY-4.0; logs public domain)"
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
+
+
+# `python -m doppel.benchjoin fit`: the gate's weights from the fit windows, as JSON.
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if sys.argv[1:] != ["fit"]:
+        sys.exit("usage: python -m doppel.benchjoin fit")
+    print(json.dumps(fit(Settings.load())))

@@ -60,3 +60,21 @@ def test_a_scored_split_compares_the_gate_with_its_baselines(settings: Settings)
         assert 0.0 <= row["precision"] <= 1.0 and "random_same_rate" in row
     assert result["speak_when_named"]["decisions"] > 0
     assert result["timing"]["turns"] > 0 and 0.0 <= result["timing"]["burst_size_ks"] <= 1.0
+    baselines = result["baselines"]
+    assert set(baselines) == {"named", "recent_speaker", "addressed"}
+    assert baselines["recent_speaker"]["decisions"] > baselines["addressed"]["decisions"] > 0
+    # 'host' answers whoever addresses them while around: the gate, asked as if they were away, lets them speak.
+    assert result["addressed_answered_present"] > 5
+    assert result["levels"]["normal"]["addressed_recall"] >= 0.5
+
+
+def test_the_fit_learns_from_present_moments_of_the_fit_windows_only(settings: Settings) -> None:
+    logs = _logs(random.Random(5))
+    fitted = benchjoin.fit(settings, logs)
+    assert fitted["windows"] == list(benchjoin.split_bounds(len(logs))["fit"])
+    assert fitted["windows"][1] <= benchjoin.split_bounds(len(logs))["validation"][0]
+    assert fitted["present_moments"] > 0
+    assert fitted["weights"]["directed"] > 1.0, "'host' answers when addressed, and only then"
+    # Changing what happens in the held-out windows does not move the fitted weights.
+    changed = logs[:-3] + [dict(w, lines=w["lines"][:50]) for w in logs[-3:]]
+    assert benchjoin.fit(settings, changed)["weights"] == fitted["weights"]
