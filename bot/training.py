@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,9 @@ from bot.errorhook import reports_errors
 from bot.errors import NotAllowed, NotAvailable
 from bot.services import Services
 from bot.text import clip
+from jobs.table import Job
 from models.errors import AdapterNotFoundError
+from trainer.errors import JobNotFoundError
 
 log = logging.getLogger("doppel.bot.training")
 NONE = discord.AllowedMentions.none()
@@ -69,6 +72,26 @@ def results_text(name: str, job: Any, metrics: dict[str, Any]) -> str:
     return clip("\n".join(lines))
 
 
+async def _updates(services: Services, job_id: str, poll_s: float) -> AsyncIterator[Job | None]:
+    """The job at each change until it is final (None once it is gone: erased with its member)."""
+    supervisor = services.supervisor
+    while True:
+        if supervisor is not None:
+            try:
+                async for job in supervisor.watch(job_id):
+                    yield job
+            except JobNotFoundError:
+                yield None
+                return
+        else:
+            got = await services.jobs.get(job_id)
+            yield got
+            if got is None:
+                return
+        # Interrupted (its supervisor stopped): a resume by this bot continues it, so the message keeps watching.
+        await asyncio.sleep(poll_s)
+
+
 async def adapter_files(services: Services, adapter_id: str | None) -> tuple[dict[str, Any], Path | None]:
     """An adapter's metrics and its loss plot, if present."""
     if not adapter_id:
@@ -92,14 +115,16 @@ async def watch(
     """Keep `message` up to date until the job ends, then replace it with the results (and the loss plot).
 
     `shown` is the text the message already carries, when known (None after a restart: the first edit goes out).
+    The updates are the supervisor's own (`Supervisor.watch`, woken by each job event); a bot without one reads
+    the table every `poll_s`.
     """
     from trainer.progress import Throttle
 
     throttle = Throttle(services.settings.bot.progress_edit_interval_s)
     view = discord.ui.View(timeout=None)
     view.add_item(CancelJobButton(job_id))
-    while True:
-        job = await services.jobs.get(job_id)
+    job: Job | None = None
+    async for job in _updates(services, job_id, poll_s):
         if job is None:
             await message.edit(content=f"Training job `{job_id}` was removed.", view=None)
             return
@@ -111,11 +136,10 @@ async def watch(
             try:
                 await message.edit(content=text, view=view, allowed_mentions=NONE)
                 shown = text
-            except (
-                discord.HTTPException
-            ) as exc:  # a failed edit must not stop the watch; the next one may work
+            except discord.HTTPException as exc:  # a failed edit must not stop the watch; the next one may
                 log.warning("progress edit failed: %s", exc)
-        await asyncio.sleep(poll_s)
+    if job is None:
+        return
     metrics, plot = await adapter_files(services, job.adapter_id)
     attachments = [discord.File(plot, filename="loss.png")] if plot else []
     await message.edit(

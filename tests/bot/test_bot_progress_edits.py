@@ -40,6 +40,8 @@ def test_progress_message_is_edited_only_on_change(bot_world: Any) -> None:
                 ]
 
             async def polls(n: int = 20) -> None:
+                # What the job's runner does after each write: the supervisor's watchers wake at once.
+                services.trainer().changed()
                 for _ in range(n):
                     await asyncio.sleep(0.01)
 
@@ -53,6 +55,7 @@ def test_progress_message_is_edited_only_on_change(bot_world: Any) -> None:
             await polls()
             assert len(edits()) == 3 and "step 4/10" in edits()[-1]
             await services.jobs.update(job_id, status="cancelled")
+            services.trainer().changed()
             await asyncio.wait_for(task, timeout=10)
             assert len(edits()) == 4 and "cancelled" in edits()[-1]
 
