@@ -128,6 +128,12 @@ class ServingRepo:
         )
         return {str(r[0]): Ack(str(r[0]), bool(r[1]), bool(r[2]), str(r[3])) for r in rows}
 
+    async def delete_notice(self, seq: int) -> None:
+        """Drop notice `seq` and its answers: every place acted on it, and it names a forgotten member."""
+        async with self._s.write() as db:
+            await db.execute("DELETE FROM erasure_acks WHERE seq = ?", (seq,))
+            await db.execute("DELETE FROM erasure_notices WHERE seq = ?", (seq,))
+
     async def delete_member(self, member_id: str, keep: int | None = None) -> int:
         """Drop the member's notices (and their answers), except notice `keep`, which places still read."""
         async with self._s.write() as db:

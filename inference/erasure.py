@@ -33,6 +33,10 @@ async def reach_serving(ctx: ErasureContext) -> dict[str, int]:
         ack = acks.get(place.id)
         answers.append((place.label, LetGo(ack.held, ack.released, ack.detail) if ack else None))
     ctx.serving.extend(describe(answers))
+    if all(answer is not None for _, answer in answers):
+        # Every live place acted on it: the notice goes now, since it names the member. One that did not answer
+        # may still read it later (its report says so); it is pruned within the hour (data.serving.NOTICE_KEPT_S).
+        await serving.delete_notice(seq)
     for place in silent:
         down = not _running(place)
         ctx.serving.append(
