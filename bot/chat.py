@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,6 +25,10 @@ WEBHOOK_NAME = "Doppel personas"
 FEEDBACK = {"👍": 1, "👎": -1}
 CURSOR = " ▌"
 MAX_REMEMBERED = 2000
+
+
+class Withdrawn(NotAvailable):
+    """A persona turn the rules allowed when it began no longer is (consent, a silence, the channel, the member)."""
 
 
 @dataclass(frozen=True)
@@ -171,9 +176,16 @@ class PersonaChat:
         return cached, thread
 
     async def speak(
-        self, channel: Any, member: discord.abc.User, context: list[Utterance]
+        self,
+        channel: Any,
+        member: discord.abc.User,
+        context: list[Utterance],
+        before_send: Callable[[], Awaitable[bool]] | None = None,
     ) -> discord.WebhookMessage:
-        """Generate `member`'s persona reply and stream it into `channel` through the webhook."""
+        """Generate `member`'s persona reply and stream it into `channel` through the webhook.
+
+        `before_send` is asked right before the message first appears; when it says no, nothing is sent and
+        `Withdrawn` is raised (a turn the rules allowed when it began, no longer allowed)."""
         from inference.requests import GenParams
 
         request, adapter_id = await self.persona_request(member, channel)
@@ -187,6 +199,8 @@ class PersonaChat:
             async for chunk in self.services.reply(request, context, params):
                 text += chunk
                 if sent is None and text.strip():
+                    if before_send is not None and not await before_send():
+                        raise Withdrawn("no longer allowed to speak here")
                     throttle.ready()  # the first chunk goes out at once; edits follow at the throttled rate
                     sent = await webhook.send(
                         clip(neutralise(text) + CURSOR),
@@ -206,6 +220,8 @@ class PersonaChat:
             raise
         final = clip(neutralise(text.strip())) or "…"
         if sent is None:
+            if before_send is not None and not await before_send():
+                raise Withdrawn("no longer allowed to speak here")
             sent = await webhook.send(
                 final,
                 username=name,

@@ -90,9 +90,10 @@ class JoinCommands(app_commands.Group):
             set_by=str(interaction.user.id),
         )
         text = (
-            f"Personas no longer join in in {channel.mention}."
+            f"Personas no longer join conversations in {channel.mention}."
             if chosen == "off"
-            else f"Personas of members who allowed it (`join` consent) may join in in {channel.mention}: **{chosen}**."
+            else f"Personas of members who allowed it (`join` consent) may join conversations in {channel.mention}: "
+            f"**{chosen}**."
         )
         await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NONE)
 
@@ -141,10 +142,12 @@ class JoinCommands(app_commands.Group):
         members = list({m.id: m for m in (first, second, third) if m is not None}.values())
         if len(members) < 2:
             raise NotAllowed("a conversation needs two different personas")
-        config = await self.services.guild_config(str(guild.id))
-        opened = await self.services.store.joins.level(str(interaction.channel_id)) is not None
-        if not opened and str(interaction.channel_id) not in config.persona_channels:
+        # Only where an admin opened the channel to personas joining in (a persona channel is not enough).
+        if await self.services.store.joins.level(str(interaction.channel_id)) is None:
             raise NotAllowed("personas cannot talk here: an admin opens a channel with `/join channel` first")
+        here = set(
+            await self.services.store.messages.authors_in_guild(str(guild.id), [str(m.id) for m in members])
+        )
         for m in members:
             scopes = await self.services.scopes(str(m.id))
             if not all(s in scopes for s in NEEDS):
@@ -153,6 +156,9 @@ class JoinCommands(app_commands.Group):
                 raise NotAllowed(f"{m.display_name} has silenced their persona here")
             if await self.services.persona_adapter(str(m.id)) is None:
                 raise NotAvailable(f"{m.display_name} has no trained persona yet (`/persona train`)")
+            if str(m.id) not in here:
+                raise NotAvailable(f"{m.display_name}'s persona has no messages on this server")
+        spend = await self.join.start_conversation(str(interaction.channel_id), str(interaction.user.id))
         settings = self.services.settings.join
         cap = min(turns or settings.converse_turns, settings.converse_max_turns)
         conversation = Conversation(
@@ -170,7 +176,7 @@ class JoinCommands(app_commands.Group):
             view=view,
             allowed_mentions=NONE,
         )
-        spoken = await self.join.converse(conversation)
+        spoken = await self.join.converse(conversation, spend)
         ending = "stopped" if conversation.stopped else "ended"
         await interaction.edit_original_response(
             content=clip(f"{names} talked about: {neutralise(topic)} ({ending} after {spoken} messages)"),

@@ -49,6 +49,12 @@ async def erase_join_silences(ctx: ErasureContext) -> int:
     return await ctx.store.joins.delete_member(ctx.member_id)
 
 
+@erasure_part("join_state", order=37, tables=("join_spends", "join_seen"))
+async def erase_join_state(ctx: ErasureContext) -> dict[str, int]:
+    """Delete the member's joining-in budget spends and when they last wrote where."""
+    return await ctx.store.joins.delete_state(ctx.member_id)
+
+
 @export_part("join_in")
 async def export_join_in(store: Store, member_id: str) -> dict[str, Any]:
     """The member's silences and the channels they opened to personas joining in."""

@@ -284,6 +284,31 @@ async def m007_serving_places(db: aiosqlite.Connection) -> None:
     )
 
 
+async def m008_join_state(db: aiosqlite.Connection) -> None:
+    """Joining-in rules that outlive a restart: budget spends (unprompted turns, conversations) and who last wrote
+    where (a time, never text), so a restart neither refills budgets nor forgets that a member is in a channel."""
+    await run_script(
+        db,
+        """
+        CREATE TABLE join_spends (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            channel_id TEXT NOT NULL,
+            member_id TEXT NOT NULL,
+            at REAL NOT NULL
+        );
+        CREATE INDEX join_spends_channel ON join_spends(kind, channel_id, at);
+        CREATE INDEX join_spends_member ON join_spends(kind, member_id, at);
+        CREATE TABLE join_seen (
+            channel_id TEXT NOT NULL,
+            member_id TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (channel_id, member_id)
+        );
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     m001_initial,
     m002_job_supervision,
@@ -292,6 +317,7 @@ MIGRATIONS: list[Migration] = [
     m005_join_in,
     m006_persona_reply_mode,
     m007_serving_places,
+    m008_join_state,
 ]
 
 

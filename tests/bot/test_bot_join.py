@@ -390,3 +390,146 @@ def test_stop_ends_a_conversation_and_consent_is_required(bot_world: Any) -> Non
             assert "stopped after" in h.sent_texts()[-1]
 
     asyncio.run(scenario())
+
+
+# -- issue 42: the rules from durable state, checked at the moment of acting ------------------------------------------
+ASK = "Alice, what are you cooking this weekend? any risotto plans?"
+
+
+def test_a_restart_keeps_the_budget_and_the_presence_rule(bot_world: Any) -> None:
+    from inference.joingate import LEVELS
+
+    budget = LEVELS["normal"].persona_per_hour
+
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            await _persona(h, services, ALICE, "Alice", "risotto")
+            await _open(h, "normal", h.OTHER)
+            await _open(h, "normal")
+            for k in range(budget - 1):
+                await h.say(BOB, f"{ASK} ({k})", cid=h.OTHER)
+            assert len(services.engine.requests) == budget - 1
+            await h.say(ALICE, "back, I'm here myself")
+        # The bot restarts: a new client on the same database.
+        async with bot_world() as (h, services):
+            await h.say(BOB, ASK)
+            assert services.engine.requests == [], "she wrote just before the restart: no talking over her"
+            for k in range(3):
+                await h.say(BOB, f"{ASK} ({k})", cid=h.OTHER)
+            assert len(services.engine.requests) == 1, (
+                "one turn of her hourly budget was left, not a fresh hour"
+            )
+
+    asyncio.run(scenario())
+
+
+def test_three_channels_at_once_stay_within_the_budget(bot_world: Any) -> None:
+    from inference.joingate import LEVELS
+
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            _quick_absence(h, services, 0.0)
+            await _persona(h, services, ALICE, "Alice", "risotto")
+            for cid in (h.TEXT, h.OTHER, h.PERSONA):
+                await _open(h, "quiet", cid)
+            for cid in (h.TEXT, h.OTHER, h.PERSONA):
+                _dispatch(h, BOB, ASK, cid)  # all three before any handler runs
+            await h.settle()
+            assert 1 <= len(services.engine.requests) <= LEVELS["quiet"].persona_per_hour
+            assert len(_hooks(h)) == len(services.engine.requests)
+
+    asyncio.run(scenario())
+
+
+def test_converse_only_in_an_opened_channel(bot_world: Any) -> None:
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            await _persona(h, services, ALICE, "Alice", "roses")
+            await _persona(h, services, CAROL, "Carol", "engines")
+            await services.update_guild(
+                str(h.GUILD), persona_channels=[str(h.TEXT)]
+            )  # a persona channel only
+            _converse(h, BOB, first=ALICE, second=CAROL, topic="roses and engines", turns=4)
+            await h.settle()
+            assert services.engine.requests == []
+            assert "`/join channel` first" in h.sent_texts()[-1]
+            await _open(h)
+            _converse(h, BOB, first=ALICE, second=CAROL, topic="roses and engines", turns=2)
+            await h.settle()
+            assert len(services.engine.requests) == 2
+            # Its own budget and cooldown: another conversation right away is refused.
+            _converse(h, BOB, first=ALICE, second=CAROL, topic="again", turns=2)
+            await h.settle()
+            assert len(services.engine.requests) == 2 and "talked enough" in h.sent_texts()[-1]
+
+    asyncio.run(scenario())
+
+
+class _SlowEngine:
+    """The scripted engine, streaming slowly (so a human can speak in the middle)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.requests = engine.requests
+
+    async def reply(self, persona: Any, context: Any, params: Any) -> Any:
+        self.requests.append((persona, list(context), params))
+        for word in ("Risotto ", "with ", "mushrooms ", "and ", "lots ", "of ", "parmesan"):
+            yield word
+            await asyncio.sleep(0.1)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+
+def test_a_human_message_mid_stream_leaves_no_partial_text(bot_world: Any) -> None:
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            services.settings = dataclasses.replace(
+                services.settings, bot=dataclasses.replace(services.settings.bot, stream_edit_interval_s=0.0)
+            )
+            await _persona(h, services, ALICE, "Alice", "risotto")
+            await _open(h)
+            services.engine = _SlowEngine(services.engine)
+            _dispatch(h, BOB, ASK, h.TEXT)
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if _hooks(h):
+                    break
+            assert _hooks(h), "the persona's message is streaming"
+            await h.say(CAROL, "I'd say risotto too")
+            await h.settle()
+            deleted = [
+                c for c in h.fake.calls if c.method == "DELETE" and c.path.startswith("/webhooks/7777/")
+            ]
+            assert len(deleted) == len(_hooks(h)) == 1, "the half message was taken back"
+            assert h.bot.chat.replies == {} or all(
+                not r.text.endswith("▌") for r in h.bot.chat.replies.values()
+            )
+            # Nothing stayed in the channel: the budget turn was given back.
+            assert await services.store.joins.spent("join", [str(ALICE)], time.time()) == {}
+
+    asyncio.run(scenario())
+
+
+def test_consent_withdrawn_while_typing_stops_the_turn_before_any_message(bot_world: Any) -> None:
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            services.settings = dataclasses.replace(
+                services.settings, join=dataclasses.replace(services.settings.join, max_typing_s=0.6)
+            )
+            h.bot.join.settings = services.settings.join
+            await _persona(h, services, ALICE, "Alice", "risotto")
+            await _open(h)
+            _dispatch(h, BOB, ASK, h.TEXT)
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if any(e.endswith("/typing") for e in h.fake.events):
+                    break
+            assert any(e.endswith("/typing") for e in h.fake.events), "she is 'typing'"
+            await h.click("doppel:consent:join", ALICE)  # `join` withdrawn
+            await h.settle()
+            assert services.engine.requests == [] and _hooks(h) == []
+            assert await services.store.joins.spent("join", [str(ALICE)], time.time()) == {}
+
+    asyncio.run(scenario())
