@@ -16,7 +16,6 @@ never speaks for a member who was pinged (their person was called), and keeps wi
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -256,35 +255,6 @@ def choose(
         if (permitted is None or h.member_id in permitted) and eligible(h.member_id, moment, memory, quiet_s)
     ]
     return best(pool, moment, memory, level, corpus)
-
-
-class Budget:
-    """Unprompted messages per channel and per persona in a sliding hour (in memory: a restart forgets it)."""
-
-    def __init__(self) -> None:
-        self._channel: dict[str, deque[float]] = {}
-        self._persona: dict[str, deque[float]] = {}
-
-    @staticmethod
-    def _count(q: deque[float], now: float) -> int:
-        while q and now - q[0] > 3600.0:
-            q.popleft()
-        return len(q)
-
-    def allowed(self, channel_id: str, level: str, now: float) -> bool:
-        """Whether the channel has budget left at its level."""
-        return (
-            self._count(self._channel.setdefault(channel_id, deque()), now) < LEVELS[level].channel_per_hour
-        )
-
-    def persona_allowed(self, member_id: str, level: str, now: float) -> bool:
-        """Whether the persona has budget left at this level."""
-        return self._count(self._persona.setdefault(member_id, deque()), now) < LEVELS[level].persona_per_hour
-
-    def spend(self, channel_id: str, member_id: str, now: float) -> None:
-        """Count one unprompted turn."""
-        self._channel.setdefault(channel_id, deque()).append(now)
-        self._persona.setdefault(member_id, deque()).append(now)
 
 
 async def decide(

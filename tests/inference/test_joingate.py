@@ -7,8 +7,6 @@ from __future__ import annotations
 import random
 
 from inference.joingate import (
-    LEVELS,
-    Budget,
     ChannelMemory,
     Moment,
     choose,
@@ -129,16 +127,3 @@ def test_persona_messages_never_count_as_the_member_nor_move_the_conversation() 
     memory.note("9", T0, human=True)
     memory.note("1", T0 + 1, human=False)  # Alice's persona spoke: not Alice
     assert memory.seen == {"9": T0} and memory.humans == 1 and not memory.last_human
-
-
-def test_budgets_per_channel_and_per_persona() -> None:
-    budget = Budget()
-    level = "quiet"
-    for k in range(LEVELS[level].persona_per_hour):
-        assert budget.persona_allowed("1", level, T0 + k)
-        budget.spend(CH, "1", T0 + k)
-    assert not budget.persona_allowed("1", level, T0 + 10)
-    assert budget.persona_allowed("1", level, T0 + 3700), "an hour later the budget is back"
-    for k in range(LEVELS[level].channel_per_hour):
-        budget.spend(CH, str(10 + k), T0 + k)
-    assert not budget.allowed(CH, level, T0 + 100) and budget.allowed("other", level, T0 + 100)
