@@ -162,7 +162,11 @@ class JoinIn:
         if waiting is not None:
             waiting.cancel()  # a human answered first: the conversation moved on (a half-sent message is deleted)
         joins = self.services.store.joins
-        await joins.note_seen(str(channel.id), str(message.author.id), at)
+        author = str(message.author.id)
+        # Kept across restarts only for members whose persona may join in (the rule that it never talks over
+        # them needs it): nothing is stored of anyone who did not opt in, not even when they wrote.
+        if await self.services.store.with_scope("join", [author]):
+            await joins.note_seen(str(channel.id), author, at)
         level = await joins.level(str(channel.id))
         if level is None or await self._answered_elsewhere(message):
             return

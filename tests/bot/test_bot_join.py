@@ -533,3 +533,16 @@ def test_consent_withdrawn_while_typing_stops_the_turn_before_any_message(bot_wo
             assert await services.store.joins.spent("join", [str(ALICE)], time.time()) == {}
 
     asyncio.run(scenario())
+
+
+def test_who_wrote_when_is_kept_only_for_members_who_let_their_persona_join(bot_world: Any) -> None:
+    async def scenario() -> None:
+        async with bot_world() as (h, services):
+            await _persona(h, services, ALICE, "Alice", "risotto")
+            await _open(h, "normal")
+            await h.say(BOB, "hello all")  # Bob never opted in to anything
+            await h.say(ALICE, "hi, back myself")
+            rows = await services.store.fetchall("SELECT member_id FROM join_seen")
+            assert {r[0] for r in rows} == {str(ALICE)}, "nothing of a member who did not opt in is stored"
+
+    asyncio.run(scenario())
