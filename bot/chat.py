@@ -106,7 +106,7 @@ class PersonaChat:
     # -- the gate ---------------------------------------------------------------------------------------------
     async def persona_request(self, member: discord.abc.User, channel: Any) -> tuple[Any, str | None]:
         """The engine request for `member`'s persona, if they allowed chat and have a trained persona."""
-        from inference.requests import PersonaRequest, resolve_mode
+        from inference.requests import PersonaRequest, resolve_mode, uses_adapters
 
         if member.bot:
             raise NotAvailable("bots have no persona")
@@ -126,7 +126,7 @@ class PersonaChat:
             name=member.display_name,
             channel_name=getattr(channel, "name", None),
             mode=mode,
-            adapters=((str(gguf), 1.0),) if mode.startswith("adapter") else (),
+            adapters=((str(gguf), 1.0),) if uses_adapters(mode) else (),
             guild_id=str(channel.guild.id) if getattr(channel, "guild", None) else None,
         )
         return request, adapter_id

@@ -245,12 +245,10 @@ async def fidelity_text(services: Services, member_id: str, name: str, guild_id:
 
 async def served_text(services: Services, member_id: str, guild_id: str | None) -> str:
     """Which persona mode this server serves, and which modes the persona's kept replies were made with."""
+    from inference.requests import AUTO, AUTO_MEANING
+
     setting = services.settings.bot.persona_mode
-    meaning = (
-        " (the adapter plus the member's own messages most like the conversation)"
-        if setting == "auto"
-        else ""
-    )
+    meaning = f" ({AUTO_MEANING})" if setting == AUTO else ""
     modes = await services.store.persona_replies.modes(member_id, guild_id)
     made = ", ".join(f"{n} {mode}" for mode, n in modes.items()) or "none yet"
     return f"Served as `{setting}`{meaning}. Replies kept here, by mode: {made}."

@@ -17,6 +17,20 @@ AUTO = PERSONA_AUTO
 CHOICES: tuple[str, ...] = PERSONA_CHOICES
 
 
+# What `auto` serves, in words (the bot's report says it): declared beside the rule that decides it.
+AUTO_MEANING = "the adapter plus the member's own messages most like the conversation, where both exist"
+
+
+def uses_adapters(mode: str) -> bool:
+    """Whether a mode generates with the member's adapter."""
+    return mode in ("adapter", "adapter+retrieval")
+
+
+def uses_retrieval(mode: str) -> bool:
+    """Whether a mode shows the member's own messages most like the conversation."""
+    return mode in ("retrieval", "adapter+retrieval")
+
+
 def resolve_mode(requested: str, *, has_adapter: bool, has_messages: bool) -> Mode:
     """The mode to serve: `requested`, or for `auto` the hybrid where the member has both an adapter and messages.
 
@@ -58,11 +72,11 @@ class PersonaRequest:
 
     @property
     def uses_adapters(self) -> bool:
-        return self.mode in ("adapter", "adapter+retrieval")
+        return uses_adapters(self.mode)
 
     @property
     def uses_retrieval(self) -> bool:
-        return self.mode in ("retrieval", "adapter+retrieval")
+        return uses_retrieval(self.mode)
 
     def adapter_key(self) -> tuple[tuple[str, int, float], ...]:
         """Identity of the adapter set: file path, its modification time (a retrained file is new) and weight."""

@@ -47,7 +47,7 @@ async def _resolve(store: Any, settings: Settings, user_id: str, mode: str) -> t
     """(display name, mode, adapter path) for the member, refusing without `chat` consent."""
     from consent.service import ConsentService
     from inference.errors import ChatNotAllowedError
-    from inference.requests import resolve_mode
+    from inference.requests import resolve_mode, uses_adapters, uses_retrieval
     from inference.retrieval import MODEL_NAME  # noqa: F401 - fails early if the inference extra is missing
 
     if "chat" not in await ConsentService(store).scopes(user_id):
@@ -65,11 +65,11 @@ async def _resolve(store: Any, settings: Settings, user_id: str, mode: str) -> t
         adapter = None
     has_messages = await store.messages.count(user_id) > 0
     mode = resolve_mode(mode, has_adapter=adapter is not None, has_messages=has_messages)
-    if mode.startswith("adapter") and adapter is None:
+    if uses_adapters(mode) and adapter is None:
         raise UserFacingError(
             f"member {user_id} has no active adapter yet: train one or use --mode retrieval/base"
         )
-    if "retrieval" in mode and not has_messages:
+    if uses_retrieval(mode) and not has_messages:
         raise UserFacingError(f"member {user_id} has no stored messages: the retrieval persona needs some")
     return name, mode, adapter
 
@@ -77,7 +77,7 @@ async def _resolve(store: Any, settings: Settings, user_id: str, mode: str) -> t
 async def _chat(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from data.store import Store
     from inference.places import ServingPlace
-    from inference.requests import GenParams, PersonaRequest
+    from inference.requests import GenParams, PersonaRequest, uses_adapters
     from inference.retrieval import Retriever
     from inference.server import make_engine
 
@@ -89,7 +89,7 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
             name=name,
             channel_name="doppel-cli",
             mode=mode,  # type: ignore[arg-type]
-            adapters=((adapter, 1.0),) if adapter and mode.startswith("adapter") else (),
+            adapters=((adapter, 1.0),) if adapter and uses_adapters(mode) else (),
             guild_id="cli",
         )
         return persona, mode, adapter
