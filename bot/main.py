@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import discord
 
@@ -14,6 +14,9 @@ from bot.client import DoppelBot
 from bot.errors import BotError
 from bot.services import Services
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from consent.erasure import ErasureParts
 
 log = logging.getLogger("doppel.bot")
 DRAIN_S = 5.0  # how long in-flight command and button handlers may still finish once shutdown begins
@@ -64,14 +67,19 @@ def grace_s(settings: Settings) -> float:
 
 
 async def serve(
-    settings: Settings, token: str, *, with_engine: bool = True, stop: StopSignal | None = None
+    settings: Settings,
+    token: str,
+    *,
+    erasure: ErasureParts,
+    with_engine: bool = True,
+    stop: StopSignal | None = None,
 ) -> None:
     """Run the bot until SIGTERM/SIGINT (or `stop`), then shut down within `grace_s`; login errors are one line."""
     loop = asyncio.get_running_loop()
     stop = stop or StopSignal()
     stop.install(loop)  # before the services open: a signal during a slow start still takes the graceful path
     try:
-        services = await Services.open(settings, with_engine=with_engine)
+        services = await Services.open(settings, erasure, with_engine=with_engine)
         bot = DoppelBot(services)
         runner = asyncio.create_task(bot.start(token), name="doppel-gateway")
         try:

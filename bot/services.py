@@ -18,6 +18,7 @@ from jobs.table import JobTable
 from models.registry import Registry
 
 if TYPE_CHECKING:
+    from consent.erasure import ErasureParts
     from consent.service import ConsentService
     from data.store import Store
     from inference.places import LetGo, ServingPlace
@@ -62,6 +63,8 @@ class Services:
     settings: Settings
     store: Store
     consent: ConsentService
+    # The erasure parts and export sections, handed over by the composition root (`doppel.erasure`).
+    erasure: ErasureParts
     supervisor: Supervisor | None = None
     engine: PersonaEngine | None = None
     registry: Registry = field(init=False)
@@ -79,14 +82,21 @@ class Services:
 
     @classmethod
     async def open(
-        cls, settings: Settings, *, with_engine: bool = True, with_supervisor: bool = True
+        cls,
+        settings: Settings,
+        erasure: ErasureParts,
+        *,
+        with_engine: bool = True,
+        with_supervisor: bool = True,
     ) -> Services:
         """Open the real services for `doppel run` (imports stay lazy so tests can build lighter sets)."""
         from consent.service import ConsentService
         from data.store import Store
 
         store = await Store.open(settings)
-        services = cls(settings=settings, store=store, consent=ConsentService(store))
+        services = cls(
+            settings=settings, store=store, consent=ConsentService(store, erasure), erasure=erasure
+        )
         services._owned.append(store)
         retriever = None
         if with_engine:
@@ -258,14 +268,16 @@ class Services:
         """Everything stored about a member (the same export as `doppel export-data`)."""
         from consent.export import member_export
 
-        return await member_export(self.store, member_id)
+        return await member_export(self.store, member_id, self.erasure)
 
     async def forget(self, member_id: str, actor: str) -> dict[str, Any]:
         """Run the erasure cascade and return what was removed."""
         from consent.erasure import forget
 
         try:
-            report = await forget(self.store, self.settings, member_id, actor=actor, channel="command")
+            report = await forget(
+                self.store, self.settings, member_id, actor=actor, channel="command", parts=self.erasure
+            )
         finally:
             # Even a partly failed cascade must not leave the member's words in the engine's caches.
             self.drop_cached(member_id)

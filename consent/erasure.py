@@ -1,8 +1,8 @@
-"""The erasure cascade: every component that stores member data or writes files registers a part here."""
+"""The erasure cascade: every component that stores member data or writes files declares a part beside that data;
+the composition root (`doppel.erasure`) hands the cascade the modules holding them."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import shutil
@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from consent.errors import ErasureError
@@ -20,10 +21,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Modules whose import registers erasure parts: each part lives beside the data it erases (the job folders beside
-# the jobs table's owner, the adapters beside the registry). Named, not imported: the parts of higher layers
-# depend on this module, never the other way round. A component that stores member data adds its module here.
-PART_MODULES: tuple[str, ...] = ("consent.parts", "jobs.erasure", "models.erasure", "inference.erasure")
 _META_KEYS = ("member", "member_id", "lineage", "contains", "members")
 
 
@@ -114,23 +111,8 @@ class ErasureReport:
 
 
 ExportFn = Callable[["Store", str], Awaitable[Any]]
-
-
-class _Registry:
-    """Parts and export sections by name; filled at import time by the decorators (static wiring, not state)."""
-
-    def __init__(self) -> None:
-        self.parts: dict[str, ErasurePart] = {}
-        self.exports: dict[str, ExportFn] = {}
-
-    def add(self, part: ErasurePart) -> None:
-        existing = self.parts.get(part.name)
-        if existing is not None and existing.fn is not part.fn:
-            raise ValueError(f"erasure part {part.name!r} registered twice")
-        self.parts[part.name] = part
-
-
-REGISTRY = _Registry()
+# The attributes the decorators leave on a function: what it is to the cascade, read by `ErasureParts.of`.
+_PART_ATTR, _EXPORT_ATTR = "__erasure_part__", "__export_section__"
 
 
 def erasure_part(
@@ -141,54 +123,71 @@ def erasure_part(
     paths: tuple[str, ...] = (),
     identity: bool = False,
 ) -> Callable[[PartFn], PartFn]:
-    """Register `async def part(ctx) -> dict|int`; `tables`/`paths` say what it covers; identity parts run only on forget."""
+    """Mark `async def part(ctx) -> dict|int` as a part; `tables`/`paths` say what it covers; identity parts run only on forget."""
 
-    def register(fn: PartFn) -> PartFn:
-        REGISTRY.add(ErasurePart(name, fn, order, tuple(tables), tuple(paths), identity))
+    def mark(fn: PartFn) -> PartFn:
+        setattr(fn, _PART_ATTR, ErasurePart(name, fn, order, tuple(tables), tuple(paths), identity))
         return fn
 
-    return register
+    return mark
 
 
 def export_part(name: str) -> Callable[[ExportFn], ExportFn]:
-    """Register `async def section(store, member_id)`: what the member's data export holds under `name`."""
+    """Mark `async def section(store, member_id)` as what the member's data export holds under `name`."""
 
-    def register(fn: ExportFn) -> ExportFn:
-        existing = REGISTRY.exports.get(name)
-        if existing is not None and existing is not fn:
-            raise ValueError(f"export section {name!r} registered twice")
-        REGISTRY.exports[name] = fn
+    def mark(fn: ExportFn) -> ExportFn:
+        setattr(fn, _EXPORT_ATTR, name)
         return fn
 
-    return register
+    return mark
 
 
-def registered_exports() -> dict[str, ExportFn]:
-    """Every export section of the part modules, by name."""
-    for module in PART_MODULES:
-        importlib.import_module(module)
-    return dict(sorted(REGISTRY.exports.items()))
+@dataclass(frozen=True)
+class ErasureParts:
+    """The parts `forget` runs and the sections the export holds: those of the modules the composition root names."""
 
+    parts: tuple[ErasurePart, ...]
+    exports: tuple[tuple[str, ExportFn], ...] = ()
 
-def registered_parts() -> list[ErasurePart]:
-    """Every part, after importing the modules that register them, in run order."""
-    for module in PART_MODULES:
-        importlib.import_module(module)
-    return sorted(REGISTRY.parts.values(), key=lambda p: (p.order, p.name))
+    @classmethod
+    def of(cls, *modules: ModuleType) -> ErasureParts:
+        """Collect the marked parts and export sections of `modules` (a name marked twice is refused)."""
+        parts: dict[str, ErasurePart] = {}
+        exports: dict[str, ExportFn] = {}
+        for module in modules:
+            for value in vars(module).values():
+                part = getattr(value, _PART_ATTR, None)
+                if isinstance(part, ErasurePart):
+                    if parts.setdefault(part.name, part).fn is not part.fn:
+                        raise ValueError(f"erasure part {part.name!r} registered twice")
+                section = getattr(value, _EXPORT_ATTR, None)
+                if isinstance(section, str):
+                    if exports.setdefault(section, value) is not value:
+                        raise ValueError(f"export section {section!r} registered twice")
+        return cls(tuple(parts.values()), tuple(sorted(exports.items())))
 
+    def in_order(self) -> list[ErasurePart]:
+        """The parts in run order."""
+        return sorted(self.parts, key=lambda p: (p.order, p.name))
 
-def covered_tables() -> set[str]:
-    """Tables some part erases from."""
-    return {t for p in registered_parts() for t in p.tables}
+    def tables(self) -> set[str]:
+        """Tables some part erases from."""
+        return {t for p in self.parts for t in p.tables}
 
-
-def covered_paths() -> set[str]:
-    """Top-level DOPPEL_HOME folders some part cleans."""
-    return {t for p in registered_parts() for t in p.paths}
+    def paths(self) -> set[str]:
+        """Top-level DOPPEL_HOME folders some part cleans."""
+        return {t for p in self.parts for t in p.paths}
 
 
 async def forget(
-    store: Store, settings: Settings, member_id: str, actor: str, channel: str, *, keep_identity: bool = False
+    store: Store,
+    settings: Settings,
+    member_id: str,
+    actor: str,
+    channel: str,
+    *,
+    parts: ErasureParts,
+    keep_identity: bool = False,
 ) -> ErasureReport:
     """Run every part for one member (all of them even if one fails), then truncate the WAL; raise if any failed."""
     from data.members import check_member_id
@@ -198,7 +197,7 @@ async def forget(
     started = time.perf_counter()
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
-    for part in registered_parts():
+    for part in parts.in_order():
         if keep_identity and part.identity:
             continue
         try:

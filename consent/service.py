@@ -11,6 +11,7 @@ from data.errors import InvalidMemberIdError
 from data.members import check_member_id
 
 if TYPE_CHECKING:
+    from consent.erasure import ErasureParts
     from data.store import Store
 
 # `join` (a persona speaking unprompted) is its own opt-in: a `chat` grant never implies it.
@@ -41,10 +42,12 @@ def _ids(member_ids: Iterable[str]) -> list[str]:
 
 
 class ConsentService:
-    """Grant, revoke and list consent; revoking `train` erases the member's stored content."""
+    """Grant, revoke and list consent; revoking `train` erases the member's stored content with `erasure`'s parts."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, erasure: ErasureParts | None = None) -> None:
+        # The parts come from the composition root (`doppel.erasure`): this floor cannot import the higher ones.
         self._s = store
+        self._erasure = erasure
 
     def _check(self, actor: str, channel: str) -> None:
         if channel not in CHANNELS:
@@ -94,6 +97,12 @@ class ConsentService:
 
         ids, wanted = _ids(member_ids), parse_scopes(scopes)
         self._check(actor, channel)
+        erasure = self._erasure
+        if "train" in wanted and erasure is None:
+            # Refused before anything changes: a revoke that cannot erase must not look done.
+            raise ConsentError(
+                "revoking 'train' erases the member's data: this ConsentService has no erasure parts"
+            )
         now = time.time()
         revoked: dict[str, list[str]] = {}
         async with self._s.write() as db:
@@ -108,10 +117,12 @@ class ConsentService:
                         await self._audit(db, m, "revoke", scope, actor, channel, now)
         erased: dict[str, Any] = {}
         for m in ids:
-            if "train" in wanted:
+            if "train" in wanted and erasure is not None:
                 # Stored content exists only under `train` consent; withdrawing it withdraws the data and what was
                 # trained on it. Run even when the scope was already gone, so a half-finished revoke completes.
-                report = await forget(self._s, self._s.settings, m, actor, channel, keep_identity=True)
+                report = await forget(
+                    self._s, self._s.settings, m, actor, channel, parts=erasure, keep_identity=True
+                )
                 erased[m] = report.to_dict()
         return {"revoked": revoked, "erased": erased}
 

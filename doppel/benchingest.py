@@ -151,6 +151,7 @@ def _forget_child(home: str, member_id: str) -> None:
     """Time `forget` of one member in a fresh process; prints one JSON line."""
     from consent.erasure import forget
     from data.store import Store
+    from doppel.erasure import erasure_parts
 
     settings = Settings.load(env={"DOPPEL_HOME": home})
 
@@ -158,7 +159,7 @@ def _forget_child(home: str, member_id: str) -> None:
         async with Store.open(settings) as store:
             count = await store.messages.count(member_id)
             t0 = time.perf_counter()
-            report = await forget(store, settings, member_id, "bench", "cli")
+            report = await forget(store, settings, member_id, "bench", "cli", parts=erasure_parts())
             return {
                 "messages": count,
                 "seconds": time.perf_counter() - t0,

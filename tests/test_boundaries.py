@@ -307,3 +307,76 @@ def test_the_checkout_check_sees_a_sibling_folder(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     assert paths_above_the_checkout(probe, tmp_path) == ["tests/conftest.py:3", "tests/conftest.py:4"]
+
+
+# Calls that import a module named by a string: the import graph above cannot see what they load.
+_IMPORT_BY_NAME = {"import_module", "__import__", "find_spec"}
+
+
+def _string_head(node: ast.AST) -> str | None:
+    """The text of a string argument, or the literal start of an f-string (`f"doppel.commands.{name}"`)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+        return str(node.values[0].value)
+    return None
+
+
+def module_name_strings(path: Path, module: str, modules: set[str]) -> list[str]:
+    """`file:line name` of each string naming another package's module: handed to importlib, or a dotted module path.
+
+    A string after `-m` in a command line starts a child process (`python -m inference.probe`), not an import.
+    """
+    own = module.partition(".")[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    entry_points = {
+        id(after)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.List | ast.Tuple)
+        for before, after in zip(node.elts, node.elts[1:], strict=False)
+        if isinstance(before, ast.Constant) and before.value == "-m"
+    }
+    found = set()
+    for node in ast.walk(tree):
+        name = None
+        if isinstance(node, ast.Call) and node.args:
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            head = _string_head(node.args[0]) if called in _IMPORT_BY_NAME else None
+            if head and head.partition(".")[0] in PACKAGES:
+                name = head
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in entry_points:
+            dotted = node.value.partition(":")[0]
+            if "." in dotted and dotted in modules:
+                name = dotted
+        if name is not None and name.partition(".")[0] != own:
+            where = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+            found.add(f"{where}:{node.lineno} {name}")
+    return sorted(found)
+
+
+def test_no_module_names_another_packages_module_in_a_string() -> None:
+    """Who imports whom is written as imports: the composition root imports the modules it wires (doppel.erasure)."""
+    modules = _modules()
+    names = set(modules)
+    assert [hit for module, path in modules.items() for hit in module_name_strings(path, module, names)] == []
+
+
+def test_the_module_name_check_sees_importlib_and_module_paths(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import importlib\n"
+        "PARTS = ('consent.parts', 'jobs.erasure')\n"
+        "def load(name):\n"
+        "    importlib.import_module('models.erasure')\n"
+        "    importlib.import_module(f'inference.{name}')\n"
+        "    importlib.import_module(f'consent.{name}')\n"
+        "    return ['python', '-m', 'inference.probe'], 'data is stored'\n",
+        encoding="utf-8",
+    )
+    names = set(_modules())
+    assert module_name_strings(probe, "consent.probe", names) == [
+        "probe.py:2 jobs.erasure",
+        "probe.py:4 models.erasure",
+        "probe.py:5 inference.",
+    ]

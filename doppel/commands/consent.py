@@ -47,11 +47,12 @@ def _actor() -> str:
 async def _run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from consent.service import ConsentService, parse_scopes
     from data.store import Store
+    from doppel.erasure import erasure_parts
 
     if args.action != "list":
         parse_scopes(args.scope)  # fail on a bad scope before touching the store
     async with Store.open(settings) as store:
-        service = ConsentService(store)
+        service = ConsentService(store, erasure_parts())
         if args.action == "grant":
             return {"granted": await service.grant(args.member_ids, args.scope, _actor(), "cli")}
         if args.action == "revoke":

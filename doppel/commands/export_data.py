@@ -24,10 +24,11 @@ async def _run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from consent.export import member_export
     from data.members import check_member_id
     from data.store import Store
+    from doppel.erasure import erasure_parts
 
     member_id = check_member_id(args.member_id)
     async with Store.open(settings) as store:
-        return await member_export(store, member_id)
+        return await member_export(store, member_id, erasure_parts())
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Any:

@@ -21,6 +21,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from consent.erasure import forget
     from data.members import check_member_id
     from data.store import Store
+    from doppel.erasure import erasure_parts
 
     member_id = check_member_id(args.member_id)
     try:
@@ -28,7 +29,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     except Exception:
         actor = "operator"
     async with Store.open(settings) as store:
-        report = await forget(store, settings, member_id, actor, "cli")
+        report = await forget(store, settings, member_id, actor, "cli", parts=erasure_parts())
     return report.to_dict()
 
 

@@ -35,7 +35,8 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
 
         settings = dataclasses.replace(settings, bot=dataclasses.replace(settings.bot, sync_commands=False))
     from bot.main import run_forever
+    from doppel.erasure import erasure_parts
 
     # SIGTERM (systemd, Docker) and SIGINT (Ctrl-C) take the same bounded, graceful shutdown; both exit 0.
-    run_forever(settings, token, with_engine=not args.no_engine)
+    run_forever(settings, token, erasure=erasure_parts(), with_engine=not args.no_engine)
     return None

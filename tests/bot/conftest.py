@@ -421,6 +421,7 @@ def bot_world(settings: Any) -> Any:
     from bot.services import Services
     from consent.service import ConsentService
     from data.store import Store
+    from doppel.erasure import erasure_parts
 
     fast = dataclasses.replace(settings, bot=dataclasses.replace(settings.bot, backfill_pause_s=0.0))
 
@@ -428,7 +429,15 @@ def bot_world(settings: Any) -> Any:
     async def world(**extra: Any) -> AsyncIterator[tuple[Harness, Services]]:
         store = await Store.open(fast)
         engine = extra.pop("engine", None) or FakeEngine()  # a real engine where a test passes one
-        services = Services(settings=fast, store=store, consent=ConsentService(store), engine=engine, **extra)
+        parts = erasure_parts()
+        services = Services(
+            settings=fast,
+            store=store,
+            consent=ConsentService(store, parts),
+            erasure=parts,
+            engine=engine,
+            **extra,
+        )
         fake = FakeDiscord()
         token = async_context.set(RecordingAdapter(fake))
         bot = DoppelBot(services)

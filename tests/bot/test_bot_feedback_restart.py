@@ -175,10 +175,11 @@ def test_forget_and_opt_out_clear_the_engine_caches(bot_world: Any) -> None:
 
 def test_services_open_gives_the_engine_a_retriever(settings: Any) -> None:
     from bot.services import Services
+    from doppel.erasure import erasure_parts
     from inference.retrieval import Retriever
 
     async def scenario() -> None:
-        services = await Services.open(settings, with_supervisor=False)
+        services = await Services.open(settings, erasure_parts(), with_supervisor=False)
         try:
             assert isinstance(services.engine.retriever, Retriever)
             assert services.engine.retriever.store is services.store

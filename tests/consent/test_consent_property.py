@@ -20,6 +20,7 @@ from core.settings import Settings
 from data.dce_import import import_exports
 from data.records import Message
 from data.store import Store
+from doppel.erasure import erasure_parts
 
 MEMBERS = ["400000000000000001", "400000000000000002", "400000000000000003"]
 members = st.sampled_from(MEMBERS)
@@ -37,7 +38,7 @@ class ConsentMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.settings = Settings.load(env={"DOPPEL_HOME": str(self.tmp / "home")})
         self.store: Store = self.loop.run_until_complete(Store.open(self.settings))
-        self.consent = ConsentService(self.store)
+        self.consent = ConsentService(self.store, erasure_parts())
         self.train: set[str] = set()
         self.model: dict[str, tuple[str, str]] = {}  # message id -> (author, content) expected in the store
         self.next_id = 1000
@@ -68,7 +69,7 @@ class ConsentMachine(RuleBasedStateMachine):
 
     @rule(member=members)
     def forget(self, member: str) -> None:
-        self.run(forget(self.store, self.settings, member, "t", "cli"))
+        self.run(forget(self.store, self.settings, member, "t", "cli", parts=erasure_parts()))
         self.train.discard(member)
         self.model = {k: v for k, v in self.model.items() if v[0] != member}
 

@@ -12,6 +12,7 @@ from consent.service import ConsentService, parse_scopes
 from core.settings import Settings
 from data.records import Message
 from data.store import Store
+from doppel.erasure import erasure_parts
 from tests.helpers.rows import seed_adapter
 
 A, B = "100000000000000001", "100000000000000002"
@@ -76,7 +77,7 @@ def test_parse_scopes() -> None:
 def test_revoking_train_erases_content_but_keeps_chat(settings: Settings) -> None:
     async def go() -> None:
         async with Store.open(settings) as store:
-            svc = ConsentService(store)
+            svc = ConsentService(store, erasure_parts())
             await svc.grant([A, B], "train,chat", "admin", "cli")
             await store.messages.add_many(
                 [

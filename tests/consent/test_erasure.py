@@ -7,23 +7,18 @@ import json
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
-from consent.erasure import (
-    ErasureContext,
-    covered_paths,
-    covered_tables,
-    erasure_part,
-    forget,
-    registered_parts,
-)
+from consent.erasure import ErasureContext, ErasureParts, erasure_part, forget
 from consent.errors import ErasureError
 from consent.service import ConsentService
 from core.settings import Settings
 from data.records import Message
 from data.store import Store
+from doppel.erasure import erasure_parts
 from jobs.table import JobTable
 from models.errors import AdapterNotFoundError
 from models.registry import Registry
@@ -35,6 +30,8 @@ NO_MEMBER_DATA = {"_migrations", "sqlite_sequence"}
 # Top-level entries of DOPPEL_HOME that hold no member data: the key file and the settings file. The database
 # files are covered by the table check.
 NO_MEMBER_FILES = {"master.key", "doppel.toml"}
+# The parts the application runs, as its composition root hands them over: coverage is checked against these.
+PARTS = erasure_parts()
 
 
 def test_every_table_has_an_erasure_part(settings: Settings) -> None:
@@ -43,7 +40,7 @@ def test_every_table_has_an_erasure_part(settings: Settings) -> None:
             return set(await store.tables())
 
     tables = asyncio.run(go())
-    assert tables - NO_MEMBER_DATA - covered_tables() == set(), "tables with member data need an erasure part"
+    assert tables - NO_MEMBER_DATA - PARTS.tables() == set(), "tables with member data need an erasure part"
 
 
 def _uncovered_home_entries(settings: Settings) -> set[str]:
@@ -57,7 +54,7 @@ def _uncovered_home_entries(settings: Settings) -> set[str]:
     present = {p.name for p in settings.home.iterdir() if p.is_dir()}
     db = settings.db_path.name
     files = {p.name for p in settings.home.iterdir() if p.is_file()} - {db, db + "-wal", db + "-shm"}
-    return ((named | present) - covered_paths()) | (files - NO_MEMBER_FILES)
+    return ((named | present) - PARTS.paths()) | (files - NO_MEMBER_FILES)
 
 
 def test_every_home_folder_has_an_erasure_part(settings: Settings) -> None:
@@ -75,7 +72,7 @@ def test_a_new_uncovered_folder_is_detected(settings: Settings) -> None:
     (settings.home / "brand_new_component").mkdir()
     (settings.home / "stray.bin").write_bytes(b"x")
     assert _uncovered_home_entries(settings) == {"brand_new_component", "stray.bin"}
-    parts = [p.name for p in registered_parts()]
+    parts = [p.name for p in PARTS.in_order()]
     assert parts.index("member_key") < parts.index("messages") < parts.index("member")
 
 
@@ -150,7 +147,7 @@ async def _cascade(settings: Settings, pid: int) -> dict[str, object]:
         (home / "logs" / "doppel.log").write_text(f"line one\ntraining {M} started\nline three\n")
         await store.guilds.set("g", acknowledged_by=M, acknowledged_at=5.0)
 
-        report = (await forget(store, settings, M, "operator", "cli")).to_dict()
+        report = (await forget(store, settings, M, "operator", "cli", parts=PARTS)).to_dict()
 
         assert await store.messages.count(M) == 0 and await store.messages.count(OTHER) == 1
         assert not await store.keys.exists(M) and await store.members.get(M) is None
@@ -179,23 +176,50 @@ async def _cascade(settings: Settings, pid: int) -> dict[str, object]:
     return report
 
 
-def test_a_failing_part_does_not_stop_the_others(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    from consent import erasure
-
+def test_a_failing_part_does_not_stop_the_others(settings: Settings) -> None:
     @erasure_part("exploding_test_part", order=1)
     async def explode(ctx: ErasureContext) -> int:
         raise OSError("disk on fire")
 
-    try:
+    # The cascade runs what it is handed: the application's parts and, first, one that fails.
+    probe = types.ModuleType("probe")
+    probe.explode = explode  # type: ignore[attr-defined]
+    parts = ErasureParts((*ErasureParts.of(probe).parts, *PARTS.parts), PARTS.exports)
 
-        async def go() -> None:
-            async with Store.open(settings) as store:
-                await ConsentService(store).grant([M], "train", "t", "cli")
-                await store.messages.add_many([Message("1", None, "c", "c", M, "m", 1.0, "a")])
-                with pytest.raises(ErasureError, match="exploding_test_part"):
-                    await forget(store, settings, M, "t", "cli")
-                assert await store.messages.count(M) == 0
+    async def go() -> None:
+        async with Store.open(settings) as store:
+            await ConsentService(store).grant([M], "train", "t", "cli")
+            await store.messages.add_many([Message("1", None, "c", "c", M, "m", 1.0, "a")])
+            with pytest.raises(ErasureError, match="exploding_test_part"):
+                await forget(store, settings, M, "t", "cli", parts=parts)
+            assert await store.messages.count(M) == 0
 
-        asyncio.run(go())
-    finally:
-        erasure.REGISTRY.parts.pop("exploding_test_part", None)
+    asyncio.run(go())
+
+
+def test_parts_come_from_the_modules_handed_over() -> None:
+    """Only the named modules' parts run: a module left out of the composition leaves its tables uncovered."""
+    from consent import parts as consent_parts
+    from jobs import erasure as jobs_erasure
+
+    store_only = ErasureParts.of(consent_parts)
+    assert "jobs" not in store_only.tables() and "member_keys" in store_only.tables()
+    assert "jobs" not in dict(store_only.exports)
+    both = ErasureParts.of(consent_parts, jobs_erasure, consent_parts)
+    assert {"jobs", "member_keys"} <= both.tables() and "jobs" in dict(both.exports)
+    assert PARTS.tables() >= both.tables() and {"adapters", "serving_places"} <= PARTS.tables()
+
+
+def test_revoking_train_without_erasure_parts_is_refused_before_anything_changes(settings: Settings) -> None:
+    from consent.errors import ConsentError
+
+    async def go() -> None:
+        async with Store.open(settings) as store:
+            service = ConsentService(store)
+            await service.grant([M], "train,chat", "t", "cli")
+            with pytest.raises(ConsentError, match="erasure parts"):
+                await service.revoke([M], "train", "t", "cli")
+            assert await service.scopes(M) == {"train", "chat"}
+            assert (await service.revoke([M], "chat", "t", "cli"))["revoked"] == {M: ["chat"]}
+
+    asyncio.run(go())

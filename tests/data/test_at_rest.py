@@ -12,6 +12,7 @@ from core.settings import Settings
 from data.dce_import import import_exports
 from data.records import Message
 from data.store import Store
+from doppel.erasure import erasure_parts
 
 CANARY = "zebra-canary-7f3e91 quokka"
 SECRET_MEMBER, OTHER = "123456789012345678", "223456789012345678"
@@ -77,7 +78,7 @@ def test_no_plaintext_on_disk_and_nothing_left_after_forget(settings: Settings, 
             )
         ]
         assert (await store.messages.get("9001")).content == CANARY + " edited"
-        await forget(store, settings, SECRET_MEMBER, "t", "cli")
+        await forget(store, settings, SECRET_MEMBER, "t", "cli", parts=erasure_parts())
         await store.close()
         return wrapped, blobs
 

@@ -20,6 +20,7 @@ from core.settings import Settings
 from data.dce_import import expand_paths, import_exports, utc_epoch
 from data.errors import ImportFileError
 from data.store import Store
+from doppel.erasure import erasure_parts
 from tests.helpers.dce_fixtures import (
     CHILL,
     CHILL_LATER,
@@ -358,7 +359,7 @@ def test_revoked_member_is_not_imported(settings: Settings) -> None:
         from consent.service import ConsentService
 
         async with Store.open(settings) as store:
-            svc = ConsentService(store)
+            svc = ConsentService(store, erasure_parts())
             await svc.grant([MAREN, TEO], "train", "t", "cli")
             await svc.revoke([TEO], "train", "t", "cli")
             return await import_exports(store, [GENERAL])
@@ -411,7 +412,7 @@ def test_upload_only_consent_covers_the_members_own_upload_not_a_server_import(s
         from consent.service import ConsentService
 
         async with Store.open(settings) as store:
-            svc = ConsentService(store)
+            svc = ConsentService(store, erasure_parts())
             await svc.grant([MAREN], "train", MAREN, "button")  # opted in to recording
             await svc.grant([TEO], "train", TEO, "upload")  # consented to his own export only
             await import_exports(store, [GENERAL])  # an admin's server import

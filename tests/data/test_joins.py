@@ -17,6 +17,7 @@ from core.settings import Settings
 from data import migrations
 from data.joins import EVERYWHERE
 from data.store import Store
+from doppel.erasure import erasure_parts
 
 ALICE, BOB = "111111111111111111", "222222222222222222"
 
@@ -74,10 +75,10 @@ def test_levels_silences_erasure_and_export(settings: Settings) -> None:
             assert await joins.silenced([ALICE, BOB], "52") == {BOB}
             await joins.silence(ALICE, "50", False)
             await joins.silence(ALICE, "52", True)
-            exported = await member_export(store, ALICE)
+            exported = await member_export(store, ALICE, erasure_parts())
             assert [s["channel_id"] for s in exported["join_in"]["silences"]] == ["52"]
             assert [c["channel_id"] for c in exported["join_in"]["channels_opened"]] == ["50"]
-            report = await forget(store, settings, ALICE, "a", "command")
+            report = await forget(store, settings, ALICE, "a", "command", parts=erasure_parts())
             assert report.parts["join_silences"] == 1 and report.parts["join_channels"] == 1
             assert await joins.silenced([ALICE], "52") == set()
             assert await joins.level("50") == "normal", "the admin's switch stays; only the id is forgotten"

@@ -47,8 +47,9 @@ async def answer(services: Any, op: dict[str, Any]) -> dict[str, Any]:
 
 async def main() -> None:
     from bot.services import Services
+    from doppel.erasure import erasure_parts
 
-    services = await Services.open(Settings.load(), with_supervisor=False)
+    services = await Services.open(Settings.load(), erasure_parts(), with_supervisor=False)
     try:
         print(
             json.dumps({"ready": True, "place": services.place.label if services.place else None}), flush=True

@@ -145,8 +145,9 @@ def test_retrained_after_forget_the_new_version_has_a_new_folder_and_running_ser
                 out["old_served"] = await text(client, persona("10", old))
                 out["old_engine"] = await text(engine, persona("10", old))
                 from consent.erasure import forget
+                from doppel.erasure import erasure_parts
 
-                report = await forget(store, settings, "10", "operator", "cli")
+                report = await forget(store, settings, "10", "operator", "cli", parts=erasure_parts())
                 out["serving"] = report.serving
                 await consent(store, "10")
                 new = await publish(settings, store, artifact(tmp_path, base_gguf, settings, "10", 2, ()))

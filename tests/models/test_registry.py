@@ -164,10 +164,10 @@ def test_sweep_removes_leftovers_of_dead_publishers_only(settings: Any) -> None:
 
 def test_an_erased_or_cancelled_job_publishes_nothing(settings: Any, tmp_path: Path) -> None:
     """The erasure cascade can cancel a job while its trainer finishes: the publish re-checks the job atomically."""
-    import consent.parts  # noqa: F401 - registers the erasure parts
     from consent.erasure import forget
     from data.records import Member
     from data.store import Store
+    from doppel.erasure import erasure_parts
     from models.errors import ArtifactError
     from models.registry import Registry
 
@@ -180,7 +180,7 @@ def test_an_erased_or_cancelled_job_publishes_nothing(settings: Any, tmp_path: P
             with pytest.raises(ArtifactError, match="job theirs is cancelled"):
                 await reg.publish(_artifact(tmp_path, "c", member="3003"), job_id="theirs")
             # The owner is forgotten while the job runs: the cascade deletes the job row, then the trainer finishes.
-            await forget(store, settings, "1001", actor="1001", channel="cli")
+            await forget(store, settings, "1001", actor="1001", channel="cli", parts=erasure_parts())
             with pytest.raises(ArtifactError, match="job own is gone"):
                 await reg.publish(_artifact(tmp_path, "late", lineage=("2002",)), job_id="own")
             assert await reg.list() == []
