@@ -155,7 +155,10 @@ class TrainConfig:
     save_total_limit: int = _f(2, "Checkpoints kept on disk.")
     logging_steps: int = _f(1, "Emit a progress event every N steps.")
     quantize_4bit: bool = _f(True, "On CUDA: load the base in 4-bit NF4 (QLoRA). Ignored on CPU.")
-    gradient_checkpointing: bool = _f(True, "On CUDA: trade compute for memory. Ignored on CPU.")
+    gradient_checkpointing: bool = _f(
+        True,
+        "Recompute each block's activations in the backward pass (SFT: CPU and CUDA): less memory, more compute.",
+    )
     threads: int = _f(0, "CPU threads for torch at most (0: the usable cores).")
     priority: str = _f(
         "idle",

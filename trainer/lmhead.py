@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from trl import SFTTrainer
 from trl.kernels.chunked_logprob import _use_triton
 
+from trainer.memory import head_chunk
+
 # Configs that change the logits after the projection: those models keep TRL's own head, which applies them.
 _LOGIT_TRANSFORMS = (
     "final_logit_softcapping",
@@ -35,21 +37,46 @@ def compact_loss_applies(model: Any, device: torch.device) -> bool:
     return all(getattr(text_config, name, None) is None for name in _LOGIT_TRANSFORMS)
 
 
+def _chunk_loss(
+    lm_head: Any, hidden: torch.Tensor, wanted: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = lm_head(hidden).float()
+    loss_sum = F.cross_entropy(logits, wanted, reduction="sum")
+    with torch.no_grad():
+        log_p = torch.log_softmax(logits, dim=-1)
+        entropy = -(log_p.exp() * log_p).sum()
+        correct = (logits.argmax(-1) == wanted).sum()
+    return loss_sum, entropy, correct
+
+
 def _head_loss(
     lm_head: Any, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any
 ) -> dict[str, Any]:
+    from torch.utils.checkpoint import checkpoint
+
     targets = labels[:, 1:]
     mask = targets != -100
     # Boolean indexing keeps the graph connected even when nothing is labelled: the loss is then a differentiable 0.
-    logits = lm_head(hidden[:, :-1][mask]).float()
+    picked = hidden[:, :-1][mask]
     wanted = targets[mask]
-    loss_sum = F.cross_entropy(logits, wanted, reduction="sum")
+    size = head_chunk(int(lm_head.weight.shape[0]))
+    loss_sum = picked.sum() * 0.0
+    entropy = torch.zeros((), device=picked.device)
+    correct = torch.zeros((), dtype=torch.long, device=picked.device)
+    for start in range(0, picked.shape[0], size):
+        # Each chunk's logits are recomputed in the backward pass instead of kept: one chunk's at a time.
+        part = checkpoint(
+            _chunk_loss,
+            lm_head,
+            picked[start : start + size],
+            wanted[start : start + size],
+            use_reentrant=False,
+        )
+        loss_sum = loss_sum + part[0]
+        entropy = entropy + part[1]
+        correct = correct + part[2]
     count = mask.sum()
     denominator = count if num_items_in_batch is None else num_items_in_batch
-    with torch.no_grad():
-        log_p = torch.log_softmax(logits, dim=-1)
-        entropy = -(log_p.exp() * log_p).sum(-1).sum()
-        correct = (logits.argmax(-1) == wanted).sum()
     return {
         "loss": loss_sum / torch.as_tensor(denominator).clamp(min=1),
         "count": count,

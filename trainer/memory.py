@@ -6,13 +6,33 @@ its measured peak. Both import this module, which depends on nothing but the tra
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 GIB = 1024**3
 MIB = 1024**2
-# Python, torch and tokenizer overhead of a training process before the first tensor.
-RUNTIME_OVERHEAD = int(1.2 * GIB)
+# Python, torch, transformers, TRL and the tokenizer in the trainer child before the first weight.
+RUNTIME_OVERHEAD = int(0.7 * GIB)
+# Floats per token of one block's intermediates in training (over hidden and MLP width: norms, q/k/v, attention,
+# LoRA dropout copies, the gated MLP and their gradients) and in evaluation (no gradients).
+ACT_H, ACT_INTER = 24, 8
+EVAL_H, EVAL_INTER = 8, 3
+HEAD_COPIES = 4  # a chunk's logits, their log-softmax, its gradient, the statistics' softmax
+LLAMA_BUFFERS = 96 * MIB
+EMBEDDER = 400 * MIB
+# Bytes of float32 logits one chunk of positions may take in the LM head (training and perplexity): the head's
+# memory is then fixed by the vocabulary, not by how many reply tokens a batch holds (Qwen's 151,936-token
+# vocabulary makes 2,048 positions 1.2 GB a copy).
+HEAD_CHUNK_BYTES = 128 * MIB
+
+
+def head_chunk(vocab: int) -> int:
+    """Positions per chunk of the LM head: HEAD_CHUNK_BYTES of float32 logits."""
+    return max(16, HEAD_CHUNK_BYTES // (4 * max(1, vocab)))
+
+
+# all-MiniLM-L6-v2 through sentence-transformers, its torch buffers and the classifier
 
 
 def estimate_memory(shape: Any, config: Any, device: str) -> int:
@@ -21,46 +41,101 @@ def estimate_memory(shape: Any, config: Any, device: str) -> int:
 
 
 def memory_breakdown(shape: Any, config: Any, device: str) -> dict[str, int]:
-    """Bytes of the job's two phases and its peak; none of it depends on the community's size.
+    """Bytes of the job's phases and its peak; none of it depends on the community's size.
 
-    Training: frozen weights + LoRA state + activations + logits + runtime overhead. CPU: fp32 weights, no
-    checkpointing. CUDA: 4-bit weights when `quantize_4bit`, bf16 activations, and gradient checkpointing keeps
-    roughly one layer's activations alive instead of all of them.
-    Evaluation: the same weights, held-out perplexity batches (their logits dominate), llama.cpp generating from
-    the base GGUF (mapped file + KV cache + logits), the sentence embedder and the attribution classifier, whose
-    size is fixed by its panel (`trainer.attribution`), not by how many members the server has.
+    CPU (measured per phase by `doppel bench memory`, BENCHMARKS.md): the process's runtime, the float32 weights
+    once, the LoRA weights with their gradients and two Adam moments, and the largest of: a training micro-batch
+    (every block's input kept, one block's intermediates recomputed at a time, the LM head a chunk of positions at
+    a time: `trainer.lmhead`), the held-out perplexity batch (no gradients, one block at a time, the head in
+    chunks), llama.cpp generating from the base GGUF (mapped file + KV cache), or the sentence embedder.
+    CUDA (not measured here: no GPU was available): 4-bit or bf16 weights on the device, activations in bf16.
     """
-    from trainer.attribution import N_FEATURES, PANEL_OTHERS
-
     cuda = device.startswith("cuda")
-    b, s = config.micro_batch_size, config.max_length
+    if cuda:
+        return _cuda_breakdown(shape, config)
+    parts = memory_parts(shape, config)
+    training = parts["runtime"] + parts["weights"] + parts["lora"] + parts["train_batch"]
+    evaluation = parts["runtime"] + parts["weights"] + parts["lora"] + parts["eval_extra"]
+    return {"training": training, "evaluation": evaluation, "peak": max(training, evaluation)}
+
+
+def _dims(shape: Any) -> tuple[int, int, int, int, int]:
+    """(hidden, layers, vocab, MLP width, key/value width) of a base; the MLP width from the parameter count."""
     h, layers, vocab = max(shape.hidden, 1), max(shape.layers, 1), max(shape.vocab, 1)
-    heads = max(shape.heads, 1)
-    weight_bytes = 0.56 if cuda and config.quantize_4bit else (2 if cuda else 4)
-    act_bytes = 2 if cuda else 4
-    weights = shape.params * weight_bytes
-    # LoRA on the attention and MLP projections: ~ r * (in + out) per matrix, weights + grads + two Adam moments.
-    lora = layers * len(config.target_modules) * config.lora_r * (h + 4 * h) * 4 * 4
-    per_layer = b * s * h * 34 * act_bytes / 2 + 5 * b * heads * s * s * act_bytes / 2
-    kept_layers = 2 if (cuda and config.gradient_checkpointing) else layers
-    activations = per_layer * kept_layers
-    logits = 3 * b * s * vocab * 4  # logits, their softmax and gradient, in fp32 for the loss
-    training = int(weights + lora + activations + logits + RUNTIME_OVERHEAD)
+    per_layer = max(0.0, (shape.params - vocab * h) / layers)
+    # Attention holds q and o (h x h each) and grouped k / v (taken as h x h/4 each: 2.5 h^2 in all).
+    inter = max(h, int((per_layer - 2.5 * h * h) / (3 * h)))
+    kv = max(1, h // 4)
+    return h, layers, vocab, inter, kv
+
+
+def lora_params(shape: Any, config: Any) -> int:
+    """Trainable LoRA parameters: r x (in + out) for every targeted projection of every block."""
+    h, layers, _, inter, kv = _dims(shape)
+    sizes = {
+        "q_proj": 2 * h,
+        "k_proj": h + kv,
+        "v_proj": h + kv,
+        "o_proj": 2 * h,
+        "gate_proj": h + inter,
+        "up_proj": h + inter,
+        "down_proj": h + inter,
+    }
+    per_layer = sum(sizes.get(t, h + inter) for t in config.target_modules)
+    return int(layers * config.lora_r * per_layer)
+
+
+def memory_parts(shape: Any, config: Any, tokens: int = 0) -> dict[str, int]:
+    """The CPU job's items in bytes: runtime, weights, LoRA state, a training micro-batch, evaluation's extra.
+
+    `tokens`: the tokens of a micro-batch; 0 takes the bound (micro-batch x max_length), as pre-flight must.
+    """
+    h, layers, vocab, inter, kv = _dims(shape)
+    b, s = config.micro_batch_size, config.max_length
+    t = tokens or b * s
+    weights = shape.params * 4
+    lora = lora_params(shape, config) * 16  # float32 weight, gradient and two Adam moments
+    kept = layers * t * h * 4  # each block's input, kept for its recomputation
+    one_block = t * (ACT_H * h + ACT_INTER * inter) * 4
+    if not getattr(config, "gradient_checkpointing", True):
+        kept, one_block = layers * one_block, 0
+    head = HEAD_COPIES * head_chunk(vocab) * vocab * 4 + 3 * t * h * 4
+    train_batch = kept + one_block + head
     eb = max(1, int(getattr(config, "eval_batch_size", 4) or 4))
-    # No gradients: one layer's activations at a time, plus the logits and their fp32 copy for the loss.
-    ppl = eb * s * h * 8 * act_bytes + 2 * eb * s * vocab * 4
-    evaluation = weights + lora + ppl + RUNTIME_OVERHEAD
-    if not cuda:  # on a GPU host these run in host memory, beside the device's budget
-        gguf = _gguf_bytes(config)
+    te = eb * s
+    ppl = te * (EVAL_H * h + EVAL_INTER * inter) * 4 + 3 * head_chunk(vocab) * vocab * 4 + eb * s * s
+    extra = ppl
+    gguf = _gguf_bytes(config)
+    if getattr(config, "eval_samples", 4) > 0 and gguf:
         n_ctx = 2048
-        kv = (
-            2 * layers * n_ctx * h * 2
-        )  # f16 K and V for every layer (an upper bound with grouped-query heads)
-        llama = gguf + kv + 512 * vocab * 4 + 64 * MIB
-        embedder = 160 * MIB if getattr(config, "eval_fidelity", True) else 0
-        classifier = 3 * (PANEL_OTHERS + 1) * N_FEATURES * 8  # weights, idf and liblinear's working copy
-        evaluation += llama + embedder + classifier
-    evaluation = int(evaluation)
+        llama = gguf + 2 * layers * n_ctx * 2 * kv * 2 + 512 * vocab * 4 + LLAMA_BUFFERS
+        extra = max(extra, llama)
+    if getattr(config, "eval_fidelity", True) and gguf:
+        extra = max(extra, EMBEDDER)
+    return {
+        "runtime": RUNTIME_OVERHEAD,
+        "weights": int(weights),
+        "lora": int(lora),
+        "train_batch": int(train_batch),
+        "eval_extra": int(extra),
+    }
+
+
+def floor_bytes(shape: Any, config: Any, tokens: int) -> int:
+    """What training cannot do without: the weights once, the LoRA state, one micro-batch of `tokens`' activations."""
+    parts = memory_parts(shape, config, tokens)
+    return parts["weights"] + parts["lora"] + parts["train_batch"]
+
+
+def _cuda_breakdown(shape: Any, config: Any) -> dict[str, int]:
+    # The CPU items with the device's number formats: NF4 (~0.56 bytes a parameter with its scales) or bf16
+    # weights, bf16 activations; llama.cpp and the embedder of the evaluation run in host memory, beside it.
+    parts = memory_parts(shape, config)
+    weights = int(shape.params * (0.56 if config.quantize_4bit else 2))
+    train_batch = parts["train_batch"] // 2
+    ppl_only = memory_parts(shape, dataclasses.replace(config, eval_samples=0, eval_fidelity=False))
+    training = parts["runtime"] + weights + parts["lora"] + train_batch
+    evaluation = parts["runtime"] + weights + parts["lora"] + ppl_only["eval_extra"] // 2
     return {"training": training, "evaluation": evaluation, "peak": max(training, evaluation)}
 
 
@@ -72,3 +147,118 @@ def _gguf_bytes(config: Any) -> int:
             except OSError:
                 continue
     return 0
+
+
+# --- measured: peak resident memory per phase of the trainer child ------------------------------------------------
+def _status_kb(field: str) -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak() -> bool:
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0): each phase gets its own peak.
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def limit_allocator() -> None:
+    """Fewer glibc malloc arenas in this process: each thread's arena otherwise keeps its freed pages mapped."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX: torch's worker threads share two arenas instead of 8 per core
+    except (OSError, AttributeError):
+        pass
+
+
+def trim_allocator() -> None:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`), so the next phase starts from what is live."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PhaseMeter:
+    """Peak RSS (and on CUDA peak allocated VRAM) of each phase of this process, in MiB.
+
+    `enter(name)` closes the phase running now (its VmHWM since it began), returns freed heap to the OS, and resets
+    the high-water mark, so each figure is what that phase alone needed at its worst, weights it shares included.
+    """
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, float] = {}
+        self.vram: dict[str, float] = {}
+        self.phase: str | None = None
+        self.lifetime_kb = 0
+        self.resets = (
+            False  # nothing is reset until the child's first phase: the parent imports this module too
+        )
+
+    def enter(self, phase: str | None) -> None:
+        """Close the current phase and start `phase` (None: just close)."""
+        hwm = _status_kb("VmHWM")
+        self.lifetime_kb = max(self.lifetime_kb, hwm)
+        if self.phase is not None:
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), round(hwm / 1024, 1))
+            cuda = _cuda()
+            if cuda is not None:
+                mb = round(cuda.max_memory_allocated() / MIB, 1)
+                self.vram[self.phase] = max(self.vram.get(self.phase, 0.0), mb)
+        gc_collect()
+        trim_allocator()
+        self.resets = _reset_peak()
+        cuda = _cuda()
+        if cuda is not None:
+            cuda.empty_cache()
+            cuda.reset_peak_memory_stats()
+        self.phase = phase
+
+    def report(self) -> dict[str, Any]:
+        """Per-phase peaks so far (the running phase included) and the process's lifetime peak, in MiB."""
+        hwm = _status_kb("VmHWM")
+        peaks = dict(self.peaks)
+        if self.phase is not None:
+            peaks[self.phase] = max(peaks.get(self.phase, 0.0), round(hwm / 1024, 1))
+        out: dict[str, Any] = {
+            "phases_mb": peaks,
+            "peak_mb": round(max(self.lifetime_kb, hwm) / 1024, 1),
+            "per_phase_reset": self.resets,
+        }
+        if self.vram:
+            out["vram_phases_mb"] = dict(self.vram)
+        return out
+
+
+def gc_collect() -> None:
+    """Collect Python garbage (reference cycles keep tensors of a finished phase alive)."""
+    import gc
+
+    gc.collect()
+
+
+def _cuda() -> Any:
+    import sys
+
+    torch = sys.modules.get("torch")  # never imports torch: the parent side reads this module too
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda
+
+
+METER = PhaseMeter()

@@ -8,6 +8,7 @@ from typing import Any
 
 from trainer.config import TrainConfig
 from trainer.evaluation import fidelity_report, gate, perplexity
+from trainer.memory import METER
 
 
 def generate_llama_cpp(
@@ -64,13 +65,16 @@ def evaluate(
         rows = rows[: cfg.eval_max_examples]
     metrics: dict[str, Any] = {"heldout_examples": len(rows)}
     if rows:
-        metrics["ppl_adapter"] = round(
-            perplexity(model, tokenizer, rows, cfg.eval_batch_size, check=check), 4
-        )
+        METER.enter("perplexity")
+
+        # Scored at the length the adapter was trained at (older context dropped first, as in training): a batch
+        # of held-out rows then needs no more than a training micro-batch of the same size.
+        def score() -> float:
+            return round(perplexity(model, tokenizer, rows, cfg.eval_batch_size, cfg.max_length, check), 4)
+
+        metrics["ppl_adapter"] = score()
         with model.disable_adapter():
-            metrics["ppl_base"] = round(
-                perplexity(model, tokenizer, rows, cfg.eval_batch_size, check=check), 4
-            )
+            metrics["ppl_base"] = score()
     samples: list[dict[str, str]] = []
     base_replies: list[str] = []
     if rows and cfg.eval_samples > 0 and adapter_gguf is not None and base_gguf is not None:
@@ -89,6 +93,7 @@ def evaluate(
             "threads": cfg.threads,
             "check": check,
         }
+        METER.enter("generation")
         replies = generate_llama_cpp(base_gguf, adapter_gguf, prompts, **gen)
         base_replies = generate_llama_cpp(base_gguf, None, prompts, **gen)
         samples = [
@@ -101,6 +106,7 @@ def evaluate(
     metrics["samples"] = [{"generated": x["generated"], "base": x["base"]} for x in samples]
     check()
     if cfg.eval_fidelity and samples:
+        METER.enter("fidelity")
         metrics["fidelity"] = fidelity_report(
             [s["generated"] for s in samples],
             [s["target"] for s in samples],

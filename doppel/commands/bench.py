@@ -20,11 +20,12 @@ BENCHES = {
     "scale": "doppel.benchscale:scale",
     "colocated": "doppel.benchcolocated:colocated",
     "join": "doppel.benchjoin:join",
+    "memory": "doppel.benchmemory:memory",
 }
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("bench", help="run a benchmark (ingest, dataset, train, inference, join, all)")
+    p = sub.add_parser("bench", help="run a benchmark (ingest, dataset, train, inference, join, memory, all)")
     p.add_argument("name", choices=[*BENCHES, "all"])
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.add_argument("-o", "--output", help="also write the JSON result to this file")
@@ -65,12 +66,17 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         choices=("heldout", "validation"),
         help="join: score the held-out windows (default) or the validation windows used to tune the method",
     )
+    p.add_argument(
+        "--cases",
+        default="",
+        help="memory: comma-separated cases (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b; default all)",
+    )
     return p
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Any:
     # fidelity, scale and colocated train personas (minutes to tens of minutes on a CPU): by name, not in `all`.
-    long = ("fidelity", "scale", "colocated")
+    long = ("fidelity", "scale", "colocated", "memory")
     names = [n for n in BENCHES if n not in long] if args.name == "all" else [args.name]
     results: dict[str, Any] = {}
     for name in names:

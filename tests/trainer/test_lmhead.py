@@ -56,19 +56,33 @@ def _loss_and_grads(compute: Any, trainer: Any, batch: dict[str, Any]) -> tuple[
     return float(loss.detach()), grads
 
 
-@pytest.mark.parametrize("batching", ["padding_free", "length_grouped"])
+@pytest.mark.parametrize(
+    ("batching", "chunked"), [("padding_free", False), ("length_grouped", False), ("padding_free", True)]
+)
 def test_compact_loss_equals_trls_fused_head(
-    tiny_model: Any, tiny_chat_format: Any, tmp_path: Path, batching: str
+    tiny_model: Any,
+    tiny_chat_format: Any,
+    tmp_path: Path,
+    batching: str,
+    chunked: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from trl import SFTTrainer
 
+    from trainer import memory
     from trainer.lmhead import PersonaSFTTrainer, compact_loss_applies
 
+    if (
+        chunked
+    ):  # the head in chunks of 16 positions (the least it takes), each recomputed in the backward pass
+        monkeypatch.setattr(memory, "HEAD_CHUNK_BYTES", 1)
     trainer = _trainer(tiny_model, tiny_chat_format, tmp_path, batching)
     trainer.model.train()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     assert 0 < labelled < batch["labels"].numel() // 2, "persona rows are mostly context"
+    if chunked:
+        assert labelled > 3 * 16, "the labelled positions span several chunks"
     assert compact_loss_applies(trainer.model, batch["input_ids"].device)
 
     ours, our_grads = _loss_and_grads(PersonaSFTTrainer.compute_loss, trainer, batch)

@@ -27,17 +27,20 @@ def run(
     """Train the persona adapter, evaluate it, and publish the adapter folder; returns the artifact summary."""
     from trainer.basemodel import load_base
     from trainer.jobdata import fit_rows, job_format, load_job_data, weighted_rows
+    from trainer.memory import METER
 
     # --- setup
     setup_torch(cfg)
     data = load_job_data(job_dir, key)
     emitter.emit("phase", phase="loading base model")
+    METER.enter("loading")
     base = load_base(
         Path(cfg.base_model),
         quantize_4bit=cfg.quantize_4bit,
         gradient_checkpointing=cfg.gradient_checkpointing,
         cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None,
     )
+    METER.enter("dataset")
     rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length, job_format(cfg))
     cfg = cfg.for_rows(rows)  # steps from the member's data: its size and, under a token budget, its length
     # Reaction weighting works by sampling, so the loss stays TRL's own (completion-only, EOS included).
@@ -58,7 +61,10 @@ def run(
 
 
 def setup_torch(cfg: TrainConfig) -> None:
-    """Threads and seeds, before any model is built."""
+    """Threads, seeds and the allocator, before any model is built."""
+    from trainer.memory import limit_allocator
+
+    limit_allocator()  # before torch starts threads: each would otherwise get an arena of its own
     import torch
     from transformers import set_seed
 
@@ -117,7 +123,11 @@ def sft_args(cfg: TrainConfig, job_dir: Path, *, micro: int, accum: int, device:
         train_sampling_strategy="group_by_length" if cfg.batching == "length_grouped" else "random",
         include_num_input_tokens_seen="non_padding",
         bf16=device == "cuda",
-        gradient_checkpointing=device == "cuda" and cfg.gradient_checkpointing,
+        # On a CPU too: a block's activations are recomputed in the backward pass, so a micro-batch keeps each
+        # block's input and one block's intermediates (SmolLM2-135M, 8 real-chat examples: see BENCHMARKS.md,
+        # memory) instead of every block's, for about a quarter more compute per step.
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         report_to=["tensorboard"] if cfg.tensorboard else "none",
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -145,6 +155,7 @@ def train_sft(
     from trainer.attention import segments_for
     from trainer.callbacks import CountingCollator, JobCallback, host_share, last_checkpoint, loss_points
     from trainer.lmhead import PersonaSFTTrainer
+    from trainer.memory import METER
 
     peft_model = get_peft_model(model, lora_config(cfg, model))
     initial = {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
@@ -187,6 +198,7 @@ def train_sft(
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
         t_train, c_train = time.monotonic(), time.process_time()
+        METER.enter("training")
         try:
             with segments_for(peft_model.get_base_model(), cfg.batching == "padding_free"):
                 callback.train(trainer, resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -271,12 +283,14 @@ def finish_job(
     from trainer.adapter_folder import StagedAdapter, export_gguf
     from trainer.basemodel import file_sha256
     from trainer.export_gguf import BaseInfo
+    from trainer.memory import METER
     from trainer.plot import loss_png
 
     check = stop_check(cancel, "during evaluation: the trained adapter is kept, `doppel eval` evaluates it")
     stop_check(cancel, "before the export: resume continues from the last checkpoint")()
     emitter.emit("phase", phase="exporting")
     train_peak = peak_rss_mb()
+    METER.enter("export")
     staged = StagedAdapter(job_dir / "output" / "adapter")
     export_error: str | None = None
     try:
@@ -344,11 +358,15 @@ def finish_job(
         check=check,
     )
     metrics["evaluation"] = "done"
-    # ru_maxrss is the peak of the whole life of the process: read after training, then after evaluation.
+    # The peak of the whole life of the process: read after training, then after evaluation; and per phase.
+    measured = METER.report()
     metrics["resources"] = {
         "train_peak_rss_mb": train_peak,
         "peak_rss_mb": peak_rss_mb(),
-        "estimate_mb": estimate_mb(cfg, str(stats.get("device") or "cpu")),
+        "estimate_mb": estimate_mb(cfg, str(stats.get("device") or "cpu"), model),
+        "floor_mb": floor_mb(cfg, model, stats),
+        "phases_mb": measured["phases_mb"],
+        **({"vram_phases_mb": measured["vram_phases_mb"]} if "vram_phases_mb" in measured else {}),
     }
     update_meta(path, metrics=metrics)
     emitter.emit("metrics", **{k: v for k, v in metrics.items()})
@@ -410,19 +428,59 @@ def update_meta(folder: Path, **fields: Any) -> dict[str, Any]:
     return meta
 
 
-def estimate_mb(cfg: TrainConfig, device: str) -> dict[str, float] | None:
-    """The pre-flight's estimate for this job (training, evaluation, peak) in MiB, to compare with the measured peak."""
-    from core.ggufinfo import read_shape
+def estimate_mb(cfg: TrainConfig, device: str, model: Any = None) -> dict[str, float] | None:
+    """The pre-flight's estimate for this job (training, evaluation, peak) in MiB, to compare with the measured peak.
+
+    From the GGUF header as pre-flight reads it; a base known only as a HF folder is shaped from `model`'s config.
+    """
     from trainer.memory import memory_breakdown
 
-    gguf = base_gguf_for(cfg)
-    if gguf is None or not gguf.is_file():
+    shape = _shape(cfg, model)
+    if shape is None:
         return None
     try:
-        phases = memory_breakdown(read_shape(gguf), cfg, device)
+        phases = memory_breakdown(shape, cfg, device)
     except Exception:
         return None
     return {k: round(v / 2**20, 1) for k, v in phases.items()}
+
+
+def floor_mb(cfg: TrainConfig, model: Any, stats: dict[str, Any]) -> float | None:
+    """What training could not do without, in MiB: weights, LoRA state, one mean micro-batch's activations."""
+    from trainer.memory import floor_bytes
+
+    shape = _shape(cfg, model)
+    batches = int(stats.get("steps") or 0) * int(stats.get("grad_accum") or cfg.grad_accum)
+    if shape is None or not batches:
+        return None
+    tokens = max(1, int(stats.get("real_tokens") or 0) // batches)
+    return round(floor_bytes(shape, cfg, tokens) / 2**20, 1)
+
+
+def _shape(cfg: TrainConfig, model: Any) -> Any:
+    from core.ggufinfo import ModelShape, read_shape
+
+    gguf = base_gguf_for(cfg)
+    if gguf is not None and gguf.is_file():
+        try:
+            return read_shape(gguf)
+        except Exception:
+            return None
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
+    return ModelShape(
+        architecture=str(config.model_type),
+        params=int(params),
+        layers=int(config.num_hidden_layers),
+        hidden=int(config.hidden_size),
+        heads=int(config.num_attention_heads),
+        vocab=int(config.vocab_size),
+        context=int(getattr(config, "max_position_embeddings", 0) or 0),
+        file_bytes=0,
+    )
 
 
 def peak_rss_mb() -> float:
@@ -430,8 +488,12 @@ def peak_rss_mb() -> float:
     import resource
     import sys
 
+    from trainer.memory import METER
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+    # The phase meter resets the kernel's high-water mark at each phase; it keeps the lifetime peak itself.
+    own = float(METER.report()["peak_mb"]) if sys.platform != "darwin" else 0.0
+    return max(own, round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1))
 
 
 def reevaluate(

@@ -1,0 +1,279 @@
+"""`doppel bench memory`: peak RSS of a training job's trainer child, phase by phase, beside its floor and pre-flight.
+
+Cases: the bundled SmolLM2-135M under the `good` preset (training and the full evaluation: perplexity, llama.cpp
+samples, style and attribution), and random-weight models with the exact shapes of Qwen2.5-0.5B and Qwen2.5-1.5B
+(memory and speed do not depend on weight values; built from a config, nothing downloaded), each trained a few
+real steps on real chat (`doppel/benchdata`, the fidelity bench's Ubuntu IRC logs) through `python -m trainer run`,
+the product's own child. Each job also runs as a plain HF `Trainer` + PEFT on the same model and rows (its
+tokens/s beside ours). On a GPU host the same child reports peak VRAM per phase (`torch.cuda.max_memory_allocated`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+# Exact shapes of the Qwen2.5 bases people use on CPUs and small GPUs (their config.json).
+QWEN_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": {
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    },
+    "qwen2.5-1.5b": {
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    },
+}
+# name -> (model, TrainConfig overrides). SmolLM2 runs the `good` preset as it is (micro-batch 8) with the full
+# evaluation; the Qwen shapes train at micro-batch 2 (what pre-flight fits on a 16 GB host) and score perplexity.
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "smollm2-135m": ("smollm2", {"max_steps": 4}),
+    "qwen2.5-0.5b": (
+        "qwen2.5-0.5b",
+        {"max_steps": 2, "micro_batch_size": 2, "grad_accum": 4, "eval_max_examples": 8},
+    ),
+    "qwen2.5-1.5b": (
+        "qwen2.5-1.5b",
+        {"max_steps": 2, "micro_batch_size": 2, "grad_accum": 4, "eval_max_examples": 4},
+    ),
+}
+TARGETS = {"smollm2-135m": 2000.0, "qwen2.5-1.5b": 12000.0}  # MiB of peak RSS (issue 31)
+
+
+def say(text: str) -> None:
+    """Progress on stderr: stdout carries the JSON."""
+    print(f"[memory] {text}", file=sys.stderr, flush=True)
+
+
+def memory(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """Entry point of `doppel bench memory`."""
+    names = [c for c in str(getattr(args, "cases", "") or "").split(",") if c] or list(CASES)
+    if getattr(args, "quick", False) and not getattr(args, "cases", ""):
+        names = ["smollm2-135m"]
+    home = Path(tempfile.mkdtemp(prefix="doppel-bench-memory-"))
+    try:
+        return asyncio.run(_run(dataclasses.replace(settings, home=home), names, settings))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+async def _run(bench: Settings, names: list[str], settings: Settings) -> dict[str, Any]:
+    from trainer.config import TrainConfig
+
+    bench.home.mkdir(parents=True, exist_ok=True)
+    member, prep = await _real_chat(bench)
+    say(f"real chat: {prep}")
+    gguf = settings.base_gguf_path()
+    result: dict[str, Any] = {"host": _host(), "data": prep, "cases": {}}
+    for name in names:
+        model, overrides = CASES[name]
+        job = bench.home / "jobs" / name
+        from core.chatformat import ChatFormat
+        from data.store import Store
+        from jobs.dataset import materialize
+
+        async with Store.open(bench) as store:
+            await materialize(
+                store, bench, member, job, ChatFormat.from_gguf(gguf), encrypt=False, style="plain"
+            )
+        if model == "smollm2":
+            base = {"base_model": str(gguf)}
+        else:
+            folder = _shaped_model(bench.home / "models" / model, model, gguf)
+            base = {"base_model": str(folder), "base_gguf": "", "base_cache_dir": ""}
+        cfg = TrainConfig.from_settings(
+            bench, preset="good", member_id=member, persona_name=member, **base, **overrides
+        )
+        cfg = dataclasses.replace(cfg, priority="normal", adapt_threads=False, yield_to_serving=False)
+        cfg.to_json(job / "config.json")
+        say(f"{name}: training {cfg.max_steps} steps of {cfg.micro_batch_size}x{cfg.grad_accum}")
+        ours = _child(job)
+        say(f"{name}: {json.dumps(ours)}")
+        baseline = _baseline(job)
+        say(f"{name}: baseline {json.dumps(baseline)}")
+        result["cases"][name] = _case(name, cfg, ours, baseline)
+    result["meets_targets"] = all(c.get("meets_target", True) for c in result["cases"].values())
+    result["estimate_within_1_3x"] = all(
+        1.0 <= (c.get("estimate_over_peak") or 0) <= 1.3 for c in result["cases"].values()
+    )
+    return result
+
+
+async def _real_chat(bench: Settings) -> tuple[str, dict[str, Any]]:
+    """Import the fidelity bench's real chat (40 logs of the most active member) into the bench's own store."""
+    from doppel.benchcorpus import author_id, choose_panel, load_logs, select_logs
+    from doppel.benchfidelity import _prepare
+
+    logs_all = load_logs()
+    panel = choose_panel(logs_all, 5)
+    logs = select_logs(logs_all, panel, 40)
+    prep = await _prepare(bench, panel, logs)
+    return author_id(panel[0]), {"logs": len(logs), "messages": prep["stored"], "authors": prep["authors"]}
+
+
+def _shaped_model(dest: Path, name: str, gguf: Path) -> Path:
+    """A random-weight Qwen2 of `name`'s shape, built in a process of its own (its 6 GB leave with it)."""
+    if not (dest / "config.json").exists():
+        _helper("shape", str(dest), name, str(gguf))
+    return dest
+
+
+def build_shaped(dest: Path, name: str, gguf: Path) -> None:
+    """Save a float32 Qwen2 with QWEN_SHAPES[name] and SmolLM2's tokenizer (real chat tokenizes as it really does)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, set_seed
+
+    from trainer.basemodel import load_tokenizer
+
+    config = Qwen2Config(**QWEN_SHAPES[name], max_position_embeddings=32768, rms_norm_eps=1e-6)
+    set_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype="float32")
+    model.save_pretrained(str(dest))
+    load_tokenizer(gguf).save_pretrained(str(dest))
+
+
+def _helper(*args: str) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "doppel.benchmemory", *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{args[0]} failed:\n{proc.stderr[-3000:]}")
+    return dict(json.loads(lines[-1]))
+
+
+def _child(job: Path) -> dict[str, Any]:
+    """Run the trainer child on `job`; its per-phase peaks, training throughput and pre-flight estimate."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "run", str(job)],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    finished = events[-1] if events else {}
+    if finished.get("status") != "succeeded":
+        raise RuntimeError(f"trainer failed: {finished.get('error')}\n{proc.stderr[-3000:]}")
+    metrics = next(e for e in reversed(events) if e["event"] == "metrics")
+    meta = json.loads((Path(finished["adapter"]) / "meta.json").read_text(encoding="utf-8"))
+    sft = meta["training"]["sft"]
+    res = metrics["resources"]
+    return {
+        "wall_s": round(time.monotonic() - t0, 1),
+        "phases_mb": res.get("phases_mb"),
+        "peak_rss_mb": res.get("peak_rss_mb"),
+        "estimate_mb": res.get("estimate_mb"),
+        "floor_mb": res.get("floor_mb"),
+        "tokens_per_s": sft.get("tokens_per_s"),
+        "real_tokens": sft.get("real_tokens"),
+        "train_seconds": sft.get("train_seconds"),
+        "evaluation": {
+            k: metrics.get(k) is not None for k in ("ppl_adapter", "ppl_base", "samples", "fidelity")
+        },
+        "attribution": bool(((metrics.get("fidelity") or {}).get("attribution") or {}).get("available")),
+    }
+
+
+def _baseline(job: Path) -> dict[str, Any]:
+    """Plain HF `Trainer` + PEFT on the same model and rows, in a process of its own (its own peak RSS)."""
+    return _helper("baseline", str(job))
+
+
+def _case(name: str, cfg: Any, ours: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    peak = float(ours["peak_rss_mb"] or 0)
+    estimate = (ours.get("estimate_mb") or {}).get("peak")
+    out: dict[str, Any] = {
+        "micro_batch_size": cfg.micro_batch_size,
+        "grad_accum": cfg.grad_accum,
+        "max_length": cfg.max_length,
+        "steps": cfg.max_steps,
+        **ours,
+        "baseline": baseline,
+        "tokens_per_s_ratio": (
+            round(ours["tokens_per_s"] / baseline["tokens_per_s"], 2)
+            if ours.get("tokens_per_s") and baseline.get("tokens_per_s")
+            else None
+        ),
+        "estimate_over_peak": round(estimate / peak, 3) if estimate and peak else None,
+    }
+    if name in TARGETS:
+        out["target_peak_rss_mb"] = TARGETS[name]
+        out["meets_target"] = peak <= TARGETS[name]
+    return out
+
+
+def _host() -> dict[str, Any]:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        lscpu = ""
+    info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    import psutil
+
+    return {
+        "cpu": info.get("Model name", "").strip(),
+        "cores": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+    }
+
+
+def baseline_main(job: Path) -> dict[str, Any]:
+    """The baseline in this process: the job's fitted rows, its micro-batch and steps, HF Trainer + PEFT."""
+    import resource
+
+    from doppel.benchtrain import _baseline_run
+    from trainer.basemodel import load_tokenizer
+    from trainer.config import TrainConfig
+    from trainer.jobdata import fit_rows, job_format, load_job_data
+
+    cfg = TrainConfig.from_json(job / "config.json")
+    model_dir = Path(cfg.base_model)
+    if model_dir.suffix == ".gguf":
+        from trainer.basemodel import dequantized_folder
+
+        model_dir = dequantized_folder(model_dir, Path(cfg.base_cache_dir))
+    tokenizer = load_tokenizer(model_dir)
+    rows, _ = fit_rows(load_job_data(job).train, tokenizer, cfg.max_length, job_format(cfg))
+    # Gradient accumulation is not the baseline's business: the same examples per step, in one micro-batch each.
+    run_cfg = dataclasses.replace(cfg, max_steps=cfg.max_steps * cfg.grad_accum)
+    rows = rows[: run_cfg.max_steps * cfg.micro_batch_size]
+    out = _baseline_run(run_cfg, model_dir, tokenizer, rows, job / "baseline")
+    out["tokens_per_s"] = round(out["trained_tokens"] / out["seconds"], 1) if out["seconds"] else None
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+if __name__ == "__main__":
+    sys.stdout, real = sys.stderr, sys.stdout  # libraries print; only the result goes to stdout
+    if sys.argv[1] == "shape":
+        build_shaped(Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
+        print(json.dumps({"built": sys.argv[3]}), file=real, flush=True)
+    else:
+        print(json.dumps(baseline_main(Path(sys.argv[2]))), file=real, flush=True)
