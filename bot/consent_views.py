@@ -28,7 +28,7 @@ CUSTOM_IDS = {
 async def state_text(services: Services, member_id: str) -> str:
     """The member's consent state as shown under the buttons."""
     scopes = await services.scopes(member_id)
-    upload_only = "train" in scopes and await services.upload_only(member_id)
+    upload_only = "train" in scopes and await services.store.consents.upload_only(member_id)
     return "**Your Doppel consent**\n" + consent_summary(scopes, upload_only=upload_only)
 
 

@@ -212,7 +212,7 @@ class DoppelCommands(app_commands.Group):
         raw = await export.read()
         own = await asyncio.to_thread(only_author, raw, member_id)
         token = self.uploads.put(own)
-        live = await self.services.records_live(member_id)
+        live = await self.services.store.consents.records_live(member_id)
         lines = [
             f"Your export of **#{discord.utils.escape_markdown(own.channel)}** holds **{own.own}** messages of yours.",
             UPLOAD_CONSENT.format(own=own.own, others=own.read - own.own),

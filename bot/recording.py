@@ -74,9 +74,8 @@ class Recorder:
         config = config or await self.services.guild_config(str(message.guild.id))
         if not config.records(channel_key(message.channel)):
             return False
-        return await self.services.records_live(
-            str(message.author.id)
-        )  # an upload's consent does not count here
+        # An upload's consent does not count here (data.consents holds that rule).
+        return await self.services.store.consents.records_live(str(message.author.id))
 
     async def on_message(self, message: discord.Message) -> bool:
         """Store `message` if the gate lets it through; returns whether it was stored."""
@@ -124,7 +123,7 @@ class Recorder:
                 continue
             author = str(message.author.id)
             if author not in consenting:  # one consent lookup per author, not per message
-                consenting[author] = await self.services.records_live(author)
+                consenting[author] = await self.services.store.consents.records_live(author)
             if not consenting[author]:
                 continue
             members[author] = to_member(message.author)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from bot.errors import BadUpload
 from core.chatformat import Utterance
 from core.settings import Settings
+from data.consents import TRAIN_HOLDERS
 from data.records import Member, Message
 from jobs.table import JobTable
 from models.registry import Registry
@@ -176,23 +177,6 @@ class Services:
         """The member's current consent scopes."""
         return set(await self.consent.scopes(member_id))
 
-    async def records_live(self, member_id: str) -> bool:
-        """Whether the member's live messages may be recorded: `train` granted other than with an uploaded export."""
-        # A `train` grant whose channel is 'upload' covers the member's own uploaded export only (docs/discord-setup.md).
-        row = await self.store.fetchone(
-            "SELECT 1 FROM consent WHERE member_id = ? AND scope = 'train' AND channel != 'upload'",
-            (member_id,),
-        )
-        return row is not None
-
-    async def upload_only(self, member_id: str) -> bool:
-        """Whether the member's `train` consent came with an uploaded export only (live messages not recorded)."""
-        row = await self.store.fetchone(
-            "SELECT 1 FROM consent WHERE member_id = ? AND scope = 'train' AND channel = 'upload'",
-            (member_id,),
-        )
-        return row is not None
-
     async def grant(self, member_id: str, scopes: Sequence[str], actor: str, channel: str) -> None:
         """Grant `scopes` (audited with `channel`)."""
         await self.consent.grant([member_id], list(scopes), actor=actor, channel=channel)
@@ -314,8 +298,8 @@ class Services:
             else ""
         )
         rows = await self.store.fetchall(
-            "SELECT m.author_id, COUNT(*) FROM messages m JOIN consent c ON c.member_id = m.author_id "
-            "AND c.scope = 'train' WHERE 1 = 1" + skip + " GROUP BY m.author_id HAVING COUNT(*) >= ? "
+            "SELECT m.author_id, COUNT(*) FROM messages m "
+            f"WHERE m.author_id IN ({TRAIN_HOLDERS})" + skip + " GROUP BY m.author_id HAVING COUNT(*) >= ? "
             "ORDER BY COUNT(*) DESC, m.author_id" + (" LIMIT ?" if limit is not None else ""),
             (self.settings.training.min_examples, *((limit,) if limit is not None else ())),
         )
@@ -329,8 +313,8 @@ class Services:
             else ""
         )
         row = await self.store.fetchone(
-            "SELECT COUNT(*) FROM (SELECT m.author_id FROM messages m JOIN consent c ON c.member_id = m.author_id "
-            "AND c.scope = 'train' WHERE 1 = 1" + skip + " GROUP BY m.author_id HAVING COUNT(*) >= ?)",
+            "SELECT COUNT(*) FROM (SELECT m.author_id FROM messages m "
+            f"WHERE m.author_id IN ({TRAIN_HOLDERS})" + skip + " GROUP BY m.author_id HAVING COUNT(*) >= ?)",
             (self.settings.training.min_examples,),
         )
         return int(row[0]) if row else 0

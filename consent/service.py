@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from consent.errors import ConsentError
+from data.consents import UPLOAD
 from data.errors import InvalidMemberIdError
 from data.members import check_member_id
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 
 # `join` (a persona speaking unprompted) is its own opt-in: a `chat` grant never implies it.
 SCOPES = ("train", "chat", "join")
-CHANNELS = ("button", "command", "cli", "upload")
+CHANNELS = ("button", "command", "cli", UPLOAD)
 
 
 def parse_scopes(scopes: Iterable[str] | str) -> list[str]:
@@ -76,9 +77,9 @@ class ConsentService:
                         "INSERT OR IGNORE INTO consent(member_id, scope, granted_at, actor, channel) VALUES (?, ?, ?, ?, ?)",
                         (m, scope, now, actor, channel),
                     )
-                    if not cur.rowcount and channel != "upload":
-                        # A grant made with an uploaded export covers that export only; granted again through any
-                        # other channel it widens (live recording too), so the row is re-stamped and audited.
+                    if not cur.rowcount and channel != UPLOAD:
+                        # A grant made with an uploaded export covers that export only (data.consents reads it so);
+                        # granted again through any other channel it widens, so the row is re-stamped and audited.
                         cur = await db.execute(
                             "UPDATE consent SET granted_at = ?, actor = ?, channel = ? "
                             "WHERE member_id = ? AND scope = ? AND channel = 'upload'",

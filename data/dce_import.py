@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import ijson
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from data.consents import train_covering
 from data.crypto import Keyring, message_ad, seal
 from data.errors import ImportFileError
 from data.members import UPSERT_SQL, member_row
@@ -213,15 +214,8 @@ class _FileImport:
             str(guild["id"]) if isinstance(guild, dict) and guild.get("id") not in (None, "", "0") else None
         )
         channel_id, channel_name = str(channel["id"]), channel.get("name")
-        # A `train` grant made with an upload covers that member's own export only: not an admin's server import,
-        # not someone else's upload.
-        train = {
-            r[0]
-            for r in self.conn.execute(
-                "SELECT member_id FROM consent WHERE scope = 'train' AND (channel != 'upload' OR member_id = ?)",
-                (self.upload_owner or "",),
-            )
-        }
+        # An upload-only grant counts for that member's own upload alone (the rule is data.consents').
+        train = train_covering(self.conn, self.upload_owner)
         self.start_rowid = self.conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM messages").fetchone()[0]
         now = time.time()
         batch: list[tuple[Any, ...]] = []

@@ -25,14 +25,6 @@ async def member_export(store: Store, member_id: str) -> dict[str, Any]:
     blind tests (`consent.export` adds jobs and adapters from their owners)."""
     member_id = check_member_id(member_id)
     member = await store.members.get(member_id)
-    scopes = await store.fetchall(
-        "SELECT scope, granted_at, actor, channel FROM consent WHERE member_id = ? ORDER BY scope",
-        (member_id,),
-    )
-    audit = await store.fetchall(
-        "SELECT action, scope, actor, channel, at FROM consent_audit WHERE member_id = ? ORDER BY seq",
-        (member_id,),
-    )
     models = [
         r[0]
         for r in await store.fetchall(
@@ -54,10 +46,7 @@ async def member_export(store: Store, member_id: str) -> dict[str, Any]:
         "exported_at": time.time(),
         "member_id": member_id,
         "profile": asdict(member) if member else None,
-        "consent": [dict(zip(("scope", "granted_at", "actor", "channel"), r, strict=True)) for r in scopes],
-        "consent_audit": [
-            dict(zip(("action", "scope", "actor", "channel", "at"), r, strict=True)) for r in audit
-        ],
+        **await store.consents.of_member(member_id),
         "messages": [asdict(m) for m in await store.messages.for_member(member_id)],
         "embeddings": embeddings,
         "feedback_on_persona": await store.feedback.for_persona(member_id),

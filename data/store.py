@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from core.settings import Settings
 from data import migrations
+from data.consents import ConsentReads
 from data.crypto import Keyring, load_master_key
 from data.errors import StoreError
 
@@ -102,6 +103,8 @@ class Store:
         self.persona_replies = PersonaReplyRepo(self)
         self.joins = JoinRepo(self)
         self.serving = ServingRepo(self)
+        # Reads of the consent tables (ConsentService writes them): the upload rule lives there.
+        self.consents = ConsentReads(self)
 
     @classmethod
     def open(cls, settings: Settings) -> _Opening:
@@ -180,10 +183,8 @@ class Store:
             return await cur.fetchone()
 
     async def with_scope(self, scope: str, member_ids: Iterable[str] | None = None) -> set[str]:
-        """Members holding a consent scope (optionally only among `member_ids`)."""
-        rows = await self.fetchall("SELECT member_id FROM consent WHERE scope = ?", (scope,))
-        found = {r[0] for r in rows}
-        return found if member_ids is None else found & set(member_ids)
+        """Members holding a consent scope (optionally only among `member_ids`): what the repositories check."""
+        return await self.consents.with_scope(scope, member_ids)
 
     async def checkpoint(self) -> None:
         """Fold the WAL into the database file and truncate it, so deleted pages leave no copy behind."""

@@ -380,3 +380,33 @@ def test_the_module_name_check_sees_importlib_and_module_paths(tmp_path: Path) -
         "probe.py:4 models.erasure",
         "probe.py:5 inference.",
     ]
+
+
+# Who may read the consent tables: their owner (consent/) and the reads it keeps in the store's floor, where the upload
+# rule lives once (data/consents.py). The scale benchmark counts what erasure left in every table, consent included.
+CONSENT_READERS = {"data/consents.py", "data/migrations.py", "doppel/benchscale.py"}
+# SQL keywords in capitals, as the project writes them (a Python `from consent.x import` is not a read).
+_READ_CONSENT = re.compile(r"\b(?:FROM|JOIN)\s+(consent(?:_audit)?)\b")
+
+
+def consent_readers(root: Path = ROOT) -> set[str]:
+    """The project files outside consent/ whose SQL reads `consent` or `consent_audit`."""
+    return {
+        path.relative_to(root).as_posix()
+        for module, path in _modules(root).items()
+        if not module.startswith("consent") and _READ_CONSENT.search(path.read_text(encoding="utf-8"))
+    }
+
+
+def test_consent_is_read_through_its_owner() -> None:
+    assert consent_readers() <= CONSENT_READERS
+
+
+def test_the_consent_check_sees_a_stray_read(tmp_path: Path) -> None:
+    (tmp_path / "bot").mkdir()
+    (tmp_path / "bot" / "probe.py").write_text(
+        'SQL = "SELECT 1 FROM messages m JOIN consent c ON c.member_id = m.author_id"\n', encoding="utf-8"
+    )
+    (tmp_path / "consent").mkdir()
+    (tmp_path / "consent" / "own.py").write_text('SQL = "SELECT scope FROM consent"\n', encoding="utf-8")
+    assert consent_readers(tmp_path) == {"bot/probe.py"}
