@@ -16,9 +16,9 @@ from bot.errorhook import reports_errors
 from bot.errors import NotAllowed, NotAvailable
 from bot.services import Services
 from bot.text import clip
+from jobs.errors import JobNotFoundError
 from jobs.table import Job
 from models.errors import AdapterNotFoundError
-from trainer.errors import JobNotFoundError
 
 log = logging.getLogger("doppel.bot.training")
 NONE = discord.AllowedMentions.none()

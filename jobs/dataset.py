@@ -18,11 +18,11 @@ from typing import Any
 from core.chatformat import DEFAULT_STYLE, ChatFormat, Utterance, build_messages, with_examples
 from core.settings import DatasetSettings, Settings
 from data.records import Message
+from jobs.errors import DatasetError, NotEnoughExamplesError
 from jobs.preference import feedback_rows, preference_rows
 from trainer.attribution import PANEL_OTHERS, PANEL_PER_AUTHOR, choose_panel
 from trainer.cleaning import Cleaner, normalize
 from trainer.config import MODES
-from trainer.errors import DatasetError, NotEnoughExamplesError
 from trainer.example import Example
 
 # Long identical replies are copy-pastes or spam; short ones ("lol") are the member's style and stay.

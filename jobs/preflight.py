@@ -20,7 +20,7 @@ from core.errors import GGUFFileError, UserFacingError
 from core.ggufinfo import ModelShape, read_shape
 from core.hostshare import serving_now
 from core.settings import Settings
-from trainer.errors import PreflightError
+from jobs.errors import PreflightError
 from trainer.memory import GIB, MIB, estimate_memory, memory_breakdown
 
 if TYPE_CHECKING:

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 from core.chatformat import DEFAULT_STYLE
 from core.errors import UserFacingError
 from core.settings import Settings
+from jobs.errors import JobConflictError, JobNotFoundError, SupervisorError
 from jobs.executors import alive, stop_trainer
 from jobs.executors.base import Executor, Run
 from jobs.table import Job, JobStatus, JobTable, new_job_id, remove_job_dir
-from trainer.errors import JobConflictError, JobNotFoundError, SupervisorError
 
 if TYPE_CHECKING:
     from jobs.runner import ServingPrep

@@ -1,4 +1,4 @@
-"""Errors the trainer raises on purpose; the ones a person reads subclass `UserFacingError`."""
+"""Errors the trainer child raises on purpose (the parent's are `jobs.errors`); those a person reads are user-facing."""
 
 from __future__ import annotations
 
@@ -9,37 +9,8 @@ class TrainerError(DoppelError):
     """Base of the trainer's own errors."""
 
 
-class DatasetError(UserFacingError):
-    """A training dataset could not be built from the stored messages."""
-
-
-class NotEnoughExamplesError(DatasetError):
-    """The member has too few usable replies to train a persona."""
-
-
 class EvaluationError(UserFacingError):
     """A fidelity metric could not be computed from the given inputs."""
-
-
-# -- training control plane (jobs, supervisor, executors, pre-flight) -------------------------------------------
-class SupervisorError(UserFacingError):
-    """A training job could not be submitted, run, cancelled or resumed."""
-
-
-class JobConflictError(SupervisorError):
-    """The member already has an active (queued, running or interrupted) job."""
-
-
-class JobNotFoundError(SupervisorError):
-    """No job with that id (or none for that member)."""
-
-
-class PreflightError(SupervisorError):
-    """The host cannot run the job as configured; the message says why and what to change."""
-
-
-class ExecutorError(SupervisorError):
-    """The executor (local subprocess or Ray cluster) could not start or follow the trainer."""
 
 
 class JobConfigError(UserFacingError):

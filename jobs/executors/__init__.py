@@ -99,7 +99,7 @@ async def _cmdline(pid: int, settle_s: float = 2.0) -> str:
 
 def make_executor(kind: str, settings: object) -> Executor:
     """The executor named by `settings.training.executor` (`local` or `ray`)."""
-    from trainer.errors import SupervisorError
+    from jobs.errors import SupervisorError
 
     if kind == "local":
         from jobs.executors.local import LocalExecutor

@@ -14,8 +14,8 @@ from typing import Any
 import psutil
 
 from core.settings import Settings
+from jobs.errors import ExecutorError
 from jobs.executors.base import Outcome, StderrTail, parse_event
-from trainer.errors import ExecutorError
 from trainer.lifeline import SUPERVISOR_PID_ENV
 
 # Event lines can carry a metrics dict; asyncio's default 64 KiB line limit is too tight for a verbose trainer.

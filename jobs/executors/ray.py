@@ -20,8 +20,8 @@ from typing import Any
 
 from core.settings import Settings
 from data.crypto import job_key_for
+from jobs.errors import ExecutorError
 from jobs.executors.base import Outcome, StderrTail, parse_event
-from trainer.errors import ExecutorError
 from trainer.jobdata import KEY_ENV
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

@@ -24,9 +24,9 @@ from jobs.dataset import (
     weight_by_reactions,
     write_dataset,
 )
+from jobs.errors import DatasetError, NotEnoughExamplesError
 from jobs.preference import preference_rows
 from trainer.cleaning import Cleaner
-from trainer.errors import DatasetError, NotEnoughExamplesError
 from trainer.jobdata import is_sealed, open_bytes
 
 # SmolLM2-135M-Instruct's template, copied once from the bundled GGUF (reading the GGUF takes seconds).

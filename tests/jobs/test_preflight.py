@@ -29,8 +29,8 @@ def test_memory_estimate_grows_with_batch_and_length(settings: Any) -> None:
 
 
 def test_job_that_cannot_fit_is_refused_with_the_fix(settings: Any) -> None:
+    from jobs.errors import PreflightError
     from jobs.preflight import job_checks, require
-    from trainer.errors import PreflightError
 
     ok = job_checks(settings, _config(settings, micro_batch_size=1, max_length=128), "cpu")
     require(ok)
@@ -90,8 +90,8 @@ def test_the_plan_fits_the_job_to_this_host_and_checks_and_estimates_what_it_wil
 
 def test_memory_the_jobs_ahead_will_release_counts_and_is_named(settings: Any) -> None:
     from core.ggufinfo import read_shape
+    from jobs.errors import PreflightError
     from jobs.preflight import cpu_device, estimate_memory, plan_job, require
-    from trainer.errors import PreflightError
 
     shape = read_shape(settings.base_gguf_path())
     hi = 1

@@ -126,7 +126,7 @@ async def test_a_failure_after_training_ends_the_job_instead_of_leaving_it_runni
 
 @fx.run_async
 async def test_cancel_queue_and_one_job_per_member(doppel_home: Path, tiny_model: Any) -> None:
-    from trainer.errors import JobConflictError
+    from jobs.errors import JobConflictError
 
     settings = _settings(doppel_home, devices="cpu", jobs_per_device=1)
     await fx.seed_member(settings)
