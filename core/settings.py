@@ -146,6 +146,9 @@ class InferenceSettings:
     server_restart_wait_s: float = 30.0
     # How long `forget` waits for every serving process to say it let the member's adapters go.
     erasure_wait_s: float = 10.0
+    # Hold each persona's replies to its member's message shape (length, one line for a one-line writer; see
+    # inference/shape.py). Off: the model's own length up to max_tokens.
+    fit_shape: bool = True
 
 
 @dataclass(frozen=True)

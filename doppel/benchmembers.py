@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from core.chatformat import Utterance
@@ -162,9 +165,11 @@ async def run_members(bench: Settings, args: argparse.Namespace) -> dict[str, An
             },
             "samples": {},
         }
-        # The untrained systems: both, unless --configs names one of them (`base`, `auto`).
-        asked = [s for s in ("base", "auto") if s in names] or ["base", "auto"]
-        runs: list[tuple[str, str | None, bool]] = [(s, None, s == "auto") for s in asked]
+        # The untrained systems: both, unless --configs names some of them (`base`, `auto`, and `auto-unfitted`:
+        # auto without the member's message shape, [inference] fit_shape = false, for the method's before/after).
+        untrained = ("base", "auto", "auto-unfitted")
+        asked = [s for s in untrained if s in names] or ["base", "auto"]
+        runs: list[tuple[str, str | None, bool]] = [(s, None, s != "base") for s in asked]
         for name in trained_configs:
             trained = await _train(bench, member, _scaled(bench, CONFIGS[name], scale))
             entry.setdefault("adapters", {})[name] = {
@@ -174,12 +179,23 @@ async def run_members(bench: Settings, args: argparse.Namespace) -> dict[str, An
             }
             runs.append((name, trained["adapter"], True))
         for label, adapter, with_messages in runs:
-            mode, texts = await _served(bench, member, adapter, contexts, banned, with_messages=with_messages)
+            served = bench
+            if label == "auto-unfitted":
+                served = dataclasses.replace(
+                    bench, inference=dataclasses.replace(bench.inference, fit_shape=False)
+                )
+            mode, texts = await _served(
+                served, member, adapter, contexts, banned, with_messages=with_messages
+            )
             key = mode if label in ("base", "auto") else f"{label}:{mode}"
             entry["systems"][key] = bd.judged(judge, mid, texts, real, SEED)
             entry["samples"][key] = texts[:3]
         result["members"][member] = entry
         say(f"{member}: " + ", ".join(f"{s}: {_brief(v)}" for s, v in entry["systems"].items()))
+        partial = getattr(args, "output", None)
+        if partial:
+            # Each member's figures as soon as they exist: a long run cut short keeps what it measured.
+            Path(f"{partial}.partial").write_text(json.dumps(result), encoding="utf-8")
     systems = sorted({s for e in result["members"].values() for s in e["systems"] if s != "member"})
     result["pooled"] = {s: bd.pooled(result["members"], s) for s in systems}
     result["pooled"]["member"] = bd.pooled(

@@ -255,7 +255,8 @@ class Engine:
         persona.validate()
         params.validate()
         base = self.pool.resolve(persona.adapters if persona.uses_adapters else ())
-        params = await fitted(self.retriever, persona, params)
+        if self.cfg.fit_shape:
+            params = await fitted(self.retriever, persona, params)
         examples: list[str] = []
         if persona.uses_retrieval:
             if self.retriever is None:

@@ -213,7 +213,8 @@ class ServerEngine:
         params.validate()
         base = resolve_base(self.settings, self.default, persona.adapters if persona.uses_adapters else ())
         vocab = await self._vocab(base)
-        params = await fitted(self.retriever, persona, params)
+        if self.cfg.fit_shape:
+            params = await fitted(self.retriever, persona, params)
         examples: list[str] = []
         if persona.uses_retrieval:
             if self.retriever is None:
