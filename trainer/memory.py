@@ -18,6 +18,7 @@ RUNTIME_OVERHEAD = int(0.7 * GIB)
 # LoRA dropout copies, the gated MLP and their gradients) and in evaluation (no gradients).
 ACT_H, ACT_INTER = 24, 8
 EVAL_H, EVAL_INTER = 8, 3
+LOADING_COPIES = 1.6  # converting a GGUF base: the float weights and the transient copies transformers makes
 HEAD_COPIES = 4  # a chunk's logits, their log-softmax, its gradient, the statistics' softmax
 LLAMA_BUFFERS = 96 * MIB
 EMBEDDER = 400 * MIB
@@ -56,7 +57,12 @@ def memory_breakdown(shape: Any, config: Any, device: str) -> dict[str, int]:
     parts = memory_parts(shape, config)
     training = parts["runtime"] + parts["weights"] + parts["lora"] + parts["train_batch"]
     evaluation = parts["runtime"] + parts["weights"] + parts["lora"] + parts["eval_extra"]
-    return {"training": training, "evaluation": evaluation, "peak": max(training, evaluation)}
+    out = {"training": training, "evaluation": evaluation, "peak": max(training, evaluation)}
+    if str(getattr(config, "base_model", "")).endswith(".gguf"):
+        # A GGUF base is dequantized once into a float folder (cached): its tensors and their float copies.
+        out["loading"] = parts["runtime"] + int(LOADING_COPIES * parts["weights"])
+        out["peak"] = max(out["peak"], out["loading"])
+    return out
 
 
 def _dims(shape: Any) -> tuple[int, int, int, int, int]:
@@ -171,14 +177,22 @@ def _reset_peak() -> bool:
         return False
 
 
-def limit_allocator() -> None:
-    """Fewer glibc malloc arenas in this process: each thread's arena otherwise keeps its freed pages mapped."""
+# Allocations from this size up get pages of their own, returned to the OS when freed. glibc otherwise raises its
+# mmap threshold to the largest block freed so far (up to 32 MiB), after which activations come from the heap, and
+# a heap whose top is still in use keeps every freed page below it: the process grows by whatever the steps leave.
+MMAP_THRESHOLD = 1 * MIB
+
+
+def limit_allocator(mmap_threshold: int = MMAP_THRESHOLD) -> None:
+    """glibc malloc for a training process: two arenas, and large blocks mapped and unmapped (no dynamic threshold)."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-8, 2)  # M_ARENA_MAX: torch's worker threads share two arenas instead of 8 per core
+        if mmap_threshold:
+            libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD, fixed: no longer follows the largest free
     except (OSError, AttributeError):
         pass
 
