@@ -93,7 +93,9 @@ def similar_panel(
     )
     matrix = vec.fit_transform(docs)  # rows are L2-normalised: a dot product is the cosine
     sims = (matrix @ matrix[names.index(member)].T).toarray().ravel()
-    ranked = sorted((-float(s), n) for s, n in zip(sims, names, strict=True) if n != member)
+    # A case variant of the member's nick is the member under another name (`dr_willis`, `Dr_Willis`): never a
+    # comparison writer.
+    ranked = sorted((-float(s), n) for s, n in zip(sims, names, strict=True) if n.lower() != member.lower())
     return [member, *[n for _, n in ranked[: size - 1]]]
 
 

@@ -47,6 +47,9 @@ def test_the_panel_is_the_members_who_write_most_like_the_member_not_the_most_ac
     }
     assert bd.similar_panel(authors, "ann", size=2) == ["ann", "bo"]
     assert bd.similar_panel(authors, "ann", size=3)[:2] == ["ann", "bo"]
+    # The member under another nick's case is not a comparison writer, however alike they write.
+    twins = {**authors, "Ann": list(authors["ann"])}
+    assert "Ann" not in bd.similar_panel(twins, "ann", size=3)
 
 
 @dataclass(frozen=True)
