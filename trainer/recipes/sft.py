@@ -493,7 +493,11 @@ def peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # The phase meter resets the kernel's high-water mark at each phase; it keeps the lifetime peak itself.
     own = float(METER.report()["peak_mb"]) if sys.platform != "darwin" else 0.0
-    return max(own, round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1))
+    if own > 0:
+        # VmHWM is this program's own: Linux carries ru_maxrss across execve, so a trainer started by a large
+        # process (the bot, a test runner at 1.6 GB) would report its parent's peak as its own.
+        return own
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 def reevaluate(
