@@ -149,6 +149,9 @@ class InferenceSettings:
     # Hold each persona's replies to its member's message shape (length, one line for a one-line writer; see
     # inference/shape.py). Off: the model's own length up to max_tokens.
     fit_shape: bool = True
+    # A reply cut off by its token budget ends at its last full sentence instead of mid-word (inference/cleaning.py
+    # WholeSentences); a reply that ends by itself is never shortened.
+    whole_sentences: bool = False
 
 
 @dataclass(frozen=True)

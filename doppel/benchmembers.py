@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from core.chatformat import Utterance
+from core.errors import UserFacingError
 from core.settings import Settings
 from doppel import benchdetect as bd
 from doppel.benchcorpus import DATA, author_id, load_logs
@@ -25,6 +26,8 @@ from doppel.benchscore import classifier
 from trainer.attribution import FOLDS
 
 SEED = 0
+# The systems no training makes: the bare base, the retrieval persona, and it without the member's message shape.
+UNTRAINED = ("base", "auto", "auto-unfitted")
 
 
 async def _contexts(settings: Settings, member: str, n: int) -> dict[str, Any]:
@@ -110,6 +113,12 @@ async def run_members(bench: Settings, args: argparse.Namespace) -> dict[str, An
     scale = float(getattr(args, "steps_scale", 0) or (0.1 if quick else 1.0))
     names = [c for c in str(getattr(args, "configs", "") or "").split(",") if c]
     trained_configs = [c for c in names if c in CONFIGS]
+    for name in names:  # every label is checked before the long import
+        if name.startswith("auto@"):
+            variant(bench, name)
+        elif name not in CONFIGS and name not in UNTRAINED:
+            known = ", ".join([*UNTRAINED, *CONFIGS, "auto@KEY=VALUE"])
+            raise UserFacingError(f"--configs: unknown configuration {name!r} (known: {known})")
     t0 = time.monotonic()
     logs = load_logs(DATA)
     members = bd.most_active(logs, k)
@@ -167,8 +176,8 @@ async def run_members(bench: Settings, args: argparse.Namespace) -> dict[str, An
         }
         # The untrained systems: both, unless --configs names some of them (`base`, `auto`, and `auto-unfitted`:
         # auto without the member's message shape, [inference] fit_shape = false, for the method's before/after).
-        untrained = ("base", "auto", "auto-unfitted")
-        asked = [s for s in untrained if s in names] or ["base", "auto"]
+        # `auto@key=value@...`: auto with those [inference] settings changed (a method change against auto).
+        asked = [s for s in names if s in UNTRAINED or s.startswith("auto@")] or ["base", "auto"]
         runs: list[tuple[str, str | None, bool]] = [(s, None, s != "base") for s in asked]
         for name in trained_configs:
             trained = await _train(bench, member, _scaled(bench, CONFIGS[name], scale))
@@ -179,11 +188,7 @@ async def run_members(bench: Settings, args: argparse.Namespace) -> dict[str, An
             }
             runs.append((name, trained["adapter"], True))
         for label, adapter, with_messages in runs:
-            served = bench
-            if label == "auto-unfitted":
-                served = dataclasses.replace(
-                    bench, inference=dataclasses.replace(bench.inference, fit_shape=False)
-                )
+            served = variant(bench, "auto@fit_shape=false" if label == "auto-unfitted" else label)
             mode, texts = await _served(
                 served, member, adapter, contexts, banned, with_messages=with_messages
             )
@@ -207,6 +212,25 @@ async def run_members(bench: Settings, args: argparse.Namespace) -> dict[str, An
     )
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
     return result
+
+
+def variant(bench: Settings, label: str) -> Settings:
+    """The settings a system label names: `auto@fit_shape=false@retrieval_k=8` changes those [inference] fields."""
+    inference = bench.inference
+    for item in label.split("@")[1:]:
+        key, _, raw = item.partition("=")
+        fields = {f.name: f for f in dataclasses.fields(inference)}
+        if key not in fields or not raw:
+            raise UserFacingError(f"--configs {label}: {item!r} is not KEY=VALUE of an [inference] setting")
+        current = getattr(inference, key)
+        try:
+            value: Any = (
+                raw.lower() in ("1", "true", "yes", "on") if isinstance(current, bool) else type(current)(raw)
+            )
+        except ValueError:
+            raise UserFacingError(f"--configs {label}: {key} takes a {type(current).__name__}") from None
+        inference = dataclasses.replace(inference, **{key: value})
+    return dataclasses.replace(bench, inference=inference)
 
 
 def _none() -> dict[str, Any]:

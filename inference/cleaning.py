@@ -50,6 +50,51 @@ PHRASE_MIN_WORDS, PHRASE_MAX_WORDS, PHRASE_DISTINCT = 4, 16, 3
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 
 
+# Where a sentence ends: its mark (and a closing quote or bracket) before a space, or a line break. "15.04" and
+# "www.x.org" are not ends: no space follows their dot.
+_SENTENCE_DONE = re.compile(r"[.!?\u2026]+[\"')\]]*(?=\s)|\n")
+_SENTENCE_LAST = re.compile(r"[.!?\u2026]+[\"')\]]*(?=\s|$)|\n")
+_CLAUSE_DONE = re.compile(r"[,;:\u2014](?=\s)")
+
+
+class WholeSentences:
+    """Holds back the sentence being written, so that a reply cut off by its token budget ends at a full sentence.
+
+    Members end their messages where a thought ends; a reply stopped mid-word by its length cap ("You're right about
+    upgrading to") is a tell no member writes. A reply that ends by itself (its end-of-turn token, another speaker,
+    its line limit) keeps every word.
+    """
+
+    def __init__(self) -> None:
+        self._said = ""
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        """Take safe text; return the part up to the last finished sentence."""
+        buf = self._held + text
+        # A line break waits with the sentence after it: a reply that ends there has no trailing break.
+        end = max(
+            (m.start() if m.group() == "\n" else m.end() for m in _SENTENCE_DONE.finditer(buf)), default=0
+        )
+        out, self._held = buf[:end], buf[end:]
+        self._said += out
+        return out
+
+    def finish(self, cut: bool) -> str:
+        """The rest: all of it when the reply ended by itself; when `cut` by its budget, only whole sentences."""
+        held, self._held = self._held, ""
+        if not cut or not held.strip():
+            return held
+        end = max((m.end() for m in _SENTENCE_LAST.finditer(held)), default=0)
+        if end or self._said.strip():
+            return held[:end].rstrip()
+        # One long sentence, cut: it ends at its last clause mark, else before its last (maybe cut) word.
+        clause = max((m.start() for m in _CLAUSE_DONE.finditer(held)), default=0)
+        space = held.rstrip().rfind(" ")
+        keep = held[:clause] if clause else held[:space] if space > 0 else held
+        return keep.rstrip(" \t,;:-\u2014")
+
+
 def neutralise_mentions(text: str) -> str:
     """Make every possible mention inert by putting a zero-width space after its `@`."""
     return _AT.sub(lambda m: m.group(0) + ZWSP, text)

@@ -17,7 +17,7 @@ from core.hostshare import ServingMarks
 from core.settings import Settings
 from inference.adapters import AdapterCache, AdapterKey
 from inference.bases import BasePool, WorkerSlot
-from inference.cleaning import StreamCleaner
+from inference.cleaning import StreamCleaner, WholeSentences
 from inference.errors import AdapterError, EngineClosedError, InferenceError, RetrievalError
 from inference.places import LetGo
 from inference.prompting import RETRIEVAL_REPEAT_PENALTY, build_prompt, trained_style
@@ -317,9 +317,12 @@ class Engine:
             style=style,
         )
         cleaner = StreamCleaner(p.name, prompt.speakers, job.params.max_lines)
+        whole = WholeSentences() if self.cfg.whole_sentences else None
 
         def on_text(text: str) -> bool:
             safe = cleaner.feed(text)
+            if safe and whole is not None:
+                safe = whole.feed(safe)
             if safe:
                 job.send("chunk", safe)
             return not cleaner.stopped
@@ -327,6 +330,8 @@ class Engine:
         stats = session.generate(job.key, prompt.tokens, job.params, on_text, job.cancelled)
         self.recent.append(stats)
         rest = cleaner.finish()
+        if whole is not None:
+            rest = whole.feed(rest) + whole.finish(cut=stats.stop_reason == "length")
         if rest and not job.cancelled():
             job.send("chunk", rest)
         return stats

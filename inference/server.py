@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from core.chatformat import Utterance
 from core.settings import BACKENDS, SERVER_FLAVOURS, Settings
 from inference.bases import BaseRef, resolve_base
-from inference.cleaning import StreamCleaner
+from inference.cleaning import StreamCleaner, WholeSentences
 from inference.errors import RequestError, RetrievalError, ServerError, ServerUnreachableError
 from inference.places import LetGo
 from inference.prompting import RETRIEVAL_REPEAT_PENALTY, Prompt, build_prompt, trained_style
@@ -244,6 +244,8 @@ class ServerEngine:
                 "text",
             )
         cleaner = StreamCleaner(persona.name, prompt.speakers, params.max_lines)
+        whole = WholeSentences() if self.cfg.whole_sentences else None
+        ending: list[str] = []  # why the server stopped ("length" when the budget ran out)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, self.cfg.server_restart_wait_s)
         while True:
@@ -252,9 +254,11 @@ class ServerEngine:
                 if self.flavour == "llama.cpp":
                     # Learned again for this request: the ids of a restarted server are not the old ones.
                     body = await self._llama_body(prompt, params, adapters, stops)
-                async for text in self._sse(path, body, field, vocab.stop_ids):
+                async for text in self._sse(path, body, field, vocab.stop_ids, ending):
                     started = True
                     safe = cleaner.feed(text)
+                    if safe and whole is not None:
+                        safe = whole.feed(safe)
                     if safe:
                         yield safe
                     if cleaner.stopped:
@@ -268,6 +272,8 @@ class ServerEngine:
                     raise
                 await asyncio.sleep(0.25)
         rest = cleaner.finish()
+        if whole is not None:
+            rest = whole.feed(rest) + whole.finish(cut="length" in ending)
         if rest:
             yield rest
 
@@ -431,7 +437,12 @@ class ServerEngine:
             ) from None
 
     async def _sse(
-        self, path: str, body: dict[str, Any], field: str, stop_ids: frozenset[int] = frozenset()
+        self,
+        path: str,
+        body: dict[str, Any],
+        field: str,
+        stop_ids: frozenset[int] = frozenset(),
+        ending: list[str] | None = None,
     ) -> AsyncIterator[str]:
         """The streamed text of one completion; leaving early closes the connection (the server stops on it)."""
         import aiohttp
@@ -442,7 +453,7 @@ class ServerEngine:
                 if resp.status >= 400:
                     raise self._refused(resp.status, await resp.text())
                 try:
-                    async for text in self._events(resp, field, stop_ids):
+                    async for text in self._events(resp, field, stop_ids, ending):
                         yield text
                 finally:
                     # Abandoned or done: the connection is dropped, never reused mid-stream; llama-server and
@@ -456,8 +467,13 @@ class ServerEngine:
             raise ServerError(self._slow()) from None
 
     async def _events(
-        self, resp: aiohttp.ClientResponse, field: str, stop_ids: frozenset[int]
+        self,
+        resp: aiohttp.ClientResponse,
+        field: str,
+        stop_ids: frozenset[int],
+        ending: list[str] | None = None,
     ) -> AsyncIterator[str]:
+        """The text of each streamed event; why the server stopped goes to `ending` ("length": out of budget)."""
         async for raw in resp.content:
             line = raw.decode("utf-8", "replace").strip()
             if not line.startswith("data:"):
@@ -471,11 +487,16 @@ class ServerEngine:
             if field == "text":
                 choices = event.get("choices") or [{}]
                 text = choices[0].get("text") or ""
-                done = choices[0].get("finish_reason") is not None
+                reason = choices[0].get("finish_reason")
+                done = reason is not None
             else:
                 if stop_ids.intersection(event.get("tokens") or ()):
                     return  # the turn is over; leaving closes the stream and the server stops
                 text, done = event.get("content") or "", bool(event.get("stop"))
+                # llama-server says why it stopped: "limit" is n_predict reached ("eos", "word": the turn ended).
+                reason = "length" if done and event.get("stop_type") == "limit" else None
+            if reason is not None and ending is not None:
+                ending.append(str(reason))
             if text:
                 yield text
             if done:

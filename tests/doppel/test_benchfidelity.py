@@ -248,3 +248,16 @@ def test_doppel_train_preset_choices_come_from_the_declared_presets(settings: An
     assert cfg.preset == "best" and cfg.lora_r == PRESETS["best"]["lora_r"] and cfg.max_steps == 0
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "123", "--preset", "fastest"])
+
+
+def test_a_configuration_label_changes_the_inference_settings_it_names(settings: Any) -> None:
+    from core.errors import UserFacingError
+    from doppel.benchmembers import variant
+
+    changed = variant(settings, "auto@retrieval_k=8@whole_sentences=true@temperature=0.9")
+    assert (changed.inference.retrieval_k, changed.inference.whole_sentences) == (8, True)
+    assert changed.inference.temperature == 0.9 and changed.dataset == settings.dataset
+    assert variant(settings, "auto@fit_shape=false").inference.fit_shape is False
+    for bad, says in (("auto@nope=1", "not KEY=VALUE"), ("auto@retrieval_k=many", "takes a int")):
+        with pytest.raises(UserFacingError, match=says):
+            variant(settings, bad)

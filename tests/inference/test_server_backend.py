@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -185,3 +186,38 @@ def test_the_hybrid_sends_the_same_prompt_with_the_members_examples(
     local, plain, served = asyncio.run(run())
     assert served == local
     assert local != plain, "the examples must change the prompt, or this test would not see them"
+
+
+def test_a_reply_cut_by_its_budget_ends_at_a_full_sentence_in_process_and_served(
+    small_settings: Settings, base_gguf: Path, server: str
+) -> None:
+    """[inference] whole_sentences: the budget's cut is seen (llama-server's stop_type "limit") and the tail dropped."""
+    p = persona("12", "Cy", None)
+    ctx = [
+        Utterance("20", "Bob", "tell me everything about the history of ubuntu releases, in detail please")
+    ]
+    whole = dataclasses.replace(
+        small_settings, inference=dataclasses.replace(small_settings.inference, whole_sentences=True)
+    )
+
+    async def run(settings: Settings, served: bool, tokens: int) -> str:
+        params = dataclasses.replace(GREEDY, max_tokens=tokens)
+        if served:
+            async with ServerEngine(settings, url=server, flavour="llama.cpp") as remote:
+                return "".join([c async for c in remote.reply(p, ctx, params)])
+        async with Engine(settings, base_gguf) as engine:
+            return await engine.reply(p, ctx, params).text()
+
+    # The budget that cuts the greedy reply mid-sentence after a finished one (the model's wording decides which).
+    for tokens in (24, 32, 40, 56, 72):
+        cut = asyncio.run(run(small_settings, False, tokens))
+        if re.search(r"[.!?]\s", cut) and not re.search(r"[.!?]$", cut):
+            break
+    else:
+        pytest.fail(f"no budget cut the reply mid-sentence: {cut!r}")
+    local = asyncio.run(run(whole, False, tokens))
+    assert local == asyncio.run(run(whole, True, tokens))
+    assert cut.startswith(local) and len(local) < len(cut) and re.search(r"[.!?]$", local), (local, cut)
+    # A reply that ends by itself (a budget it never reaches) is not shortened.
+    free = asyncio.run(run(small_settings, False, 400))
+    assert asyncio.run(run(whole, False, 400)) == free
