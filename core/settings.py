@@ -152,6 +152,9 @@ class InferenceSettings:
     # A reply cut off by its token budget ends at its last full sentence instead of mid-word (inference/cleaning.py
     # WholeSentences); a reply that ends by itself is never shortened.
     whole_sentences: bool = False
+    # A persona writes its member's surface habits as often as they do: a lowercase first letter, no closing full
+    # stop, "name:" addresses (inference/shape.py HabitFit). Needs fit_shape.
+    fit_habits: bool = False
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,14 @@ from core.hostshare import ServingMarks
 from core.settings import Settings
 from inference.adapters import AdapterCache, AdapterKey
 from inference.bases import BasePool, WorkerSlot
-from inference.cleaning import StreamCleaner, WholeSentences
+from inference.cleaning import StreamCleaner
 from inference.errors import AdapterError, EngineClosedError, InferenceError, RetrievalError
 from inference.places import LetGo
 from inference.prompting import RETRIEVAL_REPEAT_PENALTY, build_prompt, trained_style
 from inference.requests import GenParams, PersonaRequest
 from inference.runtime import BaseModel, GenStats, KVStates, Session, default_threads
 from inference.scheduler import QueuedReply, Scheduler
-from inference.shape import MessageShape, fitted
+from inference.shape import MessageShape, Polish, fitted
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class Engine:
         params.validate()
         base = self.pool.resolve(persona.adapters if persona.uses_adapters else ())
         if self.cfg.fit_shape:
-            params = await fitted(self.retriever, persona, params)
+            params = await fitted(self.retriever, persona, params, self.cfg.fit_habits)
         examples: list[str] = []
         if persona.uses_retrieval:
             if self.retriever is None:
@@ -317,21 +317,17 @@ class Engine:
             style=style,
         )
         cleaner = StreamCleaner(p.name, prompt.speakers, job.params.max_lines)
-        whole = WholeSentences() if self.cfg.whole_sentences else None
+        polish = Polish(job.params, prompt.speakers, self.cfg.whole_sentences)
 
         def on_text(text: str) -> bool:
-            safe = cleaner.feed(text)
-            if safe and whole is not None:
-                safe = whole.feed(safe)
+            safe = polish.feed(cleaner.feed(text))
             if safe:
                 job.send("chunk", safe)
             return not cleaner.stopped
 
         stats = session.generate(job.key, prompt.tokens, job.params, on_text, job.cancelled)
         self.recent.append(stats)
-        rest = cleaner.finish()
-        if whole is not None:
-            rest = whole.feed(rest) + whole.finish(cut=stats.stop_reason == "length")
+        rest = polish.feed(cleaner.finish()) + polish.finish(cut=stats.stop_reason == "length")
         if rest and not job.cancelled():
             job.send("chunk", rest)
         return stats

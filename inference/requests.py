@@ -96,6 +96,15 @@ class PersonaRequest:
 
 
 @dataclass(frozen=True)
+class Habits:
+    """A member's surface habits: how often a message starts lowercase, ends with a full stop, names with a colon."""
+
+    lower_start: float
+    period_end: float
+    address_colon: float
+
+
+@dataclass(frozen=True)
 class GenParams:
     """Sampling parameters for one reply; temperature 0 is greedy (deterministic)."""
 
@@ -109,6 +118,8 @@ class GenParams:
     stop: tuple[str, ...] = field(default=())
     # At most this many lines (0: any): fitted to how the member writes (inference/shape.py).
     max_lines: int = 0
+    # How the member writes a message's first letter and its end (inference/shape.py); None: as the model writes.
+    habits: Habits | None = None
 
     def validate(self) -> None:
         """Raise RequestError for parameters outside sane bounds."""

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 from core.chatformat import Utterance
 from core.settings import BACKENDS, SERVER_FLAVOURS, Settings
 from inference.bases import BaseRef, resolve_base
-from inference.cleaning import StreamCleaner, WholeSentences
+from inference.cleaning import StreamCleaner
 from inference.errors import RequestError, RetrievalError, ServerError, ServerUnreachableError
 from inference.places import LetGo
 from inference.prompting import RETRIEVAL_REPEAT_PENALTY, Prompt, build_prompt, trained_style
 from inference.requests import GenParams, PersonaRequest
-from inference.shape import fitted
+from inference.shape import Polish, fitted
 
 if TYPE_CHECKING:
     import aiohttp
@@ -214,7 +214,7 @@ class ServerEngine:
         base = resolve_base(self.settings, self.default, persona.adapters if persona.uses_adapters else ())
         vocab = await self._vocab(base)
         if self.cfg.fit_shape:
-            params = await fitted(self.retriever, persona, params)
+            params = await fitted(self.retriever, persona, params, self.cfg.fit_habits)
         examples: list[str] = []
         if persona.uses_retrieval:
             if self.retriever is None:
@@ -244,7 +244,7 @@ class ServerEngine:
                 "text",
             )
         cleaner = StreamCleaner(persona.name, prompt.speakers, params.max_lines)
-        whole = WholeSentences() if self.cfg.whole_sentences else None
+        polish = Polish(params, prompt.speakers, self.cfg.whole_sentences)
         ending: list[str] = []  # why the server stopped ("length" when the budget ran out)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, self.cfg.server_restart_wait_s)
@@ -256,9 +256,7 @@ class ServerEngine:
                     body = await self._llama_body(prompt, params, adapters, stops)
                 async for text in self._sse(path, body, field, vocab.stop_ids, ending):
                     started = True
-                    safe = cleaner.feed(text)
-                    if safe and whole is not None:
-                        safe = whole.feed(safe)
+                    safe = polish.feed(cleaner.feed(text))
                     if safe:
                         yield safe
                     if cleaner.stopped:
@@ -271,9 +269,7 @@ class ServerEngine:
                 if started or loop.time() >= deadline or not (self._answered or exc.loading):
                     raise
                 await asyncio.sleep(0.25)
-        rest = cleaner.finish()
-        if whole is not None:
-            rest = whole.feed(rest) + whole.finish(cut="length" in ending)
+        rest = polish.feed(cleaner.finish()) + polish.finish(cut="length" in ending)
         if rest:
             yield rest
 

