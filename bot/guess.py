@@ -50,7 +50,7 @@ def candidates(
 ) -> list[Sample]:
     """The member's replies that answer someone (with their preceding channel turns), limited to held-out ones."""
     from jobs.dataset import build_turns
-    from trainer.cleaning import Cleaner
+    from jobspec.cleaning import Cleaner
 
     ds = settings.dataset
     names = {m.author_id: m.author_name for m in messages}
@@ -172,7 +172,7 @@ def render(name: str, sample: Sample, answers: dict[str, str]) -> str:
 
 def results_line(results: dict[str, Any]) -> str:
     """'blind test: N votes, X% identified the real message (chance 50%)'."""
-    from trainer.evaluation import blind_test_line
+    from jobspec.verdict import blind_test_line
 
     return blind_test_line(results)
 
@@ -230,7 +230,7 @@ async def post_guess(
 
 async def fidelity_text(services: Services, member_id: str, name: str, guild_id: str | None = None) -> str:
     """The active persona's fidelity report (the same table as `doppel eval`), blind-test votes, the mode served."""
-    from trainer.evaluation import format_report
+    from jobspec.verdict import format_report
 
     persona = next(iter(await services.registry.active_personas(member_id)), None)
     if persona is None:

@@ -19,7 +19,7 @@ from bot.services import Services
 from bot.text import MESSAGE_LIMIT, clip, neutralise
 from bot.training import progress_text, watch
 from core.chatformat import Utterance
-from trainer.config import PRESET_TIMES, TrainConfig
+from jobspec.config import PRESET_TIMES, TrainConfig
 
 log = logging.getLogger("doppel.bot.persona")
 # The training modes are declared once, in TrainConfig's `mode` field; the slash command offers exactly those.

@@ -26,7 +26,7 @@ NONE = discord.AllowedMentions.none()
 
 def progress_text(name: str, job: Any) -> str:
     """The progress message body for a job (jobs.table.Job)."""
-    from trainer.progress import render_bar
+    from jobspec.progress import render_bar
 
     job.progress.status = (
         job.status.value
@@ -118,7 +118,7 @@ async def watch(
     The updates are the supervisor's own (`Supervisor.watch`, woken by each job event); a bot without one reads
     the table every `poll_s`.
     """
-    from trainer.progress import Throttle
+    from jobspec.progress import Throttle
 
     throttle = Throttle(services.settings.bot.progress_edit_interval_s)
     view = discord.ui.View(timeout=None)

@@ -94,10 +94,10 @@ class TrainingSettings:
     jobs_per_device: int = 1
     cancel_grace_s: float = 10.0
     heartbeat_s: float = 5.0
-    preset: str = ""  # "": trainer/config.py DEFAULT_PRESET; quick, good or best (PRESETS)
+    preset: str = ""  # "": jobspec/config.py DEFAULT_PRESET; quick, good or best (PRESETS)
     prompt_style: str = ""  # "": core/chatformat.py DEFAULT_STYLE; persona, plain or plain+names
-    max_steps: int = 0  # 0: steps derived from the member's data by the preset (trainer/config.py PRESETS)
-    # 0: the preset's value (trainer/config.py PRESETS); any other value an operator sets wins over every preset.
+    max_steps: int = 0  # 0: steps derived from the member's data by the preset (jobspec/config.py PRESETS)
+    # 0: the preset's value (jobspec/config.py PRESETS); any other value an operator sets wins over every preset.
     epochs: float = 0.0
     lora_r: int = 0
     lora_alpha: int = 0

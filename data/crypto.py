@@ -128,6 +128,6 @@ def job_key(master_key: bytes, job_id: str) -> bytes:
 def job_key_for(settings: Settings, job_dir: Path) -> bytes:
     """The key of the job folder `job_dir` (named by its job id), from this installation's master key.
 
-    Parent side only: the trainer child never sees the master key, it is handed this key (trainer.jobdata.read_key).
+    Parent side only: the trainer child never sees the master key, it is handed this key (jobspec.jobdata.read_key).
     """
     return job_key(load_master_key(settings.master_key, settings.key_path), Path(job_dir).name)

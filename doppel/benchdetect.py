@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from doppel.benchcorpus import BOTS, same_text
-from trainer.attribution import Z95, detectability, wilson
+from jobspec.attribution import Z95, detectability, wilson
 
 DEPTH = 6
 PANEL = 5

@@ -114,7 +114,7 @@ class _Heldout:
 def _scaled(settings: Settings, overrides: Mapping[str, Any], scale: float) -> dict[str, Any]:
     """`overrides` with its steps multiplied by `scale`: a fixed `max_steps`, or every bound of data-derived steps
     (epochs, cap, floor, token budget), which the trainer resolves from the tokenized data as it always does."""
-    from trainer.config import TrainConfig
+    from jobspec.config import TrainConfig
 
     out = dict(overrides)
     if scale == 1.0:
@@ -157,7 +157,7 @@ async def _openings(settings: Settings, member: str, n: int) -> dict[str, Any]:
     from core.chatformat import ChatFormat
     from data.store import Store
     from jobs.dataset import build_dataset, build_turns
-    from trainer.cleaning import Cleaner
+    from jobspec.cleaning import Cleaner
 
     fmt = ChatFormat.from_gguf(settings.base_gguf_path())
     mid = author_id(member)

@@ -23,7 +23,7 @@ from core.settings import Settings
 from doppel import benchdetect as bd
 from doppel.benchcorpus import DATA, author_id, load_logs
 from doppel.benchscore import classifier
-from trainer.attribution import FOLDS
+from jobspec.attribution import FOLDS
 
 SEED = 0
 # The systems no training makes: the bare base, the retrieval persona, and it without the member's message shape.
@@ -35,7 +35,7 @@ async def _contexts(settings: Settings, member: str, n: int) -> dict[str, Any]:
     from core.chatformat import ChatFormat
     from data.store import Store
     from jobs.dataset import build_dataset, build_turns
-    from trainer.cleaning import Cleaner
+    from jobspec.cleaning import Cleaner
 
     fmt = ChatFormat.from_gguf(settings.base_gguf_path())
     mid = author_id(member)

@@ -81,7 +81,7 @@ def memory(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _run(bench: Settings, names: list[str], settings: Settings) -> dict[str, Any]:
-    from trainer.config import TrainConfig
+    from jobspec.config import TrainConfig
 
     bench.home.mkdir(parents=True, exist_ok=True)
     member, prep = await _real_chat(bench)
@@ -236,10 +236,10 @@ def _shape(model: str, gguf: Path) -> Any:
 
 
 def estimate(case: dict[str, Any]) -> dict[str, Any]:
-    """Pre-flight's estimate (`trainer.memory.memory_breakdown`) of a measured case, and its ratio to the peak."""
+    """Pre-flight's estimate (`jobspec.memory.memory_breakdown`) of a measured case, and its ratio to the peak."""
     from core.ggufinfo import ModelShape
-    from trainer.config import TrainConfig
-    from trainer.memory import memory_breakdown
+    from jobspec.config import TrainConfig
+    from jobspec.memory import memory_breakdown
 
     cfg = TrainConfig.from_dict(dict(case["config"]))
     phases = memory_breakdown(ModelShape(**case["shape"]), cfg, "cpu")
@@ -312,9 +312,9 @@ def baseline_main(job: Path) -> dict[str, Any]:
     import resource
 
     from doppel.benchtrain import _baseline_run
+    from jobspec.config import TrainConfig
+    from jobspec.jobdata import fit_rows, job_format, load_job_data
     from trainer.basemodel import load_tokenizer
-    from trainer.config import TrainConfig
-    from trainer.jobdata import fit_rows, job_format, load_job_data
 
     cfg = TrainConfig.from_json(job / "config.json")
     model_dir = Path(cfg.base_model)

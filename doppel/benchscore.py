@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any
 from doppel.benchcorpus import author_id, same_text
 
 if TYPE_CHECKING:
-    from trainer.attribution import AuthorshipModel
+    from jobspec.attribution import AuthorshipModel
 
 
 def classifier(
     logs: Sequence[Mapping[str, Any]], panel: Sequence[str], banned: set[str], seed: int
 ) -> AuthorshipModel:
     """The fixed judge: hashed char n-grams + linear SVM over the panel's real messages, held-out replies excluded."""
-    from trainer.attribution import train_authorship
+    from jobspec.attribution import train_authorship
 
     rows: list[dict[str, Any]] = []
     norm_banned = {same_text(b) for b in banned}

@@ -178,7 +178,7 @@ def _quiet_stderr() -> Iterator[None]:
 def _padding_stats(
     train_jsonl: Path, tokenize: Any, seed: int, batch: int = 8, key: bytes | None = None
 ) -> dict[str, Any]:
-    from trainer.jobdata import read_jsonl
+    from jobspec.jobdata import read_jsonl
 
     lengths = [tokenize(row["prompt"] + row["completion"]) for row in read_jsonl(train_jsonl, key=key)]
     if not lengths:
@@ -214,10 +214,10 @@ def train(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from core.chatformat import ChatFormat
+    from jobspec.config import TrainConfig
+    from jobspec.events import Emitter
+    from jobspec.jobdata import fit_rows
     from trainer.basemodel import dequantized_folder, load_tokenizer
-    from trainer.config import TrainConfig
-    from trainer.events import Emitter
-    from trainer.jobdata import fit_rows
     from trainer.synthetic import synthetic_rows
     from trainer.tinymodel import build_tiny
 

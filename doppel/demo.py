@@ -76,7 +76,7 @@ async def run_demo(
         summary["adapter"] = adapter.summary()
 
         say("4. Evaluate: the trained persona against the base model (held-out replies).")
-        from trainer.evaluation import format_report
+        from jobspec.verdict import format_report
 
         metrics = adapter.metrics or adapter.meta.get("metrics", {})
         say(format_report(metrics))

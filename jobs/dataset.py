@@ -20,10 +20,10 @@ from core.settings import DatasetSettings, Settings
 from data.records import Message
 from jobs.errors import DatasetError, NotEnoughExamplesError
 from jobs.preference import feedback_rows, preference_rows
-from trainer.attribution import PANEL_OTHERS, PANEL_PER_AUTHOR, choose_panel
-from trainer.cleaning import Cleaner, normalize
-from trainer.config import MODES
-from trainer.example import Example
+from jobspec.attribution import PANEL_OTHERS, PANEL_PER_AUTHOR, choose_panel
+from jobspec.cleaning import Cleaner, normalize
+from jobspec.config import MODES
+from jobspec.example import Example
 
 # Long identical replies are copy-pastes or spam; short ones ("lol") are the member's style and stay.
 _COPYPASTE_CHARS = 20
@@ -472,7 +472,7 @@ def write_dataset(
 
 
 def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]], key: bytes | None = None) -> None:
-    from trainer.jobdata import seal_bytes
+    from jobspec.jobdata import seal_bytes
 
     data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
     with path.open("wb") as fh:

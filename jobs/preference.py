@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from core.chatformat import DEFAULT_STYLE, ChatFormat, build_messages
 
 if TYPE_CHECKING:
-    from trainer.example import Example
+    from jobspec.example import Example
 
 
 def preference_rows(

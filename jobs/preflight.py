@@ -1,7 +1,7 @@
 """Pre-flight: can this host run this job? Disk, device and memory against the base model and the config.
 
 Runs in the parent (supervisor, `doppel doctor`): it never imports torch. GPUs are found through `nvidia-smi`;
-the memory need is an estimate from the GGUF header (`trainer.memory`), deliberately on the generous side.
+the memory need is an estimate from the GGUF header (`jobspec.memory`), deliberately on the generous side.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from core.ggufinfo import ModelShape, read_shape
 from core.hostshare import serving_now
 from core.settings import Settings
 from jobs.errors import PreflightError
-from trainer.memory import GIB, MIB, estimate_memory, memory_breakdown
+from jobspec.memory import GIB, MIB, estimate_memory, memory_breakdown
 
 if TYPE_CHECKING:
-    from trainer.config import TrainConfig
+    from jobspec.config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from typing import Any
 
 from core.chatformat import LEGACY_STYLE
 from core.settings import Settings
-from trainer.config import TrainConfig
-from trainer.errors import EvaluationError
+from jobspec.config import TrainConfig
+from jobspec.errors import EvaluationError
 
 # Dataset files an evaluation does not read: removed before the child starts (least plaintext, even sealed).
 _NOT_NEEDED = ("train.jsonl", "val.jsonl", "preference.jsonl")

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from core.errors import UserFacingError
 from core.settings import Settings
 from jobs.table import Job, JobStatus, JobTable, remove_job_dir
-from trainer.progress import ProgressState
+from jobspec.progress import ProgressState
 
 if TYPE_CHECKING:
     from jobs.executors.base import Executor, Outcome, Run
+    from jobspec.config import TrainConfig
     from models.registry import Registry
-    from trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 RUNNING = (JobStatus.RUNNING,)
@@ -119,7 +119,7 @@ class JobRunner:
 
     async def _prepare(self, job: Job, job_dir: Path) -> bool:
         """Write config.json and the dataset (parent side); True when the trainer should resume a checkpoint."""
-        from trainer.config import TrainConfig
+        from jobspec.config import TrainConfig
 
         config = {k: v for k, v in job.config.items() if not k.startswith("_")}
         checkpoints = job_dir / "checkpoints"

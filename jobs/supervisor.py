@@ -160,7 +160,7 @@ class Supervisor:
     ) -> Job:
         """Queue a job for a member after pre-flight; `overrides` are TrainConfig fields (max_steps, epochs...)."""
         from jobs.preflight import plan_job, require
-        from trainer.config import TrainConfig
+        from jobspec.config import TrainConfig
 
         if member_id is None and not multi:
             raise SupervisorError("name a member to train, or ask for the multi-persona adapter")

@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainer.progress import ProgressState
+from jobspec.progress import ProgressState
 
 if TYPE_CHECKING:
     from data.database import Database

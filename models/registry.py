@@ -121,7 +121,7 @@ def gate(metrics: dict[str, Any]) -> tuple[bool, str]:
         return bool(metrics["active"]), str(
             metrics.get("gate_reason") or "decided by the trainer's evaluation"
         )
-    from trainer.evaluation import gate as perplexity_gate  # the one perplexity rule, shared with the trainer
+    from jobspec.verdict import gate as perplexity_gate  # the one perplexity rule, shared with the trainer
 
     return perplexity_gate(metrics)
 

@@ -6,5 +6,5 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy core doppel data consent trainer jobs inference models bot
+.venv/bin/mypy core doppel data consent trainer jobs inference models bot jobspec
 .venv/bin/python -m pytest "$@"

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Floors, top to bottom: a module may import its own floor and the floors below it, never one above. Each
 # top-level package lives on exactly one floor, so where a file is placed decides what it may import
 # (docs/architecture.md explains each floor).
-LAYERS = ("shell", "control", "registry", "consent", "store", "child", "core")
+LAYERS = ("shell", "control", "registry", "consent", "store", "child", "contract", "core")
 FLOOR = {
     "doppel": "shell",
     "bot": "shell",
@@ -21,6 +21,7 @@ FLOOR = {
     "consent": "consent",
     "data": "store",
     "trainer": "child",
+    "jobspec": "contract",
     "core": "core",
 }
 PACKAGES = tuple(FLOOR)
@@ -203,6 +204,42 @@ def test_only_the_trainer_child_imports_torch() -> None:
         if layer_of(module) != "child" and module not in TORCH_OUTSIDE_THE_CHILD and "torch" in _imports(path)
     ]
     assert offenders == []
+
+
+def test_the_job_contract_does_not_import_torch() -> None:
+    """Both sides read `jobspec`: the control plane, in the bot's process, must not load torch by reading a config."""
+    assert [
+        module
+        for module, path in _modules().items()
+        if module.startswith("jobspec") and "torch" in _imports(path)
+    ] == []
+
+
+# Temporary: the torch benchmarks still drive the trainer in their own process; they move out of `doppel/` next
+# (issue 33), and this set then becomes empty.
+BENCHES_IMPORTING_THE_TRAINER = {"doppel.benchtrain", "doppel.benchmemory", "doppel.benchfidelity"}
+
+
+def trainer_importers(edges: dict[str, set[str]]) -> list[str]:
+    """Modules outside `trainer/` that import a `trainer` module (the child is started as a process, never imported)."""
+    return sorted(
+        a
+        for a, targets in edges.items()
+        if a.partition(".")[0] != "trainer" and any(b.partition(".")[0] == "trainer" for b in targets)
+    )
+
+
+def test_nothing_outside_the_trainer_imports_it() -> None:
+    assert [m for m in trainer_importers(graph()) if m not in BENCHES_IMPORTING_THE_TRAINER] == []
+
+
+def test_the_trainer_check_sees_an_importer() -> None:
+    edges = {
+        "jobs.runner": {"jobspec.config"},
+        "models.registry": {"trainer.evaluation"},
+        "trainer.child": {"trainer.x"},
+    }
+    assert trainer_importers(edges) == ["models.registry"]
 
 
 def test_boundary_check_sees_an_import(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.errors import ExportError
+from jobspec.errors import ExportError
 from trainer.export_gguf import BaseInfo, export_lora_gguf
 
 REQUIRED = ("adapter_config.json", "adapter_model.safetensors", "adapter.gguf", "meta.json", "loss.png")

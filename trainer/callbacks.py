@@ -12,9 +12,9 @@ from typing import Any
 from transformers import TrainerCallback
 
 from core.hostshare import ServingPause, ThreadGovernor
-from trainer.config import TrainConfig
-from trainer.errors import StepAbandoned
-from trainer.events import Emitter
+from jobspec.config import TrainConfig
+from jobspec.errors import StepAbandoned
+from jobspec.events import Emitter
 
 
 def host_share(cfg: TrainConfig) -> dict[str, Any]:

@@ -20,9 +20,9 @@ from typing import Any
 
 from core.errors import UserFacingError
 from core.hostshare import apply_priority
-from trainer.config import TrainConfig
-from trainer.errors import JobCancelled
-from trainer.events import Emitter, stdout_emitter
+from jobspec.config import TrainConfig
+from jobspec.errors import JobCancelled
+from jobspec.events import Emitter, stdout_emitter
 from trainer.lifeline import watch_supervisor
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 143
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.job_dir.is_dir():
         emitter.emit("finished", status="failed", error=f"job folder not found: {args.job_dir}")
         return EXIT_FAILED
-    from trainer.jobdata import dataset_sealed, read_key
+    from jobspec.jobdata import dataset_sealed, read_key
 
     try:
         # The parent writes the job key on stdin (a pipe: never on disk, not in /proc/PID/environ).

@@ -1,4 +1,4 @@
-"""Fidelity metrics: held-out perplexity, style similarity of generated vs real replies, the activation gate."""
+"""Fidelity metrics: held-out perplexity, style similarity of generated vs real replies (the gate: `jobspec.verdict`)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from core.settings import bundled_embedding_model
-from trainer.errors import EvaluationError
+from jobspec.errors import EvaluationError
 
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
 _EMOJI_RE = re.compile(
     "[\U0001f300-\U0001faff\U0001f1e6-\U0001f1ff\u2600-\u27bf\u2b50\u2b55\u2764\u203c\u2049]"
     r"|:[A-Za-z0-9_]{2,}:|(?<!\w)[:;xX]-?[()DPp3](?!\w)|<3"
 )
-SYSTEMS = ("base", "adapter", "retrieval")
 
 
 def perplexity(
@@ -84,8 +83,8 @@ def _completion_nll(model: Any, input_ids: Any, attention: Any, labels: Any) -> 
 
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     text_config = causal.config.get_text_config()
+    from jobspec.memory import head_chunk
     from trainer.lmhead import _LOGIT_TRANSFORMS
-    from trainer.memory import head_chunk
 
     if any(getattr(text_config, name, None) is not None for name in _LOGIT_TRANSFORMS):
         # Soft-capped or scaled logits: the model's own head applies them (whole-batch logits, as before).
@@ -101,7 +100,7 @@ def _completion_nll(model: Any, input_ids: Any, attention: Any, labels: Any) -> 
     picked, wanted = hidden[:, :-1][mask], targets[mask]
     del hidden
     head = causal.get_output_embeddings()
-    # A chunk of positions at a time (`trainer.memory.head_chunk`): the whole batch's logits at 4 x 2048 tokens
+    # A chunk of positions at a time (`jobspec.memory.head_chunk`): the whole batch's logits at 4 x 2048 tokens
     # were 1.6 GB for SmolLM2 (49,152 tokens) and twice that again as their float copy and log-softmax.
     size = head_chunk(int(head.weight.shape[0]))
     total = 0.0
@@ -209,7 +208,7 @@ def fidelity_report(
     }
     report["style"] = {name: style_metrics(texts, real, embedder) for name, texts in systems.items() if texts}
     if attribution_rows and member_id:
-        from trainer.attribution import attribution_report
+        from jobspec.attribution import attribution_report
 
         report["attribution"] = attribution_report(
             attribution_rows,
@@ -219,98 +218,3 @@ def fidelity_report(
             seed=seed,
         )
     return report
-
-
-def _ppl(metrics: Mapping[str, Any], system: str) -> float | None:
-    # Two shapes are accepted: the recipes' flat `ppl_base` / `ppl_adapter`, or {"perplexity": {"base": ...}}.
-    value = metrics.get(f"ppl_{system}")
-    if value is None and isinstance(metrics.get("perplexity"), Mapping):
-        value = metrics["perplexity"].get(system)
-    return None if value is None else float(value)
-
-
-def gate(metrics: Mapping[str, Any]) -> tuple[bool, str]:
-    """An adapter becomes active only if its held-out perplexity beats the base model's."""
-    base, adapter = _ppl(metrics, "base"), _ppl(metrics, "adapter")
-    if base is None or adapter is None:
-        return False, "held-out perplexity was not measured for both the base model and the adapter"
-    if not (math.isfinite(base) and math.isfinite(adapter)):
-        return False, "held-out perplexity is not finite"
-    if adapter < base:
-        return True, f"held-out perplexity {adapter:.2f} beats the base model's {base:.2f}"
-    return (
-        False,
-        f"held-out perplexity {adapter:.2f} does not beat the base model's {base:.2f}: kept as a candidate",
-    )
-
-
-_ROWS = (
-    ("embedding_cosine", "embedding cosine (paired) ↑"),
-    ("centroid_cosine", "embedding cosine (centroid) ↑"),
-    ("length_wasserstein", "length distance, chars ↓"),
-    ("length_ks", "length KS statistic ↓"),
-    ("vocab_jaccard", "vocabulary Jaccard ↑"),
-    ("emoji_rate_diff", "emoji/message |diff| ↓"),
-    ("punctuation_rate_diff", "punctuation/char |diff| ↓"),
-    ("caps_rate_diff", "capitals/letter |diff| ↓"),
-    ("mean_length", "mean length, chars"),
-)
-
-
-def blind_test_line(results: Mapping[str, Any]) -> str:
-    """The blind-test summary: how often members picked the real message over the persona's (chance is 50%)."""
-    votes = int(results.get("votes") or 0)
-    if not votes:
-        return "blind test: no votes yet (`/persona guess`)"
-    share = int(results.get("identified_real") or 0) / votes
-    return f"blind test: {votes} vote{'s' if votes != 1 else ''}, {share:.0%} identified the real message (chance 50%)"
-
-
-def format_report(metrics: Mapping[str, Any], blind: Mapping[str, Any] | None = None) -> str:
-    """A plain-text table: base vs adapter (vs retrieval-only when present), blind-test votes, then the gate decision."""
-    fidelity = metrics.get("fidelity") or {}
-    style = fidelity.get("style") or {}
-    attribution = fidelity.get("attribution") or {}
-    columns = [
-        s for s in SYSTEMS if s in style or _ppl(metrics, s) is not None or s in attribution.get("share", {})
-    ]
-    columns = columns or ["base", "adapter"]
-    table: list[list[str]] = [["metric", *columns]]
-    table.append(["held-out perplexity ↓", *(_cell(_ppl(metrics, s)) for s in columns)])
-    for key, label in _ROWS:
-        if any(key in style.get(s, {}) for s in columns):
-            table.append([label, *(_cell(style.get(s, {}).get(key)) for s in columns)])
-    if attribution.get("available"):
-        table.append(["attributed to member ↑", *(_cell(attribution["share"].get(s)) for s in columns)])
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    if style.get("adapter", {}).get("mean_length_real") is not None:
-        lines.append(
-            f"real replies: mean length {style['adapter']['mean_length_real']:.1f} chars, "
-            f"{fidelity.get('n_real', '?')} held-out"
-        )
-    if attribution.get("available"):
-        lines.append(
-            f"authorship: chance {attribution['chance']:.2f} among a panel of {attribution['members']} members "
-            f"({attribution.get('panel_rule') or 'the member and comparison members'}); "
-            f"classifier accuracy {attribution['accuracy']:.2f} on held-out real messages"
-        )
-    elif attribution.get("reason"):
-        lines.append(f"authorship: {attribution['reason']}")
-    if blind is not None:
-        lines.append(blind_test_line(blind))
-    active = metrics.get("active")
-    reason = metrics.get("gate_reason")
-    if active is None or not reason:
-        active, reason = gate(metrics)
-    lines.append(f"{'ACTIVE' if active else 'CANDIDATE'}: {reason}")
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from core.ggufinfo import HF_TO_GGUF_ARCH
-from trainer.errors import ExportError
+from jobspec.errors import ExportError
 
 # Architectures whose converter permutes q/k rows (HF rotary layout -> GGML's interleaved one). Only the llama
 # family: qwen2/qwen3/gemma2/gemma3/phi3 use NEOX-style rotary in llama.cpp, which is the HF layout already.

@@ -15,7 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-SUPERVISOR_PID_ENV = "DOPPEL_SUPERVISOR_PID"
+from jobspec.jobdata import SUPERVISOR_PID_ENV
+
 PR_SET_PDEATHSIG = 1
 POLL_S = 1.0
 

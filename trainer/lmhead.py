@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from trl import SFTTrainer
 from trl.kernels.chunked_logprob import _use_triton
 
-from trainer.memory import head_chunk
+from jobspec.memory import head_chunk
 
 # Configs that change the logits after the projection: those models keep TRL's own head, which applies them.
 _LOGIT_TRANSFORMS = (

@@ -6,9 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainer.config import TrainConfig
-from trainer.evaluation import fidelity_report, gate, perplexity
-from trainer.memory import METER
+from jobspec.config import TrainConfig
+from jobspec.verdict import gate
+from trainer.evaluation import fidelity_report, perplexity
+from trainer.meter import METER
 
 
 def generate_llama_cpp(
@@ -79,7 +80,7 @@ def evaluate(
     base_replies: list[str] = []
     if rows and cfg.eval_samples > 0 and adapter_gguf is not None and base_gguf is not None:
         from core.chatformat import ChatFormat
-        from trainer.jobdata import job_format
+        from jobspec.jobdata import job_format
 
         picked = rows[: cfg.eval_samples]
         # Stop where the job's own format ends a turn (a base without a template was trained in the default one).

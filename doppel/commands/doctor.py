@@ -38,7 +38,7 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
     checks = host_checks(settings)
     try:
         from jobs.preflight import devices
-        from trainer.config import TrainConfig
+        from jobspec.config import TrainConfig
 
         config = TrainConfig.from_settings(settings)
         first = devices(settings)[0].name

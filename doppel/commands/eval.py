@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, settings: Settings) -> Any:
     if not metrics:
         # Older rows kept the metrics only in meta.json; read them from the row's copy, then the folder's.
         metrics = dict((version.meta or {}).get("metrics") or _folder_metrics(Path(version.path)))
-    from trainer.evaluation import format_report, gate
+    from jobspec.verdict import format_report, gate
 
     active, reason = gate(metrics)
     report = format_report(metrics, blind=blind)

@@ -23,7 +23,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a member's persona adapter (progress bar; prints the adapter id)")
     p.add_argument("user_id", nargs="?", help="Discord id of the member to train")
     p.add_argument("--base", help="registered base model name (see `doppel personas bases`)")
-    from trainer.config import PRESET_TIMES, TrainConfig
+    from jobspec.config import PRESET_TIMES, TrainConfig
 
     p.add_argument(
         "--preset",
@@ -170,7 +170,7 @@ async def _member_job(sup: Any, member_id: str) -> Any:
 
 
 async def _follow(sup: Any, job_id: str, as_json: bool) -> dict[str, Any]:
-    from trainer.progress import Throttle, render_bar
+    from jobspec.progress import Throttle, render_bar
 
     tty = sys.stderr.isatty()
     throttle = Throttle(0.2 if tty else 5.0)

@@ -16,7 +16,7 @@ import psutil
 from core.settings import Settings
 from jobs.errors import ExecutorError
 from jobs.executors.base import Outcome, StderrTail, parse_event
-from trainer.lifeline import SUPERVISOR_PID_ENV
+from jobspec.jobdata import SUPERVISOR_PID_ENV
 
 # Event lines can carry a metrics dict; asyncio's default 64 KiB line limit is too tight for a verbose trainer.
 STREAM_LIMIT = 4 * 1024 * 1024

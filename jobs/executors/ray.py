@@ -22,7 +22,7 @@ from core.settings import Settings
 from data.crypto import job_key_for
 from jobs.errors import ExecutorError
 from jobs.executors.base import Outcome, StderrTail, parse_event
-from trainer.jobdata import KEY_ENV
+from jobspec.jobdata import KEY_ENV
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 POLL_S = 0.5

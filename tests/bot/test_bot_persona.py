@@ -108,7 +108,7 @@ def test_reply_to_persona_in_persona_channel_gets_an_answer(bot_world: Any) -> N
 def test_persona_train_permissions_consent_and_defer_order(bot_world: Any) -> None:
     from bot.persona_commands import PRESET_CHOICES, PersonaCommands
     from jobs.supervisor import Supervisor
-    from trainer.config import PRESET_TIMES, PRESETS
+    from jobspec.config import PRESET_TIMES, PRESETS
 
     # The presets are offered as declared, each with its stated time.
     assert [c.value for c in PRESET_CHOICES] == list(PRESETS)

@@ -43,8 +43,8 @@ def test_prompt_styles_frame_the_conversation_as_declared() -> None:
 
 
 def test_a_job_trains_in_the_prompt_style_it_names(settings: Any) -> None:
-    from trainer.config import TrainConfig
-    from trainer.errors import JobConfigError
+    from jobspec.config import TrainConfig
+    from jobspec.errors import JobConfigError
 
     cfg = TrainConfig.from_settings(settings, base_model="m.gguf")
     assert cfg.prompt_style == DEFAULT_STYLE and TrainConfig.choices("prompt_style") == tuple(STYLES)
@@ -53,7 +53,7 @@ def test_a_job_trains_in_the_prompt_style_it_names(settings: Any) -> None:
 
 
 def test_steps_follow_the_data_within_the_preset_bounds(tmp_path: Path) -> None:
-    from trainer.config import PRESETS, TrainConfig
+    from jobspec.config import PRESETS, TrainConfig
 
     cfg = TrainConfig(
         base_model="m.gguf",
@@ -82,7 +82,7 @@ def test_steps_follow_the_data_within_the_preset_bounds(tmp_path: Path) -> None:
 
 
 def test_a_steps_scale_scales_what_the_trainer_resolves(settings: Any) -> None:
-    from trainer.config import TrainConfig
+    from jobspec.config import TrainConfig
 
     rows = [{"prompt": "p", "completion": "c", "n_tokens": 200}] * 2000
 
@@ -98,8 +98,8 @@ def test_a_steps_scale_scales_what_the_trainer_resolves(settings: Any) -> None:
 def test_presets_apply_unless_the_operator_changed_a_setting(settings: Any) -> None:
     import dataclasses
 
-    from trainer.config import PRESETS, TrainConfig
-    from trainer.errors import JobConfigError
+    from jobspec.config import PRESETS, TrainConfig
+    from jobspec.errors import JobConfigError
 
     quick = TrainConfig.from_settings(settings, base_model="m.gguf", preset="quick")
     assert quick.preset == "quick" and quick.max_steps_cap == PRESETS["quick"]["max_steps_cap"]
@@ -231,7 +231,7 @@ def test_doppel_train_preset_choices_come_from_the_declared_presets(settings: An
     import argparse
 
     from doppel.commands import train
-    from trainer.config import PRESETS, TrainConfig
+    from jobspec.config import PRESETS, TrainConfig
 
     parser = argparse.ArgumentParser()
     train.add_parser(parser.add_subparsers(dest="cmd"))

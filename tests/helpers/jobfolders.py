@@ -41,7 +41,7 @@ def persona_rows() -> Callable[..., list[dict[str, Any]]]:
 @pytest.fixture
 def make_job(tmp_path: Path, tiny_model: Any, tiny_chat_format: Any) -> Callable[..., Path]:
     """Write a job folder (config.json + dataset/) for the tiny model; keyword arguments override TrainConfig."""
-    from trainer.config import TrainConfig
+    from jobspec.config import TrainConfig
 
     def make(
         name: str = "job",

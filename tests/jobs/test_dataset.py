@@ -26,8 +26,8 @@ from jobs.dataset import (
 )
 from jobs.errors import DatasetError, NotEnoughExamplesError
 from jobs.preference import preference_rows
-from trainer.cleaning import Cleaner
-from trainer.jobdata import is_sealed, open_bytes
+from jobspec.cleaning import Cleaner
+from jobspec.jobdata import is_sealed, open_bytes
 
 # SmolLM2-135M-Instruct's template, copied once from the bundled GGUF (reading the GGUF takes seconds).
 SMOL_TEMPLATE = (

@@ -9,7 +9,7 @@ import pytest
 
 
 def _config(settings: Any, **overrides: Any) -> Any:
-    from trainer.config import TrainConfig
+    from jobspec.config import TrainConfig
 
     if settings.base_gguf_path() is None:
         pytest.skip("no base model")
@@ -133,7 +133,7 @@ def test_configured_devices_are_the_queues(settings: Any) -> None:
 
 
 def test_progress_state_bar_and_throttle() -> None:
-    from trainer.progress import ProgressState, Throttle, render_bar
+    from jobspec.progress import ProgressState, Throttle, render_bar
 
     state = ProgressState()
     state.apply({"event": "started", "total": 10, "step": 4, "resumed_from_step": 4})
@@ -160,7 +160,7 @@ def test_the_serving_gpu_keeps_what_the_engine_will_need(settings: Any) -> None:
     """Issue 22: on a GPU host a job never takes the memory the persona engine needs to answer."""
     from core.hostshare import ServingMarks
     from jobs.preflight import Device, _free, reserve_for_serving, serving_reserve
-    from trainer.memory import GIB
+    from jobspec.memory import GIB
 
     two = [Device("cuda:0", 24 * GIB, 20 * GIB, "GPU 0"), Device("cuda:1", 24 * GIB, 20 * GIB, "GPU 1")]
     kept = reserve_for_serving(two, 3 * GIB)

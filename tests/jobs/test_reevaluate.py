@@ -6,7 +6,7 @@ import pytest
 
 from core.chatformat import DEFAULT_STYLE
 from jobs.reevaluate import evaluation_config
-from trainer.errors import EvaluationError
+from jobspec.errors import EvaluationError
 
 TRAINED = {"base_model": "m.gguf", "member_id": "1", "max_steps": 7, "simulate_eval_failure": "crash"}
 

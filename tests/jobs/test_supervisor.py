@@ -169,8 +169,8 @@ def _sized(settings: Any, tiny_model: Any, share: float, odd: bool, **extra: Any
     """Tiny-model overrides whose memory estimate is about `share` of the RAM free now (by micro-batch size)."""
     from core.ggufinfo import read_shape
     from jobs.preflight import cpu_device
-    from trainer.config import TrainConfig
-    from trainer.memory import estimate_memory
+    from jobspec.config import TrainConfig
+    from jobspec.memory import estimate_memory
 
     shape, target = read_shape(tiny_model.gguf_path), share * cpu_device().free_bytes
 
@@ -307,7 +307,7 @@ async def test_example_shots_reach_the_jobs_dataset(doppel_home: Path, tiny_mode
     from core.chatformat import EXAMPLE_CUE
     from data.crypto import job_key_for
     from jobs.table import Job
-    from trainer.jobdata import load_job_data
+    from jobspec.jobdata import load_job_data
 
     settings = _settings(doppel_home)
     await fx.seed_member(settings)

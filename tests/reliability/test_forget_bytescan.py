@@ -102,8 +102,8 @@ async def _populate(settings: Settings, staging: Path) -> dict[str, Any]:
     from data.crypto import job_key_for
     from data.store import Store
     from jobs.dataset import materialize
+    from jobspec.jobdata import open_bytes
     from models.registry import Registry
-    from trainer.jobdata import open_bytes
 
     chat = ChatFormat.from_gguf(bundled_base_gguf())  # type: ignore[arg-type]
     async with Store.open(settings) as store:

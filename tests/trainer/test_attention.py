@@ -88,9 +88,9 @@ def test_padded_batches_keep_sdpa_with_the_mask(tiny_model: Any, tiny_chat_forma
 def test_recipe_trains_with_segments_and_restores_the_model(
     tiny_model: Any, tiny_chat_format: Any, tmp_path: Path
 ) -> None:
+    from jobspec.config import TrainConfig
+    from jobspec.events import Emitter
     from trainer.basemodel import load_base
-    from trainer.config import TrainConfig
-    from trainer.events import Emitter
     from trainer.recipes.sft import train_sft
 
     cfg = TrainConfig(

@@ -102,8 +102,8 @@ def test_sigterm_stops_with_the_last_finished_step_saved_and_resume_continues(
 def test_train_config_round_trips_and_rejects_bad_fields(tmp_path: Path) -> None:
     import dataclasses
 
-    from trainer.config import TrainConfig
-    from trainer.errors import JobConfigError
+    from jobspec.config import TrainConfig
+    from jobspec.errors import JobConfigError
 
     cfg = TrainConfig(member_id="1", base_model="m.gguf", target_modules=["q_proj"], max_steps=7)
     cfg.to_json(tmp_path / "config.json")
@@ -130,7 +130,7 @@ def test_train_config_round_trips_and_rejects_bad_fields(tmp_path: Path) -> None
 def test_config_from_settings_takes_training_defaults(settings: Any) -> None:
     import dataclasses
 
-    from trainer.config import DEFAULT_PRESET, PRESETS, TrainConfig
+    from jobspec.config import DEFAULT_PRESET, PRESETS, TrainConfig
 
     cfg = TrainConfig.from_settings(settings, member_id="42", base_model="/m.gguf", max_steps=5)
     preset = PRESETS[DEFAULT_PRESET]

@@ -178,8 +178,8 @@ def test_a_cancelled_step_ends_at_the_next_block_and_leaves_the_weights_alone(
     from transformers import AutoModelForCausalLM
 
     from core.hostshare import ServingMarks, ServingPause
+    from jobspec.errors import StepAbandoned
     from trainer.callbacks import LayerGate, pause_between_layers
-    from trainer.errors import StepAbandoned
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model.hf_dir))
     ids = torch.randint(0, model.config.vocab_size, (2, 12))

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from jobspec.events import Emitter
 from trainer.child import run_job
-from trainer.events import Emitter
 
 
 @pytest.mark.slow
@@ -19,7 +19,7 @@ def test_smollm2_persona_adapter_beats_base_and_serves_from_gguf(tmp_path: Path,
 
     from core.chatformat import ChatFormat
     from core.settings import bundled_base_gguf
-    from trainer.config import TrainConfig
+    from jobspec.config import TrainConfig
 
     gguf = bundled_base_gguf()
     if gguf is None:

@@ -1,4 +1,4 @@
-"""Fidelity metrics on known inputs, held-out perplexity on a tiny model, the activation gate and the report."""
+"""Fidelity metrics on known inputs, held-out perplexity on a tiny model, and the report they fill."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ from typing import Any
 import pytest
 
 from core.settings import bundled_embedding_model
+from jobspec.errors import EvaluationError
+from jobspec.verdict import format_report
 from tests.helpers.rows import seed_adapter
-from trainer.errors import EvaluationError
 from trainer.evaluation import (
     fidelity_report,
-    format_report,
-    gate,
     length_distance,
     load_embedder,
     perplexity,
@@ -77,18 +76,6 @@ def test_style_rates_count_emoji_punctuation_and_capitals() -> None:
         style_metrics([], REAL)
 
 
-def test_gate_needs_the_adapter_to_beat_the_base_model() -> None:
-    assert gate({"ppl_base": 30.0, "ppl_adapter": 12.5}) == (
-        True,
-        "held-out perplexity 12.50 beats the base model's 30.00",
-    )
-    active, reason = gate({"perplexity": {"base": 10.0, "adapter": 11.0}})
-    assert not active and "does not beat" in reason and "candidate" in reason
-    assert not gate({"ppl_base": 10.0, "ppl_adapter": 10.0})[0]
-    assert not gate({"ppl_base": math.nan, "ppl_adapter": 1.0})[0]
-    assert not gate({"ppl_adapter": 1.0})[0]
-
-
 def test_fidelity_report_and_table_cover_every_system(embedder: Any) -> None:
     rows = [{"author_id": "me", "text": f"omg yes!!! {w} sooo good :)"} for w in "abcdefghij"]
     rows += [{"author_id": "other", "text": f"Indeed, the {w} is rather splendid."} for w in "abcdefghij"]
@@ -113,7 +100,6 @@ def test_fidelity_report_and_table_cover_every_system(embedder: Any) -> None:
     assert "held-out perplexity" in table and "40.000" in table and "20.000" in table
     assert "attributed to member" in table and "chance 0.50" in table
     assert table.splitlines()[-1].startswith("ACTIVE:")
-    assert format_report({"ppl_base": 5.0, "ppl_adapter": 9.0}).splitlines()[-1].startswith("CANDIDATE:")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ def random_adapter(tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) ->
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.config import DEFAULT_TARGETS
+    from jobspec.config import DEFAULT_TARGETS
     from trainer.export_gguf import BaseInfo, export_lora_gguf
 
     torch.manual_seed(1)
@@ -171,7 +171,7 @@ def test_export_without_q_k_permutation_would_break_parity(
 
 
 def test_export_rejects_a_folder_that_is_not_a_lora(tmp_path: Path) -> None:
-    from trainer.errors import ExportError
+    from jobspec.errors import ExportError
     from trainer.export_gguf import BaseInfo, export_lora_gguf
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}), encoding="utf-8")

@@ -41,7 +41,7 @@ def arch_adapter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.config import DEFAULT_TARGETS
+    from jobspec.config import DEFAULT_TARGETS
     from trainer.export_gguf import BaseInfo, export_lora_gguf, lora_targets
     from trainer.tinymodel import build_tiny
 

@@ -15,8 +15,8 @@ def _trainer(tiny_model: Any, chat_format: Any, tmp_path: Path, batching: str) -
     from datasets import Dataset
     from peft import get_peft_model
 
+    from jobspec.config import TrainConfig
     from trainer.basemodel import load_base
-    from trainer.config import TrainConfig
     from trainer.lmhead import PersonaSFTTrainer
     from trainer.recipes.sft import lora_config, sft_args
 
@@ -69,7 +69,7 @@ def test_compact_loss_equals_trls_fused_head(
 ) -> None:
     from trl import SFTTrainer
 
-    from trainer import memory
+    from jobspec import memory
     from trainer.lmhead import PersonaSFTTrainer, compact_loss_applies
 
     if (

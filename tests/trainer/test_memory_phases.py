@@ -1,6 +1,6 @@
 """Peak RSS of each phase of a real trainer child (`python -m trainer run`) stays within its bound.
 
-Memory is measured by the child itself (VmHWM per phase, reset between phases: `trainer.memory.PhaseMeter`), in
+Memory is measured by the child itself (VmHWM per phase, reset between phases: `trainer.meter.PhaseMeter`), in
 a subprocess of its own, never timed. Bounds are growth over the `loading` phase (the runtime and the weights),
 so they hold on any machine: what a phase adds must stay what it needs, not what the batch's logits would take.
 """
@@ -18,7 +18,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 2**20
 # A vocabulary wide enough that whole-batch logits show: 4 x 512 positions x 65,536 x 4 bytes = 0.5 GB a copy,
-# where a chunk of the head (`trainer.memory.head_chunk`) is 128 MiB.
+# where a chunk of the head (`jobspec.memory.head_chunk`) is 128 MiB.
 WIDE_VOCAB = 65_536
 # MiB a phase may add over `loading` (which holds torch, transformers and the weights): TRL, PEFT, datasets and
 # the trainer's own state for training; the chunked head for perplexity; llama.cpp and the embedder after.

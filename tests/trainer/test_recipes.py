@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from jobspec.events import Emitter
 from trainer.child import run_job
-from trainer.events import Emitter
 
 
 def _run(job: Path, resume: bool = False) -> tuple[int, Emitter]:
@@ -34,8 +34,8 @@ def test_trained_tokens_are_the_reply_plus_one_end_of_turn_token(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTTrainer
 
-    from trainer.config import TrainConfig
-    from trainer.jobdata import fit_rows, load_job_data
+    from jobspec.config import TrainConfig
+    from jobspec.jobdata import fit_rows, load_job_data
     from trainer.recipes.sft import lora_config, sft_args
 
     job = make_job()
@@ -72,7 +72,7 @@ def test_fit_rows_drops_oldest_context_turns_not_the_reply(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from trainer.jobdata import fit_rows, load_job_data
+    from jobspec.jobdata import fit_rows, load_job_data
 
     tok = AutoTokenizer.from_pretrained(tiny_model.hf_dir)
     rows = load_job_data(make_job()).train

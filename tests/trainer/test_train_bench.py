@@ -13,9 +13,9 @@ from trainer.synthetic import synthetic_rows
 
 def test_both_sides_train_the_same_tokens(tiny_model: Any, tiny_chat_format: Any, tmp_path: Path) -> None:
     from doppel.benchtrain import _baseline_run, _our_run
+    from jobspec.config import TrainConfig
+    from jobspec.events import Emitter
     from trainer.basemodel import load_tokenizer
-    from trainer.config import TrainConfig
-    from trainer.events import Emitter
 
     tokenizer = load_tokenizer(tiny_model.hf_dir)
     rows = synthetic_rows(16, seed=5, chat_format=tiny_chat_format, long_tail=True)

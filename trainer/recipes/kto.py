@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.config import TrainConfig
-from trainer.errors import JobCancelled, TrainingError
-from trainer.events import Emitter
+from jobspec.config import TrainConfig
+from jobspec.errors import JobCancelled, TrainingError
+from jobspec.events import Emitter
 from trainer.recipes.sft import finish_job, setup_torch, train_sft
 
 
@@ -23,8 +23,8 @@ def run(
     key: bytes | None = None,
 ) -> dict[str, Any]:
     """SFT (resumable), then KTO from the SFT adapter, then evaluate and publish."""
+    from jobspec.jobdata import fit_rows, job_format, load_job_data
     from trainer.basemodel import load_base
-    from trainer.jobdata import fit_rows, job_format, load_job_data
 
     # --- setup
     setup_torch(cfg)

@@ -10,9 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainer.config import TrainConfig
-from trainer.errors import EvaluationError, ExportError, JobCancelled, TrainingError
-from trainer.events import Emitter
+from jobspec.config import TrainConfig
+from jobspec.errors import EvaluationError, ExportError, JobCancelled, TrainingError
+from jobspec.events import Emitter
 
 
 def run(
@@ -25,9 +25,9 @@ def run(
     key: bytes | None = None,
 ) -> dict[str, Any]:
     """Train the persona adapter, evaluate it, and publish the adapter folder; returns the artifact summary."""
+    from jobspec.jobdata import fit_rows, job_format, load_job_data, weighted_rows
     from trainer.basemodel import load_base
-    from trainer.jobdata import fit_rows, job_format, load_job_data, weighted_rows
-    from trainer.memory import METER
+    from trainer.meter import METER
 
     # --- setup
     setup_torch(cfg)
@@ -62,7 +62,7 @@ def run(
 
 def setup_torch(cfg: TrainConfig) -> None:
     """Threads, seeds and the allocator, before any model is built."""
-    from trainer.memory import limit_allocator
+    from trainer.meter import limit_allocator
 
     limit_allocator()  # before torch starts threads: each would otherwise get an arena of its own
     import torch
@@ -155,7 +155,7 @@ def train_sft(
     from trainer.attention import segments_for
     from trainer.callbacks import CountingCollator, JobCallback, host_share, last_checkpoint, loss_points
     from trainer.lmhead import PersonaSFTTrainer
-    from trainer.memory import METER
+    from trainer.meter import METER
 
     peft_model = get_peft_model(model, lora_config(cfg, model))
     initial = {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
@@ -283,7 +283,7 @@ def finish_job(
     from trainer.adapter_folder import StagedAdapter, export_gguf
     from trainer.basemodel import file_sha256
     from trainer.export_gguf import BaseInfo
-    from trainer.memory import METER
+    from trainer.meter import METER
     from trainer.plot import loss_png
 
     check = stop_check(cancel, "during evaluation: the trained adapter is kept, `doppel eval` evaluates it")
@@ -433,7 +433,7 @@ def estimate_mb(cfg: TrainConfig, device: str, model: Any = None) -> dict[str, f
 
     From the GGUF header as pre-flight reads it; a base known only as a HF folder is shaped from `model`'s config.
     """
-    from trainer.memory import memory_breakdown
+    from jobspec.memory import memory_breakdown
 
     shape = _shape(cfg, model)
     if shape is None:
@@ -447,7 +447,7 @@ def estimate_mb(cfg: TrainConfig, device: str, model: Any = None) -> dict[str, f
 
 def floor_mb(cfg: TrainConfig, model: Any, stats: dict[str, Any]) -> float | None:
     """What training could not do without, in MiB: weights, LoRA state, one mean micro-batch's activations."""
-    from trainer.memory import floor_bytes
+    from jobspec.memory import floor_bytes
 
     shape = _shape(cfg, model)
     batches = int(stats.get("steps") or 0) * int(stats.get("grad_accum") or cfg.grad_accum)
@@ -488,7 +488,7 @@ def peak_rss_mb() -> float:
     import resource
     import sys
 
-    from trainer.memory import METER
+    from trainer.meter import METER
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # The phase meter resets the kernel's high-water mark at each phase; it keeps the lifetime peak itself.
@@ -509,9 +509,9 @@ def reevaluate(
     """
     from peft import PeftModel
 
+    from jobspec.jobdata import load_job_data
     from trainer import report
     from trainer.basemodel import load_base
-    from trainer.jobdata import load_job_data
 
     setup_torch(cfg)
     data = load_job_data(job_dir, key, need_train=False)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.cleaning import (
+from jobspec.cleaning import (
     EMAIL,
     INVITE,
     PHONE,

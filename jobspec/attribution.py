@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trainer.errors import EvaluationError
+from jobspec.errors import EvaluationError
 
 MIN_PER_AUTHOR = 3
 # 2**18 hashed char n-grams: collisions are rare at a panel's size, and the weights stay under 40 MB for 17 classes.

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from trainer.attribution import attribution_report, train_authorship
-from trainer.errors import EvaluationError
+from jobspec.attribution import attribution_report, train_authorship
+from jobspec.errors import EvaluationError
 
 WORDS = "game tonight server build patch raid boss map queue team loot level music movie pizza work".split()
 

@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from core.chatformat import ChatFormat
-from trainer.errors import JobConfigError
+from jobspec.errors import JobConfigError
 
 SEALED_MAGIC = b"DOPPEL-SEALED-1\n"
 KEY_BYTES = 32
 NONCE_BYTES = 12
 # For executors without a stdin to write to (Ray): weaker, since an environment is visible to the same user.
 KEY_ENV = "DOPPEL_JOB_KEY"
+# The supervisor's pid, so the child stops when its supervisor dies (`trainer.lifeline`).
+SUPERVISOR_PID_ENV = "DOPPEL_SUPERVISOR_PID"
 
 
 def seal_bytes(key: bytes, data: bytes, name: str) -> bytes:

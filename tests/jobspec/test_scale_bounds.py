@@ -14,9 +14,9 @@ from core.settings import Settings
 from data.crypto import job_key, job_key_for
 from data.records import Member, Message
 from jobs.dataset import build_dataset, materialize
-from trainer.attribution import PANEL_OTHERS, PANEL_PER_AUTHOR, attribution_report, choose_panel, panel_rows
-from trainer.errors import JobConfigError
-from trainer.jobdata import is_sealed, load_job_data, open_bytes, read_jsonl, read_key
+from jobspec.attribution import PANEL_OTHERS, PANEL_PER_AUTHOR, attribution_report, choose_panel, panel_rows
+from jobspec.errors import JobConfigError
+from jobspec.jobdata import is_sealed, load_job_data, open_bytes, read_jsonl, read_key
 
 FMT = ChatFormat(
     template="{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -14,7 +14,7 @@ from typing import Any
 from core.chatformat import DEFAULT_STYLE, STYLES
 from core.hostshare import PRIORITIES
 from core.settings import Settings
-from trainer.errors import JobConfigError
+from jobspec.errors import JobConfigError
 
 MODES = ("sft", "sft+kto", "sft+dpo")
 BATCHING = ("padding_free", "length_grouped", "random")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.progress import ProgressState, Throttle, render_bar
+from jobspec.progress import ProgressState, Throttle, render_bar
 
 
 def test_a_throttle_never_repeats_the_same_text() -> None:

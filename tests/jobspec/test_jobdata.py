@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.jobdata import weighted_rows
+from jobspec.jobdata import weighted_rows
 
 
 def test_weights_oversample_in_expectation_and_reproducibly() -> None:
@@ -26,8 +26,8 @@ def test_rows_without_weight_are_kept_once() -> None:
 def test_preference_rows_fit_max_length_by_dropping_old_context(
     tiny_model: Any, tiny_chat_format: Any
 ) -> None:
+    from jobspec.jobdata import fit_pairs, fit_rows
     from trainer.basemodel import load_tokenizer
-    from trainer.jobdata import fit_pairs, fit_rows
     from trainer.synthetic import synthetic_rows
 
     tokenizer = load_tokenizer(tiny_model.hf_dir)
@@ -82,8 +82,8 @@ def test_preference_rows_fit_max_length_by_dropping_old_context(
 
 def test_rows_are_refitted_in_the_jobs_own_format_not_the_tokenizers(tiny_model: Any) -> None:
     from core.chatformat import ChatFormat
+    from jobspec.jobdata import fit_rows
     from trainer.basemodel import load_tokenizer
-    from trainer.jobdata import fit_rows
     from trainer.synthetic import synthetic_rows
 
     tokenizer = load_tokenizer(tiny_model.hf_dir)
