@@ -111,12 +111,12 @@ class PersonaChat:
         if member.bot:
             raise NotAvailable("bots have no persona")
         member_id = str(member.id)
-        if "chat" not in await self.services.scopes(member_id):
+        if "chat" not in await self.services.consent.scopes(member_id):
             raise ConsentMissing(f"{member.display_name} has not allowed chat with their persona")
-        adapter = await self.services.persona_adapter(member_id)
+        adapter = await self.services.registry.servable(member_id)
         if adapter is None:
             raise NotAvailable(f"{member.display_name} has no trained persona yet (`/persona train`)")
-        adapter_id, gguf = adapter
+        adapter_id, gguf = adapter.id, adapter.gguf_path
         has_messages = await self.services.store.messages.count(member_id) > 0
         mode = resolve_mode(
             self.services.settings.bot.persona_mode, has_adapter=True, has_messages=has_messages
@@ -364,7 +364,7 @@ class PersonaChat:
         self._rated[key] = None  # before any await: two quick reactions must not both pass the stored check
         while len(self._rated) > MAX_REMEMBERED:  # bounded; older pairs are still caught by the stored check
             self._rated.popitem(last=False)
-        if await self.services.rated(str(payload.message_id), str(payload.user_id)):
+        if await self.services.store.feedback.rated(str(payload.message_id), str(payload.user_id)):
             return False
         reply = await self.consented(reply)
         await self.services.store.feedback.add(

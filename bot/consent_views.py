@@ -27,7 +27,7 @@ CUSTOM_IDS = {
 
 async def state_text(services: Services, member_id: str) -> str:
     """The member's consent state as shown under the buttons."""
-    scopes = await services.scopes(member_id)
+    scopes = await services.consent.scopes(member_id)
     upload_only = "train" in scopes and await services.store.consents.upload_only(member_id)
     return "**Your Doppel consent**\n" + consent_summary(scopes, upload_only=upload_only)
 
@@ -83,7 +83,7 @@ class ConsentPanel(discord.ui.View):
         member_id = str(interaction.user.id)
         actor = str(interaction.user.id)
         if grant:
-            await self.services.grant(member_id, grant, actor=actor, channel="button")
+            await self.services.consent.grant([member_id], grant, actor=actor, channel="button")
         if revoke:
             await self.services.revoke(member_id, revoke, actor=actor, channel="button")
         await show(
@@ -112,7 +112,7 @@ class ConsentPanel(discord.ui.View):
     async def allow_join(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
         # Its own opt-in: speaking unprompted is more than answering when asked, so `chat` never implies it. A toggle:
         # pressed again it withdraws `join` alone (the next unprompted message is checked against it and not sent).
-        held = "join" in await self.services.scopes(str(interaction.user.id))
+        held = "join" in await self.services.consent.scopes(str(interaction.user.id))
         await self._change(interaction, [] if held else ["join"], ["join"] if held else [])
 
     @discord.ui.button(
@@ -137,7 +137,7 @@ class ConsentPanel(discord.ui.View):
     async def info(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         member_id = str(interaction.user.id)
-        count = await self.services.count_messages(member_id)
+        count = await self.services.store.messages.count(author_id=member_id)
         text = f"{WHAT_IS_STORED}\n\n{await state_text(self.services, member_id)}\nStored messages of yours: **{count}**"
         await interaction.followup.send(clip(text), ephemeral=True, allowed_mentions=NONE)
 

@@ -18,6 +18,7 @@ from bot.recording import Recorder
 from bot.services import GuildConfig, Services, only_author
 from bot.text import POLICY_NOTICE, UPLOAD_CONSENT, WHAT_IS_STORED, clip
 from bot.uploads import PendingUploads, upload_choice
+from consent.export import member_export
 
 PANEL_TEXT = (
     "**Doppel: AI personas of members who opt in**\n"
@@ -232,7 +233,7 @@ class DoppelCommands(app_commands.Group):
     )
     async def mydata(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        data = await self.services.export_member(str(interaction.user.id))
+        data = await member_export(self.services.store, str(interaction.user.id), self.services.erasure)
         raw = json.dumps(data, ensure_ascii=False, indent=2, default=str).encode("utf-8")
         file = discord.File(io.BytesIO(raw), filename=f"doppel-data-{interaction.user.id}.json")
         try:

@@ -199,7 +199,7 @@ async def post_guess(
         member, interaction.channel
     )  # chat consent + a trained persona
     member_id = str(member.id)
-    if not await services.count_messages(member_id):
+    if not await services.store.messages.count(author_id=member_id):
         raise NotAvailable(f"{member.display_name} has no stored messages to compare the persona with")
     sample = await pick_sample(services, member_id, lambda cid: everyone_reads(guild, cid), rng, adapter_id)
     chat.count_use(interaction.user.id, interaction.channel_id or 0)

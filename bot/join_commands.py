@@ -149,12 +149,12 @@ class JoinCommands(app_commands.Group):
             await self.services.store.messages.authors_in_guild(str(guild.id), [str(m.id) for m in members])
         )
         for m in members:
-            scopes = await self.services.scopes(str(m.id))
+            scopes = await self.services.consent.scopes(str(m.id))
             if not all(s in scopes for s in NEEDS):
                 raise ConsentMissing(f"{m.display_name} has not allowed their persona to join conversations")
             if await self.services.store.joins.silenced([str(m.id)], str(interaction.channel_id)):
                 raise NotAllowed(f"{m.display_name} has silenced their persona here")
-            if await self.services.persona_adapter(str(m.id)) is None:
+            if await self.services.registry.servable(str(m.id)) is None:
                 raise NotAvailable(f"{m.display_name} has no trained persona yet (`/persona train`)")
             if str(m.id) not in here:
                 raise NotAvailable(f"{m.display_name}'s persona has no messages on this server")

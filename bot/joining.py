@@ -108,7 +108,7 @@ class JoinIn:
 
     async def may_speak(self, member_id: str, channel: Any) -> bool:
         """Whether the persona may speak here now: consent, the channel's opening, no silence, its member away, a persona."""
-        scopes = await self.services.scopes(member_id)
+        scopes = await self.services.consent.scopes(member_id)
         if not all(s in scopes for s in NEEDS):
             return False
         if await self.services.store.joins.level(str(channel.id)) is None:
@@ -119,7 +119,7 @@ class JoinIn:
         seen = await self.services.store.joins.last_seen(str(channel.id), member_id)
         if seen is not None and time.time() - seen <= self.settings.member_quiet_s:
             return False
-        return await self.services.persona_adapter(member_id) is not None
+        return await self.services.registry.servable(member_id) is not None
 
     async def candidates(self, guild_id: str, channel_id: str) -> list[str]:
         """Members of this server whose persona may join in here: both consents, not silenced, a trained persona."""
@@ -135,7 +135,7 @@ class JoinIn:
             cached = (key, time.monotonic(), await store.messages.authors_in_guild(guild_id, sorted(ids)))
             self._in_guild[guild_id] = cached
         ids = set(cached[2])
-        return [m for m in sorted(ids) if await self.services.persona_adapter(m) is not None]
+        return [m for m in sorted(ids) if await self.services.registry.servable(m) is not None]
 
     # -- gateway events ---------------------------------------------------------------------------------------
     async def memory(self, channel_id: int) -> ChannelMemory:

@@ -67,7 +67,7 @@ class PersonaCommands(app_commands.Group):
         # Acknowledged ephemerally: the first followup of a public acknowledgement is public whatever its flag, and
         # whether a member consented (or has enough messages) is theirs to know, not the channel's.
         await interaction.response.defer(ephemeral=True, thinking=True)
-        if "train" not in await self.services.scopes(str(member.id)):
+        if "train" not in await self.services.consent.scopes(str(member.id)):
             raise ConsentMissing(f"{member.display_name} has not opted in to training (`/doppel consent`)")
         chosen: dict[str, Any] = {"preset": preset} if preset else {}
         submitted = await self.services.trainer().submit(
@@ -103,7 +103,7 @@ class PersonaCommands(app_commands.Group):
         for job, channel_id, message_id in await self.services.jobs.with_progress_message():
             if job.id in self._watchers:
                 continue  # on_ready fires again on every reconnect
-            names = await self.services.member_names([job.member_id] if job.member_id else [])
+            names = await self.services.store.members.display_names([job.member_id] if job.member_id else [])
             message = client.get_partial_messageable(channel_id).get_partial_message(message_id)
             self._start_watch(
                 message, job.id, names.get(job.member_id or "", job.member_id or "multi-persona")
@@ -136,7 +136,7 @@ class PersonaCommands(app_commands.Group):
         if not jobs:
             await interaction.followup.send("No training job is queued or running.", ephemeral=True)
             return
-        names = await self.services.member_names([j.member_id for j in jobs if j.member_id])
+        names = await self.services.store.members.display_names([j.member_id for j in jobs if j.member_id])
         lines = [
             progress_text(names.get(j.member_id or "", j.member_id or "multi-persona"), j) for j in jobs[:8]
         ]
@@ -206,8 +206,8 @@ async def persona_list_text(services: Services, limit: int = LIST_LIMIT) -> str:
     personas = await services.registry.active_personas(limit=limit)
     ready = await services.trainable_members(limit=limit, untrained=True)
     owners = [p.member_id for p in personas if p.member_id is not None]
-    names = await services.member_names([*owners, *ready])
-    chat = await services.chat_allowed(owners)
+    names = await services.store.members.display_names([*owners, *ready])
+    chat = await services.store.consents.with_scope("chat", owners)
 
     def name(member_id: str) -> str:
         return neutralise(names.get(member_id, member_id)[:40])

@@ -81,8 +81,8 @@ class Recorder:
         """Store `message` if the gate lets it through; returns whether it was stored."""
         if not await self.should_record(message):
             return False
-        await self.services.upsert_member(to_member(message.author))
-        await self.services.add_messages([to_record(message)])
+        await self.services.store.members.upsert(to_member(message.author))
+        await self.services.store.messages.add_many([to_record(message)])
         return True
 
     async def on_raw_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
@@ -91,13 +91,15 @@ class Recorder:
             return
         message = payload.message
         edited = message.edited_at or discord.utils.utcnow()
-        await self.services.edit_message(str(payload.message_id), message.clean_content, edited.timestamp())
+        await self.services.store.messages.edit(
+            str(payload.message_id), message.clean_content, edited.timestamp()
+        )
 
     async def on_raw_delete(self, message_ids: Iterable[int]) -> None:
         """Mirror deletions (single and bulk)."""
         ids = [str(i) for i in message_ids]
-        if ids:
-            await self.services.delete_messages(ids)
+        for message_id in ids:  # ids that are not stored are ignored
+            await self.services.store.messages.delete(message_id)
 
     async def backfill(
         self,
@@ -140,8 +142,8 @@ class Recorder:
         if not pending:
             return 0
         for member in members.values():
-            await self.services.upsert_member(member)
-        added = await self.services.add_messages(pending)
+            await self.services.store.members.upsert(member)
+        added = await self.services.store.messages.add_many(pending)
         pending.clear()
         members.clear()
         return added

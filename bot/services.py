@@ -1,5 +1,6 @@
-"""What the bot adapts to Discord, built once: the owners it calls (store, consent, jobs, registry, supervisor,
-engine) and the few rules and queries of its own (live recording, uploads, the "ready to train" list)."""
+"""What the bot adapts to Discord, built once: the owners it hands out (store, consent, jobs, registry, supervisor,
+engine) and the few rules of its own (server recording settings, uploads, the "ready to train" list, erasure reaching
+this process's memory)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from bot.errors import BadUpload
 from core.chatformat import Utterance
 from core.settings import Settings
-from data.consents import TRAIN_HOLDERS
-from data.records import Member, Message
 from jobs.table import JobTable
 from models.registry import Registry
 
@@ -41,6 +40,12 @@ class PersonaEngine(Protocol):
     async def close(self) -> None: ...
 
 
+class Closing(Protocol):
+    """What `Services.open` starts and `Services.close` stops (store, supervisor, engine, serving place)."""
+
+    async def close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class GuildConfig:
     """A server's recording switch, the admin's policy acknowledgement and its channel lists."""
@@ -59,7 +64,7 @@ class GuildConfig:
 
 @dataclass
 class Services:
-    """Store, consent, supervisor, engine, registry and jobs, built once and shared by every handler."""
+    """The owners (store, consent, jobs, registry, supervisor, engine) every handler calls, and the bot's own rules."""
 
     settings: Settings
     store: Store
@@ -70,7 +75,7 @@ class Services:
     engine: PersonaEngine | None = None
     registry: Registry = field(init=False)
     jobs: JobTable = field(init=False)
-    _owned: list[Any] = field(default_factory=list, repr=False)
+    _owned: list[Closing] = field(default_factory=list, repr=False)
     # Called with a member id whenever the engine forgets them (in-memory copies elsewhere, e.g. joining-in habits).
     forgetters: list[Callable[[str], None]] = field(default_factory=list, repr=False)
     # This process as a serving place: erasures from other processes (a shell's `doppel forget`) reach the engine.
@@ -172,15 +177,7 @@ class Services:
         await self.store.guilds.set(guild_id, **{names.get(k, k): v for k, v in changes.items()})
         return await self.guild_config(guild_id)
 
-    # -- consent and member data ------------------------------------------------------------------------------
-    async def scopes(self, member_id: str) -> set[str]:
-        """The member's current consent scopes."""
-        return set(await self.consent.scopes(member_id))
-
-    async def grant(self, member_id: str, scopes: Sequence[str], actor: str, channel: str) -> None:
-        """Grant `scopes` (audited with `channel`)."""
-        await self.consent.grant([member_id], list(scopes), actor=actor, channel=channel)
-
+    # -- erasure reaches this process's memory ---------------------------------------------------------------
     async def revoke(self, member_id: str, scopes: Sequence[str], actor: str, channel: str) -> None:
         """Revoke `scopes` (audited with `channel`); losing `train` erases content, so in-memory copies go too."""
         try:
@@ -189,6 +186,19 @@ class Services:
             if "train" in scopes:
                 self.drop_cached(member_id)
 
+    async def forget(self, member_id: str, actor: str) -> dict[str, Any]:
+        """Run the erasure cascade and return what was removed."""
+        from consent.erasure import forget
+
+        try:
+            report = await forget(
+                self.store, self.settings, member_id, actor=actor, channel="command", parts=self.erasure
+            )
+        finally:
+            # Even a partly failed cascade must not leave the member's words in the engine's caches.
+            self.drop_cached(member_id)
+        return report.to_dict()
+
     def drop_cached(self, member_id: str) -> None:
         """Make the engine drop what it holds in memory about a member (retrieval vectors, saved KV states)."""
         if self.engine is not None:
@@ -196,24 +206,7 @@ class Services:
         for forget in self.forgetters:
             forget(member_id)
 
-    async def upsert_member(self, member: Member) -> None:
-        """Remember a member's names and avatar."""
-        await self.store.members.upsert(member)
-
-    async def add_messages(self, messages: Sequence[Message]) -> int:
-        """Store messages (duplicates ignored); returns how many were new."""
-        result = await self.store.messages.add_many(list(messages))
-        return int(result) if isinstance(result, int) else len(messages)
-
-    async def edit_message(self, message_id: str, content: str, edited_at: float) -> None:
-        """Mirror an edit of a stored message (no-op if it is not stored)."""
-        await self.store.messages.edit(message_id, content, edited_at)
-
-    async def delete_messages(self, message_ids: Sequence[str]) -> None:
-        """Mirror deletions (ids that are not stored are ignored)."""
-        for message_id in message_ids:
-            await self.store.messages.delete(message_id)
-
+    # -- uploads ----------------------------------------------------------------------------------------------
     async def import_upload(self, upload: OwnExport, *, live: bool) -> dict[str, Any]:
         """Import a checked upload under the member's consent; a grant made here is withdrawn if nothing imported.
 
@@ -223,8 +216,10 @@ class Services:
         from data.dce_import import import_exports
 
         member_id = upload.member_id
-        before = await self.scopes(member_id)
-        await self.grant(member_id, ["train"], actor=member_id, channel="button" if live else "upload")
+        before = await self.consent.scopes(member_id)
+        await self.consent.grant(
+            [member_id], ["train"], actor=member_id, channel="button" if live else "upload"
+        )
         try:
             with tempfile.TemporaryDirectory(
                 prefix="doppel-upload-"
@@ -248,93 +243,21 @@ class Services:
             "duplicates": total.get("already_stored", 0) + total.get("duplicates", 0),
         }
 
-    async def export_member(self, member_id: str) -> dict[str, Any]:
-        """Everything stored about a member (the same export as `doppel export-data`)."""
-        from consent.export import member_export
-
-        return await member_export(self.store, member_id, self.erasure)
-
-    async def forget(self, member_id: str, actor: str) -> dict[str, Any]:
-        """Run the erasure cascade and return what was removed."""
-        from consent.erasure import forget
-
-        try:
-            report = await forget(
-                self.store, self.settings, member_id, actor=actor, channel="command", parts=self.erasure
-            )
-        finally:
-            # Even a partly failed cascade must not leave the member's words in the engine's caches.
-            self.drop_cached(member_id)
-        return report.to_dict()
-
-    async def count_messages(self, member_id: str) -> int:
-        """How many consented messages are stored for a member."""
-        return int(await self.store.messages.count(author_id=member_id))
-
-    async def rated(self, message_id: str, rater_id: str) -> bool:
-        """Whether `rater_id` already rated the persona reply `message_id` (survives restarts)."""
-        row = await self.store.fetchone(
-            "SELECT 1 FROM feedback WHERE message_id = ? AND rater_id = ? LIMIT 1", (message_id, rater_id)
-        )
-        return row is not None
-
     # -- personas and training --------------------------------------------------------------------------------
-    async def persona_adapter(self, member_id: str) -> tuple[str, Path] | None:
-        """The member's active adapter: its id and llama.cpp GGUF file, or None when none is servable."""
-        active = await self.registry.active(member_id)
-        if active is None or not active.path or not active.gguf_path.exists():
-            return None
-        return active.id, active.gguf_path
-
     async def trainable_members(self, limit: int | None = None, *, untrained: bool = False) -> dict[str, int]:
-        """Members with `train` consent and at least `training.min_examples` stored messages, with their counts.
-
-        Most messages first; `untrained` leaves out members with an active persona; `limit` caps the answer, which
-        otherwise grows with the community.
-        """
-        skip = (
-            " AND m.author_id NOT IN (SELECT member_id FROM adapters WHERE status = 'active' AND member_id IS NOT NULL)"
-            if untrained
-            else ""
+        """The "ready to train" list: members with `train` consent and at least `training.min_examples` stored
+        messages, with their counts, most first; `untrained` leaves out members with an active persona."""
+        skip = await self.registry.persona_members() if untrained else set[str]()
+        return await self.store.messages.train_ready(
+            self.settings.training.min_examples, excluding=skip, limit=limit
         )
-        rows = await self.store.fetchall(
-            "SELECT m.author_id, COUNT(*) FROM messages m "
-            f"WHERE m.author_id IN ({TRAIN_HOLDERS})" + skip + " GROUP BY m.author_id HAVING COUNT(*) >= ? "
-            "ORDER BY COUNT(*) DESC, m.author_id" + (" LIMIT ?" if limit is not None else ""),
-            (self.settings.training.min_examples, *((limit,) if limit is not None else ())),
-        )
-        return {str(r[0]): int(r[1]) for r in rows}
 
     async def trainable_count(self, *, untrained: bool = False) -> int:
         """How many members `trainable_members` would list without a limit."""
-        skip = (
-            " AND m.author_id NOT IN (SELECT member_id FROM adapters WHERE status = 'active' AND member_id IS NOT NULL)"
-            if untrained
-            else ""
+        skip = await self.registry.persona_members() if untrained else set[str]()
+        return await self.store.messages.count_train_ready(
+            self.settings.training.min_examples, excluding=skip
         )
-        row = await self.store.fetchone(
-            "SELECT COUNT(*) FROM (SELECT m.author_id FROM messages m "
-            f"WHERE m.author_id IN ({TRAIN_HOLDERS})" + skip + " GROUP BY m.author_id HAVING COUNT(*) >= ?)",
-            (self.settings.training.min_examples,),
-        )
-        return int(row[0]) if row else 0
-
-    async def member_names(self, member_ids: Sequence[str]) -> dict[str, str]:
-        """Display names the store remembers for `member_ids` (one query per 500 ids, not one per member)."""
-        ids = list(dict.fromkeys(str(m) for m in member_ids))
-        names: dict[str, str] = {}
-        for start in range(0, len(ids), 500):  # below SQLite's bound-parameter limit
-            chunk = ids[start : start + 500]
-            rows = await self.store.fetchall(
-                f"SELECT id, display_name FROM members WHERE id IN ({','.join('?' * len(chunk))})",
-                tuple(chunk),
-            )
-            names.update({str(r[0]): str(r[1]) for r in rows})
-        return names
-
-    async def chat_allowed(self, member_ids: Sequence[str]) -> set[str]:
-        """Which of `member_ids` allowed chat with their persona (one query)."""
-        return set(await self.store.with_scope("chat", [str(m) for m in member_ids]))
 
     def trainer(self) -> Supervisor:
         """The training supervisor (a bot started without one cannot train)."""

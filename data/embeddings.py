@@ -164,6 +164,13 @@ class FeedbackRepo:
             out.append(item)
         return out
 
+    async def rated(self, message_id: str, rater_id: str) -> bool:
+        """Whether `rater_id` already rated the persona reply `message_id`."""
+        row = await self._s.fetchone(
+            "SELECT 1 FROM feedback WHERE message_id = ? AND rater_id = ? LIMIT 1", (message_id, rater_id)
+        )
+        return row is not None
+
     async def given_by(self, rater_id: str) -> list[dict[str, Any]]:
         """Ratings a member gave (without the persona's sealed text)."""
         rows = await self._s.fetchall(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -38,6 +39,19 @@ class MemberRepo:
             "SELECT id, name, display_name, avatar_url, is_bot FROM members ORDER BY id"
         )
         return [Member(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    async def display_names(self, member_ids: Sequence[str]) -> dict[str, str]:
+        """Display names of those of `member_ids` the store knows (one query per 500 ids, not one per member)."""
+        ids = list(dict.fromkeys(str(m) for m in member_ids))
+        names: dict[str, str] = {}
+        for start in range(0, len(ids), 500):  # below SQLite's bound-parameter limit
+            chunk = ids[start : start + 500]
+            rows = await self._s.fetchall(
+                f"SELECT id, display_name FROM members WHERE id IN ({','.join('?' * len(chunk))})",
+                tuple(chunk),
+            )
+            names.update({str(r[0]): str(r[1]) for r in rows})
+        return names
 
     async def delete(self, member_id: str) -> int:
         """Remove a member's profile row."""

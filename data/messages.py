@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 
+from data.consents import TRAIN_HOLDERS
 from data.crypto import message_ad, seal, unseal
 from data.records import Message
 
@@ -112,6 +113,39 @@ class MessageRepo:
         else:
             row = await self._s.fetchone("SELECT COUNT(*) FROM messages WHERE author_id = ?", (author_id,))
         return int(row[0])
+
+    async def train_ready(
+        self, min_messages: int, *, excluding: Collection[str] = (), limit: int | None = None
+    ) -> dict[str, int]:
+        """Authors holding `train` consent with at least `min_messages` stored messages, with their counts.
+
+        Most messages first; `excluding` leaves members out (any number: one JSON parameter); `limit` caps the answer.
+        """
+        skip, params = self._excluding(excluding)
+        rows = await self._s.fetchall(
+            f"SELECT m.author_id, COUNT(*) FROM messages m WHERE m.author_id IN ({TRAIN_HOLDERS}){skip} "
+            "GROUP BY m.author_id HAVING COUNT(*) >= ? ORDER BY COUNT(*) DESC, m.author_id"
+            + (" LIMIT ?" if limit is not None else ""),
+            (*params, min_messages, *((limit,) if limit is not None else ())),
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def count_train_ready(self, min_messages: int, *, excluding: Collection[str] = ()) -> int:
+        """How many authors `train_ready` would list without a limit."""
+        skip, params = self._excluding(excluding)
+        row = await self._s.fetchone(
+            "SELECT COUNT(*) FROM (SELECT m.author_id FROM messages m "
+            f"WHERE m.author_id IN ({TRAIN_HOLDERS}){skip} GROUP BY m.author_id HAVING COUNT(*) >= ?)",
+            (*params, min_messages),
+        )
+        return int(row[0]) if row else 0
+
+    @staticmethod
+    def _excluding(member_ids: Collection[str]) -> tuple[str, tuple[str, ...]]:
+        """The SQL condition (and its parameter) leaving `member_ids` out of a query on `messages m`."""
+        if not member_ids:
+            return "", ()
+        return " AND m.author_id NOT IN (SELECT value FROM json_each(?))", (json.dumps(sorted(member_ids)),)
 
     async def authors(self) -> set[str]:
         """Ids of every member with stored messages."""

@@ -212,6 +212,20 @@ class Registry:
             where, params = where + " AND a.member_id = ?", (member_id,)
         return await self._rows(where, params, order="a.created_at DESC, a.member_id", limit=limit)
 
+    async def servable(self, member_id: str) -> AdapterVersion | None:
+        """The member's active adapter when its llama.cpp GGUF file is on disk (what the engine can load), else None."""
+        active = await self.active(member_id)
+        if active is None or not active.path or not active.gguf_path.exists():
+            return None
+        return active
+
+    async def persona_members(self) -> set[str]:
+        """Members with an active persona (multi-persona adapters excepted)."""
+        rows = await self.store.fetchall(
+            "SELECT DISTINCT member_id FROM adapters WHERE status = 'active' AND member_id IS NOT NULL"
+        )
+        return {str(r[0]) for r in rows}
+
     async def count_personas(self) -> int:
         """How many members have an active persona."""
         row = await self.store.fetchone(

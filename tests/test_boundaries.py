@@ -447,3 +447,32 @@ def test_the_consent_check_sees_a_stray_read(tmp_path: Path) -> None:
     (tmp_path / "consent").mkdir()
     (tmp_path / "consent" / "own.py").write_text('SQL = "SELECT scope FROM consent"\n', encoding="utf-8")
     assert consent_readers(tmp_path) == {"bot/probe.py"}
+
+
+# The bot runs no SQL: each query lives with its table's owner (data/, consent/, jobs/table.py, models/registry.py), and
+# `bot.services.Services` hands out those owners.
+_BOT_SQL = re.compile(r"\b(?:SELECT|INSERT|UPDATE|DELETE)\b|\.(?:fetchall|fetchone|execute|executemany)\(")
+
+
+def sql_in_bot(root: Path = ROOT) -> set[str]:
+    """The bot's files with SQL of their own: a query, or a call that runs one on the store's connection."""
+    return {
+        path.relative_to(root).as_posix()
+        for module, path in _modules(root).items()
+        if module.partition(".")[0] == "bot" and _BOT_SQL.search(path.read_text(encoding="utf-8"))
+    }
+
+
+def test_the_bot_runs_no_sql() -> None:
+    assert sql_in_bot() == set()
+
+
+def test_the_bot_sql_check_sees_a_query(tmp_path: Path) -> None:
+    (tmp_path / "bot").mkdir()
+    (tmp_path / "bot" / "probe.py").write_text(
+        'async def rated(s):\n    return await s.store.fetchone("SELECT 1 FROM feedback")\n', encoding="utf-8"
+    )
+    (tmp_path / "bot" / "fine.py").write_text(
+        'async def rated(s):\n    return await s.store.feedback.rated("1", "2")\n', encoding="utf-8"
+    )
+    assert sql_in_bot(tmp_path) == {"bot/probe.py"}

@@ -50,7 +50,7 @@ def test_forget_confirm_and_cancel_work_after_a_restart(bot_world: Any) -> None:
     async def scenario() -> None:
         async with bot_world() as (h, services):
             await h.click("doppel:consent:train", ALICE)
-            await services.add_messages(
+            await services.store.messages.add_many(
                 [Message("1", "1000", "2000", "general", str(ALICE), "alice", 1.0, "hi")]
             )
             await h.command("doppel forget", ALICE)

@@ -79,7 +79,7 @@ def test_forget_needs_confirmation_then_reports(bot_world: Any) -> None:
             await h.click("doppel:consent:train", ALICE)
             from data.records import Message
 
-            await services.add_messages(
+            await services.store.messages.add_many(
                 [Message("1", "1000", "2000", "general", str(ALICE), "alice", 1.0, "hi")]
             )
             assert await services.store.messages.count(str(ALICE)) == 1

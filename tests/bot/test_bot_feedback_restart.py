@@ -143,7 +143,7 @@ def test_forget_and_opt_out_clear_the_engine_caches(bot_world: Any) -> None:
             services.engine = engine
             for uid in (ALICE, BOB):
                 await h.click("doppel:consent:train", uid)
-                await services.add_messages(
+                await services.store.messages.add_many(
                     [
                         Message(
                             f"{uid}{i}",

@@ -38,7 +38,7 @@ async def _conversation(services: Any, h: Any, cid: int | None = None) -> list[s
             )
         )
         alice_ids.append(f"{9001 + 2 * i}")
-    await services.add_messages(messages)
+    await services.store.messages.add_many(messages)
     return alice_ids
 
 

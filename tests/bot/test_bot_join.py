@@ -30,9 +30,9 @@ async def _persona(h: Any, services: Any, uid: int, name: str, topic: str, guild
     for scope in ("train", "chat", "join"):
         await h.click(f"doppel:consent:{scope}", uid)
     await h.active_adapter(services, uid)
-    await services.upsert_member(Member(str(uid), name.lower(), name))
+    await services.store.members.upsert(Member(str(uid), name.lower(), name))
     now = time.time()
-    await services.add_messages(
+    await services.store.messages.add_many(
         [
             Message(
                 id=snowflake(),
@@ -183,7 +183,7 @@ def test_a_named_member_of_a_three_member_server_is_answered(bot_world: Any) -> 
             await _persona(h, services, ALICE, "Alice", "roses")
             await _persona(h, services, CAROL, "Carol", "engines")
             await _persona(h, services, 555, "Dave", "tents")
-            await services.add_messages(
+            await services.store.messages.add_many(
                 [
                     Message(
                         id=snowflake(),
@@ -286,7 +286,7 @@ def test_a_waiting_persona_is_stopped_before_its_next_message(bot_world: Any, ho
             assert h.bot.join.pending, "a turn is waiting"
             if how == "revoke":
                 await h.click("doppel:consent:join", ALICE)  # pressed again: `join` withdrawn
-                assert "join" not in await services.scopes(str(ALICE))
+                assert "join" not in await services.consent.scopes(str(ALICE))
             elif how == "channel_off":
                 await _open(h, "off")
             else:

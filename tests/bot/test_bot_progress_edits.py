@@ -23,7 +23,7 @@ def test_progress_message_is_edited_only_on_change(bot_world: Any) -> None:
             services.supervisor = Supervisor(
                 services.store, services.settings
             )  # not started: the test moves the job
-            await services.grant(str(ALICE), ["train"], actor="t", channel="cli")
+            await services.consent.grant([str(ALICE)], ["train"], actor="t", channel="cli")
             job_id = (
                 await services.trainer().submit(
                     str(ALICE), requested_by=str(ALICE), source="discord", mode="sft"

@@ -62,7 +62,7 @@ def test_lists_stay_bounded_for_a_large_community(bot_world: Any) -> None:
                 and await services.registry.count_personas() == MEMBERS // 2
             )
             assert (
-                len(await services.member_names(ids)) == MEMBERS
+                len(await services.store.members.display_names(ids)) == MEMBERS
             )  # batched: more ids than SQLite's 999 limit
 
             h.fake.calls.clear()

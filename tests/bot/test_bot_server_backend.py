@@ -33,7 +33,7 @@ def test_a_down_persona_server_is_one_line_and_the_bot_keeps_serving(bot_world: 
                 assert not [c for c in h.fake.calls if c.path.startswith("/webhooks/7777/")]
                 # The bot still handles everything else.
                 await h.click("doppel:consent:train", BOB)
-                assert "train" in await services.scopes(str(BOB))
+                assert "train" in await services.consent.scopes(str(BOB))
         finally:
             await engine.close()
 

@@ -41,7 +41,7 @@ def test_upload_stores_only_the_uploaders_messages(bot_world: Any) -> None:
     async def scenario() -> None:
         async with bot_world() as (h, services):
             # Another author in the file has train consent too: the upload must still not store their messages.
-            await services.grant(str(OTHER_AUTHOR), ["train"], actor="test", channel="cli")
+            await services.consent.grant([str(OTHER_AUTHOR)], ["train"], actor="test", channel="cli")
             h.fake.cdn = raw
             await h.command(
                 "doppel upload", OWNER, export=(11, "77"), resolved=_attachment("export.json", len(raw))

@@ -250,3 +250,54 @@ def test_writes_cancelled_at_any_point_are_whole_or_absent(settings: Settings) -
                 await db.execute("INSERT INTO scratch VALUES (99, 1)")
 
     asyncio.run(go())
+
+
+def test_display_names_in_batches_of_known_members_only(settings: Settings) -> None:
+    async def go() -> None:
+        async with Store.open(settings) as store:
+            ids = [
+                str(10_000 + i) for i in range(1200)
+            ]  # more than one batch, more than SQLite's old 999 limit
+            for mid in ids:
+                await store.members.upsert(Member(mid, f"m{mid}", f"Member {mid}"))
+            names = await store.members.display_names([*ids, ids[0], "404"])
+            assert len(names) == 1200 and names[ids[-1]] == f"Member {ids[-1]}" and "404" not in names
+            assert await store.members.display_names([]) == {}
+
+    asyncio.run(go())
+
+
+def test_feedback_rated_is_per_reply_and_rater(settings: Settings) -> None:
+    async def go() -> None:
+        async with Store.open(settings) as store:
+            assert not await store.feedback.rated("900", BOB)
+            await store.feedback.add(ALICE, BOB, -1, message_id="900")
+            assert await store.feedback.rated("900", BOB)
+            assert not await store.feedback.rated("900", ALICE) and not await store.feedback.rated("901", BOB)
+
+    asyncio.run(go())
+
+
+def test_train_ready_counts_consenting_authors_most_first(settings: Settings) -> None:
+    carol, dave = "333333333333333333", "444444444444444444"
+
+    async def go() -> None:
+        async with Store.open(settings) as store:
+            await _grant(store, ALICE, BOB, carol, dave)
+            counts = {ALICE: 3, BOB: 5, carol: 1, dave: 3}
+            await store.messages.add_many(
+                [msg(f"{who}-{k}", who, "hi", ts=float(k)) for who, n in counts.items() for k in range(n)]
+            )
+            ready = store.messages.train_ready
+            # At least 2 messages, most first, ties by id; `limit` keeps the first ones.
+            assert await ready(2) == {BOB: 5, ALICE: 3, dave: 3}
+            assert list(await ready(2, limit=2)) == [BOB, ALICE]
+            assert await store.messages.count_train_ready(2) == 3
+            # Leaving members out: any number of ids goes in one parameter.
+            many = {BOB, *(str(i) for i in range(5000))}
+            assert await ready(2, excluding=many) == {ALICE: 3, dave: 3}
+            assert await store.messages.count_train_ready(2, excluding=many) == 2
+            assert await ready(1) == {BOB: 5, ALICE: 3, dave: 3, carol: 1}
+            assert await ready(6) == {} and await store.messages.count_train_ready(6) == 0
+
+    asyncio.run(go())

@@ -30,12 +30,12 @@ async def answer(services: Any, op: dict[str, Any]) -> dict[str, Any]:
         return {"adapters": [p for base in (pool.held() if pool else []) for p in base.adapters.loaded()]}
     member = str(op["member"])
     # What the bot reads at each reply (bot/chat.py persona_request): consent and the active adapter, now.
-    if "chat" not in await services.scopes(member):
+    if "chat" not in await services.consent.scopes(member):
         return {"error": f"{member} has not allowed chat"}
-    adapter = await services.persona_adapter(member)
+    adapter = await services.registry.servable(member)
     if adapter is None:
         return {"error": f"{member} has no trained persona"}
-    _, gguf = adapter
+    gguf = adapter.gguf_path
     request = PersonaRequest(member, f"m{member}", "general", "adapter", ((str(gguf), 1.0),), "g1")
     params = GenParams(max_tokens=int(op.get("max_tokens", 12)), temperature=0.0)
     try:

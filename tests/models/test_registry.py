@@ -187,3 +187,30 @@ def test_an_erased_or_cancelled_job_publishes_nothing(settings: Any, tmp_path: P
             assert not any(p.name.startswith(".tmp-") for p in settings.adapters_dir.rglob("*"))
 
     run(go())
+
+
+def test_servable_needs_an_active_adapter_with_its_gguf_and_persona_members_skip_multi(
+    settings: Any, tmp_path: Path
+) -> None:
+    from data.store import Store
+    from models.registry import Registry
+    from tests.helpers.rows import seed_adapter
+
+    async def go() -> None:
+        async with Store.open(settings) as store:
+            reg = Registry(store, settings)
+            ready, missing = tmp_path / "ready", tmp_path / "missing"
+            ready.mkdir()
+            (ready / "adapter.gguf").write_bytes(b"GGUF")
+            await seed_adapter(store, id="a1", member_id="1001", status="active", path=str(ready))
+            await seed_adapter(store, id="a2", member_id="1002", status="active", path=str(missing))
+            await seed_adapter(store, id="a3", member_id="1003", status="candidate", path=str(ready))
+            await seed_adapter(store, id="a4", member_id=None, status="active", path=str(ready))
+            await seed_adapter(store, id="a5", member_id="1004", status="retired", path=str(ready))
+            found = await reg.servable("1001")
+            assert found is not None and found.id == "a1" and found.gguf_path == ready / "adapter.gguf"
+            assert await reg.servable("1002") is None  # active, but its GGUF file is gone
+            assert await reg.servable("1003") is None and await reg.servable("9999") is None
+            assert await reg.persona_members() == {"1001", "1002"}
+
+    run(go())
