@@ -13,7 +13,7 @@ from typing import Any
 import discord
 
 from bot.errors import ConsentMissing, NotAllowed, NotAvailable, RateLimited
-from bot.ratelimit import Cooldown, Throttle
+from bot.ratelimit import Cooldown, EditThrottle
 from bot.services import Services
 from bot.text import clip, neutralise
 from core.chatformat import Utterance, build_messages
@@ -193,7 +193,7 @@ class PersonaChat:
         params = GenParams(max_tokens=inference.max_tokens, temperature=inference.temperature)
         webhook, thread = await self.webhook(channel)
         name = persona_name(member)
-        throttle = Throttle(self.services.settings.bot.stream_edit_interval_s)
+        throttle = EditThrottle(self.services.settings.bot.stream_edit_interval_s)
         text, sent = "", None
         try:
             async for chunk in self.services.reply(request, context, params):

@@ -38,8 +38,8 @@ class Cooldown:
             self._last = {k: t for k, t in self._last.items() if now - t < self.interval_s}
 
 
-class Throttle:
-    """Decides whether enough time has passed to edit a message again (stream and progress edits)."""
+class EditThrottle:
+    """Paces edits of one Discord message: whether enough time has passed to edit it again (a streamed reply)."""
 
     def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval_s = interval_s

@@ -326,7 +326,7 @@ def _build_section(section_cls: type, values: dict[str, Any], name: str) -> Any:
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown setting(s) in [{name}]: {', '.join(sorted(unknown))}")
-    section = section_cls(**{k: _coerce(hints[k], v, f"{name}.{k}") for k, v in values.items()})
+    section = section_cls(**{k: _coerce_setting(hints[k], v, f"{name}.{k}") for k, v in values.items()})
     check_choices(section, name)
     return section
 
@@ -340,7 +340,8 @@ def check_choices(section: Any, name: str) -> None:
             raise ConfigError(f"[{name}] {f.name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _coerce(kind: Any, value: Any, where: str) -> Any:
+def _coerce_setting(kind: Any, value: Any, where: str) -> Any:
+    """A setting's raw value (TOML or environment text) as its declared type `kind`; a one-line error names `where`."""
     origin = typing.get_origin(kind)
     try:
         if kind is bool:
