@@ -35,18 +35,10 @@ from typing import Any
 
 from core.errors import UserFacingError
 from core.settings import Settings
-from doppel.benchcorpus import (
-    BOTS,
-    DATA,
-    GUILD,
-    author_id,
-    choose_panel,
-    load_logs,
-    same_text,
-    select_logs,
-    to_exports,
-)
+from doppel.benchchild import trainer_result
+from doppel.benchcorpus import DATA, GUILD, author_id, choose_panel, load_logs, select_logs
 from doppel.benchscore import classifier, comparisons, score
+from doppel.benchstore import Heldout, member_split, prepare
 
 # The plain PEFT reference recipe of issue 14: r16 all-linear, lr 3e-4, 8 examples a step length-grouped, 120 steps,
 # a nameless system prompt, up to 6 previous turns, own turns as assistant.
@@ -93,24 +85,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 JOB_EVAL = {"eval_fidelity": False, "eval_samples": 0, "eval_max_examples": 48}
 
 
-class _Heldout:
-    """A retriever that never hands the persona one of the held-out replies it is scored on."""
-
-    def __init__(self, inner: Any, banned: set[str]) -> None:
-        self.inner = inner
-        self.banned = {same_text(b) for b in banned}
-
-    async def examples(self, member_id: str, context: Sequence[Any], k: int) -> list[str]:
-        got = await self.inner.examples(member_id, context, k + 8)
-        return [e for e in got if same_text(e) not in self.banned][:k]
-
-    async def shape(self, member_id: str) -> Any:
-        return await self.inner.shape(member_id)
-
-    def forget(self, member_id: str) -> None:
-        self.inner.forget(member_id)
-
-
 def _scaled(settings: Settings, overrides: Mapping[str, Any], scale: float) -> dict[str, Any]:
     """`overrides` with its steps multiplied by `scale`: a fixed `max_steps`, or every bound of data-derived steps
     (epochs, cap, floor, token budget), which the trainer resolves from the tokenized data as it always does."""
@@ -132,45 +106,10 @@ def _scaled(settings: Settings, overrides: Mapping[str, Any], scale: float) -> d
     return out
 
 
-async def _prepare(
-    settings: Settings, panel: Sequence[str], logs: Sequence[Mapping[str, Any]]
-) -> dict[str, Any]:
-    from consent.service import ConsentService
-    from data.dce_import import import_exports
-    from data.records import Member
-    from data.store import Store
-
-    authors = sorted({nick for log in logs for _, nick, _ in log["lines"] if nick not in BOTS})
-    async with Store.open(settings) as store:
-        await ConsentService(store).grant(
-            [author_id(n) for n in authors], ["train", "chat"], actor="bench", channel="cli"
-        )
-        for nick in panel:
-            await store.members.upsert(Member(id=author_id(nick), name=nick, display_name=nick))
-        with tempfile.TemporaryDirectory(prefix="doppel-fidelity-") as tmp:
-            report = await import_exports(store, to_exports(logs, Path(tmp)), source="import")
-    return {"authors": len(authors), "stored": report["total"]["stored"], "read": report["total"]["read"]}
-
-
 async def _openings(settings: Settings, member: str, n: int) -> dict[str, Any]:
     """The member's held-out replies (the product's own time split) and the message each one answered."""
-    from core.chatformat import ChatFormat
-    from data.store import Store
-    from jobs.dataset import build_dataset, build_turns
-    from jobspec.cleaning import Cleaner
-
-    fmt = ChatFormat.from_gguf(settings.base_gguf_path())
-    mid = author_id(member)
-    async with Store.open(settings) as store:
-        channels = await store.messages.channels_of(mid)
-        messages = [m async for m in store.messages.iter_channels(sorted(channels))]
-    ds = build_dataset(messages, mid, settings, fmt)
-    names = {m.author_id: m.author_name for m in messages}
-    turns = build_turns(
-        messages,
-        Cleaner(names, settings.dataset.min_chars, settings.dataset.max_chars),
-        settings.dataset.merge_gap_s,
-    )
+    split = await member_split(settings, member)
+    ds, turns, mid = split.dataset, split.turns, split.member_id
     by_start = {(t.channel_id, t.start): (k, t) for ch in turns.values() for k, t in enumerate(ch)}
     by_msg = {m: t for ch in turns.values() for t in ch for m in t.message_ids}
     pairs = []
@@ -201,42 +140,30 @@ async def _openings(settings: Settings, member: str, n: int) -> dict[str, Any]:
 
 async def _heldout_rows(settings: Settings, member: str, limit: int, style: str) -> list[dict[str, str]]:
     """The member's held-out replies as perplexity rows, rendered in prompt style `style` (oldest first)."""
-    from core.chatformat import ChatFormat
-    from data.store import Store
-    from jobs.dataset import build_dataset
-
-    fmt = ChatFormat.from_gguf(settings.base_gguf_path())
-    mid = author_id(member)
-    async with Store.open(settings) as store:
-        channels = await store.messages.channels_of(mid)
-        messages = [m async for m in store.messages.iter_channels(sorted(channels))]
-    held = sorted(build_dataset(messages, mid, settings, fmt, style=style).heldout, key=lambda e: e.ts)
+    held = sorted((await member_split(settings, member, style)).dataset.heldout, key=lambda e: e.ts)
     return [{"prompt": e.prompt, "completion": e.completion} for e in held[: limit or len(held)]]
 
 
 def cross_perplexity(
     settings: Settings, base_model: str, rows: Sequence[Mapping[str, str]], adapters: Mapping[str, str]
 ) -> dict[str, Any]:
-    """Perplexity of `rows` under the base the adapters were trained on and under each named PEFT adapter folder."""
-    from peft import PeftModel
-
-    from trainer.basemodel import load_base
-    from trainer.evaluation import perplexity
-
-    base = load_base(
-        Path(base_model),
-        quantize_4bit=False,
-        gradient_checkpointing=False,
-        cache_root=settings.cache_dir / "base-models",
-    )
-    out: dict[str, Any] = {"rows": len(rows), "base": round(perplexity(base.model, base.tokenizer, rows), 3)}
-    for name, folder in adapters.items():
-        model = PeftModel.from_pretrained(base.model, folder)
-        try:
-            out[name] = round(perplexity(model, base.tokenizer, rows), 3)
-        finally:
-            base.model = model.unload()  # the base without this adapter, for the next one
-    return out
+    """Perplexity of `rows` under the base the adapters were trained on and under each named PEFT adapter folder,
+    measured in a trainer child (`python -m trainer perplexity`, trainer/bench.py)."""
+    with tempfile.TemporaryDirectory(prefix="doppel-bench-ppl-") as tmp:
+        # The rows go in a file of the bench's own temporary folder: the child reads them as it reads a job's.
+        path = Path(tmp) / "rows.jsonl"
+        path.write_text("".join(json.dumps(dict(r)) + "\n" for r in rows), encoding="utf-8")
+        named = [f"--adapter={name}={folder}" for name, folder in adapters.items()]
+        cache = str(settings.cache_dir / "base-models")
+        return trainer_result(
+            "perplexity",
+            base_model,
+            str(path),
+            *named,
+            "--cache-dir",
+            cache,
+            what="bench fidelity: perplexity",
+        )
 
 
 async def _train(settings: Settings, member: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -324,7 +251,7 @@ async def _replies(
     )
     out = []
     async with Store.open(settings) as store:
-        async with Engine(settings, retriever=_Heldout(Retriever(store, settings), banned)) as engine:
+        async with Engine(settings, retriever=Heldout(Retriever(store, settings), banned)) as engine:
             for i, p in enumerate(pairs):
                 params = GenParams(max_tokens=max_tokens, temperature=0.7, seed=i)
                 context = [Utterance(str(p["partner_id"]), str(p["partner"]), str(p["message"]))]
@@ -413,7 +340,7 @@ async def _run(bench: Settings, args: argparse.Namespace) -> dict[str, Any]:
     bench.home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TQDM_DISABLE", "1")
     t0 = time.monotonic()
-    prep = await _prepare(bench, panel, logs)
+    prep = await prepare(bench, panel, logs)
     say(f"imported {prep['stored']} messages of {prep['authors']} authors; panel {panel}")
     opening = await _openings(bench, panel[0], n_open)
     pairs = opening["pairs"]

@@ -23,6 +23,7 @@ from core.settings import Settings
 from doppel import benchdetect as bd
 from doppel.benchcorpus import DATA, author_id, load_logs
 from doppel.benchscore import classifier
+from doppel.benchstore import Heldout, member_split, prepare
 from jobspec.attribution import FOLDS
 
 SEED = 0
@@ -32,25 +33,10 @@ UNTRAINED = ("base", "auto", "auto-unfitted")
 
 async def _contexts(settings: Settings, member: str, n: int) -> dict[str, Any]:
     """The member's held-out replies with the turns before each, and every held-out reply (to keep from retrieval)."""
-    from core.chatformat import ChatFormat
-    from data.store import Store
-    from jobs.dataset import build_dataset, build_turns
-    from jobspec.cleaning import Cleaner
-
-    fmt = ChatFormat.from_gguf(settings.base_gguf_path())
-    mid = author_id(member)
-    async with Store.open(settings) as store:
-        channels = await store.messages.channels_of(mid)
-        messages = [m async for m in store.messages.iter_channels(sorted(channels))]
-    ds = build_dataset(messages, mid, settings, fmt)
-    names = {m.author_id: m.author_name for m in messages}
-    turns = build_turns(
-        messages,
-        Cleaner(names, settings.dataset.min_chars, settings.dataset.max_chars),
-        settings.dataset.merge_gap_s,
-    )
+    split = await member_split(settings, member)
+    ds = split.dataset
     return {
-        "contexts": bd.heldout_contexts(turns, ds.heldout, mid, n),
+        "contexts": bd.heldout_contexts(split.turns, ds.heldout, split.member_id, n),
         "banned": bd.banned_texts(ds.heldout),
         "train_examples": len(ds.train),
         "heldout": len(ds.heldout),
@@ -68,7 +54,6 @@ async def _served(
 ) -> tuple[str, list[str]]:
     """Replies as the bot makes them: `auto` for what the member has, the bot's temperature and length."""
     from data.store import Store
-    from doppel.benchfidelity import _Heldout
     from inference.engine import Engine
     from inference.requests import GenParams, PersonaRequest, resolve_mode
     from inference.retrieval import Retriever
@@ -87,7 +72,7 @@ async def _served(
     cfg = settings.inference
     out = []
     async with Store.open(settings) as store:
-        async with Engine(settings, retriever=_Heldout(Retriever(store, settings), banned)) as engine:
+        async with Engine(settings, retriever=Heldout(Retriever(store, settings), banned)) as engine:
             for i, c in enumerate(contexts):
                 params = GenParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=SEED + i)
                 context = [Utterance(a, name, text) for a, name, text in c["context"]]
@@ -105,7 +90,7 @@ def fidelity(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
 async def run_members(bench: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """Every member: contexts, the similar panel and its judge, each system's replies judged the same way."""
-    from doppel.benchfidelity import CONFIGS, _prepare, _scaled, _train, say
+    from doppel.benchfidelity import CONFIGS, _scaled, _train, say
 
     k = int(getattr(args, "members", 0) or 5)
     quick = bool(getattr(args, "quick", False))
@@ -137,7 +122,7 @@ async def run_members(bench: Settings, args: argparse.Namespace) -> dict[str, An
         logs = [log for log in logs if any(nick in wanted for _, nick, _ in log["lines"])]
     bench.home.mkdir(parents=True, exist_ok=True)
     panel_nicks = sorted({n for p in panels.values() for n in p})
-    prep = await _prepare(bench, panel_nicks, logs)
+    prep = await prepare(bench, panel_nicks, logs)
     say(f"imported {prep['stored']} messages of {prep['authors']} authors; members {members}")
     result: dict[str, Any] = {
         "protocol": {

@@ -5,7 +5,9 @@ samples, style and attribution), and random-weight models with the exact shapes 
 (memory and speed do not depend on weight values; built from a config, nothing downloaded), each trained a few
 real steps on real chat (`doppel/benchdata`, the fidelity bench's Ubuntu IRC logs) through `python -m trainer run`,
 the product's own child. Each job also runs as a plain HF `Trainer` + PEFT on the same model and rows (its
-tokens/s beside ours). On a GPU host the same child reports peak VRAM per phase (`torch.cuda.max_memory_allocated`).
+tokens/s beside ours), in a trainer child of its own (`python -m trainer bench-memory`; the shaped models are
+built by `bench-shape`: trainer/bench.py). On a GPU host the same child reports peak VRAM per phase
+(`torch.cuda.max_memory_allocated`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.errors import UserFacingError
 from core.settings import Settings
+from doppel.benchchild import trainer_events, trainer_result
 
-ROOT = Path(__file__).resolve().parents[1]
 # Exact shapes of the Qwen2.5 bases people use on CPUs and small GPUs (their config.json).
 QWEN_SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": {
@@ -73,6 +76,9 @@ def memory(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     names = [c for c in str(getattr(args, "cases", "") or "").split(",") if c] or list(CASES)
     if getattr(args, "quick", False) and not getattr(args, "cases", ""):
         names = ["smollm2-135m"]
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        raise UserFacingError(f"--cases: unknown case(s) {', '.join(unknown)} (known: {', '.join(CASES)})")
     home = Path(tempfile.mkdtemp(prefix="doppel-bench-memory-"))
     try:
         return asyncio.run(_run(dataclasses.replace(settings, home=home), names, settings))
@@ -126,62 +132,36 @@ async def _run(bench: Settings, names: list[str], settings: Settings) -> dict[st
 async def _real_chat(bench: Settings) -> tuple[str, dict[str, Any]]:
     """Import the fidelity bench's real chat (40 logs of the most active member) into the bench's own store."""
     from doppel.benchcorpus import author_id, choose_panel, load_logs, select_logs
-    from doppel.benchfidelity import _prepare
+    from doppel.benchstore import prepare
 
     logs_all = load_logs()
     panel = choose_panel(logs_all, 5)
     logs = select_logs(logs_all, panel, 40)
-    prep = await _prepare(bench, panel, logs)
+    prep = await prepare(bench, panel, logs)
     return author_id(panel[0]), {"logs": len(logs), "messages": prep["stored"], "authors": prep["authors"]}
 
 
 def _shaped_model(dest: Path, name: str, gguf: Path) -> Path:
-    """A random-weight Qwen2 of `name`'s shape, built in a process of its own (its 6 GB leave with it)."""
+    """A random-weight Qwen2 of `name`'s shape, built in a trainer child (its 6 GB leave with it)."""
     if not (dest / "config.json").exists():
-        _helper("shape", str(dest), name, str(gguf))
+        config = {**QWEN_SHAPES[name], "max_position_embeddings": 32768, "rms_norm_eps": 1e-6}
+        trainer_result(
+            "bench-shape",
+            str(dest),
+            "--config",
+            json.dumps(config),
+            "--tokenizer",
+            str(gguf),
+            what=f"bench memory: building {name}",
+        )
     return dest
-
-
-def build_shaped(dest: Path, name: str, gguf: Path) -> None:
-    """Save a float32 Qwen2 with QWEN_SHAPES[name] and SmolLM2's tokenizer (real chat tokenizes as it really does)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config, set_seed
-
-    from trainer.basemodel import load_tokenizer
-
-    config = Qwen2Config(**QWEN_SHAPES[name], max_position_embeddings=32768, rms_norm_eps=1e-6)
-    set_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype="float32")
-    model.save_pretrained(str(dest))
-    load_tokenizer(gguf).save_pretrained(str(dest))
-
-
-def _helper(*args: str) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "doppel.benchmemory", *args], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{args[0]} failed:\n{proc.stderr[-3000:]}")
-    return dict(json.loads(lines[-1]))
 
 
 def _child(job: Path) -> dict[str, Any]:
     """Run the trainer child on `job`; its per-phase peaks, training throughput and pre-flight estimate."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
     t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "trainer", "run", str(job)],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-    )
-    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    finished = events[-1] if events else {}
-    if finished.get("status") != "succeeded":
-        raise RuntimeError(f"trainer failed: {finished.get('error')}\n{proc.stderr[-3000:]}")
+    events = trainer_events("run", str(job), what=f"bench memory: training {job.name}")
+    finished = events[-1]
     metrics = next(e for e in reversed(events) if e["event"] == "metrics")
     meta = json.loads((Path(finished["adapter"]) / "meta.json").read_text(encoding="utf-8"))
     sft = meta["training"]["sft"]
@@ -204,8 +184,8 @@ def _child(job: Path) -> dict[str, Any]:
 
 
 def _baseline(job: Path) -> dict[str, Any]:
-    """Plain HF `Trainer` + PEFT on the same model and rows, in a process of its own (its own peak RSS)."""
-    return _helper("baseline", str(job))
+    """Plain HF `Trainer` + PEFT on the same model and rows, in a trainer child of its own (its own peak RSS)."""
+    return trainer_result("bench-memory", str(job), what=f"bench memory: baseline of {job.name}")
 
 
 def _shape(model: str, gguf: Path) -> Any:
@@ -307,38 +287,8 @@ def _host() -> dict[str, Any]:
     }
 
 
-def baseline_main(job: Path) -> dict[str, Any]:
-    """The baseline in this process: the job's fitted rows, its micro-batch and steps, HF Trainer + PEFT."""
-    import resource
-
-    from doppel.benchtrain import _baseline_run
-    from jobspec.config import TrainConfig
-    from jobspec.jobdata import fit_rows, job_format, load_job_data
-    from trainer.basemodel import load_tokenizer
-
-    cfg = TrainConfig.from_json(job / "config.json")
-    model_dir = Path(cfg.base_model)
-    if model_dir.suffix == ".gguf":
-        from trainer.basemodel import dequantized_folder
-
-        model_dir = dequantized_folder(model_dir, Path(cfg.base_cache_dir))
-    tokenizer = load_tokenizer(model_dir)
-    rows, _ = fit_rows(load_job_data(job).train, tokenizer, cfg.max_length, job_format(cfg))
-    # Gradient accumulation is not the baseline's business: the same examples per step, in one micro-batch each.
-    run_cfg = dataclasses.replace(cfg, max_steps=cfg.max_steps * cfg.grad_accum)
-    rows = rows[: run_cfg.max_steps * cfg.micro_batch_size]
-    out = _baseline_run(run_cfg, model_dir, tokenizer, rows, job / "baseline")
-    out["tokens_per_s"] = round(out["trained_tokens"] / out["seconds"], 1) if out["seconds"] else None
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    return out
-
-
 if __name__ == "__main__":
-    sys.stdout, real = sys.stderr, sys.stdout  # libraries print; only the result goes to stdout
-    if sys.argv[1] == "rescore":
-        print(json.dumps(rescore(json.loads(Path(sys.argv[2]).read_text())), indent=2), file=real, flush=True)
-    elif sys.argv[1] == "shape":
-        build_shaped(Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
-        print(json.dumps({"built": sys.argv[3]}), file=real, flush=True)
-    else:
-        print(json.dumps(baseline_main(Path(sys.argv[2]))), file=real, flush=True)
+    # `python -m doppel.benchmemory rescore RESULT.json`: a saved result with today's estimates.
+    if sys.argv[1:2] != ["rescore"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m doppel.benchmemory rescore RESULT.json")
+    print(json.dumps(rescore(json.loads(Path(sys.argv[2]).read_text())), indent=2))

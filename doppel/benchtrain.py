@@ -1,4 +1,7 @@
-"""Trainer benchmarks (`doppel bench dataset`, `doppel bench train`): JSON results, measured on generated data."""
+"""Trainer benchmarks (`doppel bench dataset`, `doppel bench train`): JSON results, measured on generated data.
+
+The training side runs in a trainer child (`trainer/bench.py`); the dataset side is the control plane's, here.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import contextlib
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -208,177 +210,16 @@ def _padding_stats(
 
 # -- train ------------------------------------------------------------------------------------------------------
 def train(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    """Trained (non-pad) tokens/s and padding fraction: our SFT pipeline vs plain HF Trainer + PEFT, same data."""
-    import threading
+    """Trained (non-pad) tokens/s and padding fraction: our SFT pipeline vs plain HF Trainer + PEFT, same data.
 
-    import torch
+    Measured in a trainer child (`python -m trainer bench-train`, trainer/bench.py): torch stays out of the shell.
+    """
+    from doppel.benchchild import trainer_result
 
-    from core.chatformat import ChatFormat
-    from jobspec.config import TrainConfig
-    from jobspec.events import Emitter
-    from jobspec.jobdata import fit_rows
-    from trainer.basemodel import dequantized_folder, load_tokenizer
-    from trainer.synthetic import synthetic_rows
-    from trainer.tinymodel import build_tiny
-
-    quick = bool(getattr(args, "quick", False))
-    threads = torch.get_num_threads()
-    with tempfile.TemporaryDirectory(prefix="doppel-bench-train-") as tmp:
-        if quick:
-            # Wide enough that compute, not per-step Python overhead, dominates, as with a real base model.
-            tiny = build_tiny(Path(tmp) / "tiny", hidden=384, layers=4, heads=6, kv_heads=2)
-            model_dir, model_name = tiny.hf_dir, "tiny-llama (random, hidden 384, 4 layers, 512 vocab)"
-            n, micro, lr = 128, 8, 1e-3
-        else:
-            gguf = settings.base_gguf_path()
-            model_dir, model_name = dequantized_folder(gguf, settings.cache_dir / "base-models"), gguf.name
-            n, micro, lr = 96, 4, 2e-4
-        tokenizer = load_tokenizer(model_dir)
-        # Long-tailed context sizes, as in real channels: most replies answer one line, a few a long exchange.
-        rows = synthetic_rows(n, seed=5, chat_format=ChatFormat.from_tokenizer(tokenizer), long_tail=True)
-        rows, _ = fit_rows(rows, tokenizer, 512)
-        steps = len(rows) // micro
-        cfg = TrainConfig(
-            base_model=str(model_dir),
-            max_steps=steps,
-            micro_batch_size=micro,
-            learning_rate=lr,
-            lora_r=16,
-            lora_alpha=32,
-            lora_dropout=0.0,
-            save_steps=10 * steps,
-            max_length=512,
-            logging_steps=max(steps, 1),
-        ).validate()
-        job = Path(tmp) / "job"
-        job.mkdir()
-        with contextlib.redirect_stdout(sys.stderr):
-            # Unmeasured: the first training in a process pays for thread pools, kernel selection and the allocator.
-            _baseline_run(replace(cfg, max_steps=2), model_dir, tokenizer, rows, job / "warmup")
-        # Trainers print their logs to stdout; the bench's stdout carries only its JSON result.
-        # A-B-B-A order: the machine's load drifts (other processes), and each side sees the same drift.
-        runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ours": [], "ours_length_grouped": []}
-        with contextlib.redirect_stdout(sys.stderr):
-            for i, name in enumerate(
-                ("baseline", "ours", "ours_length_grouped", "ours_length_grouped", "ours", "baseline")
-            ):
-                if name == "baseline":
-                    runs[name].append(_baseline_run(cfg, model_dir, tokenizer, rows, job / f"run{i}"))
-                else:
-                    run_cfg = replace(cfg, batching="length_grouped") if name != "ours" else cfg
-                    runs[name].append(
-                        _our_run(run_cfg, model_dir, rows, job / f"run{i}", Emitter(), threading.Event())
-                    )
-        baseline, ours, grouped = (_merge(runs[k]) for k in ("baseline", "ours", "ours_length_grouped"))
-    speedup = ours["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"]
-    wall_speedup = ours["tokens_per_s"] / baseline["tokens_per_s"]
-    return {
-        "model": model_name,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "torch_threads": threads,
-        "examples": len(rows),
-        "steps": steps,
-        "micro_batch_size": micro,
-        "lora_r": cfg.lora_r,
-        "ours": ours,
-        "ours_length_grouped": grouped,
-        "baseline": baseline,
-        "speedup_tokens_per_cpu_s": round(speedup, 3),
-        "speedup_tokens_per_wall_s": round(wall_speedup, 3),
-        "speedup_measure": "trained (non-pad) tokens per CPU-second of the training loop, each side run twice (ABBA)",
-        "target_speedup": 1.5,
-        "meets_target": speedup >= 1.5,
-    }
-
-
-def _our_run(
-    cfg: Any, model_dir: Path, rows: list[dict[str, Any]], job: Path, emitter: Any, cancel: Any
-) -> dict[str, Any]:
-    from trainer.basemodel import load_base
-    from trainer.recipes.sft import train_sft
-
-    base = load_base(model_dir, quantize_4bit=cfg.quantize_4bit)
-    _, stats = train_sft(
-        cfg, job / "ours", base.model, base.tokenizer, rows, emitter, cancel, resume=False, device=base.device
+    if getattr(args, "quick", False):
+        return trainer_result("bench-train", "--quick", what="bench train")
+    gguf = settings.base_gguf_path()
+    cache = settings.cache_dir / "base-models"
+    return trainer_result(
+        "bench-train", "--base-gguf", str(gguf), "--cache-dir", str(cache), what="bench train"
     )
-    return {
-        "pipeline": f"TRL SFTTrainer + PEFT, completion-only loss, batching={cfg.batching}",
-        "seconds": stats["train_seconds"],
-        "cpu_seconds": stats["cpu_seconds"],
-        "trained_tokens": stats["real_tokens"],
-        "padding_fraction": stats["padding_fraction"],
-    }
-
-
-def _merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    tokens = sum(r["trained_tokens"] for r in runs)
-    wall = sum(r["seconds"] for r in runs)
-    cpu = sum(r["cpu_seconds"] for r in runs)
-    return {
-        "pipeline": runs[0]["pipeline"],
-        "runs": len(runs),
-        "seconds": round(wall, 2),
-        "cpu_seconds": round(cpu, 2),
-        "trained_tokens": tokens,
-        "tokens_per_s": round(tokens / wall, 1),
-        "tokens_per_cpu_s": round(tokens / cpu, 1),
-        "padding_fraction": runs[0]["padding_fraction"],
-    }
-
-
-def _baseline_run(
-    cfg: Any, model_dir: Path, tokenizer: Any, rows: list[dict[str, Any]], job: Path
-) -> dict[str, Any]:
-    """HF `Trainer` + PEFT, dynamic padding to the longest in each batch, random order: the plain way."""
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
-
-    from trainer.recipes.sft import lora_config
-
-    set_seed(cfg.seed)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32), lora_config(cfg)
-    )
-    features = []
-    for r in rows:
-        p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-        c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
-        features.append({"input_ids": p + c, "labels": [-100] * len(p) + c})
-    counts = {"real": 0, "padded": 0}
-
-    def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-        width = max(len(f["input_ids"]) for f in batch)
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([f["input_ids"] + [pad] * (width - len(f["input_ids"])) for f in batch])
-        labels = torch.tensor([f["labels"] + [-100] * (width - len(f["labels"])) for f in batch])
-        mask = torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in batch])
-        counts["real"] += int(mask.sum())
-        counts["padded"] += int(mask.numel())
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-    targs = TrainingArguments(
-        output_dir=str(job / "baseline"),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.micro_batch_size,
-        learning_rate=cfg.learning_rate,
-        logging_steps=cfg.max_steps,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=cfg.seed,
-        use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False,
-        bf16=torch.cuda.is_available(),
-    )
-    trainer = Trainer(model=model, args=targs, train_dataset=features, data_collator=collate)
-    t0, c0 = time.perf_counter(), time.process_time()
-    trainer.train()
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {
-        "pipeline": "HF Trainer + PEFT, dynamic padding, random order",
-        "seconds": round(seconds, 2),
-        "cpu_seconds": round(cpu, 2),
-        "trained_tokens": counts["real"],
-        "padding_fraction": round(1 - counts["real"] / counts["padded"], 4) if counts["padded"] else 0.0,
-    }

@@ -1,4 +1,4 @@
-"""`python -m trainer run JOB_DIR [--resume]`."""
+"""`python -m trainer run|evaluate|bench-train|bench-memory|bench-shape|perplexity ...` (see trainer.child)."""
 
 from __future__ import annotations
 

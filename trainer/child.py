@@ -1,5 +1,8 @@
 """The training child: `python -m trainer run JOB_DIR [--resume]`, events on stdout, logs on stderr, exit codes.
 
+The same entry point runs the benchmarks' torch work (`bench-train`, `bench-memory`, `bench-shape`, `perplexity`:
+`trainer.bench`), so the shell's benchmarks start the trainer as a process instead of importing it.
+
 Exit codes: 0 succeeded; 1 failed (a `finished` event with status "failed" and a one-line error); 143 cancelled by
 SIGTERM (128 + 15, what a shell reports for a TERM-killed process), after a `finished` event with status "cancelled";
 2 bad command line.
@@ -23,6 +26,7 @@ from core.hostshare import apply_priority
 from jobspec.config import TrainConfig
 from jobspec.errors import JobCancelled
 from jobspec.events import Emitter, stdout_emitter
+from trainer import bench
 from trainer.lifeline import watch_supervisor
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 143
@@ -88,11 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("evaluate", help="evaluate a saved adapter on a job folder's held-out data and panel")
     e.add_argument("job_dir", type=Path)
     e.add_argument("--adapter", type=Path, required=True, help="the adapter folder to evaluate")
+    bench.add_parsers(sub)
     args = parser.parse_args(argv)
     emitter = stdout_emitter()
     # Libraries print to stdout (progress bars, warnings); stdout belongs to the events, so route them to stderr.
     sys.stdout = sys.stderr
     _quiet_libraries()
+    if args.command in bench.COMMANDS:
+        # A benchmark started by a shell that died has no one to read its result: stop at once.
+        watch_supervisor(lambda: os._exit(EXIT_CANCELLED))
+        return bench.run(args, emitter)
     cancel = threading.Event()
 
     def on_term(signum: int, frame: Any) -> None:

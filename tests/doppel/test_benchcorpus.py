@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from doppel import benchcorpus, benchfidelity
+from doppel import benchcorpus, benchstore
 
 
 def test_the_shipped_corpus_is_real_multi_speaker_chat_with_active_members() -> None:
@@ -40,7 +40,7 @@ def test_exports_turn_addressing_into_replies_and_import_into_a_store(tmp_path: 
     assert msgs[1]["reference"]["messageId"] == msgs[0]["id"] and "reference" not in msgs[0]
     assert msgs[1]["timestamp"] < msgs[2]["timestamp"] < msgs[3]["timestamp"], "order kept, midnight crossed"
     assert msgs[0]["author"]["id"] == benchcorpus.author_id("alice") != benchcorpus.author_id("bob")
-    prep = asyncio.run(benchfidelity._prepare(settings, ["alice", "bob"], logs))
+    prep = asyncio.run(benchstore.prepare(settings, ["alice", "bob"], logs))
     assert prep == {"authors": 2, "stored": 4, "read": 4}
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from core.chatformat import DEFAULT_STYLE, STYLES, Utterance, build_messages
 from doppel import benchfidelity as bf
+from doppel.benchstore import Heldout
 
 
 def test_the_retrieval_persona_never_sees_a_heldout_reply() -> None:
@@ -21,7 +22,7 @@ def test_the_retrieval_persona_never_sees_a_heldout_reply() -> None:
 
         def forget(self, member_id: str) -> None: ...
 
-    got = asyncio.run(bf._Heldout(Inner(), {"the answer"}).examples("m", [], 2))
+    got = asyncio.run(Heldout(Inner(), {"the answer"}).examples("m", [], 2))
     assert got == ["other one", "third"]
 
 

@@ -1,8 +1,8 @@
-"""`doppel bench train`'s two sides measure the same work: same examples, same real tokens, different padding."""
+"""`doppel bench train`'s two sides (trainer/bench.py, run in the trainer child) measure the same work: same
+examples, same real tokens, different padding."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +12,9 @@ from trainer.synthetic import synthetic_rows
 
 
 def test_both_sides_train_the_same_tokens(tiny_model: Any, tiny_chat_format: Any, tmp_path: Path) -> None:
-    from doppel.benchtrain import _baseline_run, _our_run
     from jobspec.config import TrainConfig
-    from jobspec.events import Emitter
     from trainer.basemodel import load_tokenizer
+    from trainer.bench import baseline_run, our_run
 
     tokenizer = load_tokenizer(tiny_model.hf_dir)
     rows = synthetic_rows(16, seed=5, chat_format=tiny_chat_format, long_tail=True)
@@ -30,8 +29,8 @@ def test_both_sides_train_the_same_tokens(tiny_model: Any, tiny_chat_format: Any
         max_length=512,
         logging_steps=4,
     ).validate()
-    ours = _our_run(cfg, tiny_model.hf_dir, rows, tmp_path / "ours", Emitter(), threading.Event())
-    baseline = _baseline_run(cfg, tiny_model.hf_dir, tokenizer, rows, tmp_path / "baseline")
+    ours = our_run(cfg, tiny_model.hf_dir, rows, tmp_path / "ours")
+    baseline = baseline_run(cfg, tiny_model.hf_dir, tokenizer, rows, tmp_path / "baseline")
 
     expected = sum(
         len(tokenizer(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"]) for r in rows
