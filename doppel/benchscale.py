@@ -24,6 +24,7 @@ from typing import Any
 
 from core.errors import UserFacingError
 from core.settings import Settings
+from doppel.benchchild import trainer_result
 
 FULL_SIZES = "200x40000,1000x200000"
 QUICK_SIZES = "40x4000"
@@ -174,10 +175,6 @@ _GENERATE = (
     "r = w(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), top_messages=int(sys.argv[4])); "
     "r.pop('per_author'); print(json.dumps(r))"
 )
-_WARM = (
-    "import sys; from pathlib import Path; from trainer.basemodel import dequantized_folder; "
-    "print(dequantized_folder(Path(sys.argv[1]), Path(sys.argv[2])))"
-)
 
 
 def run_size(
@@ -295,12 +292,7 @@ def scale(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="doppel-bench-scale-"))
     try:
         # Unmeasured: the base model's float copy is converted once and cached, as on any server after its first job.
-        subprocess.run(
-            [sys.executable, "-c", _WARM, str(base_gguf), str(base_cache)],
-            env=_env(work / "warm"),
-            check=True,
-            capture_output=True,
-        )
+        trainer_result("dequantize", str(base_gguf), str(base_cache), what="bench scale: converting the base")
         results = [
             run_size(
                 m, n, work=work, base_cache=base_cache, steps=steps, quick=quick, log=log if show else None

