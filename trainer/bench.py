@@ -181,7 +181,7 @@ def train_bench(quick: bool, gguf: Path | None, cache_dir: Path | None) -> dict[
 def our_run(cfg: TrainConfig, model_dir: Path, rows: list[dict[str, Any]], job: Path) -> dict[str, Any]:
     """The product's SFT recipe on `rows`: its throughput and padding."""
     from trainer.basemodel import load_base
-    from trainer.recipes.sft import train_sft
+    from trainer.sftstage import train_sft
 
     base = load_base(model_dir, quantize_4bit=cfg.quantize_4bit)
     _, stats = train_sft(
@@ -228,7 +228,7 @@ def baseline_run(
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 
-    from trainer.recipes.sft import lora_config
+    from trainer.sftstage import lora_config
 
     set_seed(cfg.seed)
     model = get_peft_model(

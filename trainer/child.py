@@ -49,7 +49,7 @@ def run_job(
         # Before torch starts its thread pools (they inherit it): training is background work on a shared host.
         emitter.emit("phase", phase="starting", priority=apply_priority(cfg.priority))
         if evaluate is not None:
-            from trainer.recipes.sft import reevaluate
+            from trainer.jobrun import reevaluate
 
             result = reevaluate(cfg, job_dir, evaluate, emitter, key=key)
         else:

@@ -5,9 +5,14 @@ The estimate it is compared with is `jobspec.memory`, which pre-flight reads too
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from jobspec.memory import MIB
+
+if TYPE_CHECKING:
+    from core.ggufinfo import ModelShape
+    from jobspec.config import TrainConfig
 
 
 def _status_kb(field: str) -> int:
@@ -128,3 +133,85 @@ def _cuda() -> Any:
 
 
 METER = PhaseMeter()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # The phase meter resets the kernel's high-water mark at each phase; it keeps the lifetime peak itself.
+    own = float(METER.report()["peak_mb"]) if sys.platform != "darwin" else 0.0
+    if own > 0:
+        # VmHWM is this program's own: Linux carries ru_maxrss across execve, so a trainer started by a large
+        # process (the bot, a test runner at 1.6 GB) would report its parent's peak as its own.
+        return own
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def job_resources(
+    cfg: TrainConfig, model: Any, stats: dict[str, Any], *, base_gguf: Path | None, train_peak: float
+) -> dict[str, Any]:
+    """A finished job's memory for meta.json: measured peaks (whole life, training, per phase) beside the estimates."""
+    measured = METER.report()
+    peak = peak_rss_mb()
+    shape = model_shape(base_gguf, model)
+    return {
+        "train_peak_rss_mb": train_peak,
+        "peak_rss_mb": peak,
+        "estimate_mb": estimate_mb(cfg, str(stats.get("device") or "cpu"), shape),
+        "floor_mb": floor_mb(cfg, shape, stats),
+        "phases_mb": measured["phases_mb"],
+        **({"vram_phases_mb": measured["vram_phases_mb"]} if "vram_phases_mb" in measured else {}),
+    }
+
+
+def estimate_mb(cfg: TrainConfig, device: str, shape: ModelShape | None) -> dict[str, float] | None:
+    """The pre-flight's estimate for this job (training, evaluation, peak) in MiB, to compare with the measured peak."""
+    from jobspec.memory import memory_breakdown
+
+    if shape is None:
+        return None
+    try:
+        phases = memory_breakdown(shape, cfg, device)
+    except Exception:
+        return None
+    return {k: round(v / 2**20, 1) for k, v in phases.items()}
+
+
+def floor_mb(cfg: TrainConfig, shape: ModelShape | None, stats: dict[str, Any]) -> float | None:
+    """What training could not do without, in MiB: weights, LoRA state, one mean micro-batch's activations."""
+    from jobspec.memory import floor_bytes
+
+    batches = int(stats.get("steps") or 0) * int(stats.get("grad_accum") or cfg.grad_accum)
+    if shape is None or not batches:
+        return None
+    tokens = max(1, int(stats.get("real_tokens") or 0) // batches)
+    return round(floor_bytes(shape, cfg, tokens) / 2**20, 1)
+
+
+def model_shape(base_gguf: Path | None, model: Any) -> ModelShape | None:
+    """The base's shape as pre-flight reads it (the GGUF header); a base known only as a HF folder, from `model`."""
+    from core.ggufinfo import ModelShape, read_shape
+
+    if base_gguf is not None and base_gguf.is_file():
+        try:
+            return read_shape(base_gguf)
+        except Exception:
+            return None
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
+    return ModelShape(
+        architecture=str(config.model_type),
+        params=int(params),
+        layers=int(config.num_hidden_layers),
+        hidden=int(config.hidden_size),
+        heads=int(config.num_attention_heads),
+        vocab=int(config.vocab_size),
+        context=int(getattr(config, "max_position_embeddings", 0) or 0),
+        file_bytes=0,
+    )

@@ -91,7 +91,7 @@ def test_recipe_trains_with_segments_and_restores_the_model(
     from jobspec.config import TrainConfig
     from jobspec.events import Emitter
     from trainer.basemodel import load_base
-    from trainer.recipes.sft import train_sft
+    from trainer.sftstage import train_sft
 
     cfg = TrainConfig(
         base_model=str(tiny_model.hf_dir),

@@ -18,7 +18,7 @@ def _trainer(tiny_model: Any, chat_format: Any, tmp_path: Path, batching: str) -
     from jobspec.config import TrainConfig
     from trainer.basemodel import load_base
     from trainer.lmhead import PersonaSFTTrainer
-    from trainer.recipes.sft import lora_config, sft_args
+    from trainer.sftstage import lora_config, sft_args
 
     torch.manual_seed(0)
     cfg = TrainConfig(

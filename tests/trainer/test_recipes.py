@@ -36,7 +36,7 @@ def test_trained_tokens_are_the_reply_plus_one_end_of_turn_token(
 
     from jobspec.config import TrainConfig
     from jobspec.jobdata import fit_rows, load_job_data
-    from trainer.recipes.sft import lora_config, sft_args
+    from trainer.sftstage import lora_config, sft_args
 
     job = make_job()
     cfg = TrainConfig.from_json(job / "config.json")

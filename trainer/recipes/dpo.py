@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from jobspec.config import TrainConfig
-from jobspec.errors import JobCancelled, TrainingError
+from jobspec.errors import JobCancelled
 from jobspec.events import Emitter
-from trainer.recipes.sft import finish_job, setup_torch, train_sft
 
 
 def run(
@@ -23,42 +22,26 @@ def run(
     key: bytes | None = None,
 ) -> dict[str, Any]:
     """SFT (resumable), then DPO from the SFT adapter, then evaluate and publish."""
-    from jobspec.jobdata import fit_pairs, fit_rows, job_format, load_job_data
-    from trainer.basemodel import load_base
+    from jobspec.jobdata import fit_pairs
+    from trainer.jobrun import finish_job, start_job
+    from trainer.sftstage import train_sft
 
-    # --- setup
-    setup_torch(cfg)
-    data = load_job_data(job_dir, key)
-    emitter.emit("phase", phase="loading base model")
-    base = load_base(
-        Path(cfg.base_model),
-        quantize_4bit=cfg.quantize_4bit,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        cache_root=Path(cfg.base_cache_dir) if cfg.base_cache_dir else None,
-    )
-    fmt = job_format(
-        cfg
-    )  # the format the dataset was rendered in: context is dropped by re-rendering with it
-    rows, dropped = fit_rows(data.train, base.tokenizer, cfg.max_length, fmt)
-    cfg = cfg.for_rows(rows)  # steps from the member's data: its size and, under a token budget, its length
-    if not rows:
-        raise TrainingError(f"no training example fits max_length={cfg.max_length} tokens")
+    # --- start: the job's data, the base, the SFT rows that fit
+    start = start_job(cfg, job_dir, emitter, cancel, key)
+    cfg, base, rows = start.cfg, start.base, start.rows
     dpo_rows = [
         r
-        for r in data.preference
+        for r in start.data.preference
         if r.get("kind", "dpo") == "dpo"
         and isinstance(r.get("chosen"), str)
         and isinstance(r.get("rejected"), str)
     ]
     # Fitted like the SFT rows (oldest context dropped): TRL's truncation would cut the system prompt or a reply.
-    dpo_rows, dropped_pairs = fit_pairs(dpo_rows, base.tokenizer, cfg.max_length, fmt)
+    dpo_rows, dropped_pairs = fit_pairs(dpo_rows, base.tokenizer, cfg.max_length, start.fmt)
     pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in dpo_rows]
     # --- train: SFT
     model, sft_stats = train_sft(
         cfg, job_dir, base.model, base.tokenizer, rows, emitter, cancel, resume=resume, device=base.device
-    )
-    sft_stats.update(
-        examples=len(rows), dropped_too_long=dropped, device=base.device, quantized=base.quantized
     )
     # --- train: DPO
     if not pairs:
@@ -69,18 +52,9 @@ def run(
             cfg, job_dir, model, base.tokenizer, pairs, emitter, cancel, base.device
         )
         dpo_stats["dropped_too_long"] = dropped_pairs
-    # --- save
-    return finish_job(
-        cfg,
-        job_dir,
-        model,
-        base.tokenizer,
-        data,
-        emitter,
-        stats=sft_stats,
-        stages={"sft": sft_stats, "dpo": dpo_stats},
-        cancel=cancel,
-    )
+    # --- finish: export, evaluate, report
+    stages = {"sft": start.sft_stats(sft_stats, len(rows)), "dpo": dpo_stats}
+    return finish_job(start, job_dir, model, emitter, stages=stages, cancel=cancel)
 
 
 def _train_dpo(
