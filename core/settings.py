@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
+
+if typing.TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 from core.hostshare import PRIORITIES
 
 ENV_PREFIX = "DOPPEL_"
@@ -320,15 +323,24 @@ class Settings:
         )
 
 
+_Section = typing.TypeVar("_Section", bound="DataclassInstance")
+
+
 def _build_section(section_cls: type, values: dict[str, Any], name: str) -> Any:
-    hints = typing.get_type_hints(section_cls)
-    known = {f.name for f in dataclasses.fields(section_cls)}
+    return with_changes(section_cls(), values, name)
+
+
+def with_changes(section: _Section, values: Mapping[str, Any], name: str) -> _Section:
+    """`section` with these fields set from raw (TOML or text) values, coerced and checked as at load."""
+    hints = typing.get_type_hints(type(section))
+    known = {f.name for f in dataclasses.fields(section)}
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown setting(s) in [{name}]: {', '.join(sorted(unknown))}")
-    section = section_cls(**{k: _coerce_setting(hints[k], v, f"{name}.{k}") for k, v in values.items()})
-    check_choices(section, name)
-    return section
+    changes = {k: _coerce_setting(hints[k], v, f"{name}.{k}") for k, v in values.items()}
+    changed = dataclasses.replace(section, **changes)
+    check_choices(changed, name)
+    return changed
 
 
 def check_choices(section: Any, name: str) -> None:

